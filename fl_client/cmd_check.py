@@ -1,0 +1,64 @@
+"""`llnm-site check SITE_DIR`: validate a site folder against the data contract (docs/site-data.md).
+
+Exit status is what scripts and the join step rely on: 0 when the site is usable (warnings allowed), 1 when
+any error was found, 2 when SITE_DIR is not a folder at all (nothing could be checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USABLE = 0
+EXIT_ERRORS = 1
+EXIT_NO_SITE = 2
+
+
+def _frame(value: str) -> str | int:
+    """`first`, `middle`, `last` or a 0-based frame index, as the preprocessing config accepts."""
+    key = value.strip().lower()
+    if key in ("first", "middle", "last"):
+        return key
+    if key.isdigit():
+        return int(key)
+    raise argparse.ArgumentTypeError(f"{value!r} is not first, middle, last or a 0-based frame index")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "site_dir", metavar="SITE_DIR", type=Path, help="the site folder (holds patients.csv)"
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    parser.add_argument(
+        "--quick", action="store_true", help="check the table only; do not open images, masks or reports"
+    )
+    parser.add_argument(
+        "--frame",
+        type=_frame,
+        default="middle",
+        help="cine frame to decode: first, middle (default), last or a 0-based index (as in training)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    site_dir: Path = args.site_dir
+    if not site_dir.exists():
+        print(f"llnm-site check: {site_dir} does not exist", file=sys.stderr)
+        return EXIT_NO_SITE
+    if not site_dir.is_dir():
+        print(
+            f"llnm-site check: {site_dir} is not a folder (give the site folder holding patients.csv)",
+            file=sys.stderr,
+        )
+        return EXIT_NO_SITE
+
+    from shared_model.site_check import check_site  # imported late: keeps `llnm-site --help` fast
+
+    report = check_site(site_dir, deep=not args.quick, frame=args.frame)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(report.format_text())
+    return EXIT_USABLE if report.usable else EXIT_ERRORS

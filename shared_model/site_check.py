@@ -1,0 +1,581 @@
+"""`llnm-site check`: judge a whole site folder against the data contract and summarise what it holds.
+
+A site operator runs this before joining a federation, so the report must be complete (every problem at
+once, with its file, row and field) and safe (the folder is only ever read). `check_site` builds on
+`shared_model.contract.load_site` for the table and then, unless `deep=False`, opens every file the table
+lists: reports must be UTF-8 text, images must decode with the same reader training uses
+(`shared_model.imaging`), masks must decode, match their image's size and not be empty. A file that fails
+never stops the others being checked.
+
+Nothing here writes: files are opened for reading only, nothing is cached, and the site folder is never used
+as a working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared_model.contract import (
+    PATIENTS_FILE,
+    SPLITS,
+    VIEWS,
+    PatientRecord,
+    Problem,
+    Site,
+    describe_utf8_error,
+    load_site,
+)
+from shared_model.imaging import FrameSpec, ImageReadError, UltrasoundImage, read_image, read_mask
+
+MASK_KINDS: tuple[str, ...] = ("nodule_mask", "thyroid_mask")
+SPACING_SOURCES: tuple[str, ...] = ("us_region", "pixel_spacing", "table", "none")
+
+
+@dataclass
+class _FileFacts:
+    """What decoding one patient's files found; merged into the summary after all patients are done."""
+
+    problems: list[Problem] = field(default_factory=list)
+    report_ok: bool = False
+    images: dict[str, UltrasoundImage | None] = field(
+        default_factory=dict
+    )  # view -> decoded image (pixels dropped)
+    masks_ok: dict[str, bool] = field(default_factory=dict)  # "<view>_<kind>" -> decoded and valid
+
+
+@dataclass
+class CheckReport:
+    """Everything `llnm-site check` found: a summary of the site and every problem, in table order."""
+
+    site: str
+    root: Path
+    deep: bool
+    summary: dict[str, Any]
+    problems: list[Problem]
+
+    @property
+    def usable(self) -> bool:
+        return not any(p.level == "error" for p in self.problems)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.level == "warning"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `--json` object of docs/site-data.md."""
+        return {
+            "site": self.site,
+            "root": str(self.root),
+            "usable": self.usable,
+            "deep": self.deep,
+            "errors": len(self.errors),
+            "warnings": len(self.warnings),
+            "summary": self.summary,
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+    def format_text(self) -> str:
+        """Plain text (summary tables, then one line per problem) that reads well in a log or a pipe."""
+        return "\n".join(_format_lines(self))
+
+
+def check_site(
+    site_dir: str | os.PathLike[str],
+    *,
+    deep: bool = True,
+    frame: FrameSpec = "middle",
+    workers: int | None = None,
+    progress: bool | None = None,
+) -> CheckReport:
+    """Check a site folder; never writes anything.
+
+    `deep=False` checks the table only (fast: no file is decoded). `frame` is the cine frame that training
+    will use, so that the check decodes exactly what training will. `workers` threads decode files in
+    parallel (default: up to 4, bounded by the CPU count); `progress` shows a bar on stderr (default: only
+    when stderr is a terminal, so piped or logged output stays clean). Raises `FileNotFoundError` or
+    `NotADirectoryError` only when `site_dir` is not a folder.
+    """
+    site = load_site(site_dir)
+    problems = list(site.problems)
+    facts: list[_FileFacts] = []
+    if deep and site.patients:
+        facts = _check_files(site, frame, workers, progress)
+        for fact in facts:
+            problems.extend(fact.problems)
+    problems.extend(_split_warnings(site))
+    # Whole-file problems first, then row by row (a stable sort keeps each row's problems in column order).
+    problems.sort(key=lambda p: (p.row is not None, p.row or 0))
+    summary = _summarise(site, facts if deep else None, frame)
+    return CheckReport(site=site.name, root=site.root, deep=deep, summary=summary, problems=problems)
+
+
+# ---------------------------------------------------------------------------------------------- file checks
+
+
+def _check_files(
+    site: Site, frame: FrameSpec, workers: int | None, progress: bool | None
+) -> list[_FileFacts]:
+    if workers is None:
+        workers = max(1, min(4, os.cpu_count() or 1))
+    if progress is None:
+        progress = sys.stderr.isatty()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(site.patients), desc=f"checking {site.name}", unit="patient", file=sys.stderr)
+    results: list[_FileFacts] = []
+    try:
+        if workers == 1:
+            iterator: Iterator[_FileFacts] = (_check_patient(site, p, frame) for p in site.patients)
+            for fact in iterator:
+                results.append(fact)
+                if bar is not None:
+                    bar.update()
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="llnm-check") as pool:
+                for fact in pool.map(lambda p: _check_patient(site, p, frame), site.patients):
+                    results.append(fact)
+                    if bar is not None:
+                        bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    return results
+
+
+def _check_patient(site: Site, patient: PatientRecord, frame: FrameSpec) -> _FileFacts:
+    """Decode one patient's report, images and masks; every failure becomes a Problem, nothing propagates."""
+    facts = _FileFacts()
+    if patient.report is not None:
+        facts.report_ok = _check_report(site, patient, facts.problems)
+    for view in VIEWS:
+        _check_view(site, patient, view, frame, facts)
+    return facts
+
+
+def _problem(
+    site: Site, level: str, path: Path, patient: PatientRecord, column: str, message: str
+) -> Problem:
+    """A problem about a data file: named by its site-relative path and the table row that lists it."""
+    text = str(message)
+    for prefix in (
+        f"{path}: ",
+        f"{path.resolve()}: ",
+    ):  # imaging's messages start with the path; don't repeat it
+        if text.startswith(prefix):
+            text = text[len(prefix) :]
+    return Problem(level, site.relative(path), patient.row, column, f"{text} (patient {patient.patient_id})")
+
+
+def _check_report(site: Site, patient: PatientRecord, problems: list[Problem]) -> bool:
+    path = patient.report
+    assert path is not None
+    try:
+        with path.open("rb") as fh:
+            raw = fh.read()
+    except OSError as exc:
+        problems.append(
+            _problem(site, "error", path, patient, "report", f"cannot be read: {exc.strerror or exc}")
+        )
+        return False
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problems.append(
+            _problem(
+                site,
+                "error",
+                path,
+                patient,
+                "report",
+                f"is not valid UTF-8 ({describe_utf8_error(exc)}); save the report as UTF-8 text",
+            )
+        )
+        return False
+    if not text.strip():
+        problems.append(
+            _problem(
+                site,
+                "warning",
+                path,
+                patient,
+                "report",
+                "is empty: the patient is used as if it had no report",
+            )
+        )
+        return False
+    return True
+
+
+def _read_image_safely(
+    site: Site,
+    patient: PatientRecord,
+    view: str,
+    frame: FrameSpec,
+    region_hint: tuple[float, float] | None,
+    problems: list[Problem],
+) -> UltrasoundImage | None:
+    files = patient.views[view]
+    assert files.image is not None
+    column = f"{view}_image"
+    try:
+        return read_image(
+            files.image, frame=frame, table_spacing_mm=files.table_spacing_mm, region_hint=region_hint
+        )
+    except ImageReadError as exc:
+        problems.append(_problem(site, "error", files.image, patient, column, str(exc)))
+    except Exception as exc:  # a decoder bug must not hide the other patients' results
+        problems.append(
+            _problem(
+                site,
+                "error",
+                files.image,
+                patient,
+                column,
+                f"cannot be decoded ({type(exc).__name__}: {exc})",
+            )
+        )
+    return None
+
+
+def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec, facts: _FileFacts) -> None:
+    files = patient.views[view]
+    image: UltrasoundImage | None = None
+    if files.image is not None:
+        image = _read_image_safely(site, patient, view, frame, None, facts.problems)
+
+    masks: dict[str, np.ndarray] = {}
+    for kind in MASK_KINDS:
+        path: Path | None = getattr(files, kind)
+        column = f"{view}_{kind}"
+        if path is None:
+            continue
+        facts.masks_ok[column] = False
+        try:
+            mask = read_mask(path, frame_index=image.frame_index if image is not None else None)
+        except ImageReadError as exc:
+            facts.problems.append(_problem(site, "error", path, patient, column, str(exc)))
+            continue
+        except Exception as exc:
+            facts.problems.append(
+                _problem(
+                    site, "error", path, patient, column, f"cannot be decoded ({type(exc).__name__}: {exc})"
+                )
+            )
+            continue
+        ok = True
+        if image is not None and mask.shape != (image.rows, image.columns):
+            facts.problems.append(
+                _problem(
+                    site,
+                    "error",
+                    path,
+                    patient,
+                    column,
+                    f"mask is {mask.shape[0]}x{mask.shape[1]} (rows x columns) but its image "
+                    f"{site.relative(image.path)} is {image.rows}x{image.columns}",
+                )
+            )
+            ok = False
+        if not mask.any():
+            facts.problems.append(
+                _problem(site, "error", path, patient, column, "mask is empty (no non-zero pixel)")
+            )
+            ok = False
+        facts.masks_ok[column] = ok
+        if ok:
+            masks[kind] = mask
+
+    nodule, thyroid = masks.get("nodule_mask"), masks.get("thyroid_mask")
+    if (
+        nodule is not None
+        and thyroid is not None
+        and nodule.shape == thyroid.shape
+        and not (nodule & thyroid).any()
+    ):
+        path = files.nodule_mask
+        assert path is not None
+        facts.problems.append(
+            _problem(
+                site,
+                "warning",
+                path,
+                patient,
+                f"{view}_nodule_mask",
+                "nodule mask lies entirely outside the thyroid mask",
+            )
+        )
+
+    # With several 2-D ultrasound regions, the calibration is the one of the region holding the nodule.
+    if image is not None and nodule is not None and sum(r["usable"] for r in image.regions) > 1:
+        rows, cols = np.nonzero(nodule)
+        hinted = _read_image_safely(
+            site, patient, view, frame, (float(rows.mean()), float(cols.mean())), facts.problems
+        )
+        image = hinted if hinted is not None else image
+
+    if image is not None:
+        if image.spacing_mm is None:
+            source = (
+                "the DICOM file has no ultrasound region calibration or PixelSpacing, and"
+                if image.file_format == "dicom"
+                else f"{image.file_format.upper()} images need it, but"
+            )
+            facts.problems.append(
+                _problem(
+                    site,
+                    "warning",
+                    image.path,
+                    patient,
+                    f"{view}_image",
+                    f"uncalibrated: {source} the table gives no {view}_row_spacing_mm/{view}_col_spacing_mm; "
+                    "distances stay in pixels",
+                )
+            )
+        image.pixels = np.empty((0, 0), dtype=np.float32)  # keep the facts, free the frame
+    facts.images[view] = image
+
+
+def _split_warnings(site: Site) -> list[Problem]:
+    """Splits that cannot serve their purpose: no labelled patient, or one class only (AUC undefined)."""
+    warnings: list[Problem] = []
+    for split in SPLITS:
+        labels = [p.llnm for p in site.patients if p.split == split and p.llnm is not None]
+        if not labels:
+            total = sum(p.split == split for p in site.patients)
+            detail = "no patients" if total == 0 else f"{total} patients, none labelled"
+            warnings.append(
+                Problem(
+                    "warning",
+                    PATIENTS_FILE,
+                    None,
+                    "split",
+                    f"split {split!r} has no labelled patients ({detail})",
+                )
+            )
+        elif len(set(labels)) == 1:
+            which = "LLNM-positive" if labels[0] == 1 else "LLNM-negative"
+            warnings.append(
+                Problem(
+                    "warning",
+                    PATIENTS_FILE,
+                    None,
+                    "split",
+                    f"split {split!r} has only {which} patients ({len(labels)}): "
+                    "AUC and other two-class metrics are undefined there",
+                )
+            )
+    return warnings
+
+
+# -------------------------------------------------------------------------------------------------- summary
+
+
+def _label_counts(patients: list[PatientRecord]) -> dict[str, Any]:
+    positive = sum(p.llnm == 1 for p in patients)
+    negative = sum(p.llnm == 0 for p in patients)
+    labelled = positive + negative
+    return {
+        "patients": len(patients),
+        "labelled": labelled,
+        "positive": positive,
+        "negative": negative,
+        "unlabelled": len(patients) - labelled,
+        "prevalence": round(positive / labelled, 4) if labelled else None,
+    }
+
+
+def _summarise(site: Site, facts: list[_FileFacts] | None, frame: FrameSpec) -> dict[str, Any]:
+    patients = site.patients
+    deep = facts is not None
+    summary: dict[str, Any] = {
+        "rows": site.rows,
+        "patients": len(patients),
+        "rows_left_out": site.rows - len(patients),
+        "deep": deep,
+        "frame": frame,
+        "labels": _label_counts(patients),
+        "splits": {split: _label_counts([p for p in patients if p.split == split]) for split in SPLITS},
+        "risk_stage": {
+            **{str(s): sum(p.risk_stage == s for p in patients) for s in (1, 2, 3)},
+            "unknown_for_positive": sum(p.llnm == 1 and p.risk_stage is None for p in patients),
+        },
+    }
+
+    listed_report = sum(p.report is not None for p in patients)
+    summary["reports"] = {
+        "listed": listed_report,
+        "readable": sum(f.report_ok for f in facts) if deep else None,
+    }
+    images: dict[str, dict[str, int | None]] = {}
+    masks: dict[str, dict[str, int | None]] = {}
+    for view in VIEWS:
+        images[view] = {
+            "listed": sum(p.views[view].image is not None for p in patients),
+            "readable": sum(f.images.get(view) is not None for f in facts) if deep else None,
+        }
+        for kind in MASK_KINDS:
+            column = f"{view}_{kind}"
+            masks[column] = {
+                "listed": sum(getattr(p.views[view], kind) is not None for p in patients),
+                "readable": sum(f.masks_ok.get(column, False) for f in facts) if deep else None,
+            }
+    summary["images"] = images
+    summary["masks"] = masks
+
+    missing: dict[str, int] = {"report": len(patients) - listed_report}
+    for view in VIEWS:
+        missing[f"{view}_image"] = sum(p.views[view].image is None for p in patients)
+        for kind in MASK_KINDS:
+            missing[f"{view}_{kind}"] = sum(getattr(p.views[view], kind) is None for p in patients)
+    missing["both_views"] = sum(all(p.views[v].image is None for v in VIEWS) for p in patients)
+    summary["missing"] = missing
+
+    if deep:
+        decoded = [img for f in facts for img in f.images.values() if img is not None]
+        sizes = Counter((img.rows, img.columns) for img in decoded)
+        summary["image_sizes"] = [{"rows": r, "columns": c, "count": n} for (r, c), n in sizes.most_common()]
+        sources = Counter(img.spacing_source for img in decoded)
+        summary["spacing_sources"] = {s: sources.get(s, 0) for s in SPACING_SOURCES}
+        spacing: dict[str, dict[str, float | int]] = {}
+        for source in SPACING_SOURCES:
+            values = [
+                v
+                for img in decoded
+                if img.spacing_source == source and img.spacing_mm
+                for v in img.spacing_mm
+            ]
+            if values:
+                spacing[source] = {
+                    "images": sources[source],
+                    "min": round(min(values), 6),
+                    "median": round(statistics.median(values), 6),
+                    "max": round(max(values), 6),
+                }
+        summary["spacing_mm"] = spacing
+        summary["file_formats"] = dict(Counter(img.file_format for img in decoded).most_common())
+        summary["photometric"] = dict(Counter(img.photometric for img in decoded).most_common())
+        summary["transfer_syntax"] = dict(
+            Counter(img.transfer_syntax for img in decoded if img.transfer_syntax is not None).most_common()
+        )
+        summary["multi_frame"] = sum(img.frames > 1 for img in decoded)
+    return summary
+
+
+# -------------------------------------------------------------------------------------------------- text form
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        first = f"{cells[0]:<{widths[0]}}"
+        rest = [f"{cell:>{w}}" for cell, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest]).rstrip()
+
+    return [line(header), *(line([str(c) for c in row]) for row in rows)]
+
+
+def _format_lines(report: CheckReport) -> Iterator[str]:
+    s = report.summary
+    errors, warnings = len(report.errors), len(report.warnings)
+    verdict = "USABLE" if report.usable else "NOT USABLE"
+    yield f"Site {report.site} ({report.root})"
+    yield (
+        f"{verdict}: {errors} error(s), {warnings} warning(s)"
+        + ("" if report.deep else "  [--quick: table only, no file decoded]")
+    )
+    yield ""
+    yield (
+        f"{PATIENTS_FILE}: {s['rows']} patient rows, {s['patients']} loaded, "
+        f"{s['rows_left_out']} left out because of errors"
+    )
+    yield ""
+    label_rows = []
+    for name, counts in [*s["splits"].items(), ("all", s["labels"])]:
+        prevalence = "-" if counts["prevalence"] is None else f"{counts['prevalence']:.1%}"
+        label_rows.append(
+            [
+                name,
+                counts["patients"],
+                counts["labelled"],
+                counts["positive"],
+                counts["negative"],
+                counts["unlabelled"],
+                prevalence,
+            ]
+        )
+    yield from _table(
+        ["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows
+    )
+    stage = s["risk_stage"]
+    yield (
+        f"risk stage (LLNM+): 1: {stage['1']}, 2: {stage['2']}, 3: {stage['3']}, "
+        f"unknown: {stage['unknown_for_positive']}"
+    )
+    yield ""
+
+    def readable(entry: dict[str, int | None]) -> str:
+        return "-" if entry["readable"] is None else str(entry["readable"])
+
+    file_rows = [["report", s["reports"]["listed"], readable(s["reports"]), s["missing"]["report"]]]
+    for view in VIEWS:
+        file_rows.append(
+            [
+                f"{view} image",
+                s["images"][view]["listed"],
+                readable(s["images"][view]),
+                s["missing"][f"{view}_image"],
+            ]
+        )
+        for kind in MASK_KINDS:
+            column = f"{view}_{kind}"
+            file_rows.append(
+                [
+                    f"{view} {kind.replace('_', ' ')}",
+                    s["masks"][column]["listed"],
+                    readable(s["masks"][column]),
+                    s["missing"][column],
+                ]
+            )
+    yield from _table(["file", "listed", "readable", "missing"], file_rows)
+    yield f"patients with neither view: {s['missing']['both_views']}"
+
+    if report.deep:
+        yield ""
+        sizes = ", ".join(f"{e['rows']}x{e['columns']} ({e['count']})" for e in s["image_sizes"]) or "-"
+        yield f"image sizes (rows x columns): {sizes}"
+        sources = ", ".join(f"{k} {v}" for k, v in s["spacing_sources"].items() if v) or "-"
+        yield f"calibration sources: {sources}"
+        for source, st in s["spacing_mm"].items():
+            yield (
+                f"  pixel size from {source}: min {st['min']:.4g} mm, median {st['median']:.4g} mm, "
+                f"max {st['max']:.4g} mm ({st['images']} images)"
+            )
+        yield "file formats: " + (", ".join(f"{k} {v}" for k, v in s["file_formats"].items()) or "-")
+        yield "photometric: " + (", ".join(f"{k} {v}" for k, v in s["photometric"].items()) or "-")
+        yield "transfer syntaxes: " + (", ".join(f"{k} {v}" for k, v in s["transfer_syntax"].items()) or "-")
+        yield f"multi-frame (cine) images: {s['multi_frame']} (frame used: {s['frame']})"
+
+    yield ""
+    if report.problems:
+        yield f"Problems ({errors} error(s), {warnings} warning(s)):"
+        for problem in report.problems:
+            yield problem.format()
+    else:
+        yield "No problems found."
