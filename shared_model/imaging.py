@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -643,6 +643,22 @@ def read_image(
     :class:`ValueError` for a malformed ``frame`` or ``table_spacing_mm`` argument.
     """
     return _read_with_header(path, frame, table_spacing_mm, region_hint)[0]
+
+
+def select_region(image: UltrasoundImage, region_hint: Sequence[float]) -> UltrasoundImage:
+    """Re-choose the calibrating ultrasound region for a ``(row, col)`` point without decoding again.
+
+    The nodule mask is only known after the image was read; with several 2-D regions (e.g. a dual-pane
+    ALOKA screen) its centroid picks the region, as ``read_image(..., region_hint=...)`` would. Images
+    calibrated by PixelSpacing, the table or not at all are returned unchanged.
+    """
+    if image.spacing_source != "us_region":
+        return image
+    index = _choose_region(image.regions, region_hint)
+    if index is None or index == image.region_used:
+        return image
+    chosen = image.regions[index]
+    return replace(image, spacing_mm=(chosen["row_mm"], chosen["col_mm"]), region_used=index)
 
 
 def _read_with_header(

@@ -33,7 +33,14 @@ from pydicom.uid import (
 )
 
 from fl_client import cmd_inspect
-from shared_model.imaging import ImageReadError, UltrasoundImage, inspect_file, read_image, read_mask
+from shared_model.imaging import (
+    ImageReadError,
+    UltrasoundImage,
+    inspect_file,
+    read_image,
+    read_mask,
+    select_region,
+)
 
 SHARED = Path(os.environ.get("LLNM_SHARED_DIR") or Path(__file__).resolve().parents[1].parent / "shared")
 US_DICOM = SHARED / "data" / "us_dicom"
@@ -201,6 +208,9 @@ def test_region_hint_selects_among_several_2d_regions() -> None:
     assert right.region_used == 1 and right.regions[1]["min_col"] <= 400 <= right.regions[1]["max_col"]
     assert right.spacing_mm == pytest.approx((0.38265, 0.38265), rel=2e-4)
     assert read_image(path, region_hint=(5, 5)).region_used == 0  # outside all regions: the largest
+    moved = select_region(read_image(path), (200.5, 400.0))  # same choice without decoding again
+    assert moved.region_used == 1 and moved.spacing_mm == right.spacing_mm
+    assert select_region(moved, (200, 100)).region_used == 0
     assert read_image(path).regions[2]["spatial_format"] == 0
 
 
@@ -402,6 +412,7 @@ def test_png_grey_8_and_16_bit_with_table_spacing(tmp_path: Path) -> None:
     assert image.transfer_syntax is None and image.frames == 1 and image.value_range == (0.0, 255.0)
     assert image.file_format == "png" and image.photometric == "MONOCHROME2"
 
+    assert select_region(image, (1, 1)) is image  # table calibration is never replaced by a region
     uncalibrated = read_image(tmp_path / "g8.png")
     assert uncalibrated.spacing_mm is None and uncalibrated.spacing_source == "none"
 
