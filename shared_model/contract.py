@@ -280,6 +280,7 @@ def _read_patients(site: Site) -> None:
         return
 
     seen: dict[str, tuple[int, str]] = {}  # patient_id -> (row, split) of its first valid-looking row
+    used: dict[Path, tuple[int, str]] = {}  # file -> (row, column) that first listed it
     row = 1
     while True:
         try:
@@ -299,7 +300,7 @@ def _read_patients(site: Site) -> None:
             fatal(f"row has {len(cells)} cells but the header has {len(columns)} columns; row left out", row)
             continue
         values = {name: cell.strip() for name, cell in zip(columns, cells, strict=True)}
-        record = _parse_row(site, values, row, seen)
+        record = _parse_row(site, values, row, seen, used)
         if record is not None:
             site.patients.append(record)
 
@@ -327,24 +328,37 @@ def _check_header(columns: list[str], problems: list[Problem]) -> bool:
             )
         )
         ok = False
+    if len(columns) == 1 and any(sep in columns[0] for sep in ";\t"):
+        problems.append(
+            Problem(
+                "error",
+                PATIENTS_FILE,
+                1,
+                None,
+                f"header {columns[0][:60]!r} is one column: the file looks semicolon- or tab-separated, "
+                "but patients.csv must be comma-separated",
+            )
+        )
+        return False
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        hint = ""
-        if len(columns) == 1 and (";" in columns[0] or "\t" in columns[0]):
-            hint = " (the header looks semicolon- or tab-separated; the file must be comma-separated)"
-        for name in missing:
-            problems.append(Problem("error", PATIENTS_FILE, 1, name, f"required column is missing{hint}"))
+    for name in missing:
+        problems.append(Problem("error", PATIENTS_FILE, 1, name, "required column is missing"))
         ok = False
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     for name in columns:
-        if name and name not in known and not (len(columns) == 1 and missing):
+        if name and name not in known:
             problems.append(Problem("warning", PATIENTS_FILE, 1, name, "unknown column, ignored"))
     return ok
 
 
 def _parse_row(
-    site: Site, values: dict[str, str], row: int, seen: dict[str, tuple[int, str]]
+    site: Site,
+    values: dict[str, str],
+    row: int,
+    seen: dict[str, tuple[int, str]],
+    used: dict[Path, tuple[int, str]],
 ) -> PatientRecord | None:
+    """Judge one row; the record, or None when the row has an error (its problems are then recorded)."""
     check = _RowChecker(site.problems, row)
 
     patient_id = values["patient_id"]
@@ -398,6 +412,16 @@ def _parse_row(
             seen[patient_id] = (row, split)
 
     paths = {column: _parse_path(site.root, values[column], column, check) for column in PATH_COLUMNS}
+    for column, path in paths.items():
+        if path is None:
+            continue
+        # One file listed twice is almost always a copy-paste slip in the table (two patients, one image).
+        first = used.setdefault(path.resolve(), (row, column))
+        if first != (row, column):
+            check.warning(
+                column,
+                f"{values[column]!r} is also listed at row {first[0]} ({first[1]}): same file used twice",
+            )
     views: dict[str, ViewFiles] = {}
     for view in VIEWS:
         spacing = _parse_spacing(values, view, check)
@@ -518,8 +542,11 @@ def _parse_path(root: Path, text: str, column: str, check: _RowChecker) -> Path 
         check.error(column, f"{text!r} contains a NUL character")
         return None
     normal = os.path.normpath(text)
-    if normal == ".." or normal.startswith("../") or normal == ".":
+    if normal == ".." or normal.startswith("../"):
         check.error(column, f"{text!r} leads outside the site folder")
+        return None
+    if normal == ".":
+        check.error(column, f"{text!r} is the site folder itself, not a file")
         return None
     path = root / normal
     if not _inside(path, root):

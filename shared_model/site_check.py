@@ -35,7 +35,14 @@ from shared_model.contract import (
     describe_utf8_error,
     load_site,
 )
-from shared_model.imaging import FrameSpec, ImageReadError, UltrasoundImage, read_image, read_mask
+from shared_model.imaging import (
+    FrameSpec,
+    ImageReadError,
+    UltrasoundImage,
+    read_image,
+    read_mask,
+    select_region,
+)
 
 MASK_KINDS: tuple[str, ...] = ("nodule_mask", "thyroid_mask")
 SPACING_SOURCES: tuple[str, ...] = ("us_region", "pixel_spacing", "table", "none")
@@ -47,9 +54,7 @@ class _FileFacts:
 
     problems: list[Problem] = field(default_factory=list)
     report_ok: bool = False
-    images: dict[str, UltrasoundImage | None] = field(
-        default_factory=dict
-    )  # view -> decoded image (pixels dropped)
+    images: dict[str, UltrasoundImage | None] = field(default_factory=dict)  # view -> decoded image (pixels dropped)
     masks_ok: dict[str, bool] = field(default_factory=dict)  # "<view>_<kind>" -> decoded and valid
 
 
@@ -126,9 +131,7 @@ def check_site(
 # ---------------------------------------------------------------------------------------------- file checks
 
 
-def _check_files(
-    site: Site, frame: FrameSpec, workers: int | None, progress: bool | None
-) -> list[_FileFacts]:
+def _check_files(site: Site, frame: FrameSpec, workers: int | None, progress: bool | None) -> list[_FileFacts]:
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
     if progress is None:
@@ -168,9 +171,7 @@ def _check_patient(site: Site, patient: PatientRecord, frame: FrameSpec) -> _Fil
     return facts
 
 
-def _problem(
-    site: Site, level: str, path: Path, patient: PatientRecord, column: str, message: str
-) -> Problem:
+def _problem(site: Site, level: str, path: Path, patient: PatientRecord, column: str, message: str) -> Problem:
     """A problem about a data file: named by its site-relative path and the table row that lists it."""
     text = str(message)
     for prefix in (
@@ -189,9 +190,7 @@ def _check_report(site: Site, patient: PatientRecord, problems: list[Problem]) -
         with path.open("rb") as fh:
             raw = fh.read()
     except OSError as exc:
-        problems.append(
-            _problem(site, "error", path, patient, "report", f"cannot be read: {exc.strerror or exc}")
-        )
+        problems.append(_problem(site, "error", path, patient, "report", f"cannot be read: {exc.strerror or exc}"))
         return False
     try:
         text = raw.decode("utf-8-sig")
@@ -227,16 +226,14 @@ def _read_image_safely(
     patient: PatientRecord,
     view: str,
     frame: FrameSpec,
-    region_hint: tuple[float, float] | None,
     problems: list[Problem],
 ) -> UltrasoundImage | None:
+    """Decode one view's image; a failure becomes an error naming the image file, never an exception."""
     files = patient.views[view]
     assert files.image is not None
     column = f"{view}_image"
     try:
-        return read_image(
-            files.image, frame=frame, table_spacing_mm=files.table_spacing_mm, region_hint=region_hint
-        )
+        return read_image(files.image, frame=frame, table_spacing_mm=files.table_spacing_mm)
     except ImageReadError as exc:
         problems.append(_problem(site, "error", files.image, patient, column, str(exc)))
     except Exception as exc:  # a decoder bug must not hide the other patients' results
@@ -257,7 +254,7 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
     files = patient.views[view]
     image: UltrasoundImage | None = None
     if files.image is not None:
-        image = _read_image_safely(site, patient, view, frame, None, facts.problems)
+        image = _read_image_safely(site, patient, view, frame, facts.problems)
 
     masks: dict[str, np.ndarray] = {}
     for kind in MASK_KINDS:
@@ -273,9 +270,7 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
             continue
         except Exception as exc:
             facts.problems.append(
-                _problem(
-                    site, "error", path, patient, column, f"cannot be decoded ({type(exc).__name__}: {exc})"
-                )
+                _problem(site, "error", path, patient, column, f"cannot be decoded ({type(exc).__name__}: {exc})")
             )
             continue
         ok = True
@@ -293,21 +288,14 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
             )
             ok = False
         if not mask.any():
-            facts.problems.append(
-                _problem(site, "error", path, patient, column, "mask is empty (no non-zero pixel)")
-            )
+            facts.problems.append(_problem(site, "error", path, patient, column, "mask is empty (no non-zero pixel)"))
             ok = False
         facts.masks_ok[column] = ok
         if ok:
             masks[kind] = mask
 
     nodule, thyroid = masks.get("nodule_mask"), masks.get("thyroid_mask")
-    if (
-        nodule is not None
-        and thyroid is not None
-        and nodule.shape == thyroid.shape
-        and not (nodule & thyroid).any()
-    ):
+    if nodule is not None and thyroid is not None and nodule.shape == thyroid.shape and not (nodule & thyroid).any():
         path = files.nodule_mask
         assert path is not None
         facts.problems.append(
@@ -321,20 +309,18 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
             )
         )
 
-    # With several 2-D ultrasound regions, the calibration is the one of the region holding the nodule.
-    if image is not None and nodule is not None and sum(r["usable"] for r in image.regions) > 1:
+    # With several 2-D ultrasound regions, the calibration is that of the region holding the nodule (the
+    # mask is only known after the image, so the region is re-chosen without decoding again).
+    if image is not None and nodule is not None:
         rows, cols = np.nonzero(nodule)
-        hinted = _read_image_safely(
-            site, patient, view, frame, (float(rows.mean()), float(cols.mean())), facts.problems
-        )
-        image = hinted if hinted is not None else image
+        image = select_region(image, (float(rows.mean()), float(cols.mean())))
 
     if image is not None:
         if image.spacing_mm is None:
             source = (
-                "the DICOM file has no ultrasound region calibration or PixelSpacing, and"
+                "the DICOM file has no ultrasound region calibration or PixelSpacing"
                 if image.file_format == "dicom"
-                else f"{image.file_format.upper()} images need it, but"
+                else f"a {image.file_format.upper()} image carries no pixel size"
             )
             facts.problems.append(
                 _problem(
@@ -343,8 +329,8 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
                     image.path,
                     patient,
                     f"{view}_image",
-                    f"uncalibrated: {source} the table gives no {view}_row_spacing_mm/{view}_col_spacing_mm; "
-                    "distances stay in pixels",
+                    f"uncalibrated: {source} and the table gives no {view}_row_spacing_mm/"
+                    f"{view}_col_spacing_mm; distances stay in pixels",
                 )
             )
         image.pixels = np.empty((0, 0), dtype=np.float32)  # keep the facts, free the frame
@@ -454,12 +440,7 @@ def _summarise(site: Site, facts: list[_FileFacts] | None, frame: FrameSpec) -> 
         summary["spacing_sources"] = {s: sources.get(s, 0) for s in SPACING_SOURCES}
         spacing: dict[str, dict[str, float | int]] = {}
         for source in SPACING_SOURCES:
-            values = [
-                v
-                for img in decoded
-                if img.spacing_source == source and img.spacing_mm
-                for v in img.spacing_mm
-            ]
+            values = [v for img in decoded if img.spacing_source == source and img.spacing_mm for v in img.spacing_mm]
             if values:
                 spacing[source] = {
                     "images": sources[source],
@@ -520,9 +501,7 @@ def _format_lines(report: CheckReport) -> Iterator[str]:
                 prevalence,
             ]
         )
-    yield from _table(
-        ["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows
-    )
+    yield from _table(["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows)
     stage = s["risk_stage"]
     yield (
         f"risk stage (LLNM+): 1: {stage['1']}, 2: {stage['2']}, 3: {stage['3']}, "
@@ -565,7 +544,7 @@ def _format_lines(report: CheckReport) -> Iterator[str]:
         for source, st in s["spacing_mm"].items():
             yield (
                 f"  pixel size from {source}: min {st['min']:.4g} mm, median {st['median']:.4g} mm, "
-                f"max {st['max']:.4g} mm ({st['images']} images)"
+                f"max {st['max']:.4g} mm ({st['images']} image(s))"
             )
         yield "file formats: " + (", ".join(f"{k} {v}" for k, v in s["file_formats"].items()) or "-")
         yield "photometric: " + (", ".join(f"{k} {v}" for k, v in s["photometric"].items()) or "-")
