@@ -31,10 +31,14 @@ def _load(module_name: str):
         raise
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `only`, just that sub-command's module is imported (the others can be slow)."""
     parser = argparse.ArgumentParser(prog="llnm-server", description="llnm-fl tools for the coordinator.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=help_text)
+            continue
         module = _load(f"fl_server.cmd_{name.replace('-', '_')}")
         if module is None:
             continue
@@ -45,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in COMMANDS else None).parse_args(argv)
     return int(args._module.run(args) or 0)
 
 

@@ -1,0 +1,131 @@
+"""Pooled and local-only reference training: how every federated result is judged.
+
+- pooled: one model trained on the union of all sites' training splits. The upper reference a
+  federation cannot normally have (it needs all patients in one place).
+- local: one model per site, trained on that site's training split only: what a hospital gets alone.
+
+Both evaluate on every site's test split and write `metrics.json` in the same shape as a federated run's
+final evaluation ("sites" keyed by site name, plus "pooled" over all sites' test patients together).
+This reads every site folder on one machine: it is for synthetic or otherwise shareable data.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_server.config import ExperimentConfig
+from fl_server.federation import preprocess_config_dict
+from fl_server.run_dir import atomic_write_json
+from fl_server.simulation import default_cache_dir, discover_sites
+
+log = logging.getLogger("llnm.baseline")
+
+
+def _load_all(exp: ExperimentConfig, sites: list[Path]):
+    from shared_model.data import build_site_tensors
+    from shared_model.preprocessing import PreprocessConfig
+
+    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
+    cache = Path(default_cache_dir(exp))
+    return {p.name: build_site_tensors(p, pre, cache_dir=cache) for p in sites}
+
+
+def _scores(model, tensors, split: str, device: str) -> tuple[np.ndarray, np.ndarray]:
+    from shared_model.data import LLNMDataset
+    from shared_model.training import predict
+
+    preds = predict(model, LLNMDataset(tensors.subset(split)), device=device)
+    keep = preds["llnm"] >= 0
+    return preds["llnm"][keep].astype(int), preds["score"][keep]
+
+
+def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: int, label: str,
+               progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Train a fresh model; with select_on_val, keep the epoch with the best validation AUC."""
+    import torch
+    from torch.utils.data import ConcatDataset
+
+    from shared_model.data import LLNMDataset
+    from shared_model.metrics import binary_metrics
+    from shared_model.modeling import LLNMNet, ModelConfig
+    from shared_model.training import TrainConfig, predict, train_local
+
+    torch.manual_seed(exp.train.seed)
+    model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
+    cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
+    cfg.local_epochs = 1
+    train = ConcatDataset([LLNMDataset(t) for t in train_sets])
+    val = ConcatDataset([LLNMDataset(t) for t in val_sets]) if val_sets else None
+    best_auc, best_state, best_epoch = -1.0, None, epochs
+    history: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    seen = 0
+    for epoch in range(1, epochs + 1):
+        cfg.seed = exp.train.seed * 1000 + epoch
+        res = train_local(model, train, cfg, progress=progress, description=f"{label} {epoch}/{epochs}")
+        seen += res.num_examples
+        rec: dict[str, Any] = {"epoch": epoch, "loss": res.loss}
+        if exp.baseline.select_on_val and val is not None and len(val) > 0:
+            preds = predict(model, val, device=exp.train.device)
+            keep = preds["llnm"] >= 0
+            auc = binary_metrics(preds["llnm"][keep].astype(int), preds["score"][keep], n_bootstrap=0)["auc"]
+            rec["val_auc"] = auc
+            if auc is not None and auc > best_auc:
+                best_auc, best_state, best_epoch = auc, copy.deepcopy(model.state_dict()), epoch
+        history.append(rec)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    seconds = time.perf_counter() - started
+    info = {"epochs": epochs, "selected_epoch": best_epoch, "history": history, "seconds": round(seconds, 2),
+            "patients_per_second": seen / seconds if seconds else None, "n_train": len(train)}
+    return model, info
+
+
+def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str | Path | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    from shared_model.metrics import binary_metrics
+
+    root = Path(data_root or exp.data.root or "")
+    sites = discover_sites(root, exp.data.sites)
+    exp.data.root = str(root.resolve())
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
+    epochs = exp.baseline.epochs or exp.train.local_epochs * exp.federation.rounds
+    tensors = _load_all(exp, sites)
+    names = list(tensors)
+    n_boot = exp.federation.eval_bootstrap
+    started = time.perf_counter()
+    results: dict[str, Any] = {"mode": mode, "split": "test", "epochs": epochs, "sites": {}, "train": {}}
+    all_y, all_s = [], []
+    if mode == "pooled":
+        model, info = _train_one(exp, [tensors[n].subset("train") for n in names],
+                                 [tensors[n].subset("val") for n in names], epochs, "pooled", progress)
+        results["train"]["pooled"] = info
+        for n in names:
+            y, s = _scores(model, tensors[n], "test", exp.train.device)
+            results["sites"][n] = binary_metrics(y, s, n_bootstrap=n_boot)
+            all_y.append(y)
+            all_s.append(s)
+    elif mode == "local":
+        for n in names:
+            model, info = _train_one(exp, [tensors[n].subset("train")], [tensors[n].subset("val")], epochs,
+                                     f"local {n}", progress)
+            results["train"][n] = info
+            y, s = _scores(model, tensors[n], "test", exp.train.device)
+            results["sites"][n] = binary_metrics(y, s, n_bootstrap=n_boot)
+            all_y.append(y)
+            all_s.append(s)
+    else:
+        raise ValueError(f"mode must be 'pooled' or 'local', got {mode!r}")
+    results["pooled"] = binary_metrics(np.concatenate(all_y), np.concatenate(all_s), n_bootstrap=n_boot)
+    results["seconds"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(run_dir / "metrics.json", results)
+    return results
+

@@ -1,0 +1,49 @@
+"""`llnm-server run --config CONFIG --out RUN_DIR [--superlink HOST:PORT]`: launch on a deployment."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fl_server.config import ConfigError, load_config, parse_set_options
+from fl_server.run_dir import RunDirectory
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True)
+    p.add_argument("--out", required=True, help="run directory on this (the coordinator's) machine")
+    p.add_argument("--superlink", help="HOST:PORT of the SuperLink (default: federation.superlink)")
+    p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out if it exists")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+
+
+def launch(rd: RunDirectory, address: str, root_certificates: str | None) -> int:
+    from fl_server.deployment import submit_run
+
+    exp = rd.load_config()
+    rc = submit_run(exp, rd, address, insecure=root_certificates is None, root_certificates=root_certificates)
+    info = rd.run_info()
+    if info.get("status") != "completed":
+        print(f"error: run did not complete (status {info.get('status')}): {info.get('error', '')} "
+              f"-- see {rd.log_path}; continue with `llnm-server resume {rd.path}`", file=sys.stderr)
+        return rc or 1
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        rd = RunDirectory(args.out)
+        if args.resume and rd.exists():
+            exp = rd.load_config()
+        else:
+            exp = load_config(args.config, parse_set_options(args.set))
+        link = exp.federation.superlink
+        address = args.superlink or f"{link.host if link.host != '0.0.0.0' else '127.0.0.1'}:{link.port}"
+        if not (args.resume and rd.exists()):
+            rd.create(exp, {"mode": "deployment", "superlink": address, "status": "created",
+                            "root_certificates": args.root_certificates})
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return launch(rd, address, args.root_certificates)

@@ -1,0 +1,38 @@
+"""`llnm-server simulate --config CONFIG [--data CONSORTIUM_DIR] --out RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fl_server.config import ConfigError, load_config, parse_set_options
+from fl_server.run_dir import RunDirectory
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/)")
+    p.add_argument("--data", help="folder of site folders (overrides data.root)")
+    p.add_argument("--out", required=True, help="run directory to create (e.g. runs/demo)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set federation.rounds=3 (repeatable)")
+    p.add_argument("--resume", action="store_true",
+                   help="if --out already holds this run, continue it from its last complete round")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fl_server.simulation import simulate
+
+    try:
+        rd = RunDirectory(args.out)
+        if args.resume and rd.exists():
+            simulate(rd.load_config(), rd, data_root=args.data or rd.run_info().get("data_root"), resume=True)
+        else:
+            exp = load_config(args.config, parse_set_options(args.set))
+            simulate(exp, rd, data_root=args.data)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,68 @@
+"""`llnm-server status RUN_DIR`: rounds done, the last round's per-site metrics, the privacy guarantee."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from fl_server.run_dir import RunDirectory
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
+
+
+def status_dict(rd: RunDirectory) -> dict:
+    cfg = rd.load_config()
+    metrics = rd.metrics()
+    info = rd.run_info()
+    rounds = metrics.get("rounds", [])
+    last = rounds[-1] if rounds else None
+    out = {
+        "run": cfg.name,
+        "run_dir": str(rd.path),
+        "mode": info.get("mode"),
+        "status": info.get("status"),
+        "rounds_completed": rd.last_complete_round(),
+        "rounds_planned": cfg.federation.rounds,
+        "strategy": cfg.federation.strategy,
+        "best_round": metrics.get("best_round"),
+        "last_round": last,
+        "final": metrics.get("final"),
+        "privacy": [],
+    }
+    if rd.privacy_path.is_file():
+        from fl_server.privacy import PrivacyLedger
+
+        out["privacy"] = PrivacyLedger.load(rd).guarantee_sentences()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    rd = RunDirectory(args.run_dir)
+    if not rd.exists():
+        print(f"error: {rd.path}: not a run directory (no config.yaml)", file=sys.stderr)
+        return 2
+    s = status_dict(rd)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(f"run {s['run']} ({s['mode']}, {s['strategy']}): {s['status']}, "
+          f"{s['rounds_completed']}/{s['rounds_planned']} rounds complete; best round {s['best_round']}")
+    last = s["last_round"]
+    if last:
+        print(f"round {last['round']} ({last['split']}):")
+        print(f"  {'site':<16}{'n':>6}{'AUC':>8}{'acc':>8}{'sens':>8}{'spec':>8}")
+        rows = list(last["sites"].items()) + [("pooled", last.get("pooled") or {})]
+        for name, m in rows:
+            def f(k: str, m: dict = m) -> str:
+                v = m.get(k)
+                return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8}"
+            print(f"  {name:<16}{m.get('n', '-')!s:>6}{f('auc')}{f('accuracy')}{f('sensitivity')}{f('specificity')}")
+        for fail in last.get("failures", []):
+            print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
+    for sentence in s["privacy"]:
+        print(f"privacy: {sentence}")
+    return 0

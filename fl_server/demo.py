@@ -1,0 +1,30 @@
+"""The main job behind `make demo`: a federated run of configs/demo.yaml on the synthetic consortium."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fl_server.demo")
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--data", default="data/consortium")
+    p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")
+    args = p.parse_args(argv)
+    out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    from fl_server.cli import main as server_main
+
+    started = time.perf_counter()
+    rc = server_main(["simulate", "--config", args.config, "--data", args.data, "--out", out])
+    if rc == 0:
+        print(f"[llnm] demo finished in {time.perf_counter() - started:.0f} s; "
+              f"run directory: {Path(out).resolve()}")
+        print(f"[llnm] inspect it with: .venv/bin/llnm-server status {out}")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

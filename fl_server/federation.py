@@ -1,0 +1,417 @@
+"""The coordinator's round loop, shared by the deployed ServerApp and the simulation.
+
+Flower's `Strategy.start` runs rounds 1..N in one go and keeps only aggregated metrics. A consortium needs
+more: per-site metrics every round, a durable run directory, resume from the last complete round after a
+crash, and a quorum so that one hospital going offline does not stop the others. So this loop drives a
+`flwr.serverapp.strategy` strategy (FedAvg, FedProx or FedAdam, optionally inside Flower's DP wrappers)
+round by round through its own `configure_train` / `aggregate_train` / `configure_evaluate`, and does the
+bookkeeping itself.
+
+This module (and everything it imports) never reads patient files: sites return parameters and
+aggregate metrics only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+
+from fl_server.config import ExperimentConfig
+from fl_server.run_dir import RunDirectory
+
+log = logging.getLogger("llnm.server")
+
+EVAL_METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
+                    "f1", "brier", "ece")
+
+
+class QuorumNotMet(RuntimeError):
+    """Fewer sites than `federation.min_sites` replied in a round; the run stops and can be resumed."""
+
+
+@dataclass
+class RoundOutcome:
+    replies: list[Message]
+    failures: list[dict[str, Any]]
+
+
+def initial_state(exp: ExperimentConfig) -> dict[str, torch.Tensor]:
+    """The round-0 global model, reproducible from the run's seed."""
+    from shared_model.modeling import LLNMNet, ModelConfig
+
+    torch.manual_seed(exp.train.seed)
+    model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def build_strategy(exp: ExperimentConfig, num_sites_expected: int) -> Strategy:
+    """The configured Flower strategy, wrapped for site-level DP when enabled."""
+    fed = exp.federation
+    # Sampling: every connected site takes part in every round (fraction 1.0); quorum is checked by us.
+    common: dict[str, Any] = dict(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=fed.min_sites,
+        min_evaluate_nodes=fed.min_sites,
+        min_available_nodes=fed.min_sites,
+        weighted_by_key="num-examples",
+    )
+    site_dp = exp.privacy.site
+    if site_dp.enabled:
+        # Site-level DP needs an unweighted mean (each site's clipped update has sensitivity C/K);
+        # sample-weighted FedAvg would give a large hospital more influence than the noise covers.
+        common["weighted_by_key"] = "unit-weight"
+    strategy: Strategy
+    if fed.strategy == "fedavg":
+        strategy = FedAvg(**common)
+    elif fed.strategy == "fedprox":
+        strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
+    else:
+        a = fed.fedadam
+        strategy = FedAdam(eta=a.eta, eta_l=a.eta_l, beta_1=a.beta_1, beta_2=a.beta_2, tau=a.tau, **common)
+    if site_dp.enabled:
+        from fl_server.privacy import wrap_with_site_dp
+
+        strategy = wrap_with_site_dp(strategy, exp, num_sites_expected)
+    return strategy
+
+
+def _inner_strategy(strategy: Strategy) -> Strategy:
+    return getattr(strategy, "strategy", strategy)
+
+
+def strategy_state(strategy: Strategy) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """JSON-able and array state a strategy needs to continue after a restart (FedAdam's moments)."""
+    inner = _inner_strategy(strategy)
+    arrays: dict[str, np.ndarray] = {}
+    for attr in ("m_t", "v_t"):
+        value = getattr(inner, attr, None)
+        if value:
+            arrays.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+    return {"strategy": type(inner).__name__}, arrays
+
+
+def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
+    inner = _inner_strategy(strategy)
+    for attr in ("m_t", "v_t"):
+        value = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{attr}/")}
+        if value and hasattr(inner, attr):
+            setattr(inner, attr, value)
+
+
+def preprocess_config_dict(exp: ExperimentConfig) -> dict[str, Any]:
+    """The site-side PreprocessConfig, as a dict, from the experiment's preprocess section."""
+    p = exp.preprocess.model_dump(mode="json")
+    text = p.pop("text")
+    from shared_model.text_encoder import TextEncoderConfig
+
+    text_cfg = TextEncoderConfig(
+        **({"path": text["path"]} if text["path"] else {}),
+        max_length=text["max_length"],
+        trainable_top_layers=text["trainable_top_layers"],
+    )
+    if text["sha256"] != "pinned":
+        text_cfg.sha256 = text["sha256"]
+    p["text"] = text_cfg.to_dict() if hasattr(text_cfg, "to_dict") else dict(vars(text_cfg))
+    p["intensity_percentiles"] = list(p["intensity_percentiles"])
+    return p
+
+
+def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None) -> ConfigRecord:
+    """What a site needs for one round, in the round's ConfigRecord."""
+    train = exp.train.model_dump(mode="json")
+    values: dict[str, Any] = {
+        "run-id": exp.name,
+        "total-rounds": int(exp.federation.rounds),
+        "model-config": json.dumps(exp.model_config_dict()),
+        "preprocess-config": json.dumps(preprocess_config_dict(exp)),
+        "train-config": json.dumps(train),
+        "privacy-config": json.dumps(exp.privacy.patient.model_dump(mode="json")),
+        "eval-split": split or exp.federation.eval_split,
+        "eval-bootstrap": int(exp.federation.eval_bootstrap),
+    }
+    if exp.federation.strategy == "fedprox":
+        values["proximal-mu"] = float(exp.federation.proximal_mu)
+    return ConfigRecord(values)
+
+
+class Federation:
+    """Runs (or resumes) one experiment on a Grid and records it in a RunDirectory."""
+
+    def __init__(self, grid: Grid, exp: ExperimentConfig, run_dir: RunDirectory, *,
+                 echo: bool = True) -> None:
+        self.grid = grid
+        self.exp = exp
+        self.rd = run_dir
+        self.echo = echo
+        self.site_names: dict[int, str] = {}
+        self.known_sites: set[str] = set()
+        self.ledger = None
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def say(self, text: str) -> None:
+        log.info(text)
+        if self.echo:
+            print(text, flush=True)
+
+    def _name(self, node_id: int) -> str:
+        return self.site_names.get(node_id, f"node-{node_id}")
+
+    def wait_for_sites(self) -> list[int]:
+        fed = self.exp.federation
+        deadline = time.monotonic() + fed.connect_timeout_s
+        while True:
+            nodes = list(self.grid.get_node_ids())
+            if len(nodes) >= fed.min_sites:
+                return nodes
+            if time.monotonic() > deadline:
+                raise QuorumNotMet(
+                    f"only {len(nodes)} site(s) connected after {fed.connect_timeout_s:.0f} s; "
+                    f"federation.min_sites is {fed.min_sites}"
+                )
+            time.sleep(1.0)
+
+    def refresh_site_names(self, nodes: Iterable[int]) -> None:
+        """Ask newly seen SuperNodes for their site name (a `query` message; nothing else is asked)."""
+        new = [n for n in nodes if n not in self.site_names]
+        if not new:
+            return
+        msgs = [Message(RecordDict({"config": ConfigRecord({"ask": "site-name"})}), dst_node_id=n,
+                        message_type="query") for n in new]
+        for reply in self.grid.send_and_receive(msgs, timeout=min(120.0, self.exp.federation.round_timeout_s)):
+            if reply.has_error():
+                continue
+            name = str(reply.content["site"]["site-name"])
+            self.site_names[reply.metadata.src_node_id] = name
+            self.known_sites.add(name)
+
+    def exchange(self, messages: list[Message], phase: str) -> RoundOutcome:
+        """Send, wait up to the round timeout, and sort replies from failures (errors, timeouts)."""
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        replies = list(self.grid.send_and_receive(messages, timeout=self.exp.federation.round_timeout_s))
+        ok: list[Message] = []
+        failures: list[dict[str, Any]] = []
+        answered: set[int] = set()
+        for r in replies:
+            node = r.metadata.src_node_id
+            answered.add(node)
+            if r.has_error():
+                failures.append({"site": self._name(node), "node_id": node, "phase": phase,
+                                 "reason": f"error: {r.error.reason}"})
+            else:
+                ok.append(r)
+        for node in sent:
+            if node not in answered:
+                failures.append({"site": self._name(node), "node_id": node, "phase": phase,
+                                 "reason": f"no reply within {self.exp.federation.round_timeout_s:.0f} s "
+                                           "(timed out or disconnected)"})
+        return RoundOutcome(ok, failures)
+
+    def offline_sites(self, nodes: Iterable[int], phase: str) -> list[dict[str, Any]]:
+        online = {self.site_names.get(n) for n in nodes}
+        return [{"site": s, "node_id": None, "phase": phase, "reason": "offline (not connected)"}
+                for s in sorted(self.known_sites - online)]
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, strategy: Strategy, server_round: int, arrays: ArrayRecord, split: str,
+                 skip_nodes: set[int] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        """Every connected site evaluates the global model on its `split`; per-site metrics plus pooled
+        metrics merged exactly from the sites' score histograms. `skip_nodes` (sites that just failed to
+        answer in training) are not waited for a second time in the same round."""
+        from shared_model.metrics import metrics_from_histograms
+
+        nodes = list(self.grid.get_node_ids())
+        msgs = list(strategy.configure_evaluate(server_round, arrays, round_config(self.exp, server_round,
+                                                                                    split=split), self.grid))
+        skipped = [m for m in msgs if m.metadata.dst_node_id in (skip_nodes or set())]
+        msgs = [m for m in msgs if m.metadata.dst_node_id not in (skip_nodes or set())]
+        outcome = self.exchange(msgs, "evaluate") if msgs else RoundOutcome([], [])
+        outcome.failures += [{"site": self._name(m.metadata.dst_node_id), "node_id": m.metadata.dst_node_id,
+                              "phase": "evaluate", "reason": "skipped: no reply in this round's training"}
+                             for m in skipped]
+        sites: dict[str, Any] = {}
+        hists = []
+        for r in outcome.replies:
+            name = str(r.content["site"]["site-name"])
+            self.site_names.setdefault(r.metadata.src_node_id, name)
+            m = r.content["metrics"]
+            site_metrics = {k: _none_if_nan(m[k]) for k in EVAL_METRIC_KEYS if k in m}
+            site_metrics["n"] = int(m["n"])
+            site_metrics["n_pos"] = int(m["n_pos"])
+            sites[name] = site_metrics
+            hists.append(histogram_from_metrics(m))
+        pooled = metrics_from_histograms(hists) if hists else {}
+        pooled = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
+        return dict(sorted(sites.items())), pooled, outcome.failures + self.offline_sites(nodes, "evaluate")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        exp, rd = self.exp, self.rd
+        fed = exp.federation
+        start_round = rd.last_complete_round() + 1
+        rd.truncate_to(start_round - 1)
+        nodes = self.wait_for_sites()
+        self.refresh_site_names(nodes)
+        strategy = build_strategy(exp, num_sites_expected=max(len(nodes), fed.min_sites))
+        if exp.privacy.patient.enabled or exp.privacy.site.enabled:
+            from fl_server.privacy import PrivacyLedger
+
+            self.ledger = PrivacyLedger.open(rd, exp)
+            self.ledger.truncate_to(start_round - 1)
+            self.ledger.attach(strategy)
+        if start_round == 1:
+            state = initial_state(exp)
+            self.say(f"[llnm] run {exp.name}: {fed.rounds} rounds of {fed.strategy}, "
+                     f"{len(nodes)} site(s) connected (quorum {fed.min_sites})")
+        else:
+            state = rd.load_checkpoint(start_round - 1)
+            server_state = rd.load_server_state(start_round - 1)
+            arrays_file = server_state.get("arrays_file")
+            if arrays_file:
+                from safetensors.numpy import load_file as load_np
+
+                restore_strategy_state(strategy, load_np(str(rd.checkpoints / arrays_file)))
+            self.known_sites.update(server_state.get("known_sites", []))
+            if self.ledger is not None:
+                self.ledger.restore(strategy, server_state.get("privacy", {}))
+            self.say(f"[llnm] resuming run {exp.name} at round {start_round}/{fed.rounds} "
+                     f"(rounds 1-{start_round - 1} kept)")
+        arrays = ArrayRecord(state)
+
+        for rnd in range(start_round, fed.rounds + 1):
+            t0 = time.perf_counter()
+            nodes = self.wait_for_sites()
+            self.refresh_site_names(nodes)
+            if self.ledger is not None:
+                self.ledger.before_round(rnd, strategy)
+            msgs = list(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
+            outcome = self.exchange(msgs, "train")
+            failures = outcome.failures + self.offline_sites(nodes, "train")
+            train_sites: dict[str, Any] = {}
+            for r in outcome.replies:
+                name = str(r.content["site"]["site-name"])
+                self.site_names.setdefault(r.metadata.src_node_id, name)
+                self.known_sites.add(name)
+                m = r.content["metrics"]
+                train_sites[name] = {k: (_none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
+            if self.ledger is not None:
+                outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
+            if len(outcome.replies) < fed.min_sites:
+                self._record_failed_round(rnd, failures, train_sites)
+                raise QuorumNotMet(
+                    f"round {rnd}: {len(outcome.replies)} site(s) trained, fewer than min_sites={fed.min_sites}; "
+                    f"failures: {json.dumps(failures)}. Fix the sites and run `llnm-server resume {rd.path}`."
+                )
+            new_arrays, _ = strategy.aggregate_train(rnd, outcome.replies)
+            if new_arrays is None:
+                self._record_failed_round(rnd, failures, train_sites)
+                raise QuorumNotMet(f"round {rnd}: aggregation produced no model (see log)")
+            arrays = new_arrays
+            if self.ledger is not None:
+                self.ledger.after_aggregate(rnd, strategy, outcome.replies, self._name)
+
+            unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
+            sites, pooled, eval_failures = self.evaluate(strategy, rnd, arrays, fed.eval_split, unresponsive)
+            entry = {
+                "round": rnd,
+                "split": fed.eval_split,
+                "sites": sites,
+                "pooled": pooled,
+                "train": dict(sorted(train_sites.items())),
+                "failures": failures + eval_failures,
+                "participants": sorted(train_sites),
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+            self._save_round(rnd, arrays, strategy, entry)
+            self._print_round(entry)
+
+        final_split = fed.final_eval_split
+        final: dict[str, Any] | None = None
+        if final_split:
+            sites, pooled, eval_failures = self.evaluate(strategy, fed.rounds, arrays, final_split)
+            final = {"round": fed.rounds, "split": final_split, "sites": sites, "pooled": pooled,
+                     "failures": eval_failures}
+            rd.set_final(final)
+            self.say(f"[llnm] final {final_split} evaluation of round {fed.rounds}: "
+                     + _site_line(sites, pooled))
+        rd.update_run_info(status="completed", rounds_completed=fed.rounds)
+        if self.ledger is not None:
+            for sentence in self.ledger.guarantee_sentences():
+                self.say(f"[llnm] privacy: {sentence}")
+        self.say(f"[llnm] run directory: {rd.path}")
+        return rd.metrics()
+
+    def _save_round(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, entry: dict[str, Any]) -> None:
+        rd = self.rd
+        state = arrays.to_torch_state_dict()
+        rd.save_checkpoint(rnd, state, {
+            "model_config": self.exp.model_config_dict(),
+            "preprocess_config": preprocess_config_dict(self.exp),
+            "experiment": self.exp.name,
+            "split": entry["split"],
+            "pooled": entry["pooled"],
+        })
+        info, np_arrays = strategy_state(strategy)
+        server_state: dict[str, Any] = {"round": rnd, **info, "known_sites": sorted(self.known_sites)}
+        if np_arrays:
+            from safetensors.numpy import save_file as save_np
+
+            fname = f"server-state-{rnd:04d}.safetensors"
+            save_np({k: np.ascontiguousarray(v) for k, v in np_arrays.items()}, str(rd.checkpoints / fname))
+            server_state["arrays_file"] = fname
+        if self.ledger is not None:
+            server_state["privacy"] = self.ledger.state(strategy)
+        rd.save_server_state(rnd, server_state)
+        rd.append_round(entry)
+        rd.update_run_info(status="running", rounds_completed=rnd)
+
+    def _record_failed_round(self, rnd: int, failures: list[dict[str, Any]], train_sites: dict[str, Any]) -> None:
+        self.rd.update_run_info(status="stopped", stopped_at_round=rnd, failures=failures,
+                                trained_sites=sorted(train_sites))
+
+    def _print_round(self, entry: dict[str, Any]) -> None:
+        fails = "; ".join(f"{f['site']} {f['phase']}: {f['reason']}" for f in entry["failures"])
+        self.say(f"[llnm] round {entry['round']}/{self.exp.federation.rounds} ({entry['seconds']:.0f} s) "
+                 f"{entry['split']} " + _site_line(entry["sites"], entry["pooled"])
+                 + (f" | failed: {fails}" if fails else ""))
+
+
+def histogram_from_metrics(m: Any) -> dict[str, Any]:
+    return {
+        "n_bins": int(m["hist-n-bins"]),
+        "neg_bins": list(m["hist-neg-bins"]),
+        "neg_counts": list(m["hist-neg-counts"]),
+        "pos_bins": list(m["hist-pos-bins"]),
+        "pos_counts": list(m["hist-pos-counts"]),
+    }
+
+
+def _none_if_nan(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _fmt(v: Any) -> str:
+    return "  -  " if v is None else f"{v:.3f}"
+
+
+def _site_line(sites: dict[str, Any], pooled: dict[str, Any]) -> str:
+    parts = [f"{name} {_fmt(m.get('auc'))}" for name, m in sites.items()]
+    return "AUC " + ", ".join(parts) + f" | pooled {_fmt(pooled.get('auc'))}"
+
+
+def run_dir_for(path: str | Path) -> RunDirectory:
+    return RunDirectory(path)

@@ -1,0 +1,230 @@
+"""The run directory `runs/<name>/`: the coordinator's durable record of one federated experiment.
+
+Layout:
+    config.yaml                 the resolved experiment configuration (what actually ran)
+    run.json                    how the run is launched (simulation / deployment), data root, status
+    metrics.json                {"rounds": [{"round", "split", "sites": {...}, "pooled": {...}, "train": {...},
+                                 "failures": [...]}], "best_round", "final"}
+    privacy.json                the privacy ledger (see fl_server.privacy), when DP is on
+    checkpoints/round-NNNN.safetensors   global model after round N (LLNMNet state dict)
+    checkpoints/round-NNNN.json          its model / preprocessing config and round metrics
+    checkpoints/server-state-NNNN.json   strategy state needed to resume after round N
+    checkpoints/best.json                the round with the best pooled validation AUC
+    log.txt                     the run's log
+
+Every file is written atomically (temporary file + rename) and a round counts as complete only once its
+checkpoint, server state and metrics entry are all on disk, in that order; `resume` restarts from the
+last complete round and drops anything a crash left half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from fl_server.config import ConfigError, ExperimentConfig, parse_config
+
+if TYPE_CHECKING:
+    import torch
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+class RunDirectory:
+    """Create, read and append to a run directory."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).resolve()
+
+    # ---- paths ---------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.json"
+
+    @property
+    def run_info_path(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def privacy_path(self) -> Path:
+        return self.path / "privacy.json"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / "log.txt"
+
+    def checkpoint_file(self, rnd: int) -> Path:
+        return self.checkpoints / f"round-{rnd:04d}.safetensors"
+
+    # ---- creation ------------------------------------------------------------------------------
+    def create(self, config: ExperimentConfig, run_info: dict[str, Any]) -> None:
+        """Start a new run; refuses to reuse a folder that already holds a run (use resume)."""
+        if self.metrics_path.exists() or self.config_path.exists():
+            raise ConfigError(
+                f"{self.path}: already holds a run; use `llnm-server resume {self.path}` to continue it, "
+                "or choose another --out"
+            )
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        atomic_write_text(self.config_path, config.to_yaml())
+        atomic_write_json(self.run_info_path, run_info)
+        atomic_write_json(self.metrics_path, {"run": config.name, "rounds": [], "best_round": None})
+
+    def exists(self) -> bool:
+        return self.config_path.is_file()
+
+    def load_config(self) -> ExperimentConfig:
+        if not self.config_path.is_file():
+            raise ConfigError(f"{self.path}: not a run directory (no config.yaml)")
+        data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
+        return parse_config(data, source=str(self.config_path))
+
+    def run_info(self) -> dict[str, Any]:
+        if not self.run_info_path.is_file():
+            return {}
+        return json.loads(self.run_info_path.read_text(encoding="utf-8"))
+
+    def update_run_info(self, **changes: Any) -> None:
+        info = self.run_info()
+        info.update(changes)
+        atomic_write_json(self.run_info_path, info)
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        if not self.metrics_path.is_file():
+            return {"rounds": [], "best_round": None}
+        return json.loads(self.metrics_path.read_text(encoding="utf-8"))
+
+    def last_complete_round(self) -> int:
+        """The last round whose checkpoint, server state and metrics entry all exist."""
+        done = 0
+        rounds = {r["round"] for r in self.metrics().get("rounds", [])}
+        for rnd in sorted(rounds):
+            if self.checkpoint_file(rnd).is_file() and self.server_state_path(rnd).is_file():
+                done = rnd
+            else:
+                break
+        return done
+
+    def truncate_to(self, rnd: int) -> None:
+        """Forget everything after round `rnd` (a crash may have left a round half-written)."""
+        m = self.metrics()
+        m["rounds"] = [r for r in m.get("rounds", []) if r["round"] <= rnd]
+        m.pop("final", None)
+        if m.get("best_round") is not None and m["best_round"] > rnd:
+            m["best_round"] = _best_round(m["rounds"])
+        atomic_write_json(self.metrics_path, m)
+        for f in self.checkpoints.glob("round-*.safetensors"):
+            if int(f.stem.split("-")[1]) > rnd:
+                f.unlink()
+        for f in self.checkpoints.glob("round-*.json"):
+            if int(f.stem.split("-")[1]) > rnd:
+                f.unlink()
+        for f in self.checkpoints.glob("server-state-*.json"):
+            if int(f.stem.split("-")[-1]) > rnd:
+                f.unlink()
+
+    def append_round(self, entry: dict[str, Any]) -> dict[str, Any]:
+        m = self.metrics()
+        rounds = [r for r in m.get("rounds", []) if r["round"] != entry["round"]]
+        rounds.append(entry)
+        rounds.sort(key=lambda r: r["round"])
+        m["rounds"] = rounds
+        m["best_round"] = _best_round(rounds)
+        atomic_write_json(self.metrics_path, m)
+        if m["best_round"] is not None:
+            best = next(r for r in rounds if r["round"] == m["best_round"])
+            atomic_write_json(self.checkpoints / "best.json", {
+                "round": m["best_round"],
+                "criterion": f"pooled {best.get('split', 'val')} AUC",
+                "value": (best.get("pooled") or {}).get("auc"),
+                "checkpoint": self.checkpoint_file(m["best_round"]).name,
+            })
+        return m
+
+    def set_final(self, final: dict[str, Any]) -> None:
+        m = self.metrics()
+        m["final"] = final
+        atomic_write_json(self.metrics_path, m)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def server_state_path(self, rnd: int) -> Path:
+        return self.checkpoints / f"server-state-{rnd:04d}.json"
+
+    def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
+        from shared_model.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.checkpoint_file(rnd), state, {"round": rnd, **meta})
+
+    def save_server_state(self, rnd: int, state: dict[str, Any]) -> None:
+        atomic_write_json(self.server_state_path(rnd), state)
+
+    def load_server_state(self, rnd: int) -> dict[str, Any]:
+        return json.loads(self.server_state_path(rnd).read_text(encoding="utf-8"))
+
+    def load_checkpoint(self, rnd: int) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        return load_file(str(self.checkpoint_file(rnd)))
+
+    # ---- logging -------------------------------------------------------------------------------
+    def attach_log(self) -> logging.Handler:
+        handler = logging.FileHandler(self.log_path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for name in ("llnm", "flwr"):
+            logging.getLogger(name).addHandler(handler)
+        logging.getLogger("llnm").setLevel(logging.INFO)
+        return handler
+
+    @staticmethod
+    def detach_log(handler: logging.Handler) -> None:
+        for name in ("llnm", "flwr"):
+            logging.getLogger(name).removeHandler(handler)
+        handler.close()
+
+
+def _best_round(rounds: list[dict[str, Any]]) -> int | None:
+    best, best_auc = None, -1.0
+    for r in rounds:
+        auc = (r.get("pooled") or {}).get("auc")
+        if auc is not None and auc > best_auc:
+            best, best_auc = r["round"], auc
+    return best

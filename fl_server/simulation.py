@@ -1,0 +1,89 @@
+"""`llnm-server simulate`: the embedded default, Flower's simulation engine on one machine.
+
+One virtual SuperNode per site folder (partition id i -> the i-th site, sorted by folder name); the
+ServerApp runs the same round loop as a deployment. Simulation reads every site folder on this machine,
+so it is for synthetic or otherwise shareable data; real hospitals use `llnm-site join`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fl_server.config import ConfigError, ExperimentConfig
+from fl_server.run_dir import RunDirectory
+
+log = logging.getLogger("llnm.server")
+
+
+def discover_sites(root: str | Path, only: list[str] | None = None) -> list[Path]:
+    """Site folders under `root` (a folder holding `patients.csv` is a site)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"data root {root}: not a folder (generate one with `llnm-synth --out {root}`)")
+    sites = sorted(p for p in root.iterdir() if p.is_dir() and (p / "patients.csv").is_file())
+    if only:
+        missing = sorted(set(only) - {p.name for p in sites})
+        if missing:
+            raise ConfigError(f"data.sites: {missing} not found under {root} (found {[p.name for p in sites]})")
+        sites = [p for p in sites if p.name in only]
+    if not sites:
+        raise ConfigError(f"data root {root}: no site folders (folders with patients.csv)")
+    return sites
+
+
+def default_cache_dir(exp: ExperimentConfig) -> str:
+    if exp.data.cache_dir:
+        return exp.data.cache_dir
+    return os.environ.get("LLNM_CACHE_DIR", str(Path.home() / ".cache" / "llnm-fl"))
+
+
+def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | Path | None = None,
+             resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) `exp` in Flower's simulation engine; returns metrics.json's content."""
+    from flwr.simulation import run_simulation
+
+    from fl_client.client_app import make_client_app
+    from fl_server.server_app import make_server_app
+
+    root = Path(data_root or exp.data.root or "")
+    if not str(root):
+        raise ConfigError("no data: give --data CONSORTIUM_DIR or set data.root in the config")
+    sites = discover_sites(root, exp.data.sites)
+    if exp.federation.min_sites > len(sites):
+        raise ConfigError(f"federation.min_sites={exp.federation.min_sites} but only {len(sites)} site(s) "
+                          f"under {root}")
+    if resume:
+        if not run_dir.exists():
+            raise ConfigError(f"{run_dir.path}: nothing to resume (no config.yaml)")
+    else:
+        exp.data.root = str(root.resolve())
+        run_dir.create(exp, {"mode": "simulation", "data_root": str(root.resolve()),
+                             "sites": [p.name for p in sites], "status": "created"})
+    run_dir.update_run_info(status="running")
+    cache_dir = default_cache_dir(exp)
+    sim = exp.simulation
+    backend_config = {
+        "client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
+                      "log_to_driver": True, "logging_level": "warning"},
+    }
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_simulation(
+            server_app=make_server_app(exp, run_dir),
+            client_app=make_client_app([str(p) for p in sites], {"cache-dir": cache_dir}),
+            num_supernodes=len(sites),
+            backend_config=backend_config,
+        )
+    info = run_dir.run_info()
+    if info.get("status") != "completed":
+        raise RuntimeError(f"simulation did not complete: {info.get('error', 'see ' + str(run_dir.log_path))}")
+    return run_dir.metrics()
