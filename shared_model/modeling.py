@@ -156,7 +156,9 @@ class ModelConfig:
                 f"ModelConfig.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
             )
         if self.num_stages == 1 or self.num_stages < 0:
-            raise ValueError(f"ModelConfig.num_stages must be 0 (no stage head) or >= 2, got {self.num_stages}")
+            raise ValueError(
+                f"ModelConfig.num_stages must be 0 (no stage head) or >= 2, got {self.num_stages}"
+            )
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
@@ -320,7 +322,9 @@ class BidirectionalBlock(nn.Module):
         self.mlp_txt = MLP(h, cfg.mlp_dim, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, img: Tensor, txt: Tensor, img_valid: Tensor, txt_valid: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, img: Tensor, txt: Tensor, img_valid: Tensor, txt_valid: Tensor
+    ) -> tuple[Tensor, Tensor]:
         qi, ki, vi = (_split_heads(t, self.heads) for t in self.qkv_img(self.norm_img1(img)).chunk(3, dim=-1))
         qt, kt, vt = (_split_heads(t, self.heads) for t in self.qkv_txt(self.norm_txt1(txt)).chunk(3, dim=-1))
         p = self.attn_dropout if self.training else 0.0
@@ -435,7 +439,8 @@ class LLNMNet(nn.Module):
                 text_top_layers = load_top_layers(TextEncoderConfig(trainable_top_layers=c.text_top_layers))
             if len(text_top_layers) != c.text_top_layers:
                 raise ValueError(
-                    f"ModelConfig.text_top_layers={c.text_top_layers} but {len(text_top_layers)} layers were given"
+                    f"ModelConfig.text_top_layers={c.text_top_layers} but "
+                    f"{len(text_top_layers)} layers were given"
                 )
             self.text_top = TextTopLayers(text_top_layers)
         elif text_top_layers is not None:
@@ -471,7 +476,8 @@ class LLNMNet(nn.Module):
         b = image.shape[0]
         if image.dim() != 5 or image.shape[2:] != (c.in_channels, c.image_size, c.image_size):
             raise ValueError(
-                f"image must be [B, V, {c.in_channels}, {c.image_size}, {c.image_size}], got {list(image.shape)}"
+                f"image must be [B, V, {c.in_channels}, {c.image_size}, {c.image_size}], "
+                f"got {list(image.shape)}"
             )
         v = image.shape[1]
         if tuple(view_mask.shape) != (b, v):
@@ -483,7 +489,9 @@ class LLNMNet(nn.Module):
                 f"text has {text.shape[1]} tokens, more than ModelConfig.text_max_length={c.text_max_length}"
             )
         if tuple(text_mask.shape) != tuple(text.shape[:2]):
-            raise ValueError(f"text_mask must be [B, L] = {list(text.shape[:2])}, got {list(text_mask.shape)}")
+            raise ValueError(
+                f"text_mask must be [B, L] = {list(text.shape[:2])}, got {list(text_mask.shape)}"
+            )
         expected = (b, v, c.num_clinical)
         if tuple(clinical.shape) != expected:
             raise ValueError(f"clinical must be {list(expected)}, got {list(clinical.shape)}")
@@ -557,7 +565,8 @@ class LLNMNet(nn.Module):
         parts = [txt, no_report.expand(b, -1, -1)]
         valid = [t_valid, no_report_valid]
         if self.clinical_missing is not None:
-            values = torch.where(known, clinical, torch.zeros((), dtype=clinical.dtype, device=clinical.device))
+            nothing = torch.zeros((), dtype=clinical.dtype, device=clinical.device)
+            values = torch.where(known, clinical, nothing)
             tokens = torch.stack([proj(values[:, j : j + 1]) for j, proj in enumerate(self.clinical_proj)], 1)
             missing = self.clinical_missing(values).to(tokens.dtype)
             parts.append(torch.where(known[..., None], tokens, missing))
@@ -622,7 +631,9 @@ def llnm_loss(
     if tuple(view_mask.shape) != tuple(logits.shape):
         raise ValueError(f"view_mask must be {list(logits.shape)}, got {list(view_mask.shape)}")
     if llnm.shape != (b,) or stage.shape != (b,):
-        raise ValueError(f"llnm and stage must be [B] = [{b}], got {list(llnm.shape)} and {list(stage.shape)}")
+        raise ValueError(
+            f"llnm and stage must be [B] = [{b}], got {list(llnm.shape)} and {list(stage.shape)}"
+        )
     w = _view_weights(view_mask).to(logits.device)
     w = w / w.sum(dim=1, keepdim=True)
 

@@ -128,14 +128,35 @@ class TextEncoderConfig:
     def __post_init__(self) -> None:
         if self.sha256 is not None:
             if not isinstance(self.sha256, str) or not _HEX64.match(self.sha256.lower()):
-                raise ValueError(f"TextEncoderConfig.sha256 must be 64 hex digits or None, got {self.sha256!r}")
+                raise ValueError(
+                    f"TextEncoderConfig.sha256 must be 64 hex digits or None, got {self.sha256!r}"
+                )
             self.sha256 = self.sha256.lower()
         if not isinstance(self.max_length, int) or self.max_length < 3:
             raise ValueError(f"TextEncoderConfig.max_length must be an integer >= 3, got {self.max_length!r}")
         if not isinstance(self.trainable_top_layers, int) or self.trainable_top_layers < 0:
             raise ValueError(
-                f"TextEncoderConfig.trainable_top_layers must be an integer >= 0, got {self.trainable_top_layers!r}"
+                "TextEncoderConfig.trainable_top_layers must be an integer >= 0, "
+                f"got {self.trainable_top_layers!r}"
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict (the path as a string or None), e.g. for a round's config record."""
+        return {
+            "path": None if self.path is None else str(self.path),
+            "sha256": self.sha256,
+            "max_length": self.max_length,
+            "trainable_top_layers": self.trainable_top_layers,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TextEncoderConfig:
+        """Inverse of ``to_dict``; unknown keys are an error (a typo must not silently change the encoder)."""
+        known = {"path", "sha256", "max_length", "trainable_top_layers"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown text encoder setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
 
     def resolved_path(self) -> Path:
         """The encoder folder as an absolute path (the default one when ``path`` is None)."""
@@ -220,7 +241,8 @@ def load_text_encoder(cfg: TextEncoderConfig) -> tuple[PreTrainedTokenizerBase, 
     missing = [k for k in info.get("missing_keys", []) if "pooler" not in k]
     if missing:
         raise ValueError(
-            f"text encoder {folder / WEIGHTS_FILE} does not fit its config.json: missing weights {missing[:5]}"
+            f"text encoder {folder / WEIGHTS_FILE} does not fit its config.json: "
+            f"missing weights {missing[:5]}"
         )
     model = model.float().eval()
     model.requires_grad_(False)
@@ -245,7 +267,8 @@ def _encoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = getattr(getattr(model, "encoder", None), "layer", None)
     if not isinstance(layers, nn.ModuleList):
         raise ValueError(
-            f"trainable_top_layers > 0 needs a BERT-style encoder with .encoder.layer; {type(model).__name__} has none"
+            "trainable_top_layers > 0 needs a BERT-style encoder with .encoder.layer; "
+            f"{type(model).__name__} has none"
         )
     return layers
 
@@ -388,7 +411,9 @@ def encode_reports(
     num_layers = _num_layers(model)
     k = cfg.trainable_top_layers
     if k >= num_layers:
-        raise ValueError(f"TextEncoderConfig.trainable_top_layers={k} but the encoder has only {num_layers} layers")
+        raise ValueError(
+            f"TextEncoderConfig.trainable_top_layers={k} but the encoder has only {num_layers} layers"
+        )
     width = int(model.config.hidden_size)
     n, length = len(texts), cfg.max_length
     hidden = torch.zeros(n, length, width, dtype=torch.float32)

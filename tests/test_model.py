@@ -157,7 +157,8 @@ def test_paper_preset_has_the_papers_dimensions(paper_model: LLNMNet) -> None:
 def test_tiny_preset_is_small_and_counted_exactly() -> None:
     cfg = ModelConfig.preset("tiny")
     model = LLNMNet(cfg)
-    assert (cfg.hidden_size, cfg.num_heads, cfg.num_bidirectional_layers, cfg.num_self_layers) == (64, 4, 2, 2)
+    blocks = (cfg.num_bidirectional_layers, cfg.num_self_layers)
+    assert (cfg.hidden_size, cfg.num_heads, *blocks) == (64, 4, 2, 2)
     assert (cfg.patch_size, cfg.image_size, cfg.mlp_dim) == (8, 64, 256)
     assert count_parameters(model) == expected_parameter_count(cfg) < 1_000_000
     model.llnm_head.requires_grad_(False)
@@ -385,6 +386,11 @@ def test_default_encoder_is_the_installed_pinned_minilm() -> None:
     assert sha256_file(path / "model.safetensors") == DEFAULT_ENCODER_SHA256
     cfg = TextEncoderConfig()
     assert cfg.sha256 == DEFAULT_ENCODER_SHA256 and cfg.max_length == 64 and cfg.trainable_top_layers == 0
+    assert TextEncoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    other = TextEncoderConfig(path=Path("/srv/zh-bert"), sha256=None, max_length=50)
+    assert TextEncoderConfig.from_dict(json.loads(json.dumps(other.to_dict()))).to_dict() == other.to_dict()
+    with pytest.raises(ValueError, match=r"unknown text encoder setting\(s\) \['sha'\]"):
+        TextEncoderConfig.from_dict({"sha": "x"})
     with pytest.raises(ValueError, match="64 hex digits"):
         TextEncoderConfig(sha256="abc")
     with pytest.raises(ValueError, match="trainable_top_layers"):
@@ -428,7 +434,8 @@ def test_tampered_encoder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(TextEncoderIntegrityError) as err:
         load_text_encoder(TextEncoderConfig(path=copy))
     assert err.value.file == weights and err.value.actual == actual
-    assert str(weights) in str(err.value) and DEFAULT_ENCODER_SHA256 in str(err.value) and actual in str(err.value)
+    message = str(err.value)
+    assert str(weights) in message and DEFAULT_ENCODER_SHA256 in message and actual in message
     # Verification off must be asked for explicitly; then the (tampered) local copy loads.
     _, model = load_text_encoder(TextEncoderConfig(path=copy, sha256=None))
     assert model.config.hidden_size == 384
@@ -477,7 +484,8 @@ class TupleDataset(Dataset):
         clinical_mask[2::3, :, 0] = 0
         llnm[::6] = -1
         stage[1::2] = -1
-        self.rows = (image, view_mask, text * text_mask[..., None], text_mask, clinical, clinical_mask, llnm, stage)
+        text = text * text_mask[..., None]
+        self.rows = (image, view_mask, text, text_mask, clinical, clinical_mask, llnm, stage)
 
     def __len__(self) -> int:
         return self.rows[0].shape[0]
