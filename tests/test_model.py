@@ -225,7 +225,7 @@ def test_without_stage_head_and_input_shape_errors() -> None:
         model(*inputs[:5], torch.ones(2, 2, 3))
 
 
-def test_tiny_batch_of_32_trains_fast_on_cpu() -> None:
+def test_tiny_learns_a_batch_of_32() -> None:
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny")
     model = LLNMNet(cfg)
