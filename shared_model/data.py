@@ -316,13 +316,17 @@ def _site_files(site: Site) -> list[Path]:
     return sorted(files, key=lambda p: site.relative(p))
 
 
-def site_content_key(site: Site, cfg: PreprocessConfig, files: list[Path] | None = None) -> str:
+def site_content_key(
+    site: Site, cfg: PreprocessConfig, files: list[Path] | None = None, fingerprint: str | None = None
+) -> str:
     """SHA-256 over the site's name, the config fingerprint and (path, size, bytes) of each file.
 
-    Files are read in 1 MiB chunks, so a large DICOM never sits in memory for hashing.
+    Files are read in 1 MiB chunks, so a large DICOM never sits in memory for hashing. ``fingerprint``
+    (``cfg.fingerprint()``) may be passed when the caller already has it.
     """
+    fingerprint = fingerprint or cfg.fingerprint()
     digest = hashlib.sha256()
-    digest.update(f"llnm-site-cache/{PREPROCESSING_VERSION}\0{site.name}\0{cfg.fingerprint()}\0".encode())
+    digest.update(f"llnm-site-cache/{PREPROCESSING_VERSION}\0{site.name}\0{fingerprint}\0".encode())
     for path in files if files is not None else _site_files(site):
         digest.update(site.relative(path).encode("utf-8") + b"\0")
         with path.open("rb") as handle:
@@ -333,13 +337,13 @@ def site_content_key(site: Site, cfg: PreprocessConfig, files: list[Path] | None
     return digest.hexdigest()
 
 
-def _stat_key(site: Site, cfg: PreprocessConfig, files: list[Path]) -> str:
+def _stat_key(site: Site, fingerprint: str, files: list[Path]) -> str:
     """Cheap key from file metadata: changes whenever any file is rewritten, renamed or replaced."""
     entries = []
     for path in files:
         st = path.stat()
         entries.append([site.relative(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev])
-    payload = json.dumps([str(site.root), site.name, cfg.fingerprint(), entries], separators=(",", ":"))
+    payload = json.dumps([str(site.root), site.name, fingerprint, entries], separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
@@ -476,10 +480,10 @@ def _run_job_packed(args: tuple[_ViewJob, dict[str, Any], str, tuple[float, floa
 
 def _map_jobs(
     jobs: list[_ViewJob], cfg: PreprocessConfig, mode: str, intensity_range: tuple[float, float] | None,
-    workers: int, bar: Any, kept: dict[tuple[int, int], _Decoded], keep_budget: list[int],
+    pool: ProcessPoolExecutor | None, bar: Any, kept: dict[tuple[int, int], _Decoded], keep_budget: list[int],
 ) -> Iterable[_ViewOutcome]:
-    """Run jobs serially (reusing/keeping decoded frames) or in a process pool; yield outcomes."""
-    if workers <= 1 or len(jobs) < 2:
+    """Run jobs serially (reusing/keeping decoded frames) or in the process pool; yield outcomes."""
+    if pool is None or len(jobs) < 2:
         for job in jobs:
             decoded = kept.pop((job.patient, job.view), None)
             out = _run_job(job, cfg, mode, intensity_range, decoded=decoded, keep=keep_budget[0] > 0)
@@ -490,15 +494,11 @@ def _map_jobs(
             bar.update(1)
             yield out
         return
-    import multiprocessing
-
     cfg_dict = cfg.to_dict()
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        packed = [(job, cfg_dict, mode, intensity_range) for job in jobs]
-        for out in pool.map(_run_job_packed, packed, chunksize=4):
-            bar.update(1)
-            yield out
+    packed = [(job, cfg_dict, mode, intensity_range) for job in jobs]
+    for out in pool.map(_run_job_packed, packed, chunksize=4):
+        bar.update(1)
+        yield out
 
 
 def _read_report(path: Path) -> str:
@@ -553,7 +553,8 @@ def build_site_tensors(
     cache_root = _check_cache_dir(Path(cache_dir) if cache_dir is not None else default_cache_dir(), site.root)
     cache_root.mkdir(parents=True, exist_ok=True)
     files = _site_files(site)
-    stat_key = _stat_key(site, cfg, files)
+    fingerprint = cfg.fingerprint()
+    stat_key = _stat_key(site, fingerprint, files)
     stat_file = cache_root / f"{site.name}-{stat_key[:24]}.statkey.json"
 
     key: str | None = None
@@ -569,7 +570,7 @@ def build_site_tensors(
                 _log_hit(cached, cache_root / f"{site.name}-{key[:16]}.pt", started, "stat key")
                 return cached
     hash_started = time.perf_counter()
-    key = site_content_key(site, cfg, files)
+    key = site_content_key(site, cfg, files, fingerprint)
     hash_seconds = time.perf_counter() - hash_started
     cache_path = cache_root / f"{site.name}-{key[:16]}.pt"
     cached = _try_load(cache_path, key)
@@ -586,7 +587,7 @@ def build_site_tensors(
         cache_key=key,
         stat_key=stat_key,
         config=cfg.to_dict(),
-        config_fingerprint=cfg.fingerprint(),
+        config_fingerprint=fingerprint,
         preprocessing_version=PREPROCESSING_VERSION,
         site_root=str(site.root),
         hash_seconds=round(hash_seconds, 3),
@@ -650,8 +651,14 @@ def _build(site: Site, cfg: PreprocessConfig, *, workers: int, progress: bool) -
     budget = [_KEEP_DECODED_BYTES]
     samples: list[np.ndarray] = []
     bar = _progress(len(range_jobs) + len(jobs), f"{site.name}: preprocess", progress)
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+
+        # spawn, not fork: the parent has torch (and its thread pools) loaded, which fork does not copy safely.
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
-        for out in _map_jobs(range_jobs, cfg, "sample", None, workers, bar, kept, budget):
+        for out in _map_jobs(range_jobs, cfg, "sample", None, pool, bar, kept, budget):
             if out.error is not None:
                 errors.setdefault(out.patient, []).append(f"{VIEWS[out.view]} view: {out.error}")
             elif out.samples is not None:
@@ -666,7 +673,7 @@ def _build(site: Site, cfg: PreprocessConfig, *, workers: int, progress: bool) -
         todo = [job for job in jobs if job.patient not in errors]
         bar.total = len(range_jobs) + len(todo)
         features: dict[tuple[int, int], ViewFeatures] = {}
-        for out in _map_jobs(todo, cfg, "features", intensity_range, workers, bar, kept, [0]):
+        for out in _map_jobs(todo, cfg, "features", intensity_range, pool, bar, kept, [0]):
             if out.error is not None:
                 errors.setdefault(out.patient, []).append(f"{VIEWS[out.view]} view: {out.error}")
                 continue
@@ -676,6 +683,8 @@ def _build(site: Site, cfg: PreprocessConfig, *, workers: int, progress: bool) -
                 view_notes[out.patient][out.view].extend(out.features.notes)
     finally:
         bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     kept.clear()
 
     # Reports (read here, cheap), then one pass of the frozen encoder over the kept patients.

@@ -175,12 +175,7 @@ class PreprocessConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name == "text":
-                value = {
-                    "path": None if value.path is None else str(value.path),
-                    "sha256": value.sha256,
-                    "max_length": value.max_length,
-                    "trainable_top_layers": value.trainable_top_layers,
-                }
+                value = value.to_dict()
             elif isinstance(value, tuple):
                 value = list(value)
             out[f.name] = value
@@ -199,27 +194,19 @@ class PreprocessConfig:
         if "intensity_percentiles" in values and isinstance(values["intensity_percentiles"], list):
             values["intensity_percentiles"] = tuple(values["intensity_percentiles"])
         if "text" in values and isinstance(values["text"], dict):
-            text = dict(values["text"])
-            text_known = {"path", "sha256", "max_length", "trainable_top_layers"}
-            bad = sorted(set(text) - text_known)
-            if bad:
-                raise ValueError(f"unknown text encoder setting(s) {bad}; known: {sorted(text_known)}")
-            values["text"] = TextEncoderConfig(**text)
+            values["text"] = TextEncoderConfig.from_dict(values["text"])
         return cls(**values)
 
     def fingerprint(self) -> str:
         """SHA-256 (hex) of the canonical JSON of the settings plus :data:`PREPROCESSING_VERSION`.
 
-        The encoder enters through its weight hash, token length and trainable split, not its folder, so the
-        same weights installed in another venv give the same fingerprint. ``sha256=None`` (verification off)
-        falls back to the folder path, the only identity left.
+        The encoder enters through ``TextEncoderConfig.cache_key()`` (weight hash, token length, trainable
+        split), not its folder, so the same weights installed in another venv give the same fingerprint.
+        With ``sha256=None`` (verification off) that hashes the weight file itself (about 0.3 s for 90 MB),
+        so callers that need the fingerprint repeatedly compute it once.
         """
         data = self.to_dict()
-        text = data["text"]
-        if text["sha256"] is not None:
-            text["path"] = None
-        elif text["path"] is None:
-            text["path"] = str(self.text.resolved_path())
+        data["text"] = self.text.cache_key()
         payload = json.dumps(
             {"preprocessing_version": PREPROCESSING_VERSION, "config": data},
             sort_keys=True,
