@@ -1,0 +1,299 @@
+"""Differential privacy at two levels: site DP-SGD (Opacus) with its persisted accountant history, Flower's
+site-level wrappers and accountant, and the run's privacy ledger, every epsilon of which is recomputed here
+with Google's `dp-accounting` (independent of Opacus and of the code under test)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from fl_client.client_app import SiteSettings
+from fl_client.privacy import (
+    DP_METRIC_KEYS,
+    PatientBudgetExceeded,
+    PatientDPSession,
+    PrivacyStateError,
+    epsilon_for,
+    opacus_sampling,
+    site_dp_clipping_mod,
+    state_path,
+)
+from shared_model.modeling import LLNMNet, ModelConfig
+from shared_model.training import TrainConfig, train_local, trainable_state
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DELTA = 1e-5
+
+logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+# ---- independent accounting (dp-accounting) ------------------------------------------------------------
+def dp_sgd_epsilon(q: float, z: float, steps: int, delta: float) -> float:
+    """Epsilon of `steps` Poisson-sampled Gaussian steps, by dp-accounting's RDP accountant."""
+    from dp_accounting import dp_event, rdp
+
+    acct = rdp.RdpAccountant()
+    acct.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), steps))
+    return float(acct.get_epsilon(delta))
+
+
+def gaussian_epsilon(z: float, releases: int, delta: float) -> float:
+    """Epsilon of `releases` Gaussian releases without sampling amplification (add-or-remove-one)."""
+    from dp_accounting import dp_event, rdp
+
+    acct = rdp.RdpAccountant()
+    acct.compose(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(z), releases))
+    return float(acct.get_epsilon(delta))
+
+
+def close(a: float, b: float, rtol: float = 0.01) -> bool:
+    return abs(a - b) <= rtol * abs(b)
+
+
+# ---- a small training set in the model's batch layout ----------------------------------------------------
+TINY = ModelConfig.preset("tiny", image_size=32, text_max_length=8)
+
+
+def patient_tensors(n: int, seed: int = 0) -> TensorDataset:
+    """`n` patients in LLNMDataset's tuple layout (random values, the real model and Opacus consume them)."""
+    g = torch.Generator().manual_seed(seed)
+    s, length, d = TINY.image_size, TINY.text_max_length, TINY.text_dim
+    return TensorDataset(
+        torch.rand(n, 2, 3, s, s, generator=g), torch.ones(n, 2), torch.randn(n, length, d, generator=g),
+        torch.ones(n, length), torch.randn(n, 2, 4, generator=g), torch.ones(n, 2, 4),
+        torch.randint(0, 2, (n,), generator=g).float(), torch.randint(0, 3, (n,), generator=g),
+    )
+
+
+def settings_for(tmp: Path, *, budget: float | None = None) -> SiteSettings:
+    site = tmp / "site-data"
+    site.mkdir(exist_ok=True)
+    return SiteSettings(data_path=site, name=None, cache_dir=None, device="cpu", max_patient_epsilon=budget,
+                        privacy_state_dir=tmp / "privacy-state")
+
+
+def privacy_cfg(**kw: object) -> dict:
+    cfg = {"enabled": True, "target_epsilon": None, "delta": DELTA, "noise_multiplier": 1.2, "max_grad_norm": 1.0,
+           "accountant": "rdp"}
+    cfg.update(kw)
+    return cfg
+
+
+def train_round(settings: SiteSettings, data: TensorDataset, state: dict, rnd: int, *, pcfg: dict,
+                batch_size: int = 8, epochs: int = 1, rounds: int = 3, run: str = "unit-run", site: str = "a"
+                ) -> tuple[dict, dict]:
+    """One site's DP round exactly as the ClientApp runs it; returns (dp metrics, trained state)."""
+    model = LLNMNet(TINY)
+    model.load_state_dict(state)
+    session = PatientDPSession.open(site_name=site, run_id=run, settings=settings, privacy_cfg=pcfg,
+                                    n_train=len(data), batch_size=batch_size, local_epochs=epochs,
+                                    total_rounds=rounds, server_round=rnd)
+    cfg = TrainConfig(batch_size=batch_size, local_epochs=epochs, seed=1000 + rnd, device="cpu", lr=1e-3)
+    result = train_local(model, data, cfg, global_state=state, hooks=session.hooks())
+    return session.finish(result), trainable_state(model)
+
+
+# ---- unit level --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("n", "batch"), [(40, 8), (93, 1), (5, 32), (100, 32), (211, 7)])
+def test_sampling_plan_is_what_opacus_runs(n: int, batch: int) -> None:
+    from opacus.data_loader import DPDataLoader
+
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=min(batch, n))
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    q, steps = opacus_sampling(n, batch)
+    assert steps == len(dp_loader)
+    assert q == 1 / len(dp_loader)  # what PrivacyEngine.make_private tells the accountant
+    assert q >= dp_loader.sample_rate  # never below the real sampling probability
+
+
+def test_site_dp_sgd_persists_replays_and_refuses(tmp_path: Path) -> None:
+    """Round 1 here, round 2 in another process, an identical retry of round 2 here (replayed, not counted),
+    then a site budget that round 3 would exceed: refused with the site, budget, spent and cost."""
+    data = patient_tensors(24)
+    settings = settings_for(tmp_path)
+    pcfg = privacy_cfg()
+    torch.manual_seed(0)
+    state0 = trainable_state(LLNMNet(TINY))
+    m1, state1 = train_round(settings, data, state0, 1, pcfg=pcfg)
+    assert tuple(m1) == DP_METRIC_KEYS
+    q, steps = opacus_sampling(24, 8)
+    assert (m1["dp-sample-rate"], m1["dp-steps-round"], m1["dp-steps-total"]) == (q, steps, steps)
+    assert close(m1["dp-epsilon"], dp_sgd_epsilon(q, 1.2, steps, DELTA))
+
+    # Round 2 in a fresh process (as every Flower round is), from the history file only.
+    torch.save({"data": data.tensors, "state": state1}, tmp_path / "inputs.pt")
+    script = f"""
+import json, sys, torch
+from pathlib import Path
+from torch.utils.data import TensorDataset
+sys.path.insert(0, {str(ROOT)!r})
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import test_privacy as t
+tmp = Path({str(tmp_path)!r})
+blob = torch.load(tmp / "inputs.pt")
+metrics, state = t.train_round(t.settings_for(tmp), TensorDataset(*blob["data"]), blob["state"], 2,
+                               pcfg=t.privacy_cfg())
+torch.save(state, tmp / "state2.pt")
+print(json.dumps(metrics))
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m2 = json.loads(res.stdout.strip().splitlines()[-1])
+    assert m2["dp-steps-total"] == 2 * steps and m2["dp-epsilon"] > m1["dp-epsilon"]
+    assert close(m2["dp-epsilon"], dp_sgd_epsilon(q, 1.2, 2 * steps, DELTA))
+    history = json.loads(state_path(tmp_path / "privacy-state", "a", "unit-run").read_text())
+    assert sorted(history["rounds"]) == ["1", "2"]
+
+    # The coordinator crashed and resumes round 2 with the same global model: the site reproduces its
+    # release bit for bit (same secret seeds), so nothing more is spent.
+    m2b, state2b = train_round(settings, data, state1, 2, pcfg=pcfg)
+    assert m2b["dp-replayed"] == 1 and m2b["dp-attempts-round"] == 1
+    assert m2b["dp-epsilon"] == m2["dp-epsilon"] and m2b["dp-steps-total"] == 2 * steps
+    state2 = torch.load(tmp_path / "state2.pt")
+    assert all(torch.equal(state2[k], state2b[k]) for k in state2)
+
+    # A retry of round 2 from a different model is a second release and is counted.
+    m2c, _ = train_round(settings, data, state0, 2, pcfg=pcfg)
+    assert m2c["dp-replayed"] == 0 and m2c["dp-attempts-round"] == 2 and m2c["dp-steps-total"] == 3 * steps
+    assert close(m2c["dp-epsilon"], dp_sgd_epsilon(q, 1.2, 3 * steps, DELTA))
+
+    # This hospital's own budget sits between what it spent and what round 3 would cost.
+    after = dp_sgd_epsilon(q, 1.2, 4 * steps, DELTA)
+    budget = round((m2c["dp-epsilon"] + after) / 2, 3)
+    with pytest.raises(PatientBudgetExceeded) as err:
+        train_round(settings_for(tmp_path, budget=budget), data, state2, 3, pcfg=pcfg)
+    text = str(err.value)
+    for part in ("'a'", f"max-patient-epsilon {budget:g}", f"spent epsilon {m2c['dp-epsilon']:.4f}",
+                 "would cost", "round 3"):
+        assert part in text, (part, text)
+    refusals = json.loads(state_path(tmp_path / "privacy-state", "a", "unit-run").read_text())["refusals"]
+    assert refusals[-1]["round"] == 3 and refusals[-1]["budget"] == budget
+
+
+def test_noise_calibrated_to_the_run_never_exceeds_the_target(tmp_path: Path) -> None:
+    """target_epsilon: the noise multiplier is searched once for all planned steps, and the coordinator's
+    target then caps the run (an extra round is refused)."""
+    data = patient_tensors(12)
+    settings = settings_for(tmp_path)
+    pcfg = privacy_cfg(target_epsilon=4.0, noise_multiplier=None)
+    torch.manual_seed(1)
+    state = trainable_state(LLNMNet(TINY))
+    eps = []
+    for rnd in (1, 2):
+        metrics, state = train_round(settings, data, state, rnd, pcfg=pcfg, batch_size=4, rounds=2, run="calib")
+        eps.append(metrics["dp-epsilon"])
+        q, z = metrics["dp-sample-rate"], metrics["dp-noise-multiplier"]
+        assert close(metrics["dp-epsilon"], dp_sgd_epsilon(q, z, metrics["dp-steps-total"], DELTA))
+    assert eps[0] < eps[1] <= 4.0 and eps[1] > 4.0 - 0.05  # the whole budget is used, not more
+    with pytest.raises(PatientBudgetExceeded, match="coordinator's target epsilon 4"):
+        train_round(settings, data, state, 3, pcfg=pcfg, batch_size=4, rounds=2, run="calib")
+
+
+def test_empty_poisson_batches_are_noisy_steps(tmp_path: Path) -> None:
+    """3 patients, batch 1: about 30% of Poisson batches are empty (P(no empty in 30) ~ 3e-5); each is still
+    a noisy, accounted step, so the number of releases never depends on the data."""
+    data = patient_tensors(3, seed=3)
+    metrics, _ = train_round(settings_for(tmp_path), data, trainable_state(LLNMNet(TINY)), 1,
+                             pcfg=privacy_cfg(noise_multiplier=2.0), batch_size=1, epochs=10, run="empty")
+    assert metrics["dp-steps-round"] == 30 and metrics["dp-sample-rate"] == 1 / 3
+    assert close(metrics["dp-epsilon"], dp_sgd_epsilon(1 / 3, 2.0, 30, DELTA))
+
+
+def test_prv_accountant_agrees_with_dp_accounting_pld() -> None:
+    from dp_accounting import dp_event, pld
+
+    for q, z, steps in ((0.2, 1.0, 15), (1 / 3, 1.5, 30)):
+        acct = pld.PLDAccountant()
+        acct.compose(dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)),
+                                                  steps))
+        assert close(epsilon_for([(z, q, steps)], DELTA, "prv"), acct.get_epsilon(DELTA))
+
+
+def test_unreadable_history_is_never_reset(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    path = state_path(tmp_path / "privacy-state", "a", "broken")
+    path.parent.mkdir(parents=True)
+    path.write_text("{ not json")
+    with pytest.raises(PrivacyStateError, match="never silently reset"):
+        PatientDPSession.open(site_name="a", run_id="broken", settings=settings, privacy_cfg=privacy_cfg(),
+                              n_train=10, batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+    assert path.read_text() == "{ not json"
+
+
+def test_history_never_written_inside_the_site_folder(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path)
+    settings.privacy_state_dir = settings.data_path / "dp"
+    with pytest.raises(ValueError, match="inside the site folder"):
+        PatientDPSession.open(site_name="a", run_id="r", settings=settings, privacy_cfg=privacy_cfg(),
+                              n_train=10, batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+    assert not (settings.data_path / "dp").exists()
+
+
+def test_client_side_clipping_mod_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's fixedclipping_mod runs on train replies that carry our extra ConfigRecord 'site'."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # Messages are addressed within a run; outside a Flower process the run identity must be set by hand.
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+
+    sent = {"w": torch.zeros(10)}
+
+    def train(msg: Message, ctxt: Context) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord({"w": torch.full((10,), 3.0)}),
+                                   "metrics": MetricRecord({"unit-weight": 1}),
+                                   "site": ConfigRecord({"site-name": "a"})}), reply_to=msg)
+
+    def message(config: dict) -> Message:
+        return Message(RecordDict({"arrays": ArrayRecord(sent), "config": ConfigRecord(config)}),
+                       dst_node_id=1, message_type="train")
+
+    ctxt = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    clipped = site_dp_clipping_mod(message({"clipping_norm": 2.0, "site-dp-clipping": "client-fixed"}), ctxt, train)
+    assert not clipped.has_error()
+    w = clipped.content["arrays"].to_numpy_ndarrays()[0]
+    assert math.isclose(float(np.linalg.norm(w)), 2.0, rel_tol=1e-5)
+    untouched = site_dp_clipping_mod(message({"clipping_norm": 2.0}), ctxt, train)
+    assert np.allclose(untouched.content["arrays"].to_numpy_ndarrays()[0], 3.0)
+
+
+def test_site_level_budget_stops_before_it_is_exceeded(tmp_path: Path) -> None:
+    """Flower's accountant (fixed clipping) composes each release; before_round refuses the one too many."""
+    from flwr.serverapp import GaussianPrivacyEvent
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_server.config import parse_config
+    from fl_server.privacy import PrivacyLedger, SiteBudgetExhausted, wrap_with_site_dp
+    from fl_server.run_dir import RunDirectory
+
+    z = 1.5
+    two, three = gaussian_epsilon(z, 2, DELTA), gaussian_epsilon(z, 3, DELTA)
+    exp = parse_config({"name": "site-budget", "privacy": {"site": {
+        "enabled": True, "clipping": "server-fixed", "noise_multiplier": z, "clipping_norm": 0.5,
+        "max_epsilon": (two + three) / 2}}})
+    strategy = wrap_with_site_dp(FedAvg(weighted_by_key="unit-weight"), exp, 4)
+    rd = RunDirectory(tmp_path / "run")
+    rd.path.mkdir()
+    ledger = PrivacyLedger.open(rd, exp)
+    ledger.attach(strategy)
+    for _ in range(2):
+        ledger.before_round(1, strategy)
+        strategy.accountant.compose(GaussianPrivacyEvent(noise_multiplier=z, sample_size=4, population_size=4))
+    assert close(strategy.privacy_spent().epsilon, two)
+    with pytest.raises(SiteBudgetExhausted, match="max_epsilon"):
+        ledger.before_round(3, strategy)
+    assert json.loads(rd.privacy_path.read_text())["stopped"]["round"] == 3
