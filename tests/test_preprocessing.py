@@ -470,7 +470,7 @@ def synth_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from shared_model.synthetic import generate_consortium
 
     root = tmp_path_factory.mktemp("consortium")
-    generate_consortium(root, sites=7, patients=70, seed=3)
+    generate_consortium(root, sites=7, patients=70, seed=3, workers=1)
     site = root / "site-a"
     assert (site / "patients.csv").is_file()
     cache = tmp_path_factory.mktemp("cache")
@@ -480,12 +480,16 @@ def synth_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tensors = build_site_tensors(site, cfg, cache_dir=cache, progress=False)
     seconds = time.perf_counter() - started
     return {"site": site, "cache": cache, "cfg": cfg, "tensors": tensors, "seconds": seconds,
-            "digest": digest}
+            "digest": digest, "truth": root / "truth" / "site-a.csv"}
+
+
+def _table_rows(path: Path) -> dict[str, dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as handle:
+        return {row["patient_id"]: row for row in csv.DictReader(handle)}
 
 
 def _table(site: Path) -> dict[str, dict[str, str]]:
-    with (site / "patients.csv").open(newline="", encoding="utf-8") as handle:
-        return {row["patient_id"]: row for row in csv.DictReader(handle)}
+    return _table_rows(site / "patients.csv")
 
 
 def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None:
@@ -528,6 +532,17 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
         assert (tensors.text_mask[k].sum() > 0) == has_report
         if not has_report:
             assert torch.all(tensors.text[k] == 0)
+    # Capsule distances agree with the generator's ground truth in the transverse view to within a pixel
+    # and a half (we measure to the centre of the capsule ring, the generator to the continuous outline).
+    truth = _table_rows(synth_build["truth"])
+    checked = 0
+    for k, pid in enumerate(tensors.patient_ids):
+        if tensors.view_mask[k, 0] and tensors.extras["location_present"][k, 0]:
+            spacing = float(truth[pid]["trans_spacing_mm"])
+            ours = tensors.extras["capsule_distance"][k, 0].item()
+            assert ours == pytest.approx(float(truth[pid]["capsule_trans_mm"]), abs=1.5 * spacing), pid
+            checked += 1
+    assert checked >= 5
     # The site folder is untouched and the cache lives outside it.
     assert _tree_digest(site) == synth_build["digest"]
     assert list(synth_build["cache"].glob("site-a-*.pt"))
