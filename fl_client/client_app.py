@@ -59,6 +59,10 @@ class SiteSettings:
             )
         if not data_path.is_dir():
             raise RuntimeError(f"data-path {data_path}: not a folder")
+        # Simulation only: per-site node config (e.g. one hospital's own max-patient-epsilon), keyed by
+        # site folder name, standing in for what each SuperNode's --node-config would set.
+        per_site = cfg.pop("site-node-config", None) or {}
+        cfg = {**cfg, **dict(per_site.get(data_path.name, {}))}
 
         def opt_path(key: str) -> Path | None:
             return Path(str(cfg[key])) if cfg.get(key) not in (None, "") else None
@@ -216,9 +220,12 @@ def make_client_app(site_dirs: list[str] | None = None, defaults: dict[str, Any]
     `site_dirs` maps simulation partition ids to site folders (None in deployments); `defaults` are node
     config values used where the node config has none (e.g. the simulation's `cache-dir`).
     """
+    from fl_client.privacy import site_dp_clipping_mod
+
     client_app = ClientApp()
 
-    @client_app.train()
+    # Flower's client-side clipping mods, applied only when the coordinator's site-DP wrapper asks for them.
+    @client_app.train(mods=[site_dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         _quiet_logs()
         return _handle_train(msg, context, site_dirs, defaults)

@@ -50,7 +50,7 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
     y = preds["llnm"][labelled].astype(int)
     s = preds["score"][labelled]
     result: dict[str, Any] = {
-        "site": tensors.site_name,
+        "site": tensors.site,
         "split": split,
         "checkpoint": str(model_path),
         "round": meta.get("round"),

@@ -50,7 +50,12 @@ class PreprocessSection(_Strict):
     image_size: int = Field(default=64, ge=16, le=1024)
     frame: str | int = "middle"
     crop_margin: float = Field(default=0.25, ge=0.0, le=3.0)
+    thyroid_crop_margin: float = Field(default=0.05, ge=0.0, le=3.0)
     margin_band_mm: float = Field(default=1.0, gt=0.0, le=20.0)
+    margin_sigma_mm: float = Field(default=0.1, gt=0.0, le=20.0)
+    echo_ring_mm: float = Field(default=2.0, gt=0.0, le=50.0)
+    range_max_views: int = Field(default=256, ge=1)
+    range_samples_per_view: int = Field(default=20000, ge=100)
     intensity_percentiles: tuple[float, float] = (1.0, 99.0)
     text: TextEncoderSection = Field(default_factory=TextEncoderSection)
 
@@ -116,6 +121,9 @@ class FederationSection(_Strict):
 class SimulationSection(_Strict):
     cpus_per_site: float = Field(default=1.0, gt=0.0)
     gpus_per_site: float = Field(default=0.0, ge=0.0)
+    # Per-site node config in simulation, keyed by site folder name, e.g. {"site-c": {"max-patient-epsilon": 1.0}}
+    # (what each hospital's own `llnm-site join --max-patient-epsilon` would set in a deployment).
+    site_node_config: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
 
 
 class BaselineSection(_Strict):
@@ -181,6 +189,8 @@ class ExperimentConfig(_Strict):
         overrides = dict(self.model.overrides)
         overrides.setdefault("image_size", self.preprocess.image_size)
         overrides.setdefault("text_max_length", self.preprocess.text.max_length)
+        # The model holds the trainable top encoder layers; the site cache holds the frozen layers' output.
+        overrides.setdefault("text_top_layers", self.preprocess.text.trainable_top_layers)
         return ModelConfig.preset(self.model.preset, **overrides).to_dict()
 
     def to_yaml(self) -> str:
@@ -223,6 +233,13 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             cfg.data.root = str((base_dir / cfg.data.root).resolve())
         if cfg.data.cache_dir and not Path(cfg.data.cache_dir).is_absolute():
             cfg.data.cache_dir = str((base_dir / cfg.data.cache_dir).resolve())
+    site_dp = cfg.privacy.site
+    if site_dp.enabled and site_dp.clipping.endswith("fixed") and cfg.federation.strategy == "fedadam":
+        raise ConfigError(
+            f"{source}: privacy.site.clipping: Flower's site-level accountant needs plain FedAvg aggregation; use "
+            "federation.strategy fedavg or fedprox with fixed clipping (FedAdam's server optimiser changes what "
+            "the noise protects)"
+        )
     if cfg.privacy.site.enabled and cfg.privacy.site.clipping.endswith("adaptive") and cfg.privacy.site.max_epsilon:
         raise ConfigError(
             f"{source}: privacy.site.max_epsilon: Flower has no accountant for adaptive clipping, so no budget "

@@ -124,7 +124,7 @@ def preprocess_config_dict(exp: ExperimentConfig) -> dict[str, Any]:
     )
     if text["sha256"] != "pinned":
         text_cfg.sha256 = text["sha256"]
-    p["text"] = text_cfg.to_dict() if hasattr(text_cfg, "to_dict") else dict(vars(text_cfg))
+    p["text"] = text_cfg.to_dict()
     p["intensity_percentiles"] = list(p["intensity_percentiles"])
     return p
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -274,14 +275,22 @@ def _finite(v: Any) -> float | None:
 
 
 def _refusal_text(reason: str) -> str | None:
-    """The site's refusal message inside Flower's error text, or None if this failure is something else."""
+    """The site's refusal message inside Flower's error text, or None if this failure is something else.
+
+    Flower wraps the ClientApp's exception (``<class ...>:<'message'>``, in simulation with a Ray traceback
+    around it); the site's message is one line that starts with `REFUSAL_MARKER`.
+    """
     at = reason.find(REFUSAL_MARKER)
     if at < 0:
         return None
-    text = reason[at:].strip()
-    while text.endswith(("'>", "'", ">")):
-        text = text[:-2] if text.endswith("'>") else text[:-1]
-    return text.strip()
+    text = reason[at:].split("\n", 1)[0]
+    end = text.find("'>")
+    return (text[:end] if end >= 0 else text).strip()
+
+
+def _spent_in_refusal(text: str) -> float | None:
+    match = re.search(r"has spent epsilon ([0-9.]+)", text)
+    return float(match.group(1)) if match else None
 
 
 class PrivacyLedger:
@@ -513,10 +522,14 @@ class PrivacyLedger:
             if fail.get("phase") != "train" or fail["site"] in sites:
                 continue
             refusal = _refusal_text(str(fail.get("reason", "")))
+            if refusal:
+                fail["reason"] = refusal  # the site's own words, not Flower's wrapping of them
             last = self._last_site_entry(fail["site"])
             rec = {"status": "refused" if refusal else "failed", "reason": refusal or fail.get("reason")}
             if patient_on:
-                rec.update({"mechanism": "dp-sgd", "epsilon": (last or {}).get("epsilon"),
+                spent = _spent_in_refusal(refusal) if refusal else None
+                rec.update({"mechanism": "dp-sgd",
+                            "epsilon": spent if spent is not None else (last or {}).get("epsilon"),
                             "steps_total": (last or {}).get("steps_total"),
                             "budget_epsilon": (last or {}).get("budget_epsilon")})
                 if refusal is None and last is not None:
@@ -669,6 +682,7 @@ class PrivacyLedger:
         released = [e["server"] for e in rounds if e.get("server")]
         abandoned = [e["server"] for e in self.data.get("abandoned", []) if (e.get("server") or {}).get("released")]
         where = "the coordinator clipped" if str(site.get("clipping")).startswith("server") else "each site clipped"
+        noise_by = "added" if where.startswith("the coordinator") else "the coordinator added"
         wrapper = site.get("wrapper") or "Flower's DP wrapper"
         if not released:
             return (f"site-level DP ({site.get('clipping')} clipping, noise multiplier "
@@ -678,14 +692,14 @@ class PrivacyLedger:
         if last.get("epsilon") is not None:
             return (
                 f"site-level ({last['epsilon']:.3f}, {site.get('delta'):g})-DP for each hospital's whole contribution "
-                f"after {n} release(s): {where} every model update to norm {site.get('clipping_norm'):g} and the "
-                f"coordinator added Gaussian noise with multiplier {site.get('noise_multiplier'):g} to the average "
+                f"after {n} release(s): {where} every model update to norm {site.get('clipping_norm'):g} and "
+                f"{noise_by} Gaussian noise with multiplier {site.get('noise_multiplier'):g} to the average "
                 f"({wrapper}; {SERVER_ACCOUNTANT}; the number of participating sites is treated as public)"
             )
         return (
             f"site-level: {where} every model update adaptively (clipping norm now "
             f"{last.get('clipping_norm_next', 0):.4g}) "
-            f"and the coordinator added Gaussian noise (multiplier {last.get('noise_multiplier'):.4g}) to the average "
+            f"and {noise_by} Gaussian noise (multiplier {last.get('noise_multiplier'):.4g}) to the average "
             f"in {n} release(s) ({wrapper}), but Flower has no privacy accountant for adaptive clipping, so no "
             "site-level epsilon is claimed"
         )

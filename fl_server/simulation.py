@@ -79,7 +79,8 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=make_server_app(exp, run_dir),
-            client_app=make_client_app([str(p) for p in sites], {"cache-dir": cache_dir}),
+            client_app=make_client_app([str(p) for p in sites], {"cache-dir": cache_dir,
+                                                                 "site-node-config": sim.site_node_config}),
             num_supernodes=len(sites),
             backend_config=backend_config,
         )
