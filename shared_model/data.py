@@ -543,8 +543,7 @@ def build_site_tensors(
     """
     started = time.perf_counter()
     site = load_site(site_dir)
-    for line in _skipped_rows(site):
-        logger.warning("%s: skipping %s", site.name, line)
+    left_out = _skipped_rows(site)
     if not site.patients:
         errors = [p.format() for p in site.problems if p.level == "error"]
         shown = "; ".join(errors[:10]) + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else "")
@@ -581,6 +580,8 @@ def build_site_tensors(
 
     logger.info("%s: building site tensors (%d patients) into %s", site.name, len(site.patients), cache_path,
                 extra={"llnm_event": "cache_build", "cache_path": str(cache_path)})
+    for line in left_out:
+        logger.warning("%s: skipping %s", site.name, line)
     tensors = _build(site, cfg, workers=workers, progress=progress)
     build_seconds = time.perf_counter() - started
     tensors.meta.update(
@@ -605,9 +606,11 @@ def build_site_tensors(
 
 
 def _log_hit(tensors: SiteTensors, path: Path, started: float, how: str) -> None:
+    """One line per hit; the skipped patients were logged one by one when the cache was built."""
+    skipped = len(tensors.meta.get("skipped", []))
     logger.info(
-        "%s: cache hit (%s) %s, %d patients, loaded in %.3f s",
-        tensors.site, how, path, len(tensors), time.perf_counter() - started,
+        "%s: cache hit (%s) %s, %d patients (%d skipped when built, see meta['skipped']), loaded in %.3f s",
+        tensors.site, how, path, len(tensors), skipped, time.perf_counter() - started,
         extra={"llnm_event": "cache_hit", "cache_path": str(path)},
     )
 

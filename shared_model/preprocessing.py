@@ -682,6 +682,16 @@ def preprocess_view(
     )
 
 
+def __getattr__(name: str) -> Any:
+    """``build_site_tensors`` is listed under this module in docs/architecture.md; it lives in
+    :mod:`shared_model.data` (which imports this module), so it is re-exported lazily to avoid a cycle."""
+    if name == "build_site_tensors":
+        from shared_model.data import build_site_tensors
+
+        return build_site_tensors
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def describe_config(cfg: PreprocessConfig) -> str:
     """One line for logs: the settings that matter when comparing two caches."""
     return (

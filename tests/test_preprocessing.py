@@ -298,6 +298,10 @@ def test_config_round_trip_and_fingerprint() -> None:
         PreprocessConfig(intensity_percentiles=(99, 1))
     with pytest.raises(ValueError, match="frame"):
         PreprocessConfig(frame="centre")
+    # docs/architecture.md lists the cache builder under preprocessing; it is the one in shared_model.data.
+    from shared_model import preprocessing
+
+    assert preprocessing.build_site_tensors is build_site_tensors
 
 
 # ------------------------------------------------------------------------------------------ site tensors
