@@ -47,6 +47,8 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
     "risk_stage",
     *(f"{view}_{axis}_spacing_mm" for view in VIEWS for axis in ("row", "col")),
 )
+#: Columns without which a row cannot become a patient record.
+IDENTITY_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "llnm", "split")
 #: Columns holding a path to a file inside the site folder.
 PATH_COLUMNS: tuple[str, ...] = (
     "report",
@@ -151,17 +153,20 @@ class Site:
 class _RowChecker:
     """Collects the problems of one table row, so a row is kept only when it has no error."""
 
-    def __init__(self, problems: list[Problem], row: int) -> None:
+    def __init__(self, problems: list[Problem], row: int, absent: frozenset[str] = frozenset()) -> None:
         self.problems = problems
         self.row = row
+        self.absent = absent  # columns missing from the header: reported once there, not on every row
         self.failed = False
 
     def error(self, column: str | None, message: str) -> None:
         self.failed = True
-        self.problems.append(Problem("error", PATIENTS_FILE, self.row, column, message))
+        if column not in self.absent:
+            self.problems.append(Problem("error", PATIENTS_FILE, self.row, column, message))
 
     def warning(self, column: str | None, message: str) -> None:
-        self.problems.append(Problem("warning", PATIENTS_FILE, self.row, column, message))
+        if column not in self.absent:
+            self.problems.append(Problem("warning", PATIENTS_FILE, self.row, column, message))
 
 
 def load_site(site_dir: str | os.PathLike[str]) -> Site:
@@ -217,9 +222,7 @@ def _read_site_yaml(site: Site) -> None:
     for key in data:
         if key not in SITE_YAML_KEYS:
             site.problems.append(
-                Problem(
-                    "warning", SITE_FILE, None, str(key), f"unknown key (known: {', '.join(SITE_YAML_KEYS)})"
-                )
+                Problem("warning", SITE_FILE, None, str(key), f"unknown key (known: {', '.join(SITE_YAML_KEYS)})")
             )
     if "name" in data:
         name = data["name"]
@@ -276,7 +279,8 @@ def _read_patients(site: Site) -> None:
         fatal("is empty: it needs a header row and one row per patient", 1)
         return
     columns = [cell.strip() for cell in header]
-    if not _check_header(columns, problems):
+    absent = _check_header(columns, problems)
+    if absent is None:
         return
 
     seen: dict[str, tuple[int, str]] = {}  # patient_id -> (row, split) of its first valid-looking row
@@ -288,9 +292,7 @@ def _read_patients(site: Site) -> None:
         except StopIteration:
             break
         except csv.Error as exc:
-            fatal(
-                f"is not a well-formed CSV file after row {row}: {exc}; rows after it were not read", row + 1
-            )
+            fatal(f"is not a well-formed CSV file after row {row}: {exc}; rows after it were not read", row + 1)
             break
         row += 1
         if not cells or (len(cells) == 1 and not cells[0].strip()):
@@ -299,8 +301,9 @@ def _read_patients(site: Site) -> None:
         if len(cells) != len(columns):
             fatal(f"row has {len(cells)} cells but the header has {len(columns)} columns; row left out", row)
             continue
-        values = {name: cell.strip() for name, cell in zip(columns, cells, strict=True)}
-        record = _parse_row(site, values, row, seen, used)
+        values = dict.fromkeys(absent, "")  # an absent column reads as empty; its cells are not judged
+        values.update((name, cell.strip()) for name, cell in zip(columns, cells, strict=True) if name)
+        record = _parse_row(site, values, row, seen, used, absent)
         if record is not None:
             site.patients.append(record)
 
@@ -308,26 +311,12 @@ def _read_patients(site: Site) -> None:
         fatal("has no patient rows", None)
 
 
-def _check_header(columns: list[str], problems: list[Problem]) -> bool:
-    """Judge the header; False when the table cannot be read row by row."""
-    ok = True
-    duplicates = sorted({c for c in columns if columns.count(c) > 1 and c})
-    for name in duplicates:
-        problems.append(
-            Problem("error", PATIENTS_FILE, 1, name, "column appears more than once in the header")
-        )
-        ok = False
-    if any(not c for c in columns):
-        problems.append(
-            Problem(
-                "error",
-                PATIENTS_FILE,
-                1,
-                None,
-                f"header has an empty column name (column {columns.index('') + 1})",
-            )
-        )
-        ok = False
+def _check_header(columns: list[str], problems: list[Problem]) -> frozenset[str] | None:
+    """Judge the header: the required columns it lacks, or None when its cells cannot be mapped to columns.
+
+    A missing required column makes the site unusable, but the rows are still read and checked for
+    everything else, so the operator sees all other problems in the same pass.
+    """
     if len(columns) == 1 and any(sep in columns[0] for sep in ";\t"):
         problems.append(
             Problem(
@@ -339,16 +328,23 @@ def _check_header(columns: list[str], problems: list[Problem]) -> bool:
                 "but patients.csv must be comma-separated",
             )
         )
-        return False
+        return None
+    duplicates = sorted({c for c in columns if c and columns.count(c) > 1})
+    for name in duplicates:
+        problems.append(Problem("error", PATIENTS_FILE, 1, name, "column appears more than once in the header"))
+    for index, name in enumerate(columns):
+        if not name:
+            problems.append(
+                Problem("warning", PATIENTS_FILE, 1, None, f"column {index + 1} has no name; it is ignored")
+            )
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     for name in missing:
         problems.append(Problem("error", PATIENTS_FILE, 1, name, "required column is missing"))
-        ok = False
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     for name in columns:
         if name and name not in known:
             problems.append(Problem("warning", PATIENTS_FILE, 1, name, "unknown column, ignored"))
-    return ok
+    return None if duplicates else frozenset(missing)
 
 
 def _parse_row(
@@ -357,9 +353,16 @@ def _parse_row(
     row: int,
     seen: dict[str, tuple[int, str]],
     used: dict[Path, tuple[int, str]],
+    absent: frozenset[str],
 ) -> PatientRecord | None:
-    """Judge one row; the record, or None when the row has an error (its problems are then recorded)."""
-    check = _RowChecker(site.problems, row)
+    """Judge one row; the record, or None when the row has an error (its problems are then recorded).
+
+    Columns in `absent` (missing from the header, already reported once) are not judged cell by cell; a row
+    lacking an identity or label column cannot become a record.
+    """
+    check = _RowChecker(site.problems, row, absent)
+    if absent & set(IDENTITY_COLUMNS):
+        check.failed = True
 
     patient_id = values["patient_id"]
     if not patient_id:
@@ -381,9 +384,7 @@ def _parse_row(
         # An invalid llnm has been reported already; only judge the stage against a readable label.
         if risk_stage is not None and (llnm == 0 or not values["llnm"]):
             label = "llnm = 0" if llnm == 0 else "an unlabelled patient"
-            check.error(
-                "risk_stage", f"is {risk_stage} but a risk stage is only given for llnm = 1, not {label}"
-            )
+            check.error("risk_stage", f"is {risk_stage} but a risk stage is only given for llnm = 1, not {label}")
 
     split = values["split"]
     if split not in SPLITS:
@@ -405,9 +406,7 @@ def _parse_row(
                     "leaks between training and evaluation)",
                 )
             else:
-                check.error(
-                    "patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out"
-                )
+                check.error("patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out")
         else:
             seen[patient_id] = (row, split)
 
@@ -430,20 +429,12 @@ def _parse_row(
         if image is None and values[f"{view}_image"] == "":
             for kind, mask in (("nodule_mask", nodule), ("thyroid_mask", thyroid)):
                 if mask is not None:
-                    check.warning(
-                        f"{view}_{kind}", f"mask given but the {view} view has no image; it is ignored"
-                    )
+                    check.warning(f"{view}_{kind}", f"mask given but the {view} view has no image; it is ignored")
             if spacing is not None:
                 check.warning(f"{view}_row_spacing_mm", f"spacing given but the {view} view has no image")
-        elif image is not None and (
-            lacking := [k for k in ("nodule", "thyroid") if values[f"{view}_{k}_mask"] == ""]
-        ):
-            check.warning(
-                f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask"
-            )
-        views[view] = ViewFiles(
-            image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing
-        )
+        elif image is not None and (lacking := [k for k in ("nodule", "thyroid") if values[f"{view}_{k}_mask"] == ""]):
+            check.warning(f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask")
+        views[view] = ViewFiles(image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing)
 
     if check.failed:
         return None

@@ -173,14 +173,14 @@ def _check_patient(site: Site, patient: PatientRecord, frame: FrameSpec) -> _Fil
 
 def _problem(site: Site, level: str, path: Path, patient: PatientRecord, column: str, message: str) -> Problem:
     """A problem about a data file: named by its site-relative path and the table row that lists it."""
-    text = str(message)
-    for prefix in (
-        f"{path}: ",
-        f"{path.resolve()}: ",
-    ):  # imaging's messages start with the path; don't repeat it
+    text, relative = str(message), site.relative(path)
+    # imaging's messages start with the path: don't repeat it.
+    for prefix in (f"{path}: ", f"{path.resolve()}: "):
         if text.startswith(prefix):
             text = text[len(prefix) :]
-    return Problem(level, site.relative(path), patient.row, column, f"{text} (patient {patient.patient_id})")
+    # Libraries quote the absolute path; the operator knows the file by its name in the table.
+    text = text.replace(str(path.resolve()), relative).replace(str(path), relative)
+    return Problem(level, relative, patient.row, column, f"{text} (patient {patient.patient_id})")
 
 
 def _check_report(site: Site, patient: PatientRecord, problems: list[Problem]) -> bool:
