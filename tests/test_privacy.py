@@ -297,3 +297,156 @@ def test_site_level_budget_stops_before_it_is_exceeded(tmp_path: Path) -> None:
     with pytest.raises(SiteBudgetExhausted, match="max_epsilon"):
         ledger.before_round(3, strategy)
     assert json.loads(rd.privacy_path.read_text())["stopped"]["round"] == 3
+
+
+# ---- a federated DP run (Flower simulation) -------------------------------------------------------------
+SIM_SITES = ["site-a", "site-b", "site-c"]
+PATIENT_Z = 1.0
+SITE_Z, SITE_CLIP = 0.8, 2.0
+
+
+def sim_config(tmp: Path, consortium: Path, budget_c: float) -> Path:
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["name"] = "dp-ledger-test"
+    exp["data"] = {"root": str(consortium), "sites": SIM_SITES}
+    exp["train"].update({"batch_size": 8, "lr": 0.001})
+    exp["federation"].update({"rounds": 2, "min_sites": 2, "eval_bootstrap": 0, "final_eval_split": None,
+                              "round_timeout_s": 600})
+    exp["simulation"] = {"cpus_per_site": 1, "site_node_config": {"site-c": {"max-patient-epsilon": budget_c}}}
+    exp["privacy"] = {
+        "patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
+        "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z, "clipping_norm": SITE_CLIP,
+                 "delta": DELTA},
+    }
+    path = tmp / "dp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
+def site_c_budget(config: dict, consortium: Path) -> tuple[float, float]:
+    """Site c's budget: above what one round costs it, below two; also the one-round epsilon."""
+    from fl_server.config import parse_config
+    from fl_server.federation import preprocess_config_dict
+    from shared_model.data import build_site_tensors
+    from shared_model.preprocessing import PreprocessConfig
+
+    exp = parse_config(config)
+    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
+    tensors = build_site_tensors(consortium / "site-c", pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]),
+                                 progress=False)
+    q, steps = opacus_sampling(len(tensors.subset("train")), exp.train.batch_size)
+    one, two = (epsilon_for([(PATIENT_Z, q, k * steps)], DELTA, "rdp") for k in (1, 2))
+    return round((one + two) / 2, 4), one
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
+    tmp = tmp_path_factory.mktemp("dp-run")
+    probe = yaml.safe_load(sim_config(tmp, small_consortium, 1.0).read_text())
+    budget, one_round = site_c_budget(probe, small_consortium)
+    config = sim_config(tmp, small_consortium, budget)
+    out = tmp / "run"
+    res = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return {"out": out, "stdout": res.stdout, "budget": budget, "one_round": one_round,
+            "ledger": json.loads((out / "privacy.json").read_text())}
+
+
+def check_patient_epsilons(ledger: dict) -> None:
+    """Every site's reported epsilon: recomputed by dp-accounting within 1%, cumulative, within budget."""
+    previous: dict[str, float] = {}
+    for entry in ledger["rounds"]:
+        for name, rec in entry["sites"].items():
+            if rec["status"] == "trained":
+                assert rec["mechanism"] == "dp-sgd" and rec["accountant"] == "opacus-rdp"
+                assert rec["history_segments"] == 1 and rec["delta"] == DELTA and rec["max_grad_norm"] == 1.0
+                assert rec["steps_total"] == entry["round"] * rec["steps_round"]
+                expected = dp_sgd_epsilon(rec["sample_rate"], rec["noise_multiplier"], rec["steps_total"], DELTA)
+                assert close(rec["epsilon"], expected), (entry["round"], name, rec["epsilon"], expected)
+            if rec.get("epsilon") is not None:
+                assert rec["epsilon"] >= previous.get(name, 0.0), (name, entry["round"])
+                previous[name] = rec["epsilon"]
+                if rec.get("budget_epsilon") is not None:
+                    assert rec["epsilon"] <= rec["budget_epsilon"]
+
+
+def check_server_epsilons(ledger: dict, first_release: int = 1) -> None:
+    for i, entry in enumerate(ledger["rounds"]):
+        server = entry["server"]
+        assert server["mechanism"] == "gaussian" and server["clipping"] == "server-fixed"
+        assert server["releases"] == first_release + i
+        assert close(server["epsilon"], gaussian_epsilon(SITE_Z, server["releases"], DELTA))
+        k = server["sites_aggregated"]
+        assert math.isclose(server["noise_stddev"], SITE_Z * SITE_CLIP / k)
+
+
+@pytest.mark.slow
+def test_dp_run_ledger_matches_dp_accounting(dp_run: dict) -> None:
+    ledger = dp_run["ledger"]
+    assert [e["round"] for e in ledger["rounds"]] == [1, 2] and all(e["complete"] for e in ledger["rounds"])
+    check_patient_epsilons(ledger)
+    check_server_epsilons(ledger)
+    # Site c has no budget for round 2: the other two are averaged, and the noise follows K = 2.
+    assert [e["server"]["sites_aggregated"] for e in ledger["rounds"]] == [3, 2]
+    assert [e["server"]["sites_sampled"] for e in ledger["rounds"]] == [3, 3]
+    assert dp_run["stdout"].count("privacy: patient-level (") == 1
+    assert "privacy: site-level (" in dp_run["stdout"]
+    st = subprocess.run([str(BIN / "llnm-server"), "status", str(dp_run["out"])], capture_output=True, text=True)
+    assert st.returncode == 0 and "privacy: patient-level (" in st.stdout and "privacy: site-level (" in st.stdout
+    # Each site's history survived its ClientApp processes, on the site's side.
+    for site in SIM_SITES:
+        history = json.loads(state_path(Path(os.environ["LLNM_PRIVACY_DIR"]), site, "dp-ledger-test").read_text())
+        assert sorted(history["rounds"]) == (["1"] if site == "site-c" else ["1", "2"])
+
+
+@pytest.mark.slow
+def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> None:
+    ledger, out = dp_run["ledger"], dp_run["out"]
+    r1, r2 = (e["sites"]["site-c"] for e in ledger["rounds"])
+    assert r1["status"] == "trained" and close(r1["epsilon"], dp_run["one_round"])
+    assert r2["status"] == "refused" and r2["epsilon"] == pytest.approx(r1["epsilon"], abs=1e-4)
+    assert r1["epsilon"] <= dp_run["budget"] == r1["budget_epsilon"]
+    assert f"max-patient-epsilon {dp_run['budget']:g}" in r2["reason"] and "site 'site-c'" in r2["reason"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    round2 = metrics["rounds"][1]
+    assert round2["participants"] == ["site-a", "site-b"]
+    failure = next(f for f in round2["failures"] if f["site"] == "site-c")
+    assert failure["reason"].startswith("patient-level privacy budget reached: site 'site-c' refuses round 2")
+    log_text = (out / "log.txt").read_text()
+    assert "patient-level privacy budget reached: site 'site-c' refuses round 2" in log_text
+    assert "would cost" in log_text and f"max-patient-epsilon {dp_run['budget']:g}" in log_text
+
+
+@pytest.mark.slow
+def test_resumed_run_continues_the_ledger(dp_run: dict, tmp_path: Path) -> None:
+    """A crash after round 2's ledger entry but before its checkpoint: resume re-runs round 2. The sites
+    replay their identical releases (no double counting), round 1 is kept (no reset), and the abandoned
+    round's site-level release stays counted."""
+    out = tmp_path / "run"
+    shutil.copytree(dp_run["out"], out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    metrics["rounds"] = metrics["rounds"][:1]
+    (out / "metrics.json").write_text(json.dumps(metrics))
+    for f in ("round-0002.safetensors", "round-0002.json", "server-state-0002.json"):
+        (out / "checkpoints" / f).unlink(missing_ok=True)
+    info = json.loads((out / "run.json").read_text())
+    info.update(status="stopped", rounds_completed=1)
+    (out / "run.json").write_text(json.dumps(info))
+
+    res = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
+                         timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    before, after = dp_run["ledger"], json.loads((out / "privacy.json").read_text())
+    assert [e["round"] for e in after["rounds"]] == [1, 2]
+    assert after["rounds"][0] == before["rounds"][0]
+    assert [e["round"] for e in after["abandoned"]] == [2]
+    for site in ("site-a", "site-b"):
+        old, new = before["rounds"][1]["sites"][site], after["rounds"][1]["sites"][site]
+        assert new["replayed"] and new["attempts_round"] == 1
+        assert new["steps_total"] == old["steps_total"] and new["epsilon"] == old["epsilon"]
+    assert after["rounds"][1]["sites"]["site-c"]["status"] == "refused"
+    check_patient_epsilons(after)
+    server = after["rounds"][1]["server"]
+    assert server["releases"] == 3
+    assert close(server["epsilon"], gaussian_epsilon(SITE_Z, 3, DELTA))

@@ -1,0 +1,243 @@
+"""Privacy-utility benchmark: what patient-level and site-level DP cost in AUC and in training time.
+
+On the synthetic consortium (what `make demo` generates), with the demo's configuration, this runs the
+federated simulation once per setting and reads each run's final test evaluation and privacy ledger:
+
+* patient level: DP-SGD at every site with target epsilon in {1, 3, 8} at delta 1e-5, and no DP;
+* site level: Flower's server-side fixed-clipping wrapper at a few noise multipliers (no patient DP);
+
+then times local training steps of one site with and without DP-SGD (same model, data and batch size).
+Results go to one JSON file (settings, per-site and pooled test AUC, the ledger's epsilons, step times, the
+exact command, software versions) and a Markdown table is printed.
+
+    .venv/bin/python benchmarks/bench_privacy.py --data data/consortium --out benchmarks/results/privacy.json
+
+Each simulation takes minutes on 2 CPU cores; `--patient-eps` / `--site-noise` / `--rounds` trim the grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    import flwr
+    import opacus
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "opacus": opacus.__version__,
+            "flwr": flwr.__version__, "dp-accounting": version("dp-accounting"),
+            "cpu_count": str(os.cpu_count()), "torch_threads": str(torch.get_num_threads())}
+
+
+def _setting_config(base: Any, *, name: str, patient_eps: float | None, site_noise: float | None,
+                    site_clip: float, rounds: int | None) -> Any:
+    exp = copy.deepcopy(base)
+    exp.name = name
+    if rounds is not None:
+        exp.federation.rounds = rounds
+    exp.privacy.patient.enabled = patient_eps is not None
+    exp.privacy.patient.target_epsilon = patient_eps
+    exp.privacy.patient.noise_multiplier = None
+    exp.privacy.site.enabled = site_noise is not None
+    if site_noise is not None:
+        exp.privacy.site.clipping = "server-fixed"
+        exp.privacy.site.noise_multiplier = site_noise
+        exp.privacy.site.clipping_norm = site_clip
+    return exp
+
+
+def _run(exp: Any, data: Path, workdir: Path) -> dict[str, Any]:
+    from fl_server.run_dir import RunDirectory
+    from fl_server.simulation import simulate
+
+    rd = RunDirectory(workdir / exp.name)
+    started = time.perf_counter()
+    metrics = simulate(exp, rd, data_root=data)
+    seconds = time.perf_counter() - started
+    final = metrics.get("final") or {}
+    out: dict[str, Any] = {
+        "seconds": round(seconds, 1),
+        "pooled_test_auc": (final.get("pooled") or {}).get("auc"),
+        "site_test_auc": {s: m.get("auc") for s, m in (final.get("sites") or {}).items()},
+        "best_val_round": metrics.get("best_round"),
+        "train_seconds_per_round": _mean_train_seconds(metrics),
+    }
+    if rd.privacy_path.is_file():
+        ledger = json.loads(rd.privacy_path.read_text())
+        last = ledger["rounds"][-1] if ledger["rounds"] else {}
+        out["patient_epsilon"] = {s: r.get("epsilon") for s, r in last.get("sites", {}).items()}
+        out["patient_noise_multiplier"] = {s: r.get("noise_multiplier") for s, r in last.get("sites", {}).items()}
+        server = last.get("server") or {}
+        out["site_epsilon"] = server.get("epsilon")
+        from fl_server.privacy import PrivacyLedger
+
+        out["guarantee"] = PrivacyLedger.load(rd).guarantee_sentences()
+    return out
+
+
+def _mean_train_seconds(metrics: dict[str, Any]) -> float | None:
+    values = [m.get("train-seconds") for r in metrics.get("rounds", []) for m in r.get("train", {}).values()]
+    values = [v for v in values if isinstance(v, (int, float))]
+    return round(statistics.mean(values), 3) if values else None
+
+
+def step_times(exp: Any, site_dir: Path, *, repeats: int, workdir: Path) -> dict[str, Any]:
+    """Seconds per local training step of one site, non-private vs DP-SGD (Opacus), same model and data."""
+    import torch
+
+    from fl_client.client_app import SiteSettings
+    from fl_client.privacy import PatientDPSession
+    from fl_server.federation import preprocess_config_dict
+    from fl_server.simulation import default_cache_dir
+    from shared_model.data import LLNMDataset, build_site_tensors
+    from shared_model.modeling import LLNMNet, ModelConfig
+    from shared_model.preprocessing import PreprocessConfig
+    from shared_model.training import TrainConfig, train_local
+
+    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
+    tensors = build_site_tensors(site_dir, pre, cache_dir=Path(default_cache_dir(exp)), progress=False)
+    train = LLNMDataset(tensors.subset("train"))
+    model_cfg = ModelConfig.from_dict(exp.model_config_dict())
+    cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
+    cfg.device = "cpu"
+    settings = SiteSettings(data_path=site_dir, name=site_dir.name, cache_dir=None, device="cpu",
+                            max_patient_epsilon=None, privacy_state_dir=workdir / "bench-privacy-state")
+    pcfg = {"enabled": True, "target_epsilon": None, "delta": 1e-5, "noise_multiplier": 1.0, "max_grad_norm": 1.0,
+            "accountant": "rdp"}
+    rows: dict[str, list[float]] = {"non_private": [], "dp_sgd": []}
+    for rep in range(repeats + 1):  # the first repeat warms up and is discarded
+        for kind in rows:
+            torch.manual_seed(rep)
+            model = LLNMNet(model_cfg)
+            hooks = None
+            if kind == "dp_sgd":
+                session = PatientDPSession.open(site_name=site_dir.name, run_id=f"bench-steps-{rep}",
+                                                settings=settings, privacy_cfg=pcfg, n_train=len(train),
+                                                batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
+                                                total_rounds=1, server_round=1)
+                hooks = session.hooks()
+            result = train_local(model, train, cfg, hooks=hooks)
+            if rep:
+                rows[kind].append(result.seconds / max(result.steps, 1))
+    non, dp = statistics.median(rows["non_private"]), statistics.median(rows["dp_sgd"])
+    return {"site": site_dir.name, "n_train": len(train), "batch_size": cfg.batch_size, "repeats": repeats,
+            "seconds_per_step_non_private": round(non, 5), "seconds_per_step_dp_sgd": round(dp, 5),
+            "overhead_ratio": round(dp / non, 2), "all": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"), help="base experiment (no DP)")
+    p.add_argument("--data", default=str(ROOT / "data" / "consortium"), help="synthetic consortium (llnm-synth)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "privacy.json"))
+    p.add_argument("--patient-eps", default="1,3,8,none", help="patient-level target epsilons; 'none' = no DP")
+    p.add_argument("--site-noise", default="0.3,1.0",
+                   help="site-level noise multipliers (server-side fixed clipping); empty to skip")
+    p.add_argument("--site-clip", type=float, default=1.0, help="site-level clipping norm")
+    p.add_argument("--rounds", type=int, help="override federation.rounds")
+    p.add_argument("--step-repeats", type=int, default=3, help="timed repeats of the step-time comparison")
+    p.add_argument("--workdir", help="where the run directories go (default: a temporary folder)")
+    args = p.parse_args(argv)
+
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from fl_server.config import load_config
+    from fl_server.simulation import discover_sites
+
+    base = load_config(args.config)
+    data = Path(args.data).resolve()
+    sites = discover_sites(data, base.data.sites)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-privacy-")).resolve()
+    # A private history folder, so that the benchmark never continues another run's accounting.
+    os.environ["LLNM_PRIVACY_DIR"] = str(workdir / "privacy-state")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+
+    settings: list[tuple[str, float | None, float | None]] = []
+    for tok in [t.strip() for t in args.patient_eps.split(",") if t.strip()]:
+        eps = None if tok.lower() == "none" else float(tok)
+        settings.append((f"patient-eps-{tok}", eps, None))
+    for tok in [t.strip() for t in args.site_noise.split(",") if t.strip()]:
+        settings.append((f"site-noise-{tok}", None, float(tok)))
+
+    results: dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "started": stamp,
+        "versions": _versions(),
+        "base_config": str(Path(args.config).resolve()),
+        "data": str(data),
+        "sites": [s.name for s in sites],
+        "delta": 1e-5,
+        "site_clipping_norm": args.site_clip,
+        "settings": {},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for label, eps, noise in settings:
+        exp = _setting_config(base, name=f"bench-{label}-{stamp}", patient_eps=eps, site_noise=noise,
+                              site_clip=args.site_clip, rounds=args.rounds)
+        print(f"[bench] {label}: simulating {exp.federation.rounds} rounds ...", flush=True)
+        res = _run(exp, data, workdir)
+        res.update({"patient_target_epsilon": eps, "site_noise_multiplier": noise})
+        results["settings"][label] = res
+        print(f"[bench] {label}: pooled test AUC {res['pooled_test_auc']} ({res['seconds']:.0f} s)", flush=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    print("[bench] timing local training steps ...", flush=True)
+    results["step_time"] = step_times(base, sites[0], repeats=args.step_repeats, workdir=workdir)
+    ref = results["settings"].get("patient-eps-none", {}).get("pooled_test_auc")
+    for res in results["settings"].values():
+        auc = res.get("pooled_test_auc")
+        res["pooled_auc_cost_vs_non_private"] = (round(ref - auc, 4) if isinstance(ref, float)
+                                                 and isinstance(auc, float) else None)
+    results["finished"] = time.strftime("%Y%m%d-%H%M%S")
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown_table(results))
+    print(f"[bench] results: {out.resolve()}")
+    return 0
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    sites = results["sites"]
+    head = "| setting | pooled test AUC | cost vs no DP | epsilon (max over sites / site-level) | " + \
+        " | ".join(sites) + " |"
+    lines = [head, "|" + "---|" * (4 + len(sites))]
+    for label, r in results["settings"].items():
+        eps = r.get("patient_epsilon") or {}
+        eps_txt = (f"{max(v for v in eps.values() if v is not None):.2f}" if any(v is not None for v in eps.values())
+                   else (f"{r['site_epsilon']:.2f} (site)" if r.get("site_epsilon") is not None else "-"))
+        cells = [_f(r.get("site_test_auc", {}).get(s)) for s in sites]
+        lines.append(f"| {label} | {_f(r.get('pooled_test_auc'))} | {_f(r.get('pooled_auc_cost_vs_non_private'))} "
+                     f"| {eps_txt} | " + " | ".join(cells) + " |")
+    st = results.get("step_time")
+    if st:
+        lines.append("")
+        lines.append(f"Step time ({st['site']}, n={st['n_train']}, batch {st['batch_size']}, CPU): non-private "
+                     f"{st['seconds_per_step_non_private'] * 1000:.1f} ms, DP-SGD "
+                     f"{st['seconds_per_step_dp_sgd'] * 1000:.1f} ms ({st['overhead_ratio']:.2f}x)")
+    return "\n".join(lines)
+
+
+def _f(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
