@@ -222,7 +222,9 @@ def _read_site_yaml(site: Site) -> None:
     for key in data:
         if key not in SITE_YAML_KEYS:
             site.problems.append(
-                Problem("warning", SITE_FILE, None, str(key), f"unknown key (known: {', '.join(SITE_YAML_KEYS)})")
+                Problem(
+                    "warning", SITE_FILE, None, str(key), f"unknown key (known: {', '.join(SITE_YAML_KEYS)})"
+                )
             )
     if "name" in data:
         name = data["name"]
@@ -292,7 +294,9 @@ def _read_patients(site: Site) -> None:
         except StopIteration:
             break
         except csv.Error as exc:
-            fatal(f"is not a well-formed CSV file after row {row}: {exc}; rows after it were not read", row + 1)
+            fatal(
+                f"is not a well-formed CSV file after row {row}: {exc}; rows after it were not read", row + 1
+            )
             break
         row += 1
         if not cells or (len(cells) == 1 and not cells[0].strip()):
@@ -331,7 +335,9 @@ def _check_header(columns: list[str], problems: list[Problem]) -> frozenset[str]
         return None
     duplicates = sorted({c for c in columns if c and columns.count(c) > 1})
     for name in duplicates:
-        problems.append(Problem("error", PATIENTS_FILE, 1, name, "column appears more than once in the header"))
+        problems.append(
+            Problem("error", PATIENTS_FILE, 1, name, "column appears more than once in the header")
+        )
     for index, name in enumerate(columns):
         if not name:
             problems.append(
@@ -384,7 +390,9 @@ def _parse_row(
         # An invalid llnm has been reported already; only judge the stage against a readable label.
         if risk_stage is not None and (llnm == 0 or not values["llnm"]):
             label = "llnm = 0" if llnm == 0 else "an unlabelled patient"
-            check.error("risk_stage", f"is {risk_stage} but a risk stage is only given for llnm = 1, not {label}")
+            check.error(
+                "risk_stage", f"is {risk_stage} but a risk stage is only given for llnm = 1, not {label}"
+            )
 
     split = values["split"]
     if split not in SPLITS:
@@ -406,7 +414,9 @@ def _parse_row(
                     "leaks between training and evaluation)",
                 )
             else:
-                check.error("patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out")
+                check.error(
+                    "patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out"
+                )
         else:
             seen[patient_id] = (row, split)
 
@@ -429,12 +439,20 @@ def _parse_row(
         if image is None and values[f"{view}_image"] == "":
             for kind, mask in (("nodule_mask", nodule), ("thyroid_mask", thyroid)):
                 if mask is not None:
-                    check.warning(f"{view}_{kind}", f"mask given but the {view} view has no image; it is ignored")
+                    check.warning(
+                        f"{view}_{kind}", f"mask given but the {view} view has no image; it is ignored"
+                    )
             if spacing is not None:
                 check.warning(f"{view}_row_spacing_mm", f"spacing given but the {view} view has no image")
-        elif image is not None and (lacking := [k for k in ("nodule", "thyroid") if values[f"{view}_{k}_mask"] == ""]):
-            check.warning(f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask")
-        views[view] = ViewFiles(image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing)
+        elif image is not None and (
+            lacking := [k for k in ("nodule", "thyroid") if values[f"{view}_{k}_mask"] == ""]
+        ):
+            check.warning(
+                f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask"
+            )
+        views[view] = ViewFiles(
+            image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing
+        )
 
     if check.failed:
         return None

@@ -54,7 +54,9 @@ class _FileFacts:
 
     problems: list[Problem] = field(default_factory=list)
     report_ok: bool = False
-    images: dict[str, UltrasoundImage | None] = field(default_factory=dict)  # view -> decoded image (pixels dropped)
+    images: dict[str, UltrasoundImage | None] = field(
+        default_factory=dict
+    )  # view -> decoded image (pixels dropped)
     masks_ok: dict[str, bool] = field(default_factory=dict)  # "<view>_<kind>" -> decoded and valid
 
 
@@ -131,7 +133,9 @@ def check_site(
 # ---------------------------------------------------------------------------------------------- file checks
 
 
-def _check_files(site: Site, frame: FrameSpec, workers: int | None, progress: bool | None) -> list[_FileFacts]:
+def _check_files(
+    site: Site, frame: FrameSpec, workers: int | None, progress: bool | None
+) -> list[_FileFacts]:
     if workers is None:
         workers = max(1, min(4, os.cpu_count() or 1))
     if progress is None:
@@ -171,7 +175,9 @@ def _check_patient(site: Site, patient: PatientRecord, frame: FrameSpec) -> _Fil
     return facts
 
 
-def _problem(site: Site, level: str, path: Path, patient: PatientRecord, column: str, message: str) -> Problem:
+def _problem(
+    site: Site, level: str, path: Path, patient: PatientRecord, column: str, message: str
+) -> Problem:
     """A problem about a data file: named by its site-relative path and the table row that lists it."""
     text, relative = str(message), site.relative(path)
     # imaging's messages start with the path: don't repeat it.
@@ -190,7 +196,9 @@ def _check_report(site: Site, patient: PatientRecord, problems: list[Problem]) -
         with path.open("rb") as fh:
             raw = fh.read()
     except OSError as exc:
-        problems.append(_problem(site, "error", path, patient, "report", f"cannot be read: {exc.strerror or exc}"))
+        problems.append(
+            _problem(site, "error", path, patient, "report", f"cannot be read: {exc.strerror or exc}")
+        )
         return False
     try:
         text = raw.decode("utf-8-sig")
@@ -270,7 +278,9 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
             continue
         except Exception as exc:
             facts.problems.append(
-                _problem(site, "error", path, patient, column, f"cannot be decoded ({type(exc).__name__}: {exc})")
+                _problem(
+                    site, "error", path, patient, column, f"cannot be decoded ({type(exc).__name__}: {exc})"
+                )
             )
             continue
         ok = True
@@ -288,14 +298,21 @@ def _check_view(site: Site, patient: PatientRecord, view: str, frame: FrameSpec,
             )
             ok = False
         if not mask.any():
-            facts.problems.append(_problem(site, "error", path, patient, column, "mask is empty (no non-zero pixel)"))
+            facts.problems.append(
+                _problem(site, "error", path, patient, column, "mask is empty (no non-zero pixel)")
+            )
             ok = False
         facts.masks_ok[column] = ok
         if ok:
             masks[kind] = mask
 
     nodule, thyroid = masks.get("nodule_mask"), masks.get("thyroid_mask")
-    if nodule is not None and thyroid is not None and nodule.shape == thyroid.shape and not (nodule & thyroid).any():
+    if (
+        nodule is not None
+        and thyroid is not None
+        and nodule.shape == thyroid.shape
+        and not (nodule & thyroid).any()
+    ):
         path = files.nodule_mask
         assert path is not None
         facts.problems.append(
@@ -440,7 +457,12 @@ def _summarise(site: Site, facts: list[_FileFacts] | None, frame: FrameSpec) -> 
         summary["spacing_sources"] = {s: sources.get(s, 0) for s in SPACING_SOURCES}
         spacing: dict[str, dict[str, float | int]] = {}
         for source in SPACING_SOURCES:
-            values = [v for img in decoded if img.spacing_source == source and img.spacing_mm for v in img.spacing_mm]
+            values = [
+                v
+                for img in decoded
+                if img.spacing_source == source and img.spacing_mm
+                for v in img.spacing_mm
+            ]
             if values:
                 spacing[source] = {
                     "images": sources[source],
@@ -501,7 +523,9 @@ def _format_lines(report: CheckReport) -> Iterator[str]:
                 prevalence,
             ]
         )
-    yield from _table(["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows)
+    yield from _table(
+        ["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows
+    )
     stage = s["risk_stage"]
     yield (
         f"risk stage (LLNM+): 1: {stage['1']}, 2: {stage['2']}, 3: {stage['3']}, "

@@ -96,7 +96,7 @@ def run_cli_err(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[in
     return rc, capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------ the clean consortium
+# -------------------------------------------------------------------------------------- the clean consortium
 
 
 def test_every_generated_site_passes(consortium: Path) -> None:
@@ -104,7 +104,9 @@ def test_every_generated_site_passes(consortium: Path) -> None:
     script = _script("llnm-site")
     for name in SITES:
         site = consortium / name
-        done = subprocess.run([script, "check", str(site), "--json"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [script, "check", str(site), "--json"], capture_output=True, text=True, timeout=120
+        )
         assert done.returncode == 0, f"{name}: exit {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr}"
         report = json.loads(done.stdout)
         _, rows = read_table(site)
@@ -124,7 +126,9 @@ def test_every_generated_site_passes(consortium: Path) -> None:
         assert sum(entry["count"] for entry in summary["image_sizes"]) == decoded
         assert sum(summary["spacing_sources"].values()) == decoded
     # The human-readable form, through the real console script, on one site.
-    done = subprocess.run([script, "check", str(consortium / "site-a")], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [script, "check", str(consortium / "site-a")], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "USABLE" in done.stdout and "NOT USABLE" not in done.stdout
     assert "\x1b[" not in done.stdout  # piped output carries no terminal escapes
@@ -171,17 +175,21 @@ class SiteCopy:
         self.root = root
         self.header, self.rows = read_table(root)
 
-    def find(self, predicate: Callable[[dict[str, str]], bool], skip: int = 0) -> int:
+    def find(self, predicate: Callable[[dict[str, str]], bool]) -> int:
+        """The first patient the predicate accepts; the seeded consortium always has one, so none is a bug."""
         matches = [i for i, r in enumerate(self.rows) if predicate(r)]
-        if len(matches) <= skip:
-            pytest.skip("the generated site has no patient of the kind this corruption needs")
-        return matches[skip]
+        assert matches, f"{self.root.name}: the generated site has no patient of the kind this case needs"
+        return matches[0]
 
     def with_dicom(self, view: str = "trans") -> int:
-        return self.find(lambda r: r[f"{view}_image"].lower().endswith(".dcm") and r[f"{view}_nodule_mask"] != "")
+        return self.find(
+            lambda r: r[f"{view}_image"].lower().endswith(".dcm") and r[f"{view}_nodule_mask"] != ""
+        )
 
     def with_png_mask(self, kind: str = "trans_nodule_mask") -> int:
-        return self.find(lambda r: r[kind].lower().endswith(".png") and r[kind.split("_")[0] + "_image"] != "")
+        return self.find(
+            lambda r: r[kind].lower().endswith(".png") and r[kind.split("_")[0] + "_image"] != ""
+        )
 
     def with_report(self) -> int:
         return self.find(lambda r: r["report"] != "")
@@ -379,7 +387,10 @@ CORRUPTIONS: list[Callable[[SiteCopy], Expect]] = [
 
 @pytest.mark.parametrize("corrupt", CORRUPTIONS, ids=lambda f: f.__name__.strip("_"))
 def test_broken_site_is_reported_precisely(
-    consortium: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], corrupt: Callable[[SiteCopy], Expect]
+    consortium: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    corrupt: Callable[[SiteCopy], Expect],
 ) -> None:
     site = tmp_path / "site"
     shutil.copytree(consortium / "site-f", site, symlinks=True)  # a small site keeps each case fast
@@ -419,7 +430,9 @@ def test_broken_site_is_reported_precisely(
         assert mask["readable"] == mask["listed"] - 1
 
 
-def test_report_not_utf8_is_an_error_but_empty_report_only_a_warning(consortium: Path, tmp_path: Path) -> None:
+def test_report_not_utf8_is_an_error_but_empty_report_only_a_warning(
+    consortium: Path, tmp_path: Path
+) -> None:
     site = tmp_path / "site"
     shutil.copytree(consortium / "site-c", site)
     copy = SiteCopy(site)
@@ -461,8 +474,27 @@ def test_missing_modalities_are_allowed_and_counted(
         assert missing[column] == count + 1
     assert report["summary"]["patients"] == len(rows)
     assert any(  # an image without its thyroid mask is worth a warning, not an error
-        p["level"] == "warning" and p["row"] == c + 2 and p["field"] == "trans_thyroid_mask" for p in report["problems"]
+        p["level"] == "warning" and p["row"] == c + 2 and p["field"] == "trans_thyroid_mask"
+        for p in report["problems"]
     )
+
+
+def test_text_report_lists_every_problem_on_one_line(
+    consortium: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = tmp_path / "site"
+    shutil.copytree(consortium / "site-g", site)
+    copy = SiteCopy(site)
+    copy.rows[2]["age"] = "200"
+    copy.rows[3]["sex"] = "x"
+    copy.save()
+    rc, out = run_cli(["check", str(site)], capsys)
+    assert rc == 1
+    lines = out.splitlines()
+    assert "NOT USABLE: 2 error(s)" in lines[1]
+    assert "ERROR patients.csv:4 age: 200 is outside 0-120 years" in lines
+    assert "ERROR patients.csv:5 sex: 'x' must be F or M" in lines
+    assert any(line.startswith("train ") for line in lines)  # the per-split label table
 
 
 def test_load_site_keeps_good_rows_and_never_invents_files(consortium: Path, tmp_path: Path) -> None:
