@@ -178,12 +178,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _bayes(consortium: dict) -> dict:
-    """The Bayes-optimal AUCs consortium.json records (pooled and per site, test split where present)."""
-    return consortium.get("bayes_auc") or consortium.get("auc", {}).get("bayes") or {}
+    """Bayes-optimal AUCs from consortium.json: pooled and per site, on the test split and on all patients."""
+    out = {"pooled": {"test": consortium["pooled"]["auc"]["test"]["bayes"],
+                      "all": consortium["pooled"]["auc"]["all"]["bayes"]}}
+    for name, site in consortium["sites"].items():
+        out[name] = {"test": site["auc"]["test"]["bayes"], "all": site["auc"]["all"]["bayes"]}
+    return out
 
 
 def _modality_bounds(consortium: dict) -> dict:
-    return consortium.get("modality_auc") or consortium.get("auc", {}).get("modality") or {}
+    """The best AUC reachable from each modality alone (pooled), as recorded by llnm-synth."""
+    return {split: {k: v for k, v in consortium["pooled"]["auc"][split].items() if k in ("image", "report", "clinical")}
+            for split in ("test", "all")}
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ class SiteSettings:
     device: str
     max_patient_epsilon: float | None
     privacy_state_dir: Path | None
+    threads: int | None = None
 
     @classmethod
     def from_context(cls, context: Context, site_dirs: list[str] | None,
@@ -76,7 +77,15 @@ class SiteSettings:
             device=str(cfg.get("device", "auto")),
             max_patient_epsilon=float(eps) if eps not in (None, "", 0, 0.0) else None,
             privacy_state_dir=opt_path("privacy-state-dir"),
+            threads=int(cfg["threads"]) if cfg.get("threads") not in (None, "", 0) else None,
         )
+
+    def apply_threads(self) -> None:
+        """Use the CPU threads this site was given (oversubscribed threads make CPU training crawl)."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
 
 
 def _site_name(settings: SiteSettings) -> str:
@@ -96,7 +105,6 @@ def _site_name(settings: SiteSettings) -> str:
 def _load_round_inputs(msg: Message, settings: SiteSettings):
     """Model, site tensors and settings for this round, from the round's ConfigRecord."""
     from shared_model.data import build_site_tensors
-
     from shared_model.modeling import LLNMNet, ModelConfig
     from shared_model.preprocessing import PreprocessConfig
 
@@ -113,10 +121,10 @@ def _load_round_inputs(msg: Message, settings: SiteSettings):
 def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
                   defaults: dict[str, Any] | None = None) -> Message:
     from shared_model.data import LLNMDataset
-
     from shared_model.training import TrainConfig, train_local, trainable_state
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
+    settings.apply_threads()
     name = _site_name(settings)
     started = time.perf_counter()
     model, tensors, global_state, config = _load_round_inputs(msg, settings)
@@ -176,11 +184,11 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     import math
 
     from shared_model.data import LLNMDataset
-
     from shared_model.metrics import binary_metrics, score_histogram
     from shared_model.training import predict
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
+    settings.apply_threads()
     name = _site_name(settings)
     model, tensors, _, config = _load_round_inputs(msg, settings)
     split = str(config.get("eval-split", "val"))

@@ -54,7 +54,7 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
         "split": split,
         "checkpoint": str(model_path),
         "round": meta.get("round"),
-        "n_scored": int(len(preds["score"])),
+        "n_scored": len(preds["score"]),
         "n_labelled": int(labelled.sum()),
         "metrics": binary_metrics(y, s, threshold=threshold, n_bootstrap=n_bootstrap),
     }

@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-patient-epsilon", type=float,
                    help="this site's own patient-level privacy budget; training beyond it is refused")
     p.add_argument("--privacy-state-dir", help="where the site's DP accountant history is kept")
+    p.add_argument("--threads", type=int, help="CPU threads for local training (default: torch's default)")
     p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (omit for --insecure)")
     p.add_argument("--insecure", action="store_true", help="plain HTTP (test networks only)")
     p.add_argument("--auth-key", help="OpenSSH EC private key for SuperNode authentication (TLS only)")
@@ -58,6 +59,8 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         node_config["max-patient-epsilon"] = float(args.max_patient_epsilon)
     if args.privacy_state_dir:
         node_config["privacy-state-dir"] = str(Path(args.privacy_state_dir).resolve())
+    if args.threads:
+        node_config["threads"] = int(args.threads)
     exe = Path(sys.executable).parent / "flower-supernode"
     cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
            "--superlink", args.superlink]
@@ -93,7 +96,13 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(cmd), flush=True)
     if args.print_command:
         return 0
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, PATH=_path_with_venv(), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def _path_with_venv() -> str:
+    """PATH with this interpreter's bin folder first: Flower starts its helper processes
+    (flower-superexec, flwr-serverapp, flwr-clientapp) by name."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

@@ -34,10 +34,7 @@ def launch(rd: RunDirectory, address: str, root_certificates: str | None) -> int
 def run(args: argparse.Namespace) -> int:
     try:
         rd = RunDirectory(args.out)
-        if args.resume and rd.exists():
-            exp = rd.load_config()
-        else:
-            exp = load_config(args.config, parse_set_options(args.set))
+        exp = rd.load_config() if args.resume and rd.exists() else load_config(args.config, parse_set_options(args.set))
         link = exp.federation.superlink
         address = args.superlink or f"{link.host if link.host != '0.0.0.0' else '127.0.0.1'}:{link.port}"
         if not (args.resume and rd.exists()):

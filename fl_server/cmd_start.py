@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from fl_server.config import ConfigError, load_config
 
@@ -39,6 +40,12 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(cmd), flush=True)
     if args.print_command:
         return 0
-    env = dict(os.environ, FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env = dict(os.environ, PATH=_path_with_venv(), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
+
+
+def _path_with_venv() -> str:
+    """PATH with this interpreter's bin folder first: Flower starts its helper processes
+    (flower-superexec, flwr-serverapp, flwr-clientapp) by name."""
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])

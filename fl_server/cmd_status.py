@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     if last:
         print(f"round {last['round']} ({last['split']}):")
         print(f"  {'site':<16}{'n':>6}{'AUC':>8}{'acc':>8}{'sens':>8}{'spec':>8}")
-        rows = list(last["sites"].items()) + [("pooled", last.get("pooled") or {})]
+        rows = [*list(last["sites"].items()), ("pooled", last.get("pooled") or {})]
         for name, m in rows:
             def f(k: str, m: dict = m) -> str:
                 v = m.get(k)

@@ -112,6 +112,9 @@ class FederationSection(_Strict):
     connect_timeout_s: float = Field(default=600.0, gt=0.0)
     eval_split: Literal["val", "test"] = "val"
     final_eval_split: Literal["val", "test"] | None = "test"
+    # Which global model the final evaluation uses: the round with the best pooled validation AUC
+    # (model selection on validation, as the baselines do) or simply the last round.
+    final_model: Literal["best", "last"] = "best"
     proximal_mu: float = Field(default=0.01, ge=0.0)
     fedadam: FedAdamSection = Field(default_factory=FedAdamSection)
     eval_bootstrap: int = Field(default=200, ge=0, le=100000)

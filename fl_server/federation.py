@@ -276,7 +276,10 @@ class Federation:
             self.say(f"[llnm] run {exp.name}: {fed.rounds} rounds of {fed.strategy}, "
                      f"{len(nodes)} site(s) connected (quorum {fed.min_sites})")
         else:
-            state = rd.load_checkpoint(start_round - 1)
+            loaded = rd.load_checkpoint(start_round - 1)
+            # safetensors stores keys sorted; keep the model's own order, which Flower's DP clipping (server
+            # wrapper and client mods) pairs positionally with the arrays the sites send back.
+            state = {k: loaded[k] for k in initial_state(exp)}
             server_state = rd.load_server_state(start_round - 1)
             arrays_file = server_state.get("arrays_file")
             if arrays_file:
@@ -340,11 +343,16 @@ class Federation:
         final_split = fed.final_eval_split
         final: dict[str, Any] | None = None
         if final_split:
+            final_round = fed.rounds
+            best = rd.metrics().get("best_round")
+            if fed.final_model == "best" and best is not None:
+                final_round = int(best)
+                arrays = ArrayRecord(rd.load_checkpoint(final_round))
             sites, pooled, eval_failures = self.evaluate(strategy, fed.rounds, arrays, final_split)
-            final = {"round": fed.rounds, "split": final_split, "sites": sites, "pooled": pooled,
-                     "failures": eval_failures}
+            final = {"round": final_round, "model": fed.final_model, "split": final_split, "sites": sites,
+                     "pooled": pooled, "failures": eval_failures}
             rd.set_final(final)
-            self.say(f"[llnm] final {final_split} evaluation of round {fed.rounds}: "
+            self.say(f"[llnm] final {final_split} evaluation of the round-{final_round} model ({fed.final_model}): "
                      + _site_line(sites, pooled))
         rd.update_run_info(status="completed", rounds_completed=fed.rounds)
         if self.ledger is not None:

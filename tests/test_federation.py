@@ -183,7 +183,7 @@ def test_crash_after_round_one_then_resume(tmp_path: Path, small_consortium: Pat
     assert rounds_of(out) == [1, 2, 3]
     assert "resuming run" in res.stdout
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final"]["round"] == 3
+    assert metrics["final"]["round"] in (1, 2, 3) and metrics["final"]["model"] == "best"
     for rnd in (1, 2, 3):
         assert (out / "checkpoints" / f"round-{rnd:04d}.safetensors").is_file()
     # A completed run has nothing left to resume, and says so.
@@ -210,7 +210,7 @@ class Deployment:
         for site in self.sites:
             self.nodes[site.name] = start(
                 [str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{self.port}", "--data", str(site),
-                 "--insecure", "--clientappio-port", str(free_port()),
+                 "--insecure", "--clientappio-port", str(free_port()), "--threads", "1",
                  "--cache-dir", os.environ["LLNM_CACHE_DIR"]],
                 self.tmp / f"node-{site.name}.log")
         return self
