@@ -73,7 +73,8 @@ def _truth_figures(out: Path) -> dict:
             figures["auc"][part][m] = _auc(frame["llnm"], frame[f"best_{m}"])
     for site, g in truth.groupby("site"):
         figures["sites"][site] = {
-            "n": len(g), "prevalence": round(float(g["llnm"].mean()), 4),
+            "n": len(g),
+            "prevalence": round(float(g["llnm"].mean()), 4),
             "n_test": int((g["split"] == "test").sum()),
             "bayes_auc_all": _auc(g["llnm"], g["risk"]),
             "image_auc_all": _auc(g["llnm"], g["best_image"]),
@@ -85,11 +86,15 @@ def _truth_figures(out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--patients", type=int, default=9836, help="total patients over the 7 sites (default 9836)")
+    p.add_argument(
+        "--patients", type=int, default=9836, help="total patients over the 7 sites (default 9836)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--keep", default=None, help="write the consortium here and keep it (default: temp, deleted)")
+    p.add_argument(
+        "--keep", default=None, help="write the consortium here and keep it (default: temp, deleted)"
+    )
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "synth.json"))
     args = p.parse_args(argv)
 
@@ -107,8 +112,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {done}/{total} patients ({rate:.1f}/s)", flush=True)
 
     try:
-        summary = generate_consortium(out, sites=7, patients=args.patients, seed=args.seed,
-                                      image_size=args.image_size, workers=args.workers, progress=progress)
+        summary = generate_consortium(
+            out,
+            sites=7,
+            patients=args.patients,
+            seed=args.seed,
+            image_size=args.image_size,
+            workers=args.workers,
+            progress=progress,
+        )
         wall = time.perf_counter() - started
         self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         child_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -120,35 +132,55 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "arguments": {"patients": args.patients, "seed": args.seed, "workers": args.workers,
-                      "image_size": args.image_size},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "arguments": {
+            "patients": args.patients,
+            "seed": args.seed,
+            "workers": args.workers,
+            "image_size": args.image_size,
+        },
         "wall_seconds": round(wall, 1),
         "patients_per_second": round(args.patients / wall, 2),
         "peak_rss_mb": {"main_process": round(self_kb / 1024, 1), "largest_child": round(child_kb / 1024, 1)},
         "disk": {"bytes": disk, "gib": round(disk / 2**30, 3), "files": files},
-        "target": {"llnm_rate_capsule_lt_2_5mm_above": TARGET_CAPSULE_RATE,
-                   "met": truth["llnm_rate_capsule_lt_2_5mm"] > TARGET_CAPSULE_RATE},
+        "target": {
+            "llnm_rate_capsule_lt_2_5mm_above": TARGET_CAPSULE_RATE,
+            "met": truth["llnm_rate_capsule_lt_2_5mm"] > TARGET_CAPSULE_RATE,
+        },
         "truth": truth,
-        "consortium_json": {"bayes_auc": summary["bayes_auc"], "modality_auc": summary["modality_auc"],
-                            "site_sizes": {k: v["n"] for k, v in summary["sites"].items()},
-                            "site_prevalence": {k: v["prevalence"] for k, v in summary["sites"].items()},
-                            "spacing_mm": {k: v["spacing_mm"] for k, v in summary["sites"].items()}},
+        "consortium_json": {
+            "bayes_auc": summary["bayes_auc"],
+            "modality_auc": summary["modality_auc"],
+            "site_sizes": {k: v["n"] for k, v in summary["sites"].items()},
+            "site_prevalence": {k: v["prevalence"] for k, v in summary["sites"].items()},
+            "spacing_mm": {k: v["spacing_mm"] for k, v in summary["sites"].items()},
+        },
     }
     path = Path(args.results)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     t = truth
-    print(f"[bench] {args.patients} patients in {wall:.0f} s ({results['patients_per_second']}/s), "
-          f"peak RSS main {results['peak_rss_mb']['main_process']} MB, child "
-          f"{results['peak_rss_mb']['largest_child']} MB, disk {results['disk']['gib']} GiB "
-          f"({files} files)")
-    print(f"[bench] LLNM rate capsule < 2.5 mm {t['llnm_rate_capsule_lt_2_5mm']} (target > {TARGET_CAPSULE_RATE}), "
-          f">= 2.5 mm {t['llnm_rate_capsule_ge_2_5mm']}; by third {t['llnm_rate_by_third']}")
+    print(
+        f"[bench] {args.patients} patients in {wall:.0f} s ({results['patients_per_second']}/s), "
+        f"peak RSS main {results['peak_rss_mb']['main_process']} MB, child "
+        f"{results['peak_rss_mb']['largest_child']} MB, disk {results['disk']['gib']} GiB "
+        f"({files} files)"
+    )
+    print(
+        f"[bench] LLNM rate capsule < 2.5 mm {t['llnm_rate_capsule_lt_2_5mm']} "
+        f"(target > {TARGET_CAPSULE_RATE}), "
+        f">= 2.5 mm {t['llnm_rate_capsule_ge_2_5mm']}; by third {t['llnm_rate_by_third']}"
+    )
     for part in ("all", "test"):
         a = t["auc"][part]
-        print(f"[bench] AUC {part:>4} (n={a['n']}): bayes {a['bayes']} image {a['image']} report {a['report']} "
-              f"clinical {a['clinical']}")
+        print(
+            f"[bench] AUC {part:>4} (n={a['n']}): bayes {a['bayes']} image {a['image']} report {a['report']} "
+            f"clinical {a['clinical']}"
+        )
     print(f"[bench] wrote {path}")
     return 0
 

@@ -116,7 +116,9 @@ def test_every_site_passes_the_site_checker(consortium) -> None:
     site_check = pytest.importorskip("shared_model.site_check")
     out, _ = consortium
     for site in SITES:
-        report = site_check.check_site(out / site, deep=True, workers=1, progress=False)
+        # deep (every file decoded) where the encodings are unusual; the table-level check elsewhere
+        deep = site in ("site-c", "site-d", "site-e", "site-f")
+        report = site_check.check_site(out / site, deep=deep, workers=1, progress=False)
         assert report.usable, [p.to_dict() for p in report.errors][:5]
         assert report.site == site
 
@@ -231,7 +233,9 @@ def test_masks_encode_capsule_distance_size_shape_and_third(consortium) -> None:
                 frac = (centre - lobe_cols.min()) / (np.ptp(lobe_cols) + 1)
                 third = "upper" if frac < 1 / 3 else ("middle" if frac < 2 / 3 else "lower")
                 third_agree.append(third == t["third"])
-    assert np.median(capsule_err) < 1.0 and np.quantile(capsule_err, 0.95) < 1.6, np.quantile(capsule_err, 0.95)
+    assert np.median(capsule_err) < 1.0 and np.quantile(capsule_err, 0.95) < 1.6, np.quantile(
+        capsule_err, 0.95
+    )
     assert np.mean(ttw_agree) > 0.9
     assert np.mean(third_agree) > 0.9
     assert 0.85 < float(np.median(width_ratio)) < 1.2
@@ -252,7 +256,9 @@ def test_echogenicity_is_visible_relative_to_parenchyma(consortium) -> None:
             nod = _png(out / site / r["trans_nodule_mask"])
             thy = _png(out / site / r["trans_thyroid_mask"])
             core = ndimage.binary_erosion(nod, iterations=2)
-            ring = ndimage.binary_dilation(nod, iterations=6) & thy & ~ndimage.binary_dilation(nod, iterations=2)
+            ring = (
+                ndimage.binary_dilation(nod, iterations=6) & thy & ~ndimage.binary_dilation(nod, iterations=2)
+            )
             if core.sum() < 10 or ring.sum() < 10 or t["composition"] != "solid":
                 continue
             contrast.setdefault(t["echogenicity"], []).append(float(px[core].mean() - px[ring].mean()))
@@ -277,14 +283,27 @@ def test_reports_differ_by_site_and_carry_negations_and_the_node_finding(consort
             text = (out / site / r["report"]).read_text(encoding="utf-8")
             texts.append(text)
             low = text.lower()
-            negations += any(k in low for k in ("no microcalc", "no mc", "calcif -", "no calc", "not taller",
-                                                "not irregular", "not ttw", "ttw-", "no taller"))
+            negations += any(
+                k in low
+                for k in (
+                    "no microcalc",
+                    "no mc",
+                    "calcif -",
+                    "no calc",
+                    "not taller",
+                    "not irregular",
+                    "not ttw",
+                    "ttw-",
+                    "no taller",
+                )
+            )
             t = truth[r["patient_id"]]
             reveals = set(t["report_reveals"].split(";"))
             assert "node" in reveals
             if t["node_finding"] == "1":
-                node_ok.append(("node" in low or " ln" in low)
-                               and any(k in low for k in ("susp", "abnormal", "abn ")))
+                node_ok.append(
+                    ("node" in low or " ln" in low) and any(k in low for k in ("susp", "abnormal", "abn "))
+                )
             if {"lobe", "third"} <= reveals:
                 side = {"right": ("right", "rt lobe", "r lobe"), "left": ("left", "lt lobe", "l lobe")}
                 assert any(word in low for word in side[t["lobe"]]), text
@@ -310,7 +329,17 @@ def test_consortium_json_records_parameters_and_sensible_aucs(consortium) -> Non
         assert key in model
     for site in SITES:
         s = data["sites"][site]
-        assert {"n", "role", "vendor", "intercept", "prevalence", "splits", "profile", "auc", "spacing_mm"} <= set(s)
+        assert {
+            "n",
+            "role",
+            "vendor",
+            "intercept",
+            "prevalence",
+            "splits",
+            "profile",
+            "auc",
+            "spacing_mm",
+        } <= set(s)
         assert set(s["splits"]) == {"train", "val", "test"}
         assert sum(v["n"] for v in s["splits"].values()) == s["n"]
         assert set(s["auc"]) == {"all", "test"}
@@ -331,12 +360,13 @@ def test_consortium_json_records_parameters_and_sensible_aucs(consortium) -> Non
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path: Path) -> None:
-    args = {"sites": 7, "patients": 56, "image_size": 128}
+    # sites a-e cover every encoding (explicit, implicit, RLE, RGB, negative delta, extra region)
+    args = {"sites": 5, "patients": 40, "image_size": 128}
     generate_consortium(tmp_path / "a", seed=9, workers=1, **args)
-    assert synth_main(["--out", str(tmp_path / "b"), "--sites", "7", "--patients", "56", "--seed", "9",
-                       "--image-size", "128", "--workers", "2", "--quiet"]) == 0
+    cli = ["--out", str(tmp_path / "b"), "--sites", "5", "--patients", "40", "--seed", "9"]
+    assert synth_main([*cli, "--image-size", "128", "--workers", "2", "--quiet"]) == 0
     ha, hb = _hashes(tmp_path / "a"), _hashes(tmp_path / "b")
-    assert ha == hb and len(ha) > 300
+    assert ha == hb and len(ha) > 200
     generate_consortium(tmp_path / "c", seed=10, workers=1, **args)
     hc = _hashes(tmp_path / "c")
     for name in ("site-a/patients.csv", "site-a/images/PA00001_trans.dcm", "consortium.json"):
@@ -369,8 +399,13 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path, capsys: pytest.Captur
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"patients": 50}, ">= 56"), ({"sites": 8}, "sites"), ({"image_size": 64}, "image_size"),
-     ({"seed": -1}, "seed"), ({"workers": 0}, "workers")],
+    [
+        ({"patients": 50}, ">= 56"),
+        ({"sites": 8}, "sites"),
+        ({"image_size": 64}, "image_size"),
+        ({"seed": -1}, "seed"),
+        ({"workers": 0}, "workers"),
+    ],
 )
 def test_bad_arguments_are_named(tmp_path: Path, kwargs: dict, message: str) -> None:
     args = {"sites": 7, "patients": 210, "seed": 0, "image_size": 256, "workers": 1, **kwargs}
@@ -404,7 +439,9 @@ def test_capsule_distance_and_third_effects_follow_the_paper() -> None:
     assert df.loc[df["age"] < 35, "llnm"].mean() > df.loc[df["age"] > 55, "llnm"].mean()
     assert df.loc[df["sex"] == "M", "llnm"].mean() > df.loc[df["sex"] == "F", "llnm"].mean()
     assert df.loc[df["size_mm"] > 10, "llnm"].mean() > df.loc[df["size_mm"] < 5, "llnm"].mean()
-    assert df.loc[df["microcalcifications"], "llnm"].mean() > df.loc[~df["microcalcifications"], "llnm"].mean()
+    assert (
+        df.loc[df["microcalcifications"], "llnm"].mean() > df.loc[~df["microcalcifications"], "llnm"].mean()
+    )
     assert df.loc[df["node_finding"], "llnm"].mean() > 0.85
     # cohort: adults, median age ~43, ~72 % female; stage 3 rarest among positives
     assert 40 <= df["age"].median() <= 46 and df["age"].min() >= 18
@@ -431,13 +468,17 @@ def test_bayes_auc_bounds_every_modality_on_a_large_sample() -> None:
     everything = {f: np.ones(n, bool) for f in FEATURES}
     y = df["llnm"].to_numpy()
     bayes = roc_auc_score(y, df["risk"])
-    aucs = {name: roc_auc_score(y, expected_risk(df, seen, profile, rng, draws=400))
-            for name, seen in (("image", image), ("report", report), ("clinical", clinical))}
+    aucs = {
+        name: roc_auc_score(y, expected_risk(df, seen, profile, rng, draws=400))
+        for name, seen in (("image", image), ("report", report), ("clinical", clinical))
+    }
     assert bayes > aucs["image"] > aucs["clinical"] > 0.5
     assert bayes > aucs["report"] > aucs["clinical"]
     # seeing everything reproduces the true risk exactly; seeing nothing gives the site's mean risk
-    assert np.allclose(expected_risk(df.iloc[:50], {k: v[:50] for k, v in everything.items()}, profile, rng,
-                                     draws=10), df["risk"].iloc[:50])
+    assert np.allclose(
+        expected_risk(df.iloc[:50], {k: v[:50] for k, v in everything.items()}, profile, rng, draws=10),
+        df["risk"].iloc[:50],
+    )
     flat = expected_risk(df.iloc[:50], {k: v[:50] for k, v in nothing.items()}, profile, rng, draws=4000)
     assert np.ptp(flat) < 1e-12 and abs(flat[0] - profile.target_prevalence) < 0.03
 

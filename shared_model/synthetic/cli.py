@@ -15,22 +15,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llnm-synth",
         description="Generate a synthetic multi-centre LLNM consortium: one folder per site in the site data "
-                    "contract, hidden truth in OUT/truth/, parameters and reference AUCs in OUT/consortium.json.")
-    parser.add_argument("--out", required=True, help="output folder (must be empty or absent, see --overwrite)")
+        "contract, hidden truth in OUT/truth/, parameters and reference AUCs in OUT/consortium.json.",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder (must be empty or absent, see --overwrite)"
+    )
     parser.add_argument("--sites", type=int, default=7, help="number of sites, 1-7 (default 7)")
-    parser.add_argument("--patients", type=int, default=DEFAULT_PATIENTS,
-                        help=f"TOTAL number of patients over all sites, spread by realistic site sizes "
-                             f"(default {DEFAULT_PATIENTS}; at least 8 per site)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed and arguments give "
-                                                           "byte-identical output (default 0)")
-    parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE,
-                        help=f"image rows in pixels (columns follow each site's aspect ratio; the field of "
-                             f"view stays fixed, so pixel spacing scales with 256/size) (default "
-                             f"{DEFAULT_IMAGE_SIZE})")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="rendering processes (default: CPU count); never changes the output")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing llnm-synth output in --out")
+    parser.add_argument(
+        "--patients",
+        type=int,
+        default=DEFAULT_PATIENTS,
+        help=f"TOTAL number of patients over all sites, spread by realistic site sizes "
+        f"(default {DEFAULT_PATIENTS}; at least 8 per site)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="random seed; same seed and arguments give byte-identical output (default 0)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULT_IMAGE_SIZE,
+        help=f"image rows in pixels (columns follow each site's aspect ratio; the field of "
+        f"view stays fixed, so pixel spacing scales with 256/size) (default "
+        f"{DEFAULT_IMAGE_SIZE})",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="rendering processes (default: CPU count); never changes the output",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing llnm-synth output in --out"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
 
@@ -46,22 +66,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"llnm-synth: {done}/{total} patients rendered ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
     try:
-        summary = generate_consortium(args.out, sites=args.sites, patients=args.patients, seed=args.seed,
-                                      image_size=args.image_size, workers=args.workers,
-                                      overwrite=args.overwrite, progress=progress)
+        summary = generate_consortium(
+            args.out,
+            sites=args.sites,
+            patients=args.patients,
+            seed=args.seed,
+            image_size=args.image_size,
+            workers=args.workers,
+            overwrite=args.overwrite,
+            progress=progress,
+        )
     except (ValueError, FileExistsError) as exc:
         print(f"llnm-synth: error: {exc}", file=sys.stderr)
         return 2
     if not args.quiet:
         pooled = summary["pooled"]
         auc = pooled["auc"]["all"]
-        print(f"llnm-synth: wrote {pooled['n']} patients in {len(summary['sites'])} sites to {args.out} "
-              f"in {time.perf_counter() - started:.1f} s")
+        print(
+            f"llnm-synth: wrote {pooled['n']} patients in {len(summary['sites'])} sites to {args.out} "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
         for name, site in summary["sites"].items():
-            print(f"  {name}: n={site['n']:5d} prevalence={site['prevalence']:.3f} "
-                  f"({site['vendor']['manufacturer']} {site['vendor']['model']})")
-        print(f"  pooled prevalence {pooled['prevalence']:.3f}; AUC bayes {auc['bayes']} image {auc['image']} "
-              f"report {auc['report']} clinical {auc['clinical']}")
+            print(
+                f"  {name}: n={site['n']:5d} prevalence={site['prevalence']:.3f} "
+                f"({site['vendor']['manufacturer']} {site['vendor']['model']})"
+            )
+        print(
+            f"  pooled prevalence {pooled['prevalence']:.3f}; AUC bayes {auc['bayes']} image {auc['image']} "
+            f"report {auc['report']} clinical {auc['clinical']}"
+        )
     return 0
 
 

@@ -58,8 +58,21 @@ class StudyInfo:
     accession: str
 
 
-def _region(r0: int, r1: int, c0: int, c1: int, *, spatial_format: int, data_type: int, units_x: int,
-            units_y: int, delta_x: float, delta_y: float, ref_x: int = 0, ref_y: int = 0) -> Dataset:
+def _region(
+    r0: int,
+    r1: int,
+    c0: int,
+    c1: int,
+    *,
+    spatial_format: int,
+    data_type: int,
+    units_x: int,
+    units_y: int,
+    delta_x: float,
+    delta_y: float,
+    ref_x: int = 0,
+    ref_y: int = 0,
+) -> Dataset:
     item = Dataset()
     item.RegionSpatialFormat = spatial_format
     item.RegionDataType = data_type
@@ -84,22 +97,70 @@ def ultrasound_regions(layout: Layout, spacing_mm: float, scanner: ScannerProfil
     r0, r1, c0, c1 = layout.region
     items = []
     if scanner.non_spatial_region:  # whole-frame region without spatial meaning, listed first
-        items.append(_region(0, layout.rows, 0, layout.cols, spatial_format=0, data_type=0, units_x=0,
-                             units_y=0, delta_x=1.0, delta_y=1.0))
+        items.append(
+            _region(
+                0,
+                layout.rows,
+                0,
+                layout.cols,
+                spatial_format=0,
+                data_type=0,
+                units_x=0,
+                units_y=0,
+                delta_x=1.0,
+                delta_y=1.0,
+            )
+        )
     delta_cm = spacing_mm / 10.0
-    items.append(_region(r0, r1, c0, c1, spatial_format=1, data_type=1, units_x=3, units_y=3,
-                         delta_x=-delta_cm if scanner.negative_delta_x else delta_cm, delta_y=delta_cm,
-                         ref_x=(c0 + c1) // 2, ref_y=r0))
+    items.append(
+        _region(
+            r0,
+            r1,
+            c0,
+            c1,
+            spatial_format=1,
+            data_type=1,
+            units_x=3,
+            units_y=3,
+            delta_x=-delta_cm if scanner.negative_delta_x else delta_cm,
+            delta_y=delta_cm,
+            ref_x=(c0 + c1) // 2,
+            ref_y=r0,
+        )
+    )
     if layout.doppler is not None:  # spectral Doppler strip: seconds across, cm/s down
         d0, d1, e0, e1 = layout.doppler
-        items.append(_region(d0, d1, e0, e1, spatial_format=3, data_type=3, units_x=4, units_y=7,
-                             delta_x=0.004, delta_y=-0.9, ref_x=e0, ref_y=d0 + int((d1 - d0) * 0.7)))
+        items.append(
+            _region(
+                d0,
+                d1,
+                e0,
+                e1,
+                spatial_format=3,
+                data_type=3,
+                units_x=4,
+                units_y=7,
+                delta_x=0.004,
+                delta_y=-0.9,
+                ref_x=e0,
+                ref_y=d0 + int((d1 - d0) * 0.7),
+            )
+        )
     return Sequence(items)
 
 
-def write_ultrasound_dicom(path: Path, pixels: np.ndarray, *, layout: Layout, spacing_mm: float,
-                           scanner: ScannerProfile, study: StudyInfo, view: str, instance: int,
-                           sop_uid: str) -> None:
+def write_ultrasound_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    *,
+    layout: Layout,
+    spacing_mm: float,
+    scanner: ScannerProfile,
+    study: StudyInfo,
+    view: str,
+    instance: int,
+    sop_uid: str,
+) -> None:
     """Write one view (8-bit grey frame) as a single-frame US image in the site's encoding."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = US_IMAGE_STORAGE
@@ -109,8 +170,9 @@ def write_ultrasound_dicom(path: Path, pixels: np.ndarray, *, layout: Layout, sp
     syntax = {"explicit": ExplicitVRLittleEndian, "implicit": ImplicitVRLittleEndian, "rle": RLELossless}
     if scanner.transfer_syntax not in syntax:
         raise ValueError(f"unknown transfer syntax {scanner.transfer_syntax!r}")
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian if scanner.transfer_syntax == "rle" else syntax[
-        scanner.transfer_syntax]
+    meta.TransferSyntaxUID = (
+        ExplicitVRLittleEndian if scanner.transfer_syntax == "rle" else syntax[scanner.transfer_syntax]
+    )
 
     ds = Dataset()
     ds.file_meta = meta

@@ -61,16 +61,53 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 128, 1024
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 MC_DRAWS = 1000
 CONTRACT_COLUMNS = (
-    "patient_id", "age", "sex", "llnm", "risk_stage", "split", "report",
-    "trans_image", "trans_nodule_mask", "trans_thyroid_mask",
-    "long_image", "long_nodule_mask", "long_thyroid_mask",
+    "patient_id",
+    "age",
+    "sex",
+    "llnm",
+    "risk_stage",
+    "split",
+    "report",
+    "trans_image",
+    "trans_nodule_mask",
+    "trans_thyroid_mask",
+    "long_image",
+    "long_nodule_mask",
+    "long_thyroid_mask",
 )
 TRUTH_COLUMNS = (
-    "patient_id", "split", "risk", "llnm", "risk_stage", "capsule_mm", "third", "lobe", "size_mm", "width_mm",
-    "depth_mm", "length_mm", "taller_than_wide", "margin", "echogenicity", "composition",
-    "microcalcifications", "node_finding", "age", "sex", "has_report", "has_trans", "has_long",
-    "report_reveals", "trans_spacing_mm", "long_spacing_mm", "capsule_trans_mm", "capsule_long_mm",
-    "diffuse_disease", "best_image", "best_report", "best_clinical",
+    "patient_id",
+    "split",
+    "risk",
+    "llnm",
+    "risk_stage",
+    "capsule_mm",
+    "third",
+    "lobe",
+    "size_mm",
+    "width_mm",
+    "depth_mm",
+    "length_mm",
+    "taller_than_wide",
+    "margin",
+    "echogenicity",
+    "composition",
+    "microcalcifications",
+    "node_finding",
+    "age",
+    "sex",
+    "has_report",
+    "has_trans",
+    "has_long",
+    "report_reveals",
+    "trans_spacing_mm",
+    "long_spacing_mm",
+    "capsule_trans_mm",
+    "capsule_long_mm",
+    "diffuse_disease",
+    "best_image",
+    "best_report",
+    "best_clinical",
 )
 MODALITIES = ("image", "report", "clinical")
 
@@ -92,8 +129,8 @@ def stratified_splits(labels: np.ndarray, rng: np.random.Generator) -> np.ndarra
             n_val, n_test = 0, (1 if n == 2 else 0)
         n_train = n - n_val - n_test
         out[idx[:n_train]] = "train"
-        out[idx[n_train:n_train + n_val]] = "val"
-        out[idx[n_train + n_val:]] = "test"
+        out[idx[n_train : n_train + n_val]] = "val"
+        out[idx[n_train + n_val :]] = "test"
     return out
 
 
@@ -104,13 +141,15 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(
-                f"output folder {out} is not empty; pass --overwrite to replace a previous llnm-synth output")
+                f"output folder {out} is not empty; pass --overwrite to replace a previous llnm-synth output"
+            )
         ours = {p.name for p in SITE_PROFILES} | {"truth", "consortium.json"}
         entries = sorted(out.iterdir())
         foreign = [e.name for e in entries if e.name not in ours]
         if foreign:
             raise FileExistsError(
-                f"refusing to overwrite {out}: it holds entries llnm-synth did not write: {foreign[:5]}")
+                f"refusing to overwrite {out}: it holds entries llnm-synth did not write: {foreign[:5]}"
+            )
         for entry in entries:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
@@ -119,8 +158,9 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _run_jobs(jobs: list[PatientJob], workers: int, progress: Callable[[int, int], None] | None
-              ) -> Iterator[dict[str, Any]]:
+def _run_jobs(
+    jobs: list[PatientJob], workers: int, progress: Callable[[int, int], None] | None
+) -> Iterator[dict[str, Any]]:
     total = len(jobs)
 
     def tick(i: int) -> None:
@@ -163,8 +203,11 @@ def _seen_masks(df: pd.DataFrame) -> dict[str, dict[str, np.ndarray]]:
 
 def _auc_block(df: pd.DataFrame) -> dict[str, Any]:
     y = df["llnm"].to_numpy(int)
-    block: dict[str, Any] = {"n": len(df), "prevalence": round(float(y.mean()), 4) if len(y) else None,
-                             "bayes": _auc(y, df["risk"].to_numpy())}
+    block: dict[str, Any] = {
+        "n": len(df),
+        "prevalence": round(float(y.mean()), 4) if len(y) else None,
+        "bayes": _auc(y, df["risk"].to_numpy()),
+    }
     for m in MODALITIES:
         block[m] = _auc(y, df[f"best_{m}"].to_numpy())
     return block
@@ -175,10 +218,16 @@ def _effects(df: pd.DataFrame) -> dict[str, Any]:
     close = df["capsule_mm"] < 2.5
     return {
         "llnm_rate_capsule_lt_2_5mm": round(float(df.loc[close, "llnm"].mean()), 4) if close.any() else None,
-        "llnm_rate_capsule_ge_2_5mm": round(float(df.loc[~close, "llnm"].mean()), 4) if (~close).any() else None,
+        "llnm_rate_capsule_ge_2_5mm": round(float(df.loc[~close, "llnm"].mean()), 4)
+        if (~close).any()
+        else None,
         "share_capsule_lt_2_5mm": round(float(close.mean()), 4),
-        "llnm_rate_by_third": {t: (round(float(df.loc[df["third"] == t, "llnm"].mean()), 4)
-                                   if (df["third"] == t).any() else None) for t in THIRDS},
+        "llnm_rate_by_third": {
+            t: (
+                round(float(df.loc[df["third"] == t, "llnm"].mean()), 4) if (df["third"] == t).any() else None
+            )
+            for t in THIRDS
+        },
         "stage_counts": {str(s): int((df["risk_stage"] == s).sum()) for s in (1, 2, 3)},
     }
 
@@ -191,10 +240,27 @@ def _write_patients_csv(path: Path, df: pd.DataFrame) -> None:
             pid = r.patient_id
             views = []
             for view, has in (("trans", r.has_trans), ("long", r.has_long)):
-                views += ([f"images/{pid}_{view}.dcm", f"masks/{pid}_{view}_nodule.png",
-                           f"masks/{pid}_{view}_thyroid.png"] if has else ["", "", ""])
-            writer.writerow([pid, int(r.age), r.sex, int(r.llnm), int(r.risk_stage) if r.llnm else "", r.split,
-                             f"reports/{pid}.txt" if r.has_report else "", *views])
+                views += (
+                    [
+                        f"images/{pid}_{view}.dcm",
+                        f"masks/{pid}_{view}_nodule.png",
+                        f"masks/{pid}_{view}_thyroid.png",
+                    ]
+                    if has
+                    else ["", "", ""]
+                )
+            writer.writerow(
+                [
+                    pid,
+                    int(r.age),
+                    r.sex,
+                    int(r.llnm),
+                    int(r.risk_stage) if r.llnm else "",
+                    r.split,
+                    f"reports/{pid}.txt" if r.has_report else "",
+                    *views,
+                ]
+            )
 
 
 def _fmt(value: Any) -> Any:
@@ -217,21 +283,32 @@ def _validate(sites: int, patients: int, seed: int, image_size: int, workers: in
     if not isinstance(sites, (int, np.integer)) or not 1 <= sites <= len(SITE_PROFILES):
         raise ValueError(f"sites must be an integer from 1 to {len(SITE_PROFILES)}, got {sites!r}")
     if not isinstance(patients, (int, np.integer)) or patients < MIN_PATIENTS_PER_SITE * sites:
-        raise ValueError(f"patients (the total over all sites) must be an integer >= "
-                         f"{MIN_PATIENTS_PER_SITE * sites} for {sites} sites, got {patients!r}")
+        raise ValueError(
+            f"patients (the total over all sites) must be an integer >= "
+            f"{MIN_PATIENTS_PER_SITE * sites} for {sites} sites, got {patients!r}"
+        )
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if not isinstance(image_size, (int, np.integer)) or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE:
-        raise ValueError(f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, "
-                         f"got {image_size!r}")
+        raise ValueError(
+            f"image_size must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE}, got {image_size!r}"
+        )
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
 
 
-def generate_consortium(out_dir: str | os.PathLike[str], *, sites: int = 7, patients: int = DEFAULT_PATIENTS,
-                        seed: int = 0, image_size: int = DEFAULT_IMAGE_SIZE, workers: int | None = None,
-                        overwrite: bool = False, model: RiskModel = DEFAULT_MODEL,
-                        progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+def generate_consortium(
+    out_dir: str | os.PathLike[str],
+    *,
+    sites: int = 7,
+    patients: int = DEFAULT_PATIENTS,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    workers: int | None = None,
+    overwrite: bool = False,
+    model: RiskModel = DEFAULT_MODEL,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Write a synthetic consortium of ``sites`` sites and ``patients`` patients in total; return its summary.
 
     The summary is also written to ``out_dir/consortium.json``, last, so its presence marks a complete
@@ -262,8 +339,21 @@ def generate_consortium(out_dir: str | os.PathLike[str], *, sites: int = 7, pati
             (site_dir / sub).mkdir(parents=True, exist_ok=True)
         for i, row in enumerate(df.to_dict("records")):
             truth = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in row.items()}
-            jobs.append(PatientJob(seed, si, profile, str(site_dir), image_size, i, row["patient_id"], truth,
-                                   bool(row["has_report"]), bool(row["has_trans"]), bool(row["has_long"])))
+            jobs.append(
+                PatientJob(
+                    seed,
+                    si,
+                    profile,
+                    str(site_dir),
+                    image_size,
+                    i,
+                    row["patient_id"],
+                    truth,
+                    bool(row["has_report"]),
+                    bool(row["has_trans"]),
+                    bool(row["has_long"]),
+                )
+            )
         tables.append(df)
 
     rendered = {r["patient_id"]: r for r in _run_jobs(jobs, workers, progress)}
@@ -280,9 +370,17 @@ def generate_consortium(out_dir: str | os.PathLike[str], *, sites: int = 7, pati
             df[f"best_{m}"] = expected_risk(df, seen[m], profile, mc_rng, model, draws=MC_DRAWS)
         site_dir = out / profile.name
         _write_patients_csv(site_dir / "patients.csv", df)
-        (site_dir / "site.yaml").write_text(yaml.safe_dump(
-            {"name": profile.name, "description": f"{profile.institution}: {profile.description} (synthetic)",
-             "contact": "synthetic data generated by llnm-synth"}, sort_keys=False), encoding="utf-8")
+        (site_dir / "site.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "name": profile.name,
+                    "description": f"{profile.institution}: {profile.description} (synthetic)",
+                    "contact": "synthetic data generated by llnm-synth",
+                },
+                sort_keys=False,
+            ),
+            encoding="utf-8",
+        )
         _write_truth_csv(out / "truth" / f"{profile.name}.csv", df)
         site_summaries[profile.name] = _site_summary(profile, df, model, image_size)
         df["site"] = profile.name
@@ -293,19 +391,24 @@ def generate_consortium(out_dir: str | os.PathLike[str], *, sites: int = 7, pati
         "generator": "llnm-synth",
         "version": GENERATOR_VERSION,
         "seed": int(seed),
-        "arguments": {"sites": int(sites), "patients": int(patients), "seed": int(seed),
-                      "image_size": int(image_size)},
+        "arguments": {
+            "sites": int(sites),
+            "patients": int(patients),
+            "seed": int(seed),
+            "image_size": int(image_size),
+        },
         "patients_note": "patients is the total over all sites, spread by site_proportions (min "
-                         f"{MIN_PATIENTS_PER_SITE} per site)",
+        f"{MIN_PATIENTS_PER_SITE} per site)",
         "site_proportions": list(SITE_PROPORTIONS[:sites]),
         "risk_model": model.to_dict(),
         "modalities": {
             "image": sorted(TRANS_VIEW_FEATURES | LONG_VIEW_FEATURES),
-            "image_trans_view": sorted(TRANS_VIEW_FEATURES), "image_long_view": sorted(LONG_VIEW_FEATURES),
+            "image_trans_view": sorted(TRANS_VIEW_FEATURES),
+            "image_long_view": sorted(LONG_VIEW_FEATURES),
             "report": "features its text mentions (per patient) plus the report-only node finding",
             "clinical": sorted(CLINICAL_FEATURES),
             "auc_definition": "AUC of E[true risk | the modality's information] (Monte Carlo over unseen "
-                              f"features, {MC_DRAWS} draws, site known); bayes = AUC of the true risk",
+            f"features, {MC_DRAWS} draws, site known); bayes = AUC of the true risk",
         },
         "sites": site_summaries,
         "pooled": {
@@ -324,6 +427,7 @@ def generate_consortium(out_dir: str | os.PathLike[str], *, sites: int = 7, pati
 
 def _auc_digest(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Short views of the reference AUCs: Bayes-optimal, and best reachable per modality (all / test)."""
+
     def pick(auc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         bayes = {part: auc[part]["bayes"] for part in ("all", "test")}
         modal = {part: {m: auc[part][m] for m in MODALITIES} for part in ("all", "test")}
@@ -331,16 +435,21 @@ def _auc_digest(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]
 
     pooled_b, pooled_m = pick(summary["pooled"]["auc"])
     sites = {name: pick(site["auc"]) for name, site in summary["sites"].items()}
-    return ({"pooled": pooled_b, "sites": {k: v[0] for k, v in sites.items()}},
-            {"pooled": pooled_m, "sites": {k: v[1] for k, v in sites.items()}})
+    return (
+        {"pooled": pooled_b, "sites": {k: v[0] for k, v in sites.items()}},
+        {"pooled": pooled_m, "sites": {k: v[1] for k, v in sites.items()}},
+    )
 
 
 def _split_counts(df: pd.DataFrame) -> dict[str, Any]:
     out = {}
     for split in SPLIT_FRACTIONS:
         part = df[df["split"] == split]
-        out[split] = {"n": len(part), "positives": int(part["llnm"].sum()),
-                      "prevalence": round(float(part["llnm"].mean()), 4) if len(part) else None}
+        out[split] = {
+            "n": len(part),
+            "positives": int(part["llnm"].sum()),
+            "prevalence": round(float(part["llnm"].mean()), 4) if len(part) else None,
+        }
     return out
 
 
@@ -348,11 +457,16 @@ def _spacing_stats(values: Iterable[Any]) -> dict[str, float] | None:
     arr = np.array([v for v in values if v is not None and not pd.isna(v)], dtype=float)
     if len(arr) == 0:
         return None
-    return {"min": round(float(arr.min()), 5), "median": round(float(np.median(arr)), 5),
-            "max": round(float(arr.max()), 5)}
+    return {
+        "min": round(float(arr.min()), 5),
+        "median": round(float(np.median(arr)), 5),
+        "max": round(float(arr.max()), 5),
+    }
 
 
-def _site_summary(profile: SiteProfile, df: pd.DataFrame, model: RiskModel, image_size: int) -> dict[str, Any]:
+def _site_summary(
+    profile: SiteProfile, df: pd.DataFrame, model: RiskModel, image_size: int
+) -> dict[str, Any]:
     layout = frame_layout(image_size, profile.scanner)
     return {
         "n": len(df),
@@ -363,12 +477,21 @@ def _site_summary(profile: SiteProfile, df: pd.DataFrame, model: RiskModel, imag
         "intercept": round(site_intercept(profile, model), 6),
         "prevalence": round(float(df["llnm"].mean()), 4),
         "splits": _split_counts(df),
-        "missing": {"report": int((~df["has_report"]).sum()), "trans": int((~df["has_trans"]).sum()),
-                    "long": int((~df["has_long"]).sum())},
-        "frame": {"rows": layout.rows, "cols": layout.cols, "tissue_region_r0_r1_c0_c1": list(layout.region),
-                  "doppler_region": list(layout.doppler) if layout.doppler else None},
-        "spacing_mm": {"trans": _spacing_stats(df["trans_spacing_mm"]),
-                       "long": _spacing_stats(df["long_spacing_mm"])},
+        "missing": {
+            "report": int((~df["has_report"]).sum()),
+            "trans": int((~df["has_trans"]).sum()),
+            "long": int((~df["has_long"]).sum()),
+        },
+        "frame": {
+            "rows": layout.rows,
+            "cols": layout.cols,
+            "tissue_region_r0_r1_c0_c1": list(layout.region),
+            "doppler_region": list(layout.doppler) if layout.doppler else None,
+        },
+        "spacing_mm": {
+            "trans": _spacing_stats(df["trans_spacing_mm"]),
+            "long": _spacing_stats(df["long_spacing_mm"]),
+        },
         "profile": profile.to_dict(),
         "auc": {"all": _auc_block(df), "test": _auc_block(df[df["split"] == "test"])},
         "effects": _effects(df),

@@ -20,10 +20,14 @@ from scipy.spatial import cKDTree
 
 #: Craniocaudal position (u = 2 z / L, upper pole at -1) of each third: centres are drawn from these ranges.
 THIRD_RANGES: dict[str, tuple[float, float]] = {
-    "upper": (-0.85, -0.4), "middle": (-0.3, 0.3), "lower": (0.4, 0.85),
+    "upper": (-0.85, -0.4),
+    "middle": (-0.3, 0.3),
+    "lower": (0.4, 0.85),
 }
 THIRD_BOUNDS: dict[str, tuple[float, float]] = {
-    "upper": (-1.0, -1.0 / 3.0), "middle": (-1.0 / 3.0, 1.0 / 3.0), "lower": (1.0 / 3.0, 1.0),
+    "upper": (-1.0, -1.0 / 3.0),
+    "middle": (-1.0 / 3.0, 1.0 / 3.0),
+    "lower": (1.0 / 3.0, 1.0),
 }
 BOUNDARY_POINTS = 64
 
@@ -195,8 +199,17 @@ def margin_harmonics(margin: str, rng: np.random.Generator) -> tuple[tuple[int, 
     return tuple(terms)
 
 
-def place_nodule(*, width_mm: float, depth_mm: float, length_mm: float, capsule_mm: float, third: str,
-                 margin: str, rng: np.random.Generator, max_tries: int = 200) -> NoduleGeometry:
+def place_nodule(
+    *,
+    width_mm: float,
+    depth_mm: float,
+    length_mm: float,
+    capsule_mm: float,
+    third: str,
+    margin: str,
+    rng: np.random.Generator,
+    max_tries: int = 200,
+) -> NoduleGeometry:
     """Build a lobe around the nodule and place the nodule at the sampled capsule distance and third.
 
     The lobe's size is drawn from an adult range and enlarged where the nodule would not fit (a large
@@ -256,15 +269,18 @@ def place_nodule(*, width_mm: float, depth_mm: float, length_mm: float, capsule_
                 lsd = long_signed_distance(long_pts + np.array([z, cy]), lobe, cx)
                 lclosest = long_pts[int(np.argmin(lsd))]
                 long = Outline(rl, rd, long.harmonics, float(np.arctan2(lclosest[1], lclosest[0])), bump)
-        return NoduleGeometry(lobe, float(cx), float(cy), float(z), trans, long, max(d_trans, 0.0),
-                              d_long, ete, attempt + 1)
+        return NoduleGeometry(
+            lobe, float(cx), float(cy), float(z), trans, long, max(d_trans, 0.0), d_long, ete, attempt + 1
+        )
     raise RuntimeError(
         f"could not place a {width_mm}x{depth_mm}x{length_mm} mm nodule at {capsule_mm} mm from the capsule "
-        f"in the {third} third after {max_tries} tries")
+        f"in the {third} third after {max_tries} tries"
+    )
 
 
-def _trans_distance(points: np.ndarray, direction: np.ndarray, t: np.ndarray, ax: float, bx: float
-                    ) -> np.ndarray:
+def _trans_distance(
+    points: np.ndarray, direction: np.ndarray, t: np.ndarray, ax: float, bx: float
+) -> np.ndarray:
     """Smallest signed outline-to-capsule distance for the nodule centred at t * direction (per t)."""
     shifted = points[None, :, :] + t[:, None, None] * direction[None, None, :]
     sd = ellipse_signed_distance(shifted.reshape(-1, 2), ax, bx)

@@ -138,8 +138,16 @@ def draw_anatomy(geom: NoduleGeometry, rng: np.random.Generator) -> Anatomy:
     skin = float(rng.uniform(0.6, 1.0))
     fat = float(rng.uniform(1.5, 4.0))
     muscle = float(rng.uniform(2.0, 4.5))
-    return Anatomy(skin, fat, muscle, skin + fat + muscle + 0.6 + geom.lobe.b, bool(rng.random() < 0.15),
-                   float(rng.uniform(8.0, 10.0)), float(rng.uniform(3.0, 4.0)), float(rng.uniform(0.5, 2.0)))
+    return Anatomy(
+        skin,
+        fat,
+        muscle,
+        skin + fat + muscle + 0.6 + geom.lobe.b,
+        bool(rng.random() < 0.15),
+        float(rng.uniform(8.0, 10.0)),
+        float(rng.uniform(3.0, 4.0)),
+        float(rng.uniform(0.5, 2.0)),
+    )
 
 
 def needed_field(geom: NoduleGeometry, anat: Anatomy, view: str) -> tuple[float, float]:
@@ -152,8 +160,16 @@ def needed_field(geom: NoduleGeometry, anat: Anatomy, view: str) -> tuple[float,
     return float(np.ptp(boundary[:, 0])) + 6.0, depth
 
 
-def render_view(view: str, geom: NoduleGeometry, anat: Anatomy, look: NoduleLook, scanner: ScannerProfile,
-                layout: Layout, base_spacing_mm: float, rng: np.random.Generator) -> RenderedView:
+def render_view(
+    view: str,
+    geom: NoduleGeometry,
+    anat: Anatomy,
+    look: NoduleLook,
+    scanner: ScannerProfile,
+    layout: Layout,
+    base_spacing_mm: float,
+    rng: np.random.Generator,
+) -> RenderedView:
     """Render one view ("trans" or "long") of a patient into a frame of the site's layout."""
     if view not in ("trans", "long"):
         raise ValueError(f"unknown view {view!r}")
@@ -231,8 +247,9 @@ def render_view(view: str, geom: NoduleGeometry, anat: Anatomy, look: NoduleLook
             # posterior acoustic enhancement behind a partly cystic nodule
             under = np.abs(h[0, win[1]] - cu) < 0.8 * outline.ru
             below = slice(rows[-1] + 1, nr)
-            tissue[below, win[1]] = np.where(under[None, :], tissue[below, win[1]] * (1.0 + 0.5 * frac),
-                                             tissue[below, win[1]])
+            tissue[below, win[1]] = np.where(
+                under[None, :], tissue[below, win[1]] * (1.0 + 0.5 * frac), tissue[below, win[1]]
+            )
     patch = tissue[win] * (1.0 - weight) + nod * weight
     if look.microcalcifications:
         patch = patch + _microcalcifications(depth_in, look.size_mm, sp, rng)
@@ -251,8 +268,9 @@ def render_view(view: str, geom: NoduleGeometry, anat: Anatomy, look: NoduleLook
     return RenderedView(frame, nodule_mask, thyroid_mask, sp, layout)
 
 
-def _soft_tissue_layers(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, anat: Anatomy, sp: float,
-                        rng: np.random.Generator) -> None:
+def _soft_tissue_layers(
+    tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, anat: Anatomy, sp: float, rng: np.random.Generator
+) -> None:
     """Skin line, subcutaneous fat with septa, strap muscles with fibre striation (in place)."""
     fat_top, muscle_top, muscle_bottom = anat.skin, anat.skin + anat.fat, anat.muscle_bottom
     tissue[yy < fat_top] = 0.8
@@ -271,8 +289,18 @@ def _soft_tissue_layers(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, anat
     tissue[fascia] = 0.45
 
 
-def _neck_structures(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, yl: np.ndarray, anat: Anatomy,
-                     ax: float, bx: float, medial: float, sp: float, rng: np.random.Generator) -> None:
+def _neck_structures(
+    tissue: np.ndarray,
+    yy: np.ndarray,
+    hh: np.ndarray,
+    yl: np.ndarray,
+    anat: Anatomy,
+    ax: float,
+    bx: float,
+    medial: float,
+    sp: float,
+    rng: np.random.Generator,
+) -> None:
     """Trachea (air: bright anterior wall, reverberations, shadow), carotid and jugular (in place)."""
     rt = anat.trachea_radius
     xt = medial * (ax + 0.8 * rt)
@@ -283,7 +311,9 @@ def _neck_structures(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, yl: np.
     tissue[inside & front & (rho > rt - 1.2)] = 0.16  # cartilage ring
     wall = inside & front & (rho > rt - 1.5) & (rho <= rt - 1.2)
     tissue[wall] = 1.4  # air-mucosa interface
-    air = (np.abs(hh - xt) < 0.92 * rt) & (yl > yt - np.sqrt(np.clip((rt - 1.5) ** 2 - (hh - xt) ** 2, 0, None)))
+    air = (np.abs(hh - xt) < 0.92 * rt) & (
+        yl > yt - np.sqrt(np.clip((rt - 1.5) ** 2 - (hh - xt) ** 2, 0, None))
+    )
     tissue[air] = 0.02
     wall_depth = yt - (rt - 1.35)
     for k in range(1, 5):  # reverberation artefacts at multiples of the wall depth
@@ -304,8 +334,15 @@ def _neck_structures(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, yl: np.
     tissue[ej < 1.0] = 0.02
 
 
-def _deep_structures(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, yl: np.ndarray, anat: Anatomy,
-                     geom: NoduleGeometry, sp: float) -> None:
+def _deep_structures(
+    tissue: np.ndarray,
+    yy: np.ndarray,
+    hh: np.ndarray,
+    yl: np.ndarray,
+    anat: Anatomy,
+    geom: NoduleGeometry,
+    sp: float,
+) -> None:
     """Longitudinal view: longus colli muscle behind the lobe and a bright prevertebral line (in place)."""
     band = (yl > geom.lobe.b + 0.8) & (yl < geom.lobe.b + 4.0)
     tissue[band] = 0.11
@@ -314,8 +351,9 @@ def _deep_structures(tissue: np.ndarray, yy: np.ndarray, hh: np.ndarray, yl: np.
     tissue[yl > geom.lobe.b + 4.4] *= 0.5
 
 
-def _microcalcifications(depth_in: np.ndarray, size_mm: float, sp: float, rng: np.random.Generator
-                         ) -> np.ndarray:
+def _microcalcifications(
+    depth_in: np.ndarray, size_mm: float, sp: float, rng: np.random.Generator
+) -> np.ndarray:
     """Punctate bright foci (0.1-0.3 mm) scattered inside the nodule."""
     out = np.zeros(depth_in.shape, dtype=np.float32)
     candidates = np.flatnonzero(depth_in.ravel() > 0.25)
@@ -328,8 +366,9 @@ def _microcalcifications(depth_in: np.ndarray, size_mm: float, sp: float, rng: n
     return ndimage.gaussian_filter(out, sigma) * (2.0 * np.pi * sigma * sigma)
 
 
-def _bmode(tissue: np.ndarray, y: np.ndarray, scanner: ScannerProfile, sp: float, rng: np.random.Generator
-           ) -> np.ndarray:
+def _bmode(
+    tissue: np.ndarray, y: np.ndarray, scanner: ScannerProfile, sp: float, rng: np.random.Generator
+) -> np.ndarray:
     """Speckle, attenuation, log compression, display curve and noise: reflectivity -> 8-bit B-mode.
 
     ``y`` is the depth (mm) of each row, shape (rows, 1). Speckle is the envelope of a complex Gaussian field
@@ -347,8 +386,11 @@ def _bmode(tissue: np.ndarray, y: np.ndarray, scanner: ScannerProfile, sp: float
         intensity += re * re + im * im
     intensity /= float(intensity.mean()) + 1e-12
     # amplitude in dB: reflectivity x speckle envelope, minus depth attenuation left after TGC
-    db = (20.0 * np.log10(blurred + 1e-4) + 10.0 * np.log10(intensity + 1e-8)
-          - (scanner.attenuation_db_per_mm * y).astype(np.float32))
+    db = (
+        20.0 * np.log10(blurred + 1e-4)
+        + 10.0 * np.log10(intensity + 1e-8)
+        - (scanner.attenuation_db_per_mm * y).astype(np.float32)
+    )
     top = 6.0 - scanner.gain_db
     v = np.clip((db - (top - scanner.dynamic_range_db)) / scanner.dynamic_range_db, 0.0, 1.0)
     if scanner.gamma != 1.0:
@@ -371,7 +413,11 @@ def _annotations(frame: np.ndarray, layout: Layout, sp: float, rng: np.random.Ge
         t = np.arange(ncol, dtype=np.float32)
         period = float(rng.uniform(0.28, 0.4)) * ncol
         phase = (t + float(rng.uniform(0, period))) % period / period
-        env = 0.25 + 0.75 * np.exp(-((phase - 0.1) / 0.08) ** 2) + 0.15 * np.exp(-((phase - 0.35) / 0.06) ** 2)
+        env = (
+            0.25
+            + 0.75 * np.exp(-(((phase - 0.1) / 0.08) ** 2))
+            + 0.15 * np.exp(-(((phase - 0.35) / 0.06) ** 2))
+        )
         top = base - env * (base - 2)
         rr = np.arange(nrow, dtype=np.float32)[:, None]
         filled = (rr >= top[None, :]) & (rr < base)
@@ -387,5 +433,14 @@ def tint_rgb(pixels: np.ndarray, tint: tuple[float, float, float]) -> np.ndarray
     return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
 
 
-__all__ = ["Anatomy", "Layout", "NoduleLook", "Outline", "RenderedView", "draw_anatomy", "frame_layout",
-           "render_view", "tint_rgb"]
+__all__ = [
+    "Anatomy",
+    "Layout",
+    "NoduleLook",
+    "Outline",
+    "RenderedView",
+    "draw_anatomy",
+    "frame_layout",
+    "render_view",
+    "tint_rgb",
+]

@@ -94,8 +94,16 @@ def _lobe_dims(rng: np.random.Generator, units: str) -> str:
 
 
 def _node_sentence(rng: np.random.Generator, side: str, variants: tuple[str, ...]) -> str:
-    feature = _pick(rng, ("cystic change", "microcalcifications", "loss of the fatty hilum",
-                          "a rounded shape and absent hilum", "peripheral vascularity"))
+    feature = _pick(
+        rng,
+        (
+            "cystic change",
+            "microcalcifications",
+            "loss of the fatty hilum",
+            "a rounded shape and absent hilum",
+            "peripheral vascularity",
+        ),
+    )
     return _pick(rng, variants).format(level=_pick(rng, _LEVELS), side=side, feature=feature)
 
 
@@ -107,22 +115,53 @@ Dialect = Callable[[ReportFacts, dict[str, bool], ReportStyle, np.random.Generat
 
 def _site_a(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.Generator) -> list[str]:
     third = {"upper": "upper third", "middle": "middle third", "lower": "lower third"}[f.third]
-    comp = {"solid": "solid", "predominantly solid": "predominantly solid",
-            "mixed cystic-solid": "mixed cystic and solid"}[f.composition]
-    echo = {"hyperechoic": "hyperechoic", "isoechoic": "isoechoic", "hypoechoic": "hypoechoic",
-            "markedly hypoechoic": "markedly hypoechoic"}[f.echogenicity]
-    margin = {"smooth": "smooth", "ill-defined": "ill-defined", "lobulated": "lobulated", "irregular": "irregular",
-              "extrathyroidal": "irregular, with extrathyroidal extension"}[f.margin]
-    lines = ["EXAMINATION: Ultrasound of the thyroid gland.",
-             "CLINICAL INDICATION: " + _pick(rng, ("Thyroid nodule, preoperative assessment.",
-                                                   "Known thyroid carcinoma, staging.", "Thyroid nodule."))]
+    comp = {
+        "solid": "solid",
+        "predominantly solid": "predominantly solid",
+        "mixed cystic-solid": "mixed cystic and solid",
+    }[f.composition]
+    echo = {
+        "hyperechoic": "hyperechoic",
+        "isoechoic": "isoechoic",
+        "hypoechoic": "hypoechoic",
+        "markedly hypoechoic": "markedly hypoechoic",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "smooth",
+        "ill-defined": "ill-defined",
+        "lobulated": "lobulated",
+        "irregular": "irregular",
+        "extrathyroidal": "irregular, with extrathyroidal extension",
+    }[f.margin]
+    lines = [
+        "EXAMINATION: Ultrasound of the thyroid gland.",
+        "CLINICAL INDICATION: "
+        + _pick(
+            rng,
+            (
+                "Thyroid nodule, preoperative assessment.",
+                "Known thyroid carcinoma, staging.",
+                "Thyroid nodule.",
+            ),
+        ),
+    ]
     lines.append("FINDINGS:")
-    lines.append(f"Right lobe: {_lobe_dims(rng, 'mm')}. Left lobe: {_lobe_dims(rng, 'mm')}. "
-                 f"Isthmus: {rng.uniform(2, 5):.0f} mm.")
-    lines.append("Parenchyma: " + ("heterogeneous echotexture, consistent with diffuse thyroid disease."
-                                   if f.diffuse_disease else "homogeneous echotexture."))
+    lines.append(
+        f"Right lobe: {_lobe_dims(rng, 'mm')}. Left lobe: {_lobe_dims(rng, 'mm')}. "
+        f"Isthmus: {rng.uniform(2, 5):.0f} mm."
+    )
+    lines.append(
+        "Parenchyma: "
+        + (
+            "heterogeneous echotexture, consistent with diffuse thyroid disease."
+            if f.diffuse_disease
+            else "homogeneous echotexture."
+        )
+    )
     parts = []
-    parts.append(f"Dominant nodule in the {third} of the {f.lobe} lobe." if m["location"] else "Dominant nodule.")
+    parts.append(
+        f"Dominant nodule in the {third} of the {f.lobe} lobe." if m["location"] else "Dominant nodule."
+    )
     if m["size"]:
         parts.append(f"Size {_dims(f, st)[0]} (W x AP x L).")
     if m["composition"]:
@@ -132,19 +171,36 @@ def _site_a(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     if m["margin"]:
         parts.append(f"Margins: {margin}.")
     if m["calcification"]:
-        parts.append("Echogenic foci: " + ("punctate echogenic foci (microcalcifications)."
-                                           if f.microcalcifications else "none."))
+        parts.append(
+            "Echogenic foci: "
+            + ("punctate echogenic foci (microcalcifications)." if f.microcalcifications else "none.")
+        )
     if m["shape"]:
         parts.append("Shape: " + ("taller-than-wide." if f.taller_than_wide else "wider-than-tall."))
     lines.append(" ".join(parts))
     if f.node_finding:
-        lines.append("LYMPH NODES: " + _node_sentence(rng, f.lobe, (
-            "Suspicious lateral cervical lymph node at level {level} on the {side} side, with {feature}.",
-            "Abnormal {side} level {level} lymph node with {feature}, suspicious for metastasis.")))
+        lines.append(
+            "LYMPH NODES: "
+            + _node_sentence(
+                rng,
+                f.lobe,
+                (
+                    "Suspicious lateral cervical lymph node at level {level} on the {side} side, "
+                    "with {feature}.",
+                    "Abnormal {side} level {level} lymph node with {feature}, suspicious for metastasis.",
+                ),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         lines.append("LYMPH NODES: No suspicious cervical lymph nodes.")
-    lines.append("IMPRESSION: " + (f"Dominant {f.lobe} thyroid nodule as described." if m["location"]
-                                   else "Dominant thyroid nodule as described."))
+    lines.append(
+        "IMPRESSION: "
+        + (
+            f"Dominant {f.lobe} thyroid nodule as described."
+            if m["location"]
+            else "Dominant thyroid nodule as described."
+        )
+    )
     return lines
 
 
@@ -152,12 +208,21 @@ def _site_b(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     side = {"right": "Rt", "left": "Lt"}[f.lobe]
     third = {"upper": "upper pole", "middle": "mid pole", "lower": "lower pole"}[f.third]
     comp = {"solid": "solid", "predominantly solid": "mostly solid", "mixed cystic-solid": "solid-cystic"}[
-        f.composition]
-    echo = {"hyperechoic": "hyperech.", "isoechoic": "isoech.", "hypoechoic": "hypoech.",
-            "markedly hypoechoic": "markedly hypoech."}[f.echogenicity]
-    margin = {"smooth": "margins well defined", "ill-defined": "margins indistinct",
-              "lobulated": "margins microlobulated", "irregular": "margins irregular/angular",
-              "extrathyroidal": "margins irregular with ETE"}[f.margin]
+        f.composition
+    ]
+    echo = {
+        "hyperechoic": "hyperech.",
+        "isoechoic": "isoech.",
+        "hypoechoic": "hypoech.",
+        "markedly hypoechoic": "markedly hypoech.",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "margins well defined",
+        "ill-defined": "margins indistinct",
+        "lobulated": "margins microlobulated",
+        "irregular": "margins irregular/angular",
+        "extrathyroidal": "margins irregular with ETE",
+    }[f.margin]
     lines = [f"US thyroid. Rt lobe {_lobe_dims(rng, 'mm')}, Lt lobe {_lobe_dims(rng, 'mm')}."]
     if f.diffuse_disease:
         lines.append("Echotexture heterogeneous.")
@@ -177,9 +242,17 @@ def _site_b(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     if extra:
         lines.append(". ".join(extra) + ".")
     if f.node_finding:
-        lines.append("Neck: " + _node_sentence(rng, side, (
-            "abnormal LN level {level} {side} with {feature} - suspicious for mets.",
-            "{side} lateral neck LN (level {level}), {feature}, susp.")))
+        lines.append(
+            "Neck: "
+            + _node_sentence(
+                rng,
+                side,
+                (
+                    "abnormal LN level {level} {side} with {feature} - suspicious for mets.",
+                    "{side} lateral neck LN (level {level}), {feature}, susp.",
+                ),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         lines.append("Neck: no abnormal LN.")
     lines.append("Conclusion: thyroid nodule, " + _pick(rng, ("FNA recommended.", "for surgical planning.")))
@@ -188,50 +261,90 @@ def _site_b(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
 
 def _site_c(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.Generator) -> list[str]:
     third = {"upper": "superior portion", "middle": "mid portion", "lower": "inferior portion"}[f.third]
-    comp = {"solid": "completely solid", "predominantly solid": "predominantly solid",
-            "mixed cystic-solid": "mixed solid and cystic"}[f.composition]
-    echo = {"hyperechoic": "hyperechoic", "isoechoic": "isoechoic", "hypoechoic": "hypoechoic",
-            "markedly hypoechoic": "very hypoechoic (darker than strap muscle)"}[f.echogenicity]
-    margin = {"smooth": "circumscribed, not irregular", "ill-defined": "poorly defined",
-              "lobulated": "lobulated", "irregular": "spiculated", "extrathyroidal":
-              "capsular breach with extrathyroidal extension"}[f.margin]
-    lines = ["Thyroid ultrasound report",
-             f"- Thyroid: right lobe {_lobe_dims(rng, 'cm')}; left lobe {_lobe_dims(rng, 'cm')}; "
-             f"isthmus {rng.uniform(0.2, 0.5):.1f} cm; " + ("heterogeneous." if f.diffuse_disease
-                                                              else "normal echotexture.")]
+    comp = {
+        "solid": "completely solid",
+        "predominantly solid": "predominantly solid",
+        "mixed cystic-solid": "mixed solid and cystic",
+    }[f.composition]
+    echo = {
+        "hyperechoic": "hyperechoic",
+        "isoechoic": "isoechoic",
+        "hypoechoic": "hypoechoic",
+        "markedly hypoechoic": "very hypoechoic (darker than strap muscle)",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "circumscribed, not irregular",
+        "ill-defined": "poorly defined",
+        "lobulated": "lobulated",
+        "irregular": "spiculated",
+        "extrathyroidal": "capsular breach with extrathyroidal extension",
+    }[f.margin]
+    lines = [
+        "Thyroid ultrasound report",
+        f"- Thyroid: right lobe {_lobe_dims(rng, 'cm')}; left lobe {_lobe_dims(rng, 'cm')}; "
+        f"isthmus {rng.uniform(0.2, 0.5):.1f} cm; "
+        + ("heterogeneous." if f.diffuse_disease else "normal echotexture."),
+    ]
     items = {
         "location": f"- Nodule location: {f.lobe} lobe, {third}",
         "size": f"- Dimensions: {_dims(f, st)[0]} (L x W x AP)",
         "composition": f"- Composition: {comp}",
         "echogenicity": f"- Echogenicity: {echo}",
         "margin": f"- Margin: {margin}",
-        "calcification": "- Echogenic foci: " + ("punctate, microcalcifications present" if f.microcalcifications
-                                                 else "absent, no microcalcifications"),
-        "shape": "- Orientation: " + ("taller than wide (non-parallel)" if f.taller_than_wide
-                                      else "parallel, not taller than wide"),
+        "calcification": "- Echogenic foci: "
+        + (
+            "punctate, microcalcifications present"
+            if f.microcalcifications
+            else "absent, no microcalcifications"
+        ),
+        "shape": "- Orientation: "
+        + ("taller than wide (non-parallel)" if f.taller_than_wide else "parallel, not taller than wide"),
     }
     lines.append("- Dominant nodule:")
     lines.extend(text for key, text in items.items() if m[key])
     if f.node_finding:
-        lines.append("- Cervical lymph nodes: " + _node_sentence(rng, f.lobe, (
-            "suspicious lateral cervical lymph node at level {level} on neck ultrasound ({side}), {feature}",
-            "{side} level {level} node with {feature}, suspicious")))
+        lines.append(
+            "- Cervical lymph nodes: "
+            + _node_sentence(
+                rng,
+                f.lobe,
+                (
+                    "suspicious lateral cervical lymph node at level {level} on neck ultrasound "
+                    "({side}), {feature}",
+                    "{side} level {level} node with {feature}, suspicious",
+                ),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         lines.append("- Cervical lymph nodes: no suspicious lateral nodes")
-    lines.append("Recommendation: " + _pick(rng, ("cytology correlation.", "surgical consultation.",
-                                                   "correlate with FNA result.")))
+    lines.append(
+        "Recommendation: "
+        + _pick(rng, ("cytology correlation.", "surgical consultation.", "correlate with FNA result."))
+    )
     return lines
 
 
 def _site_d(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.Generator) -> list[str]:
     side = {"right": "R", "left": "L"}[f.lobe]
     third = {"upper": "upper 1/3", "middle": "middle 1/3", "lower": "lower 1/3"}[f.third]
-    comp = {"solid": "solid", "predominantly solid": "solid w small cystic areas",
-            "mixed cystic-solid": "partly cystic"}[f.composition]
-    echo = {"hyperechoic": "hyperechoic", "isoechoic": "isoechoic", "hypoechoic": "hypoechoic",
-            "markedly hypoechoic": "marked hypoechogenicity"}[f.echogenicity]
-    margin = {"smooth": "smooth margin", "ill-defined": "blurred margin", "lobulated": "lobulated margin",
-              "irregular": "irreg margin", "extrathyroidal": "ETE present"}[f.margin]
+    comp = {
+        "solid": "solid",
+        "predominantly solid": "solid w small cystic areas",
+        "mixed cystic-solid": "partly cystic",
+    }[f.composition]
+    echo = {
+        "hyperechoic": "hyperechoic",
+        "isoechoic": "isoechoic",
+        "hypoechoic": "hypoechoic",
+        "markedly hypoechoic": "marked hypoechogenicity",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "smooth margin",
+        "ill-defined": "blurred margin",
+        "lobulated": "lobulated margin",
+        "irregular": "irreg margin",
+        "extrathyroidal": "ETE present",
+    }[f.margin]
     bits = []
     if m["location"]:
         bits.append(f"{side} lobe {third}:")
@@ -250,26 +363,46 @@ def _site_d(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     body = " ".join(bits) + (", " + ", ".join(tail) if tail else "") + "."
     lines.append(body[0].upper() + body[1:])
     if f.node_finding:
-        lines.append("LN: " + _node_sentence(rng, side, (
-            "{side} level {level} abnormal node, {feature}.", "susp lat LN lvl {level} ({side}), {feature}.")))
+        lines.append(
+            "LN: "
+            + _node_sentence(
+                rng,
+                side,
+                (
+                    "{side} level {level} abnormal node, {feature}.",
+                    "susp lat LN lvl {level} ({side}), {feature}.",
+                ),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         lines.append("LN: neg.")
     return lines
 
 
 def _site_e(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.Generator) -> list[str]:
-    comp = {"solid": "solid", "predominantly solid": "predominantly solid",
-            "mixed cystic-solid": "mixed cystic and solid"}[f.composition]
-    echo = {"hyperechoic": "hyperechoic", "isoechoic": "isoechoic", "hypoechoic": "hypoechoic",
-            "markedly hypoechoic": "markedly hypoechoic"}[f.echogenicity]
-    margin = {"smooth": "Its margins are smooth and not irregular.",
-              "ill-defined": "Its margins are ill-defined.",
-              "lobulated": "Its margins are lobulated.",
-              "irregular": "Its margins are irregular.",
-              "extrathyroidal": "Its margins are irregular and there is extrathyroidal extension."}[f.margin]
-    sentences = [f"Date of examination: {f.study_date[:4]}-{f.study_date[4:6]}-{f.study_date[6:]}.",
-                 "The thyroid gland is normal in size.",
-                 "The background parenchyma is " + ("heterogeneous." if f.diffuse_disease else "homogeneous.")]
+    comp = {
+        "solid": "solid",
+        "predominantly solid": "predominantly solid",
+        "mixed cystic-solid": "mixed cystic and solid",
+    }[f.composition]
+    echo = {
+        "hyperechoic": "hyperechoic",
+        "isoechoic": "isoechoic",
+        "hypoechoic": "hypoechoic",
+        "markedly hypoechoic": "markedly hypoechoic",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "Its margins are smooth and not irregular.",
+        "ill-defined": "Its margins are ill-defined.",
+        "lobulated": "Its margins are lobulated.",
+        "irregular": "Its margins are irregular.",
+        "extrathyroidal": "Its margins are irregular and there is extrathyroidal extension.",
+    }[f.margin]
+    sentences = [
+        f"Date of examination: {f.study_date[:4]}-{f.study_date[4:6]}-{f.study_date[6:]}.",
+        "The thyroid gland is normal in size.",
+        "The background parenchyma is " + ("heterogeneous." if f.diffuse_disease else "homogeneous."),
+    ]
     desc = ", ".join(x for x in (comp if m["composition"] else "", echo if m["echogenicity"] else "") if x)
     where = f"In the {f.third} third of the {f.lobe} lobe there is" if m["location"] else "There is"
     s = f"{where} {_article(desc)} {desc} nodule" if desc else f"{where} a nodule"
@@ -281,17 +414,30 @@ def _site_e(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     if m["margin"]:
         findings.append(margin)
     if m["calcification"]:
-        findings.append("Microcalcifications are present." if f.microcalcifications
-                        else "There are no microcalcifications.")
+        findings.append(
+            "Microcalcifications are present."
+            if f.microcalcifications
+            else "There are no microcalcifications."
+        )
     if m["shape"]:
-        findings.append("The nodule is taller-than-wide." if f.taller_than_wide
-                        else "The nodule is not taller-than-wide.")
+        findings.append(
+            "The nodule is taller-than-wide." if f.taller_than_wide else "The nodule is not taller-than-wide."
+        )
     rng.shuffle(findings)  # this site's radiologists do not follow a fixed order
     sentences.extend(findings)
     if f.node_finding:
-        sentences.append("Assessment of the neck: " + _node_sentence(rng, f.lobe, (
-            "suspicious lateral cervical lymph node at level {level} on the {side}, with {feature}.",
-            "an abnormal lymph node with {feature} at {side} level {level}, highly suspicious for metastasis.")))
+        sentences.append(
+            "Assessment of the neck: "
+            + _node_sentence(
+                rng,
+                f.lobe,
+                (
+                    "suspicious lateral cervical lymph node at level {level} on the {side}, with {feature}.",
+                    "an abnormal lymph node with {feature} at {side} level {level}, "
+                    "highly suspicious for metastasis.",
+                ),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         sentences.append("Assessment of the neck: no suspicious lateral cervical lymph nodes.")
     return [" ".join(sentences)]
@@ -301,11 +447,21 @@ def _site_f(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     side = {"right": "R", "left": "L"}[f.lobe]
     third = {"upper": "upper third", "middle": "mid third", "lower": "lower third"}[f.third]
     comp = {"solid": "solid", "predominantly solid": "mostly solid", "mixed cystic-solid": "cystic-solid"}[
-        f.composition]
-    echo = {"hyperechoic": "hyper", "isoechoic": "iso", "hypoechoic": "hypo",
-            "markedly hypoechoic": "very hypo"}[f.echogenicity]
-    margin = {"smooth": "margin smooth", "ill-defined": "margin unclear", "lobulated": "margin lobulated",
-              "irregular": "margin irregular", "extrathyroidal": "margin irregular + ETE"}[f.margin]
+        f.composition
+    ]
+    echo = {
+        "hyperechoic": "hyper",
+        "isoechoic": "iso",
+        "hypoechoic": "hypo",
+        "markedly hypoechoic": "very hypo",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "margin smooth",
+        "ill-defined": "margin unclear",
+        "lobulated": "margin lobulated",
+        "irregular": "margin irregular",
+        "extrathyroidal": "margin irregular + ETE",
+    }[f.margin]
     segs = ["THY US"]
     if m["location"]:
         segs.append(f"{side} lobe {third}")
@@ -326,8 +482,14 @@ def _site_f(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     if f.diffuse_disease:
         segs.append("bg heterogeneous")
     if f.node_finding:
-        segs.append("LN: " + _node_sentence(rng, side, ("lvl {level} {side} node, {feature}, susp",
-                                                        "abn node {side} lvl {level} ({feature})")))
+        segs.append(
+            "LN: "
+            + _node_sentence(
+                rng,
+                side,
+                ("lvl {level} {side} node, {feature}, susp", "abn node {side} lvl {level} ({feature})"),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         segs.append("LN: none")
     return [" // ".join(segs)]
@@ -335,16 +497,29 @@ def _site_f(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
 
 def _site_g(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.Generator) -> list[str]:
     third = {"upper": "upper pole", "middle": "interpolar region", "lower": "lower pole"}[f.third]
-    comp = {"solid": "solid", "predominantly solid": "predominantly solid",
-            "mixed cystic-solid": "partly cystic"}[f.composition]
-    echo = {"hyperechoic": "hyperechoic", "isoechoic": "isoechoic", "hypoechoic": "hypoechoic",
-            "markedly hypoechoic": "markedly hypoechoic"}[f.echogenicity]
-    margin = {"smooth": "The margins are well circumscribed.", "ill-defined": "The margins are poorly defined.",
-              "lobulated": "The margins are lobulated.", "irregular": "The margins are irregular.",
-              "extrathyroidal": "The margins are irregular with extrathyroidal extension."}[f.margin]
-    text = ["Ultrasound thyroid.",
-            "Both lobes are of normal size" + (" with a coarse, heterogeneous echotexture." if f.diffuse_disease
-                                                else " and echotexture.")]
+    comp = {
+        "solid": "solid",
+        "predominantly solid": "predominantly solid",
+        "mixed cystic-solid": "partly cystic",
+    }[f.composition]
+    echo = {
+        "hyperechoic": "hyperechoic",
+        "isoechoic": "isoechoic",
+        "hypoechoic": "hypoechoic",
+        "markedly hypoechoic": "markedly hypoechoic",
+    }[f.echogenicity]
+    margin = {
+        "smooth": "The margins are well circumscribed.",
+        "ill-defined": "The margins are poorly defined.",
+        "lobulated": "The margins are lobulated.",
+        "irregular": "The margins are irregular.",
+        "extrathyroidal": "The margins are irregular with extrathyroidal extension.",
+    }[f.margin]
+    text = [
+        "Ultrasound thyroid.",
+        "Both lobes are of normal size"
+        + (" with a coarse, heterogeneous echotexture." if f.diffuse_disease else " and echotexture."),
+    ]
     desc = " ".join(x for x in (comp if m["composition"] else "", echo if m["echogenicity"] else "") if x)
     where = f"Within the {third} of the {f.lobe} lobe is" if m["location"] else "There is"
     s = f"{where} {_article(desc)} {desc} nodule" if desc else f"{where} a nodule"
@@ -354,24 +529,42 @@ def _site_g(f: ReportFacts, m: dict[str, bool], st: ReportStyle, rng: np.random.
     if m["margin"]:
         text.append(margin)
     if m["calcification"]:
-        text.append("Microcalcification is present." if f.microcalcifications
-                    else "No microcalcification is seen.")
+        text.append(
+            "Microcalcification is present." if f.microcalcifications else "No microcalcification is seen."
+        )
     if m["shape"]:
         text.append("It is taller than wide." if f.taller_than_wide else "It is wider than tall.")
     if f.node_finding:
-        text.append("Lymph nodes: " + _node_sentence(rng, f.lobe, (
-            "abnormal lymph node with {feature} at level {level} on the {side}, suspicious for nodal disease.",
-            "a suspicious lateral cervical lymph node is seen at level {level} ({side}) with {feature}.")))
+        text.append(
+            "Lymph nodes: "
+            + _node_sentence(
+                rng,
+                f.lobe,
+                (
+                    "abnormal lymph node with {feature} at level {level} on the {side}, "
+                    "suspicious for nodal disease.",
+                    "a suspicious lateral cervical lymph node is seen at level {level} ({side}) "
+                    "with {feature}.",
+                ),
+            )
+        )
     elif rng.random() < st.node_negative_prob:
         text.append("No abnormal cervical lymphadenopathy.")
-    text.append("Opinion: " + _pick(rng, ("Thyroid nodule as described. Suggest FNA.",
-                                          "Nodule as above, for MDT discussion.")))
+    text.append(
+        "Opinion: "
+        + _pick(rng, ("Thyroid nodule as described. Suggest FNA.", "Nodule as above, for MDT discussion."))
+    )
     return [" ".join(text[:2]), " ".join(text[2:])]
 
 
 DIALECTS: dict[str, Dialect] = {
-    "site-a": _site_a, "site-b": _site_b, "site-c": _site_c, "site-d": _site_d, "site-e": _site_e,
-    "site-f": _site_f, "site-g": _site_g,
+    "site-a": _site_a,
+    "site-b": _site_b,
+    "site-c": _site_c,
+    "site-d": _site_d,
+    "site-e": _site_e,
+    "site-f": _site_f,
+    "site-g": _site_g,
 }
 
 _NEIGHBOURS = "qwertyuiopasdfghjklzxcvbnm"
@@ -388,20 +581,21 @@ def add_typos(text: str, rate: float, rng: np.random.Generator) -> str:
             i = int(rng.integers(1, len(core) - 1))
             kind = int(rng.integers(4))
             if kind == 0:
-                new = core[:i] + core[i + 1] + core[i] + core[i + 2:]
+                new = core[:i] + core[i + 1] + core[i] + core[i + 2 :]
             elif kind == 1:
-                new = core[:i] + core[i + 1:]
+                new = core[:i] + core[i + 1 :]
             elif kind == 2:
                 new = core[:i] + core[i] + core[i:]
             else:
-                new = core[:i] + _NEIGHBOURS[int(rng.integers(len(_NEIGHBOURS)))] + core[i + 1:]
+                new = core[:i] + _NEIGHBOURS[int(rng.integers(len(_NEIGHBOURS)))] + core[i + 1 :]
             token = token.replace(core, new, 1)
         out.append(token)
     return " ".join(out)
 
 
-def write_report(facts: ReportFacts, profile: SiteProfile, rng: np.random.Generator
-                 ) -> tuple[str, frozenset[str]]:
+def write_report(
+    facts: ReportFacts, profile: SiteProfile, rng: np.random.Generator
+) -> tuple[str, frozenset[str]]:
     """The site's report for one patient, and the risk-model features its text reveals."""
     try:
         dialect = DIALECTS[profile.name]

@@ -32,13 +32,24 @@ ETE = MARGINS.index("extrathyroidal")
 
 #: The terms of the logistic model; a modality "sees" a subset of them.
 FEATURES: tuple[str, ...] = (
-    "capsule", "third", "lobe", "size", "margin", "echogenicity", "composition", "microcalc", "shape",
-    "age", "sex", "node",
+    "capsule",
+    "third",
+    "lobe",
+    "size",
+    "margin",
+    "echogenicity",
+    "composition",
+    "microcalc",
+    "shape",
+    "age",
+    "sex",
+    "node",
 )
 #: What each ultrasound view shows (the transverse view shows the lobe side through the trachea's position,
 #: the nodule's width and depth and its distance to the capsule; the longitudinal view shows the third).
-TRANS_VIEW_FEATURES = frozenset({"capsule", "lobe", "size", "margin", "echogenicity", "composition",
-                                 "microcalc", "shape"})
+TRANS_VIEW_FEATURES = frozenset(
+    {"capsule", "lobe", "size", "margin", "echogenicity", "composition", "microcalc", "shape"}
+)
 LONG_VIEW_FEATURES = frozenset({"third", "size", "margin", "echogenicity", "composition", "microcalc"})
 CLINICAL_FEATURES = frozenset({"age", "sex"})
 
@@ -91,14 +102,21 @@ class RiskModel:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready parameters, with the category names the tuples are aligned with."""
         out: dict[str, Any] = asdict(self)
-        out["categories"] = {"third": list(THIRDS), "lobe": list(LOBES), "margin": list(MARGINS),
-                             "echogenicity": list(ECHOGENICITIES), "composition": list(COMPOSITIONS)}
+        out["categories"] = {
+            "third": list(THIRDS),
+            "lobe": list(LOBES),
+            "margin": list(MARGINS),
+            "echogenicity": list(ECHOGENICITIES),
+            "composition": list(COMPOSITIONS),
+        }
         out["formula"] = (
-            "logit P(LLNM) = site_intercept + capsule_beta*exp(-capsule_mm/capsule_decay_mm) + third_beta[third]"
-            " + left_beta*[lobe=left] + size_beta_per_doubling*log2(size_mm/size_ref_mm) + margin_beta[margin]"
+            "logit P(LLNM) = site_intercept + capsule_beta*exp(-capsule_mm/capsule_decay_mm)"
+            " + third_beta[third] + left_beta*[lobe=left]"
+            " + size_beta_per_doubling*log2(size_mm/size_ref_mm) + margin_beta[margin]"
             " + echo_beta[echogenicity] + composition_beta[composition] + microcalc_beta*microcalc"
             " + ttw_beta*taller_than_wide + age_beta_per_year*(age-age_ref) + male_beta*male"
-            " + node_beta*report_only_node_finding")
+            " + node_beta*report_only_node_finding"
+        )
         return out
 
 
@@ -113,7 +131,9 @@ def profile_by_name(name: str) -> SiteProfile:
     raise ValueError(f"unknown site {name!r}; known: {[p.name for p in SITE_PROFILES]}")
 
 
-def _truncated_gamma(rng: np.random.Generator, n: int, shape: float, scale: float, upper: float) -> np.ndarray:
+def _truncated_gamma(
+    rng: np.random.Generator, n: int, shape: float, scale: float, upper: float
+) -> np.ndarray:
     """Gamma draws restricted to [0, upper] by inverse CDF (one uniform per draw keeps streams aligned)."""
     cap = special.gammainc(shape, upper / scale)
     return scale * special.gammaincinv(shape, rng.random(n) * cap)
@@ -128,7 +148,9 @@ def _capsule_draws(rng: np.random.Generator, n: int, profile: SiteProfile, model
     return np.maximum(np.round(draws, 1), 0.1)
 
 
-def _draw_codes(n: int, profile: SiteProfile, rng: np.random.Generator, model: RiskModel) -> dict[str, np.ndarray]:
+def _draw_codes(
+    n: int, profile: SiteProfile, rng: np.random.Generator, model: RiskModel
+) -> dict[str, np.ndarray]:
     """The feature draw, as numbers (category indices, booleans, mm): fast enough for large reference samples.
 
     Distances and sizes are rounded to 0.1 mm, the precision at which reports state them, so that a report
@@ -152,8 +174,12 @@ def _draw_codes(n: int, profile: SiteProfile, rng: np.random.Generator, model: R
     node = rng.random(n) < profile.node_finding_prob
     # size: log-normal around the site's median, truncated to [size_min, size_max]
     mu = np.log(profile.size_median_mm)
-    lo, hi = special.ndtr([(np.log(model.size_min_mm) - mu) / model.size_log_sd,
-                           (np.log(model.size_max_mm) - mu) / model.size_log_sd])
+    lo, hi = special.ndtr(
+        [
+            (np.log(model.size_min_mm) - mu) / model.size_log_sd,
+            (np.log(model.size_max_mm) - mu) / model.size_log_sd,
+        ]
+    )
     size = np.exp(mu + model.size_log_sd * special.ndtri(lo + (hi - lo) * rng.random(n)))
     size = np.round(size, 1)
     # nodule dimensions (width, antero-posterior depth, length); taller-than-wide means depth > width
@@ -166,23 +192,49 @@ def _draw_codes(n: int, profile: SiteProfile, rng: np.random.Generator, model: R
     size = np.maximum(np.maximum(width_mm, depth_mm), length_mm)
     capsule = _capsule_draws(rng, n, profile, model)
     capsule = np.where(margin == ETE, 0.0, capsule)
-    return {"age": age, "male": male, "third": third, "left": left, "margin": margin, "echo": echo,
-            "composition": composition, "microcalc": microcalc, "ttw": depth_mm > width_mm, "node": node,
-            "size": size, "width": width_mm, "depth": depth_mm, "length": length_mm, "capsule": capsule}
+    return {
+        "age": age,
+        "male": male,
+        "third": third,
+        "left": left,
+        "margin": margin,
+        "echo": echo,
+        "composition": composition,
+        "microcalc": microcalc,
+        "ttw": depth_mm > width_mm,
+        "node": node,
+        "size": size,
+        "width": width_mm,
+        "depth": depth_mm,
+        "length": length_mm,
+        "capsule": capsule,
+    }
 
 
-def sample_features(n: int, profile: SiteProfile, rng: np.random.Generator,
-                    model: RiskModel = DEFAULT_MODEL) -> pd.DataFrame:
+def sample_features(
+    n: int, profile: SiteProfile, rng: np.random.Generator, model: RiskModel = DEFAULT_MODEL
+) -> pd.DataFrame:
     """Draw ``n`` patients' features for one site (no label): the truth every modality is rendered from."""
     c = _draw_codes(n, profile, rng, model)
-    return pd.DataFrame({
-        "age": c["age"], "sex": np.where(c["male"], "M", "F"), "lobe": np.array(LOBES)[c["left"].astype(int)],
-        "third": np.array(THIRDS)[c["third"]], "capsule_mm": c["capsule"], "size_mm": c["size"],
-        "width_mm": c["width"], "depth_mm": c["depth"], "length_mm": c["length"], "taller_than_wide": c["ttw"],
-        "margin": np.array(MARGINS)[c["margin"]], "echogenicity": np.array(ECHOGENICITIES)[c["echo"]],
-        "composition": np.array(COMPOSITIONS)[c["composition"]], "microcalcifications": c["microcalc"],
-        "node_finding": c["node"],
-    })
+    return pd.DataFrame(
+        {
+            "age": c["age"],
+            "sex": np.where(c["male"], "M", "F"),
+            "lobe": np.array(LOBES)[c["left"].astype(int)],
+            "third": np.array(THIRDS)[c["third"]],
+            "capsule_mm": c["capsule"],
+            "size_mm": c["size"],
+            "width_mm": c["width"],
+            "depth_mm": c["depth"],
+            "length_mm": c["length"],
+            "taller_than_wide": c["ttw"],
+            "margin": np.array(MARGINS)[c["margin"]],
+            "echogenicity": np.array(ECHOGENICITIES)[c["echo"]],
+            "composition": np.array(COMPOSITIONS)[c["composition"]],
+            "microcalcifications": c["microcalc"],
+            "node_finding": c["node"],
+        }
+    )
 
 
 def _codes(values: pd.Series | np.ndarray, categories: tuple[str, ...]) -> np.ndarray:
@@ -207,7 +259,8 @@ def _terms_from_codes(c: Mapping[str, np.ndarray], model: RiskModel) -> dict[str
         "capsule": capsule_term(c["capsule"], model),
         "third": np.asarray(model.third_beta)[c["third"]],
         "lobe": model.left_beta * np.asarray(c["left"], dtype=bool),
-        "size": model.size_beta_per_doubling * np.log2(np.asarray(c["size"], dtype=float) / model.size_ref_mm),
+        "size": model.size_beta_per_doubling
+        * np.log2(np.asarray(c["size"], dtype=float) / model.size_ref_mm),
         "margin": np.asarray(model.margin_beta)[c["margin"]],
         "echogenicity": np.asarray(model.echo_beta)[c["echo"]],
         "composition": np.asarray(model.composition_beta)[c["composition"]],
@@ -225,12 +278,18 @@ def feature_terms(df: pd.DataFrame, model: RiskModel = DEFAULT_MODEL) -> dict[st
     if not np.isin(sex, ("F", "M")).all():
         raise ValueError(f"sex must be F or M, got {sorted(set(sex.tolist()) - {'F', 'M'})}")
     codes = {
-        "capsule": df["capsule_mm"].to_numpy(float), "third": _codes(df["third"], THIRDS),
-        "left": _codes(df["lobe"], LOBES) == 1, "size": df["size_mm"].to_numpy(float),
-        "margin": _codes(df["margin"], MARGINS), "echo": _codes(df["echogenicity"], ECHOGENICITIES),
+        "capsule": df["capsule_mm"].to_numpy(float),
+        "third": _codes(df["third"], THIRDS),
+        "left": _codes(df["lobe"], LOBES) == 1,
+        "size": df["size_mm"].to_numpy(float),
+        "margin": _codes(df["margin"], MARGINS),
+        "echo": _codes(df["echogenicity"], ECHOGENICITIES),
         "composition": _codes(df["composition"], COMPOSITIONS),
-        "microcalc": df["microcalcifications"].to_numpy(bool), "ttw": df["taller_than_wide"].to_numpy(bool),
-        "age": df["age"].to_numpy(float), "male": sex == "M", "node": df["node_finding"].to_numpy(bool),
+        "microcalc": df["microcalcifications"].to_numpy(bool),
+        "ttw": df["taller_than_wide"].to_numpy(bool),
+        "age": df["age"].to_numpy(float),
+        "male": sex == "M",
+        "node": df["node_finding"].to_numpy(bool),
     }
     return _terms_from_codes(codes, model)
 
@@ -240,8 +299,16 @@ def _features_logit(terms: Mapping[str, np.ndarray]) -> np.ndarray:
 
 
 def _case_mix_key(profile: SiteProfile) -> tuple[Any, ...]:
-    return (profile.name, profile.target_prevalence, profile.male_prob, profile.age_mean, profile.age_sd,
-            profile.size_median_mm, profile.capsule_scale_mm, profile.node_finding_prob)
+    return (
+        profile.name,
+        profile.target_prevalence,
+        profile.male_prob,
+        profile.age_mean,
+        profile.age_sd,
+        profile.size_median_mm,
+        profile.capsule_scale_mm,
+        profile.node_finding_prob,
+    )
 
 
 _INTERCEPTS: dict[tuple[Any, ...], float] = {}
@@ -267,22 +334,30 @@ def site_intercept(profile: SiteProfile, model: RiskModel = DEFAULT_MODEL) -> fl
     return _INTERCEPTS[key]
 
 
-def sample_stage(features_logit: np.ndarray, size_mm: np.ndarray, llnm: np.ndarray, rng: np.random.Generator,
-                 model: RiskModel = DEFAULT_MODEL) -> np.ndarray:
+def sample_stage(
+    features_logit: np.ndarray,
+    size_mm: np.ndarray,
+    llnm: np.ndarray,
+    rng: np.random.Generator,
+    model: RiskModel = DEFAULT_MODEL,
+) -> np.ndarray:
     """Risk stage 1-3 for positive patients (0 for negatives): higher risk and larger nodules, higher stage.
 
     Stage 3 (a metastatic node > 3 cm) is the rarest, as in the paper's Table 1 (most positives have 1-5
     small metastatic nodes).
     """
-    latent = (model.stage_risk_weight * features_logit
-              + model.stage_size_weight * np.log2(size_mm / model.size_ref_mm)
-              + rng.logistic(0.0, 1.0, len(features_logit)))
+    latent = (
+        model.stage_risk_weight * features_logit
+        + model.stage_size_weight * np.log2(size_mm / model.size_ref_mm)
+        + rng.logistic(0.0, 1.0, len(features_logit))
+    )
     stage = 1 + (latent > model.stage_cuts[0]).astype(int) + (latent > model.stage_cuts[1]).astype(int)
     return np.where(llnm.astype(bool), stage, 0)
 
 
-def label_patients(features: pd.DataFrame, profile: SiteProfile, rng: np.random.Generator,
-                   model: RiskModel = DEFAULT_MODEL) -> pd.DataFrame:
+def label_patients(
+    features: pd.DataFrame, profile: SiteProfile, rng: np.random.Generator, model: RiskModel = DEFAULT_MODEL
+) -> pd.DataFrame:
     """Add the true risk, the sampled LLNM label and the risk stage to a feature table (a copy)."""
     out = features.copy()
     logit = _features_logit(feature_terms(features, model))
@@ -294,8 +369,13 @@ def label_patients(features: pd.DataFrame, profile: SiteProfile, rng: np.random.
     return out
 
 
-def sample_patients(n: int, *, site: str | SiteProfile = "site-a", seed: int | np.random.Generator = 0,
-                    model: RiskModel = DEFAULT_MODEL) -> pd.DataFrame:
+def sample_patients(
+    n: int,
+    *,
+    site: str | SiteProfile = "site-a",
+    seed: int | np.random.Generator = 0,
+    model: RiskModel = DEFAULT_MODEL,
+) -> pd.DataFrame:
     """Draw ``n`` labelled patients of one site without rendering anything.
 
     The exact code path the generator uses for the truth, exposed so that tests and analyses can check the
@@ -308,9 +388,15 @@ def sample_patients(n: int, *, site: str | SiteProfile = "site-a", seed: int | n
     return label_patients(sample_features(n, profile, rng, model), profile, rng, model)
 
 
-def expected_risk(patients: pd.DataFrame, seen: Mapping[str, np.ndarray], profile: SiteProfile,
-                  rng: np.random.Generator, model: RiskModel = DEFAULT_MODEL, draws: int = 1000,
-                  chunk: int = 256) -> np.ndarray:
+def expected_risk(
+    patients: pd.DataFrame,
+    seen: Mapping[str, np.ndarray],
+    profile: SiteProfile,
+    rng: np.random.Generator,
+    model: RiskModel = DEFAULT_MODEL,
+    draws: int = 1000,
+    chunk: int = 256,
+) -> np.ndarray:
     """E[risk | the features marked seen], per patient, by Monte Carlo over the unseen ones.
 
     ``seen[f]`` is a boolean array (one per patient) for every feature in :data:`FEATURES`. Unseen features
@@ -349,12 +435,18 @@ def expected_risk(patients: pd.DataFrame, seen: Mapping[str, np.ndarray], profil
         # capsule: seen -> own; margin seen -> 0 if ETE else non-ETE draw; neither -> joint reference draw
         is_ete = (pat_margin[sl] == ETE)[:, None]
         cap_given_margin = np.where(is_ete, cap_zero, cap_non_ete[None, :])
-        logit += np.where(s_cap, pat_terms["capsule"][sl, None],
-                          np.where(s_mar, cap_given_margin, ref_terms["capsule"][None, :]))
+        logit += np.where(
+            s_cap,
+            pat_terms["capsule"][sl, None],
+            np.where(s_mar, cap_given_margin, ref_terms["capsule"][None, :]),
+        )
         # margin: seen -> own; capsule seen -> ETE iff distance 0; neither -> joint reference draw
         touching = (patients["capsule_mm"].to_numpy(float)[sl] <= 0.0)[:, None]
         margin_given_cap = np.where(touching, model.margin_beta[ETE], margin_non_ete[None, :])
-        logit += np.where(s_mar, pat_terms["margin"][sl, None],
-                          np.where(s_cap, margin_given_cap, ref_terms["margin"][None, :]))
+        logit += np.where(
+            s_mar,
+            pat_terms["margin"][sl, None],
+            np.where(s_cap, margin_given_cap, ref_terms["margin"][None, :]),
+        )
         out[sl] = special.expit(logit).mean(axis=1)
     return out
