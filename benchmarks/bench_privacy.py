@@ -18,7 +18,6 @@ Each simulation takes minutes on 2 CPU cores; `--patient-eps` / `--site-noise` /
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -48,19 +47,18 @@ def _versions() -> dict[str, str]:
 
 def _setting_config(base: Any, *, name: str, patient_eps: float | None, site_noise: float | None,
                     site_clip: float, rounds: int | None) -> Any:
-    exp = copy.deepcopy(base)
-    exp.name = name
+    from fl_server.config import parse_config
+
+    data = base.model_dump(mode="json")
+    data["name"] = name
     if rounds is not None:
-        exp.federation.rounds = rounds
-    exp.privacy.patient.enabled = patient_eps is not None
-    exp.privacy.patient.target_epsilon = patient_eps
-    exp.privacy.patient.noise_multiplier = None
-    exp.privacy.site.enabled = site_noise is not None
+        data["federation"]["rounds"] = rounds
+    data["privacy"]["patient"].update(enabled=patient_eps is not None, target_epsilon=patient_eps,
+                                      noise_multiplier=None)
+    data["privacy"]["site"].update(enabled=site_noise is not None)
     if site_noise is not None:
-        exp.privacy.site.clipping = "server-fixed"
-        exp.privacy.site.noise_multiplier = site_noise
-        exp.privacy.site.clipping_norm = site_clip
-    return exp
+        data["privacy"]["site"].update(clipping="server-fixed", noise_multiplier=site_noise, clipping_norm=site_clip)
+    return parse_config(data, source=f"benchmark setting {name}")
 
 
 def _run(exp: Any, data: Path, workdir: Path) -> dict[str, Any]:

@@ -43,6 +43,7 @@ import os
 import secrets
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -494,6 +495,12 @@ class PatientDPSession:
         """`train_local` hooks that make the model, optimiser and loader private with Opacus."""
         from shared_model.training import TrainHooks
 
+        # Two notices every round would otherwise print at every site: Opacus' reminder that its secure
+        # RNG is off (docs/privacy.md explains the generators used instead) and PyTorch's note that the
+        # per-sample-gradient hooks on the first layer see no input gradients (expected: inputs are data).
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                "respect to module outputs since no inputs require gradients", category=UserWarning)
         return TrainHooks(make_private=self._make_private)
 
     def _fingerprint(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader) -> str:

@@ -450,3 +450,41 @@ def test_resumed_run_continues_the_ledger(dp_run: dict, tmp_path: Path) -> None:
     server = after["rounds"][1]["server"]
     assert server["releases"] == 3
     assert close(server["epsilon"], gaussian_epsilon(SITE_Z, 3, DELTA))
+
+
+@pytest.mark.parametrize(
+    ("clipping", "flower_class", "accounted"),
+    [("server-fixed", "DifferentialPrivacyServerSideFixedClipping", True),
+     ("client-fixed", "DifferentialPrivacyClientSideFixedClipping", True),
+     ("server-adaptive", "DifferentialPrivacyServerSideAdaptiveClipping", False),
+     ("client-adaptive", "DifferentialPrivacyClientSideAdaptiveClipping", False)],
+)
+def test_site_dp_modes_use_flowers_wrappers(clipping: str, flower_class: str, accounted: bool) -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_server.config import parse_config
+    from fl_server.privacy import flower_wrapper_name, wrap_with_site_dp
+
+    exp = parse_config({"privacy": {"site": {"enabled": True, "clipping": clipping, "noise_multiplier": 0.3,
+                                             "clipping_norm": 0.5}}})
+    strategy = wrap_with_site_dp(FedAvg(weighted_by_key="unit-weight"), exp, 7)
+    assert flower_wrapper_name(strategy) == flower_class
+    assert (getattr(strategy, "accountant", None) is not None) == accounted
+
+
+def test_site_dp_configuration_errors_name_the_key() -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl_server.config import ConfigError, parse_config
+    from fl_server.privacy import wrap_with_site_dp
+
+    # Flower's default clipped_count_stddev (7/20) is too small for noise 1.0 with adaptive clipping.
+    exp = parse_config({"privacy": {"site": {"enabled": True, "clipping": "server-adaptive",
+                                             "noise_multiplier": 1.0}}})
+    with pytest.raises(ConfigError, match=r"privacy\.site\.clipped_count_stddev"):
+        wrap_with_site_dp(FedAvg(weighted_by_key="unit-weight"), exp, 7)
+    with pytest.raises(ConfigError, match=r"federation\.strategy"):
+        parse_config({"federation": {"strategy": "fedadam"},
+                      "privacy": {"site": {"enabled": True, "clipping": "server-fixed"}}})
+    with pytest.raises(ConfigError, match="no accountant for adaptive clipping"):
+        parse_config({"privacy": {"site": {"enabled": True, "clipping": "client-adaptive", "max_epsilon": 3}}})
