@@ -198,25 +198,40 @@ class Federation:
             self.known_sites.add(name)
 
     def exchange(self, messages: list[Message], phase: str) -> RoundOutcome:
-        """Send, wait up to the round timeout, and sort replies from failures (errors, timeouts)."""
-        sent = {m.metadata.dst_node_id: m for m in messages}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.exp.federation.round_timeout_s))
+        """Send, wait up to the round timeout, and sort replies from failures (errors, timeouts).
+
+        Our own push/pull loop rather than `Grid.send_and_receive`: an error reply that the SuperLink
+        generates for a node (unavailable, upload expired) does not come from that node, so failures are
+        attributed through the id of the message they answer.
+        """
+        fed = self.exp.federation
+        if not messages:
+            return RoundOutcome([], [])
+        dst = [m.metadata.dst_node_id for m in messages]
+        ids = list(self.grid.push_messages(messages))
+        node_of = dict(zip(ids, dst, strict=True))
+        pending = set(ids)
+        deadline = time.monotonic() + fed.round_timeout_s
         ok: list[Message] = []
         failures: list[dict[str, Any]] = []
-        answered: set[int] = set()
-        for r in replies:
-            node = r.metadata.src_node_id
-            answered.add(node)
-            if r.has_error():
-                failures.append({"site": self._name(node), "node_id": node, "phase": phase,
-                                 "reason": f"error: {r.error.reason}"})
-            else:
-                ok.append(r)
-        for node in sent:
-            if node not in answered:
-                failures.append({"site": self._name(node), "node_id": node, "phase": phase,
-                                 "reason": f"no reply within {self.exp.federation.round_timeout_s:.0f} s "
-                                           "(timed out or disconnected)"})
+        while pending and time.monotonic() < deadline:
+            for r in self.grid.pull_messages(list(pending)):
+                mid = r.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                node = node_of[mid]
+                if r.has_error():
+                    failures.append({"site": self._name(node), "node_id": node, "phase": phase,
+                                     "reason": f"error: {r.error.reason}"})
+                else:
+                    ok.append(r)
+            if pending:
+                time.sleep(1.0)
+        for mid in pending:
+            node = node_of[mid]
+            failures.append({"site": self._name(node), "node_id": node, "phase": phase,
+                             "reason": f"no reply within {fed.round_timeout_s:.0f} s (timed out or disconnected)"})
         return RoundOutcome(ok, failures)
 
     def offline_sites(self, nodes: Iterable[int], phase: str) -> list[dict[str, Any]]:
