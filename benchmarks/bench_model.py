@@ -92,6 +92,7 @@ def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, pr
         keep_l = p["llnm"] >= 0
         auc = binary_metrics(p["llnm"][keep_l].astype(int), p["score"][keep_l], n_bootstrap=0)["auc"]
         history.append({"epoch": epoch, "loss": round(res.loss, 4), "val_auc": auc})
+        print(f"[bench]   epoch {epoch}/{epochs} loss {res.loss:.4f} val AUC {auc}", flush=True)
         if auc is not None and auc > best:
             best, best_epoch = auc, epoch
             best_state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -205,7 +205,7 @@ class Deployment:
 
     def __enter__(self) -> Deployment:
         self.link = start([str(BIN / "llnm-server"), "start", "--host", "127.0.0.1", "--port", str(self.port),
-                           "--insecure", "--database", str(self.tmp / "superlink.db")], self.tmp / "superlink.log")
+                           "--insecure"], self.tmp / "superlink.log")
         wait_for_port(self.port)
         for site in self.sites:
             self.nodes[site.name] = start(
