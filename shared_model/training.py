@@ -159,16 +159,11 @@ def train_local(
             iterator = tqdm(loader, desc=f"{description} epoch {epoch + 1}/{cfg.local_epochs}", leave=False)
         epoch_loss, epoch_n = 0.0, 0
         for batch in iterator:
-            if batch[0].shape[0] == 0:
-                # Poisson sampling may draw an empty batch; Opacus still expects the step so that the
-                # accountant's step count matches the sampled batches.
-                optimizer.zero_grad(set_to_none=True)
-                if private:
-                    optimizer.step()
-                    steps += 1
-                    if hooks.after_step:
-                        hooks.after_step()
+            if batch[0].shape[0] == 0 and not private:
                 continue
+            # Under DP-SGD an empty Poisson batch still goes through forward/backward (LLNMNet and llnm_loss
+            # accept B = 0): Opacus then has empty per-sample gradients, adds its noise, steps and accounts
+            # the step. Skipping it would make the number of releases depend on the data.
             image, view_mask, text, text_mask, clinical, clinical_mask, llnm, stage = _to_device(batch, device)
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, use_amp):
