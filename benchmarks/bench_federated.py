@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [header]
     for n in [*names, "pooled"]:
         row = f"{n:<10}{results['bayes_test_auc'][n]:>8.3f}"
-        for _m, e in results["methods"].items():
+        for e in results["methods"].values():
             v = e["pooled_test_auc"] if n == "pooled" else e["site_test_auc"].get(n)
             row += f"{v:>9.3f}" if v is not None else f"{'-':>9}"
         lines.append(row)
