@@ -46,13 +46,15 @@ def _versions() -> dict[str, str]:
 
 
 def _setting_config(base: Any, *, name: str, patient_eps: float | None, site_noise: float | None,
-                    site_clip: float, rounds: int | None) -> Any:
+                    site_clip: float, rounds: int | None, seed: int | None = None) -> Any:
     from fl_server.config import parse_config
 
     data = base.model_dump(mode="json")
     data["name"] = name
     if rounds is not None:
         data["federation"]["rounds"] = rounds
+    if seed is not None:
+        data["train"]["seed"] = seed
     data["privacy"]["patient"].update(enabled=patient_eps is not None, target_epsilon=patient_eps,
                                       noise_multiplier=None)
     data["privacy"]["site"].update(enabled=site_noise is not None)
@@ -88,6 +90,57 @@ def _run(exp: Any, data: Path, workdir: Path) -> dict[str, Any]:
 
         out["guarantee"] = PrivacyLedger.load(rd).guarantee_sentences()
     return out
+
+
+def _run_with_retry(base: Any, name: str, data: Path, workdir: Path, **setting: Any) -> dict[str, Any]:
+    """One simulation; Ray occasionally fails to start on a busy machine, so one fresh try on failure."""
+    for attempt in range(2):
+        exp = _setting_config(base, name=name + ("-retry" if attempt else ""), **setting)
+        try:
+            return _run(exp, data, workdir)
+        except (RuntimeError, OSError) as exc:
+            print(f"[bench] {name}: failed ({exc})", flush=True)
+            error = str(exc)
+    return {"error": error}
+
+
+def _summarise(runs: list[dict[str, Any]], eps: float | None, noise: float | None) -> dict[str, Any]:
+    """Mean (and spread) over repeated runs of one setting; each run is kept under "runs"."""
+    ok = [r for r in runs if isinstance(r.get("pooled_test_auc"), float)]
+    aucs = [r["pooled_test_auc"] for r in ok]
+    sites = sorted({s for r in ok for s in r.get("site_test_auc", {})})
+    summary: dict[str, Any] = {
+        "patient_target_epsilon": eps,
+        "site_noise_multiplier": noise,
+        "repeats": len(runs),
+        "pooled_test_auc": round(statistics.mean(aucs), 4) if aucs else None,
+        "pooled_test_auc_sd": round(statistics.stdev(aucs), 4) if len(aucs) > 1 else None,
+        "site_test_auc": {s: _mean([r["site_test_auc"].get(s) for r in ok]) for s in sites},
+        "runs": runs,
+    }
+    if ok:
+        for key in ("patient_epsilon", "site_epsilon", "guarantee"):
+            if key in ok[0]:
+                summary[key] = ok[0][key]
+    return summary
+
+
+def _mean(values: list[Any]) -> float | None:
+    nums = [v for v in values if isinstance(v, (int, float))]
+    return round(statistics.mean(nums), 4) if nums else None
+
+
+def _costs(results: dict[str, Any]) -> None:
+    """Pooled-AUC cost of each setting against non-private training, paired by seed (same initial model)."""
+    ref = results["settings"].get("patient-eps-none")
+    if not ref:
+        return
+    ref_by_seed = {r["seed"]: r.get("pooled_test_auc") for r in ref["runs"]}
+    for res in results["settings"].values():
+        diffs = [ref_by_seed[r["seed"]] - r["pooled_test_auc"] for r in res["runs"]
+                 if isinstance(r.get("pooled_test_auc"), float) and isinstance(ref_by_seed.get(r["seed"]), float)]
+        res["pooled_auc_cost_vs_non_private"] = round(statistics.mean(diffs), 4) if diffs else None
+        res["pooled_auc_cost_sd"] = round(statistics.stdev(diffs), 4) if len(diffs) > 1 else None
 
 
 def _mean_train_seconds(metrics: dict[str, Any]) -> float | None:
@@ -163,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="site-level noise multipliers (server-side fixed clipping); empty to skip")
     p.add_argument("--site-clip", type=float, default=1.0, help="site-level clipping norm")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per setting, with train.seed = the config's seed + 0, 1, ... (costs are paired by seed)")
     p.add_argument("--step-repeats", type=int, default=3, help="timed repeats of the step-time comparison")
     p.add_argument("--workdir", help="where the run directories go (default: a temporary folder)")
     p.add_argument("--step-time-only", action="store_true",
@@ -209,33 +264,23 @@ def main(argv: list[str] | None = None) -> int:
         results = previous
         settings = []
     for label, eps, noise in settings:
-        exp = _setting_config(base, name=f"bench-{label}-{stamp}", patient_eps=eps, site_noise=noise,
-                              site_clip=args.site_clip, rounds=args.rounds)
-        print(f"[bench] {label}: simulating {exp.federation.rounds} rounds ...", flush=True)
-        try:
-            res = _run(exp, data, workdir)
-        except (RuntimeError, OSError) as exc:
-            # Ray occasionally fails to start on a busy machine; one fresh try, then record the failure.
-            print(f"[bench] {label}: failed ({exc}); retrying once", flush=True)
-            exp = _setting_config(base, name=f"bench-{label}-{stamp}-retry", patient_eps=eps, site_noise=noise,
-                                  site_clip=args.site_clip, rounds=args.rounds)
-            try:
-                res = _run(exp, data, workdir)
-            except (RuntimeError, OSError) as exc2:
-                res = {"error": str(exc2)}
-        res.update({"patient_target_epsilon": eps, "site_noise_multiplier": noise})
-        results["settings"][label] = res
-        print(f"[bench] {label}: pooled test AUC {res.get('pooled_test_auc')} ({res.get('seconds', 0):.0f} s)",
-              flush=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        runs: list[dict[str, Any]] = []
+        for rep in range(args.repeats):
+            seed = base.train.seed + rep
+            print(f"[bench] {label} (seed {seed}): simulating ...", flush=True)
+            res = _run_with_retry(base, f"bench-{label}-s{seed}-{stamp}", data, workdir, patient_eps=eps,
+                                  site_noise=noise, site_clip=args.site_clip, rounds=args.rounds, seed=seed)
+            res["seed"] = seed
+            runs.append(res)
+            print(f"[bench] {label} (seed {seed}): pooled test AUC {res.get('pooled_test_auc')} "
+                  f"({res.get('seconds', 0):.0f} s)", flush=True)
+            results["settings"][label] = _summarise(runs, eps, noise)
+            out.write_text(json.dumps(results, indent=2) + "\n")
 
+    if results["settings"] and not args.step_time_only:
+        _costs(results)
     print("[bench] timing local training steps ...", flush=True)
     results["step_time"] = step_times(base, sites[0], repeats=args.step_repeats, workdir=workdir)
-    ref = results["settings"].get("patient-eps-none", {}).get("pooled_test_auc")
-    for res in results["settings"].values():
-        auc = res.get("pooled_test_auc")
-        res["pooled_auc_cost_vs_non_private"] = (round(ref - auc, 4) if isinstance(ref, float)
-                                                 and isinstance(auc, float) else None)
     results["finished"] = time.strftime("%Y%m%d-%H%M%S")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown_table(results))
@@ -245,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown_table(results: dict[str, Any]) -> str:
     sites = results["sites"]
-    head = "| setting | pooled test AUC | cost vs no DP | epsilon (max over sites / site-level) | " + \
+    head = "| setting | pooled test AUC (mean +- sd) | cost vs no DP (paired) | epsilon (max over sites / site) | " + \
         " | ".join(sites) + " |"
     lines = [head, "|" + "---|" * (4 + len(sites))]
     for label, r in results["settings"].items():
@@ -253,7 +298,8 @@ def markdown_table(results: dict[str, Any]) -> str:
         eps_txt = (f"{max(v for v in eps.values() if v is not None):.2f}" if any(v is not None for v in eps.values())
                    else (f"{r['site_epsilon']:.2f} (site)" if r.get("site_epsilon") is not None else "-"))
         cells = [_f(r.get("site_test_auc", {}).get(s)) for s in sites]
-        lines.append(f"| {label} | {_f(r.get('pooled_test_auc'))} | {_f(r.get('pooled_auc_cost_vs_non_private'))} "
+        lines.append(f"| {label} | {_pm(r.get('pooled_test_auc'), r.get('pooled_test_auc_sd'))} "
+                     f"| {_pm(r.get('pooled_auc_cost_vs_non_private'), r.get('pooled_auc_cost_sd'))} "
                      f"| {eps_txt} | " + " | ".join(cells) + " |")
     st = results.get("step_time")
     if st:
@@ -263,6 +309,10 @@ def markdown_table(results: dict[str, Any]) -> str:
                      f"{st['cpu_seconds_per_step_dp_sgd'] * 1000:.0f} ms CPU time per step "
                      f"({st['cpu_overhead_ratio']:.2f}x; wall {st['overhead_ratio']:.2f}x)")
     return "\n".join(lines)
+
+
+def _pm(mean: Any, sd: Any) -> str:
+    return _f(mean) + (f" +- {sd:.3f}" if isinstance(sd, (int, float)) else "")
 
 
 def _f(v: Any) -> str:
