@@ -8,6 +8,10 @@ same model selection (the epoch or round with the best validation AUC). Reports 
 method beside the Bayes-optimal AUC that `llnm-synth` recorded for that site's test split, the pooled test
 AUC, wall time, and the bytes each site sends per round (the trainable LLNMNet parameters only, vs the full
 model including the frozen text encoder that never travels). Writes benchmarks/results/federated.json.
+
+Methods can run in separate invocations (e.g. one per core): with `--methods fedavg`, the methods already in
+`--out` are kept when they were run with the same settings (consortium, rounds, local epochs, mu, --set
+options, config), and replaced otherwise.
 """
 
 from __future__ import annotations
@@ -73,15 +77,22 @@ def main(argv: list[str] | None = None) -> int:
               f"baseline.epochs={args.rounds * args.local_epochs}", *args.set]
     config = Path(args.config)
     exp = load_config(config, parse_set_options(common))
+    settings = {"consortium": str(data.resolve()), "config": str(config.resolve()), "rounds": args.rounds,
+                "local_epochs": args.local_epochs, "proximal_mu": args.proximal_mu, "set": list(args.set)}
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    kept = previous.get("methods", {}) if previous.get("settings") == settings else {}
+    command = "python benchmarks/bench_federated.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = {
-        "command": "python benchmarks/bench_federated.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": ([*previous.get("commands", [])] if kept else []) + [command],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": settings,
         "consortium": str(data),
         "total_local_epochs": args.rounds * args.local_epochs,
         "bayes_test_auc": {name: s["auc"]["test"]["bayes"] for name, s in consortium["sites"].items()}
         | {"pooled": consortium["pooled"]["auc"]["test"]["bayes"]},
         "communication": model_bytes(exp),
-        "methods": {},
+        "methods": dict(kept),
     }
     comm = results["communication"]
     for method in args.methods.split(","):
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         results["methods"][method] = entry
         print(f"[bench]   pooled test AUC {entry['pooled_test_auc']:.3f} in {entry['wall_seconds']:.0f} s", flush=True)
 
+    order = [m for m in ("pooled", "local", "fedavg", "fedprox") if m in results["methods"]]
+    results["methods"] = {m: results["methods"][m] for m in order} | results["methods"]
     names = sorted(results["bayes_test_auc"].keys() - {"pooled"})
     header = f"{'site':<10}{'bayes':>8}" + "".join(f"{m:>9}" for m in results["methods"])
     lines = [header]
@@ -118,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(row)
     lines.append(f"{'wall s':<18}" + "".join(f"{e['wall_seconds']:>9.0f}" for e in results["methods"].values()))
     results["table"] = lines
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n".join(lines))

@@ -44,6 +44,15 @@ class TextEncoderSection(_Strict):
     sha256: str | None = "pinned"  # "pinned": the default encoder's pinned hash; null: no check (another encoder)
     max_length: int = Field(default=64, ge=4, le=512)
     trainable_top_layers: int = Field(default=0, ge=0, le=24)
+    # "token": one text token per word piece (the paper); "segment": one per report sentence/line.
+    unit: Literal["token", "segment"] = "token"
+    max_segments: int = Field(default=24, ge=1, le=512)
+
+    @model_validator(mode="after")
+    def _top_layers_need_tokens(self) -> TextEncoderSection:
+        if self.unit == "segment" and self.trainable_top_layers:
+            raise ValueError("trainable_top_layers needs unit: token (segment units pool the word pieces away)")
+        return self
 
 
 class PreprocessSection(_Strict):
@@ -191,7 +200,8 @@ class ExperimentConfig(_Strict):
 
         overrides = dict(self.model.overrides)
         overrides.setdefault("image_size", self.preprocess.image_size)
-        overrides.setdefault("text_max_length", self.preprocess.text.max_length)
+        text = self.preprocess.text
+        overrides.setdefault("text_max_length", text.max_length if text.unit == "token" else text.max_segments)
         # The model holds the trainable top encoder layers; the site cache holds the frozen layers' output.
         overrides.setdefault("text_top_layers", self.preprocess.text.trainable_top_layers)
         return ModelConfig.preset(self.model.preset, **overrides).to_dict()

@@ -121,6 +121,8 @@ def preprocess_config_dict(exp: ExperimentConfig) -> dict[str, Any]:
         **({"path": text["path"]} if text["path"] else {}),
         max_length=text["max_length"],
         trainable_top_layers=text["trainable_top_layers"],
+        unit=text["unit"],
+        max_segments=text["max_segments"],
     )
     if text["sha256"] != "pinned":
         text_cfg.sha256 = text["sha256"]

@@ -696,7 +696,7 @@ def describe_config(cfg: PreprocessConfig) -> str:
     """One line for logs: the settings that matter when comparing two caches."""
     return (
         f"S={cfg.image_size} frame={cfg.frame} crop_margin={cfg.crop_margin} band={cfg.margin_band_mm}mm "
-        f"percentiles={cfg.intensity_percentiles} text_len={cfg.text.max_length} "
+        f"percentiles={cfg.intensity_percentiles} text={cfg.text.unit}x{cfg.text.num_positions} "
         f"fingerprint={cfg.fingerprint()[:12]}"
     )
 

@@ -11,6 +11,15 @@ feature spaces. So before loading, ``model.safetensors`` is hashed and compared 
 (and, for the default encoder, the tokenizer and config files too: they change the token ids just as
 much as the weights change the vectors).
 
+Two granularities (``TextEncoderConfig.unit``):
+
+* ``"token"`` (the paper): the report's word-piece hidden states, cut at ``max_length`` tokens.
+* ``"segment"``: the report is split into its sentences / list items / lines, and each segment becomes
+  one text token, the mean of its word-piece hidden states (the pooling all-MiniLM-L6-v2 was trained
+  for as a sentence encoder). A whole report fits in ``max_segments`` tokens, where word pieces would
+  need 150+, so nothing is cut from long reports (a lymph-node finding usually comes last) and the
+  small CPU preset's sequence stays short.
+
 Another local encoder (e.g. a Chinese clinical BERT, closer to the paper's ``bert-base-chinese``) can
 be used with ``TextEncoderConfig(path=..., sha256=<its hash>)``; ``sha256=None`` turns verification off
 and must be asked for explicitly. Loading always uses ``local_files_only=True`` and safetensors only:
@@ -67,6 +76,16 @@ DEFAULT_ENCODER_FILE_SHA256: dict[str, str] = {
 }
 
 WEIGHTS_FILE = "model.safetensors"
+TEXT_UNITS = ("token", "segment")
+
+#: Bumped whenever `split_report` changes, so cached segment encodings are rebuilt.
+SEGMENTER_VERSION = 1
+
+# Segment boundaries: line breaks; sentence-ending punctuation (or ';') followed by whitespace; and the
+# separators of telegraphic reports (" // ", " / ", " | ", leading "- " / "* " bullets). Decimal points
+# ("2.1 mm") and slashes inside words ("III/IV") are not boundaries: they have no whitespace after them.
+_SEGMENT_BOUNDARY = re.compile(r"\n+|(?<=[.!?;])\s+|\s+(?://|/|\|)\s+")
+_BULLET = re.compile(r"^\s*(?:[-*\u2022]\s+)+")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -116,14 +135,21 @@ class TextEncoderConfig:
             Chinese BERT).
         max_length: tokens per report after truncation/padding (the paper cuts Chinese reports at 50
             characters, about 50 tokens; 64 leaves room for [CLS]/[SEP] and English word pieces).
+            In ``segment`` units, the word pieces per segment.
         trainable_top_layers: 0 keeps the encoder frozen (the paper). k > 0 makes ``encode_reports`` return
             the hidden states *before* the top k layers; LLNMNet then owns trainable copies of those k layers.
+            Token units only (trainable layers need the word pieces).
+        unit: ``"token"`` (one text token per word piece, the paper) or ``"segment"`` (one per report
+            sentence, list item or line: its mean-pooled hidden state).
+        max_segments: text tokens per report in ``segment`` units.
     """
 
     path: Path | str | None = None
     sha256: str | None = DEFAULT_ENCODER_SHA256
     max_length: int = 64
     trainable_top_layers: int = 0
+    unit: str = "token"
+    max_segments: int = 24
 
     def __post_init__(self) -> None:
         if self.sha256 is not None:
@@ -139,6 +165,20 @@ class TextEncoderConfig:
                 "TextEncoderConfig.trainable_top_layers must be an integer >= 0, "
                 f"got {self.trainable_top_layers!r}"
             )
+        if self.unit not in TEXT_UNITS:
+            raise ValueError(f"TextEncoderConfig.unit must be one of {TEXT_UNITS}, got {self.unit!r}")
+        if not isinstance(self.max_segments, int) or isinstance(self.max_segments, bool) or self.max_segments < 1:
+            raise ValueError(f"TextEncoderConfig.max_segments must be an integer >= 1, got {self.max_segments!r}")
+        if self.unit == "segment" and self.trainable_top_layers:
+            raise ValueError(
+                "TextEncoderConfig.trainable_top_layers needs unit='token': trainable encoder layers run on the "
+                "word pieces, which segment units pool away"
+            )
+
+    @property
+    def num_positions(self) -> int:
+        """Text tokens per report that ``encode_reports`` returns (the model's ``text_max_length``)."""
+        return self.max_length if self.unit == "token" else self.max_segments
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (the path as a string or None), e.g. for a round's config record."""
@@ -147,12 +187,14 @@ class TextEncoderConfig:
             "sha256": self.sha256,
             "max_length": self.max_length,
             "trainable_top_layers": self.trainable_top_layers,
+            "unit": self.unit,
+            "max_segments": self.max_segments,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TextEncoderConfig:
         """Inverse of ``to_dict``; unknown keys are an error (a typo must not silently change the encoder)."""
-        known = {"path", "sha256", "max_length", "trainable_top_layers"}
+        known = {"path", "sha256", "max_length", "trainable_top_layers", "unit", "max_segments"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown text encoder setting(s) {unknown}; known: {sorted(known)}")
@@ -169,6 +211,9 @@ class TextEncoderConfig:
             "weights_sha256": weights,
             "max_length": self.max_length,
             "trainable_top_layers": self.trainable_top_layers,
+            "unit": self.unit,
+            "max_segments": self.max_segments,
+            "segmenter": SEGMENTER_VERSION,
         }
 
 
@@ -386,6 +431,20 @@ def load_top_layers(cfg: TextEncoderConfig) -> nn.ModuleList:
     return top
 
 
+def split_report(text: str) -> list[str]:
+    """A report's segments in reading order: sentences, list items and lines, stripped, none empty.
+
+    ``"Nodule: solid. Margins: irregular.\\n- LN: none"`` -> ``["Nodule: solid.", "Margins: irregular.",
+    "LN: none"]``.
+    """
+    out = []
+    for piece in _SEGMENT_BOUNDARY.split(text):
+        piece = _BULLET.sub("", piece).strip()
+        if piece:
+            out.append(piece)
+    return out
+
+
 def encode_reports(
     texts: list[str | None],
     cfg: TextEncoderConfig,
@@ -396,9 +455,11 @@ def encode_reports(
     """Tokenise and encode reports with the frozen encoder.
 
     Returns:
-        hidden: ``[N, max_length, D]`` float32 hidden states (the last layer, or the layer below the top
-            ``trainable_top_layers`` ones); zero at padding positions and for absent reports.
-        mask: ``[N, max_length]`` float32, 1 for real tokens.
+        hidden: ``[N, L, D]`` float32 hidden states (the last layer, or the layer below the top
+            ``trainable_top_layers`` ones); zero at padding positions and for absent reports. ``L`` is
+            ``cfg.num_positions``: word pieces (``unit="token"``) or segments (``unit="segment"``, each the
+            mean of its word pieces' last-layer states; segments past ``max_segments`` are dropped).
+        mask: ``[N, L]`` float32, 1 for real tokens.
         present: ``[N]`` bool, False where the report is None or only whitespace.
 
     Runs under ``torch.inference_mode`` on the model's device; results come back on CPU to be cached.
@@ -415,12 +476,15 @@ def encode_reports(
             f"TextEncoderConfig.trainable_top_layers={k} but the encoder has only {num_layers} layers"
         )
     width = int(model.config.hidden_size)
-    n, length = len(texts), cfg.max_length
+    n, length = len(texts), cfg.num_positions
     hidden = torch.zeros(n, length, width, dtype=torch.float32)
     mask = torch.zeros(n, length, dtype=torch.float32)
     present = torch.tensor([t is not None and t.strip() != "" for t in texts], dtype=torch.bool)
     idx = present.nonzero().flatten().tolist()
     device = next(model.parameters()).device
+    if cfg.unit == "segment":
+        _encode_segments(texts, idx, cfg, tokenizer, model, batch_size, hidden, mask)
+        return hidden, mask, present
     with torch.inference_mode():
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
@@ -440,3 +504,38 @@ def encode_reports(
             hidden[rows] = states.cpu()
             mask[rows] = m.cpu()
     return hidden, mask, present
+
+
+def _encode_segments(
+    texts: list[str | None],
+    idx: list[int],
+    cfg: TextEncoderConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    model: PreTrainedModel,
+    batch_size: int,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    """Fill ``hidden[i, j]`` with the mean-pooled encoding of report i's segment j (``unit="segment"``)."""
+    # (report, position, text) for every kept segment of every present report, encoded in batches of
+    # segments; dynamic padding to the longest segment in a batch keeps short segments cheap.
+    jobs = [(i, j, seg) for i in idx for j, seg in enumerate(split_report(str(texts[i]))[: cfg.max_segments])]
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for start in range(0, len(jobs), batch_size * 8):
+            chunk = jobs[start : start + batch_size * 8]
+            batch = tokenizer(
+                [seg for _, _, seg in chunk],
+                padding="longest",
+                truncation=True,
+                max_length=cfg.max_length,
+                return_tensors="pt",
+            )
+            batch = {key: value.to(device) for key, value in batch.items()}
+            states = model(**batch).last_hidden_state.float()
+            m = batch["attention_mask"].to(torch.float32).unsqueeze(-1)
+            pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+            rows = torch.tensor([i for i, _, _ in chunk])
+            cols = torch.tensor([j for _, j, _ in chunk])
+            hidden[rows, cols] = pooled.cpu()
+            mask[rows, cols] = 1.0

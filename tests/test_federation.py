@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from fl_server.config import ConfigError, load_config
+from fl_server.federation import preprocess_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,6 +39,10 @@ def test_demo_config_is_valid() -> None:
     assert exp.model.preset == "tiny"
     assert exp.federation.strategy == "fedavg"
     assert exp.model_config_dict()["image_size"] == exp.preprocess.image_size
+    # Segment units: the model's text positions are the segment count, and the site gets the same unit.
+    assert exp.preprocess.text.unit == "segment"
+    assert exp.model_config_dict()["text_max_length"] == exp.preprocess.text.max_segments
+    assert preprocess_config_dict(exp)["text"]["unit"] == "segment"
 
 
 @pytest.mark.parametrize(
@@ -49,6 +54,8 @@ def test_demo_config_is_valid() -> None:
         ({"train": {"lr": "fast"}}, "train.lr"),
         ({"model": {"overrides": {"hidden_sizes": 3}}}, "model:"),
         ({"privacy": {"patient": {"enabled": True}}}, "target_epsilon or noise_multiplier"),
+        ({"preprocess": {"text": {"unit": "segment", "trainable_top_layers": 1}}}, "needs unit: token"),
+        ({"preprocess": {"text": {"unit": "words"}}}, "preprocess.text.unit"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, patch: dict, expected: str) -> None:

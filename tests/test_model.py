@@ -38,6 +38,7 @@ from shared_model.text_encoder import (
     load_text_encoder,
     load_top_layers,
     sha256_file,
+    split_report,
 )
 
 TEXT_LEN = 64
@@ -419,6 +420,45 @@ def test_encode_reports_with_the_real_encoder(encoder: tuple[object, nn.Module])
     assert torch.allclose(again[0], hidden[0], atol=1e-5)  # batching does not change a report's encoding
     with pytest.raises(TypeError, match="report 1 must be a string or None"):
         encode_reports(["ok", 3], cfg, tokenizer, model)  # type: ignore[list-item]
+
+
+def test_split_report_into_segments() -> None:
+    prose = ("FINDINGS:\nNodule in the upper third. Size 2.1 x 1.3 mm (W x AP).\n\n"
+             "LYMPH NODES: level III/IV node; suspicious.")
+    assert split_report(prose) == [
+        "FINDINGS:", "Nodule in the upper third.", "Size 2.1 x 1.3 mm (W x AP).",
+        "LYMPH NODES: level III/IV node;", "suspicious.",
+    ]
+    telegraphic = "THY US // L lobe mid third // nodule 5.0 mm // solid / very hypo / margin irregular"
+    assert split_report(telegraphic) == ["THY US", "L lobe mid third", "nodule 5.0 mm", "solid", "very hypo",
+                                         "margin irregular"]
+    assert split_report("- Thyroid: normal\n- Dominant nodule:\n  * left lobe") == [
+        "Thyroid: normal", "Dominant nodule:", "left lobe"]
+    assert split_report("  \n \n") == []
+
+
+def test_segment_units_encode_one_token_per_sentence(encoder: tuple[object, nn.Module]) -> None:
+    tokenizer, model = encoder
+    cfg = TextEncoderConfig(unit="segment", max_segments=4)
+    assert cfg.num_positions == 4 and TextEncoderConfig().num_positions == 64
+    reports = ["Solid nodule. Irregular margin.", None, "a. b. c. d. e. f.", "Irregular margin."]
+    hidden, mask, present = encode_reports(reports, cfg, tokenizer, model, batch_size=1)
+    assert hidden.shape == (4, 4, 384) and present.tolist() == [True, False, True, True]
+    assert mask.sum(dim=1).tolist() == [2, 0, 4, 1]  # the third report is cut at max_segments
+    assert hidden[1].abs().sum() == 0 and (hidden[0, 2:] == 0).all()
+    # A segment's vector is its own sentence's mean-pooled encoding, independent of the rest of the report.
+    assert torch.allclose(hidden[0, 1], hidden[3, 0], atol=1e-5)
+    tokens = tokenizer(["Irregular margin."], return_tensors="pt")
+    with torch.inference_mode():
+        expected = model(**tokens).last_hidden_state[0].mean(dim=0)
+    assert torch.allclose(hidden[3, 0], expected, atol=1e-5)
+    # The cache key and the round trip carry the unit; trainable word-piece layers need token units.
+    assert TextEncoderConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert cfg.cache_key() != TextEncoderConfig(max_segments=4).cache_key()
+    with pytest.raises(ValueError, match="needs unit='token'"):
+        TextEncoderConfig(unit="segment", trainable_top_layers=1)
+    with pytest.raises(ValueError, match="unit must be one of"):
+        TextEncoderConfig(unit="word")
 
 
 def test_tampered_encoder_is_refused(tmp_path: Path) -> None:
