@@ -80,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"consortium": str(data.resolve()), "config": str(config.resolve()), "rounds": args.rounds,
                 "local_epochs": args.local_epochs, "proximal_mu": args.proximal_mu, "set": list(args.set)}
     out = Path(args.out)
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    kept = previous.get("methods", {}) if previous.get("settings") == settings else {}
     command = "python benchmarks/bench_federated.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results: dict = {
-        "commands": ([*previous.get("commands", [])] if kept else []) + [command],
+        "commands": [command],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "settings": settings,
         "consortium": str(data),
@@ -92,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "bayes_test_auc": {name: s["auc"]["test"]["bayes"] for name, s in consortium["sites"].items()}
         | {"pooled": consortium["pooled"]["auc"]["test"]["bayes"]},
         "communication": model_bytes(exp),
-        "methods": dict(kept),
+        "methods": {},
     }
     comm = results["communication"]
     for method in args.methods.split(","):
@@ -118,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         results["methods"][method] = entry
         print(f"[bench]   pooled test AUC {entry['pooled_test_auc']:.3f} in {entry['wall_seconds']:.0f} s", flush=True)
 
+    # Read --out only now, so that invocations running side by side all end up in it.
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if previous.get("settings") == settings:
+        results["methods"] = {k: v for k, v in previous.get("methods", {}).items() if k not in results["methods"]} | \
+            results["methods"]
+        results["commands"] = [*previous.get("commands", []), command]
     order = [m for m in ("pooled", "local", "fedavg", "fedprox") if m in results["methods"]]
     results["methods"] = {m: results["methods"][m] for m in order} | results["methods"]
     names = sorted(results["bayes_test_auc"].keys() - {"pooled"})

@@ -38,7 +38,7 @@ from shared_model.data import LLNMDataset, SiteTensors, build_site_tensors  # no
 from shared_model.metrics import binary_metrics  # noqa: E402
 from shared_model.modeling import LLNMNet, ModelConfig, count_parameters  # noqa: E402
 from shared_model.preprocessing import PreprocessConfig  # noqa: E402
-from shared_model.training import TrainConfig, predict, train_local  # noqa: E402
+from shared_model.training import TrainConfig, predict, scheduled_lr, train_local  # noqa: E402
 
 # clinical index: 0 age, 1 sex, 2 shape ratio, 3 echogenicity
 MODALITIES = {
@@ -76,6 +76,7 @@ def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, pr
     torch.manual_seed(exp.train.seed)
     model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
     cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
+    base = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
     cfg.local_epochs = 1
     train = LLNMDataset([ablate(t.subset("train"), keep) for t in tensors.values()])
     val = LLNMDataset([ablate(t.subset("val"), keep) for t in tensors.values()])
@@ -85,6 +86,7 @@ def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, pr
     train_seconds = 0.0
     for epoch in range(1, epochs + 1):
         cfg.seed = exp.train.seed * 1000 + epoch
+        cfg.lr = scheduled_lr(base, epoch - 1, epochs)
         res = train_local(model, train, cfg, progress=progress, description=f"epoch {epoch}")
         train_seconds += res.seconds
         seen += res.num_examples
@@ -169,6 +171,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench]   pooled test AUC {results['runs'][name]['pooled_test_auc']:.3f}", flush=True)
     results["peak_rss_mb"] = round(peak_rss_mb(), 1)
     out = Path(args.out)
+    # Modalities can run in separate invocations side by side (one per core): runs already in --out with the
+    # same consortium, epochs and options are kept.
+    results["settings"] = {"data": str(data.resolve()), "config": str(Path(args.config).resolve()),
+                           "epochs": args.epochs, "set": list(args.set or [])}
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    if previous.get("settings") == results["settings"]:
+        results["runs"] = {k: v for k, v in previous["runs"].items() if k not in results["runs"]} | results["runs"]
+        results["command"] = [*_as_list(previous.get("command")), results["command"]]
+        results["peak_rss_mb"] = max(results["peak_rss_mb"], previous.get("peak_rss_mb", 0.0))
+    results["runs"] = {k: results["runs"][k] for k in MODALITIES if k in results["runs"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
@@ -176,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>9}: pooled test AUC {r['pooled_test_auc']:.3f}  ({r['train_patients_per_second']} patients/s)")
     print(f"wrote {out}")
     return 0
+
+
+def _as_list(value: object) -> list:
+    return value if isinstance(value, list) else ([value] if value else [])
 
 
 def _bayes(consortium: dict) -> dict:

@@ -54,11 +54,12 @@ def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: 
     from shared_model.data import LLNMDataset
     from shared_model.metrics import binary_metrics
     from shared_model.modeling import LLNMNet, ModelConfig
-    from shared_model.training import TrainConfig, predict, train_local
+    from shared_model.training import TrainConfig, predict, scheduled_lr, train_local
 
     torch.manual_seed(exp.train.seed)
     model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
     cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
+    base = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
     cfg.local_epochs = 1
     train = ConcatDataset([LLNMDataset(t) for t in train_sets])
     val = ConcatDataset([LLNMDataset(t) for t in val_sets]) if val_sets else None
@@ -68,6 +69,7 @@ def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: 
     seen = 0
     for epoch in range(1, epochs + 1):
         cfg.seed = exp.train.seed * 1000 + epoch
+        cfg.lr = scheduled_lr(base, epoch - 1, epochs)
         res = train_local(model, train, cfg, progress=progress, description=f"{label} {epoch}/{epochs}")
         seen += res.num_examples
         rec: dict[str, Any] = {"epoch": epoch, "loss": res.loss}

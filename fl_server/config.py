@@ -96,6 +96,9 @@ class TrainSection(_Strict):
     amp: bool = True
     max_grad_norm: float | None = Field(default=1.0, gt=0.0)
     stage_loss_weight: float = Field(default=0.5, ge=0.0)
+    # Over the run's epochs (baselines) or rounds (federations); the round config carries each round's rate.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class FedAdamSection(_Strict):

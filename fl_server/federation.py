@@ -133,7 +133,11 @@ def preprocess_config_dict(exp: ExperimentConfig) -> dict[str, Any]:
 
 def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None) -> ConfigRecord:
     """What a site needs for one round, in the round's ConfigRecord."""
+    from shared_model.training import TrainConfig, scheduled_lr
+
     train = exp.train.model_dump(mode="json")
+    total = int(exp.federation.rounds)
+    train["lr"] = scheduled_lr(TrainConfig.from_dict(train), min(max(server_round, 1), total) - 1, total)
     values: dict[str, Any] = {
         "run-id": exp.name,
         "total-rounds": int(exp.federation.rounds),

@@ -79,7 +79,10 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
         warnings.simplefilter("ignore")
         run_simulation(
             server_app=make_server_app(exp, run_dir),
+            # Each virtual site trains with as many torch threads as CPUs Ray reserved for it, so the
+            # sites that run side by side do not oversubscribe the cores.
             client_app=make_client_app([str(p) for p in sites], {"cache-dir": cache_dir,
+                                                                 "threads": max(1, int(sim.cpus_per_site)),
                                                                  "site-node-config": sim.site_node_config}),
             num_supernodes=len(sites),
             backend_config=backend_config,

@@ -43,6 +43,10 @@ class TrainConfig:
     # Gradient-norm clipping of non-private training (DP-SGD clips per sample instead).
     max_grad_norm: float | None = 1.0
     stage_loss_weight: float = 0.5
+    # Learning-rate schedule across a run's epochs (baselines) or rounds (federations), applied by the caller
+    # through `scheduled_lr`: "constant", or "cosine" from `lr` down to `lr * lr_min_ratio` at the last one.
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.05
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -54,6 +58,23 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def scheduled_lr(cfg: TrainConfig, index: int, total: int) -> float:
+    """The learning rate of epoch/round `index` (0-based) of `total` under `cfg.lr_schedule`.
+
+    Cosine: ``lr_min + (lr - lr_min) * (1 + cos(pi * index / (total - 1))) / 2``, so the first epoch or round
+    uses `lr` and the last `lr * lr_min_ratio`. A federation passes the round's rate to every site in the
+    round config, so sites and baselines follow the same schedule per pass over the data.
+    """
+    if cfg.lr_schedule == "constant" or total <= 1:
+        return cfg.lr
+    if cfg.lr_schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; known: constant, cosine")
+    if not 0 <= index < total:
+        raise ValueError(f"schedule index {index} outside 0..{total - 1}")
+    low = cfg.lr * cfg.lr_min_ratio
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * index / (total - 1)))
 
 
 @dataclass

@@ -4,6 +4,7 @@ killed mid-run."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -64,6 +65,20 @@ def test_bad_config_names_the_key(tmp_path: Path, patch: dict, expected: str) ->
         load_config(path)
     assert str(path) in str(err.value)
     assert expected in str(err.value)
+
+
+def test_cosine_schedule_reaches_sites_through_the_round_config(tmp_path: Path) -> None:
+    from fl_server.federation import round_config
+    from shared_model.training import TrainConfig, scheduled_lr
+
+    exp = load_config(write_config(tmp_path, train={"lr": 0.002, "lr_schedule": "cosine", "lr_min_ratio": 0.1},
+                                   federation={"rounds": 5}))
+    lrs = [json.loads(round_config(exp, r)["train-config"])["lr"] for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(0.002) and lrs[2] == pytest.approx(0.0011) and lrs[4] == pytest.approx(0.0002)
+    assert all(a > b for a, b in itertools.pairwise(lrs))
+    assert scheduled_lr(TrainConfig(lr=0.01), 3, 5) == 0.01  # constant by default
+    with pytest.raises(ValueError, match="outside"):
+        scheduled_lr(TrainConfig(lr_schedule="cosine"), 5, 5)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------

@@ -97,6 +97,7 @@ def expected_parameter_count(cfg: ModelConfig) -> int:
         + h  # patch conv
         + cfg.num_patches * h  # image positions
         + h  # "no image"
+        + 2 * cfg.text_dim  # LayerNorm on the encoder states
         + cfg.text_dim * h
         + h  # text projection
         + cfg.text_max_length * h  # text positions
