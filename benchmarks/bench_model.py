@@ -18,6 +18,7 @@ missing-modality masks (a removed modality is "absent", exactly as a missing rep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import resource
@@ -51,7 +52,6 @@ MODALITIES = {
 
 def ablate(t: SiteTensors, keep: dict) -> SiteTensors:
     """A copy of `t` in which the removed modalities are marked absent (their values zeroed too)."""
-    import dataclasses
 
     out = dataclasses.replace(t)
     if not keep["image"]:
@@ -75,9 +75,7 @@ def peak_rss_mb() -> float:
 def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, progress: bool) -> dict:
     torch.manual_seed(exp.train.seed)
     model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
-    cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
-    base = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
-    cfg.local_epochs = 1
+    base = dataclasses.replace(TrainConfig.from_dict(exp.train.model_dump(mode="json")), local_epochs=1)
     train = LLNMDataset([ablate(t.subset("train"), keep) for t in tensors.values()])
     val = LLNMDataset([ablate(t.subset("val"), keep) for t in tensors.values()])
     best, best_state, best_epoch, history = -1.0, None, 0, []
@@ -85,8 +83,7 @@ def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, pr
     seen = 0
     train_seconds = 0.0
     for epoch in range(1, epochs + 1):
-        cfg.seed = exp.train.seed * 1000 + epoch
-        cfg.lr = scheduled_lr(base, epoch - 1, epochs)
+        cfg = dataclasses.replace(base, seed=exp.train.seed * 1000 + epoch, lr=scheduled_lr(base, epoch - 1, epochs))
         res = train_local(model, train, cfg, progress=progress, description=f"epoch {epoch}")
         train_seconds += res.seconds
         seen += res.num_examples

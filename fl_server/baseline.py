@@ -12,6 +12,7 @@ This reads every site folder on one machine: it is for synthetic or otherwise sh
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -58,9 +59,7 @@ def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: 
 
     torch.manual_seed(exp.train.seed)
     model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
-    cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
-    base = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
-    cfg.local_epochs = 1
+    base = dataclasses.replace(TrainConfig.from_dict(exp.train.model_dump(mode="json")), local_epochs=1)
     train = ConcatDataset([LLNMDataset(t) for t in train_sets])
     val = ConcatDataset([LLNMDataset(t) for t in val_sets]) if val_sets else None
     best_auc, best_state, best_epoch = -1.0, None, epochs
@@ -68,8 +67,7 @@ def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: 
     started = time.perf_counter()
     seen = 0
     for epoch in range(1, epochs + 1):
-        cfg.seed = exp.train.seed * 1000 + epoch
-        cfg.lr = scheduled_lr(base, epoch - 1, epochs)
+        cfg = dataclasses.replace(base, seed=exp.train.seed * 1000 + epoch, lr=scheduled_lr(base, epoch - 1, epochs))
         res = train_local(model, train, cfg, progress=progress, description=f"{label} {epoch}/{epochs}")
         seen += res.num_examples
         rec: dict[str, Any] = {"epoch": epoch, "loss": res.loss}
