@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 
+from _results import merge_side_by_side  # noqa: E402
+
 
 def model_bytes(exp) -> dict:
     from shared_model.modeling import LLNMNet, ModelConfig
@@ -117,13 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench]   pooled test AUC {entry['pooled_test_auc']:.3f} in {entry['wall_seconds']:.0f} s", flush=True)
 
     # Read --out only now, so that invocations running side by side all end up in it.
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    if previous.get("settings") == settings:
-        results["methods"] = {k: v for k, v in previous.get("methods", {}).items() if k not in results["methods"]} | \
-            results["methods"]
-        results["commands"] = [*previous.get("commands", []), command]
-    order = [m for m in ("pooled", "local", "fedavg", "fedprox") if m in results["methods"]]
-    results["methods"] = {m: results["methods"][m] for m in order} | results["methods"]
+    merge_side_by_side(out, results, "methods", ["pooled", "local", "fedavg", "fedprox"])
     names = sorted(results["bayes_test_auc"].keys() - {"pooled"})
     header = f"{'site':<10}{'bayes':>8}" + "".join(f"{m:>9}" for m in results["methods"])
     lines = [header]

@@ -8,8 +8,8 @@ all sites' training splits with all modalities and with one modality at a time, 
 test splits, and writes benchmarks/results/model.json. Ablations remove inputs through the model's own
 missing-modality masks (a removed modality is "absent", exactly as a missing report or view would be):
 
-- image: both views' feature images plus the image-derived scalars (shape ratio, echogenicity); no
-  report, no age or sex
+- image: both views' feature images plus the scalars measured on them (shape ratio, echogenicity, capsule
+  distance, size, position along the gland); no report, no age or sex
 - report: the report text only
 - clinical: age and sex only
 - all: everything
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import platform
 import resource
 import subprocess
@@ -33,20 +34,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _results import merge_side_by_side  # noqa: E402
+
+from fl_server.baseline import train_reference  # noqa: E402
 from fl_server.config import load_config, parse_set_options  # noqa: E402
 from fl_server.federation import preprocess_config_dict  # noqa: E402
-from shared_model.data import LLNMDataset, SiteTensors, build_site_tensors  # noqa: E402
+from shared_model.data import CLINICAL_FEATURES, LLNMDataset, SiteTensors, build_site_tensors  # noqa: E402
 from shared_model.metrics import binary_metrics  # noqa: E402
 from shared_model.modeling import LLNMNet, ModelConfig, count_parameters  # noqa: E402
 from shared_model.preprocessing import PreprocessConfig  # noqa: E402
-from shared_model.training import TrainConfig, predict, scheduled_lr, train_local  # noqa: E402
+from shared_model.training import predict  # noqa: E402
 
-# clinical index: 0 age, 1 sex, 2 shape ratio, 3 echogenicity
+# Per-view scalars by modality: age and sex are clinical; the others are measured on the image and its masks.
+_IMAGE_SCALARS = [CLINICAL_FEATURES.index(n) for n in CLINICAL_FEATURES if n not in ("age", "sex")]
 MODALITIES = {
-    "all": {"image": True, "report": True, "clinical": [0, 1, 2, 3]},
-    "image": {"image": True, "report": False, "clinical": [2, 3]},
+    "all": {"image": True, "report": True, "clinical": list(range(len(CLINICAL_FEATURES)))},
+    "image": {"image": True, "report": False, "clinical": _IMAGE_SCALARS},
     "report": {"image": False, "report": True, "clinical": []},
-    "clinical": {"image": False, "report": False, "clinical": [0, 1]},
+    "clinical": {"image": False, "report": False, "clinical": [CLINICAL_FEATURES.index("age"),
+                                                               CLINICAL_FEATURES.index("sex")]},
 }
 
 
@@ -73,29 +79,12 @@ def peak_rss_mb() -> float:
 
 
 def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, progress: bool) -> dict:
-    torch.manual_seed(exp.train.seed)
-    model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
-    base = dataclasses.replace(TrainConfig.from_dict(exp.train.model_dump(mode="json")), local_epochs=1)
-    train = LLNMDataset([ablate(t.subset("train"), keep) for t in tensors.values()])
-    val = LLNMDataset([ablate(t.subset("val"), keep) for t in tensors.values()])
-    best, best_state, best_epoch, history = -1.0, None, 0, []
+    """The pooled baseline's training (`fl_server.baseline.train_reference`) on the ablated tensors, then the
+    pooled and per-site test AUCs of the epoch with the best validation AUC."""
     t0 = time.perf_counter()
-    seen = 0
-    train_seconds = 0.0
-    for epoch in range(1, epochs + 1):
-        cfg = dataclasses.replace(base, seed=exp.train.seed * 1000 + epoch, lr=scheduled_lr(base, epoch - 1, epochs))
-        res = train_local(model, train, cfg, progress=progress, description=f"epoch {epoch}")
-        train_seconds += res.seconds
-        seen += res.num_examples
-        p = predict(model, val)
-        keep_l = p["llnm"] >= 0
-        auc = binary_metrics(p["llnm"][keep_l].astype(int), p["score"][keep_l], n_bootstrap=0)["auc"]
-        history.append({"epoch": epoch, "loss": round(res.loss, 4), "val_auc": auc})
-        print(f"[bench]   epoch {epoch}/{epochs} loss {res.loss:.4f} val AUC {auc}", flush=True)
-        if auc is not None and auc > best:
-            best, best_epoch = auc, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+    model, info = train_reference(exp, [ablate(t.subset("train"), keep) for t in tensors.values()],
+                                  [ablate(t.subset("val"), keep) for t in tensors.values()], epochs, "pooled",
+                                  progress)
     ys, ss, per_site = [], [], {}
     for name, t in tensors.items():
         p = predict(model, LLNMDataset(ablate(t.subset("test"), keep)))
@@ -110,11 +99,12 @@ def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, pr
         "pooled_test_auc_ci": [pooled["auc_ci_low"], pooled["auc_ci_high"]],
         "pooled_test": {k: pooled[k] for k in ("accuracy", "sensitivity", "specificity", "n")},
         "site_test_auc": per_site,
-        "selected_epoch": best_epoch,
-        "history": history,
-        "train_seconds": round(train_seconds, 2),
+        "selected_epoch": info["selected_epoch"],
+        "history": [{"epoch": h["epoch"], "loss": round(h["loss"], 4), "val_auc": h.get("val_auc")}
+                    for h in info["history"]],
+        "train_seconds": info["train_seconds"],
         "wall_seconds": round(time.perf_counter() - t0, 2),
-        "train_patients_per_second": round(seen / train_seconds, 1) if train_seconds else None,
+        "train_patients_per_second": round(info["patients_per_second"], 1) if info["patients_per_second"] else None,
     }
 
 
@@ -132,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("llnm").setLevel(logging.INFO)  # one line per epoch from train_reference
 
     data = Path(args.data)
     if not (data / "consortium.json").is_file():
@@ -146,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     cache_seconds = time.perf_counter() - t0
 
     results: dict = {
-        "command": "python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commands": ["python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:])],
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "device": "cpu"},
@@ -172,12 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     # same consortium, epochs and options are kept.
     results["settings"] = {"data": str(data.resolve()), "config": str(Path(args.config).resolve()),
                            "epochs": args.epochs, "set": list(args.set or [])}
-    previous = json.loads(out.read_text()) if out.is_file() else {}
-    if previous.get("settings") == results["settings"]:
-        results["runs"] = {k: v for k, v in previous["runs"].items() if k not in results["runs"]} | results["runs"]
-        results["command"] = [*_as_list(previous.get("command")), results["command"]]
+    previous = merge_side_by_side(out, results, "runs", list(MODALITIES))
+    if previous:
         results["peak_rss_mb"] = max(results["peak_rss_mb"], previous.get("peak_rss_mb", 0.0))
-    results["runs"] = {k: results["runs"][k] for k in MODALITIES if k in results["runs"]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
@@ -185,10 +174,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>9}: pooled test AUC {r['pooled_test_auc']:.3f}  ({r['train_patients_per_second']} patients/s)")
     print(f"wrote {out}")
     return 0
-
-
-def _as_list(value: object) -> list:
-    return value if isinstance(value, list) else ([value] if value else [])
 
 
 def _bayes(consortium: dict) -> dict:

@@ -46,9 +46,13 @@ def _scores(model, tensors, split: str, device: str) -> tuple[np.ndarray, np.nda
     return preds["llnm"][keep].astype(int), preds["score"][keep]
 
 
-def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: int, label: str,
-               progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Train a fresh model; with select_on_val, keep the epoch with the best validation AUC."""
+def train_reference(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: int, label: str,
+                    progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Train a fresh model of `exp` on `train_sets` (SiteTensors) for `epochs` epochs, the learning rate
+    following `exp.train.lr_schedule` over the epochs; with `baseline.select_on_val`, return it at the epoch
+    with the best AUC on `val_sets`. Logs one line per epoch. Returns the model and a record of the run:
+    per-epoch loss and validation AUC, the selected epoch, wall and training seconds, and training throughput
+    (patients per second of training, validation passes excluded)."""
     import torch
     from torch.utils.data import ConcatDataset
 
@@ -66,11 +70,13 @@ def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: 
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
     seen = 0
+    train_seconds = 0.0
     for epoch in range(1, epochs + 1):
         cfg = dataclasses.replace(base, seed=exp.train.seed * 1000 + epoch, lr=scheduled_lr(base, epoch - 1, epochs))
         res = train_local(model, train, cfg, progress=progress, description=f"{label} {epoch}/{epochs}")
         seen += res.num_examples
-        rec: dict[str, Any] = {"epoch": epoch, "loss": res.loss}
+        train_seconds += res.seconds
+        rec: dict[str, Any] = {"epoch": epoch, "loss": res.loss, "lr": cfg.lr}
         if exp.baseline.select_on_val and val is not None and len(val) > 0:
             preds = predict(model, val, device=exp.train.device)
             keep = preds["llnm"] >= 0
@@ -79,24 +85,43 @@ def _train_one(exp: ExperimentConfig, train_sets: list, val_sets: list, epochs: 
             if auc is not None and auc > best_auc:
                 best_auc, best_state, best_epoch = auc, copy.deepcopy(model.state_dict()), epoch
         history.append(rec)
+        shown = "n/a" if rec.get("val_auc") is None else f"{rec['val_auc']:.3f}"
+        log.info("%s epoch %d/%d: loss %.4f, lr %.2e, val AUC %s (%.0f s)", label, epoch, epochs, res.loss,
+                 cfg.lr, shown, res.seconds)
     if best_state is not None:
         model.load_state_dict(best_state)
     seconds = time.perf_counter() - started
     info = {"epochs": epochs, "selected_epoch": best_epoch, "history": history, "seconds": round(seconds, 2),
-            "patients_per_second": seen / seconds if seconds else None, "n_train": len(train)}
+            "train_seconds": round(train_seconds, 2),
+            "patients_per_second": seen / train_seconds if train_seconds else None, "n_train": len(train)}
     return model, info
 
 
 def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str | Path | None = None,
                  progress: bool = True) -> dict[str, Any]:
-    from shared_model.metrics import binary_metrics
-
+    """Train the `mode` baseline ("pooled" or "local") on the sites under `data_root` (default
+    `exp.data.root`), evaluate on every site's test split and write `RUN_DIR/metrics.json`,
+    `RUN_DIR/config.yaml` (resolved) and `RUN_DIR/baseline.log` (one line per epoch). Returns the metrics."""
     root = Path(data_root or exp.data.root or "")
     sites = discover_sites(root, exp.data.sites)
     exp.data.root = str(root.resolve())
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
+    handler = logging.FileHandler(run_dir / "baseline.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        return _run(exp, mode, run_dir, sites, progress)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _run(exp: ExperimentConfig, mode: str, run_dir: Path, sites: list[Path], progress: bool) -> dict[str, Any]:
+    from shared_model.metrics import binary_metrics
+
     epochs = exp.baseline.epochs or exp.train.local_epochs * exp.federation.rounds
     tensors = _load_all(exp, sites)
     names = list(tensors)
@@ -105,7 +130,7 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
     results: dict[str, Any] = {"mode": mode, "split": "test", "epochs": epochs, "sites": {}, "train": {}}
     all_y, all_s = [], []
     if mode == "pooled":
-        model, info = _train_one(exp, [tensors[n].subset("train") for n in names],
+        model, info = train_reference(exp, [tensors[n].subset("train") for n in names],
                                  [tensors[n].subset("val") for n in names], epochs, "pooled", progress)
         results["train"]["pooled"] = info
         for n in names:
@@ -115,7 +140,7 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
             all_s.append(s)
     elif mode == "local":
         for n in names:
-            model, info = _train_one(exp, [tensors[n].subset("train")], [tensors[n].subset("val")], epochs,
+            model, info = train_reference(exp, [tensors[n].subset("train")], [tensors[n].subset("val")], epochs,
                                      f"local {n}", progress)
             results["train"][n] = info
             y, s = _scores(model, tensors[n], "test", exp.train.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from fl_server.config import ConfigError, load_config, parse_set_options
@@ -20,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fl_server.baseline import run_baseline
 
+    # One line per epoch (loss, lr, validation AUC) on stderr, so a long run shows where it is even with
+    # --no-progress; the same lines go to RUN_DIR/baseline.log.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logging.getLogger("llnm").addHandler(handler)
+    logging.getLogger("llnm").setLevel(logging.INFO)
     try:
         exp = load_config(args.config, parse_set_options(args.set))
         res = run_baseline(exp, args.mode, args.out, data_root=args.data, progress=not args.no_progress)

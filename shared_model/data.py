@@ -57,6 +57,7 @@ __all__ = [
     "build_site_tensors",
     "default_cache_dir",
     "site_content_key",
+    "view_scalars",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,23 @@ logger = logging.getLogger(__name__)
 #: sites. 45 and 15 are round numbers near the paper's cohort (median 43, IQR 35-52).
 AGE_CENTER = 45.0
 AGE_SCALE = 15.0
-#: Order of the per-view clinical vector.
-CLINICAL_FEATURES: tuple[str, ...] = ("age", "sex", "shape_ratio", "echogenicity")
+#: Order of the per-view scalar vector (each scalar is one token of the model): the paper's clinical variables
+#: (age, sex, shape ratio, echogenicity), then the nodule's measurements from its masks: capsule distance (the
+#: paper's strongest finding: < 2.5 mm carries > 72 % LLNM risk), size, and position along the gland (in a
+#: longitudinal view: its third). The location map shows the first and last too, but as a picture a small
+#: model has to learn to read; as numbers they reach the model exact, in millimetres.
+CLINICAL_FEATURES: tuple[str, ...] = (
+    "age", "sex", "shape_ratio", "echogenicity", "capsule_distance", "nodule_size", "nodule_position",
+)
+#: Capsule distance enters as d / CAPSULE_SCALE_MM (so the paper's 2.5 mm threshold is 0.5), clipped at
+#: CAPSULE_CLIP_MM (beyond it a nodule is deep in the lobe; the exact depth no longer matters).
+CAPSULE_SCALE_MM = 5.0
+CAPSULE_CLIP_MM = 20.0
+#: Size enters as log2(d_eq / SIZE_REF_MM), d_eq the diameter of the circle with the nodule's area: each
+#: doubling of size is one unit, 10 mm (the usual micro-carcinoma cut-off) is 0.
+SIZE_REF_MM = 10.0
 #: Cache file format; a file of another format is rebuilt.
-CACHE_FORMAT = "llnm-site-tensors/1"
+CACHE_FORMAT = "llnm-site-tensors/2"
 #: Decoded frames kept in memory between the range pass and the feature pass (serial builds only).
 _KEEP_DECODED_BYTES = 1 << 30
 
@@ -101,8 +115,8 @@ class SiteTensors:
     view_mask: torch.Tensor  # [N, 2] float32
     text: torch.Tensor  # [N, L, D] float32
     text_mask: torch.Tensor  # [N, L] float32
-    clinical: torch.Tensor  # [N, 2, 4] float32
-    clinical_mask: torch.Tensor  # [N, 2, 4] float32
+    clinical: torch.Tensor  # [N, 2, C] float32, C = len(CLINICAL_FEATURES)
+    clinical_mask: torch.Tensor  # [N, 2, C] float32
     llnm: torch.Tensor  # [N] float32, -1 unlabelled
     stage: torch.Tensor  # [N] int64, -1 unknown
     extras: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +146,10 @@ class SiteTensors:
         if tuple(self.image.shape[1:3]) != (len(VIEWS), 3) or self.image.shape[3] != self.image.shape[4]:
             raise ValueError(f"SiteTensors.image must be [N, 2, 3, S, S], got {tuple(self.image.shape)}")
         if tuple(self.clinical.shape[1:]) != (len(VIEWS), len(CLINICAL_FEATURES)):
-            raise ValueError(f"SiteTensors.clinical must be [N, 2, 4], got {tuple(self.clinical.shape)}")
+            raise ValueError(
+                f"SiteTensors.clinical must be [N, 2, {len(CLINICAL_FEATURES)}] ({', '.join(CLINICAL_FEATURES)}), "
+                f"got {tuple(self.clinical.shape)}"
+            )
         if self.clinical_mask.shape != self.clinical.shape:
             raise ValueError("SiteTensors.clinical_mask must have the shape of clinical")
         if tuple(self.view_mask.shape[1:]) != (len(VIEWS),):
@@ -723,6 +740,25 @@ def _build(site: Site, cfg: PreprocessConfig, *, workers: int, progress: bool) -
     return tensors
 
 
+def view_scalars(feat: ViewFeatures) -> dict[str, float]:
+    """The model's per-view scalars measured from one view (the keys of :data:`CLINICAL_FEATURES` after age
+    and sex), scaled as documented there; a measurement that is unknown is left out, so the model gets its
+    "missing" placeholder instead of an invented value.
+
+    Lengths in pixels (an uncalibrated image) are not millimetres and differ between scanners, so capsule
+    distance and size are left out of uncalibrated views; the shape ratio and the position are ratios and
+    stay.
+    """
+    out = {"shape_ratio": feat.shape_ratio, "echogenicity": feat.echogenicity}
+    if feat.calibrated and feat.capsule_distance_mm is not None:
+        out["capsule_distance"] = min(feat.capsule_distance_mm, CAPSULE_CLIP_MM) / CAPSULE_SCALE_MM
+    if feat.calibrated and feat.nodule_area_mm2 > 0:
+        out["nodule_size"] = math.log2(2.0 * math.sqrt(feat.nodule_area_mm2 / math.pi) / SIZE_REF_MM)
+    if feat.nodule_position is not None:
+        out["nodule_position"] = 2.0 * feat.nodule_position - 1.0
+    return out
+
+
 def _assemble(
     site: Site, cfg: PreprocessConfig, keep: list[int], features: dict[tuple[int, int], ViewFeatures],
     view_notes: list[list[list[str]]], hidden: torch.Tensor, text_mask: torch.Tensor, present: torch.Tensor,
@@ -756,9 +792,10 @@ def _assemble(
                 continue
             image[k, v_index] = torch.from_numpy(feat.channels)
             view_mask[k, v_index] = 1.0
-            clinical[k, v_index, 2] = feat.shape_ratio
-            clinical[k, v_index, 3] = feat.echogenicity
-            clinical_mask[k, v_index, 2:] = 1.0
+            for name, value in view_scalars(feat).items():
+                j = CLINICAL_FEATURES.index(name)
+                clinical[k, v_index, j] = value
+                clinical_mask[k, v_index, j] = 1.0
             if feat.capsule_distance_mm is not None:
                 capsule[k, v_index] = feat.capsule_distance_mm
             area[k, v_index] = feat.nodule_area_mm2

@@ -5,8 +5,9 @@ Per ultrasound view, the network sees two token streams:
 * image: the three feature maps (texture, margin, location map) stacked as channels, cut into patches by a
   Conv2d, plus learned positions;
 * text: the frozen report encoder's hidden states projected to the model width, plus learned positions,
-  followed by one "no report" slot and one token per clinical variable (age, sex, shape ratio, echogenicity),
-  each from its own Linear(1, H) (the paper's Tokens_T(m+4)).
+  followed by one "no report" slot and one token per per-view scalar, each from its own Linear(1, H): the
+  paper's four clinical variables (age, sex, shape ratio, echogenicity; its Tokens_T(m+4)) and three
+  measurements of the nodule from its masks (capsule distance, size, position along the gland).
 
 ``num_bidirectional_layers`` blocks let each stream attend to itself plus ``alpha`` times to the other
 stream (the paper's eqs 4-10, pre-norm), then the concatenated tokens pass ``num_self_layers`` ordinary
@@ -67,7 +68,9 @@ class ModelConfig:
         in_channels: stacked feature maps per view (3: texture, margin, location map).
         text_dim: width of the report encoder's hidden states (384 for all-MiniLM-L6-v2; 768 for BERT-base).
         text_max_length: most report tokens the model accepts (the encoder's max_length).
-        num_clinical: clinical scalars per view, each its own token (4: age, sex, shape ratio, echogenicity).
+        num_clinical: scalars per view, each its own token (7: the paper's age, sex, shape ratio and
+            echogenicity, then capsule distance, size and position measured from the masks; see
+            ``shared_model.data.CLINICAL_FEATURES``).
         alpha: weight of cross-modal attention in the bidirectional blocks (paper 1.0; 0 disables it).
         dropout / attention_dropout: the released code uses 0.3 / 0.2 for the paper-sized model.
         num_stages: classes of the risk-stage head (3), or 0 for no stage head.
@@ -88,7 +91,7 @@ class ModelConfig:
     in_channels: int = 3
     text_dim: int = 384
     text_max_length: int = 64
-    num_clinical: int = 4
+    num_clinical: int = 7
     alpha: float = 1.0
     dropout: float = 0.3
     attention_dropout: float = 0.2

@@ -52,6 +52,7 @@ __all__ = [
     "describe_config",
     "intensity_sample_region",
     "location_map",
+    "nodule_position",
     "normalise_intensity",
     "preprocess_view",
     "resize_square",
@@ -60,7 +61,7 @@ __all__ = [
 
 #: Bumped whenever the output of this module (or of the site cache built from it) changes for the same inputs
 #: and configuration; it is part of :meth:`PreprocessConfig.fingerprint`, so stale caches are never reused.
-PREPROCESSING_VERSION = "1"
+PREPROCESSING_VERSION = "2"
 
 #: Location channel: value of thyroid pixels outside the nodule (the lobe's faint silhouette).
 LOCATION_THYROID_VALUE = 0.2
@@ -333,6 +334,30 @@ def capsule_distance(
     return _cpdt(thyroid, nodule, spacing_mm)[2]
 
 
+def nodule_position(thyroid_mask: np.ndarray, nodule_mask: np.ndarray) -> float:
+    """Position of the nodule's centroid along the thyroid's horizontal extent: 0 left end, 1 right end.
+
+    The extent is that of the thyroid mask's columns (first to last thyroid pixel, centre to centre); the
+    value is clipped to [0, 1] (a nodule bulging beyond the gland's end counts as at that end). It is a ratio
+    of columns, so it needs no calibration. In a longitudinal view it says which third of the lobe the nodule
+    is in, the paper's second location finding (upper and middle thirds carry more risk than the lower).
+
+    Raises:
+        ValueError: either mask is empty.
+    """
+    thyroid = _as_mask(thyroid_mask, "thyroid_mask")
+    nodule = _as_mask(nodule_mask, "nodule_mask", thyroid.shape)
+    if not thyroid.any():
+        raise ValueError("thyroid_mask is empty: no extent to place the nodule in")
+    if not nodule.any():
+        raise ValueError("nodule_mask is empty: no nodule to place")
+    _, _, c0, c1 = _bbox(thyroid)
+    centre = float(np.nonzero(nodule)[1].mean())
+    if c1 == c0:
+        return 0.5
+    return float(np.clip((centre - c0) / (c1 - c0), 0.0, 1.0))
+
+
 # ------------------------------------------------------------------------------------------------ intensity
 
 
@@ -492,6 +517,10 @@ class ViewFeatures:
         thyroid_missing: no usable thyroid mask: the location channel is all zeros.
         echo_reference: ``"thyroid"`` (thyroid minus nodule) or ``"ring"`` (``echo_ring_mm`` around it).
         notes: human-readable remarks (what was missing or degraded).
+        nodule_position: where the nodule's centroid lies along the thyroid's horizontal extent on screen,
+            0 at its left end and 1 at its right end; None without a usable thyroid mask. In a longitudinal
+            view this is the craniocaudal position (upper, middle or lower third: cranial is on the left of
+            the screen by sonographic convention); in a transverse one the medio-lateral position.
     """
 
     channels: np.ndarray
@@ -503,6 +532,7 @@ class ViewFeatures:
     thyroid_missing: bool
     echo_reference: str
     notes: tuple[str, ...] = ()
+    nodule_position: float | None = None
 
 
 def _margin_channel(
@@ -584,7 +614,8 @@ def preprocess_view(
 
     Scalars: ``shape_ratio`` from the nodule's axis-aligned extents (rows = depth, the beam direction, vs
     columns), each times its pixel size; ``echogenicity`` = mean inside - mean of reference tissue, in
-    normalised intensity; ``capsule_distance_mm``; ``nodule_area_mm2``.
+    normalised intensity; ``capsule_distance_mm``; ``nodule_area_mm2``; ``nodule_position``
+    (:func:`nodule_position`).
     """
     image = np.asarray(pixels, dtype=np.float32)
     if image.ndim != 2:
@@ -626,6 +657,7 @@ def preprocess_view(
     # Location (CPDT) in the thyroid crop.
     thyroid_missing = thyroid is None
     capsule_mm: float | None = None
+    position: float | None = None
     location = np.zeros((size, size), dtype=np.float32)
     if thyroid is not None:
         try:
@@ -636,6 +668,7 @@ def preprocess_view(
             thyroid = None
         else:
             location = _location_channel(thyroid, nodule, phi, spacing, cfg)
+            position = nodule_position(thyroid, nodule)
     else:
         notes.append("no thyroid mask: location channel empty, capsule distance unknown")
 
@@ -679,6 +712,7 @@ def preprocess_view(
         thyroid_missing=thyroid_missing,
         echo_reference=echo_reference,
         notes=tuple(notes),
+        nodule_position=position,
     )
 
 

@@ -139,7 +139,7 @@ def test_paper_preset_has_the_papers_dimensions(paper_model: LLNMNet) -> None:
     assert cfg.hidden_size // cfg.num_heads == 64  # d_k = 64
     assert (cfg.num_bidirectional_layers, cfg.num_self_layers) == (4, 12)
     assert (cfg.patch_size, cfg.image_size, cfg.num_patches) == (16, 224, 196)
-    assert cfg.alpha == 1.0 and cfg.num_clinical == 4 and cfg.in_channels == 3
+    assert cfg.alpha == 1.0 and cfg.num_clinical == 7 and cfg.in_channels == 3  # 4 clinical + 3 mask
 
     conv = paper_model.patch_embed
     assert conv.kernel_size == (16, 16) and conv.stride == (16, 16) and conv.out_channels == 768
@@ -147,7 +147,7 @@ def test_paper_preset_has_the_papers_dimensions(paper_model: LLNMNet) -> None:
     assert len(paper_model.bidirectional) == 4 and len(paper_model.self_blocks) == 12
     assert all(b.mlp_img.fc1.out_features == 3072 and b.heads == 12 for b in paper_model.bidirectional)
     assert all(b.mlp.fc1.out_features == 3072 and b.heads == 12 for b in paper_model.self_blocks)
-    assert len(paper_model.clinical_proj) == 4
+    assert len(paper_model.clinical_proj) == 7
     assert all(p.in_features == 1 and p.out_features == 768 for p in paper_model.clinical_proj)
     assert paper_model.llnm_head.fc2.out_features == 1 and paper_model.stage_head.fc2.out_features == 3
 

@@ -24,6 +24,9 @@ from PIL import Image
 from shared_model.data import (
     AGE_CENTER,
     AGE_SCALE,
+    CAPSULE_SCALE_MM,
+    CLINICAL_FEATURES,
+    SIZE_REF_MM,
     LLNMDataset,
     SiteTensors,
     build_site_tensors,
@@ -36,6 +39,7 @@ from shared_model.preprocessing import (
     capsule_distance,
     capsule_distance_map,
     location_map,
+    nodule_position,
     preprocess_view,
     site_intensity_range,
 )
@@ -129,6 +133,24 @@ def test_image_border_is_not_capsule() -> None:
     assert d[0, 0] > 0  # the lobe continues beyond the field of view
     assert d[29, 10] == 0.0 and d[10, 39] == 0.0
     assert d[0, 0] == pytest.approx(29.0)
+
+
+def test_nodule_position_along_the_gland() -> None:
+    thyroid = np.zeros((40, 121), dtype=bool)
+    thyroid[5:35, 10:111] = True  # columns 10..110: 100 columns centre to centre
+    nodule = np.zeros_like(thyroid)
+    nodule[10:20, 15:26] = True  # centroid column 20: a tenth of the way from the left end
+    assert nodule_position(thyroid, nodule) == pytest.approx(0.1)
+    nodule[:] = False
+    nodule[10:20, 55:66] = True  # centroid 60: the middle
+    assert nodule_position(thyroid, nodule) == pytest.approx(0.5)
+    nodule[:] = False
+    nodule[10:20, 108:121] = True  # bulges past the right end: clipped to it
+    assert nodule_position(thyroid, nodule) == 1.0
+    with pytest.raises(ValueError, match="nodule_mask is empty"):
+        nodule_position(thyroid, np.zeros_like(thyroid))
+    with pytest.raises(ValueError, match="thyroid_mask is empty"):
+        nodule_position(np.zeros_like(thyroid), thyroid)
 
 
 def test_cpdt_rejects_bad_masks() -> None:
@@ -391,7 +413,15 @@ def test_bad_records_are_skipped_loudly_and_missing_parts_marked(tmp_path, caplo
     assert torch.all(tensors.image[h2, 1] == 0)
     assert torch.all(tensors.image[h2, 0, 2] == 0)  # no thyroid mask -> empty location channel
     assert torch.isnan(tensors.extras["capsule_distance"][h2, 0])
-    assert tensors.clinical_mask[h2].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
+    # No thyroid mask: capsule distance and position unknown, size still measured (the table calibrates it).
+    assert tensors.clinical_mask[h2].tolist() == [[1, 1, 1, 1, 0, 1, 0], [1, 1, 0, 0, 0, 0, 0]]
+    # Patient H000: nodule rows 40..59, columns 50..79 in a thyroid of rows 20..99, columns 20..139, 0.1 mm
+    # pixels: 2 mm from the top capsule row, area 600 px = 6 mm2, centroid column 64.5 of 20..139.
+    scalars = dict(zip(CLINICAL_FEATURES, tensors.clinical[0, 0].tolist(), strict=True))
+    assert tensors.clinical_mask[0].tolist() == [[1] * 7, [1] * 7]
+    assert scalars["capsule_distance"] == pytest.approx(2.0 / CAPSULE_SCALE_MM, rel=1e-5)
+    assert scalars["nodule_size"] == pytest.approx(np.log2(2 * np.sqrt(6.0 / np.pi) / SIZE_REF_MM), rel=1e-5)
+    assert scalars["nodule_position"] == pytest.approx(2 * (64.5 - 20) / 119 - 1, rel=1e-5)
     assert not tensors.extras["report_present"][h2] and tensors.text_mask[h2].sum() == 0
     assert torch.all(tensors.text[h2] == 0)
     assert tensors.extras["report_present"][0] and tensors.text_mask[0].sum() > 0
@@ -462,6 +492,11 @@ def test_real_vendor_dicoms_calibrate_capsule_distance(tmp_path) -> None:
     assert capsule[1].item() == pytest.approx(50.0)  # uncalibrated file: pixels, flagged as such
     assert any("no calibration" in n for n in tensors.extras["view_notes"][1][0])
     assert tensors.clinical[:, 0, 2].tolist() == pytest.approx([1.0, 1.0])  # 41x41 nodule
+    # Pixel lengths are not millimetres: the uncalibrated file's capsule distance and size stay unknown.
+    capsule_j, size_j = CLINICAL_FEATURES.index("capsule_distance"), CLINICAL_FEATURES.index("nodule_size")
+    assert tensors.clinical_mask[:, 0, capsule_j].tolist() == [1.0, 0.0]
+    assert tensors.clinical_mask[:, 0, size_j].tolist() == [1.0, 0.0]
+    assert tensors.clinical[0, 0, capsule_j].item() == pytest.approx(50 * 0.16510 / CAPSULE_SCALE_MM, rel=1e-4)
     assert torch.isfinite(tensors.image).all() and tensors.image.min() >= 0 and tensors.image.max() <= 1
 
 
@@ -505,7 +540,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
     assert tensors.site == "site-a"
     shapes = {
         "image": ((n, 2, 3, s, s), torch.float32), "view_mask": ((n, 2), torch.float32),
-        "clinical": ((n, 2, 4), torch.float32), "clinical_mask": ((n, 2, 4), torch.float32),
+        "clinical": ((n, 2, 7), torch.float32), "clinical_mask": ((n, 2, 7), torch.float32),
         "llnm": ((n,), torch.float32), "stage": ((n,), torch.int64),
     }
     for name, (shape, dtype) in shapes.items():
@@ -526,11 +561,15 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
         for v, view in enumerate(("trans", "long")):
             usable = bool(row[f"{view}_image"]) and bool(row[f"{view}_nodule_mask"])
             assert tensors.view_mask[k, v].item() == float(usable), (pid, view)
-            assert tensors.clinical_mask[k, v, 2:].tolist() == ([1.0, 1.0] if usable else [0.0, 0.0])
+            assert tensors.clinical_mask[k, v, 2:4].tolist() == ([1.0, 1.0] if usable else [0.0, 0.0])
             if not usable:
                 assert torch.all(tensors.image[k, v] == 0)
             has_thyroid = usable and bool(row[f"{view}_thyroid_mask"])
             assert bool(tensors.extras["location_present"][k, v]) == has_thyroid
+            # every synthetic frame is calibrated: capsule distance and position exactly where a thyroid is
+            assert tensors.clinical_mask[k, v, 4].item() == float(has_thyroid)
+            assert tensors.clinical_mask[k, v, 6].item() == float(has_thyroid)
+            assert tensors.clinical_mask[k, v, 5].item() == float(usable)
         has_report = bool(row["report"]) and (site / row["report"]).read_text(encoding="utf-8").strip() != ""
         assert bool(tensors.extras["report_present"][k]) == has_report
         assert (tensors.text_mask[k].sum() > 0) == has_report
@@ -547,6 +586,16 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
             assert ours == pytest.approx(float(truth[pid]["capsule_trans_mm"]), abs=1.5 * spacing), pid
             checked += 1
     assert checked >= 5
+    # In the longitudinal view (cranial on the left) the position tells the nodule's third.
+    thirds = {"upper": [], "middle": [], "lower": []}
+    for k, pid in enumerate(tensors.patient_ids):
+        if tensors.clinical_mask[k, 1, 6]:
+            thirds[truth[pid]["third"]].append((tensors.clinical[k, 1, 6].item() + 1) / 2)
+    assert all(len(v) >= 2 for v in thirds.values()), {k: len(v) for k, v in thirds.items()}
+    # (Nodule centres are drawn at u in [-0.85, -0.4], [-0.3, 0.3], [0.4, 0.85] of the lobe's length; the
+    # mask's extent in the scan plane is a little shorter than the lobe, hence the slack.)
+    assert max(thirds["upper"]) < 0.35 and min(thirds["lower"]) > 0.65
+    assert all(0.2 < p < 0.8 for p in thirds["middle"])
     # The site folder is untouched and the cache lives outside it.
     assert _tree_digest(site) == synth_build["digest"]
     assert list(synth_build["cache"].glob("site-a-*.pt"))
