@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-federated"))
     ap.add_argument("--methods", default="pooled,local,fedavg,fedprox")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads of the pooled and local baselines (simulated sites get "
+                         "simulation.cpus_per_site each)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     args = ap.parse_args(argv)
 
@@ -99,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {method} ...", flush=True)
         t0 = time.perf_counter()
         if method in ("pooled", "local"):
+            import torch
+
+            torch.set_num_threads(args.threads)
             res = run_baseline(exp, method, work / method, data_root=data, progress=False)
             seconds = time.perf_counter() - t0
             entry = {"site_test_auc": {k: v["auc"] for k, v in res["sites"].items()},

@@ -104,12 +104,13 @@ def _site_name(settings: SiteSettings) -> str:
 
 def _load_round_inputs(msg: Message, settings: SiteSettings):
     """Model, site tensors and settings for this round, from the round's ConfigRecord."""
-    from shared_model.data import build_site_tensors
+    from shared_model.data import build_site_tensors, check_scalar_count
     from shared_model.modeling import LLNMNet, ModelConfig
     from shared_model.preprocessing import PreprocessConfig
 
     config = msg.content["config"]
     model_cfg = ModelConfig.from_dict(json.loads(str(config["model-config"])))
+    check_scalar_count(model_cfg.num_clinical, "the round's model-config")
     pre_cfg = PreprocessConfig.from_dict(json.loads(str(config["preprocess-config"])))
     tensors = build_site_tensors(settings.data_path, pre_cfg, cache_dir=settings.cache_dir, progress=False)
     model = LLNMNet(model_cfg)

@@ -33,14 +33,16 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
     import numpy as np
 
     from shared_model.checkpoint import load_checkpoint
-    from shared_model.data import LLNMDataset, build_site_tensors
+    from shared_model.data import LLNMDataset, build_site_tensors, check_scalar_count
     from shared_model.metrics import binary_metrics, calibration_curve_data, decision_curve
     from shared_model.modeling import LLNMNet, ModelConfig
     from shared_model.preprocessing import PreprocessConfig
     from shared_model.training import predict
 
     state, meta = load_checkpoint(model_path)
-    model = LLNMNet(ModelConfig.from_dict(meta["model_config"]))
+    model_cfg = ModelConfig.from_dict(meta["model_config"])
+    check_scalar_count(model_cfg.num_clinical, f"checkpoint {model_path}")
+    model = LLNMNet(model_cfg)
     model.load_state_dict(state)
     pre = PreprocessConfig.from_dict(meta["preprocess_config"])
     tensors = build_site_tensors(Path(site_dir), pre, cache_dir=Path(cache_dir) if cache_dir else None)

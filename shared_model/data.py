@@ -55,6 +55,7 @@ __all__ = [
     "LLNMDataset",
     "SiteTensors",
     "build_site_tensors",
+    "check_scalar_count",
     "default_cache_dir",
     "site_content_key",
     "view_scalars",
@@ -738,6 +739,23 @@ def _build(site: Site, cfg: PreprocessConfig, *, workers: int, progress: bool) -
         warnings=[p.format() for p in site.problems if p.level == "warning"],
     )
     return tensors
+
+
+def check_scalar_count(num_clinical: int, source: str) -> None:
+    """Refuse a model whose per-view scalar count differs from what this version's preprocessing gives.
+
+    A checkpoint or round config from an llnm-fl version with other scalars would otherwise fail deep in
+    ``forward`` with a bare shape error; this names the cause and the way out.
+
+    Raises:
+        ValueError: ``num_clinical != len(CLINICAL_FEATURES)``.
+    """
+    if num_clinical != len(CLINICAL_FEATURES):
+        raise ValueError(
+            f"{source}: the model takes {num_clinical} per-view scalars, but this version's preprocessing gives "
+            f"{len(CLINICAL_FEATURES)} ({', '.join(CLINICAL_FEATURES)}); the model was made by another llnm-fl "
+            f"version: evaluate it with that version, or train again with this one"
+        )
 
 
 def view_scalars(feat: ViewFeatures) -> dict[str, float]:

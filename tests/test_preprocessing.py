@@ -30,6 +30,7 @@ from shared_model.data import (
     LLNMDataset,
     SiteTensors,
     build_site_tensors,
+    check_scalar_count,
     default_cache_dir,
 )
 from shared_model.preprocessing import (
@@ -426,6 +427,12 @@ def test_bad_records_are_skipped_loudly_and_missing_parts_marked(tmp_path, caplo
     assert torch.all(tensors.text[h2] == 0)
     assert tensors.extras["report_present"][0] and tensors.text_mask[0].sum() > 0
     assert any("no nodule mask" in n for n in tensors.extras["view_notes"][h2][1])
+
+
+def test_a_model_with_other_scalars_is_refused_by_name() -> None:
+    check_scalar_count(len(CLINICAL_FEATURES), "checkpoint new.safetensors")
+    with pytest.raises(ValueError, match=r"checkpoint old\.safetensors: the model takes 4 per-view scalars.*gives 7"):
+        check_scalar_count(4, "checkpoint old.safetensors")
 
 
 def test_cache_dir_inside_site_is_refused(tmp_path) -> None:
