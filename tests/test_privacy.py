@@ -70,10 +70,10 @@ TINY = ModelConfig.preset("tiny", image_size=32, text_max_length=8)
 def patient_tensors(n: int, seed: int = 0) -> TensorDataset:
     """`n` patients in LLNMDataset's tuple layout (random values, the real model and Opacus consume them)."""
     g = torch.Generator().manual_seed(seed)
-    s, length, d = TINY.image_size, TINY.text_max_length, TINY.text_dim
+    s, length, d, c = TINY.image_size, TINY.text_max_length, TINY.text_dim, TINY.num_clinical
     return TensorDataset(
         torch.rand(n, 2, 3, s, s, generator=g), torch.ones(n, 2), torch.randn(n, length, d, generator=g),
-        torch.ones(n, length), torch.randn(n, 2, 4, generator=g), torch.ones(n, 2, 4),
+        torch.ones(n, length), torch.randn(n, 2, c, generator=g), torch.ones(n, 2, c),
         torch.randint(0, 2, (n,), generator=g).float(), torch.randint(0, 3, (n,), generator=g),
     )
 
