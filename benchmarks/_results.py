@@ -21,11 +21,11 @@ def merge_side_by_side(out: Path, results: dict[str, Any], key: str, order: list
 
     `out` is read only now, at the end of a run, so that runs started together all end up in it. Entries of
     this run win over older ones of the same name; the commands of every run that contributed are listed
-    under "commands"; entries are ordered by `order`, then any others. Returns the previous file's contents
-    when they were merged (so a caller can combine other figures, e.g. a peak), else an empty dict.
+    under "commands" (a list in `results`; an older file's single "command" is read too); entries are ordered
+    by `order`, then any others. Returns the previous file's contents when they were merged (so a caller can
+    combine other figures, e.g. a peak), else an empty dict.
     """
     previous = json.loads(out.read_text()) if out.is_file() else {}
-    results["commands"] = _as_list(results.get("commands"))
     merged: dict[str, Any] = {}
     if previous.get("settings") == results["settings"]:
         results[key] = {k: v for k, v in previous.get(key, {}).items() if k not in results[key]} | results[key]

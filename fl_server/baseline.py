@@ -22,7 +22,7 @@ import numpy as np
 
 from fl_server.config import ExperimentConfig
 from fl_server.federation import preprocess_config_dict
-from fl_server.run_dir import atomic_write_json
+from fl_server.run_dir import RunDirectory, atomic_write_json
 from fl_server.simulation import default_cache_dir, discover_sites
 
 log = logging.getLogger("llnm.baseline")
@@ -108,15 +108,11 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
-    handler = logging.FileHandler(run_dir / "baseline.log", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
+    handler = RunDirectory(run_dir).attach_log(run_dir / "baseline.log")
     try:
         return _run(exp, mode, run_dir, sites, progress)
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        RunDirectory.detach_log(handler)
 
 
 def _run(exp: ExperimentConfig, mode: str, run_dir: Path, sites: list[Path], progress: bool) -> dict[str, Any]:

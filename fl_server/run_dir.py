@@ -206,8 +206,10 @@ class RunDirectory:
         return load_file(str(self.checkpoint_file(rnd)))
 
     # ---- logging -------------------------------------------------------------------------------
-    def attach_log(self) -> logging.Handler:
-        handler = logging.FileHandler(self.log_path, encoding="utf-8")
+    def attach_log(self, path: Path | None = None) -> logging.Handler:
+        """Send the `llnm` and `flwr` loggers (llnm at INFO) to `path` (default `log.txt`) until
+        :meth:`detach_log`."""
+        handler = logging.FileHandler(path or self.log_path, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         for name in ("llnm", "flwr"):
             logging.getLogger(name).addHandler(handler)

@@ -351,6 +351,11 @@ def nodule_position(thyroid_mask: np.ndarray, nodule_mask: np.ndarray) -> float:
         raise ValueError("thyroid_mask is empty: no extent to place the nodule in")
     if not nodule.any():
         raise ValueError("nodule_mask is empty: no nodule to place")
+    return _nodule_position(thyroid, nodule)
+
+
+def _nodule_position(thyroid: np.ndarray, nodule: np.ndarray) -> float:
+    """:func:`nodule_position` of two boolean masks already checked to be non-empty and of one shape."""
     _, _, c0, c1 = _bbox(thyroid)
     centre = float(np.nonzero(nodule)[1].mean())
     if c1 == c0:
@@ -668,7 +673,7 @@ def preprocess_view(
             thyroid = None
         else:
             location = _location_channel(thyroid, nodule, phi, spacing, cfg)
-            position = nodule_position(thyroid, nodule)
+            position = _nodule_position(thyroid, nodule)
     else:
         notes.append("no thyroid mask: location channel empty, capsule distance unknown")
 
