@@ -185,6 +185,31 @@ def test_simulation_two_rounds_per_site_metrics(tmp_path: Path, small_consortium
 
 
 @pytest.mark.slow
+def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Path, small_consortium: Path) -> None:
+    """`llnm-server baseline` (pooled, then local) on the real consortium: the run directory of issue 3."""
+    config = write_config(tmp_path, baseline={"epochs": 2})
+    sites = {p.name for p in small_consortium.iterdir() if (p / "patients.csv").is_file()}
+    for mode in ("pooled", "local"):
+        out = tmp_path / mode
+        res = subprocess.run([str(BIN / "llnm-server"), "baseline", "--config", str(config), "--mode", mode,
+                              "--data", str(small_consortium), "--out", str(out), "--no-progress"],
+                             capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["mode"] == mode and metrics["split"] == "test" and metrics["epochs"] == 2
+        assert set(metrics["sites"]) == sites
+        assert all(set(m) >= METRIC_KEYS and m["n"] > 0 for m in metrics["sites"].values())
+        assert metrics["pooled"]["n"] == sum(m["n"] for m in metrics["sites"].values())
+        assert set(metrics["train"]) == ({"pooled"} if mode == "pooled" else sites)
+        assert load_config(out / "config.yaml").baseline.epochs == 2
+        # One line per epoch and trained model, in the run directory and on stderr.
+        log_lines = [line for line in (out / "baseline.log").read_text().splitlines() if " epoch " in line]
+        assert len(log_lines) == 2 * len(metrics["train"])
+        assert all("val AUC" in line for line in log_lines)
+        assert f"{'pooled' if mode == 'pooled' else 'local ' + sorted(sites)[0]} epoch 2/2" in res.stderr
+
+
+@pytest.mark.slow
 def test_crash_after_round_one_then_resume(tmp_path: Path, small_consortium: Path) -> None:
     config = write_config(tmp_path, federation={"rounds": 3, "min_sites": 5})
     out = tmp_path / "run"
