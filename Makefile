@@ -26,7 +26,7 @@ $(DATA)/consortium.json: | $(STAMP)
 	$(BIN)/llnm-synth --out $(DATA) --sites 7 --patients $(DEMO_PATIENTS) --seed $(DEMO_SEED)
 
 demo: $(STAMP) $(DATA)/consortium.json
-	$(BIN)/python -m fl_server.demo --config configs/demo.yaml --data $(DATA)
+	$(BIN)/python -m fl_research.demo --config configs/demo.yaml --data $(DATA)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

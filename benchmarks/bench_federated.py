@@ -31,10 +31,10 @@ from _results import merge_side_by_side  # noqa: E402
 
 
 def model_bytes(exp) -> dict:
-    from shared_model.modeling import LLNMNet, ModelConfig
+    from shared_model.modeling import LLNMNet
     from shared_model.text_encoder import TextEncoderConfig, load_text_encoder
 
-    model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
+    model = LLNMNet(exp.architecture())
     trainable = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     _, encoder = load_text_encoder(TextEncoderConfig())
     frozen = sum(t.numel() * t.element_size() for t in encoder.state_dict().values())
@@ -51,7 +51,7 @@ def run_sim(config: Path, data: Path, out: Path, sets: list[str]) -> tuple[dict,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fl_server.baseline import run_baseline
+    from fl_research.baseline import run_baseline
     from fl_server.config import load_config, parse_set_options
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -36,13 +36,12 @@ sys.path.insert(0, str(ROOT))
 
 from _results import merge_side_by_side  # noqa: E402
 
-from fl_server.baseline import train_reference  # noqa: E402
+from fl_research.baseline import train_reference  # noqa: E402
 from fl_server.config import load_config, parse_set_options  # noqa: E402
-from fl_server.federation import preprocess_config_dict  # noqa: E402
-from shared_model.data import CLINICAL_FEATURES, LLNMDataset, SiteTensors, build_site_tensors  # noqa: E402
+from shared_model.data import CLINICAL_FEATURES, LLNMDataset, SiteTensors  # noqa: E402
 from shared_model.metrics import binary_metrics  # noqa: E402
 from shared_model.modeling import LLNMNet, ModelConfig, count_parameters  # noqa: E402
-from shared_model.preprocessing import PreprocessConfig  # noqa: E402
+from shared_model.site_cache import build_site_tensors  # noqa: E402
 from shared_model.training import predict  # noqa: E402
 
 # Per-view scalars by modality: age and sex are clinical; the others are measured on the image and its masks.
@@ -79,7 +78,7 @@ def peak_rss_mb() -> float:
 
 
 def train_eval(exp, tensors: dict[str, SiteTensors], keep: dict, epochs: int, progress: bool) -> dict:
-    """The pooled baseline's training (`fl_server.baseline.train_reference`) on the ablated tensors, then the
+    """The pooled baseline's training (`fl_research.baseline.train_reference`) on the ablated tensors, then the
     pooled and per-site test AUCs of the epoch with the best validation AUC."""
     t0 = time.perf_counter()
     model, info = train_reference(exp, [ablate(t.subset("train"), keep) for t in tensors.values()],
@@ -131,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                         "--patients", str(args.patients), "--seed", str(args.seed)], check=True)
     consortium = json.loads((data / "consortium.json").read_text())
     exp = load_config(args.config, parse_set_options(args.set))
-    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
+    pre = exp.preprocess
     t0 = time.perf_counter()
     sites = sorted(p for p in data.iterdir() if (p / "patients.csv").is_file())
     tensors = {p.name: build_site_tensors(p, pre, progress=args.progress) for p in sites}

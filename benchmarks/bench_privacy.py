@@ -64,8 +64,8 @@ def _setting_config(base: Any, *, name: str, patient_eps: float | None, site_noi
 
 
 def _run(exp: Any, data: Path, workdir: Path) -> dict[str, Any]:
+    from fl_research.simulation import simulate
     from fl_server.run_dir import RunDirectory
-    from fl_server.simulation import simulate
 
     rd = RunDirectory(workdir / exp.name)
     started = time.perf_counter()
@@ -153,20 +153,18 @@ def step_times(exp: Any, site_dir: Path, *, repeats: int, workdir: Path) -> dict
     """Seconds per local training step of one site, non-private vs DP-SGD (Opacus), same model and data."""
     import torch
 
-    from fl_client.client_app import SiteSettings
     from fl_client.privacy import PatientDPSession
-    from fl_server.federation import preprocess_config_dict
-    from fl_server.simulation import default_cache_dir
-    from shared_model.data import LLNMDataset, build_site_tensors
-    from shared_model.modeling import LLNMNet, ModelConfig
-    from shared_model.preprocessing import PreprocessConfig
-    from shared_model.training import TrainConfig, train_local
+    from fl_client.settings import SiteSettings
+    from shared_model.data import LLNMDataset
+    from shared_model.modeling import LLNMNet
+    from shared_model.site_cache import build_site_tensors
+    from shared_model.training import train_local
 
-    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
-    tensors = build_site_tensors(site_dir, pre, cache_dir=Path(default_cache_dir(exp)), progress=False)
+    pre = exp.preprocess
+    tensors = build_site_tensors(site_dir, pre, cache_dir=exp.data.cache_dir, progress=False)
     train = LLNMDataset(tensors.subset("train"))
-    model_cfg = ModelConfig.from_dict(exp.model_config_dict())
-    cfg = TrainConfig.from_dict(exp.train.model_dump(mode="json"))
+    model_cfg = exp.architecture()
+    cfg = exp.train.model_copy()
     cfg.device = "cpu"
     settings = SiteSettings(data_path=site_dir, name=site_dir.name, cache_dir=None, device="cpu",
                             max_patient_epsilon=None, privacy_state_dir=workdir / "bench-privacy-state")
@@ -224,12 +222,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the simulations already in --out and only (re)measure the step times")
     args = p.parse_args(argv)
 
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from fl_research.simulation import discover_sites
     from fl_server.config import load_config
-    from fl_server.simulation import discover_sites
+    from shared_model.environment import use_offline_environment
 
+    use_offline_environment()
     base = load_config(args.config)
     data = Path(args.data).resolve()
     sites = discover_sites(data, base.data.sites)

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import sys
 
-from shared_model.cli_support import dispatch
+from shared_model.cli_support import Command, dispatch
 
-COMMANDS: dict[str, str] = {
-    "check": "Validate a site folder against the data contract (never modifies it).",
-    "inspect": "Print what an ultrasound image file holds (frames, photometric, calibration) as JSON.",
-    "join": "Join a federation: start a real flower-supernode for this site.",
-    "evaluate": "Evaluate a global model checkpoint on this site's own patients.",
+COMMANDS: dict[str, Command] = {
+    "check": Command("fl_client.cmd_check", "Validate a site folder against the data contract (never modifies it)."),
+    "inspect": Command("fl_client.cmd_inspect",
+                       "Print what an ultrasound image file holds (frames, photometric, calibration) as JSON."),
+    "join": Command("fl_client.cmd_join", "Join a federation: start a real flower-supernode for this site."),
+    "evaluate": Command("fl_client.cmd_evaluate", "Evaluate a global model checkpoint on this site's own patients."),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("llnm-site", "llnm-fl tools for a hospital site.", "fl_client", COMMANDS, argv)
+    return dispatch("llnm-site", "llnm-fl tools for a hospital site.", COMMANDS, argv)
 
 
 if __name__ == "__main__":

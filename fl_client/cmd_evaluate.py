@@ -31,12 +31,14 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
                   n_bootstrap: int = 1000, cache_dir: str | None = None, device: str = "auto"
                   ) -> tuple[dict[str, Any], Any, Any]:
     import numpy as np
+    from sklearn.metrics import confusion_matrix
 
     from shared_model.checkpoint import load_checkpoint
-    from shared_model.data import LLNMDataset, build_site_tensors, check_scalar_count
+    from shared_model.data import LLNMDataset, check_scalar_count
     from shared_model.metrics import binary_metrics, calibration_curve_data, decision_curve
     from shared_model.modeling import LLNMNet, ModelConfig
     from shared_model.preprocessing import PreprocessConfig
+    from shared_model.site_cache import build_site_tensors
     from shared_model.training import predict
 
     state, meta = load_checkpoint(model_path)
@@ -71,8 +73,7 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
             result["risk_stage"] = {
                 "n": int(known.sum()),
                 "accuracy": float((pred_stage == st[known]).mean()),
-                "confusion": [[int(((st[known] == a) & (pred_stage == b)).sum()) for b in range(3)]
-                              for a in range(3)],
+                "confusion": confusion_matrix(st[known], pred_stage, labels=[0, 1, 2]).tolist(),
             }
     return result, subset, preds
 

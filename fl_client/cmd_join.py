@@ -96,9 +96,9 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(cmd), flush=True)
     if args.print_command:
         return 0
-    env = dict(os.environ, PATH=_path_with_venv(), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1")
-    os.execve(cmd[0], cmd, env)
+    from shared_model.environment import offline_environment
+
+    os.execve(cmd[0], cmd, offline_environment(PATH=_path_with_venv()))
     return 0  # not reached
 
 

@@ -1,7 +1,9 @@
 """`llnm-server resume RUN_DIR`: continue a stopped or crashed run from its last complete round.
 
 The run continues with the configuration saved in RUN_DIR/config.yaml, to the same number of rounds;
-rounds already recorded are kept, never repeated or duplicated.
+rounds already recorded are kept, never repeated or duplicated. A deployment run is submitted to its
+SuperLink again; a simulation run is handed to `llnm-server simulate --resume` through the command table
+(the simulation engine belongs to the research tools, which the coordinator does not import).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import argparse
 import sys
 
 from fl_server.config import ConfigError
-from fl_server.run_dir import RunDirectory
+from fl_server.run_dir import NothingToResume, RunDirectory
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,25 +24,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rd = RunDirectory(args.run_dir)
     try:
-        if not rd.exists():
-            raise ConfigError(f"{rd.path}: not a run directory (no config.yaml)")
-        exp = rd.load_config()
+        rd.resume_config()
         info = rd.run_info()
-        done = rd.last_complete_round()
-        if done >= exp.federation.rounds and info.get("status") == "completed":
-            print(f"{rd.path}: all {exp.federation.rounds} rounds are complete; nothing to resume")
-            return 0
-        if info.get("mode") == "deployment":
-            from fl_server.cmd_run import launch
-
-            return launch(rd, args.superlink or info["superlink"], info.get("root_certificates"))
-        from fl_server.simulation import simulate
-
-        simulate(exp, rd, data_root=args.data or info.get("data_root"), resume=True)
+    except NothingToResume as exc:
+        print(exc)
+        return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    if info.get("mode") == "deployment":
+        from fl_server.cmd_run import launch
+
+        return launch(rd, args.superlink or info["superlink"], info.get("root_certificates"))
+    return _resume_simulation(rd, args.data)
+
+
+def _resume_simulation(rd: RunDirectory, data: str | None) -> int:
+    from fl_server.cli import COMMANDS, main
+    from shared_model.cli_support import load_command
+
+    if load_command(COMMANDS["simulate"]) is None:
+        print(f"error: {rd.path} is a simulation run; resuming it needs the research tools "
+              f"({COMMANDS['simulate'].module}), which this installation lacks", file=sys.stderr)
+        return 2
+    argv = ["simulate", "--config", str(rd.config_path), "--out", str(rd.path), "--resume"]
+    return main([*argv, "--data", data] if data else argv)

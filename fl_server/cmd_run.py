@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fl_server.config import ConfigError, load_config, parse_set_options
-from fl_server.run_dir import RunDirectory
+from fl_server.config import ConfigError
+from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,12 +34,15 @@ def launch(rd: RunDirectory, address: str, root_certificates: str | None) -> int
 def run(args: argparse.Namespace) -> int:
     try:
         rd = RunDirectory(args.out)
-        exp = rd.load_config() if args.resume and rd.exists() else load_config(args.config, parse_set_options(args.set))
+        exp, resuming = experiment_for(rd, resume=args.resume, config=args.config, overrides=args.set)
         link = exp.federation.superlink
         address = args.superlink or f"{link.host if link.host != '0.0.0.0' else '127.0.0.1'}:{link.port}"
-        if not (args.resume and rd.exists()):
+        if not resuming:
             rd.create(exp, {"mode": "deployment", "superlink": address, "status": "created",
                             "root_certificates": args.root_certificates})
+    except NothingToResume as exc:
+        print(exc)
+        return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

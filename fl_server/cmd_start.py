@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from fl_server.config import ConfigError, load_config
+from shared_model.environment import offline_environment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(cmd), flush=True)
     if args.print_command:
         return 0
-    env = dict(os.environ, PATH=_path_with_venv(), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env = offline_environment(PATH=_path_with_venv())
     os.execve(cmd[0], cmd, env)
     return 0  # not reached
 

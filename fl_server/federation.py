@@ -19,7 +19,6 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,12 +29,9 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl_server.config import ExperimentConfig
 from fl_server.run_dir import RunDirectory
+from shared_model import protocol
 
 log = logging.getLogger("llnm.server")
-
-EVAL_METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
-                    "f1", "brier", "ece")
-
 
 class QuorumNotMet(RuntimeError):
     """Fewer sites than `federation.min_sites` replied in a round; the run stops and can be resumed."""
@@ -49,10 +45,10 @@ class RoundOutcome:
 
 def initial_state(exp: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The round-0 global model, reproducible from the run's seed."""
-    from shared_model.modeling import LLNMNet, ModelConfig
+    from shared_model.modeling import LLNMNet
 
     torch.manual_seed(exp.train.seed)
-    model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
+    model = LLNMNet(exp.architecture())
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -66,13 +62,13 @@ def build_strategy(exp: ExperimentConfig, num_sites_expected: int) -> Strategy:
         min_train_nodes=fed.min_sites,
         min_evaluate_nodes=fed.min_sites,
         min_available_nodes=fed.min_sites,
-        weighted_by_key="num-examples",
+        weighted_by_key=protocol.NUM_EXAMPLES,
     )
     site_dp = exp.privacy.site
     if site_dp.enabled:
         # Site-level DP needs an unweighted mean (each site's clipped update has sensitivity C/K);
         # sample-weighted FedAvg would give a large hospital more influence than the noise covers.
-        common["weighted_by_key"] = "unit-weight"
+        common["weighted_by_key"] = protocol.UNIT_WEIGHT
     strategy: Strategy
     if fed.strategy == "fedavg":
         strategy = FedAvg(**common)
@@ -111,45 +107,25 @@ def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) ->
             setattr(inner, attr, value)
 
 
-def preprocess_config_dict(exp: ExperimentConfig) -> dict[str, Any]:
-    """The site-side PreprocessConfig, as a dict, from the experiment's preprocess section."""
-    p = exp.preprocess.model_dump(mode="json")
-    text = p.pop("text")
-    from shared_model.text_encoder import TextEncoderConfig
-
-    text_cfg = TextEncoderConfig(
-        **({"path": text["path"]} if text["path"] else {}),
-        max_length=text["max_length"],
-        trainable_top_layers=text["trainable_top_layers"],
-        unit=text["unit"],
-        max_segments=text["max_segments"],
-    )
-    if text["sha256"] != "pinned":
-        text_cfg.sha256 = text["sha256"]
-    p["text"] = text_cfg.to_dict()
-    p["intensity_percentiles"] = list(p["intensity_percentiles"])
-    return p
-
-
 def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None) -> ConfigRecord:
     """What a site needs for one round, in the round's ConfigRecord."""
-    from shared_model.training import TrainConfig, scheduled_lr
+    from shared_model.training import scheduled_lr
 
-    train = exp.train.model_dump(mode="json")
     total = int(exp.federation.rounds)
-    train["lr"] = scheduled_lr(TrainConfig.from_dict(train), min(max(server_round, 1), total) - 1, total)
+    train = exp.train.model_copy(update={
+        "lr": scheduled_lr(exp.train, min(max(server_round, 1), total) - 1, total)})
     values: dict[str, Any] = {
-        "run-id": exp.name,
-        "total-rounds": int(exp.federation.rounds),
-        "model-config": json.dumps(exp.model_config_dict()),
-        "preprocess-config": json.dumps(preprocess_config_dict(exp)),
-        "train-config": json.dumps(train),
-        "privacy-config": json.dumps(exp.privacy.patient.model_dump(mode="json")),
-        "eval-split": split or exp.federation.eval_split,
-        "eval-bootstrap": int(exp.federation.eval_bootstrap),
+        protocol.RUN_ID: exp.name,
+        protocol.TOTAL_ROUNDS: total,
+        protocol.MODEL_CONFIG: exp.architecture().to_json(),
+        protocol.PREPROCESS_CONFIG: exp.preprocess.to_json(),
+        protocol.TRAIN_CONFIG: train.to_json(),
+        protocol.PRIVACY_CONFIG: exp.privacy.patient.to_json(),
+        protocol.EVAL_SPLIT: split or exp.federation.eval_split,
+        protocol.EVAL_BOOTSTRAP: int(exp.federation.eval_bootstrap),
     }
     if exp.federation.strategy == "fedprox":
-        values["proximal-mu"] = float(exp.federation.proximal_mu)
+        values[protocol.PROXIMAL_MU] = float(exp.federation.proximal_mu)
     return ConfigRecord(values)
 
 
@@ -194,12 +170,13 @@ class Federation:
         new = [n for n in nodes if n not in self.site_names]
         if not new:
             return
-        msgs = [Message(RecordDict({"config": ConfigRecord({"ask": "site-name"})}), dst_node_id=n,
-                        message_type="query") for n in new]
+        ask = ConfigRecord({protocol.QUERY_ASK: protocol.ASK_SITE_NAME})
+        msgs = [Message(RecordDict({protocol.CONFIG_RECORD: ask}), dst_node_id=n, message_type="query")
+                for n in new]
         for reply in self.grid.send_and_receive(msgs, timeout=min(120.0, self.exp.federation.round_timeout_s)):
             if reply.has_error():
                 continue
-            name = str(reply.content["site"]["site-name"])
+            name = _reply_site_name(reply)
             self.site_names[reply.metadata.src_node_id] = name
             self.known_sites.add(name)
 
@@ -265,129 +242,136 @@ class Federation:
         sites: dict[str, Any] = {}
         hists = []
         for r in outcome.replies:
-            name = str(r.content["site"]["site-name"])
+            name = _reply_site_name(r)
             self.site_names.setdefault(r.metadata.src_node_id, name)
-            m = r.content["metrics"]
-            site_metrics = {k: _none_if_nan(m[k]) for k in EVAL_METRIC_KEYS if k in m}
-            site_metrics["n"] = int(m["n"])
-            site_metrics["n_pos"] = int(m["n_pos"])
+            site_metrics, histogram = protocol.decode_eval_metrics(r.content[protocol.METRICS_RECORD])
             sites[name] = site_metrics
-            hists.append(histogram_from_metrics(m))
+            hists.append(histogram)
         pooled = metrics_from_histograms(hists) if hists else {}
         pooled = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
         return dict(sorted(sites.items())), pooled, outcome.failures + self.offline_sites(nodes, "evaluate")
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        exp, rd = self.exp, self.rd
-        fed = exp.federation
-        start_round = rd.last_complete_round() + 1
-        rd.truncate_to(start_round - 1)
+        """Rounds from the last complete one on, then the final evaluation; returns metrics.json's content."""
+        fed = self.exp.federation
+        start_round = self.rd.last_complete_round() + 1
+        self.rd.truncate_to(start_round - 1)
         nodes = self.wait_for_sites()
         self.refresh_site_names(nodes)
-        strategy = build_strategy(exp, num_sites_expected=max(len(nodes), fed.min_sites))
-        if exp.privacy.patient.enabled or exp.privacy.site.enabled:
+        strategy = build_strategy(self.exp, num_sites_expected=max(len(nodes), fed.min_sites))
+        if self.exp.privacy.patient.enabled or self.exp.privacy.site.enabled:
             from fl_server.privacy import PrivacyLedger
 
-            self.ledger = PrivacyLedger.open(rd, exp)
+            self.ledger = PrivacyLedger.open(self.rd, self.exp)
             self.ledger.truncate_to(start_round - 1)
             self.ledger.attach(strategy)
         if start_round == 1:
-            state = initial_state(exp)
-            self.say(f"[llnm] run {exp.name}: {fed.rounds} rounds of {fed.strategy}, "
+            arrays = ArrayRecord(initial_state(self.exp))
+            self.say(f"[llnm] run {self.exp.name}: {fed.rounds} rounds of {fed.strategy}, "
                      f"{len(nodes)} site(s) connected (quorum {fed.min_sites})")
         else:
-            loaded = rd.load_checkpoint(start_round - 1)
-            # safetensors stores keys sorted; keep the model's own order, which Flower's DP clipping (server
-            # wrapper and client mods) pairs positionally with the arrays the sites send back.
-            state = {k: loaded[k] for k in initial_state(exp)}
-            server_state = rd.load_server_state(start_round - 1)
-            arrays_file = server_state.get("arrays_file")
-            if arrays_file:
-                from safetensors.numpy import load_file as load_np
-
-                restore_strategy_state(strategy, load_np(str(rd.checkpoints / arrays_file)))
-            self.known_sites.update(server_state.get("known_sites", []))
-            if self.ledger is not None:
-                self.ledger.restore(strategy, server_state.get("privacy", {}))
-            self.say(f"[llnm] resuming run {exp.name} at round {start_round}/{fed.rounds} "
-                     f"(rounds 1-{start_round - 1} kept)")
-        arrays = ArrayRecord(state)
-
+            arrays = self._restore(start_round - 1, strategy)
         for rnd in range(start_round, fed.rounds + 1):
-            t0 = time.perf_counter()
-            nodes = self.wait_for_sites()
-            self.refresh_site_names(nodes)
-            if self.ledger is not None:
-                self.ledger.before_round(rnd, strategy)
-            msgs = list(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
-            outcome = self.exchange(msgs, "train")
-            failures = outcome.failures + self.offline_sites(nodes, "train")
-            train_sites: dict[str, Any] = {}
-            for r in outcome.replies:
-                name = str(r.content["site"]["site-name"])
-                self.site_names.setdefault(r.metadata.src_node_id, name)
-                self.known_sites.add(name)
-                m = r.content["metrics"]
-                train_sites[name] = {k: (_none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
-            if self.ledger is not None:
-                outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
-            if len(outcome.replies) < fed.min_sites:
-                self._record_failed_round(rnd, failures, train_sites)
-                raise QuorumNotMet(
-                    f"round {rnd}: {len(outcome.replies)} site(s) trained, fewer than min_sites={fed.min_sites}; "
-                    f"failures: {json.dumps(failures)}. Fix the sites and run `llnm-server resume {rd.path}`."
-                )
-            new_arrays, _ = strategy.aggregate_train(rnd, outcome.replies)
-            if new_arrays is None:
-                self._record_failed_round(rnd, failures, train_sites)
-                raise QuorumNotMet(f"round {rnd}: aggregation produced no model (see log)")
-            arrays = new_arrays
-            if self.ledger is not None:
-                self.ledger.after_aggregate(rnd, strategy, outcome.replies, self._name)
-
-            unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
-            sites, pooled, eval_failures = self.evaluate(strategy, rnd, arrays, fed.eval_split, unresponsive)
-            entry = {
-                "round": rnd,
-                "split": fed.eval_split,
-                "sites": sites,
-                "pooled": pooled,
-                "train": dict(sorted(train_sites.items())),
-                "failures": failures + eval_failures,
-                "participants": sorted(train_sites),
-                "seconds": round(time.perf_counter() - t0, 3),
-            }
-            self._save_round(rnd, arrays, strategy, entry)
-            self._print_round(entry)
-
-        final_split = fed.final_eval_split
-        final: dict[str, Any] | None = None
-        if final_split:
-            final_round = fed.rounds
-            best = rd.metrics().get("best_round")
-            if fed.final_model == "best" and best is not None:
-                final_round = int(best)
-                arrays = ArrayRecord(rd.load_checkpoint(final_round))
-            sites, pooled, eval_failures = self.evaluate(strategy, fed.rounds, arrays, final_split)
-            final = {"round": final_round, "model": fed.final_model, "split": final_split, "sites": sites,
-                     "pooled": pooled, "failures": eval_failures}
-            rd.set_final(final)
-            self.say(f"[llnm] final {final_split} evaluation of the round-{final_round} model ({fed.final_model}): "
-                     + _site_line(sites, pooled))
-        rd.update_run_info(status="completed", rounds_completed=fed.rounds)
+            arrays = self._train_round(rnd, strategy, arrays)
+        if fed.final_eval_split:
+            self._final_evaluation(strategy, arrays)
+        self.rd.update_run_info(status="completed", rounds_completed=fed.rounds)
         if self.ledger is not None:
             for sentence in self.ledger.guarantee_sentences():
                 self.say(f"[llnm] privacy: {sentence}")
-        self.say(f"[llnm] run directory: {rd.path}")
-        return rd.metrics()
+        self.say(f"[llnm] run directory: {self.rd.path}")
+        return self.rd.metrics()
+
+    def _restore(self, last_round: int, strategy: Strategy) -> ArrayRecord:
+        """The global model, strategy state, known sites and privacy state after `last_round`."""
+        rd = self.rd
+        loaded = rd.load_checkpoint(last_round)
+        # safetensors stores keys sorted; keep the model's own order, which Flower's DP clipping (server
+        # wrapper and client mods) pairs positionally with the arrays the sites send back.
+        state = {k: loaded[k] for k in initial_state(self.exp)}
+        server_state = rd.load_server_state(last_round)
+        arrays_file = server_state.get("arrays_file")
+        if arrays_file:
+            from safetensors.numpy import load_file as load_np
+
+            restore_strategy_state(strategy, load_np(str(rd.checkpoints / arrays_file)))
+        self.known_sites.update(server_state.get("known_sites", []))
+        if self.ledger is not None:
+            self.ledger.restore(strategy, server_state.get("privacy", {}))
+        self.say(f"[llnm] resuming run {self.exp.name} at round {last_round + 1}/{self.exp.federation.rounds} "
+                 f"(rounds 1-{last_round} kept)")
+        return ArrayRecord(state)
+
+    def _train_round(self, rnd: int, strategy: Strategy, arrays: ArrayRecord) -> ArrayRecord:
+        """One round: train at every connected site, aggregate, evaluate, save; returns the new model."""
+        fed = self.exp.federation
+        t0 = time.perf_counter()
+        nodes = self.wait_for_sites()
+        self.refresh_site_names(nodes)
+        if self.ledger is not None:
+            self.ledger.before_round(rnd, strategy)
+        msgs = list(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
+        outcome = self.exchange(msgs, "train")
+        failures = outcome.failures + self.offline_sites(nodes, "train")
+        train_sites: dict[str, Any] = {}
+        for r in outcome.replies:
+            name = _reply_site_name(r)
+            self.site_names.setdefault(r.metadata.src_node_id, name)
+            self.known_sites.add(name)
+            m = r.content[protocol.METRICS_RECORD]
+            train_sites[name] = {k: (_none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
+        if self.ledger is not None:
+            outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
+        if len(outcome.replies) < fed.min_sites:
+            self._record_failed_round(rnd, failures, train_sites)
+            raise QuorumNotMet(
+                f"round {rnd}: {len(outcome.replies)} site(s) trained, fewer than min_sites={fed.min_sites}; "
+                f"failures: {json.dumps(failures)}. Fix the sites and run `llnm-server resume {self.rd.path}`."
+            )
+        new_arrays, _ = strategy.aggregate_train(rnd, outcome.replies)
+        if new_arrays is None:
+            self._record_failed_round(rnd, failures, train_sites)
+            raise QuorumNotMet(f"round {rnd}: aggregation produced no model (see log)")
+        if self.ledger is not None:
+            self.ledger.after_aggregate(rnd, strategy, outcome.replies, self._name)
+
+        unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
+        sites, pooled, eval_failures = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
+        entry = {
+            "round": rnd,
+            "split": fed.eval_split,
+            "sites": sites,
+            "pooled": pooled,
+            "train": dict(sorted(train_sites.items())),
+            "failures": failures + eval_failures,
+            "participants": sorted(train_sites),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+        self._save_round(rnd, new_arrays, strategy, entry)
+        self._print_round(entry)
+        return new_arrays
+
+    def _final_evaluation(self, strategy: Strategy, arrays: ArrayRecord) -> None:
+        """Every site evaluates the chosen global model (best on validation, or the last) on the final split."""
+        fed = self.exp.federation
+        final_round = fed.rounds
+        best = self.rd.metrics().get("best_round")
+        if fed.final_model == "best" and best is not None:
+            final_round = int(best)
+            arrays = ArrayRecord(self.rd.load_checkpoint(final_round))
+        sites, pooled, eval_failures = self.evaluate(strategy, fed.rounds, arrays, fed.final_eval_split)
+        self.rd.set_final({"round": final_round, "model": fed.final_model, "split": fed.final_eval_split,
+                           "sites": sites, "pooled": pooled, "failures": eval_failures})
+        self.say(f"[llnm] final {fed.final_eval_split} evaluation of the round-{final_round} model "
+                 f"({fed.final_model}): " + _site_line(sites, pooled))
 
     def _save_round(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, entry: dict[str, Any]) -> None:
         rd = self.rd
         state = arrays.to_torch_state_dict()
         rd.save_checkpoint(rnd, state, {
-            "model_config": self.exp.model_config_dict(),
-            "preprocess_config": preprocess_config_dict(self.exp),
+            "model_config": self.exp.architecture().to_dict(),
+            "preprocess_config": self.exp.preprocess.to_dict(),
             "experiment": self.exp.name,
             "split": entry["split"],
             "pooled": entry["pooled"],
@@ -417,16 +401,6 @@ class Federation:
                  + (f" | failed: {fails}" if fails else ""))
 
 
-def histogram_from_metrics(m: Any) -> dict[str, Any]:
-    return {
-        "n_bins": int(m["hist-n-bins"]),
-        "neg_bins": list(m["hist-neg-bins"]),
-        "neg_counts": list(m["hist-neg-counts"]),
-        "pos_bins": list(m["hist-pos-bins"]),
-        "pos_counts": list(m["hist-pos-counts"]),
-    }
-
-
 def _none_if_nan(v: Any) -> Any:
     if isinstance(v, float) and math.isnan(v):
         return None
@@ -442,5 +416,5 @@ def _site_line(sites: dict[str, Any], pooled: dict[str, Any]) -> str:
     return "AUC " + ", ".join(parts) + f" | pooled {_fmt(pooled.get('auc'))}"
 
 
-def run_dir_for(path: str | Path) -> RunDirectory:
-    return RunDirectory(path)
+def _reply_site_name(reply: Message) -> str:
+    return str(reply.content[protocol.SITE_RECORD][protocol.SITE_NAME])

@@ -21,43 +21,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
-from fl_server.config import ConfigError, ExperimentConfig, parse_config
+from fl_server.config import ConfigError, ExperimentConfig, load_config, parse_config, parse_set_options
+from shared_model.fileio import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     import torch
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+class NothingToResume(Exception):
+    """The run in a run directory has completed all its rounds; there is nothing to continue."""
 
 
 class RunDirectory:
@@ -116,6 +93,20 @@ class RunDirectory:
             raise ConfigError(f"{self.path}: not a run directory (no config.yaml)")
         data = yaml.safe_load(self.config_path.read_text(encoding="utf-8"))
         return parse_config(data, source=str(self.config_path))
+
+    def resume_config(self) -> ExperimentConfig:
+        """The saved configuration of the run to continue from its last complete round (every way of resuming
+        a run, `llnm-server resume` or `--resume`, simulation or deployment, decides here).
+
+        Raises:
+            ConfigError: the folder holds no run.
+            NothingToResume: every round is complete and the run finished.
+        """
+        exp = self.load_config()
+        rounds = exp.federation.rounds
+        if self.last_complete_round() >= rounds and self.run_info().get("status") == "completed":
+            raise NothingToResume(f"{self.path}: all {rounds} rounds are complete; nothing to resume")
+        return exp
 
     def run_info(self) -> dict[str, Any]:
         if not self.run_info_path.is_file():
@@ -230,3 +221,13 @@ def _best_round(rounds: list[dict[str, Any]]) -> int | None:
         if auc is not None and auc > best_auc:
             best, best_auc = r["round"], auc
     return best
+
+
+def experiment_for(rd: RunDirectory, *, resume: bool, config: str, overrides: list[str] | None
+                   ) -> tuple[ExperimentConfig, bool]:
+    """The experiment a command with `--config`, `--set` and `--resume` runs, and whether it resumes: with
+    `--resume` and a run already in `rd`, that run's saved configuration (:meth:`RunDirectory.resume_config`);
+    otherwise the config file with the `--set` overrides, for a new run."""
+    if resume and rd.exists():
+        return rd.resume_config(), True
+    return load_config(config, parse_set_options(overrides)), False

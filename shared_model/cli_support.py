@@ -1,8 +1,10 @@
 """The sub-command dispatcher behind `llnm-site` and `llnm-server`.
 
-Each sub-command lives in its own module (`<package>.cmd_<name>`) exposing `add_arguments(parser)` and
-`run(args) -> int`. Only the chosen sub-command's module is imported, so that `llnm-server status` does
-not pay for importing torch and Flower.
+A command table maps each sub-command to the module that implements it (a :class:`Command`: the dotted module
+name and its help). The module exposes `add_arguments(parser)` and `run(args) -> int`. Only the chosen
+sub-command's module is imported, so that `llnm-server status` does not pay for importing torch and Flower,
+and a command whose module is not installed is simply left out. The table names modules by string, so a
+package can offer another package's commands without importing it.
 """
 
 from __future__ import annotations
@@ -10,41 +12,50 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from types import ModuleType
 
 
-def _load(module_name: str) -> ModuleType | None:
-    """Import a sub-command module; a command whose module is not installed is left out."""
+@dataclass(frozen=True)
+class Command:
+    """One sub-command: the dotted name of its module and its help line."""
+
+    module: str
+    help: str
+
+
+def load_command(command: Command) -> ModuleType | None:
+    """Import a sub-command's module; None when that module is not installed (the command is left out)."""
     try:
-        return importlib.import_module(module_name)
+        return importlib.import_module(command.module)
     except ModuleNotFoundError as exc:
-        if exc.name == module_name:
+        if exc.name is not None and (command.module == exc.name or command.module.startswith(exc.name + ".")):
             return None
         raise
 
 
-def build_parser(prog: str, description: str, package: str, commands: dict[str, str],
+def build_parser(prog: str, description: str, commands: Mapping[str, Command],
                  only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that sub-command's module is imported."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in commands.items():
+    for name, command in commands.items():
         if only is not None and name != only:
-            sub.add_parser(name, help=help_text)
+            sub.add_parser(name, help=command.help)
             continue
-        module = _load(f"{package}.cmd_{name.replace('-', '_')}")
+        module = load_command(command)
         if module is None:
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=command.help, description=command.help)
         module.add_arguments(p)
         p.set_defaults(_module=module)
     return parser
 
 
-def dispatch(prog: str, description: str, package: str, commands: dict[str, str],
-             argv: list[str] | None = None) -> int:
+def dispatch(prog: str, description: str, commands: Mapping[str, Command], argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(prog, description, package, commands, chosen if chosen in commands else None)
+    parser = build_parser(prog, description, commands, chosen if chosen in commands else None)
     args = parser.parse_args(argv)
     return int(args._module.run(args) or 0)

@@ -370,89 +370,14 @@ def _parse_row(
     if absent & set(IDENTITY_COLUMNS):
         check.failed = True
 
-    patient_id = values["patient_id"]
-    if not patient_id:
-        check.error("patient_id", "is empty")
-    elif not PATIENT_ID_PATTERN.fullmatch(patient_id):
-        check.error("patient_id", f"{patient_id!r} must be 1-64 characters from A-Z a-z 0-9 . _ -")
-
+    patient_id = _parse_patient_id(values["patient_id"], check)
     age = _parse_age(values["age"], check)
-    sex = values["sex"]
-    if sex not in ("F", "M"):
-        check.error("sex", f"{sex!r} must be F or M" if sex else "is empty (must be F or M)")
-
-    llnm = _parse_int_choice(values["llnm"], "llnm", (0, 1), check)
-    if not values["llnm"]:
-        check.warning("llnm", "is empty: unlabelled patient, used for inference only")
-    risk_stage = None
-    if values.get("risk_stage", ""):
-        risk_stage = _parse_int_choice(values["risk_stage"], "risk_stage", (1, 2, 3), check)
-        # An invalid llnm has been reported already; only judge the stage against a readable label.
-        if risk_stage is not None and (llnm == 0 or not values["llnm"]):
-            label = "llnm = 0" if llnm == 0 else "an unlabelled patient"
-            check.error(
-                "risk_stage", f"is {risk_stage} but a risk stage is only given for llnm = 1, not {label}"
-            )
-
-    split = values["split"]
-    if split not in SPLITS:
-        check.error(
-            "split",
-            f"{split!r} must be one of {', '.join(SPLITS)}"
-            if split
-            else f"is empty (must be one of {', '.join(SPLITS)})",
-        )
-
-    if patient_id and PATIENT_ID_PATTERN.fullmatch(patient_id):
-        if patient_id in seen:
-            first_row, first_split = seen[patient_id]
-            if split in SPLITS and first_split in SPLITS and split != first_split:
-                check.error(
-                    "split",
-                    f"patient {patient_id} is in {split!r} here but in {first_split!r} at "
-                    f"row {first_row}: one patient must be in one split (otherwise it "
-                    "leaks between training and evaluation)",
-                )
-            else:
-                check.error(
-                    "patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out"
-                )
-        else:
-            seen[patient_id] = (row, split)
-
-    paths = {column: _parse_path(site.root, values[column], column, check) for column in PATH_COLUMNS}
-    for column, path in paths.items():
-        if path is None:
-            continue
-        # One file listed twice is almost always a copy-paste slip in the table (two patients, one image).
-        first = used.setdefault(path.resolve(), (row, column))
-        if first != (row, column):
-            check.warning(
-                column,
-                f"{values[column]!r} is also listed at row {first[0]} ({first[1]}): same file used twice",
-            )
-    views: dict[str, ViewFiles] = {}
-    for view in VIEWS:
-        spacing = _parse_spacing(values, view, check)
-        image = paths[f"{view}_image"]
-        nodule, thyroid = paths[f"{view}_nodule_mask"], paths[f"{view}_thyroid_mask"]
-        if image is None and values[f"{view}_image"] == "":
-            for kind, mask in (("nodule_mask", nodule), ("thyroid_mask", thyroid)):
-                if mask is not None:
-                    check.warning(
-                        f"{view}_{kind}", f"mask given but the {view} view has no image; it is ignored"
-                    )
-            if spacing is not None:
-                check.warning(f"{view}_row_spacing_mm", f"spacing given but the {view} view has no image")
-        elif image is not None and (
-            lacking := [k for k in ("nodule", "thyroid") if values[f"{view}_{k}_mask"] == ""]
-        ):
-            check.warning(
-                f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask"
-            )
-        views[view] = ViewFiles(
-            image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing
-        )
+    sex = _parse_sex(values["sex"], check)
+    llnm, risk_stage = _parse_labels(values, check)
+    split = _parse_split(values["split"], check)
+    _check_unique_patient(patient_id, split, row, seen, check)
+    paths = _parse_paths(site.root, values, row, used, check)
+    views = {view: _parse_view(values, paths, view, check) for view in VIEWS}
 
     if check.failed:
         return None
@@ -468,6 +393,108 @@ def _parse_row(
         views=views,
         row=row,
     )
+
+
+def _parse_patient_id(patient_id: str, check: _RowChecker) -> str:
+    if not patient_id:
+        check.error("patient_id", "is empty")
+    elif not PATIENT_ID_PATTERN.fullmatch(patient_id):
+        check.error("patient_id", f"{patient_id!r} must be 1-64 characters from A-Z a-z 0-9 . _ -")
+    return patient_id
+
+
+def _parse_sex(sex: str, check: _RowChecker) -> str:
+    if sex not in ("F", "M"):
+        check.error("sex", f"{sex!r} must be F or M" if sex else "is empty (must be F or M)")
+    return sex
+
+
+def _parse_labels(values: dict[str, str], check: _RowChecker) -> tuple[int | None, int | None]:
+    """The LLNM label (None: unlabelled) and the risk stage, which only a positive patient may have."""
+    llnm = _parse_int_choice(values["llnm"], "llnm", (0, 1), check)
+    if not values["llnm"]:
+        check.warning("llnm", "is empty: unlabelled patient, used for inference only")
+    risk_stage = None
+    if values.get("risk_stage", ""):
+        risk_stage = _parse_int_choice(values["risk_stage"], "risk_stage", (1, 2, 3), check)
+        # An invalid llnm has been reported already; only judge the stage against a readable label.
+        if risk_stage is not None and (llnm == 0 or not values["llnm"]):
+            label = "llnm = 0" if llnm == 0 else "an unlabelled patient"
+            check.error(
+                "risk_stage", f"is {risk_stage} but a risk stage is only given for llnm = 1, not {label}"
+            )
+    return llnm, risk_stage
+
+
+def _parse_split(split: str, check: _RowChecker) -> str:
+    if split not in SPLITS:
+        check.error(
+            "split",
+            f"{split!r} must be one of {', '.join(SPLITS)}"
+            if split
+            else f"is empty (must be one of {', '.join(SPLITS)})",
+        )
+    return split
+
+
+def _check_unique_patient(
+    patient_id: str, split: str, row: int, seen: dict[str, tuple[int, str]], check: _RowChecker
+) -> None:
+    """One row per patient: a repeated identifier is an error (worded as a split leak when the splits differ)."""
+    if not (patient_id and PATIENT_ID_PATTERN.fullmatch(patient_id)):
+        return
+    if patient_id not in seen:
+        seen[patient_id] = (row, split)
+        return
+    first_row, first_split = seen[patient_id]
+    if split in SPLITS and first_split in SPLITS and split != first_split:
+        check.error(
+            "split",
+            f"patient {patient_id} is in {split!r} here but in {first_split!r} at "
+            f"row {first_row}: one patient must be in one split (otherwise it "
+            "leaks between training and evaluation)",
+        )
+    else:
+        check.error("patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out")
+
+
+def _parse_paths(
+    root: Path, values: dict[str, str], row: int, used: dict[Path, tuple[int, str]], check: _RowChecker
+) -> dict[str, Path | None]:
+    """Every path column of the row, resolved; a file listed before (in any row) is warned about."""
+    paths = {column: _parse_path(root, values[column], column, check) for column in PATH_COLUMNS}
+    for column, path in paths.items():
+        if path is None:
+            continue
+        # One file listed twice is almost always a copy-paste slip in the table (two patients, one image).
+        first = used.setdefault(path.resolve(), (row, column))
+        if first != (row, column):
+            check.warning(
+                column,
+                f"{values[column]!r} is also listed at row {first[0]} ({first[1]}): same file used twice",
+            )
+    return paths
+
+
+def _parse_view(
+    values: dict[str, str], paths: dict[str, Path | None], view: str, check: _RowChecker
+) -> ViewFiles:
+    """One view's files and table spacing; masks or spacing without an image, or an image without masks,
+    are warned about."""
+    spacing = _parse_spacing(values, view, check)
+    image = paths[f"{view}_image"]
+    nodule, thyroid = paths[f"{view}_nodule_mask"], paths[f"{view}_thyroid_mask"]
+    if image is None and values[f"{view}_image"] == "":
+        for kind, mask in (("nodule_mask", nodule), ("thyroid_mask", thyroid)):
+            if mask is not None:
+                check.warning(f"{view}_{kind}", f"mask given but the {view} view has no image; it is ignored")
+        if spacing is not None:
+            check.warning(f"{view}_row_spacing_mm", f"spacing given but the {view} view has no image")
+    elif image is not None and (
+        lacking := [k for k in ("nodule", "thyroid") if values[f"{view}_{k}_mask"] == ""]
+    ):
+        check.warning(f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask")
+    return ViewFiles(image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing)
 
 
 def _parse_age(text: str, check: _RowChecker) -> float | None:

@@ -30,12 +30,13 @@ Design rules that come from DP-SGD (see docs/model.md):
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from shared_model.config import ModelConfig, TextEncoderConfig
 
 __all__ = [
     "LLNMNet",
@@ -46,159 +47,8 @@ __all__ = [
     "count_parameters",
     "llnm_loss",
     "select_device",
+    "view_weights",
 ]
-
-
-# --------------------------------------------------------------------------------------------------------
-# configuration
-# --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of LLNM-Net. The defaults are the paper's TMDL dimensions (== ``preset("paper")``).
-
-    Attributes:
-        hidden_size: token width H (paper 768).
-        num_heads: attention heads in every block (paper 12, i.e. d_k = 64).
-        num_bidirectional_layers: image<->text blocks before the joint ones (paper 4; ablation BMA(N)).
-        num_self_layers: self-attention blocks over the concatenated tokens (paper 12).
-        mlp_dim: hidden width of every block's MLP (paper 3072).
-        patch_size / image_size: square patches on square images (paper 16 on 224 -> 196 tokens).
-        in_channels: stacked feature maps per view (3: texture, margin, location map).
-        text_dim: width of the report encoder's hidden states (384 for all-MiniLM-L6-v2; 768 for BERT-base).
-        text_max_length: most report tokens the model accepts (the encoder's max_length).
-        num_clinical: scalars per view, each its own token (7: the paper's age, sex, shape ratio and
-            echogenicity, then capsule distance, size and position measured from the masks; see
-            ``shared_model.data.CLINICAL_FEATURES``).
-        alpha: weight of cross-modal attention in the bidirectional blocks (paper 1.0; 0 disables it).
-        dropout / attention_dropout: the released code uses 0.3 / 0.2 for the paper-sized model.
-        num_stages: classes of the risk-stage head (3), or 0 for no stage head.
-        head_hidden: hidden width of the two-layer MLP heads.
-        text_top_layers: trainable copies of the text encoder's top layers owned by the model (0 = the
-            encoder is fully frozen, as in the paper); must equal TextEncoderConfig.trainable_top_layers.
-        layer_norm_eps: epsilon of every LayerNorm.
-        init_std: std of the normal initialisation of Linear/Embedding weights (BERT/ViT 0.02).
-    """
-
-    hidden_size: int = 768
-    num_heads: int = 12
-    num_bidirectional_layers: int = 4
-    num_self_layers: int = 12
-    mlp_dim: int = 3072
-    patch_size: int = 16
-    image_size: int = 224
-    in_channels: int = 3
-    text_dim: int = 384
-    text_max_length: int = 64
-    num_clinical: int = 7
-    alpha: float = 1.0
-    dropout: float = 0.3
-    attention_dropout: float = 0.2
-    num_stages: int = 3
-    head_hidden: int = 768
-    text_top_layers: int = 0
-    layer_norm_eps: float = 1e-6
-    init_std: float = 0.02
-
-    #: Named presets: field overrides on top of the defaults.
-    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
-        # The paper's TMDL: 768 wide, 12 heads, 4 bidirectional + 12 self-attention blocks, 16x16 patches on
-        # 224x224, MLP 3072; dropout 0.3 / attention dropout 0.2 from the released code.
-        "paper": {},
-        # Small enough to train on 2 CPU cores in minutes (tests, synthetic consortia, CI).
-        "tiny": {
-            "hidden_size": 64,
-            "num_heads": 4,
-            "num_bidirectional_layers": 2,
-            "num_self_layers": 2,
-            "mlp_dim": 256,
-            "patch_size": 8,
-            "image_size": 64,
-            "dropout": 0.1,
-            "attention_dropout": 0.0,
-            "head_hidden": 64,
-            # BERT's 0.02 is ~0.55/sqrt(768); at width 64 it left the network in a long plateau (the report
-            # pathway near chance for 3-6 epochs on the benchmark consortium). 0.1 is ~0.8/sqrt(64).
-            "init_std": 0.1,
-        },
-    }
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type in ("int", int):
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise ValueError(f"ModelConfig.{f.name} must be an integer, got {value!r}")
-            elif f.type in ("float", float):
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise ValueError(f"ModelConfig.{f.name} must be a number, got {value!r}")
-                setattr(self, f.name, float(value))
-        positive = (
-            "hidden_size",
-            "num_heads",
-            "mlp_dim",
-            "patch_size",
-            "image_size",
-            "in_channels",
-            "text_dim",
-            "text_max_length",
-            "head_hidden",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("num_bidirectional_layers", "num_self_layers", "num_clinical", "text_top_layers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_bidirectional_layers + self.num_self_layers < 1:
-            raise ValueError("ModelConfig needs at least one bidirectional or self-attention block")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"ModelConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
-            )
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"ModelConfig.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-            )
-        if self.num_stages == 1 or self.num_stages < 0:
-            raise ValueError(
-                f"ModelConfig.num_stages must be 0 (no stage head) or >= 2, got {self.num_stages}"
-            )
-        for name in ("dropout", "attention_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"ModelConfig.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.alpha < 0:
-            raise ValueError(f"ModelConfig.alpha must be >= 0, got {self.alpha}")
-        if self.layer_norm_eps <= 0 or self.init_std <= 0:
-            raise ValueError("ModelConfig.layer_norm_eps and init_std must be > 0")
-
-    @property
-    def num_patches(self) -> int:
-        """Image tokens per view."""
-        return (self.image_size // self.patch_size) ** 2
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A named preset (``paper`` or ``tiny``), with optional field overrides."""
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(cls.PRESETS)}")
-        return cls.from_dict({**cls.PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON/YAML-safe) of every field."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Inverse of ``to_dict``; missing keys take the defaults, unknown keys are an error (typo guard)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"model config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown model config key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -389,7 +239,7 @@ class ModelOutput(NamedTuple):
     stage_logits: Tensor | None
 
 
-def _view_weights(view_mask: Tensor) -> Tensor:
+def view_weights(view_mask: Tensor) -> Tensor:
     """Per-view weights ``[B, V]``: the present views, or view 0 alone when a patient has no view.
 
     Without any image the network still sees the report and clinical tokens (and the "no image"
@@ -449,7 +299,7 @@ class LLNMNet(nn.Module):
         self.text_top: TextTopLayers | None = None
         if c.text_top_layers > 0:
             if text_top_layers is None:
-                from shared_model.text_encoder import TextEncoderConfig, load_top_layers
+                from shared_model.text_encoder import load_top_layers
 
                 text_top_layers = load_top_layers(TextEncoderConfig(trainable_top_layers=c.text_top_layers))
             if len(text_top_layers) != c.text_top_layers:
@@ -605,7 +455,7 @@ class LLNMNet(nn.Module):
     @staticmethod
     def patient_probability(out: ModelOutput, view_mask: Tensor) -> Tensor:
         """Patient LLNM probability ``[B]``: mean per-view sigmoid over present views (view 0 if none)."""
-        w = _view_weights(view_mask).to(out.llnm_logits.device)
+        w = view_weights(view_mask).to(out.llnm_logits.device)
         p = torch.sigmoid(out.llnm_logits.float())
         return (p * w).sum(dim=1) / w.sum(dim=1)
 
@@ -649,7 +499,7 @@ def llnm_loss(
         raise ValueError(
             f"llnm and stage must be [B] = [{b}], got {list(llnm.shape)} and {list(stage.shape)}"
         )
-    w = _view_weights(view_mask).to(logits.device)
+    w = view_weights(view_mask).to(logits.device)
     w = w / w.sum(dim=1, keepdim=True)
 
     labelled = llnm >= 0

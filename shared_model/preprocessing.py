@@ -5,7 +5,7 @@ images (internal texture ``x_t``, margin ``x_m``, location ``x_l`` via the Centr
 Transformation) and two scalars (shape ``x_s``, echogenicity ``x_e``) from the frame and two segmentations
 (nodule and thyroid lobe). This module makes those, as pure functions of numpy arrays, so that they can be
 unit-tested on hand-made geometry and are identical at every site. The site-level cache that calls them
-lives in :mod:`shared_model.data`.
+lives in :mod:`shared_model.site_cache`.
 
 Why the choices below (details and numbers in ``docs/preprocessing.md``):
 
@@ -27,18 +27,16 @@ Why the choices below (details and numbers in ``docs/preprocessing.md``):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from shared_model.text_encoder import TextEncoderConfig
+# The schema lives with the other shared schemas; preprocessing is what it configures.
+from shared_model.config import PREPROCESSING_VERSION, PreprocessConfig
 
 __all__ = [
     "LOCATION_NODULE_BASE",
@@ -49,7 +47,6 @@ __all__ = [
     "ViewFeatures",
     "capsule_distance",
     "capsule_distance_map",
-    "describe_config",
     "intensity_sample_region",
     "location_map",
     "nodule_position",
@@ -58,10 +55,6 @@ __all__ = [
     "resize_square",
     "site_intensity_range",
 ]
-
-#: Bumped whenever the output of this module (or of the site cache built from it) changes for the same inputs
-#: and configuration; it is part of :meth:`PreprocessConfig.fingerprint`, so stale caches are never reused.
-PREPROCESSING_VERSION = "2"
 
 #: Location channel: value of thyroid pixels outside the nodule (the lobe's faint silhouette).
 LOCATION_THYROID_VALUE = 0.2
@@ -73,152 +66,6 @@ LOCATION_NODULE_BASE = 0.5
 MARGIN_BAND_FLOOR = 0.2
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
-
-
-# ------------------------------------------------------------------------------------------------ config
-
-
-def _default_text() -> TextEncoderConfig:
-    return TextEncoderConfig()
-
-
-@dataclass
-class PreprocessConfig:
-    """Everything that determines the cached tensors of a site (besides the site's files themselves).
-
-    Attributes:
-        image_size: side S of every feature image (64 for the ``tiny`` preset, 224 for ``paper``).
-        frame: cine frame to use: ``"first"``, ``"middle"``, ``"last"`` or a 0-based index.
-        crop_margin: context around the nodule's bounding box, as a fraction of its larger physical side,
-            added on each side before the crop is made square (0.25: the box's larger side is 1/1.5 of it).
-        thyroid_crop_margin: the same for the location crop around the thyroid (and nodule) bounding box.
-        margin_band_mm: half-width of the margin band around the nodule outline (pixels when uncalibrated).
-        margin_sigma_mm: Gaussian scale of the gradient used for the margin channel (pixels when uncalibrated;
-            never below half a pixel).
-        echo_ring_mm: width of the ring around the nodule used as the echogenicity reference when there is no
-            thyroid mask (pixels when uncalibrated).
-        intensity_percentiles: (low, high) percentiles of the site's tissue pixels that map to 0 and 1.
-        range_max_views: at most this many views (evenly spread over the site, deterministic) are decoded to
-            estimate the site's brightness range; percentiles of a few hundred images are stable, and this
-            bounds the extra decoding work on a large site.
-        range_samples_per_view: pixels taken (evenly strided) from each of those views' tissue region.
-        text: the frozen report encoder (its weight hash and token length are part of the fingerprint).
-    """
-
-    image_size: int = 64
-    frame: str | int = "middle"
-    crop_margin: float = 0.25
-    thyroid_crop_margin: float = 0.05
-    margin_band_mm: float = 1.0
-    margin_sigma_mm: float = 0.1
-    echo_ring_mm: float = 2.0
-    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
-    range_max_views: int = 256
-    range_samples_per_view: int = 20000
-    text: TextEncoderConfig = field(default_factory=_default_text)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.text, dict):
-            self.text = TextEncoderConfig(**self.text)
-        if not isinstance(self.text, TextEncoderConfig):
-            raise TypeError(
-                f"PreprocessConfig.text must be a TextEncoderConfig, got {type(self.text).__name__}"
-            )
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 8:
-            raise ValueError(f"PreprocessConfig.image_size must be an integer >= 8, got {self.image_size!r}")
-        frame = self.frame
-        if isinstance(frame, bool) or not (
-            (isinstance(frame, int) and frame >= 0)
-            or (isinstance(frame, str) and (frame in ("first", "middle", "last") or frame.isdigit()))
-        ):
-            raise ValueError(
-                f"PreprocessConfig.frame must be 'first', 'middle', 'last' or a 0-based index, got {frame!r}"
-            )
-        if isinstance(frame, str) and frame.isdigit():
-            self.frame = int(frame)
-        for name in ("crop_margin", "thyroid_crop_margin"):
-            value = getattr(self, name)
-            if not _finite_number(value) or value < 0:
-                raise ValueError(f"PreprocessConfig.{name} must be a number >= 0, got {value!r}")
-        for name in ("margin_band_mm", "margin_sigma_mm", "echo_ring_mm"):
-            value = getattr(self, name)
-            if not _finite_number(value) or value <= 0:
-                raise ValueError(f"PreprocessConfig.{name} must be a number > 0, got {value!r}")
-        try:
-            low, high = (float(v) for v in self.intensity_percentiles)
-        except (TypeError, ValueError):
-            raise ValueError(
-                "PreprocessConfig.intensity_percentiles must be two numbers (low, high), "
-                f"got {self.intensity_percentiles!r}"
-            ) from None
-        if not (0.0 <= low < high <= 100.0):
-            raise ValueError(
-                "PreprocessConfig.intensity_percentiles must satisfy 0 <= low < high <= 100, "
-                f"got {(low, high)}"
-            )
-        self.intensity_percentiles = (low, high)
-        for name in ("range_max_views", "range_samples_per_view"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"PreprocessConfig.{name} must be an integer >= 1, got {value!r}")
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> PreprocessConfig:
-        """``tiny`` (S = 64, CPU-friendly) or ``paper`` (S = 224, the paper's input size)."""
-        sizes = {"tiny": 64, "paper": 224}
-        if name not in sizes:
-            raise ValueError(f"unknown preprocessing preset {name!r}; known: {sorted(sizes)}")
-        return cls(**{"image_size": sizes[name], **overrides})
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (tuples become lists, the text encoder path a string or None)."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "text":
-                value = value.to_dict()
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; an unknown key is an error naming it (a typo must not be ignored)."""
-        if not isinstance(data, dict):
-            raise TypeError(f"preprocessing config must be a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown preprocessing setting(s) {unknown}; known: {sorted(known)}")
-        values = dict(data)
-        if "intensity_percentiles" in values and isinstance(values["intensity_percentiles"], list):
-            values["intensity_percentiles"] = tuple(values["intensity_percentiles"])
-        if "text" in values and isinstance(values["text"], dict):
-            values["text"] = TextEncoderConfig.from_dict(values["text"])
-        return cls(**values)
-
-    def fingerprint(self) -> str:
-        """SHA-256 (hex) of the canonical JSON of the settings plus :data:`PREPROCESSING_VERSION`.
-
-        The encoder enters through ``TextEncoderConfig.cache_key()`` (weight hash, token length, trainable
-        split), not its folder, so the same weights installed in another venv give the same fingerprint.
-        With ``sha256=None`` (verification off) that hashes the weight file itself (about 0.3 s for 90 MB),
-        so callers that need the fingerprint repeatedly compute it once.
-        """
-        data = self.to_dict()
-        data["text"] = self.text.cache_key()
-        payload = json.dumps(
-            {"preprocessing_version": PREPROCESSING_VERSION, "config": data},
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=True,
-        )
-        return hashlib.sha256(payload.encode("ascii")).hexdigest()
-
-
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -719,23 +566,3 @@ def preprocess_view(
         notes=tuple(notes),
         nodule_position=position,
     )
-
-
-def __getattr__(name: str) -> Any:
-    """``build_site_tensors`` is listed under this module in docs/architecture.md; it lives in
-    :mod:`shared_model.data` (which imports this module), so it is re-exported lazily to avoid a cycle."""
-    if name == "build_site_tensors":
-        from shared_model.data import build_site_tensors
-
-        return build_site_tensors
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def describe_config(cfg: PreprocessConfig) -> str:
-    """One line for logs: the settings that matter when comparing two caches."""
-    return (
-        f"S={cfg.image_size} frame={cfg.frame} crop_margin={cfg.crop_margin} band={cfg.margin_band_mm}mm "
-        f"percentiles={cfg.intensity_percentiles} text={cfg.text.unit}x{cfg.text.num_positions} "
-        f"fingerprint={cfg.fingerprint()[:12]}"
-    )
-

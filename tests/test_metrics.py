@@ -21,7 +21,7 @@ import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
-from fl_server import cmd_evaluate_predictions
+from fl_research import cmd_evaluate_predictions
 from shared_model.metrics import (
     _resample_stats,
     binary_metrics,

@@ -29,9 +29,7 @@ from shared_model.data import (
     SIZE_REF_MM,
     LLNMDataset,
     SiteTensors,
-    build_site_tensors,
     check_scalar_count,
-    default_cache_dir,
 )
 from shared_model.preprocessing import (
     LOCATION_THYROID_VALUE,
@@ -44,6 +42,7 @@ from shared_model.preprocessing import (
     preprocess_view,
     site_intensity_range,
 )
+from shared_model.site_cache import build_site_tensors, default_cache_dir
 
 
 def _square_thyroid(size: int = 61, lo: int = 10, hi: int = 51) -> np.ndarray:
@@ -315,16 +314,12 @@ def test_config_round_trip_and_fingerprint() -> None:
     assert again == cfg and again.fingerprint() == cfg.fingerprint()
     assert PreprocessConfig.preset("paper").image_size == 224
     assert PreprocessConfig(crop_margin=0.3).fingerprint() != cfg.fingerprint()
-    with pytest.raises(ValueError, match="unknown preprocessing setting"):
+    with pytest.raises(ValueError, match="image_sise: unknown key"):
         PreprocessConfig.from_dict({"image_sise": 64})
     with pytest.raises(ValueError, match="intensity_percentiles"):
         PreprocessConfig(intensity_percentiles=(99, 1))
     with pytest.raises(ValueError, match="frame"):
         PreprocessConfig(frame="centre")
-    # docs/architecture.md lists the cache builder under preprocessing; it is the one in shared_model.data.
-    from shared_model import preprocessing
-
-    assert preprocessing.build_site_tensors is build_site_tensors
 
 
 # ------------------------------------------------------------------------------------------ site tensors
@@ -338,7 +333,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _events(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [getattr(r, "llnm_event", "") for r in caplog.records if r.name == "shared_model.data"]
+    return [getattr(r, "llnm_event", "") for r in caplog.records if r.name == "shared_model.site_cache"]
 
 
 def _write_png_site(root: Path, n: int = 4) -> None:
@@ -401,7 +396,7 @@ def test_bad_records_are_skipped_loudly_and_missing_parts_marked(tmp_path, caplo
 
     _rewrite_table(site, edit)
     cfg = PreprocessConfig(image_size=32)
-    with caplog.at_level(logging.INFO, logger="shared_model.data"):
+    with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
         tensors = build_site_tensors(site, cfg, cache_dir=tmp_path / "cache", progress=False)
     assert tensors.patient_ids == ["H000", "H002"]
     messages = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
@@ -608,7 +603,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
     assert list(synth_build["cache"].glob("site-a-*.pt"))
 
     # Second call: a cache hit that decodes nothing and loads no encoder, far faster than the build.
-    with caplog.at_level(logging.INFO, logger="shared_model.data"):
+    with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
         started = time.perf_counter()
         again = build_site_tensors(site, synth_build["cfg"], cache_dir=synth_build["cache"], progress=False)
         hit_seconds = time.perf_counter() - started
@@ -640,7 +635,7 @@ def test_cache_keys_follow_content_and_config(synth_build, tmp_path, caplog) -> 
 
     def build(site_cfg: PreprocessConfig = cfg) -> tuple[SiteTensors, list[str]]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="shared_model.data"):
+        with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
             result = build_site_tensors(moved, site_cfg, cache_dir=cache, progress=False)
         return result, _events(caplog)
 

@@ -19,7 +19,6 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from fl_client.client_app import SiteSettings
 from fl_client.privacy import (
     DP_METRIC_KEYS,
     PatientBudgetExceeded,
@@ -30,6 +29,7 @@ from fl_client.privacy import (
     site_dp_clipping_mod,
     state_path,
 )
+from fl_client.settings import SiteSettings
 from shared_model.modeling import LLNMNet, ModelConfig
 from shared_model.training import TrainConfig, train_local, trainable_state
 
@@ -326,12 +326,10 @@ def sim_config(tmp: Path, consortium: Path, budget_c: float) -> Path:
 def site_c_budget(config: dict, consortium: Path) -> tuple[float, float]:
     """Site c's budget: above what one round costs it, below two; also the one-round epsilon."""
     from fl_server.config import parse_config
-    from fl_server.federation import preprocess_config_dict
-    from shared_model.data import build_site_tensors
-    from shared_model.preprocessing import PreprocessConfig
+    from shared_model.site_cache import build_site_tensors
 
     exp = parse_config(config)
-    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
+    pre = exp.preprocess
     tensors = build_site_tensors(consortium / "site-c", pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]),
                                  progress=False)
     q, steps = opacus_sampling(len(tensors.subset("train")), exp.train.batch_size)

@@ -24,11 +24,6 @@ THIRD_RANGES: dict[str, tuple[float, float]] = {
     "middle": (-0.3, 0.3),
     "lower": (0.4, 0.85),
 }
-THIRD_BOUNDS: dict[str, tuple[float, float]] = {
-    "upper": (-1.0, -1.0 / 3.0),
-    "middle": (-1.0 / 3.0, 1.0 / 3.0),
-    "lower": (1.0 / 3.0, 1.0),
-}
 BOUNDARY_POINTS = 64
 
 

@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fl_server.baseline import run_baseline
+    from fl_research.baseline import run_baseline
 
     # One line per epoch (loss, lr, validation AUC) on stderr, so a long run shows where it is even with
     # --no-progress; the same lines go to RUN_DIR/baseline.log.

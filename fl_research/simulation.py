@@ -15,6 +15,8 @@ from typing import Any
 
 from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.run_dir import RunDirectory
+from shared_model.environment import use_offline_environment
+from shared_model.site_cache import default_cache_dir
 
 log = logging.getLogger("llnm.server")
 
@@ -35,20 +37,20 @@ def discover_sites(root: str | Path, only: list[str] | None = None) -> list[Path
     return sites
 
 
-def default_cache_dir(exp: ExperimentConfig) -> str:
-    if exp.data.cache_dir:
-        return exp.data.cache_dir
-    return os.environ.get("LLNM_CACHE_DIR", str(Path.home() / ".cache" / "llnm-fl"))
-
-
 def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | Path | None = None,
              resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) `exp` in Flower's simulation engine; returns metrics.json's content."""
+    """Run `exp` in Flower's simulation engine, recorded in a new `run_dir`; returns metrics.json's content.
+
+    With `resume`, continue the run already in `run_dir` instead: `exp` is then its saved configuration
+    (:meth:`RunDirectory.resume_config`) and `data_root` defaults to the one the run was started with.
+    """
     from flwr.simulation import run_simulation
 
     from fl_client.client_app import make_client_app
     from fl_server.server_app import make_server_app
 
+    if resume and not data_root:
+        data_root = run_dir.run_info().get("data_root")
     root = Path(data_root or exp.data.root or "")
     if not str(root):
         raise ConfigError("no data: give --data CONSORTIUM_DIR or set data.root in the config")
@@ -56,24 +58,19 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
     if exp.federation.min_sites > len(sites):
         raise ConfigError(f"federation.min_sites={exp.federation.min_sites} but only {len(sites)} site(s) "
                           f"under {root}")
-    if resume:
-        if not run_dir.exists():
-            raise ConfigError(f"{run_dir.path}: nothing to resume (no config.yaml)")
-    else:
+    if not resume:
         exp.data.root = str(root.resolve())
         run_dir.create(exp, {"mode": "simulation", "data_root": str(root.resolve()),
                              "sites": [p.name for p in sites], "status": "created"})
     run_dir.update_run_info(status="running")
-    cache_dir = default_cache_dir(exp)
+    cache_dir = str(default_cache_dir(exp.data.cache_dir))
     sim = exp.simulation
     backend_config = {
         "client_resources": {"num_cpus": sim.cpus_per_site, "num_gpus": sim.gpus_per_site},
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False,
                       "log_to_driver": True, "logging_level": "warning"},
     }
-    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    use_offline_environment()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

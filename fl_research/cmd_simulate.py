@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fl_server.config import ConfigError, load_config, parse_set_options
-from fl_server.run_dir import RunDirectory
+from fl_server.config import ConfigError
+from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,15 +20,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fl_server.simulation import simulate
+    from fl_research.simulation import simulate
 
     try:
         rd = RunDirectory(args.out)
-        if args.resume and rd.exists():
-            simulate(rd.load_config(), rd, data_root=args.data or rd.run_info().get("data_root"), resume=True)
-        else:
-            exp = load_config(args.config, parse_set_options(args.set))
-            simulate(exp, rd, data_root=args.data)
+        exp, resuming = experiment_for(rd, resume=args.resume, config=args.config, overrides=args.set)
+        simulate(exp, rd, data_root=args.data, resume=resuming)
+    except NothingToResume as exc:
+        print(exc)
+        return 0
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

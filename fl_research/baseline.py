@@ -12,7 +12,6 @@ This reads every site folder on one machine: it is for synthetic or otherwise sh
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,21 +19,19 @@ from typing import Any
 
 import numpy as np
 
+from fl_research.simulation import discover_sites
 from fl_server.config import ExperimentConfig
-from fl_server.federation import preprocess_config_dict
-from fl_server.run_dir import RunDirectory, atomic_write_json
-from fl_server.simulation import default_cache_dir, discover_sites
+from fl_server.run_dir import RunDirectory
+from shared_model.fileio import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("llnm.baseline")
 
 
 def _load_all(exp: ExperimentConfig, sites: list[Path]):
-    from shared_model.data import build_site_tensors
-    from shared_model.preprocessing import PreprocessConfig
+    from shared_model.site_cache import build_site_tensors
 
-    pre = PreprocessConfig.from_dict(preprocess_config_dict(exp))
-    cache = Path(default_cache_dir(exp))
-    return {p.name: build_site_tensors(p, pre, cache_dir=cache) for p in sites}
+    pre = exp.preprocess
+    return {p.name: build_site_tensors(p, pre, cache_dir=exp.data.cache_dir) for p in sites}
 
 
 def _scores(model, tensors, split: str, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -58,12 +55,12 @@ def train_reference(exp: ExperimentConfig, train_sets: list, val_sets: list, epo
 
     from shared_model.data import LLNMDataset
     from shared_model.metrics import binary_metrics
-    from shared_model.modeling import LLNMNet, ModelConfig
-    from shared_model.training import TrainConfig, predict, scheduled_lr, train_local
+    from shared_model.modeling import LLNMNet
+    from shared_model.training import predict, scheduled_lr, train_local
 
     torch.manual_seed(exp.train.seed)
-    model = LLNMNet(ModelConfig.from_dict(exp.model_config_dict()))
-    base = dataclasses.replace(TrainConfig.from_dict(exp.train.model_dump(mode="json")), local_epochs=1)
+    model = LLNMNet(exp.architecture())
+    base = exp.train.model_copy(update={"local_epochs": 1})
     train = ConcatDataset([LLNMDataset(t) for t in train_sets])
     val = ConcatDataset([LLNMDataset(t) for t in val_sets]) if val_sets else None
     best_auc, best_state, best_epoch = -1.0, None, epochs
@@ -72,7 +69,8 @@ def train_reference(exp: ExperimentConfig, train_sets: list, val_sets: list, epo
     seen = 0
     train_seconds = 0.0
     for epoch in range(1, epochs + 1):
-        cfg = dataclasses.replace(base, seed=exp.train.seed * 1000 + epoch, lr=scheduled_lr(base, epoch - 1, epochs))
+        cfg = base.model_copy(update={"seed": exp.train.seed * 1000 + epoch,
+                                      "lr": scheduled_lr(base, epoch - 1, epochs)})
         res = train_local(model, train, cfg, progress=progress, description=f"{label} {epoch}/{epochs}")
         seen += res.num_examples
         train_seconds += res.seconds
@@ -107,7 +105,7 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
     exp.data.root = str(root.resolve())
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(exp.to_yaml(), encoding="utf-8")
+    atomic_write_text(run_dir / "config.yaml", exp.to_yaml())
     handler = RunDirectory(run_dir).attach_log(run_dir / "baseline.log")
     try:
         return _run(exp, mode, run_dir, sites, progress)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fl_server.demo")
+    p = argparse.ArgumentParser(prog="python -m fl_research.demo")
     p.add_argument("--config", default="configs/demo.yaml")
     p.add_argument("--data", default="data/consortium")
     p.add_argument("--out", help="run directory (default runs/demo-<timestamp>)")

@@ -1,0 +1,54 @@
+"""Patient-level DP-SGD at a hospital, with an accountant history that lives on the site's own disk.
+
+Why this package exists: the privacy unit inside a hospital is the patient, and the only party that can
+guarantee anything about the patients is the hospital itself. So the site, not the coordinator, runs
+DP-SGD (Opacus: per-patient gradients, per-patient clipping, Gaussian noise, Poisson sampling), keeps the
+accountant's history, and refuses to train once its own budget would be exceeded.
+
+* `plan`: the round's DP-SGD plan (sampling rate, steps, noise multiplier) exactly as Opacus runs it;
+* `history`: the accountant history file of one site and run, on the site's disk;
+* `session`: `PatientDPSession`, one round's budget check, Opacus wiring and persisted release;
+* `clipping_mod`: Flower's client-side clipping mods for site-level DP, when the coordinator asks for them.
+"""
+
+from __future__ import annotations
+
+from fl_client.privacy.clipping_mod import site_dp_clipping_mod
+from fl_client.privacy.history import (
+    ENV_STATE_DIR,
+    PrivacyStateError,
+    SiteHistory,
+    default_state_dir,
+    state_path,
+)
+from fl_client.privacy.plan import (
+    DPPlan,
+    calibrate_noise,
+    epsilon_for,
+    make_plan,
+    merge_history,
+    opacus_sampling,
+    patient_dp_config,
+)
+from fl_client.privacy.session import BUDGET_RTOL, PatientBudgetExceeded, PatientDPSession
+from shared_model.protocol import DP_METRIC_KEYS
+
+__all__ = [
+    "BUDGET_RTOL",
+    "DP_METRIC_KEYS",
+    "ENV_STATE_DIR",
+    "DPPlan",
+    "PatientBudgetExceeded",
+    "PatientDPSession",
+    "PrivacyStateError",
+    "SiteHistory",
+    "calibrate_noise",
+    "default_state_dir",
+    "epsilon_for",
+    "make_plan",
+    "merge_history",
+    "opacus_sampling",
+    "patient_dp_config",
+    "site_dp_clipping_mod",
+    "state_path",
+]

@@ -1,0 +1,148 @@
+"""The DP-SGD plan of a round: the sampling rate and step counts exactly as Opacus runs them, and the noise.
+
+`train_local`'s data loader has ``ceil(n / B)`` batches, Opacus' `DPDataLoader` samples every patient with
+probability ``1 / ceil(n / B)`` and yields ``int(1 / that)`` batches per epoch, and the accountant is told
+``q = 1 / len(DPDataLoader)``. The noise multiplier is calibrated once per run by Opacus'
+`get_noise_multiplier` for the coordinator's target epsilon over every local step planned for the run
+(rounds x local epochs x steps per epoch), or taken from the configuration.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from shared_model import protocol
+from shared_model.config import PatientDPConfig
+
+HistoryEntry = tuple[float, float, int]  # Opacus accountant history: (noise_multiplier, sample_rate, steps)
+
+
+def patient_dp_config(privacy_cfg: PatientDPConfig | Mapping[str, Any]) -> PatientDPConfig:
+    """`privacy_cfg` as the shared schema: a `PatientDPConfig` as is, a mapping validated by it.
+
+    Also requires exactly one of target_epsilon and noise_multiplier, which the schema checks only when
+    ``enabled`` is set: a plan always needs a source for its noise.
+    """
+    cfg = (privacy_cfg if isinstance(privacy_cfg, PatientDPConfig)
+           else PatientDPConfig.from_dict(dict(privacy_cfg), source=protocol.PRIVACY_CONFIG))
+    if (cfg.target_epsilon is None) == (cfg.noise_multiplier is None):
+        raise ValueError(f"{protocol.PRIVACY_CONFIG}: exactly one of target_epsilon or noise_multiplier must be set")
+    return cfg
+
+
+def opacus_sampling(n_train: int, batch_size: int) -> tuple[float, int]:
+    """``(accounted sample rate, steps per epoch)`` exactly as Opacus derives them from `train_local`'s loader.
+
+    `train_local` builds ``DataLoader(batch_size=min(B, n), drop_last=False)``: ``ceil(n / B)`` batches.
+    `DPDataLoader.from_data_loader` samples with probability ``1 / ceil(n / B)`` and runs
+    ``int(1 / sample_rate)`` steps (one fewer for some sizes because of float rounding, e.g. 93 batches),
+    and `PrivacyEngine.make_private` accounts ``q = 1 / len(dp_loader)``, which is never below the real rate.
+    """
+    if n_train <= 0:
+        raise ValueError(f"no training patients (n_train={n_train}); DP-SGD needs at least one")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batches = math.ceil(n_train / min(batch_size, n_train))
+    steps = int(1 / (1 / batches))
+    return 1 / steps, steps
+
+
+def merge_history(entries: Iterable[Sequence[float]]) -> list[HistoryEntry]:
+    """Canonical accountant history: steps of identical (noise, rate) pairs summed, first-seen order.
+
+    Composition of Gaussian mechanisms does not depend on their order, so this is the same guarantee in
+    fewer entries (Opacus itself only merges consecutive entries).
+    """
+    out: dict[tuple[float, float], int] = {}
+    for z, q, steps in entries:
+        key = (float(z), float(q))
+        out[key] = out.get(key, 0) + int(steps)
+    return [(z, q, n) for (z, q), n in out.items() if n > 0]
+
+
+def epsilon_for(history: Sequence[Sequence[float]], delta: float, accountant: str) -> float:
+    """Epsilon at `delta` of a history, by Opacus' accountant of the given kind (0 for no history)."""
+    entries = tuple(merge_history(history))
+    return _epsilon_cached(entries, float(delta), accountant) if entries else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon_cached(entries: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
+    # The budget check before a round and the report after it ask for the same history: compute it once.
+    from opacus.accountants import create_accountant
+
+    acct = create_accountant(mechanism=accountant)
+    acct.history = list(entries)
+    return float(acct.get_epsilon(delta=delta))
+
+
+def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    """Noise multiplier reaching `target_epsilon` after `steps` Poisson-sampled steps (Opacus' search)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
+    except ValueError as exc:
+        raise ValueError(
+            f"privacy.patient.target_epsilon={target_epsilon} cannot be reached with delta={delta}, "
+            f"sample rate {sample_rate:.4g} and {steps} steps: {exc}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """What DP-SGD will do at this site in this round, and what was planned for the whole run."""
+
+    n_train: int
+    batch_size: int
+    local_epochs: int
+    total_rounds: int
+    sample_rate: float
+    steps_per_epoch: int
+    steps_round: int
+    steps_planned: int
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    accountant: str
+    target_epsilon: float | None
+
+    def entry(self) -> HistoryEntry:
+        return (self.noise_multiplier, self.sample_rate, self.steps_round)
+
+
+def make_plan(privacy_cfg: PatientDPConfig | Mapping[str, Any], *, n_train: int, batch_size: int,
+              local_epochs: int, total_rounds: int, calibrated: dict[str, float] | None = None) -> DPPlan:
+    """The round's DP-SGD plan from the coordinator's `privacy.patient` section and the site's data size.
+
+    `privacy_cfg` is a `PatientDPConfig` (a plain mapping is validated with it). `calibrated` caches noise
+    multipliers already searched for (the search costs seconds); it is updated.
+    """
+    cfg = patient_dp_config(privacy_cfg)
+    accountant, delta = cfg.accountant, float(cfg.delta)
+    target = float(cfg.target_epsilon) if cfg.target_epsilon is not None else None
+    noise = float(cfg.noise_multiplier) if cfg.noise_multiplier is not None else None
+    if local_epochs < 1 or total_rounds < 1:
+        raise ValueError(f"local_epochs ({local_epochs}) and total_rounds ({total_rounds}) must be >= 1")
+    q, steps_epoch = opacus_sampling(n_train, batch_size)
+    steps_round = local_epochs * steps_epoch
+    steps_planned = total_rounds * steps_round
+    if noise is None:
+        assert target is not None
+        key = json.dumps([target, delta, q, steps_planned, accountant])
+        if calibrated is not None and key in calibrated:
+            noise = float(calibrated[key])
+        else:
+            noise = calibrate_noise(target, delta, q, steps_planned, accountant)
+            if calibrated is not None:
+                calibrated[key] = noise
+    return DPPlan(n_train=n_train, batch_size=batch_size, local_epochs=local_epochs, total_rounds=total_rounds,
+                  sample_rate=q, steps_per_epoch=steps_epoch, steps_round=steps_round, steps_planned=steps_planned,
+                  noise_multiplier=float(noise), max_grad_norm=float(cfg.max_grad_norm), delta=delta,
+                  accountant=accountant, target_epsilon=target)

@@ -1,0 +1,74 @@
+"""The privacy guarantee of a run in plain words, from its ledger ``privacy.json`` (``llnm-server status``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fl_server.privacy.wrappers import SERVER_ACCOUNTANT
+
+
+def guarantee_sentences(data: dict[str, Any]) -> list[str]:
+    """One plain sentence per enabled level: what the run whose ledger is `data` guarantees so far."""
+    out: list[str] = []
+    rounds = [e for e in data["rounds"] if e.get("complete")]
+    pat = data.get("patient", {})
+    if pat.get("enabled"):
+        out.append(_patient_sentence(rounds, pat))
+    site = data.get("site", {})
+    if site.get("enabled"):
+        out.append(_site_sentence(rounds, site, data.get("abandoned", [])))
+    return out
+
+
+def _patient_sentence(rounds: list[dict[str, Any]], pat: dict[str, Any]) -> str:
+    last: dict[str, dict[str, Any]] = {}
+    refused: set[str] = set()
+    for entry in rounds:
+        for name, rec in entry.get("sites", {}).items():
+            if rec.get("status") == "trained":
+                last[name] = rec
+            elif rec.get("status") == "refused":
+                refused.add(name)
+    delta = pat.get("delta")
+    if not last:
+        target = pat.get("target_epsilon")
+        return (f"patient-level DP-SGD is configured at every site (delta {delta:g}"
+                + (f", target epsilon {target:g}" if target else "") + ") but no site has reported training yet")
+    worst = max(rec["epsilon"] for rec in last.values())
+    noises = sorted({round(rec["noise_multiplier"], 4) for rec in last.values()})
+    noise = f"{noises[0]:g}" if len(noises) == 1 else f"{noises[0]:g} to {noises[-1]:g}"
+    per_site = ", ".join(f"{name} {rec['epsilon']:.3f}" for name, rec in sorted(last.items()))
+    stops = "; ".join(f"{name} stopped at its own budget" for name in sorted(refused))
+    return (
+        f"patient-level ({worst:.3f}, {delta:g})-DP at every site after {len(rounds)} round(s): each hospital "
+        f"trained with DP-SGD (Opacus, Poisson sampling, per-patient clipping norm {pat.get('max_grad_norm'):g}, "
+        f"noise multiplier {noise}, {str(pat.get('accountant')).upper()} accountant) and has spent epsilon "
+        f"{per_site}" + (f" ({stops})" if stops else "")
+    )
+
+
+def _site_sentence(rounds: list[dict[str, Any]], site: dict[str, Any], abandoned_rounds: list[dict[str, Any]]) -> str:
+    released = [e["server"] for e in rounds if e.get("server")]
+    abandoned = [e["server"] for e in abandoned_rounds if (e.get("server") or {}).get("released")]
+    where = "the coordinator clipped" if str(site.get("clipping")).startswith("server") else "each site clipped"
+    noise_by = "added" if where.startswith("the coordinator") else "the coordinator added"
+    wrapper = site.get("wrapper") or "Flower's DP wrapper"
+    if not released:
+        return (f"site-level DP ({site.get('clipping')} clipping, noise multiplier "
+                f"{site.get('noise_multiplier'):g}) is configured but no round has been released yet")
+    last = released[-1]
+    n = len(released) + len(abandoned)
+    if last.get("epsilon") is not None:
+        return (
+            f"site-level ({last['epsilon']:.3f}, {site.get('delta'):g})-DP for each hospital's whole contribution "
+            f"after {n} release(s): {where} every model update to norm {site.get('clipping_norm'):g} and "
+            f"{noise_by} Gaussian noise with multiplier {site.get('noise_multiplier'):g} to the average "
+            f"({wrapper}; {SERVER_ACCOUNTANT}; the number of participating sites is treated as public)"
+        )
+    return (
+        f"site-level: {where} every model update adaptively (clipping norm now "
+        f"{last.get('clipping_norm_next', 0):.4g}) "
+        f"and {noise_by} Gaussian noise (multiplier {last.get('noise_multiplier'):.4g}) to the average "
+        f"in {n} release(s) ({wrapper}), but Flower has no privacy accountant for adaptive clipping, so no "
+        "site-level epsilon is claimed"
+    )

@@ -1,0 +1,415 @@
+"""The configuration schemas that both sides use, each defined once (pydantic).
+
+One schema per concern: the model's architecture (`ModelConfig`), what determines a site's cached tensors
+(`PreprocessConfig` with its `TextEncoderConfig`, version and fingerprint), local training (`TrainConfig`)
+and patient-level DP-SGD (`PatientDPConfig`). The coordinator's experiment file (`fl_server.config`)
+composes them; a round's ConfigRecord carries their JSON dumps (`shared_model.protocol`), and the site
+validates them once, with these same models. Every default lives here and nowhere else.
+
+Every schema rejects unknown keys (a typo must never silently fall back to a default) and reports each
+problem with the key that has it (`ConfigError`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared_model.encoder_files import DEFAULT_ENCODER_SHA256, WEIGHTS_FILE, default_encoder_path, sha256_file
+
+#: Bumped whenever preprocessing's output for the same files and settings changes (feature channels,
+#: scalar tokens, cache layout), so that every site rebuilds its cache.
+PREPROCESSING_VERSION = "2"
+#: Bumped whenever `shared_model.text_encoder.split_report` changes, so cached segment encodings are rebuilt.
+SEGMENTER_VERSION = 1
+
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# A count must be an integer: a YAML "64" or 64.5 is a mistake, not something to round. A rate may come as
+# a string (PyYAML reads `2e-3` without a dot as one) but never as `true`; infinity and NaN are refused
+# everywhere (`allow_inf_nan=False`).
+Int = Annotated[int, Field(strict=True)]
+Float = Annotated[float, BeforeValidator(_not_bool)]
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names its source and each offending key."""
+
+
+class Schema(BaseModel):
+    """Base of every configuration schema: unknown keys are errors; dict/JSON round trips."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    #: What the schema is called in error messages ("model config", ...).
+    WHAT: ClassVar[str] = "configuration"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON/YAML-safe dict of every field (tuples become lists)."""
+        return self.model_dump(mode="json")
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls: type[SchemaT], data: Any, source: str | None = None) -> SchemaT:
+        """Validate a mapping; missing keys take the defaults, anything wrong raises `ConfigError`."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source or cls.WHAT}: expected a mapping, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(source or cls.WHAT, exc)) from None
+
+
+SchemaT = TypeVar("SchemaT", bound=Schema)
+
+
+def format_validation_error(source: str, exc: ValidationError) -> str:
+    """One line per problem, each naming its dotted key: `- model.hiden_size: unknown key`."""
+    lines = [f"{source}: invalid configuration:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  - {key}: unknown key")
+        else:
+            got = err.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            lines.append(f"  - {key}: {msg}{got_s}")
+    return "\n".join(lines)
+
+
+def parse_json(schema: type[SchemaT], text: str, source: str) -> SchemaT:
+    """A schema from its JSON dump (what a round config carries)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{source}: not valid JSON: {exc}") from None
+    return schema.from_dict(data, source=source)
+
+
+# --------------------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------------------
+
+
+class ModelConfig(Schema):
+    """Architecture of LLNM-Net. The defaults are the paper's TMDL dimensions (== ``preset("paper")``).
+
+    Attributes:
+        hidden_size: token width H (paper 768).
+        num_heads: attention heads in every block (paper 12, i.e. d_k = 64).
+        num_bidirectional_layers: image<->text blocks before the joint ones (paper 4; ablation BMA(N)).
+        num_self_layers: self-attention blocks over the concatenated tokens (paper 12).
+        mlp_dim: hidden width of every block's MLP (paper 3072).
+        patch_size / image_size: square patches on square images (paper 16 on 224 -> 196 tokens).
+        in_channels: stacked feature maps per view (3: texture, margin, location map).
+        text_dim: width of the report encoder's hidden states (384 for all-MiniLM-L6-v2; 768 for BERT-base).
+        text_max_length: most report tokens the model accepts (the encoder's max_length).
+        num_clinical: scalars per view, each its own token (7: the paper's age, sex, shape ratio and
+            echogenicity, then capsule distance, size and position measured from the masks; see
+            ``shared_model.data.CLINICAL_FEATURES``).
+        alpha: weight of cross-modal attention in the bidirectional blocks (paper 1.0; 0 disables it).
+        dropout / attention_dropout: the released code uses 0.3 / 0.2 for the paper-sized model.
+        num_stages: classes of the risk-stage head (3), or 0 for no stage head.
+        head_hidden: hidden width of the two-layer MLP heads.
+        text_top_layers: trainable copies of the text encoder's top layers owned by the model (0 = the
+            encoder is fully frozen, as in the paper); must equal TextEncoderConfig.trainable_top_layers.
+        layer_norm_eps: epsilon of every LayerNorm.
+        init_std: std of the normal initialisation of Linear/Embedding weights (BERT/ViT 0.02).
+    """
+
+    WHAT: ClassVar[str] = "model config"
+
+    hidden_size: Int = Field(768, ge=1)
+    num_heads: Int = Field(12, ge=1)
+    num_bidirectional_layers: Int = Field(4, ge=0)
+    num_self_layers: Int = Field(12, ge=0)
+    mlp_dim: Int = Field(3072, ge=1)
+    patch_size: Int = Field(16, ge=1)
+    image_size: Int = Field(224, ge=1)
+    in_channels: Int = Field(3, ge=1)
+    text_dim: Int = Field(384, ge=1)
+    text_max_length: Int = Field(64, ge=1)
+    num_clinical: Int = Field(7, ge=0)
+    alpha: Float = Field(1.0, ge=0.0)
+    dropout: Float = Field(0.3, ge=0.0, lt=1.0)
+    attention_dropout: Float = Field(0.2, ge=0.0, lt=1.0)
+    num_stages: Int = Field(3, ge=0)
+    head_hidden: Int = Field(768, ge=1)
+    text_top_layers: Int = Field(0, ge=0)
+    layer_norm_eps: Float = Field(1e-6, gt=0.0)
+    init_std: Float = Field(0.02, gt=0.0)
+
+    #: Named presets: field overrides on top of the defaults.
+    PRESETS: ClassVar[dict[str, dict[str, Any]]] = {
+        # The paper's TMDL: 768 wide, 12 heads, 4 bidirectional + 12 self-attention blocks, 16x16 patches on
+        # 224x224, MLP 3072; dropout 0.3 / attention dropout 0.2 from the released code.
+        "paper": {},
+        # Small enough to train on 2 CPU cores in minutes (tests, synthetic consortia, CI).
+        "tiny": {
+            "hidden_size": 64,
+            "num_heads": 4,
+            "num_bidirectional_layers": 2,
+            "num_self_layers": 2,
+            "mlp_dim": 256,
+            "patch_size": 8,
+            "image_size": 64,
+            "dropout": 0.1,
+            "attention_dropout": 0.0,
+            "head_hidden": 64,
+            # BERT's 0.02 is ~0.55/sqrt(768); at width 64 it left the network in a long plateau (the report
+            # pathway near chance for 3-6 epochs on the benchmark consortium). 0.1 is ~0.8/sqrt(64).
+            "init_std": 0.1,
+        },
+    }
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if self.num_bidirectional_layers + self.num_self_layers < 1:
+            raise ValueError("the model needs at least one bidirectional or self-attention block")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.num_stages == 1:
+            raise ValueError("num_stages must be 0 (no stage head) or >= 2, got 1")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per view."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset (``paper`` or ``tiny``), with optional field overrides."""
+        if name not in cls.PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; known presets: {sorted(cls.PRESETS)}")
+        return cls.from_dict({**cls.PRESETS[name], **overrides})
+
+
+# --------------------------------------------------------------------------------------------------------
+# preprocessing (what a site's cached tensors depend on)
+# --------------------------------------------------------------------------------------------------------
+
+
+class TextEncoderConfig(Schema):
+    """Which local report encoder to use and how to cut the reports.
+
+    Attributes:
+        path: encoder folder (config, tokenizer files, ``model.safetensors``); None means the default MiniLM.
+        sha256: expected SHA-256 of ``model.safetensors``. Defaults to the pinned MiniLM hash (``"pinned"`` in
+            a YAML file means the same); for another encoder set its own hash, or None to skip the check (an
+            explicit opt-out, e.g. for a site's own Chinese BERT).
+        max_length: tokens per report after truncation/padding (the paper cuts Chinese reports at 50
+            characters, about 50 tokens; 64 leaves room for [CLS]/[SEP] and English word pieces).
+            In ``segment`` units, the word pieces per segment.
+        trainable_top_layers: 0 keeps the encoder frozen (the paper). k > 0 makes ``encode_reports`` return
+            the hidden states *before* the top k layers; LLNMNet then owns trainable copies of those k layers.
+            Token units only (trainable layers need the word pieces).
+        unit: ``"token"`` (one text token per word piece, the paper) or ``"segment"`` (one per report
+            sentence, list item or line: its mean-pooled hidden state).
+        max_segments: text tokens per report in ``segment`` units.
+    """
+
+    WHAT: ClassVar[str] = "text encoder config"
+
+    path: str | None = None
+    sha256: str | None = DEFAULT_ENCODER_SHA256
+    max_length: Int = Field(64, ge=4, le=512)
+    trainable_top_layers: Int = Field(0, ge=0, le=24)
+    unit: Literal["token", "segment"] = "token"
+    max_segments: Int = Field(24, ge=1, le=512)
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _path(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        if v == "pinned":
+            return DEFAULT_ENCODER_SHA256
+        if not _HEX64.match(v.lower()):
+            raise ValueError(f"sha256 must be 64 hex digits, 'pinned' or null, got {v!r}")
+        return v.lower()
+
+    @model_validator(mode="after")
+    def _top_layers_need_tokens(self) -> TextEncoderConfig:
+        if self.unit == "segment" and self.trainable_top_layers:
+            raise ValueError("trainable_top_layers needs unit: token (trainable encoder layers run on the word "
+                             "pieces, which segment units pool away)")
+        return self
+
+    @property
+    def num_positions(self) -> int:
+        """Text tokens per report that ``encode_reports`` returns (the model's ``text_max_length``)."""
+        return self.max_length if self.unit == "token" else self.max_segments
+
+    def resolved_path(self) -> Path:
+        """The encoder folder as an absolute path (the default one when ``path`` is None)."""
+        return default_encoder_path() if self.path is None else Path(self.path).expanduser().resolve()
+
+    def cache_key(self) -> dict[str, Any]:
+        """What cached hidden states depend on; preprocessing stores it to detect a stale cache."""
+        weights = self.sha256 or sha256_file(self.resolved_path() / WEIGHTS_FILE)
+        return {
+            "weights_sha256": weights,
+            "max_length": self.max_length,
+            "trainable_top_layers": self.trainable_top_layers,
+            "unit": self.unit,
+            "max_segments": self.max_segments,
+            "segmenter": SEGMENTER_VERSION,
+        }
+
+
+class PreprocessConfig(Schema):
+    """Everything that determines the cached tensors of a site (besides the site's files themselves).
+
+    Attributes:
+        image_size: side S of every feature image (64 for the ``tiny`` preset, 224 for ``paper``).
+        frame: cine frame to use: ``"first"``, ``"middle"``, ``"last"`` or a 0-based index.
+        crop_margin: context around the nodule's bounding box, as a fraction of its larger physical side,
+            added on each side before the crop is made square (0.25: the box's larger side is 1/1.5 of it).
+        thyroid_crop_margin: the same for the location crop around the thyroid (and nodule) bounding box.
+        margin_band_mm: half-width of the margin band around the nodule outline (pixels when uncalibrated).
+        margin_sigma_mm: Gaussian scale of the gradient used for the margin channel (pixels when uncalibrated;
+            never below half a pixel).
+        echo_ring_mm: width of the ring around the nodule used as the echogenicity reference when there is no
+            thyroid mask (pixels when uncalibrated).
+        intensity_percentiles: (low, high) percentiles of the site's tissue pixels that map to 0 and 1.
+        range_max_views: at most this many views (evenly spread over the site, deterministic) are decoded to
+            estimate the site's brightness range; percentiles of a few hundred images are stable, and this
+            bounds the extra decoding work on a large site.
+        range_samples_per_view: pixels taken (evenly strided) from each of those views' tissue region.
+        text: the frozen report encoder (its weight hash and token length are part of the fingerprint).
+    """
+
+    WHAT: ClassVar[str] = "preprocessing config"
+
+    image_size: Int = Field(64, ge=8, le=1024)
+    frame: str | int = "middle"
+    crop_margin: Float = Field(0.25, ge=0.0, le=3.0)
+    thyroid_crop_margin: Float = Field(0.05, ge=0.0, le=3.0)
+    margin_band_mm: Float = Field(1.0, gt=0.0, le=20.0)
+    margin_sigma_mm: Float = Field(0.1, gt=0.0, le=20.0)
+    echo_ring_mm: Float = Field(2.0, gt=0.0, le=50.0)
+    intensity_percentiles: tuple[float, float] = (1.0, 99.0)
+    range_max_views: Int = Field(256, ge=1)
+    range_samples_per_view: Int = Field(20000, ge=1)
+    text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+
+    @field_validator("frame", mode="before")
+    @classmethod
+    def _frame(cls, v: Any) -> str | int:
+        if isinstance(v, str) and v.isdigit():
+            v = int(v)
+        if isinstance(v, bool) or not (
+            (isinstance(v, int) and v >= 0) or (isinstance(v, str) and v in ("first", "middle", "last"))
+        ):
+            raise ValueError(f"frame must be 'first', 'middle', 'last' or a 0-based index, got {v!r}")
+        return v
+
+    @field_validator("intensity_percentiles")
+    @classmethod
+    def _percentiles(cls, v: tuple[float, float]) -> tuple[float, float]:
+        low, high = v
+        if not 0.0 <= low < high <= 100.0:
+            raise ValueError(f"intensity_percentiles must satisfy 0 <= low < high <= 100, got {v}")
+        return v
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PreprocessConfig:
+        """``tiny`` (S = 64, CPU-friendly) or ``paper`` (S = 224, the paper's input size)."""
+        sizes = {"tiny": 64, "paper": 224}
+        if name not in sizes:
+            raise ConfigError(f"unknown preprocessing preset {name!r}; known: {sorted(sizes)}")
+        return cls.from_dict({"image_size": sizes[name], **overrides})
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the canonical JSON of the settings plus :data:`PREPROCESSING_VERSION`.
+
+        The encoder enters through ``TextEncoderConfig.cache_key()`` (weight hash, token length, trainable
+        split), not its folder, so the same weights installed in another venv give the same fingerprint.
+        With ``sha256=None`` (verification off) that hashes the weight file itself (about 0.3 s for 90 MB),
+        so callers that need the fingerprint repeatedly compute it once.
+        """
+        data = self.to_dict()
+        data["text"] = self.text.cache_key()
+        payload = json.dumps(
+            {"preprocessing_version": PREPROCESSING_VERSION, "config": data},
+            sort_keys=True,
+            separators=(",", ":"),
+            ensure_ascii=True,
+        )
+        return hashlib.sha256(payload.encode("ascii")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------------------
+
+
+class TrainConfig(Schema):
+    """Optimiser and loop settings of local training (one site, one round or one baseline run)."""
+
+    WHAT: ClassVar[str] = "training config"
+
+    lr: Float = Field(3e-4, gt=0.0, le=1.0)
+    weight_decay: Float = Field(0.01, ge=0.0, le=1.0)
+    local_epochs: Int = Field(1, ge=1, le=1000)
+    batch_size: Int = Field(32, ge=1, le=4096)
+    seed: Int = 0
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    # Mixed precision (bf16 autocast) is used on CUDA only, and never under DP-SGD: Opacus computes
+    # per-sample gradients from the hooked activations and we keep those in fp32.
+    amp: bool = True
+    # Gradient-norm clipping of non-private training (DP-SGD clips per sample instead).
+    max_grad_norm: Float | None = Field(1.0, gt=0.0)
+    stage_loss_weight: Float = Field(0.5, ge=0.0)
+    # Learning-rate schedule across a run's epochs (baselines) or rounds (federations), applied by the caller
+    # through `shared_model.training.scheduled_lr`: "constant", or "cosine" from `lr` down to
+    # `lr * lr_min_ratio` at the last one. A federation sends each round's rate in the round config.
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_min_ratio: Float = Field(0.05, ge=0.0, le=1.0)
+
+
+# --------------------------------------------------------------------------------------------------------
+# patient-level differential privacy
+# --------------------------------------------------------------------------------------------------------
+
+
+class PatientDPConfig(Schema):
+    """Patient-level DP-SGD at every site (Opacus), as the coordinator proposes it for a run."""
+
+    WHAT: ClassVar[str] = "patient DP config"
+
+    enabled: bool = False
+    target_epsilon: Float | None = Field(None, gt=0.0)
+    delta: Float = Field(1e-5, gt=0.0, lt=1.0)
+    noise_multiplier: Float | None = Field(None, gt=0.0)
+    max_grad_norm: Float = Field(1.0, gt=0.0)
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @model_validator(mode="after")
+    def _one_target(self) -> PatientDPConfig:
+        if self.enabled and (self.target_epsilon is None) == (self.noise_multiplier is None):
+            raise ValueError("patient DP needs exactly one of target_epsilon or noise_multiplier")
+        return self

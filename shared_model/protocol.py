@@ -1,0 +1,166 @@
+"""The message contract between the coordinator and the sites, defined once for both sides.
+
+Every record name and every key of a Flower message that llnm-fl sends or reads is named here, and the
+score histogram that makes pooled evaluation exact is encoded and decoded here. Both `fl_client` and
+`fl_server` import this module; it never touches files, so the coordinator may import it freely.
+
+A round's messages (Message API, one `RecordDict` each):
+
+* coordinator -> site, `train` / `evaluate`: `arrays` (the global model) and `config` (the round
+  config: the JSON dumps of the shared schemas and a few scalars);
+* site -> coordinator, `train` reply: `arrays` (trainable parameters only), `metrics` (train and DP
+  metrics) and `site`;
+* site -> coordinator, `evaluate` reply: `metrics` (evaluation metrics and the score histogram) and `site`;
+* coordinator -> site, `query`: `config` with `ask: site-name`; the reply holds the `site` record only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+# ---- record names ----------------------------------------------------------------------------------
+ARRAYS_RECORD = "arrays"
+CONFIG_RECORD = "config"
+METRICS_RECORD = "metrics"
+SITE_RECORD = "site"
+
+# ---- the `site` record (ConfigRecord) of every reply ------------------------------------------------
+SITE_NAME = "site-name"
+SITE_SPLIT = "split"  # evaluate replies: the split the site evaluated
+
+# ---- the `config` record of a query -------------------------------------------------------------------
+QUERY_ASK = "ask"
+ASK_SITE_NAME = "site-name"
+
+# ---- the round config (ConfigRecord `config` of train / evaluate messages) ----------------------------
+RUN_ID = "run-id"
+SERVER_ROUND = "server-round"  # set by Flower's strategies in configure_train / configure_evaluate
+TOTAL_ROUNDS = "total-rounds"
+MODEL_CONFIG = "model-config"  # JSON of shared_model.config.ModelConfig
+PREPROCESS_CONFIG = "preprocess-config"  # JSON of shared_model.config.PreprocessConfig
+TRAIN_CONFIG = "train-config"  # JSON of shared_model.config.TrainConfig (this round's learning rate)
+PRIVACY_CONFIG = "privacy-config"  # JSON of shared_model.config.PatientDPConfig
+EVAL_SPLIT = "eval-split"
+EVAL_BOOTSTRAP = "eval-bootstrap"
+PROXIMAL_MU = "proximal-mu"  # FedProx only
+# Added by the coordinator's client-side site-DP wrappers; the site's clipping mod reads it.
+SITE_DP_CLIPPING = "site-dp-clipping"
+SITE_DP_CLIENT_FIXED = "client-fixed"
+SITE_DP_CLIENT_ADAPTIVE = "client-adaptive"
+
+# ---- train reply metrics (MetricRecord `metrics`) -------------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # FedAvg's sample weight
+UNIT_WEIGHT = "unit-weight"  # always 1: the unweighted mean that site-level DP needs
+TRAIN_LOSS = "train-loss"
+TRAIN_STEPS = "train-steps"
+TRAIN_SECONDS = "train-seconds"
+PATIENTS_PER_SECOND = "patients-per-second"
+
+# Patient-level DP-SGD: the exact keys every DP site adds (Flower requires identical keys across replies).
+DP_EPSILON = "dp-epsilon"
+DP_DELTA = "dp-delta"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_MAX_GRAD_NORM = "dp-max-grad-norm"
+DP_STEPS_ROUND = "dp-steps-round"
+DP_STEPS_TOTAL = "dp-steps-total"
+DP_BUDGET_EPSILON = "dp-budget-epsilon"
+DP_REPLAYED = "dp-replayed"
+DP_ATTEMPTS_ROUND = "dp-attempts-round"
+DP_HISTORY_SEGMENTS = "dp-history-segments"
+DP_METRIC_KEYS = (
+    DP_EPSILON,
+    DP_DELTA,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_MAX_GRAD_NORM,
+    DP_STEPS_ROUND,
+    DP_STEPS_TOTAL,
+    DP_BUDGET_EPSILON,
+    DP_REPLAYED,
+    DP_ATTEMPTS_ROUND,
+    DP_HISTORY_SEGMENTS,
+)
+# Opens every refusal a site sends when a round would exceed its patient-level budget, so that the
+# coordinator can recognise it inside the error text Flower wraps around it.
+REFUSAL_MARKER = "patient-level privacy budget"
+
+# ---- evaluate reply metrics (MetricRecord `metrics`) -----------------------------------------------------
+EVAL_N = "n"
+EVAL_N_POS = "n_pos"
+# Always all present (NaN where undefined), so that every site's reply has the same keys.
+EVAL_METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
+                    "f1", "brier", "ece")
+HIST_N_BINS = "hist-n-bins"
+HIST_NEG_BINS = "hist-neg-bins"
+HIST_NEG_COUNTS = "hist-neg-counts"
+HIST_POS_BINS = "hist-pos-bins"
+HIST_POS_COUNTS = "hist-pos-counts"
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow this contract; the text names the record and key."""
+
+
+def encode_eval_metrics(metrics: Mapping[str, Any], *, n: int, n_pos: int,
+                        histogram: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluate reply's MetricRecord values: counts, every `EVAL_METRIC_KEYS` value (NaN where
+    undefined) and the sparse score histogram of `shared_model.metrics.score_histogram`."""
+    out: dict[str, Any] = {NUM_EXAMPLES: int(n), EVAL_N: int(n), EVAL_N_POS: int(n_pos)}
+    for key in EVAL_METRIC_KEYS:
+        value = metrics.get(key)
+        out[key] = float(value) if value is not None else math.nan
+    out[HIST_N_BINS] = int(histogram["n_bins"])
+    out[HIST_NEG_BINS] = [int(b) for b in histogram["neg_bins"]]
+    out[HIST_NEG_COUNTS] = [int(c) for c in histogram["neg_counts"]]
+    out[HIST_POS_BINS] = [int(b) for b in histogram["pos_bins"]]
+    out[HIST_POS_COUNTS] = [int(c) for c in histogram["pos_counts"]]
+    return out
+
+
+def decode_eval_metrics(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Inverse of :func:`encode_eval_metrics`: (per-site metrics with None for NaN, the histogram)."""
+    try:
+        site = {k: _none_if_nan(record[k]) for k in EVAL_METRIC_KEYS if k in record}
+        site[EVAL_N] = int(record[EVAL_N])
+        site[EVAL_N_POS] = int(record[EVAL_N_POS])
+        histogram = {
+            "n_bins": int(record[HIST_N_BINS]),
+            "neg_bins": list(record[HIST_NEG_BINS]),
+            "neg_counts": list(record[HIST_NEG_COUNTS]),
+            "pos_bins": list(record[HIST_POS_BINS]),
+            "pos_counts": list(record[HIST_POS_COUNTS]),
+        }
+    except KeyError as exc:
+        raise ProtocolError(f"evaluate reply: metrics record lacks {exc.args[0]!r}") from None
+    return site, histogram
+
+
+def _none_if_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+SchemaT = TypeVar("SchemaT", bound=BaseModel)
+
+
+def read_schema(config: Mapping[str, Any], key: str, schema: type[SchemaT]) -> SchemaT:
+    """Validate the JSON dump that the round config carries under `key` with the shared schema."""
+    if key not in config:
+        raise ProtocolError(f"round config: no {key!r}")
+    from shared_model.config import ConfigError, parse_json
+
+    try:
+        return parse_json(schema, str(config[key]), source=f"round config {key!r}")
+    except ConfigError as exc:
+        raise ProtocolError(str(exc)) from None
+
+
+def check_keys(values: Mapping[str, Any], keys: Sequence[str], what: str) -> None:
+    """Raise naming the first of `keys` missing from `values` (a reply from another software version)."""
+    missing = [k for k in keys if k not in values]
+    if missing:
+        raise ProtocolError(f"{what}: missing {', '.join(missing)}")
