@@ -18,12 +18,12 @@ EXIT_NO_SITE = 2
 
 def _frame(value: str) -> str | int:
     """`first`, `middle`, `last` or a 0-based frame index, as the preprocessing config accepts."""
-    key = value.strip().lower()
-    if key in ("first", "middle", "last"):
-        return key
-    if key.isdigit():
-        return int(key)
-    raise argparse.ArgumentTypeError(f"{value!r} is not first, middle, last or a 0-based frame index")
+    from shared_model.config import parse_frame
+
+    try:
+        return parse_frame(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,13 +13,13 @@ import sys
 
 
 def _frame(value: str) -> str | int:
-    """Accept 'first', 'middle', 'last' or a non-negative 0-based frame index."""
-    key = value.strip().lower()
-    if key in ("first", "middle", "last"):
-        return key
-    if key.isdigit():
-        return int(key)
-    raise argparse.ArgumentTypeError(f"expected first, middle, last or a 0-based frame index, got {value!r}")
+    """`first`, `middle`, `last` or a 0-based frame index, as the preprocessing config accepts."""
+    from shared_model.config import parse_frame
+
+    try:
+        return parse_frame(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

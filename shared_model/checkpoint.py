@@ -8,12 +8,13 @@ experiment file. Both sides use this module: the server writes checkpoints, a si
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from shared_model.fileio import atomic_write, atomic_write_json
 
 
 class CheckpointError(ValueError):
@@ -22,15 +23,9 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp),
-              metadata={"format": "llnm-net"})
-    os.replace(tmp, path)
-    side = path.with_suffix(".json")
-    tmp_side = side.with_name(side.name + ".tmp")
-    tmp_side.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp_side, side)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    atomic_write(path, lambda handle: handle.write(save(tensors, metadata={"format": "llnm-net"})))
+    atomic_write_json(path.with_suffix(".json"), meta, indent=2, default=str)
     return path
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
@@ -42,6 +43,24 @@ def _not_bool(value: Any) -> Any:
 Int = Annotated[int, Field(strict=True)]
 Float = Annotated[float, BeforeValidator(_not_bool)]
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+#: The named cine frames; any other frame is a 0-based index.
+FRAME_NAMES = ("first", "middle", "last")
+
+
+def parse_frame(value: Any) -> str | int:
+    """A cine-frame choice: ``"first"``, ``"middle"``, ``"last"`` or a 0-based index (an integer, or a string
+    of digits as typed on a command line). The one place where a frame setting is checked."""
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in FRAME_NAMES:
+            return key
+        if key.isdigit():
+            return int(key)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    raise ValueError(f"frame must be 'first', 'middle', 'last' or a 0-based index, not {value!r}")
 
 
 class ConfigError(ValueError):
@@ -319,13 +338,7 @@ class PreprocessConfig(Schema):
     @field_validator("frame", mode="before")
     @classmethod
     def _frame(cls, v: Any) -> str | int:
-        if isinstance(v, str) and v.isdigit():
-            v = int(v)
-        if isinstance(v, bool) or not (
-            (isinstance(v, int) and v >= 0) or (isinstance(v, str) and v in ("first", "middle", "last"))
-        ):
-            raise ValueError(f"frame must be 'first', 'middle', 'last' or a 0-based index, got {v!r}")
-        return v
+        return parse_frame(v)
 
     @field_validator("intensity_percentiles")
     @classmethod

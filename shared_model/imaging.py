@@ -28,12 +28,15 @@ Design choices (see also ``docs/site-data.md``):
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from shared_model.config import parse_frame
 
 FrameSpec = Literal["first", "middle", "last"] | int | str
 SpacingSource = Literal["us_region", "pixel_spacing", "table", "none"]
@@ -230,31 +233,28 @@ def _resolve_frame(frame: FrameSpec, frames: int, path: Path) -> int:
     later of the two central frames; for 65 frames, frame 32). An integer (or a string of digits, as given on
     the command line) is a 0-based index and must exist in the file: a wrong index is an error, never clamped.
     """
-    if isinstance(frame, bool):
-        raise ValueError(f"{path}: frame must be 'first', 'middle', 'last' or a 0-based index, not {frame!r}")
-    if isinstance(frame, str):
-        key = frame.strip().lower()
-        if key == "first":
-            return 0
-        if key == "middle":
-            return frames // 2
-        if key == "last":
-            return frames - 1
-        if key.lstrip("-").isdigit():
-            frame = int(key)
-        else:
-            raise ValueError(
-                f"{path}: frame must be 'first', 'middle', 'last' or a 0-based index, not {frame!r}"
-            )
-    if isinstance(frame, (int, np.integer)):
-        index = int(frame)
-        if not 0 <= index < frames:
-            raise ImageReadError(
-                f"{path}: frame index {index} is out of range: the file has {frames} frame(s) "
-                f"(valid indices 0..{frames - 1})"
-            )
-        return index
-    raise ValueError(f"{path}: frame must be 'first', 'middle', 'last' or a 0-based index, not {frame!r}")
+    if isinstance(frame, str) and frame.strip().startswith("-") and frame.strip()[1:].isdigit():
+        frame = int(frame)
+    if isinstance(frame, numbers.Integral) and not isinstance(frame, bool) and frame < 0:
+        choice: str | int = int(frame)  # an index, just not one that exists
+    else:
+        try:
+            choice = parse_frame(frame)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    if choice == "first":
+        return 0
+    if choice == "middle":
+        return frames // 2
+    if choice == "last":
+        return frames - 1
+    assert isinstance(choice, int)
+    if not 0 <= choice < frames:
+        raise ImageReadError(
+            f"{path}: frame index {choice} is out of range: the file has {frames} frame(s) "
+            f"(valid indices 0..{frames - 1})"
+        )
+    return choice
 
 
 def _check_spacing(spacing: Sequence[float] | None, path: Path, what: str) -> tuple[float, float] | None:
