@@ -1,0 +1,154 @@
+"""The site data contract's vocabulary (docs/site-data.md): table columns, value ranges and the records.
+
+Shared by the `patients.csv` parser (`shared_model.contract_rows`) and `shared_model.contract.load_site`;
+importers use `shared_model.contract`, which re-exports every public name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+VIEWS: tuple[str, ...] = ("trans", "long")
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+PATIENTS_FILE = "patients.csv"
+
+#: Columns a table must have (a cell may still be empty where the contract allows a missing value).
+REQUIRED_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "age",
+    "sex",
+    "llnm",
+    "split",
+    "report",
+    *(f"{view}_{kind}" for view in VIEWS for kind in ("image", "nodule_mask", "thyroid_mask")),
+)
+#: Columns a table may have.
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "risk_stage",
+    *(f"{view}_{axis}_spacing_mm" for view in VIEWS for axis in ("row", "col")),
+)
+#: Columns without which a row cannot become a patient record.
+IDENTITY_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "llnm", "split")
+#: Columns holding a path to a file inside the site folder.
+PATH_COLUMNS: tuple[str, ...] = (
+    "report",
+    *(f"{view}_{kind}" for view in VIEWS for kind in ("image", "nodule_mask", "thyroid_mask")),
+)
+
+PATIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+AGE_RANGE = (0.0, 120.0)
+ADULT_AGE = 18.0
+# Ultrasound pixels are a few hundredths to a few tenths of a millimetre; values far outside this range are
+# almost always centimetres or micrometres typed into a millimetre column, so they are flagged (not refused).
+PLAUSIBLE_SPACING_MM = (0.005, 2.0)
+
+Level = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about a site. `file` is relative to the site folder, `row` counts the header as row 1."""
+
+    level: Level
+    file: str
+    row: int | None
+    field: str | None
+    message: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "level": self.level,
+            "file": self.file,
+            "row": self.row,
+            "field": self.field,
+            "message": self.message,
+        }
+
+    def format(self) -> str:
+        """`LEVEL file:row field: message`, the one-line form the CLI prints."""
+        where = self.file if self.row is None else f"{self.file}:{self.row}"
+        column = f" {self.field}" if self.field else ""
+        return f"{self.level.upper()} {where}{column}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ViewFiles:
+    """The files of one ultrasound view; `None` means the cell was empty (missing, never invented)."""
+
+    image: Path | None = None
+    nodule_mask: Path | None = None
+    thyroid_mask: Path | None = None
+    table_spacing_mm: tuple[float, float] | None = None  # (row, column) pixel size from the table
+
+    @property
+    def present(self) -> bool:
+        """A view exists when its image does; masks without an image cannot be used."""
+        return self.image is not None
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """One valid row of `patients.csv`. Paths are absolute (site root joined with the table's relative path).
+
+    `views` always holds every name in `VIEWS`, so callers can index it without checking; a missing view has
+    `image is None`.
+    """
+
+    patient_id: str
+    age: float
+    sex: str
+    llnm: int | None
+    risk_stage: int | None
+    split: str
+    report: Path | None
+    views: dict[str, ViewFiles]
+    row: int
+
+
+@dataclass
+class Site:
+    """A loaded site: its valid patients and everything found wrong while loading it."""
+
+    name: str
+    root: Path
+    patients: list[PatientRecord] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    description: str | None = None
+    rows: int = 0  # data rows in patients.csv, including the ones left out because they were bad
+
+    @property
+    def usable(self) -> bool:
+        return not any(p.level == "error" for p in self.problems)
+
+    def relative(self, path: Path) -> str:
+        """A path as the site operator wrote it: relative to the site folder, with forward slashes."""
+        try:
+            return path.relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether `path`, with every symbolic link followed, stays within `root` (already resolved)."""
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return False
+    except (OSError, RuntimeError):  # a link loop: treat as outside, it cannot be a valid file anyway
+        return False
+    return True
+
+
+def describe_utf8_error(exc: UnicodeDecodeError) -> str:
+    """Where the first non-UTF-8 byte is, in terms a person can find in an editor."""
+    data = exc.object if isinstance(exc.object, bytes | bytearray) else b""
+    line = data[: exc.start].count(b"\n") + 1
+    bad = data[exc.start : exc.start + 1].hex()
+    return f"byte 0x{bad} at line {line}, offset {exc.start}"
