@@ -117,13 +117,14 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     settings.apply_threads()
     name = site_name(settings)
     model, tensors, _, config = _load_round_inputs(msg, settings)
-    split = str(config.get(protocol.EVAL_SPLIT, "val"))
+    protocol.check_keys(config, (protocol.EVAL_SPLIT, protocol.EVAL_BOOTSTRAP), "evaluate message's round config")
+    split = str(config[protocol.EVAL_SPLIT])
     subset = tensors.subset(split)
     preds = predict(model, LLNMDataset(subset), device=settings.device)
     labelled = preds["llnm"] >= 0
     y = preds["llnm"][labelled].astype(int)
     s = preds["score"][labelled]
-    n_boot = int(config.get(protocol.EVAL_BOOTSTRAP, 200))
+    n_boot = int(config[protocol.EVAL_BOOTSTRAP])
     m = binary_metrics(y, s, n_bootstrap=n_boot, seed=int(config.get(protocol.SERVER_ROUND, 0)))
     metrics = protocol.encode_eval_metrics(m, n=len(y), n_pos=int(y.sum()), histogram=score_histogram(y, s))
     content = RecordDict({

@@ -17,11 +17,11 @@ Design choices are documented where they are made (see also ``docs/site-data.md`
 * :mod:`~shared_model.imaging.pil`: PNG and JPEG images;
 * :mod:`~shared_model.imaging.masks`: :func:`read_mask` (PNG and DICOM SEG);
 * :mod:`~shared_model.imaging.reader`: :func:`read_image`, which dispatches on the format;
-* :mod:`~shared_model.imaging.inspect`: :func:`inspect_file` for ``llnm-site inspect``.
+* :mod:`~shared_model.imaging.inspection`: :func:`inspect_file` for ``llnm-site inspect``.
 """
 
 from shared_model.imaging.common import BT601_LUMA, FrameSpec, ImageReadError, SpacingSource, UltrasoundImage
-from shared_model.imaging.inspect import inspect_file
+from shared_model.imaging.inspection import inspect_file
 from shared_model.imaging.masks import read_mask
 from shared_model.imaging.reader import read_image
 from shared_model.imaging.regions import select_region
