@@ -42,6 +42,10 @@ def _isolated_environment(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Subprocesses (baselines, status, evaluate, llnm-synth) on one OpenMP thread, like the in-process tests
+    # below: on a loaded 2-core machine two spinning OpenMP threads per process make CPU training crawl.
+    # (Simulated and deployed sites set their own threads: one each.)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)
