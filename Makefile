@@ -1,6 +1,7 @@
 # llnm-fl: two commands on a fresh machine.
 #   make demo   set up .venv, generate the synthetic 7-site consortium if absent, run the federated demo
-#   make test   set up .venv, run the test suite
+#   make test   set up .venv, run the test suite (all of it, the slow end-to-end runs included, as CI does)
+#   make test-fast   the same without the tests marked slow (real federations): a quick check while editing
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test lint venv clean bench
+.PHONY: demo test test-fast lint venv clean bench
 
 venv: $(STAMP)
 
@@ -30,6 +31,9 @@ demo: $(STAMP) $(DATA)/consortium.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,6 +1,16 @@
 """Federated training end to end: config validation, Flower simulation, crash + resume, and a real
-deployment (one `flower-superlink` and seven `flower-supernode` processes on loopback), including a site
-killed mid-run."""
+deployment (one `flower-superlink` and one `flower-supernode` process per site on loopback), including a
+site killed mid-run.
+
+End-to-end runs are few and each is asserted on by several tests through a module-scoped fixture:
+
+- `sim_run`: one Flower simulation of all seven sites of the shared consortium, killed (SIGKILL) after its
+  first round and finished by `llnm-server resume`; its run directory carries the per-site metrics, the
+  checkpoints, `status` and a site's own `evaluate` tests.
+- `deployment_run`: one SuperLink and three SuperNodes (separate processes) for two rounds; one SuperNode is
+  killed after round 1 and the run finishes without it.
+- the `llnm-server baseline` command (pooled, then local) is its own test: it runs no federation.
+"""
 
 from __future__ import annotations
 
@@ -125,12 +135,12 @@ def rounds_of(run_dir: Path) -> list[int]:
         return []
 
 
-def prebuild_caches(consortium: Path, config: Path) -> None:
+def prebuild_caches(sites: list[Path], config: Path) -> None:
     """Sites build their preprocessing cache once before joining (as `llnm-site check`/join would)."""
     from shared_model.site_cache import build_site_tensors
 
     pre = load_config(config).preprocess
-    for site in sorted(p for p in consortium.iterdir() if (p / "patients.csv").is_file()):
+    for site in sites:
         build_site_tensors(site, pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]), progress=False)
 
 
@@ -142,35 +152,80 @@ def assert_round_metrics(entry: dict, sites: set[str]) -> None:
     assert entry["pooled"]["n"] == sum(m["n"] for m in entry["sites"].values())
 
 
-# ---- simulation ------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_simulation_two_rounds_per_site_metrics(tmp_path: Path, small_consortium: Path) -> None:
-    config = write_config(tmp_path, federation={"rounds": 2, "min_sites": 5})
-    out = tmp_path / "run"
-    res = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--data",
-                          str(small_consortium), "--out", str(out)], capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    metrics = json.loads((out / "metrics.json").read_text())
+# ---- simulation: one run, crashed after round 1 and resumed --------------------------------------------
+SIM_ROUNDS = 3  # the crash is asserted to hit before the last round; three leave a wide margin for it
+
+
+@pytest.fixture(scope="module")
+def sim_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
+    """`llnm-server simulate` on the shared consortium, SIGKILLed (a crash: no chance to clean up) once round 1
+    is recorded, then `llnm-server resume` to the end, then `resume` once more (nothing left to do)."""
+    tmp = tmp_path_factory.mktemp("sim")
+    config = write_config(tmp, federation={"rounds": SIM_ROUNDS, "min_sites": 5, "eval_bootstrap": 50})
+    out = tmp / "run"
+    proc = start([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--data", str(small_consortium),
+                  "--out", str(out)], tmp / "first.log")
+    try:
+        deadline = time.monotonic() + 600
+        while 1 not in rounds_of(out):
+            assert proc.poll() is None, (tmp / "first.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "round 1 never completed"
+            time.sleep(0.2)
+    finally:
+        stop(proc, signal.SIGKILL)
+    after_crash = rounds_of(out)
+    resumed = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
+                             timeout=900)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    again = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
+                           timeout=300)
     sites = {p.name for p in small_consortium.iterdir() if (p / "patients.csv").is_file()}
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    return {"out": out, "sites": sites, "after_crash": after_crash, "resumed": resumed, "again": again}
+
+
+@pytest.mark.slow
+def test_crash_after_round_one_then_resume(sim_run: dict) -> None:
+    out = sim_run["out"]
+    assert sim_run["after_crash"][0] == 1 and SIM_ROUNDS not in sim_run["after_crash"]
+    assert "resuming run" in sim_run["resumed"].stdout
+    assert rounds_of(out) == list(range(1, SIM_ROUNDS + 1))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["round"] in range(1, SIM_ROUNDS + 1) and metrics["final"]["model"] == "best"
+    for rnd in range(1, SIM_ROUNDS + 1):
+        assert (out / "checkpoints" / f"round-{rnd:04d}.safetensors").is_file()
+    # A completed run has nothing left to resume, and says so.
+    again = sim_run["again"]
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
+    assert rounds_of(out) == list(range(1, SIM_ROUNDS + 1))
+
+
+@pytest.mark.slow
+def test_simulation_per_site_metrics_and_run_directory(sim_run: dict) -> None:
+    out, sites = sim_run["out"], sim_run["sites"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == list(range(1, SIM_ROUNDS + 1))
     for entry in metrics["rounds"]:
         assert_round_metrics(entry, sites)
         assert set(entry["train"]) == sites
         assert entry["failures"] == []
     assert metrics["final"]["split"] == "test"
     assert_round_metrics(metrics["final"], sites)
-    assert (out / "checkpoints" / "round-0002.safetensors").is_file()
     best = json.loads((out / "checkpoints" / "best.json").read_text())
-    assert best["round"] in (1, 2) and (out / "checkpoints" / best["checkpoint"]).is_file()
+    assert best["round"] in range(1, SIM_ROUNDS + 1) and (out / "checkpoints" / best["checkpoint"]).is_file()
     assert (out / "config.yaml").is_file() and (out / "log.txt").stat().st_size > 0
-    assert "round 2/2" in res.stdout
+    assert f"round {SIM_ROUNDS}/{SIM_ROUNDS}" in sim_run["resumed"].stdout
 
-    # The coordinator's status command and a site's own evaluation of the global model.
+
+@pytest.mark.slow
+def test_status_and_a_sites_own_evaluation(sim_run: dict, small_consortium: Path, tmp_path: Path) -> None:
+    """The coordinator's status command and a site's own evaluation of the global model."""
+    out = sim_run["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
     st = subprocess.run([str(BIN / "llnm-server"), "status", str(out), "--json"], capture_output=True, text=True)
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
-    assert status["rounds_completed"] == 2 and status["status"] == "completed"
-    site = sorted(sites)[0]
+    assert status["rounds_completed"] == SIM_ROUNDS and status["status"] == "completed"
+    site = sorted(sim_run["sites"])[0]
     ev_out = tmp_path / "site-eval.json"
     ev = subprocess.run([str(BIN / "llnm-site"), "evaluate", "--model", str(out), "--data",
                          str(small_consortium / site), "--out", str(ev_out), "--bootstrap", "50"],
@@ -181,6 +236,7 @@ def test_simulation_two_rounds_per_site_metrics(tmp_path: Path, small_consortium
     assert site_eval["metrics"]["n"] == metrics["final"]["sites"][site]["n"]
 
 
+# ---- baselines -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Path, small_consortium: Path) -> None:
     """`llnm-server baseline` (pooled, then local) on the real consortium: the run directory of issue 3."""
@@ -206,44 +262,21 @@ def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Pat
         assert f"{'pooled' if mode == 'pooled' else 'local ' + sorted(sites)[0]} epoch 2/2" in res.stderr
 
 
-@pytest.mark.slow
-def test_crash_after_round_one_then_resume(tmp_path: Path, small_consortium: Path) -> None:
-    config = write_config(tmp_path, federation={"rounds": 3, "min_sites": 5})
-    out = tmp_path / "run"
-    proc = start([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--data", str(small_consortium),
-                  "--out", str(out)], tmp_path / "first.log")
-    try:
-        deadline = time.monotonic() + 600
-        while 1 not in rounds_of(out):
-            assert proc.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "round 1 never completed"
-            time.sleep(0.5)
-    finally:
-        stop(proc, signal.SIGKILL)  # a crash: no chance to clean up
-    assert rounds_of(out)[0] == 1 and 3 not in rounds_of(out)
-    res = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
-                         timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert rounds_of(out) == [1, 2, 3]
-    assert "resuming run" in res.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final"]["round"] in (1, 2, 3) and metrics["final"]["model"] == "best"
-    for rnd in (1, 2, 3):
-        assert (out / "checkpoints" / f"round-{rnd:04d}.safetensors").is_file()
-    # A completed run has nothing left to resume, and says so.
-    again = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True)
-    assert again.returncode == 0 and "nothing to resume" in again.stdout
-    assert rounds_of(out) == [1, 2, 3]
-
-
 # ---- real deployment -------------------------------------------------------------------------------
+# Three SuperNodes: what is under test is the process topology (a SuperLink, a SuperNode per site, a fresh
+# ClientApp process per message) and the failure path; the seven-site federation itself is `sim_run`'s.
+# Every SuperNode costs a ClientApp process per message and Flower's polling delays, so a round with
+# seven takes minutes on two cores. The three smallest sites keep local training short.
+DEPLOY_SITES = ["site-e", "site-f", "site-g"]
+
+
 class Deployment:
     """A SuperLink and one SuperNode per site, as separate processes on loopback."""
 
-    def __init__(self, tmp_path: Path, consortium: Path) -> None:
+    def __init__(self, tmp_path: Path, sites: list[Path]) -> None:
         self.tmp = tmp_path
         self.port = free_port()
-        self.sites = sorted(p for p in consortium.iterdir() if (p / "patients.csv").is_file())
+        self.sites = sorted(sites)
         self.link: subprocess.Popen | None = None
         self.nodes: dict[str, subprocess.Popen] = {}
 
@@ -265,6 +298,15 @@ class Deployment:
         if self.link is not None:
             stop(self.link)
 
+    def wait_for_nodes(self, timeout: float = 180.0) -> None:
+        """Until the SuperLink has activated every SuperNode, so that round 1 has them all (the quorum is lower,
+        for the rounds after one is killed)."""
+        deadline = time.monotonic() + timeout
+        while (self.tmp / "superlink.log").read_text().count("Activated node_id") < len(self.sites):
+            assert all(p.poll() is None for p in (self.link, *self.nodes.values())), self.logs()
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.3)
+
     def run(self, config: Path, out: Path) -> subprocess.Popen:
         return start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(out),
                       "--superlink", f"127.0.0.1:{self.port}"], self.tmp / "run.log")
@@ -273,34 +315,19 @@ class Deployment:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.tmp.glob("*.log")))
 
 
-@pytest.mark.slow
-def test_deployment_superlink_and_seven_supernodes(tmp_path: Path, small_consortium: Path) -> None:
-    config = write_config(tmp_path, federation={"rounds": 2, "min_sites": 7, "round_timeout_s": 600,
-                                                "eval_bootstrap": 50})
-    prebuild_caches(small_consortium, config)
-    out = tmp_path / "run"
-    with Deployment(tmp_path, small_consortium) as dep:
-        run = dep.run(config, out)
-        try:
-            rc = run.wait(timeout=1200)
-        finally:
-            stop(run)
-        assert rc == 0, dep.logs()
-    metrics = json.loads((out / "metrics.json").read_text())
-    names = {p.name for p in dep.sites}
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    for entry in metrics["rounds"]:
-        assert_round_metrics(entry, names)
-    assert json.loads((out / "run.json").read_text())["mode"] == "deployment"
-
-
-@pytest.mark.slow
-def test_deployment_site_killed_mid_run(tmp_path: Path, small_consortium: Path) -> None:
-    config = write_config(tmp_path, federation={"rounds": 3, "min_sites": 5, "round_timeout_s": 120,
-                                                "eval_bootstrap": 50})
-    prebuild_caches(small_consortium, config)
-    out = tmp_path / "run"
-    with Deployment(tmp_path, small_consortium) as dep:
+@pytest.fixture(scope="module")
+def deployment_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
+    """Two rounds on a SuperLink and three SuperNodes; the last site's SuperNode is SIGKILLed once round 1 is
+    recorded. Quorum 2, so the run goes on without it. (The round timeout only bounds a round on a loaded
+    machine: the SuperLink reports the killed node unavailable after about a minute of missed heartbeats.)"""
+    tmp = tmp_path_factory.mktemp("deployment")
+    config = write_config(tmp, federation={"rounds": 2, "min_sites": 2, "round_timeout_s": 180,
+                                           "eval_bootstrap": 50})
+    sites = [small_consortium / name for name in DEPLOY_SITES]
+    prebuild_caches(sites, config)
+    out = tmp / "run"
+    with Deployment(tmp, sites) as dep:
+        dep.wait_for_nodes()
         run = dep.run(config, out)
         victim = dep.sites[-1].name
         try:
@@ -310,15 +337,38 @@ def test_deployment_site_killed_mid_run(tmp_path: Path, small_consortium: Path) 
                 assert time.monotonic() < deadline, dep.logs()
                 time.sleep(0.5)
             stop(dep.nodes[victim], signal.SIGKILL)
-            rc = run.wait(timeout=1500)
+            rc = run.wait(timeout=1200)
         finally:
             stop(run)
         assert rc == 0, dep.logs()
+    return {"out": out, "names": {p.name for p in dep.sites}, "victim": victim, "logs": dep.logs()}
+
+
+@pytest.mark.slow
+def test_deployment_superlink_and_supernodes(deployment_run: dict) -> None:
+    """Every SuperNode trains and evaluates while all are up: per-site metrics from separate processes."""
+    out = deployment_run["out"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
-    others = {p.name for p in dep.sites} - {victim}
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    first = metrics["rounds"][0]
+    assert_round_metrics(first, deployment_run["names"])
+    assert set(first["train"]) == set(first["participants"]) == deployment_run["names"]
+    assert first["failures"] == []
+    assert metrics["final"]["split"] == "test"
+    assert json.loads((out / "run.json").read_text())["mode"] == "deployment"
+
+
+@pytest.mark.slow
+def test_deployment_site_killed_mid_run(deployment_run: dict) -> None:
+    """After its SuperNode is killed the site is reported failed (the SuperLink's node-unavailable error, or
+    offline), and the others carry on."""
+    out, victim = deployment_run["out"], deployment_run["victim"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    others = deployment_run["names"] - {victim}
     assert victim in metrics["rounds"][0]["sites"]
     for entry in metrics["rounds"][1:]:
-        assert others <= set(entry["sites"]) and victim not in entry["sites"]
-        assert victim not in entry["participants"]
+        assert_round_metrics(entry, others)
+        assert victim not in entry["sites"] and victim not in entry["participants"]
+        assert set(entry["participants"]) == others
         assert any(f["site"] == victim for f in entry["failures"]), entry["failures"]
+    assert set(metrics["final"]["sites"]) == others

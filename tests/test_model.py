@@ -45,16 +45,6 @@ TEXT_LEN = 64
 TEXT_DIM = 384
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Run these small models on one thread: on a shared 2-core machine, two OpenMP threads competing with
-    other processes run up to 10x slower than one, and the rest of the suite keeps the other core."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_batch(cfg: ModelConfig, b: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """A random batch in the order of docs/architecture.md (all inputs present)."""
     g = torch.Generator().manual_seed(seed)

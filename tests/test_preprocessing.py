@@ -505,14 +505,13 @@ def test_real_vendor_dicoms_calibrate_capsule_distance(tmp_path) -> None:
 # ------------------------------------------------------------------------------------------ llnm-synth site
 
 
-@pytest.fixture(scope="module")
-def synth_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One generated site (7 sites x 70 patients in all), built once into a fresh cache, with timings."""
-    from shared_model.synthetic import generate_consortium
+SYNTH_SITE = "site-e"  # 19 patients of the shared consortium: every third of the gland, reports, both views
 
-    root = tmp_path_factory.mktemp("consortium")
-    generate_consortium(root, sites=7, patients=70, seed=3, workers=1)
-    site = root / "site-a"
+
+@pytest.fixture(scope="module")
+def synth_build(small_consortium: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One site of the shared generated consortium, built once into a fresh cache, with timings."""
+    site = small_consortium / SYNTH_SITE
     assert (site / "patients.csv").is_file()
     cache = tmp_path_factory.mktemp("cache")
     cfg = PreprocessConfig(image_size=32)
@@ -521,7 +520,7 @@ def synth_build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tensors = build_site_tensors(site, cfg, cache_dir=cache, progress=False)
     seconds = time.perf_counter() - started
     return {"site": site, "cache": cache, "cfg": cfg, "tensors": tensors, "seconds": seconds,
-            "digest": digest, "truth": root / "truth" / "site-a.csv"}
+            "digest": digest, "truth": small_consortium / "truth" / f"{SYNTH_SITE}.csv"}
 
 
 def _table_rows(path: Path) -> dict[str, dict[str, str]]:
@@ -539,7 +538,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
     table = _table(site)
     n, s = len(tensors), synth_build["cfg"].image_size
     assert n == len(table) and tensors.patient_ids == list(table)
-    assert tensors.site == "site-a"
+    assert tensors.site == SYNTH_SITE
     shapes = {
         "image": ((n, 2, 3, s, s), torch.float32), "view_mask": ((n, 2), torch.float32),
         "clinical": ((n, 2, 7), torch.float32), "clinical_mask": ((n, 2, 7), torch.float32),
@@ -600,7 +599,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
     assert all(0.2 < p < 0.8 for p in thirds["middle"])
     # The site folder is untouched and the cache lives outside it.
     assert _tree_digest(site) == synth_build["digest"]
-    assert list(synth_build["cache"].glob("site-a-*.pt"))
+    assert list(synth_build["cache"].glob(f"{SYNTH_SITE}-*.pt"))
 
     # Second call: a cache hit that decodes nothing and loads no encoder, far faster than the build.
     with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
@@ -614,7 +613,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
     assert again.patient_ids == tensors.patient_ids
 
     # The cache file loads with weights_only and round-trips; subsets and the dataset follow the batch order.
-    path = next(synth_build["cache"].glob("site-a-*.pt"))
+    path = next(synth_build["cache"].glob(f"{SYNTH_SITE}-*.pt"))
     raw = torch.load(path, weights_only=True)
     assert raw["format"].startswith("llnm-site-tensors/")
     train = tensors.subset("train")
@@ -630,7 +629,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
 def test_cache_keys_follow_content_and_config(synth_build, tmp_path, caplog) -> None:
     cache = synth_build["cache"]
     cfg = synth_build["cfg"]
-    moved = tmp_path / "site-a"
+    moved = tmp_path / SYNTH_SITE
     shutil.copytree(synth_build["site"], moved)  # new path and inodes, same content and name
 
     def build(site_cfg: PreprocessConfig = cfg) -> tuple[SiteTensors, list[str]]:
@@ -666,7 +665,7 @@ def test_cache_keys_follow_content_and_config(synth_build, tmp_path, caplog) -> 
     assert other.meta["cache_key"] not in (key, changed.meta["cache_key"])
 
     # A corrupt cache file is rebuilt with a warning, never trusted.
-    path = cache / f"site-a-{other.meta['cache_key'][:16]}.pt"
+    path = cache / f"{SYNTH_SITE}-{other.meta['cache_key'][:16]}.pt"
     path.write_bytes(b"\x00garbage")
     rebuilt, events = build(small)
     assert "cache_build" in events and torch.equal(rebuilt.image, other.image)

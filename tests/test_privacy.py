@@ -133,11 +133,13 @@ def test_site_dp_sgd_persists_replays_and_refuses(tmp_path: Path) -> None:
     assert (m1["dp-sample-rate"], m1["dp-steps-round"], m1["dp-steps-total"]) == (q, steps, steps)
     assert close(m1["dp-epsilon"], dp_sgd_epsilon(q, 1.2, steps, DELTA))
 
-    # Round 2 in a fresh process (as every Flower round is), from the history file only.
+    # Round 2 in a fresh process (as every Flower round is), from the history file only. Same torch threads as
+    # here: a site's release is bit-for-bit reproducible (and so replayable, below) on the same thread count.
     torch.save({"data": data.tensors, "state": state1}, tmp_path / "inputs.pt")
     script = f"""
 import json, sys, torch
 from pathlib import Path
+torch.set_num_threads({torch.get_num_threads()})
 from torch.utils.data import TensorDataset
 sys.path.insert(0, {str(ROOT)!r})
 sys.path.insert(0, {str(Path(__file__).parent)!r})
