@@ -46,6 +46,13 @@ class _RoundRecords:
     def _llnm_record(self, server_round: int, **values: Any) -> None:
         self.llnm_rounds.setdefault(server_round, {}).update(values)
 
+    def _llnm_count_aggregated(self, replies: list[Message]) -> list[Message]:
+        """The replies that will be averaged; when every sampled site answered, K is their number."""
+        ok = [r for r in replies if not r.has_error()]
+        if ok and len(ok) == len(replies):
+            self.num_sampled_clients = len(ok)  # type: ignore[attr-defined]
+        return ok
+
 
 def rebuild_accountant(accountant: Any, population: int, compositions: Iterable[tuple[float, int, int]]) -> Any:
     """A fresh Flower RdpAccountant with `population`, composing (noise multiplier, sample size, count)."""
@@ -88,9 +95,7 @@ class _FixedMixin(_RoundRecords):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        ok = [r for r in replies if not r.has_error()]
-        if ok and len(ok) == len(replies):
-            self.num_sampled_clients = len(ok)
+        ok = self._llnm_count_aggregated(replies)
         self._llnm_record(server_round, sites_aggregated=len(ok), clipping_norm=float(self.clipping_norm),
                           noise_multiplier=float(self.noise_multiplier),
                           noise_stddev=float(self.noise_multiplier * self.clipping_norm / max(len(ok), 1)))
@@ -113,9 +118,7 @@ class _AdaptiveMixin(_RoundRecords):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
-        ok = [r for r in replies if not r.has_error()]
-        if ok and len(ok) == len(replies):
-            self.num_sampled_clients = len(ok)
+        ok = self._llnm_count_aggregated(replies)
         used = float(self.clipping_norm)
         out = super().aggregate_train(server_round, replies)  # type: ignore[misc]
         # Flower adds the noise with the norm it has just adapted, so the noise scale follows that norm.
