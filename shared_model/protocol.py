@@ -88,6 +88,9 @@ DP_METRIC_KEYS = (
 # Opens every refusal a site sends when a round would exceed its patient-level budget, so that the
 # coordinator can recognise it inside the error text Flower wraps around it.
 REFUSAL_MARKER = "patient-level privacy budget"
+# Opens every refusal a site sends because a message breaks its own policy (node config
+# `require-patient-dp`, `eval-splits`).
+POLICY_REFUSAL_MARKER = "site policy"
 
 # ---- evaluate reply metrics (MetricRecord `metrics`) -----------------------------------------------------
 EVAL_N = "n"
