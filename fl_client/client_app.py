@@ -126,6 +126,10 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         protocol.TRAIN_SECONDS: float(time.perf_counter() - started),
         protocol.PATIENTS_PER_SECOND: float(result.patients_per_second),
     }
+    if privacy_cfg.enabled:
+        # Only what the DP-SGD guarantee covers leaves the site (num-examples excepted: docs/privacy.md).
+        for key in protocol.NON_DP_TRAIN_KEYS:
+            metrics.pop(key, None)
     metrics.update(dp_metrics)
     content = RecordDict({
         protocol.ARRAYS_RECORD: ArrayRecord(trainable_state(model)),

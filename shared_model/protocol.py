@@ -59,6 +59,10 @@ TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
 PATIENTS_PER_SECOND = "patients-per-second"
+# Values outside the DP-SGD mechanism (the exact training loss; timing and step counts, which reveal the
+# Poisson batch sizes): a site never sends them when the round's patient-level DP is on. `num-examples`
+# is still sent (FedAvg's weight) and is not covered by the guarantee (docs/privacy.md).
+NON_DP_TRAIN_KEYS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS, PATIENTS_PER_SECOND)
 
 # Patient-level DP-SGD: the exact keys every DP site adds (Flower requires identical keys across replies).
 DP_EPSILON = "dp-epsilon"
