@@ -21,11 +21,37 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.settings import SiteSettings, site_name
+from fl_client.settings import EVAL_SPLITS, REQUIRE_PATIENT_DP, SiteSettings, site_name
 from shared_model import protocol
 from shared_model.config import ModelConfig, PatientDPConfig, PreprocessConfig, TrainConfig
 
 log = logging.getLogger("llnm.client")
+
+
+class SitePolicyRefusal(RuntimeError):
+    """A message this site's own policy (its node config) forbids; Flower sends the text back as an error."""
+
+
+def _check_train_policy(settings: SiteSettings, name: str, server_round: int, privacy_enabled: bool) -> None:
+    if settings.require_patient_dp and not privacy_enabled:
+        raise SitePolicyRefusal(
+            f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: its rule "
+            f"{REQUIRE_PATIENT_DP}=true needs patient-level DP, but the round config has "
+            f"{protocol.PRIVACY_CONFIG} enabled=false. The coordinator can turn on privacy.patient in the "
+            f"experiment, or the site operator can remove --{REQUIRE_PATIENT_DP} (node config {REQUIRE_PATIENT_DP})."
+        )
+
+
+def _check_eval_policy(settings: SiteSettings, name: str, server_round: object, split: str) -> None:
+    if split not in settings.eval_splits:
+        raise SitePolicyRefusal(
+            f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} evaluation: its rule "
+            f"{EVAL_SPLITS}={','.join(settings.eval_splits)} does not include the split received, "
+            f"{protocol.EVAL_SPLIT}={split}. The coordinator can evaluate on one of "
+            f"{', '.join(settings.eval_splits)}, or the site operator can add {split!r} to --{EVAL_SPLITS} "
+            f"(never train)."
+        )
+
 
 def _load_round_inputs(msg: Message, settings: SiteSettings):
     """Model, site tensors and settings for this round, from the round's ConfigRecord."""
@@ -53,9 +79,13 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     settings.apply_threads()
     name = site_name(settings)
     started = time.perf_counter()
+    config = msg.content[protocol.CONFIG_RECORD]
+    server_round = int(config[protocol.SERVER_ROUND])
+    privacy_cfg = (protocol.read_schema(config, protocol.PRIVACY_CONFIG, PatientDPConfig)
+                   if protocol.PRIVACY_CONFIG in config else PatientDPConfig())
+    _check_train_policy(settings, name, server_round, privacy_cfg.enabled)
     model, tensors, global_state, config = _load_round_inputs(msg, settings)
     train_cfg = protocol.read_schema(config, protocol.TRAIN_CONFIG, TrainConfig)
-    server_round = int(config[protocol.SERVER_ROUND])
     train_cfg = train_cfg.model_copy(update={
         "device": settings.device if settings.device != "auto" else train_cfg.device,
         # A different seed every round and site, reproducible from the run's seed.
@@ -63,8 +93,6 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     })
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
     train_set = LLNMDataset(tensors.subset("train"))
-    privacy_cfg = (protocol.read_schema(config, protocol.PRIVACY_CONFIG, PatientDPConfig)
-                   if protocol.PRIVACY_CONFIG in config else PatientDPConfig())
 
     dp_metrics: dict[str, float] = {}
     hooks = None
@@ -98,6 +126,10 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         protocol.TRAIN_SECONDS: float(time.perf_counter() - started),
         protocol.PATIENTS_PER_SECOND: float(result.patients_per_second),
     }
+    if privacy_cfg.enabled:
+        # Only what the DP-SGD guarantee covers leaves the site (num-examples excepted: docs/privacy.md).
+        for key in protocol.NON_DP_TRAIN_KEYS:
+            metrics.pop(key, None)
     metrics.update(dp_metrics)
     content = RecordDict({
         protocol.ARRAYS_RECORD: ArrayRecord(trainable_state(model)),
@@ -116,9 +148,11 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     settings = SiteSettings.from_context(context, site_dirs, defaults)
     settings.apply_threads()
     name = site_name(settings)
-    model, tensors, _, config = _load_round_inputs(msg, settings)
+    config = msg.content[protocol.CONFIG_RECORD]
     protocol.check_keys(config, (protocol.EVAL_SPLIT, protocol.EVAL_BOOTSTRAP), "evaluate message's round config")
     split = str(config[protocol.EVAL_SPLIT])
+    _check_eval_policy(settings, name, config.get(protocol.SERVER_ROUND, "?"), split)
+    model, tensors, _, config = _load_round_inputs(msg, settings)
     subset = tensors.subset(split)
     preds = predict(model, LLNMDataset(subset), device=settings.device)
     labelled = preds["llnm"] >= 0

@@ -7,7 +7,9 @@ node config. The equivalent raw command line (printed at start, and in docs/depl
         --node-config 'data-path="/abs/site" site-name="NAME" cache-dir="/abs/cache"'
 
 Node-config keys read by the ClientApp: data-path, site-name, cache-dir, device ("auto"/"cpu"/"cuda"),
-max-patient-epsilon (the site's own patient-level budget), privacy-state-dir.
+max-patient-epsilon (the site's own patient-level budget), privacy-state-dir, and the site's policy:
+require-patient-dp (true: train only when the round's patient-level DP is on) and eval-splits (the splits
+the site evaluates on, comma-separated among val,test; never train).
 """
 
 from __future__ import annotations
@@ -19,6 +21,21 @@ import shutil
 import sys
 from pathlib import Path
 
+from fl_client.settings import (
+    DEFAULT_EVAL_SPLITS,
+    EVAL_SPLITS,
+    REQUIRE_PATIENT_DP,
+    SiteSettingsError,
+    parse_eval_splits,
+)
+
+
+def _eval_splits(value: str) -> str:
+    try:
+        return ",".join(parse_eval_splits(value))
+    except SiteSettingsError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--superlink", required=True, help="HOST:PORT of the consortium's SuperLink")
@@ -28,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--max-patient-epsilon", type=float,
                    help="this site's own patient-level privacy budget; training beyond it is refused")
+    p.add_argument(f"--{REQUIRE_PATIENT_DP}", action="store_true",
+                   help="refuse to train unless the round's patient-level DP (privacy.patient) is on")
+    p.add_argument(f"--{EVAL_SPLITS}", type=_eval_splits, default=",".join(DEFAULT_EVAL_SPLITS),
+                   help="comma-separated splits this site evaluates on, among val,test (never train; "
+                        "default val,test); other evaluate requests are refused")
     p.add_argument("--privacy-state-dir", help="where the site's DP accountant history is kept")
     p.add_argument("--threads", type=int, help="CPU threads for local training (default: torch's default)")
     p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (omit for --insecure)")
@@ -61,6 +83,8 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
         node_config["privacy-state-dir"] = str(Path(args.privacy_state_dir).resolve())
     if args.threads:
         node_config["threads"] = int(args.threads)
+    node_config[REQUIRE_PATIENT_DP] = bool(args.require_patient_dp)
+    node_config[EVAL_SPLITS] = str(args.eval_splits)
     exe = Path(sys.executable).parent / "flower-supernode"
     cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
            "--superlink", args.superlink]

@@ -13,6 +13,45 @@ from typing import Any
 
 from flwr.app import Context
 
+# The site's policy (node-config keys; `llnm-site join` flags of the same names). The site enforces them on
+# every message, whatever the coordinator's round config says.
+REQUIRE_PATIENT_DP = "require-patient-dp"
+EVAL_SPLITS = "eval-splits"
+DEFAULT_EVAL_SPLITS: tuple[str, ...] = ("val", "test")
+ALLOWED_EVAL_SPLITS: tuple[str, ...] = ("val", "test")  # never `train`: metrics on training data are not offered
+
+
+class SiteSettingsError(RuntimeError):
+    """A node-config value the site cannot accept; the text names the key and the value."""
+
+
+def parse_bool(key: str, value: object) -> bool:
+    """A node-config boolean: TOML/YAML true/false (or the strings true/false)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise SiteSettingsError(f"node config {key}={value!r}: expected true or false")
+
+
+def parse_eval_splits(value: object) -> tuple[str, ...]:
+    """`eval-splits`: comma-separated split names among val, test (never train)."""
+    if not isinstance(value, str):
+        raise SiteSettingsError(f"node config {EVAL_SPLITS}={value!r}: expected a comma-separated string such as "
+                                f"\"val,test\"")
+    splits = tuple(dict.fromkeys(part.strip() for part in value.split(",") if part.strip()))
+    if not splits:
+        raise SiteSettingsError(f"node config {EVAL_SPLITS}={value!r}: names no split; allowed: "
+                                f"{', '.join(ALLOWED_EVAL_SPLITS)}")
+    if "train" in splits:
+        raise SiteSettingsError(f"node config {EVAL_SPLITS}={value!r}: 'train' is never allowed (metrics on the "
+                                f"training patients are not offered); allowed: {', '.join(ALLOWED_EVAL_SPLITS)}")
+    bad = [x for x in splits if x not in ALLOWED_EVAL_SPLITS]
+    if bad:
+        raise SiteSettingsError(f"node config {EVAL_SPLITS}={value!r}: unknown split {bad[0]!r}; allowed: "
+                                f"{', '.join(ALLOWED_EVAL_SPLITS)}")
+    return splits
+
 
 @dataclass
 class SiteSettings:
@@ -25,6 +64,8 @@ class SiteSettings:
     max_patient_epsilon: float | None
     privacy_state_dir: Path | None
     threads: int | None = None
+    require_patient_dp: bool = False
+    eval_splits: tuple[str, ...] = DEFAULT_EVAL_SPLITS
 
     @classmethod
     def from_context(cls, context: Context, site_dirs: list[str] | None,
@@ -59,6 +100,8 @@ class SiteSettings:
             max_patient_epsilon=float(eps) if eps not in (None, "", 0, 0.0) else None,
             privacy_state_dir=opt_path("privacy-state-dir"),
             threads=int(cfg["threads"]) if cfg.get("threads") not in (None, "", 0) else None,
+            require_patient_dp=parse_bool(REQUIRE_PATIENT_DP, cfg.get(REQUIRE_PATIENT_DP, False)),
+            eval_splits=parse_eval_splits(cfg.get(EVAL_SPLITS, ",".join(DEFAULT_EVAL_SPLITS))),
         )
 
     def apply_threads(self) -> None:

@@ -28,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from fl_server.config import ExperimentConfig
+from fl_server.privacy.replies import refusal_text
 from fl_server.run_dir import RunDirectory
 from shared_model import protocol
 
@@ -205,8 +206,10 @@ class Federation:
                 pending.discard(mid)
                 node = node_of[mid]
                 if r.has_error():
+                    # A refusal under the site's own policy is recorded in the site's words.
+                    policy = refusal_text(r.error.reason, protocol.POLICY_REFUSAL_MARKER)
                     failures.append({"site": self._name(node), "node_id": node, "phase": phase,
-                                     "reason": f"error: {r.error.reason}"})
+                                     "reason": policy or f"error: {r.error.reason}"})
                 else:
                     ok.append(r)
             if pending:

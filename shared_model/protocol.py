@@ -59,6 +59,10 @@ TRAIN_LOSS = "train-loss"
 TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
 PATIENTS_PER_SECOND = "patients-per-second"
+# Values outside the DP-SGD mechanism (the exact training loss; timing and step counts, which reveal the
+# Poisson batch sizes): a site never sends them when the round's patient-level DP is on. `num-examples`
+# is still sent (FedAvg's weight) and is not covered by the guarantee (docs/privacy.md).
+NON_DP_TRAIN_KEYS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS, PATIENTS_PER_SECOND)
 
 # Patient-level DP-SGD: the exact keys every DP site adds (Flower requires identical keys across replies).
 DP_EPSILON = "dp-epsilon"
@@ -88,6 +92,9 @@ DP_METRIC_KEYS = (
 # Opens every refusal a site sends when a round would exceed its patient-level budget, so that the
 # coordinator can recognise it inside the error text Flower wraps around it.
 REFUSAL_MARKER = "patient-level privacy budget"
+# Opens every refusal a site sends because a message breaks its own policy (node config
+# `require-patient-dp`, `eval-splits`).
+POLICY_REFUSAL_MARKER = "site policy"
 
 # ---- evaluate reply metrics (MetricRecord `metrics`) -----------------------------------------------------
 EVAL_N = "n"

@@ -5,8 +5,8 @@ Hugging Face libraries are forced offline: nothing may be downloaded at run time
 
 `small_consortium` is the one generated consortium of the suite: the layout, DICOM and truth checks
 (test_synthetic), the site checker (test_site_check), the site-tensor cache (test_preprocessing) and every
-federated run (test_federation, test_privacy) read it, and none of them writes into it (tests that damage
-a site work on a copy in their own temporary folder).
+federated run (test_federation, test_privacy, test_site_policy) read it, and none of them writes into it
+(tests that damage a site work on a copy in their own temporary folder).
 """
 
 from __future__ import annotations

@@ -419,6 +419,26 @@ def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> Non
 
 
 @pytest.mark.slow
+def test_dp_train_replies_carry_only_what_the_guarantee_covers(dp_run: dict) -> None:
+    """Under patient DP no exact training loss, timing or step count leaves a site (docs/privacy.md);
+    num-examples and unit-weight (FedAvg's weights) and the dp-* accounting values do."""
+    from shared_model import protocol
+
+    not_covered = {"train-loss", "patients-per-second", "train-seconds", "train-steps"}
+    assert set(protocol.NON_DP_TRAIN_KEYS) == not_covered
+    metrics = json.loads((dp_run["out"] / "metrics.json").read_text())
+    entries = [(r["round"], name, m) for r in metrics["rounds"] for name, m in r["train"].items()]
+    assert len(entries) == 5  # three sites in round 1, two in round 2
+    for rnd, name, m in entries:
+        assert not not_covered & set(m), (rnd, name, sorted(m))
+        assert m["num-examples"] > 0 and m["unit-weight"] == 1 and "dp-epsilon" in m
+    assert "round 2/2" in dp_run["stdout"]
+    st = subprocess.run([str(BIN / "llnm-server"), "status", str(dp_run["out"]), "--json"], capture_output=True,
+                        text=True)
+    assert st.returncode == 0 and json.loads(st.stdout)["rounds_completed"] == 2, st.stderr
+
+
+@pytest.mark.slow
 def test_resumed_run_continues_the_ledger(dp_run: dict, tmp_path: Path) -> None:
     """A crash after round 2's ledger entry but before its checkpoint: resume re-runs round 2. The sites
     replay their identical releases (no double counting), round 1 is kept (no reset), and the abandoned

@@ -26,13 +26,14 @@ def reply_site(reply: Message, name_fn: Callable[[int], str]) -> str:
     return name_fn(reply.metadata.src_node_id)
 
 
-def refusal_text(reason: str) -> str | None:
+def refusal_text(reason: str, marker: str = protocol.REFUSAL_MARKER) -> str | None:
     """The site's refusal message inside Flower's error text, or None if this failure is something else.
 
     Flower wraps the ClientApp's exception (``<class ...>:<'message'>``, in simulation with a Ray traceback
-    around it); the site's message is one line that starts with `protocol.REFUSAL_MARKER`.
+    around it); the site's message is one line that starts with `marker` (`protocol.REFUSAL_MARKER` for a
+    budget refusal, `protocol.POLICY_REFUSAL_MARKER` for a site-policy one).
     """
-    at = reason.find(protocol.REFUSAL_MARKER)
+    at = reason.find(marker)
     if at < 0:
         return None
     text = reason[at:].split("\n", 1)[0]

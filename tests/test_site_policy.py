@@ -1,0 +1,151 @@
+"""A site's own policy (node config `require-patient-dp`, `eval-splits`), enforced by the site.
+
+Fast: the node-config parsing, `llnm-site join --print-command` carrying the flags, the refusal texts.
+Slow (`policy_run`): one Flower simulation of three sites without patient DP, where site-a requires patient DP
+(its training is refused every round) and site-b evaluates on `test` only (the per-round `val` evaluation is
+refused); with `min_sites: 2` the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from fl_client.client_app import SitePolicyRefusal, _check_eval_policy, _check_train_policy
+from fl_client.settings import SiteSettings, SiteSettingsError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def settings_for(tmp_path: Path, **node_config: object) -> SiteSettings:
+    return SiteSettings.from_context(SimpleNamespace(node_config={"data-path": str(tmp_path), **node_config}),
+                                     None)
+
+
+# ---- node config -----------------------------------------------------------------------------------
+def test_policy_defaults_and_values(tmp_path: Path) -> None:
+    s = settings_for(tmp_path)
+    assert s.require_patient_dp is False and s.eval_splits == ("val", "test")
+    s = settings_for(tmp_path, **{"require-patient-dp": True, "eval-splits": " test "})
+    assert s.require_patient_dp is True and s.eval_splits == ("test",)
+    assert settings_for(tmp_path, **{"require-patient-dp": "false"}).require_patient_dp is False
+
+
+@pytest.mark.parametrize(("node_config", "expected"), [
+    ({"eval-splits": "val,train"}, r"eval-splits='val,train': 'train' is never allowed"),
+    ({"eval-splits": "train"}, r"eval-splits='train': 'train' is never allowed"),
+    ({"eval-splits": "val,holdout"}, r"eval-splits='val,holdout': unknown split 'holdout'"),
+    ({"eval-splits": " , "}, r"eval-splits=' , ': names no split"),
+    ({"eval-splits": 3}, r"eval-splits=3: expected a comma-separated string"),
+    ({"require-patient-dp": "yes please"}, r"require-patient-dp='yes please': expected true or false"),
+    ({"require-patient-dp": 1}, r"require-patient-dp=1: expected true or false"),
+])
+def test_bad_policy_names_the_key_and_value(tmp_path: Path, node_config: dict, expected: str) -> None:
+    with pytest.raises(SiteSettingsError, match=expected):
+        settings_for(tmp_path, **node_config)
+
+
+def test_join_print_command_carries_the_policy(tmp_path: Path) -> None:
+    def node_config(*flags: str) -> dict:
+        done = subprocess.run([str(BIN / "llnm-site"), "join", "--superlink", "127.0.0.1:9092", "--data",
+                               str(tmp_path), "--insecure", "--print-command", *flags],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        # The printed line is the command for reading: the node config is its last argument, TOML key=value pairs.
+        node = done.stdout.strip().splitlines()[-1].split(" --node-config ", 1)[1]
+        pairs = re.findall(r'([\w-]+=(?:"(?:[^"\\]|\\.)*"|\S+))', node)
+        return tomllib.loads("\n".join(pairs))
+
+    got = node_config("--require-patient-dp", "--eval-splits", "test")
+    assert got["require-patient-dp"] is True and got["eval-splits"] == "test"
+    assert got["data-path"] == str(tmp_path.resolve())
+    got = node_config()
+    assert got["require-patient-dp"] is False and got["eval-splits"] == "val,test"
+    bad = subprocess.run([str(BIN / "llnm-site"), "join", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path),
+                          "--print-command", "--eval-splits", "val,train"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--eval-splits" in bad.stderr and "'train' is never allowed" in bad.stderr
+
+
+def test_refusals_name_the_site_the_rule_and_the_value(tmp_path: Path) -> None:
+    strict = settings_for(tmp_path, **{"require-patient-dp": True, "eval-splits": "test"})
+    _check_train_policy(strict, "site-a", 1, privacy_enabled=True)
+    with pytest.raises(SitePolicyRefusal) as exc:
+        _check_train_policy(strict, "site-a", 2, privacy_enabled=False)
+    text = str(exc.value)
+    assert text.startswith("site policy: site 'site-a' refuses round 2 training")
+    assert "require-patient-dp=true" in text and "privacy-config enabled=false" in text
+    assert "privacy.patient" in text and "--require-patient-dp" in text
+    _check_eval_policy(strict, "site-a", 1, "test")
+    with pytest.raises(SitePolicyRefusal, match=r"site 'site-a' refuses round 1 evaluation: its rule "
+                                                 r"eval-splits=test .* eval-split=val"):
+        _check_eval_policy(strict, "site-a", 1, "val")
+    lax = settings_for(tmp_path)
+    _check_train_policy(lax, "site-c", 1, privacy_enabled=False)
+    with pytest.raises(SitePolicyRefusal, match="eval-split=train"):
+        _check_eval_policy(lax, "site-c", 1, "train")
+
+
+# ---- a federated run with two sites' policies (Flower simulation) --------------------------------------
+POLICY_SITES = ["site-a", "site-b", "site-c"]
+
+
+@pytest.fixture(scope="module")
+def policy_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
+    tmp = tmp_path_factory.mktemp("policy-run")
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["name"] = "site-policy-test"
+    exp["data"] = {"root": str(small_consortium), "sites": POLICY_SITES}
+    exp["federation"].update({"rounds": 1, "min_sites": 2, "eval_bootstrap": 0, "eval_split": "val",
+                              "final_eval_split": "test", "round_timeout_s": 600})
+    exp["simulation"] = {"cpus_per_site": 1, "site_node_config": {"site-a": {"require-patient-dp": True},
+                                                                  "site-b": {"eval-splits": "test"}}}
+    exp.pop("privacy", None)
+    config = tmp / "policy.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp / "run"
+    res = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return {"out": out, "stdout": res.stdout, "metrics": json.loads((out / "metrics.json").read_text())}
+
+
+@pytest.mark.slow
+def test_a_site_requiring_patient_dp_refuses_and_the_run_goes_on(policy_run: dict) -> None:
+    metrics, out = policy_run["metrics"], policy_run["out"]
+    (round1,) = metrics["rounds"]
+    assert round1["participants"] == ["site-b", "site-c"] and set(round1["train"]) == {"site-b", "site-c"}
+    failure = next(f for f in round1["failures"] if f["site"] == "site-a")
+    assert failure["phase"] == "train"
+    # Recorded in the site's own words, not Flower's wrapping of them.
+    assert failure["reason"].startswith("site policy: site 'site-a' refuses round 1 training"), failure["reason"]
+    for text in ("require-patient-dp=true", "privacy-config enabled=false", "privacy.patient"):
+        assert text in failure["reason"], failure["reason"]
+    assert "site-a train: site policy: site 'site-a' refuses round 1 training" in (out / "log.txt").read_text()
+    assert "site-a train: site policy:" in policy_run["stdout"]
+    # Without patient DP the exact training values are still sent.
+    assert all("train-loss" in m for m in round1["train"].values())
+    st = subprocess.run([str(BIN / "llnm-server"), "status", str(out), "--json"], capture_output=True, text=True)
+    assert st.returncode == 0 and json.loads(st.stdout)["status"] == "completed", st.stderr
+
+
+@pytest.mark.slow
+def test_a_site_refuses_a_split_outside_its_eval_splits(policy_run: dict) -> None:
+    metrics = policy_run["metrics"]
+    (round1,) = metrics["rounds"]
+    # site-a only refuses training: it still evaluates; site-b refuses the val evaluation.
+    assert set(round1["sites"]) == {"site-a", "site-c"}
+    failure = next(f for f in round1["failures"] if f["site"] == "site-b")
+    assert failure["phase"] == "evaluate"
+    assert failure["reason"].startswith("site policy: site 'site-b' refuses round 1 evaluation"), failure["reason"]
+    assert "eval-splits=test" in failure["reason"] and "eval-split=val" in failure["reason"]
+    # The final evaluation is on test, which every site allows.
+    assert set(metrics["final"]["sites"]) == set(POLICY_SITES) and metrics["final"]["failures"] == []
