@@ -113,10 +113,14 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         )
         hooks = session.hooks()
 
-    result = train_local(model, train_set, train_cfg, global_state=global_state, proximal_mu=proximal_mu,
-                         hooks=hooks, description=f"{name} round {server_round}")
-    if session is not None:
-        dp_metrics = session.finish(result)
+    try:
+        result = train_local(model, train_set, train_cfg, global_state=global_state, proximal_mu=proximal_mu,
+                             hooks=hooks, description=f"{name} round {server_round}")
+        if session is not None:
+            dp_metrics = session.finish(result)
+    finally:
+        if session is not None:
+            session.close()  # releases the site's history lock on every path (idempotent after finish)
 
     metrics: dict[str, Any] = {
         protocol.NUM_EXAMPLES: int(result.num_examples),

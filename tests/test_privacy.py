@@ -508,3 +508,73 @@ def test_site_dp_configuration_errors_name_the_key() -> None:
                       "privacy": {"site": {"enabled": True, "clipping": "server-fixed"}}})
     with pytest.raises(ConfigError, match="no accountant for adaptive clipping"):
         parse_config({"privacy": {"site": {"enabled": True, "clipping": "client-adaptive", "max_epsilon": 3}}})
+
+
+# ---- two trainings of one site at once -------------------------------------------------------------------
+CONCURRENT_SCRIPT = """
+import json, sys, time, torch
+from pathlib import Path
+torch.set_num_threads(1)
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import test_privacy as t
+from shared_model.modeling import LLNMNet
+from shared_model.training import trainable_state
+tmp, me = Path({tmp!r}), sys.argv[1]
+data = t.patient_tensors(16)
+torch.manual_seed(int(me))  # each process its own global model: two distinct releases of round 1
+state = trainable_state(LLNMNet(t.TINY))
+(tmp / f"ready-{{me}}").touch()
+while len(list(tmp.glob("ready-*"))) < 2:  # start both sessions together
+    time.sleep(0.01)
+metrics, _ = t.train_round(t.settings_for(tmp), data, state, 1, pcfg=t.privacy_cfg(), run="race")
+print(json.dumps(metrics))
+"""
+
+
+def test_concurrent_trainings_of_one_site_both_count(tmp_path: Path) -> None:
+    """Two processes train round 1 of the same site at the same time: the history lock makes the second wait
+    and re-read the history, so the file keeps both releases and the epsilon composes both."""
+    settings_for(tmp_path)  # creates the site folder once, before the processes race
+    script = CONCURRENT_SCRIPT.format(root=str(ROOT), tests=str(Path(__file__).parent), tmp=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT) for i in (1, 2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    metrics = sorted((json.loads(out.strip().splitlines()[-1]) for out, _ in outs), key=lambda m: m["dp-epsilon"])
+    q, steps = opacus_sampling(16, 8)
+    both = dp_sgd_epsilon(q, 1.2, 2 * steps, DELTA)
+    assert [m["dp-steps-total"] for m in metrics] == [steps, 2 * steps]
+    assert [m["dp-attempts-round"] for m in metrics] == [1, 2]
+    history = json.loads(state_path(tmp_path / "privacy-state", "a", "race").read_text())
+    attempts = history["rounds"]["1"]["attempts"]
+    assert len(attempts) == 2 and sum(a["steps"] for a in attempts) == 2 * steps
+    assert attempts[0]["fingerprint"] != attempts[1]["fingerprint"]
+    assert attempts[-1]["epsilon_after"] == metrics[-1]["dp-epsilon"]
+    assert metrics[-1]["dp-epsilon"] == epsilon_for([(1.2, q, 2 * steps)], DELTA, "rdp")
+    assert close(metrics[-1]["dp-epsilon"], both)
+
+
+def test_history_lock_released_on_every_exit(tmp_path: Path) -> None:
+    """A session holds the history lock (a second one times out with a clear error) and releases it when
+    training raises, so the next training of the site opens without waiting."""
+    settings = settings_for(tmp_path)
+    data = patient_tensors(8)
+    kw = dict(site_name="a", run_id="lock", settings=settings, privacy_cfg=privacy_cfg(), n_train=len(data),
+              batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+    session = PatientDPSession.open(**kw)
+    path = state_path(tmp_path / "privacy-state", "a", "lock")
+    assert Path(f"{path}.lock").is_file() and not any(settings.data_path.iterdir())  # beside the history
+    with pytest.raises(PrivacyStateError, match="another training of this site holds") as err:
+        PatientDPSession.open(**kw, lock_timeout=0.2)
+    assert str(path) in str(err.value)
+    cfg = TrainConfig(batch_size=4, local_epochs=1, seed=1, device="cpu", lr=1e-3)
+    with pytest.raises(RuntimeError, match="DP-SGD was planned for 8"), session:
+        # Training fails inside (the loader does not match the plan): the session releases its lock.
+        train_local(LLNMNet(TINY), patient_tensors(5), cfg, hooks=session.hooks())
+    PatientDPSession.open(**kw, lock_timeout=0).close()
+    # A refusal releases it too.
+    with pytest.raises(PatientBudgetExceeded):
+        PatientDPSession.open(**{**kw, "settings": settings_for(tmp_path, budget=1e-6)})
+    PatientDPSession.open(**kw, lock_timeout=0).close()

@@ -6,6 +6,11 @@ round and SuperNode restarts. It is keyed by server round, and every release of 
 recorded with a fingerprint of everything that determines it, and with the seeds' secret: noise and Poisson
 sampling draw from generators seeded from a random secret kept in this file, never from the run's seed,
 which the coordinator knows.
+
+The file is locked (an exclusive inter-process lock on ``<history>.lock`` beside it, `history_lock`) from the
+moment a round's DP session reads it until it has saved it, so two trainings of one site run at once (a
+restarted SuperNode while the old ClientApp still runs, two SuperNodes on one site folder) cannot both start
+from the same history and lose one release: the second waits and then reads the first one's release.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from filelock import FileLock, Timeout
+
 from fl_client.privacy.plan import HistoryEntry, merge_history
 from shared_model.fileio import atomic_write_json
 
@@ -29,6 +36,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 ENV_STATE_DIR = "LLNM_PRIVACY_DIR"
 STATE_FORMAT = "llnm-fl patient DP-SGD accountant history"
 STATE_VERSION = 1
+# How long a round waits for another training of the same site to release the history file. A whole local
+# round may run in between, so this is generous; a crashed process releases its lock at once (fcntl).
+LOCK_TIMEOUT_S = 6 * 3600.0
 
 
 class PrivacyStateError(RuntimeError):
@@ -52,6 +62,30 @@ def _slug(text: str) -> str:
 def state_path(state_dir: Path, site_name: str, run_id: str) -> Path:
     """The history file of one site in one run."""
     return Path(state_dir) / f"{_slug(site_name)}__{_slug(run_id)}.json"
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of a history file: beside it, in the privacy state folder (never in the site folder)."""
+    return Path(path).with_name(Path(path).name + ".lock")
+
+
+def history_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
+    """Acquire the exclusive inter-process lock of the history file `path` and return it (release() frees it).
+
+    Waits up to `timeout` seconds for another training of this site; raises `PrivacyStateError` after that.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path(path)), timeout=timeout)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise PrivacyStateError(
+            f"{path}: another training of this site holds the DP accountant history (lock {lock_path(path)}) and "
+            f"did not release it within {timeout:g} s; two trainings of one site in one run must not overlap: "
+            "stop the other one (a stale SuperNode or ClientApp) and retry"
+        ) from None
+    return lock
 
 
 def now() -> str:

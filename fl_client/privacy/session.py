@@ -10,6 +10,9 @@ How a round goes (`PatientDPSession`):
   accountant's history restored, so Opacus' own accountant continues the run's composition.
 * `finish(result)` checks that Opacus accounted exactly the planned steps, persists the history (atomic
   write) and returns the numeric ``dp-*`` metrics of the train reply.
+* The history file stays locked (`fl_client.privacy.history.history_lock`) from `open` until the session has
+  saved it or failed: `finish`, a refusal and `close()` (also `with session:`) release it. A second training
+  of the same site waits for the first and then re-reads the history, so it sees and counts its release.
 
 Every release of a round (an "attempt") is recorded with a fingerprint of everything that determines it
 (incoming global model, training data, optimiser settings, seeds, DP plan). A round that is retried with
@@ -30,12 +33,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_client.privacy.history import SiteHistory, default_state_dir, now, state_path
+from fl_client.privacy.history import LOCK_TIMEOUT_S, SiteHistory, default_state_dir, history_lock, now, state_path
 from fl_client.privacy.plan import DPPlan, HistoryEntry, epsilon_for, make_plan, merge_history, patient_dp_config
 from shared_model import protocol
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
+    from filelock import BaseFileLock
     from torch import nn
     from torch.utils.data import DataLoader
 
@@ -68,7 +72,8 @@ class PatientDPSession:
     """DP-SGD for one site in one round: plan, budget check, Opacus wiring, and the persisted history."""
 
     def __init__(self, *, site_name: str, run_id: str, server_round: int, plan: DPPlan, budget: float | None,
-                 budget_source: str, history: SiteHistory, data_path: Path | None) -> None:
+                 budget_source: str, history: SiteHistory, data_path: Path | None,
+                 lock: BaseFileLock | None = None) -> None:
         self.site_name = site_name
         self.run_id = run_id
         self.server_round = server_round
@@ -81,15 +86,18 @@ class PatientDPSession:
         self._engine: Any = None
         self._module: nn.Module | None = None
         self._wrapped: Any = None
+        self._lock = lock
 
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, *, site_name: str, run_id: str, settings: SiteSettings,
              privacy_cfg: PatientDPConfig | Mapping[str, Any], n_train: int, batch_size: int, local_epochs: int,
-             total_rounds: int, server_round: int) -> PatientDPSession:
-        """Plan the round, load the site's history and refuse the round if it would exceed the budget.
+             total_rounds: int, server_round: int, lock_timeout: float = LOCK_TIMEOUT_S) -> PatientDPSession:
+        """Plan the round, lock and load the site's history and refuse the round if it would exceed the budget.
 
-        `privacy_cfg` is the round's `PatientDPConfig` (a plain mapping is validated with it).
+        `privacy_cfg` is the round's `PatientDPConfig` (a plain mapping is validated with it). The history file
+        stays locked until `finish`, a refusal or `close()`; another training of this site holding it is waited
+        for up to `lock_timeout` seconds (then `PrivacyStateError`).
         """
         if n_train <= 0:
             raise ValueError(f"site {site_name!r}: no training patients, so there is nothing to train with DP-SGD")
@@ -102,18 +110,41 @@ class PatientDPSession:
             )
         # Validate the plan's inputs before touching the history file (the noise search runs once, below).
         cfg = patient_dp_config(privacy_cfg)
-        history = SiteHistory.load_or_create(state_path(state_dir, site_name, run_id), site_name=site_name,
-                                             run_id=run_id, accountant=cfg.accountant, delta=float(cfg.delta))
-        plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, local_epochs=local_epochs,
-                         total_rounds=total_rounds, calibrated=history.data["calibrated"])
-        budget, source = cls._budget(settings, plan)
+        path = state_path(state_dir, site_name, run_id)
+        # Read the history only under its lock, held until this session has saved it (or failed).
+        lock = history_lock(path, lock_timeout)
+        try:
+            history = SiteHistory.load_or_create(path, site_name=site_name, run_id=run_id,
+                                                 accountant=cfg.accountant, delta=float(cfg.delta))
+            plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, local_epochs=local_epochs,
+                             total_rounds=total_rounds, calibrated=history.data["calibrated"])
+            budget, source = cls._budget(settings, plan)
+        except BaseException:
+            lock.release()
+            raise
         session = cls(site_name=site_name, run_id=run_id, server_round=server_round, plan=plan, budget=budget,
-                      budget_source=source, history=history, data_path=data_path)
+                      budget_source=source, history=history, data_path=data_path, lock=lock)
         if not history.attempts(server_round):
             # A new round: its cost is known now. (A retried round is decided in make_private, once the
             # inputs are known: an identical retry replays the release already accounted.)
             session._check_budget(history.history(), plan.entry())
         return session
+
+    # ---- the history lock ------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove Opacus' hooks and release the history lock; idempotent, called on every exit path."""
+        try:
+            self._cleanup()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def __enter__(self) -> PatientDPSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     @staticmethod
     def _budget(settings: SiteSettings | None, plan: DPPlan) -> tuple[float | None, str]:
@@ -146,7 +177,10 @@ class PatientDPSession:
         self.history.data["refusals"].append({"round": self.server_round, "at": now(), "spent": spent,
                                               "would_reach": after, "budget": self.budget,
                                               "budget_source": self.budget_source})
-        self.history.save()
+        try:
+            self.history.save()
+        finally:
+            self.close()
         log.warning(message)
         raise PatientBudgetExceeded(message)
 
@@ -234,7 +268,15 @@ class PatientDPSession:
 
     # ---- finishing -----------------------------------------------------------------------------
     def finish(self, result: TrainResult) -> dict[str, float]:
-        """Persist the round's release in the history and return the train reply's ``dp-*`` metrics."""
+        """Persist the round's release in the history and return the train reply's ``dp-*`` metrics.
+
+        The history lock is released on return and on every error (`close`)."""
+        try:
+            return self._finish(result)
+        finally:
+            self.close()
+
+    def _finish(self, result: TrainResult) -> dict[str, float]:
         if self._release is None or self._engine is None or self._module is None:
             raise RuntimeError("PatientDPSession.finish() before training: make_private was never called")
         p = self.plan
@@ -279,7 +321,7 @@ class PatientDPSession:
         if not replayed:
             self.history.data["rounds"][str(self.server_round)]["attempts"][-1]["epsilon_after"] = epsilon
         self.history.save()
-        self._cleanup()
+        self.close()
         metrics = {
             protocol.DP_EPSILON: float(epsilon),
             protocol.DP_DELTA: float(p.delta),
@@ -301,7 +343,8 @@ class PatientDPSession:
 
     def _cleanup(self) -> None:
         # Remove Opacus' hooks and per-sample gradient buffers from the model the ClientApp sends back.
-        cleanup = getattr(self._wrapped, "cleanup", None)
+        wrapped, self._wrapped = self._wrapped, None
+        cleanup = getattr(wrapped, "cleanup", None)
         if callable(cleanup):
             cleanup()
 
