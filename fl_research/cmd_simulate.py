@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fl_server.config import ConfigError
-from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for
+from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for, start_error_exit_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,12 +26,8 @@ def run(args: argparse.Namespace) -> int:
         rd = RunDirectory(args.out)
         exp, resuming = experiment_for(rd, resume=args.resume, config=args.config, overrides=args.set)
         simulate(exp, rd, data_root=args.data, resume=resuming)
-    except NothingToResume as exc:
-        print(exc)
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (NothingToResume, ConfigError) as exc:
+        return start_error_exit_code(exc)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from fl_server.config import ConfigError
-from fl_server.run_dir import NothingToResume, RunDirectory
+from fl_server.run_dir import NothingToResume, RunDirectory, start_error_exit_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,12 +26,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         rd.resume_config()
         info = rd.run_info()
-    except NothingToResume as exc:
-        print(exc)
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (NothingToResume, ConfigError) as exc:
+        return start_error_exit_code(exc)
     if info.get("mode") == "deployment":
         from fl_server.cmd_run import launch
 

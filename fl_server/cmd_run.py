@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from fl_server.config import ConfigError
-from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for
+from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for, start_error_exit_code
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,10 +40,6 @@ def run(args: argparse.Namespace) -> int:
         if not resuming:
             rd.create(exp, {"mode": "deployment", "superlink": address, "status": "created",
                             "root_certificates": args.root_certificates})
-    except NothingToResume as exc:
-        print(exc)
-        return 0
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (NothingToResume, ConfigError) as exc:
+        return start_error_exit_code(exc)
     return launch(rd, address, args.root_certificates)

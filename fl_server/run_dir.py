@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,16 @@ if TYPE_CHECKING:
 
 class NothingToResume(Exception):
     """The run in a run directory has completed all its rounds; there is nothing to continue."""
+
+
+def start_error_exit_code(exc: NothingToResume | ConfigError) -> int:
+    """What `run`, `simulate` and `resume` print and return when a run cannot start: nothing to resume is
+    not an error (exit 0); an unusable configuration or run directory is (exit 2)."""
+    if isinstance(exc, NothingToResume):
+        print(exc)
+        return 0
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 class RunDirectory:

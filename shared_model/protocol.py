@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from shared_model.config import ConfigError, Schema, parse_json
 
 # ---- record names ----------------------------------------------------------------------------------
 ARRAYS_RECORD = "arrays"
@@ -151,15 +151,13 @@ def _none_if_nan(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-SchemaT = TypeVar("SchemaT", bound=BaseModel)
+SchemaT = TypeVar("SchemaT", bound=Schema)
 
 
 def read_schema(config: Mapping[str, Any], key: str, schema: type[SchemaT]) -> SchemaT:
     """Validate the JSON dump that the round config carries under `key` with the shared schema."""
     if key not in config:
         raise ProtocolError(f"round config: no {key!r}")
-    from shared_model.config import ConfigError, parse_json
-
     try:
         return parse_json(schema, str(config[key]), source=f"round config {key!r}")
     except ConfigError as exc:
