@@ -12,6 +12,8 @@ COMMANDS: dict[str, Command] = {
                        "Print what an ultrasound image file holds (frames, photometric, calibration) as JSON."),
     "join": Command("fl_client.cmd_join", "Join a federation: start a real flower-supernode for this site."),
     "evaluate": Command("fl_client.cmd_evaluate", "Evaluate a global model checkpoint on this site's own patients."),
+    "privacy": Command("fl_client.cmd_privacy",
+                       "Show this site's lifetime privacy ledger: runs, epsilon per run, lifetime epsilon, budget."),
 }
 
 

@@ -21,7 +21,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.settings import EVAL_SPLITS, REQUIRE_PATIENT_DP, SiteSettings, site_name
+from fl_client.settings import (
+    EVAL_SPLITS,
+    MAX_CLIPPING_NORM,
+    PATIENT_DELTA,
+    REQUIRE_PATIENT_DP,
+    SiteSettings,
+    site_name,
+)
 from shared_model import protocol
 from shared_model.config import ModelConfig, PatientDPConfig, PreprocessConfig, TrainConfig
 
@@ -32,14 +39,37 @@ class SitePolicyRefusal(RuntimeError):
     """A message this site's own policy (its node config) forbids; Flower sends the text back as an error."""
 
 
-def _check_train_policy(settings: SiteSettings, name: str, server_round: int, privacy_enabled: bool) -> None:
-    if settings.require_patient_dp and not privacy_enabled:
+def _check_train_policy(settings: SiteSettings, name: str, server_round: int, privacy: PatientDPConfig) -> None:
+    head = f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: its rule"
+    if settings.require_patient_dp and not privacy.enabled:
         raise SitePolicyRefusal(
-            f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: its rule "
-            f"{REQUIRE_PATIENT_DP}=true needs patient-level DP, but the round config has "
+            f"{head} {REQUIRE_PATIENT_DP}=true needs patient-level DP, but the round config has "
             f"{protocol.PRIVACY_CONFIG} enabled=false. The coordinator can turn on privacy.patient in the "
             f"experiment, or the site operator can remove --{REQUIRE_PATIENT_DP} (node config {REQUIRE_PATIENT_DP})."
         )
+    if not privacy.enabled:
+        return
+    if privacy.delta > settings.patient_delta:
+        raise SitePolicyRefusal(
+            f"{head} {PATIENT_DELTA}={settings.patient_delta:g} is the largest delta it accepts, but the round config "
+            f"has {protocol.PRIVACY_CONFIG} delta={privacy.delta:g}. The coordinator can set privacy.patient.delta "
+            f"to {settings.patient_delta:g} or less, or the site operator can raise --{PATIENT_DELTA}."
+        )
+    if settings.max_clipping_norm is not None and privacy.max_grad_norm > settings.max_clipping_norm:
+        raise SitePolicyRefusal(
+            f"{head} {MAX_CLIPPING_NORM}={settings.max_clipping_norm:g} is the largest per-patient clipping norm it "
+            f"accepts, but the round config has {protocol.PRIVACY_CONFIG} max_grad_norm={privacy.max_grad_norm:g}. "
+            f"The coordinator can set privacy.patient.max_grad_norm to {settings.max_clipping_norm:g} or less, or "
+            f"the site operator can raise --{MAX_CLIPPING_NORM}."
+        )
+
+
+def _site_record(settings: SiteSettings, name: str, **extra: str) -> ConfigRecord:
+    """The reply's site record: the site's name and its privacy policy (what the coordinator may show)."""
+    import json
+
+    policy = json.dumps(settings.policy(), sort_keys=True)
+    return ConfigRecord({protocol.SITE_NAME: name, protocol.SITE_POLICY: policy, **extra})
 
 
 def _check_eval_policy(settings: SiteSettings, name: str, server_round: object, split: str) -> None:
@@ -83,7 +113,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     server_round = int(config[protocol.SERVER_ROUND])
     privacy_cfg = (protocol.read_schema(config, protocol.PRIVACY_CONFIG, PatientDPConfig)
                    if protocol.PRIVACY_CONFIG in config else PatientDPConfig())
-    _check_train_policy(settings, name, server_round, privacy_cfg.enabled)
+    _check_train_policy(settings, name, server_round, privacy_cfg)
     model, tensors, global_state, config = _load_round_inputs(msg, settings)
     train_cfg = protocol.read_schema(config, protocol.TRAIN_CONFIG, TrainConfig)
     train_cfg = train_cfg.model_copy(update={
@@ -92,7 +122,8 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         "seed": int(train_cfg.seed) * 1000003 + server_round * 101 + sum(map(ord, name)),
     })
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
-    train_set = LLNMDataset(tensors.subset("train"))
+    train_tensors = tensors.subset("train")
+    train_set = LLNMDataset(train_tensors)
 
     dp_metrics: dict[str, float] = {}
     hooks = None
@@ -105,7 +136,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
             run_id=str(config.get(protocol.RUN_ID, context.run_id)),
             settings=settings,
             privacy_cfg=privacy_cfg,
-            n_train=len(train_set),
+            train_patient_ids=list(train_tensors.patient_ids),
             batch_size=train_cfg.batch_size,
             local_epochs=train_cfg.local_epochs,
             total_rounds=int(config[protocol.TOTAL_ROUNDS]),
@@ -130,15 +161,18 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         protocol.TRAIN_SECONDS: float(time.perf_counter() - started),
         protocol.PATIENTS_PER_SECOND: float(result.patients_per_second),
     }
-    if privacy_cfg.enabled:
-        # Only what the DP-SGD guarantee covers leaves the site (num-examples excepted: docs/privacy.md).
+    if session is not None:
+        # Only what the DP-SGD guarantee covers leaves the site: the update, the DP parameters and epsilons,
+        # and as FedAvg weight the site's public patient count (the mechanism's own parameter), never the
+        # exact count.
         for key in protocol.NON_DP_TRAIN_KEYS:
             metrics.pop(key, None)
+        metrics[protocol.NUM_EXAMPLES] = int(session.plan.public_count)
     metrics.update(dp_metrics)
     content = RecordDict({
         protocol.ARRAYS_RECORD: ArrayRecord(trainable_state(model)),
         protocol.METRICS_RECORD: MetricRecord(metrics),
-        protocol.SITE_RECORD: ConfigRecord({protocol.SITE_NAME: name}),
+        protocol.SITE_RECORD: _site_record(settings, name),
     })
     return Message(content, reply_to=msg)
 
@@ -164,10 +198,12 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     s = preds["score"][labelled]
     n_boot = int(config[protocol.EVAL_BOOTSTRAP])
     m = binary_metrics(y, s, n_bootstrap=n_boot, seed=int(config.get(protocol.SERVER_ROUND, 0)))
-    metrics = protocol.encode_eval_metrics(m, n=len(y), n_pos=int(y.sum()), histogram=score_histogram(y, s))
+    # The score histogram at the resolution the site's policy allows (max-histogram-bins, default 100).
+    histogram = score_histogram(y, s, n_bins=settings.max_histogram_bins)
+    metrics = protocol.encode_eval_metrics(m, n=len(y), n_pos=int(y.sum()), histogram=histogram)
     content = RecordDict({
         protocol.METRICS_RECORD: MetricRecord(metrics),
-        protocol.SITE_RECORD: ConfigRecord({protocol.SITE_NAME: name, protocol.SITE_SPLIT: split}),
+        protocol.SITE_RECORD: _site_record(settings, name, **{protocol.SITE_SPLIT: split}),
     })
     return Message(content, reply_to=msg)
 

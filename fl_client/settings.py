@@ -6,6 +6,7 @@ per-site values in their place. Everything that runs at a site reads them from h
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +17,18 @@ from flwr.app import Context
 # The site's policy (node-config keys; `llnm-site join` flags of the same names). The site enforces them on
 # every message, whatever the coordinator's round config says.
 REQUIRE_PATIENT_DP = "require-patient-dp"
+MAX_PATIENT_EPSILON = "max-patient-epsilon"  # lifetime budget over every run that touches the site's patients
 EVAL_SPLITS = "eval-splits"
+PATIENT_DELTA = "patient-delta"  # the site's delta: its lifetime epsilon is kept at it; no run may use a larger one
+MAX_CLIPPING_NORM = "max-clipping-norm"  # the largest per-patient clipping norm the site accepts
+PUBLIC_PATIENT_COUNT = "public-patient-count"  # the patient count the site declares public (DP-SGD's parameters)
+MAX_HISTOGRAM_BINS = "max-histogram-bins"  # the finest score histogram an evaluate reply may carry
 DEFAULT_EVAL_SPLITS: tuple[str, ...] = ("val", "test")
 ALLOWED_EVAL_SPLITS: tuple[str, ...] = ("val", "test")  # never `train`: metrics on training data are not offered
+DEFAULT_PATIENT_DELTA = 1e-5
+DEFAULT_MAX_HISTOGRAM_BINS = 100
+#: ``site.yaml`` field with the public patient count, used where the node config has no public-patient-count.
+SITE_YAML_PUBLIC_COUNT = "public_patient_count"
 
 
 class SiteSettingsError(RuntimeError):
@@ -53,6 +63,31 @@ def parse_eval_splits(value: object) -> tuple[str, ...]:
     return splits
 
 
+def parse_positive(key: str, value: object, kind: type = float, *, below_one: bool = False) -> float | int:
+    """A positive, finite node-config number (an integer where `kind` is int; below 1 where `below_one`)."""
+    number: float | int | None = None
+    if isinstance(value, str):
+        try:
+            number = kind(value.strip())
+        except ValueError:
+            number = None
+    elif not isinstance(value, bool) and isinstance(value, (int, float) if kind is float else int):
+        number = kind(value)
+    if number is None or not math.isfinite(number) or number <= 0 or (below_one and number >= 1):
+        want = "a number in (0, 1)" if below_one else ("a positive integer" if kind is int else "a positive number")
+        raise SiteSettingsError(f"node config {key}={value!r}: expected {want}")
+    return number
+
+
+def parse_histogram_bins(value: object) -> int:
+    """`max-histogram-bins`: an even integer >= 2, so that the 0.5 threshold stays a bin edge."""
+    bins = int(parse_positive(MAX_HISTOGRAM_BINS, value, int))
+    if bins < 2 or bins % 2:
+        raise SiteSettingsError(f"node config {MAX_HISTOGRAM_BINS}={value!r}: expected an even integer >= 2 (0.5, "
+                                "the decision threshold, must stay a bin edge)")
+    return bins
+
+
 @dataclass
 class SiteSettings:
     """A site's own settings, from its SuperNode's node config (never from the coordinator)."""
@@ -66,6 +101,10 @@ class SiteSettings:
     threads: int | None = None
     require_patient_dp: bool = False
     eval_splits: tuple[str, ...] = DEFAULT_EVAL_SPLITS
+    patient_delta: float = DEFAULT_PATIENT_DELTA
+    max_clipping_norm: float | None = None
+    public_patient_count: int | None = None
+    max_histogram_bins: int = DEFAULT_MAX_HISTOGRAM_BINS
 
     @classmethod
     def from_context(cls, context: Context, site_dirs: list[str] | None,
@@ -90,19 +129,39 @@ class SiteSettings:
         def opt_path(key: str) -> Path | None:
             return Path(str(cfg[key])) if cfg.get(key) not in (None, "") else None
 
-        eps = cfg.get("max-patient-epsilon")
+        def opt_positive(key: str, kind: type = float) -> float | int | None:
+            value = cfg.get(key)
+            return None if value in (None, "", 0, 0.0) else parse_positive(key, value, kind)
+
         return cls(
             data_path=data_path,
             name=str(cfg["site-name"]) if cfg.get("site-name") else None,
             cache_dir=opt_path("cache-dir") or (Path(os.environ["LLNM_CACHE_DIR"])
                                                 if os.environ.get("LLNM_CACHE_DIR") else None),
             device=str(cfg.get("device", "auto")),
-            max_patient_epsilon=float(eps) if eps not in (None, "", 0, 0.0) else None,
+            max_patient_epsilon=opt_positive(MAX_PATIENT_EPSILON),
             privacy_state_dir=opt_path("privacy-state-dir"),
             threads=int(cfg["threads"]) if cfg.get("threads") not in (None, "", 0) else None,
             require_patient_dp=parse_bool(REQUIRE_PATIENT_DP, cfg.get(REQUIRE_PATIENT_DP, False)),
             eval_splits=parse_eval_splits(cfg.get(EVAL_SPLITS, ",".join(DEFAULT_EVAL_SPLITS))),
+            patient_delta=float(parse_positive(PATIENT_DELTA, cfg.get(PATIENT_DELTA, DEFAULT_PATIENT_DELTA),
+                                               below_one=True)),
+            max_clipping_norm=opt_positive(MAX_CLIPPING_NORM),
+            public_patient_count=opt_positive(PUBLIC_PATIENT_COUNT, int),
+            max_histogram_bins=parse_histogram_bins(cfg.get(MAX_HISTOGRAM_BINS, DEFAULT_MAX_HISTOGRAM_BINS)),
         )
+
+    def policy(self) -> dict[str, Any]:
+        """The site's privacy policy as its node-config keys (what `llnm-site privacy` and replies show)."""
+        return {
+            REQUIRE_PATIENT_DP: self.require_patient_dp,
+            MAX_PATIENT_EPSILON: self.max_patient_epsilon,
+            PATIENT_DELTA: self.patient_delta,
+            MAX_CLIPPING_NORM: self.max_clipping_norm,
+            PUBLIC_PATIENT_COUNT: self.public_patient_count,
+            EVAL_SPLITS: ",".join(self.eval_splits),
+            MAX_HISTOGRAM_BINS: self.max_histogram_bins,
+        }
 
     def apply_threads(self) -> None:
         """Use the CPU threads this site was given (oversubscribed threads make CPU training crawl)."""
@@ -112,15 +171,36 @@ class SiteSettings:
             torch.set_num_threads(self.threads)
 
 
+def _site_yaml(settings: SiteSettings) -> dict[str, Any]:
+    meta = settings.data_path / "site.yaml"
+    if not meta.is_file():
+        return {}
+    import yaml
+
+    data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
+    return data if isinstance(data, dict) else {}
+
+
+def declared_patient_count(settings: SiteSettings) -> tuple[int | None, str]:
+    """The patient count the site declares public, and where it is declared (None if it declares none).
+
+    The node config's ``public-patient-count`` wins over ``public_patient_count`` in the site's site.yaml.
+    """
+    if settings.public_patient_count is not None:
+        return settings.public_patient_count, f"node config {PUBLIC_PATIENT_COUNT}"
+    value = _site_yaml(settings).get(SITE_YAML_PUBLIC_COUNT)
+    if value is None:
+        return None, "not declared"
+    where = f"{settings.data_path / 'site.yaml'} field {SITE_YAML_PUBLIC_COUNT}"
+    try:
+        return int(parse_positive(where, value, int)), where
+    except SiteSettingsError as exc:
+        raise SiteSettingsError(str(exc).replace("node config ", "")) from None
+
+
 def site_name(settings: SiteSettings) -> str:
     """The node config's `site-name`, else `name` in the site's site.yaml, else the folder name."""
     if settings.name:
         return settings.name
-    meta = settings.data_path / "site.yaml"
-    if meta.is_file():
-        import yaml
-
-        data = yaml.safe_load(meta.read_text(encoding="utf-8")) or {}
-        if isinstance(data, dict) and data.get("name"):
-            return str(data["name"])
-    return settings.data_path.resolve().name
+    name = _site_yaml(settings).get("name")
+    return str(name) if name else settings.data_path.resolve().name

@@ -25,8 +25,11 @@ def launch(rd: RunDirectory, address: str, root_certificates: str | None) -> int
     rc = submit_run(exp, rd, address, insecure=root_certificates is None, root_certificates=root_certificates)
     info = rd.run_info()
     if info.get("status") != "completed":
-        print(f"error: run did not complete (status {info.get('status')}): {info.get('error', '')} "
-              f"-- see {rd.log_path}; continue with `llnm-server resume {rd.path}`", file=sys.stderr)
+        error = str(info.get("error", ""))
+        # The error says itself when resuming cannot help (sites that refused under their own policy).
+        advice = "" if "resum" in error else f"; continue with `llnm-server resume {rd.path}`"
+        print(f"error: run did not complete (status {info.get('status')}): {error} -- see {rd.log_path}{advice}",
+              file=sys.stderr)
         return rc or 1
     return 0
 

@@ -34,6 +34,26 @@ from shared_model import protocol
 
 log = logging.getLogger("llnm.server")
 
+def quorum_message(rnd: int, trained: int, min_sites: int, failures: list[dict[str, Any]], run_path: object) -> str:
+    """Why a round stopped the run, and what can actually be done next.
+
+    A site that refused under its own privacy budget or policy will refuse a resumed round too, so resuming is
+    only suggested when some failures were something else (a crash, a timeout, an unreachable site).
+    """
+    refused = sorted({f["site"] for f in failures if str(f.get("reason", "")).startswith(
+        (protocol.REFUSAL_MARKER, protocol.POLICY_REFUSAL_MARKER))})
+    other = sorted({f["site"] for f in failures} - set(refused))
+    text = (f"round {rnd}: {trained} site(s) trained, fewer than min_sites={min_sites}; "
+            f"failures: {json.dumps(failures)}.")
+    if refused:
+        text += (f" {', '.join(refused)} refused under their own privacy budget or policy (their messages say "
+                 "which rule); resuming this run cannot change that: start a new experiment that fits their "
+                 "policies, or run with fewer sites (federation.min_sites).")
+    if other:
+        text += f" Fix {', '.join(other)} and run `llnm-server resume {run_path}`."
+    return text
+
+
 class QuorumNotMet(RuntimeError):
     """Fewer sites than `federation.min_sites` replied in a round; the run stops and can be resumed."""
 
@@ -328,10 +348,7 @@ class Federation:
             outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
         if len(outcome.replies) < fed.min_sites:
             self._record_failed_round(rnd, failures, train_sites)
-            raise QuorumNotMet(
-                f"round {rnd}: {len(outcome.replies)} site(s) trained, fewer than min_sites={fed.min_sites}; "
-                f"failures: {json.dumps(failures)}. Fix the sites and run `llnm-server resume {self.rd.path}`."
-            )
+            raise QuorumNotMet(quorum_message(rnd, len(outcome.replies), fed.min_sites, failures, self.rd.path))
         new_arrays, _ = strategy.aggregate_train(rnd, outcome.replies)
         if new_arrays is None:
             self._record_failed_round(rnd, failures, train_sites)

@@ -66,7 +66,7 @@ __all__ = [
 
 SITE_FILE = "site.yaml"
 SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-SITE_YAML_KEYS = ("name", "description", "contact")
+SITE_YAML_KEYS = ("name", "description", "contact", "public_patient_count")
 
 
 def load_site(site_dir: str | os.PathLike[str]) -> Site:
@@ -139,3 +139,11 @@ def _read_site_yaml(site: Site) -> None:
     description = data.get("description")
     if description is not None:
         site.description = str(description)
+    if "public_patient_count" in data:
+        count = data["public_patient_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            error(
+                f"public_patient_count {count!r} must be a positive integer: the number of training patients the "
+                "site declares public (patient-level DP-SGD is parameterised by it)",
+                "public_patient_count",
+            )

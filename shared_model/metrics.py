@@ -462,6 +462,8 @@ def metrics_from_histograms(hists: Sequence[Mapping[str, Any]], threshold: float
 
     How exact it is (proved in docs/metrics.md, checked in tests):
 
+    Histograms of different resolutions are merged on the greatest common divisor of their bin counts.
+
     * Threshold metrics (accuracy, sensitivity, specificity, PPV, NPV, F1, tp/fp/tn/fn) are **exactly** those
       of the pooled patients, because the threshold must be a bin edge (0.5 and every multiple of 0.01 are
       edges with the default 10,000 bins; a threshold within 1e-9 of an edge is taken as that edge, anything
@@ -473,22 +475,22 @@ def metrics_from_histograms(hists: Sequence[Mapping[str, Any]], threshold: float
     """
     if not hists:
         raise ValueError("metrics_from_histograms needs at least one site histogram")
-    n_bins_set = set()
+    resolutions: list[int] = []
     for i, h in enumerate(hists):
         if not isinstance(h, Mapping) or "n_bins" not in h:
             raise ValueError(f"histogram {i}: not a score_histogram result (no 'n_bins')")
-        n_bins_set.add(int(h["n_bins"]))
-    if len(n_bins_set) != 1:
-        raise ValueError(f"site histograms use different n_bins {sorted(n_bins_set)}: they cannot be merged")
-    n_bins = n_bins_set.pop()
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be a positive integer, got {n_bins}")
+        resolutions.append(int(h["n_bins"]))
+    if min(resolutions) < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {min(resolutions)}")
+    # Sites may cap their resolution differently (node config max-histogram-bins): merge on the finest grid
+    # all of them refine, whose bins are exact unions of every site's bins.
+    n_bins = math.gcd(*resolutions)
 
     pos = np.zeros(n_bins, dtype=np.int64)
     neg = np.zeros(n_bins, dtype=np.int64)
-    for i, h in enumerate(hists):
-        pos += _dense_counts(h, "pos", n_bins, f"histogram {i}")
-        neg += _dense_counts(h, "neg", n_bins, f"histogram {i}")
+    for i, (h, own) in enumerate(zip(hists, resolutions, strict=True)):
+        pos += _dense_counts(h, "pos", own, f"histogram {i}").reshape(n_bins, own // n_bins).sum(axis=1)
+        neg += _dense_counts(h, "neg", own, f"histogram {i}").reshape(n_bins, own // n_bins).sum(axis=1)
 
     t = _threshold(threshold)
     edges = np.arange(n_bins + 1) / float(n_bins)

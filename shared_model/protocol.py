@@ -31,6 +31,7 @@ SITE_RECORD = "site"
 # ---- the `site` record (ConfigRecord) of every reply ------------------------------------------------
 SITE_NAME = "site-name"
 SITE_SPLIT = "split"  # evaluate replies: the split the site evaluated
+SITE_POLICY = "site-policy"  # train and evaluate replies: the site's privacy policy (JSON of its node-config keys)
 
 # ---- the `config` record of a query -------------------------------------------------------------------
 QUERY_ASK = "ask"
@@ -60,8 +61,8 @@ TRAIN_STEPS = "train-steps"
 TRAIN_SECONDS = "train-seconds"
 PATIENTS_PER_SECOND = "patients-per-second"
 # Values outside the DP-SGD mechanism (the exact training loss; timing and step counts, which reveal the
-# Poisson batch sizes): a site never sends them when the round's patient-level DP is on. `num-examples`
-# is still sent (FedAvg's weight) and is not covered by the guarantee (docs/privacy.md).
+# Poisson batch sizes): a site never sends them when the round's patient-level DP is on. Its `num-examples`
+# (FedAvg's weight) is then its public patient count, a parameter of the mechanism, not its exact count.
 NON_DP_TRAIN_KEYS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS, PATIENTS_PER_SECOND)
 
 # Patient-level DP-SGD: the exact keys every DP site adds (Flower requires identical keys across replies).
@@ -76,6 +77,9 @@ DP_BUDGET_EPSILON = "dp-budget-epsilon"
 DP_REPLAYED = "dp-replayed"
 DP_ATTEMPTS_ROUND = "dp-attempts-round"
 DP_HISTORY_SEGMENTS = "dp-history-segments"
+DP_LIFETIME_EPSILON = "dp-lifetime-epsilon"  # the site's patients over every run, at the site's own delta
+DP_LIFETIME_DELTA = "dp-lifetime-delta"
+DP_LIFETIME_RUNS = "dp-lifetime-runs"
 DP_METRIC_KEYS = (
     DP_EPSILON,
     DP_DELTA,
@@ -88,12 +92,15 @@ DP_METRIC_KEYS = (
     DP_REPLAYED,
     DP_ATTEMPTS_ROUND,
     DP_HISTORY_SEGMENTS,
+    DP_LIFETIME_EPSILON,
+    DP_LIFETIME_DELTA,
+    DP_LIFETIME_RUNS,
 )
 # Opens every refusal a site sends when a round would exceed its patient-level budget, so that the
 # coordinator can recognise it inside the error text Flower wraps around it.
 REFUSAL_MARKER = "patient-level privacy budget"
 # Opens every refusal a site sends because a message breaks its own policy (node config
-# `require-patient-dp`, `eval-splits`).
+# `require-patient-dp`, `eval-splits`, `patient-delta`, `max-clipping-norm`).
 POLICY_REFUSAL_MARKER = "site policy"
 
 # ---- evaluate reply metrics (MetricRecord `metrics`) -----------------------------------------------------

@@ -402,14 +402,27 @@ def test_histogram_auc_bound_hand_computed() -> None:
     assert roc_auc_score([1, 0, 1, 0], [0.55, 0.52, 0.9, 0.1]) - pooled["auc"] == pytest.approx(1 / 8)
 
 
+def test_histograms_of_different_resolutions_merge_on_their_common_grid() -> None:
+    # A site capped at 20 bins and one at 100 (node config max-histogram-bins): merged on 20 bins, exactly.
+    rng = np.random.default_rng(3)
+    y1, s1 = rng.integers(0, 2, 40), rng.random(40)
+    y2, s2 = rng.integers(0, 2, 60), rng.random(60)
+    mixed = metrics_from_histograms([score_histogram(y1, s1, n_bins=20), score_histogram(y2, s2, n_bins=100)])
+    coarse = metrics_from_histograms([score_histogram(y1, s1, n_bins=20), score_histogram(y2, s2, n_bins=20)])
+    assert mixed["n_bins"] == 20
+    assert {k: mixed[k] for k in ("auc", "tp", "fp", "tn", "fn")} == {k: coarse[k] for k in ("auc", "tp", "fp",
+                                                                                                 "tn", "fn")}
+
+
 @pytest.mark.parametrize(
     ("hists", "threshold", "message"),
     [
         ([], 0.5, "at least one site histogram"),
         (
-            [{"n_bins": 10, "pos_bins": [1], "pos_counts": [1], "neg_bins": [], "neg_counts": []}, {"n_bins": 20}],
+            [{"n_bins": 10, "pos_bins": [1], "pos_counts": [1], "neg_bins": [], "neg_counts": []},
+             {"n_bins": 15, "pos_bins": [], "pos_counts": [], "neg_bins": [], "neg_counts": []}],
             0.5,
-            r"different n_bins \[10, 20\]",
+            r"threshold 0\.5 is not a bin edge below 1 of a 5-bin histogram",
         ),
         ([{"n_bins": 10, "pos_bins": [1], "pos_counts": [1]}], 0.5, r"histogram 0: missing field 'neg_bins'"),
         (

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from fl_client.privacy import (
     DP_METRIC_KEYS,
@@ -27,8 +27,8 @@ from fl_client.privacy import (
     epsilon_for,
     opacus_sampling,
     site_dp_clipping_mod,
-    state_path,
 )
+from fl_client.privacy.history import data_id, ledger_path, patient_digests
 from fl_client.settings import SiteSettings
 from shared_model.modeling import LLNMNet, ModelConfig
 from shared_model.training import TrainConfig, train_local, trainable_state
@@ -78,6 +78,20 @@ def patient_tensors(n: int, seed: int = 0) -> TensorDataset:
     )
 
 
+def ids(n: int) -> list[str]:
+    """Patient ids of `n` training patients (they pick the site's ledger)."""
+    return [f"P{i:04d}" for i in range(n)]
+
+
+def ledger_file(tmp: Path, n: int, site: str = "a") -> Path:
+    """The lifetime ledger of site `site` training `n` patients (`ids(n)`), under `settings_for(tmp)`."""
+    return ledger_path(tmp / "privacy-state", site, data_id(patient_digests(ids(n))))
+
+
+def run_releases(ledger: dict, run: str, rnd: int | None = None) -> list[dict]:
+    return [r for r in ledger["releases"] if r["run_id"] == run and (rnd is None or r["round"] == rnd)]
+
+
 def settings_for(tmp: Path, *, budget: float | None = None) -> SiteSettings:
     site = tmp / "site-data"
     site.mkdir(exist_ok=True)
@@ -99,7 +113,7 @@ def train_round(settings: SiteSettings, data: TensorDataset, state: dict, rnd: i
     model = LLNMNet(TINY)
     model.load_state_dict(state)
     session = PatientDPSession.open(site_name=site, run_id=run, settings=settings, privacy_cfg=pcfg,
-                                    n_train=len(data), batch_size=batch_size, local_epochs=epochs,
+                                    train_patient_ids=ids(len(data)), batch_size=batch_size, local_epochs=epochs,
                                     total_rounds=rounds, server_round=rnd)
     cfg = TrainConfig(batch_size=batch_size, local_epochs=epochs, seed=1000 + rnd, device="cpu", lr=1e-3)
     result = train_local(model, data, cfg, global_state=state, hooks=session.hooks())
@@ -111,12 +125,10 @@ def train_round(settings: SiteSettings, data: TensorDataset, state: dict, rnd: i
 def test_sampling_plan_is_what_opacus_runs(n: int, batch: int) -> None:
     from opacus.data_loader import DPDataLoader
 
-    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=min(batch, n))
-    dp_loader = DPDataLoader.from_data_loader(loader)
-    q, steps = opacus_sampling(n, batch)
-    assert steps == len(dp_loader)
-    assert q == 1 / len(dp_loader)  # what PrivacyEngine.make_private tells the accountant
-    assert q >= dp_loader.sample_rate  # never below the real sampling probability
+    q, steps = opacus_sampling(n, batch)  # n is the public count here
+    dp_loader = DPDataLoader(TensorDataset(torch.zeros(3 * n, 1)), sample_rate=q)  # any real size
+    assert steps == len(dp_loader) == math.ceil(n / min(batch, n)) - (n == 93)  # 1 / (1 / 93) rounds down
+    assert q == 1 / len(dp_loader) == dp_loader.sample_rate  # sampled and accounted alike
 
 
 def test_site_dp_sgd_persists_replays_and_refuses(tmp_path: Path) -> None:
@@ -156,8 +168,8 @@ print(json.dumps(metrics))
     m2 = json.loads(res.stdout.strip().splitlines()[-1])
     assert m2["dp-steps-total"] == 2 * steps and m2["dp-epsilon"] > m1["dp-epsilon"]
     assert close(m2["dp-epsilon"], dp_sgd_epsilon(q, 1.2, 2 * steps, DELTA))
-    history = json.loads(state_path(tmp_path / "privacy-state", "a", "unit-run").read_text())
-    assert sorted(history["rounds"]) == ["1", "2"]
+    ledger = json.loads(ledger_file(tmp_path, 24).read_text())
+    assert [r["round"] for r in run_releases(ledger, "unit-run")] == [1, 2]
 
     # The coordinator crashed and resumes round 2 with the same global model: the site reproduces its
     # release bit for bit (same secret seeds), so nothing more is spent.
@@ -178,11 +190,12 @@ print(json.dumps(metrics))
     with pytest.raises(PatientBudgetExceeded) as err:
         train_round(settings_for(tmp_path, budget=budget), data, state2, 3, pcfg=pcfg)
     text = str(err.value)
-    for part in ("'a'", f"max-patient-epsilon {budget:g}", f"spent epsilon {m2c['dp-epsilon']:.4f}",
-                 "would cost", "round 3"):
+    for part in ("'a'", f"lifetime max-patient-epsilon {budget:g}", f"spent epsilon {m2c['dp-epsilon']:.4f}",
+                 "would take them to", "round 3", "llnm-site privacy --data"):
         assert part in text, (part, text)
-    refusals = json.loads(state_path(tmp_path / "privacy-state", "a", "unit-run").read_text())["refusals"]
+    refusals = json.loads(ledger_file(tmp_path, 24).read_text())["refusals"]
     assert refusals[-1]["round"] == 3 and refusals[-1]["budget"] == budget
+    assert refusals[-1]["rule"] == "max-patient-epsilon"
 
 
 def test_noise_calibrated_to_the_run_never_exceeds_the_target(tmp_path: Path) -> None:
@@ -200,7 +213,7 @@ def test_noise_calibrated_to_the_run_never_exceeds_the_target(tmp_path: Path) ->
         q, z = metrics["dp-sample-rate"], metrics["dp-noise-multiplier"]
         assert close(metrics["dp-epsilon"], dp_sgd_epsilon(q, z, metrics["dp-steps-total"], DELTA))
     assert eps[0] < eps[1] <= 4.0 and eps[1] > 4.0 - 0.05  # the whole budget is used, not more
-    with pytest.raises(PatientBudgetExceeded, match="coordinator's target epsilon 4"):
+    with pytest.raises(PatientBudgetExceeded, match=r"coordinator's privacy\.patient\.target_epsilon 4"):
         train_round(settings, data, state, 3, pcfg=pcfg, batch_size=4, rounds=2, run="calib")
 
 
@@ -226,12 +239,13 @@ def test_prv_accountant_agrees_with_dp_accounting_pld() -> None:
 
 def test_unreadable_history_is_never_reset(tmp_path: Path) -> None:
     settings = settings_for(tmp_path)
-    path = state_path(tmp_path / "privacy-state", "a", "broken")
+    path = ledger_file(tmp_path, 10)
     path.parent.mkdir(parents=True)
     path.write_text("{ not json")
     with pytest.raises(PrivacyStateError, match="never silently reset"):
         PatientDPSession.open(site_name="a", run_id="broken", settings=settings, privacy_cfg=privacy_cfg(),
-                              n_train=10, batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+                              train_patient_ids=ids(10), batch_size=4, local_epochs=1, total_rounds=2,
+                              server_round=1)
     assert path.read_text() == "{ not json"
 
 
@@ -240,7 +254,8 @@ def test_history_never_written_inside_the_site_folder(tmp_path: Path) -> None:
     settings.privacy_state_dir = settings.data_path / "dp"
     with pytest.raises(ValueError, match="inside the site folder"):
         PatientDPSession.open(site_name="a", run_id="r", settings=settings, privacy_cfg=privacy_cfg(),
-                              n_train=10, batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+                              train_patient_ids=ids(10), batch_size=4, local_epochs=1, total_rounds=2,
+                              server_round=1)
     assert not (settings.data_path / "dp").exists()
 
 
@@ -334,7 +349,9 @@ def site_c_budget(config: dict, consortium: Path) -> tuple[float, float]:
     pre = exp.preprocess
     tensors = build_site_tensors(consortium / "site-c", pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]),
                                  progress=False)
-    q, steps = opacus_sampling(len(tensors.subset("train")), exp.train.batch_size)
+    public = yaml.safe_load((consortium / "site-c" / "site.yaml").read_text())["public_patient_count"]
+    assert public >= len(tensors.subset("train"))  # declared by the synthetic site: its count rounded up
+    q, steps = opacus_sampling(public, exp.train.batch_size)
     one, two = (epsilon_for([(PATIENT_Z, q, k * steps)], DELTA, "rdp") for k in (1, 2))
     return round((one + two) / 2, 4), one
 
@@ -346,11 +363,15 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> 
     budget, one_round = site_c_budget(probe, small_consortium)
     config = sim_config(tmp, small_consortium, budget)
     out = tmp / "run"
+    env = {**os.environ, "LLNM_PRIVACY_DIR": str(tmp / "privacy")}  # these sites' lifetime ledgers start here
     res = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--out", str(out)],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT)
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    return {"out": out, "stdout": res.stdout, "budget": budget, "one_round": one_round,
-            "ledger": json.loads((out / "privacy.json").read_text())}
+    public_counts = {site: yaml.safe_load((small_consortium / site / "site.yaml").read_text())["public_patient_count"]
+                     for site in SIM_SITES}
+    return {"out": out, "stdout": res.stdout, "budget": budget, "one_round": one_round, "env": env,
+            "public_counts": public_counts,
+            "privacy_dir": tmp / "privacy", "ledger": json.loads((out / "privacy.json").read_text())}
 
 
 def check_patient_epsilons(ledger: dict) -> None:
@@ -367,8 +388,10 @@ def check_patient_epsilons(ledger: dict) -> None:
             if rec.get("epsilon") is not None:
                 assert rec["epsilon"] >= previous.get(name, 0.0), (name, entry["round"])
                 previous[name] = rec["epsilon"]
-                if rec.get("budget_epsilon") is not None:
-                    assert rec["epsilon"] <= rec["budget_epsilon"]
+                if rec.get("lifetime_epsilon") is not None:
+                    assert rec["lifetime_epsilon"] >= rec["epsilon"] * (1 - 1e-9)
+                    if rec.get("budget_epsilon") is not None:
+                        assert rec["lifetime_epsilon"] <= rec["budget_epsilon"]
 
 
 def check_server_epsilons(ledger: dict, first_release: int = 1) -> None:
@@ -394,10 +417,14 @@ def test_dp_run_ledger_matches_dp_accounting(dp_run: dict) -> None:
     assert "privacy: site-level (" in dp_run["stdout"]
     st = subprocess.run([str(BIN / "llnm-server"), "status", str(dp_run["out"])], capture_output=True, text=True)
     assert st.returncode == 0 and "privacy: patient-level (" in st.stdout and "privacy: site-level (" in st.stdout
-    # Each site's history survived its ClientApp processes, on the site's side.
+    assert f"site-c: patient DP optional, lifetime max-patient-epsilon {dp_run['budget']:g}" in st.stdout
+    assert "adjacency: add or remove one patient" in st.stdout
+    assert "public patient count" in ledger["patient"]["adjacency"]
+    # Each site's lifetime ledger survived its ClientApp processes, on the site's side.
     for site in SIM_SITES:
-        history = json.loads(state_path(Path(os.environ["LLNM_PRIVACY_DIR"]), site, "dp-ledger-test").read_text())
-        assert sorted(history["rounds"]) == (["1"] if site == "site-c" else ["1", "2"])
+        (path,) = dp_run["privacy_dir"].glob(f"{site}-*__data-*.json")
+        rounds = [r["round"] for r in run_releases(json.loads(path.read_text()), "dp-ledger-test")]
+        assert rounds == ([1] if site == "site-c" else [1, 2])
 
 
 @pytest.mark.slow
@@ -408,6 +435,7 @@ def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> Non
     assert r2["status"] == "refused" and r2["epsilon"] == pytest.approx(r1["epsilon"], abs=1e-4)
     assert r1["epsilon"] <= dp_run["budget"] == r1["budget_epsilon"]
     assert f"max-patient-epsilon {dp_run['budget']:g}" in r2["reason"] and "site 'site-c'" in r2["reason"]
+    assert r2["lifetime_epsilon"] == pytest.approx(r1["lifetime_epsilon"], abs=1e-4)
     metrics = json.loads((out / "metrics.json").read_text())
     round2 = metrics["rounds"][1]
     assert round2["participants"] == ["site-a", "site-b"]
@@ -415,13 +443,14 @@ def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> Non
     assert failure["reason"].startswith("patient-level privacy budget reached: site 'site-c' refuses round 2")
     log_text = (out / "log.txt").read_text()
     assert "patient-level privacy budget reached: site 'site-c' refuses round 2" in log_text
-    assert "would cost" in log_text and f"max-patient-epsilon {dp_run['budget']:g}" in log_text
+    assert "would take them to" in log_text and f"max-patient-epsilon {dp_run['budget']:g}" in log_text
 
 
 @pytest.mark.slow
 def test_dp_train_replies_carry_only_what_the_guarantee_covers(dp_run: dict) -> None:
-    """Under patient DP no exact training loss, timing or step count leaves a site (docs/privacy.md);
-    num-examples and unit-weight (FedAvg's weights) and the dp-* accounting values do."""
+    """Under patient DP no exact training loss, timing, step count or patient count leaves a site
+    (docs/privacy.md): num-examples is the site's declared public count, unit-weight is 1, and the dp-*
+    accounting values are the mechanism's own."""
     from shared_model import protocol
 
     not_covered = {"train-loss", "patients-per-second", "train-seconds", "train-steps"}
@@ -431,11 +460,68 @@ def test_dp_train_replies_carry_only_what_the_guarantee_covers(dp_run: dict) -> 
     assert len(entries) == 5  # three sites in round 1, two in round 2
     for rnd, name, m in entries:
         assert not not_covered & set(m), (rnd, name, sorted(m))
-        assert m["num-examples"] > 0 and m["unit-weight"] == 1 and "dp-epsilon" in m
+        assert m["unit-weight"] == 1 and "dp-epsilon" in m and "dp-lifetime-epsilon" in m
+        assert set(m) == {"num-examples", "unit-weight", *protocol.DP_METRIC_KEYS}, sorted(m)
+        assert m["num-examples"] == dp_run["public_counts"][name], (name, m["num-examples"])
     assert "round 2/2" in dp_run["stdout"]
     st = subprocess.run([str(BIN / "llnm-server"), "status", str(dp_run["out"]), "--json"], capture_output=True,
                         text=True)
     assert st.returncode == 0 and json.loads(st.stdout)["rounds_completed"] == 2, st.stderr
+
+
+@pytest.fixture(scope="module")
+def second_run(dp_run: dict, small_consortium: Path) -> dict:
+    """Another run (new name, one round) on the same sites, with the same lifetime ledgers."""
+    tmp = dp_run["out"].parent
+    exp = yaml.safe_load((tmp / "dp.yaml").read_text())
+    exp["name"] = "dp-second-run"
+    exp["federation"]["rounds"] = 1
+    config = tmp / "dp-second.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    out = tmp / "run-2"
+    res = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--out", str(out)],
+                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=dp_run["env"])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    return {"out": out, "ledger": json.loads((out / "privacy.json").read_text())}
+
+
+@pytest.mark.slow
+def test_a_second_run_continues_the_lifetime_epsilon(dp_run: dict, second_run: dict, small_consortium: Path
+                                                     ) -> None:
+    """The lifetime budget belongs to the site, not to the coordinator's run name: a new run's epsilon starts at
+    zero but the site's lifetime epsilon continues, and site-c, whose lifetime budget run 1 used up, refuses."""
+    first = dp_run["ledger"]["rounds"][-1]["sites"]
+    (entry,) = second_run["ledger"]["rounds"]
+    for site in ("site-a", "site-b"):
+        rec, before = entry["sites"][site], first[site]
+        assert rec["status"] == "trained" and rec["lifetime_runs"] == 2
+        assert close(rec["epsilon"], dp_sgd_epsilon(rec["sample_rate"], PATIENT_Z, rec["steps_round"], DELTA))
+        # Three rounds in all (two of run 1, one of run 2), composed at the site's delta.
+        lifetime = dp_sgd_epsilon(rec["sample_rate"], PATIENT_Z, before["steps_total"] + rec["steps_round"], DELTA)
+        assert close(rec["lifetime_epsilon"], lifetime) and rec["lifetime_epsilon"] > before["lifetime_epsilon"]
+    refused = entry["sites"]["site-c"]
+    assert refused["status"] == "refused", refused
+    assert "lifetime max-patient-epsilon" in refused["reason"] and "run 'dp-second-run'" in refused["reason"]
+    assert refused["lifetime_epsilon"] == pytest.approx(dp_run["one_round"], abs=1e-4)
+    # The site operator's view of the same ledger.
+    for site, runs in (("site-a", {"dp-ledger-test": 2, "dp-second-run": 1}), ("site-c", {"dp-ledger-test": 1})):
+        res = subprocess.run([str(BIN / "llnm-site"), "privacy", "--data", str(small_consortium / site),
+                              "--privacy-state-dir", str(dp_run["privacy_dir"]), "--json"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        assert {r["run_id"]: r["rounds"] for r in summary["runs"]} == runs
+        assert summary["delta"] == DELTA and summary["unit"] == "patient"
+        last = entry["sites"][site]
+        assert summary["lifetime_epsilon"] == pytest.approx(last["lifetime_epsilon"], abs=1e-4)  # text: 4 d.p.
+        if site == "site-c":
+            assert summary["max_patient_epsilon"] == dp_run["budget"]
+            assert summary["remaining_epsilon"] == pytest.approx(dp_run["budget"] - dp_run["one_round"], abs=1e-4)
+            assert summary["refusals"][-1]["run_id"] == "dp-second-run"
+    text = subprocess.run([str(BIN / "llnm-site"), "privacy", "--data", str(small_consortium / "site-c"),
+                           "--privacy-state-dir", str(dp_run["privacy_dir"])], capture_output=True, text=True,
+                          timeout=120).stdout
+    assert "Lifetime epsilon of this site's patients" in text and "Refused: run dp-second-run" in text
 
 
 @pytest.mark.slow
@@ -455,7 +541,7 @@ def test_resumed_run_continues_the_ledger(dp_run: dict, tmp_path: Path) -> None:
     (out / "run.json").write_text(json.dumps(info))
 
     res = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
-                         timeout=900, cwd=ROOT)
+                         timeout=900, cwd=ROOT, env=dp_run["env"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     before, after = dp_run["ledger"], json.loads((out / "privacy.json").read_text())
     assert [e["round"] for e in after["rounds"]] == [1, 2]
@@ -547,11 +633,10 @@ def test_concurrent_trainings_of_one_site_both_count(tmp_path: Path) -> None:
     both = dp_sgd_epsilon(q, 1.2, 2 * steps, DELTA)
     assert [m["dp-steps-total"] for m in metrics] == [steps, 2 * steps]
     assert [m["dp-attempts-round"] for m in metrics] == [1, 2]
-    history = json.loads(state_path(tmp_path / "privacy-state", "a", "race").read_text())
-    attempts = history["rounds"]["1"]["attempts"]
+    attempts = run_releases(json.loads(ledger_file(tmp_path, 16).read_text()), "race", 1)
     assert len(attempts) == 2 and sum(a["steps"] for a in attempts) == 2 * steps
     assert attempts[0]["fingerprint"] != attempts[1]["fingerprint"]
-    assert attempts[-1]["epsilon_after"] == metrics[-1]["dp-epsilon"]
+    assert attempts[-1]["epsilon_run_after"] == metrics[-1]["dp-epsilon"]
     assert metrics[-1]["dp-epsilon"] == epsilon_for([(1.2, q, 2 * steps)], DELTA, "rdp")
     assert close(metrics[-1]["dp-epsilon"], both)
 
@@ -561,16 +646,16 @@ def test_history_lock_released_on_every_exit(tmp_path: Path) -> None:
     training raises, so the next training of the site opens without waiting."""
     settings = settings_for(tmp_path)
     data = patient_tensors(8)
-    kw = dict(site_name="a", run_id="lock", settings=settings, privacy_cfg=privacy_cfg(), n_train=len(data),
-              batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+    kw = dict(site_name="a", run_id="lock", settings=settings, privacy_cfg=privacy_cfg(),
+              train_patient_ids=ids(len(data)), batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
     session = PatientDPSession.open(**kw)
-    path = state_path(tmp_path / "privacy-state", "a", "lock")
+    path = ledger_file(tmp_path, len(data))
     assert Path(f"{path}.lock").is_file() and not any(settings.data_path.iterdir())  # beside the history
     with pytest.raises(PrivacyStateError, match="another training of this site holds") as err:
         PatientDPSession.open(**kw, lock_timeout=0.2)
     assert str(path) in str(err.value)
     cfg = TrainConfig(batch_size=4, local_epochs=1, seed=1, device="cpu", lr=1e-3)
-    with pytest.raises(RuntimeError, match="DP-SGD was planned for 8"), session:
+    with pytest.raises(RuntimeError, match="DP-SGD was opened for 8"), session:
         # Training fails inside (the loader does not match the plan): the session releases its lock.
         train_local(LLNMNet(TINY), patient_tensors(5), cfg, hooks=session.hooks())
     PatientDPSession.open(**kw, lock_timeout=0).close()

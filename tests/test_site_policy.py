@@ -1,4 +1,5 @@
-"""A site's own policy (node config `require-patient-dp`, `eval-splits`), enforced by the site.
+"""A site's own policy (node config `require-patient-dp`, `eval-splits`, `patient-delta`, `max-clipping-norm`,
+`public-patient-count`, `max-histogram-bins`), enforced by the site.
 
 Fast: the node-config parsing, `llnm-site join --print-command` carrying the flags, the refusal texts.
 Slow (`policy_run`): one Flower simulation of three sites without patient DP, where site-a requires patient DP
@@ -20,7 +21,11 @@ import pytest
 import yaml
 
 from fl_client.client_app import SitePolicyRefusal, _check_eval_policy, _check_train_policy
-from fl_client.settings import SiteSettings, SiteSettingsError
+from fl_client.settings import SiteSettings, SiteSettingsError, declared_patient_count
+from shared_model.config import PatientDPConfig
+
+DP_ON = PatientDPConfig(enabled=True, noise_multiplier=1.0)
+DP_OFF = PatientDPConfig()
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -38,6 +43,25 @@ def test_policy_defaults_and_values(tmp_path: Path) -> None:
     s = settings_for(tmp_path, **{"require-patient-dp": True, "eval-splits": " test "})
     assert s.require_patient_dp is True and s.eval_splits == ("test",)
     assert settings_for(tmp_path, **{"require-patient-dp": "false"}).require_patient_dp is False
+    s = settings_for(tmp_path)
+    assert (s.patient_delta, s.max_clipping_norm, s.public_patient_count, s.max_histogram_bins) == (1e-5, None,
+                                                                                                     None, 100)
+    s = settings_for(tmp_path, **{"patient-delta": 1e-6, "max-clipping-norm": 2.0, "public-patient-count": 3000,
+                                  "max-histogram-bins": 20, "max-patient-epsilon": 4})
+    assert (s.patient_delta, s.max_clipping_norm, s.public_patient_count, s.max_histogram_bins,
+            s.max_patient_epsilon) == (1e-6, 2.0, 3000, 20, 4.0)
+    assert s.policy()["max-histogram-bins"] == 20 and s.policy()["eval-splits"] == "val,test"
+
+
+def test_public_patient_count_from_node_config_else_site_yaml(tmp_path: Path) -> None:
+    assert declared_patient_count(settings_for(tmp_path)) == (None, "not declared")
+    (tmp_path / "site.yaml").write_text("name: site-x\npublic_patient_count: 2100\n")
+    count, where = declared_patient_count(settings_for(tmp_path))
+    assert count == 2100 and "site.yaml field public_patient_count" in where
+    assert declared_patient_count(settings_for(tmp_path, **{"public-patient-count": 900}))[0] == 900
+    (tmp_path / "site.yaml").write_text("public_patient_count: many\n")
+    with pytest.raises(SiteSettingsError, match="public_patient_count='many': expected a positive integer"):
+        declared_patient_count(settings_for(tmp_path))
 
 
 @pytest.mark.parametrize(("node_config", "expected"), [
@@ -48,6 +72,11 @@ def test_policy_defaults_and_values(tmp_path: Path) -> None:
     ({"eval-splits": 3}, r"eval-splits=3: expected a comma-separated string"),
     ({"require-patient-dp": "yes please"}, r"require-patient-dp='yes please': expected true or false"),
     ({"require-patient-dp": 1}, r"require-patient-dp=1: expected true or false"),
+    ({"patient-delta": 1.5}, r"patient-delta=1\.5: expected a number in \(0, 1\)"),
+    ({"max-clipping-norm": -1.0}, r"max-clipping-norm=-1\.0: expected a positive number"),
+    ({"public-patient-count": 2.5}, r"public-patient-count=2\.5: expected a positive integer"),
+    ({"max-histogram-bins": 15}, r"max-histogram-bins=15: expected an even integer >= 2"),
+    ({"max-patient-epsilon": "lots"}, r"max-patient-epsilon='lots': expected a positive number"),
 ])
 def test_bad_policy_names_the_key_and_value(tmp_path: Path, node_config: dict, expected: str) -> None:
     with pytest.raises(SiteSettingsError, match=expected):
@@ -77,9 +106,9 @@ def test_join_print_command_carries_the_policy(tmp_path: Path) -> None:
 
 def test_refusals_name_the_site_the_rule_and_the_value(tmp_path: Path) -> None:
     strict = settings_for(tmp_path, **{"require-patient-dp": True, "eval-splits": "test"})
-    _check_train_policy(strict, "site-a", 1, privacy_enabled=True)
+    _check_train_policy(strict, "site-a", 1, DP_ON)
     with pytest.raises(SitePolicyRefusal) as exc:
-        _check_train_policy(strict, "site-a", 2, privacy_enabled=False)
+        _check_train_policy(strict, "site-a", 2, DP_OFF)
     text = str(exc.value)
     assert text.startswith("site policy: site 'site-a' refuses round 2 training")
     assert "require-patient-dp=true" in text and "privacy-config enabled=false" in text
@@ -89,9 +118,17 @@ def test_refusals_name_the_site_the_rule_and_the_value(tmp_path: Path) -> None:
                                                  r"eval-splits=test .* eval-split=val"):
         _check_eval_policy(strict, "site-a", 1, "val")
     lax = settings_for(tmp_path)
-    _check_train_policy(lax, "site-c", 1, privacy_enabled=False)
+    _check_train_policy(lax, "site-c", 1, DP_OFF)
     with pytest.raises(SitePolicyRefusal, match="eval-split=train"):
         _check_eval_policy(lax, "site-c", 1, "train")
+    # The site's limits on the coordinator's DP parameters.
+    limits = settings_for(tmp_path, **{"patient-delta": 1e-6, "max-clipping-norm": 1.0})
+    _check_train_policy(limits, "site-d", 1, DP_ON.model_copy(update={"delta": 1e-6}))
+    with pytest.raises(SitePolicyRefusal, match=r"site 'site-d' refuses round 3 training: its rule "
+                                                 r"patient-delta=1e-06 .* delta=1e-05"):
+        _check_train_policy(limits, "site-d", 3, DP_ON)
+    with pytest.raises(SitePolicyRefusal, match=r"max-clipping-norm=1 .* max_grad_norm=2\. The coordinator"):
+        _check_train_policy(limits, "site-d", 3, DP_ON.model_copy(update={"delta": 1e-7, "max_grad_norm": 2.0}))
 
 
 # ---- a federated run with two sites' policies (Flower simulation) --------------------------------------
@@ -107,7 +144,8 @@ def policy_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path)
     exp["federation"].update({"rounds": 1, "min_sites": 2, "eval_bootstrap": 0, "eval_split": "val",
                               "final_eval_split": "test", "round_timeout_s": 600})
     exp["simulation"] = {"cpus_per_site": 1, "site_node_config": {"site-a": {"require-patient-dp": True},
-                                                                  "site-b": {"eval-splits": "test"}}}
+                                                                  "site-b": {"eval-splits": "test"},
+                                                                  "site-c": {"max-histogram-bins": 20}}}
     exp.pop("privacy", None)
     config = tmp / "policy.yaml"
     config.write_text(yaml.safe_dump(exp))
@@ -149,3 +187,14 @@ def test_a_site_refuses_a_split_outside_its_eval_splits(policy_run: dict) -> Non
     assert "eval-splits=test" in failure["reason"] and "eval-split=val" in failure["reason"]
     # The final evaluation is on test, which every site allows.
     assert set(metrics["final"]["sites"]) == set(POLICY_SITES) and metrics["final"]["failures"] == []
+
+
+@pytest.mark.slow
+def test_score_histograms_are_capped_by_each_sites_policy(policy_run: dict) -> None:
+    """Evaluate replies carry at most max-histogram-bins bins (default 100); site-c caps at 20, so the pooled
+    metrics are merged on 20 bins and say how far the binned AUC can be from the exact one."""
+    final = policy_run["metrics"]["final"]
+    pooled = final["pooled"]
+    assert pooled["n_bins"] == 20 and pooled["auc_max_abs_error"] is not None
+    (round1,) = policy_run["metrics"]["rounds"]
+    assert round1["pooled"]["n_bins"] == 20  # site-a (100 bins) and site-c (20 bins) evaluated val

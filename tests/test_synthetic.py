@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import yaml
 from conftest import CONSORTIUM_PATIENTS, CONSORTIUM_SEED, CONSORTIUM_SITES
 from scipy import ndimage
 
@@ -105,6 +106,9 @@ def test_site_folders_follow_the_contract(consortium) -> None:
             assert labels == {(s, y) for s in ("train", "val", "test") for y in ("0", "1")}
         n_train = sum(r["split"] == "train" for r in rows)
         assert 0.55 < n_train / len(rows) < 0.8
+        # The site declares its training-patient count rounded up to two significant digits as public.
+        public = yaml.safe_load((folder / "site.yaml").read_text(encoding="utf-8"))["public_patient_count"]
+        assert n_train <= public < n_train * 1.1 + 1 and len(str(public).rstrip("0")) <= 2
         # the truth never lives inside a site folder
         assert not list(folder.rglob("*truth*"))
     assert sum(sizes) == 210 and sizes == site_sizes(210, 7)
@@ -316,7 +320,7 @@ def test_consortium_json_records_parameters_and_sensible_aucs(consortium) -> Non
     data = json.loads((out / "consortium.json").read_text(encoding="utf-8"))
     assert data["seed"] == CONSORTIUM_SEED
     assert data["arguments"] == {"sites": CONSORTIUM_SITES, "patients": CONSORTIUM_PATIENTS,
-                                 "seed": CONSORTIUM_SEED, "image_size": DEFAULT_IMAGE_SIZE}
+                                 "seed": CONSORTIUM_SEED, "image_size": DEFAULT_IMAGE_SIZE, "profile": "default"}
     model = data["risk_model"]
     for key in ("capsule_beta", "third_beta", "margin_beta", "node_beta", "formula", "categories"):
         assert key in model
@@ -489,3 +493,18 @@ def test_site_sizes_spread_and_minimum() -> None:
     assert min(site_sizes(70, 7)) == 8 and sum(site_sizes(70, 7)) == 70
     with pytest.raises(ValueError, match="at least 8"):
         site_sizes(55, 7)
+
+
+def test_paper_layout_puts_three_quarters_in_two_development_hospitals() -> None:
+    """`llnm-synth --profile paper`: 29,615 of the paper's 39,451 patients are in its two development hospitals;
+    the layout scales with --patients and keeps the pooled prevalence near the paper's 52%."""
+    from shared_model.synthetic.profiles import PAPER_PATIENTS, PAPER_PROPORTIONS, SITE_PROFILES, layout_proportions
+
+    sizes = site_sizes(PAPER_PATIENTS, 7, proportions=PAPER_PROPORTIONS)
+    assert sum(sizes) == PAPER_PATIENTS and abs(sum(sizes[:2]) - 29_615) < 0.01 * PAPER_PATIENTS
+    small = site_sizes(9836, 7, proportions=PAPER_PROPORTIONS)
+    assert sum(small) == 9836 and abs(sum(small[:2]) / 9836 - 0.75) < 0.01 and small == sorted(small, reverse=True)
+    prevalence = sum(p.target_prevalence * w for p, w in zip(SITE_PROFILES, PAPER_PROPORTIONS, strict=True))
+    assert 0.50 <= prevalence <= 0.54
+    with pytest.raises(ValueError, match="--profile 'huge' is unknown"):
+        layout_proportions("huge")

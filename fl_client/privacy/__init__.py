@@ -6,7 +6,7 @@ DP-SGD (Opacus: per-patient gradients, per-patient clipping, Gaussian noise, Poi
 accountant's history, and refuses to train once its own budget would be exceeded.
 
 * `plan`: the round's DP-SGD plan (sampling rate, steps, noise multiplier) exactly as Opacus runs it;
-* `history`: the accountant history file of one site and run, on the site's disk;
+* `history`: the site's lifetime privacy ledger (every release of every run), on the site's disk;
 * `session`: `PatientDPSession`, one round's budget check, Opacus wiring and persisted release;
 * `clipping_mod`: Flower's client-side clipping mods for site-level DP, when the coordinator asks for them.
 """
@@ -17,13 +17,14 @@ from fl_client.privacy.clipping_mod import site_dp_clipping_mod
 from fl_client.privacy.history import (
     ENV_STATE_DIR,
     PrivacyStateError,
-    SiteHistory,
+    SiteLedger,
     default_state_dir,
-    state_path,
+    ledger_path,
 )
 from fl_client.privacy.plan import (
     DPPlan,
     calibrate_noise,
+    coarse_count,
     epsilon_for,
     make_plan,
     merge_history,
@@ -41,14 +42,15 @@ __all__ = [
     "PatientBudgetExceeded",
     "PatientDPSession",
     "PrivacyStateError",
-    "SiteHistory",
+    "SiteLedger",
     "calibrate_noise",
+    "coarse_count",
     "default_state_dir",
     "epsilon_for",
+    "ledger_path",
     "make_plan",
     "merge_history",
     "opacus_sampling",
     "patient_dp_config",
     "site_dp_clipping_mod",
-    "state_path",
 ]

@@ -1,16 +1,24 @@
-"""A site's accountant history for one run, on the site's own disk.
+"""A site's lifetime privacy ledger: every DP-SGD release of every run that touched its patients, on its own disk.
 
-The history file (one JSON file per site and run, in ``privacy-state-dir`` from the node config, else
-``$LLNM_PRIVACY_DIR``, else ``~/.local/share/llnm-fl/privacy``) survives the fresh ClientApp process of every
-round and SuperNode restarts. It is keyed by server round, and every release of a round (an "attempt") is
-recorded with a fingerprint of everything that determines it, and with the seeds' secret: noise and Poisson
-sampling draw from generators seeded from a random secret kept in this file, never from the run's seed,
-which the coordinator knows.
+Why lifetime: a patient's privacy loss adds up over every model trained on them, whoever names the run. So
+the ledger is keyed by the site's identity, its name and a fingerprint of the patients it trains on (the
+"data id"), never by the coordinator's run name, and a site's epsilon is the composition of all its
+releases. Runs are sections inside the ledger, for reporting.
 
-The file is locked (an exclusive inter-process lock on ``<history>.lock`` beside it, `history_lock`) from the
-moment a round's DP session reads it until it has saved it, so two trainings of one site run at once (a
-restarted SuperNode while the old ClientApp still runs, two SuperNodes on one site folder) cannot both start
-from the same history and lose one release: the second waits and then reads the first one's release.
+* One JSON file per (site name, data id) in ``privacy-state-dir`` from the node config, else
+  ``$LLNM_PRIVACY_DIR``, else ``~/.local/share/llnm-fl/privacy``. Two unrelated consortia that both call a
+  site ``site-a`` on one machine have different patients, hence different ledgers.
+* When a site's patients change (new patients, a new split), its data id changes and a new ledger starts,
+  but the releases of every older ledger of the same site that shares at least one patient (by salted-free
+  digests of the patient ids, kept only on the site's disk) are composed into the new one's lifetime epsilon:
+  the bound then holds for every patient, whatever ledger they first appeared in. Version-1 files (one per
+  site and run, from before the lifetime ledger) of the same site are composed the same way.
+* Every release (an "attempt" of a run's round) is recorded with a fingerprint of everything that determines
+  it and with the seeds' secret: noise and Poisson sampling draw from generators seeded from a random secret
+  kept in this file, never from the run's seed, which the coordinator knows.
+* The file is locked (an exclusive inter-process lock on ``<ledger>.lock``, `history_lock`) from the moment a
+  round's DP session reads it until it has saved it, so two trainings of one site at once cannot both start
+  from the same history and lose a release: the second waits and then reads the first one's release.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,15 +43,16 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
     from fl_client.settings import SiteSettings
 
 ENV_STATE_DIR = "LLNM_PRIVACY_DIR"
-STATE_FORMAT = "llnm-fl patient DP-SGD accountant history"
-STATE_VERSION = 1
-# How long a round waits for another training of the same site to release the history file. A whole local
-# round may run in between, so this is generous; a crashed process releases its lock at once (fcntl).
+STATE_FORMAT = "llnm-fl patient DP lifetime ledger"
+STATE_VERSION = 2
+LEGACY_FORMAT = "llnm-fl patient DP-SGD accountant history"  # version 1: one file per (site, run)
+# How long a round waits for another training of the same site to release the ledger. A whole local round
+# may run in between, so this is generous; a crashed process releases its lock at once (fcntl).
 LOCK_TIMEOUT_S = 6 * 3600.0
 
 
 class PrivacyStateError(RuntimeError):
-    """The site's accountant history file is unreadable or inconsistent; nothing is trained until fixed."""
+    """The site's privacy ledger is unreadable or inconsistent; nothing is trained until fixed."""
 
 
 def default_state_dir(settings: SiteSettings | None = None) -> Path:
@@ -59,18 +69,28 @@ def _slug(text: str) -> str:
     return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
-def state_path(state_dir: Path, site_name: str, run_id: str) -> Path:
-    """The history file of one site in one run."""
-    return Path(state_dir) / f"{_slug(site_name)}__{_slug(run_id)}.json"
+def patient_digests(patient_ids: Iterable[str]) -> list[str]:
+    """Sorted digests of patient ids: enough to tell whether two ledgers share a patient, not who they are."""
+    return sorted({hashlib.sha256(f"llnm-fl patient:{pid}".encode()).hexdigest()[:20] for pid in patient_ids})
+
+
+def data_id(digests: Sequence[str]) -> str:
+    """The fingerprint of a set of training patients (of their `patient_digests`)."""
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
+
+
+def ledger_path(state_dir: Path, site_name: str, data: str) -> Path:
+    """The lifetime ledger of one site and one set of training patients."""
+    return Path(state_dir) / f"{_slug(site_name)}__data-{data}.json"
 
 
 def lock_path(path: Path) -> Path:
-    """The lock file of a history file: beside it, in the privacy state folder (never in the site folder)."""
+    """The lock file of a ledger: beside it, in the privacy state folder (never in the site folder)."""
     return Path(path).with_name(Path(path).name + ".lock")
 
 
 def history_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
-    """Acquire the exclusive inter-process lock of the history file `path` and return it (release() frees it).
+    """Acquire the exclusive inter-process lock of the ledger `path` and return it (release() frees it).
 
     Waits up to `timeout` seconds for another training of this site; raises `PrivacyStateError` after that.
     """
@@ -81,124 +101,197 @@ def history_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
         lock.acquire()
     except Timeout:
         raise PrivacyStateError(
-            f"{path}: another training of this site holds the DP accountant history (lock {lock_path(path)}) and "
-            f"did not release it within {timeout:g} s; two trainings of one site in one run must not overlap: "
-            "stop the other one (a stale SuperNode or ClientApp) and retry"
+            f"{path}: another training of this site holds the privacy ledger (lock {lock_path(path)}) and did "
+            f"not release it within {timeout:g} s; two trainings of one site must not overlap: stop the other "
+            "one (a stale SuperNode or ClientApp) and retry"
         ) from None
     return lock
 
 
 def now() -> str:
-    """The local time as the history file records it."""
+    """The local time as the ledger records it."""
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-class SiteHistory:
-    """One site's accountant history for one run, as stored on the site's disk.
+@dataclass(frozen=True)
+class RelatedLedger:
+    """Another ledger of the same site that shares patients with this one: its releases count here too."""
 
-    Layout: ``{"format", "version", "site", "run_id", "accountant", "delta", "secret", "calibrated",
-    "rounds": {"<server round>": {"attempts": [{"fingerprint", "result_sha256", "history", "steps",
-    "noise_multiplier", "sample_rate", "max_grad_norm", "epsilon_after", "finished_at", "replays"}]}},
-    "refusals": [...]}``. Every attempt's ``history`` is the Opacus history entries it added; the run's
-    history is their composition over all rounds and attempts.
+    path: Path
+    releases: list[dict[str, Any]]
+    shared_patients: int | None  # None: a version-1 file, which records no patients (assumed to share all)
+
+
+class SiteLedger:
+    """One site's lifetime privacy ledger, as stored on the site's disk.
+
+    Layout: ``{"format", "version", "site", "data_id", "patients": [digests], "secret", "created_at",
+    "calibrated", "releases": [{"run_id", "round", "attempt", "fingerprint", "result_sha256", "history",
+    "steps", "noise_multiplier", "sample_rate", "max_grad_norm", "public_count", "count_source",
+    "delta", "accountant", "epsilon_run_after", "epsilon_lifetime_after", "finished_at", "replays"}],
+    "refusals": [...]}``. Every release's ``history`` is the Opacus accountant entries it added.
     """
 
-    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+    def __init__(self, path: Path, data: dict[str, Any], related: list[RelatedLedger] | None = None) -> None:
         self.path = path
         self.data = data
+        self.related = related or []
 
     @classmethod
-    def load_or_create(cls, path: Path, *, site_name: str, run_id: str, accountant: str,
-                       delta: float) -> SiteHistory:
+    def load_or_create(cls, path: Path, *, site_name: str, patients: Sequence[str]) -> SiteLedger:
+        """The ledger at `path` (created if absent) for `site_name` and the training `patients` digests."""
+        digests = sorted(patients)
+        data_fp = data_id(digests)
         if path.is_file():
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise PrivacyStateError(
-                    f"{path}: the site's DP accountant history cannot be read ({exc}); it records the privacy "
-                    "already spent, so it is never silently reset: restore it from a backup, or move it away "
-                    "only if this site never trained in this run"
-                ) from None
-            hist = cls(path, data)
-            hist._validate(site_name=site_name, run_id=run_id, accountant=accountant, delta=delta)
-            return hist
-        data = {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "site": site_name,
-            "run_id": run_id,
-            "accountant": accountant,
-            "delta": delta,
-            "secret": secrets.token_hex(32),
-            "created_at": now(),
-            "calibrated": {},
-            "rounds": {},
-            "refusals": [],
-        }
-        return cls(path, data)
+            data = _read_json(path)
+            ledger = cls(path, data)
+            ledger._validate(site_name=site_name, data=data_fp)
+        else:
+            ledger = cls(path, {
+                "format": STATE_FORMAT,
+                "version": STATE_VERSION,
+                "site": site_name,
+                "data_id": data_fp,
+                "patients": digests,
+                "secret": secrets.token_hex(32),
+                "created_at": now(),
+                "calibrated": {},
+                "releases": [],
+                "refusals": [],
+            })
+        ledger.related = find_related(path.parent, site_name, set(digests), exclude=path)
+        return ledger
 
-    def _validate(self, *, site_name: str, run_id: str, accountant: str, delta: float) -> None:
-        d = self.data
-        where = str(self.path)
+    def _validate(self, *, site_name: str, data: str) -> None:
+        d, where = self.data, str(self.path)
         if not isinstance(d, dict) or d.get("format") != STATE_FORMAT or d.get("version") != STATE_VERSION:
             raise PrivacyStateError(f"{where}: not a version-{STATE_VERSION} {STATE_FORMAT!r} file")
-        for key, want in (("site", site_name), ("run_id", run_id)):
+        for key, want in (("site", site_name), ("data_id", data)):
             if d.get(key) != want:
                 raise PrivacyStateError(f"{where}: field {key!r} is {d.get(key)!r}, expected {want!r}")
-        if d.get("accountant") != accountant:
-            raise PrivacyStateError(
-                f"{where}: this run's history was accounted with {d.get('accountant')!r}, but the coordinator now "
-                f"asks for {accountant!r}; one run keeps one accountant"
-            )
-        if d.get("delta") != delta:
-            raise PrivacyStateError(f"{where}: this run's delta was {d.get('delta')!r}, the coordinator now sends "
-                                    f"{delta!r}; one run keeps one delta")
         if not isinstance(d.get("secret"), str) or len(d["secret"]) < 32:
             raise PrivacyStateError(f"{where}: field 'secret' is missing or too short")
-        rounds = d.get("rounds")
-        if not isinstance(rounds, dict):
-            raise PrivacyStateError(f"{where}: field 'rounds' must be a mapping")
-        for rnd, rec in rounds.items():
-            if not str(rnd).isdigit() or not isinstance(rec, dict) or not isinstance(rec.get("attempts"), list):
-                raise PrivacyStateError(f"{where}: rounds[{rnd!r}] is malformed")
-            for i, att in enumerate(rec["attempts"]):
-                try:
-                    entries = [(float(z), float(q), int(n)) for z, q, n in att["history"]]
-                except (KeyError, TypeError, ValueError):
-                    raise PrivacyStateError(f"{where}: rounds[{rnd}].attempts[{i}].history is malformed") from None
-                if any(not (z > 0 and 0 < q <= 1 and n >= 0) for z, q, n in entries):
-                    raise PrivacyStateError(f"{where}: rounds[{rnd}].attempts[{i}].history has impossible values")
+        if not isinstance(d.get("releases"), list):
+            raise PrivacyStateError(f"{where}: field 'releases' must be a list")
+        for i, rel in enumerate(d["releases"]):
+            _check_release(rel, f"{where}: releases[{i}]")
         d.setdefault("calibrated", {})
         d.setdefault("refusals", [])
 
     # ---- queries -------------------------------------------------------------------------------
-    def attempts(self, server_round: int) -> list[dict[str, Any]]:
-        return list(self.data["rounds"].get(str(server_round), {}).get("attempts", []))
+    def releases(self, *, include_related: bool = False) -> list[dict[str, Any]]:
+        out = list(self.data["releases"])
+        if include_related:
+            for rel in self.related:
+                out.extend(rel.releases)
+        return out
 
-    def history(self, *, exclude: tuple[int, int] | None = None) -> list[HistoryEntry]:
-        """Composition of every recorded release, optionally leaving out one (round, attempt index)."""
+    def attempts(self, run_id: str, server_round: int) -> list[dict[str, Any]]:
+        """This ledger's releases of one round of one run, in attempt order."""
+        return [r for r in self.data["releases"] if r["run_id"] == run_id and int(r["round"]) == server_round]
+
+    def history(self, *, run_id: str | None = None, exclude: dict[str, Any] | None = None) -> list[HistoryEntry]:
+        """Composition of the releases: the whole lifetime (with related ledgers), or one run's; `exclude` one."""
         entries: list[Sequence[float]] = []
-        for rnd in sorted(self.data["rounds"], key=int):
-            for i, att in enumerate(self.data["rounds"][rnd]["attempts"]):
-                if exclude == (int(rnd), i):
-                    continue
-                entries.extend(att["history"])
+        for rel in self.releases(include_related=True):
+            if rel is exclude or (run_id is not None and rel["run_id"] != run_id):
+                continue
+            entries.extend(rel["history"])
         return merge_history(entries)
 
-    def seeds(self, server_round: int, attempt: int) -> tuple[int, int]:
-        """(noise seed, sampling seed): secret to the site, fixed per (round, attempt) so retries replay."""
+    def run_ids(self) -> list[str]:
+        """Every run that made a release counted in this ledger, in first-release order."""
+        return list(dict.fromkeys(str(r["run_id"]) for r in self.releases(include_related=True)))
+
+    def seeds(self, run_id: str, server_round: int, attempt: int) -> tuple[int, int]:
+        """(noise seed, sampling seed): secret to the site, fixed per (run, round, attempt) so retries replay."""
         key = bytes.fromhex(self.data["secret"])
 
         def derive(purpose: str) -> int:
-            digest = hmac.new(key, f"{server_round}:{attempt}:{purpose}".encode(), hashlib.sha256).digest()
+            msg = f"{run_id}\x00{server_round}:{attempt}:{purpose}".encode()
+            digest = hmac.new(key, msg, hashlib.sha256).digest()
             return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
         return derive("noise"), derive("poisson-sampling")
 
     # ---- updates -------------------------------------------------------------------------------
-    def add_attempt(self, server_round: int, attempt: dict[str, Any]) -> None:
-        self.data["rounds"].setdefault(str(server_round), {"attempts": []})["attempts"].append(attempt)
+    def add_release(self, release: dict[str, Any]) -> None:
+        _check_release(release, f"{self.path}: new release")
+        self.data["releases"].append(release)
+
+    def add_refusal(self, refusal: dict[str, Any]) -> None:
+        self.data["refusals"].append({"at": now(), **refusal})
 
     def save(self) -> None:
         self.data["updated_at"] = now()
         atomic_write_json(self.path, self.data, indent=2)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PrivacyStateError(
+            f"{path}: the site's privacy ledger cannot be read ({exc}); it records the privacy already spent, "
+            "so it is never silently reset: restore it from a backup"
+        ) from None
+    if not isinstance(data, dict):
+        raise PrivacyStateError(f"{path}: the site's privacy ledger is not a JSON object")
+    return data
+
+
+def _check_release(rel: Any, where: str) -> None:
+    if not isinstance(rel, dict):
+        raise PrivacyStateError(f"{where} is not an object")
+    for key in ("run_id", "round", "history"):
+        if key not in rel:
+            raise PrivacyStateError(f"{where} lacks {key!r}")
+    try:
+        entries = [(float(z), float(q), int(n)) for z, q, n in rel["history"]]
+    except (TypeError, ValueError):
+        raise PrivacyStateError(f"{where}.history is malformed") from None
+    if any(not (z > 0 and 0 < q <= 1 and n >= 0) for z, q, n in entries):
+        raise PrivacyStateError(f"{where}.history has impossible values")
+
+
+def find_related(state_dir: Path, site_name: str, patients: set[str], *, exclude: Path | None = None
+                 ) -> list[RelatedLedger]:
+    """Other ledgers of `site_name` in `state_dir` whose releases may have touched any of `patients`.
+
+    Lifetime ledgers of the same site count when they share a patient digest; version-1 per-run files of
+    the same site (which record no patients) always count. An unreadable file is an error: it may hold
+    privacy already spent.
+    """
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return []
+    prefix = f"{_slug(site_name)}__"
+    out: list[RelatedLedger] = []
+    for path in sorted(state_dir.glob(f"{prefix}*.json")):
+        if exclude is not None and path.resolve() == Path(exclude).resolve():
+            continue
+        data = _read_json(path)
+        if data.get("site") != site_name:
+            continue
+        if data.get("format") == STATE_FORMAT:
+            shared = len(patients & set(data.get("patients") or []))
+            if shared:
+                releases = list(data.get("releases") or [])
+                for i, rel in enumerate(releases):
+                    _check_release(rel, f"{path}: releases[{i}]")
+                out.append(RelatedLedger(path, releases, shared))
+        elif data.get("format") == LEGACY_FORMAT:
+            out.append(RelatedLedger(path, _legacy_releases(path, data), None))
+    return out
+
+
+def _legacy_releases(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The releases of a version-1 file (one run of one site) in the lifetime ledger's release layout."""
+    out: list[dict[str, Any]] = []
+    for rnd, rec in sorted((data.get("rounds") or {}).items(), key=lambda kv: int(kv[0])):
+        for i, att in enumerate(rec.get("attempts") or []):
+            rel = {"run_id": str(data.get("run_id")), "round": int(rnd), "attempt": i,
+                   "history": att.get("history"), "steps": att.get("steps"), "source": f"version-1 file {path}"}
+            _check_release(rel, f"{path}: rounds[{rnd}].attempts[{i}]")
+            out.append(rel)
+    return out

@@ -1,10 +1,15 @@
 """The DP-SGD plan of a round: the sampling rate and step counts exactly as Opacus runs them, and the noise.
 
-`train_local`'s data loader has ``ceil(n / B)`` batches, Opacus' `DPDataLoader` samples every patient with
-probability ``1 / ceil(n / B)`` and yields ``int(1 / that)`` batches per epoch, and the accountant is told
-``q = 1 / len(DPDataLoader)``. The noise multiplier is calibrated once per run by Opacus'
-`get_noise_multiplier` for the coordinator's target epsilon over every local step planned for the run
-(rounds x local epochs x steps per epoch), or taken from the configuration.
+Every parameter of the mechanism depends only on values that are public: the coordinator's settings and the
+site's *public* patient count N (declared by the site, `fl_client.settings.declared_patient_count`), never
+on its exact number of patients. With ``K = ceil(N / B)`` steps per epoch, Opacus' `DPDataLoader` samples
+every patient independently with probability ``q = 1 / K`` and yields ``K`` batches per epoch, the noisy
+sum of clipped per-patient gradients is divided by the public expected batch size ``N / K``, the accountant
+is told ``q``, and the round's FedAvg weight is N. So adding or removing one patient changes nothing but
+that patient's own inclusion: the add/remove-one-patient guarantee holds exactly as accounted. The noise
+multiplier is calibrated once per run by Opacus' `get_noise_multiplier` for the coordinator's target
+epsilon over every local step planned for the run (rounds x local epochs x steps per epoch), or taken from
+the configuration.
 """
 
 from __future__ import annotations
@@ -35,21 +40,33 @@ def patient_dp_config(privacy_cfg: PatientDPConfig | Mapping[str, Any]) -> Patie
     return cfg
 
 
-def opacus_sampling(n_train: int, batch_size: int) -> tuple[float, int]:
-    """``(accounted sample rate, steps per epoch)`` exactly as Opacus derives them from `train_local`'s loader.
+def opacus_sampling(public_count: int, batch_size: int) -> tuple[float, int]:
+    """``(sample rate, steps per epoch)`` of Poisson sampling for a public patient count and batch size.
 
-    `train_local` builds ``DataLoader(batch_size=min(B, n), drop_last=False)``: ``ceil(n / B)`` batches.
-    `DPDataLoader.from_data_loader` samples with probability ``1 / ceil(n / B)`` and runs
-    ``int(1 / sample_rate)`` steps (one fewer for some sizes because of float rounding, e.g. 93 batches),
-    and `PrivacyEngine.make_private` accounts ``q = 1 / len(dp_loader)``, which is never below the real rate.
+    ``K = ceil(N / min(B, N))`` batches; Opacus' `DPDataLoader` with sample rate ``1 / K`` runs
+    ``int(1 / sample_rate)`` steps (one fewer for some K because of float rounding, e.g. 93), and
+    `PrivacyEngine.make_private` accounts ``q = 1 / len(dp_loader)``; so the plan takes ``q = 1 / steps``,
+    the rate that is both sampled and accounted.
     """
-    if n_train <= 0:
-        raise ValueError(f"no training patients (n_train={n_train}); DP-SGD needs at least one")
+    if public_count <= 0:
+        raise ValueError(f"public patient count must be positive, got {public_count}; DP-SGD needs patients")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    batches = math.ceil(n_train / min(batch_size, n_train))
+    batches = math.ceil(public_count / min(batch_size, public_count))
     steps = int(1 / (1 / batches))
     return 1 / steps, steps
+
+
+def coarse_count(n: int) -> int:
+    """`n` rounded up to two significant digits (413 -> 420, 2066 -> 2100): a derived public count.
+
+    Used only when a site declares no public count. It is computed from the data, so the grid cell it reveals
+    is outside the DP guarantee; docs/privacy.md says so and the ledger records the source.
+    """
+    if n <= 0:
+        raise ValueError(f"no training patients (n={n})")
+    step = 10 ** max(0, len(str(int(n))) - 2)
+    return int(math.ceil(n / step) * step)
 
 
 def merge_history(entries: Iterable[Sequence[float]]) -> list[HistoryEntry]:
@@ -99,7 +116,8 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
 class DPPlan:
     """What DP-SGD will do at this site in this round, and what was planned for the whole run."""
 
-    n_train: int
+    public_count: int
+    count_source: str
     batch_size: int
     local_epochs: int
     total_rounds: int
@@ -116,10 +134,16 @@ class DPPlan:
     def entry(self) -> HistoryEntry:
         return (self.noise_multiplier, self.sample_rate, self.steps_round)
 
+    @property
+    def expected_batch_size(self) -> float:
+        """The public divisor of the noisy gradient sum: N / K, never the exact batch or patient count."""
+        return self.public_count / self.steps_per_epoch
 
-def make_plan(privacy_cfg: PatientDPConfig | Mapping[str, Any], *, n_train: int, batch_size: int,
-              local_epochs: int, total_rounds: int, calibrated: dict[str, float] | None = None) -> DPPlan:
-    """The round's DP-SGD plan from the coordinator's `privacy.patient` section and the site's data size.
+
+def make_plan(privacy_cfg: PatientDPConfig | Mapping[str, Any], *, public_count: int, batch_size: int,
+              local_epochs: int, total_rounds: int, calibrated: dict[str, float] | None = None,
+              count_source: str = "declared") -> DPPlan:
+    """The round's DP-SGD plan from the coordinator's `privacy.patient` section and the site's public count.
 
     `privacy_cfg` is a `PatientDPConfig` (a plain mapping is validated with it). `calibrated` caches noise
     multipliers already searched for (the search costs seconds); it is updated.
@@ -130,7 +154,7 @@ def make_plan(privacy_cfg: PatientDPConfig | Mapping[str, Any], *, n_train: int,
     noise = float(cfg.noise_multiplier) if cfg.noise_multiplier is not None else None
     if local_epochs < 1 or total_rounds < 1:
         raise ValueError(f"local_epochs ({local_epochs}) and total_rounds ({total_rounds}) must be >= 1")
-    q, steps_epoch = opacus_sampling(n_train, batch_size)
+    q, steps_epoch = opacus_sampling(public_count, batch_size)
     steps_round = local_epochs * steps_epoch
     steps_planned = total_rounds * steps_round
     if noise is None:
@@ -142,7 +166,8 @@ def make_plan(privacy_cfg: PatientDPConfig | Mapping[str, Any], *, n_train: int,
             noise = calibrate_noise(target, delta, q, steps_planned, accountant)
             if calibrated is not None:
                 calibrated[key] = noise
-    return DPPlan(n_train=n_train, batch_size=batch_size, local_epochs=local_epochs, total_rounds=total_rounds,
+    return DPPlan(public_count=int(public_count), count_source=count_source,
+                  batch_size=batch_size, local_epochs=local_epochs, total_rounds=total_rounds,
                   sample_rate=q, steps_per_epoch=steps_epoch, steps_round=steps_round, steps_planned=steps_planned,
                   noise_multiplier=float(noise), max_grad_norm=float(cfg.max_grad_norm), delta=delta,
                   accountant=accountant, target_epsilon=target)

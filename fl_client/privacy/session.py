@@ -1,18 +1,19 @@
-"""Patient-level DP-SGD for one site in one round: plan, budget check, Opacus wiring, persisted history.
+"""Patient-level DP-SGD for one site in one round: plan, budget checks, Opacus wiring, lifetime ledger.
 
 How a round goes (`PatientDPSession`):
 
-* `open(...)` derives the round's DP-SGD plan exactly as Opacus will run it (`fl_client.privacy.plan`),
-  loads the persisted history (`fl_client.privacy.history`) and refuses the round (a clear
-  `PatientBudgetExceeded`, which becomes the ClientApp's error reply) if the epsilon after it would exceed the
-  site's budget: the smaller of its node config's ``max-patient-epsilon`` and the coordinator's target.
+* `open(...)` derives the round's DP-SGD plan from public values only (the coordinator's settings and the
+  site's public patient count; `fl_client.privacy.plan`), loads the site's lifetime ledger
+  (`fl_client.privacy.history`) and refuses the round (a clear `PatientBudgetExceeded`, which becomes the
+  ClientApp's error reply) if it would take the run past the coordinator's target epsilon, or the site's
+  patients past the site's own lifetime budget (``max-patient-epsilon``, at the site's ``patient-delta``).
 * `hooks()` plugs `opacus.PrivacyEngine.make_private` into `shared_model.training.train_local`, with the
-  accountant's history restored, so Opacus' own accountant continues the run's composition.
-* `finish(result)` checks that Opacus accounted exactly the planned steps, persists the history (atomic
-  write) and returns the numeric ``dp-*`` metrics of the train reply.
-* The history file stays locked (`fl_client.privacy.history.history_lock`) from `open` until the session has
+  accountant's history restored, so Opacus' own accountant continues the composition.
+* `finish(result)` checks that Opacus accounted exactly the planned steps, records the release in the ledger
+  (atomic write) and returns the numeric ``dp-*`` metrics of the train reply.
+* The ledger stays locked (`fl_client.privacy.history.history_lock`) from `open` until the session has
   saved it or failed: `finish`, a refusal and `close()` (also `with session:`) release it. A second training
-  of the same site waits for the first and then re-reads the history, so it sees and counts its release.
+  of the same site waits for the first and then re-reads the ledger, so it sees and counts its release.
 
 Every release of a round (an "attempt") is recorded with a fingerprint of everything that determines it
 (incoming global model, training data, optimiser settings, seeds, DP plan). A round that is retried with
@@ -28,13 +29,30 @@ import json
 import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_client.privacy.history import LOCK_TIMEOUT_S, SiteHistory, default_state_dir, history_lock, now, state_path
-from fl_client.privacy.plan import DPPlan, HistoryEntry, epsilon_for, make_plan, merge_history, patient_dp_config
+from fl_client.privacy.history import (
+    LOCK_TIMEOUT_S,
+    SiteLedger,
+    data_id,
+    default_state_dir,
+    history_lock,
+    ledger_path,
+    patient_digests,
+)
+from fl_client.privacy.history import now as now_text
+from fl_client.privacy.plan import (
+    DPPlan,
+    HistoryEntry,
+    coarse_count,
+    epsilon_for,
+    make_plan,
+    merge_history,
+    patient_dp_config,
+)
 from shared_model import protocol
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -52,10 +70,13 @@ log = logging.getLogger("llnm.client.privacy")
 # Relative slack on budget comparisons: the calibrated plan ends at (not above) the target, and the same
 # Opacus accountant recomputes it, so only float noise needs room.
 BUDGET_RTOL = 1e-9
+DERIVED_COUNT_SOURCE = ("derived from the data: the training patients rounded up to two significant digits "
+                        "(the rounded count is published and not covered by the guarantee; declare "
+                        "public-patient-count to make it exact)")
 
 
 class PatientBudgetExceeded(RuntimeError):
-    """Training this round would take the site past its patient-level epsilon budget."""
+    """Training this round would take the run past its target, or the site past its lifetime budget."""
 
 
 @dataclass
@@ -68,19 +89,31 @@ class _Release:
     fingerprint: str
 
 
-class PatientDPSession:
-    """DP-SGD for one site in one round: plan, budget check, Opacus wiring, and the persisted history."""
+def public_count(settings: SiteSettings | None, n_train: int) -> tuple[int, str]:
+    """The public patient count DP-SGD is parameterised by, and its source (declared, or derived)."""
+    if settings is not None:
+        from fl_client.settings import declared_patient_count
 
-    def __init__(self, *, site_name: str, run_id: str, server_round: int, plan: DPPlan, budget: float | None,
-                 budget_source: str, history: SiteHistory, data_path: Path | None,
+        declared, where = declared_patient_count(settings)
+        if declared is not None:
+            return declared, f"declared public ({where})"
+    return coarse_count(n_train), DERIVED_COUNT_SOURCE
+
+
+class PatientDPSession:
+    """DP-SGD for one site in one round: plan, budget checks, Opacus wiring, and the lifetime ledger."""
+
+    def __init__(self, *, site_name: str, run_id: str, server_round: int, plan: DPPlan, ledger: SiteLedger,
+                 site_budget: float | None, site_delta: float, n_train: int, data_path: Path | None,
                  lock: BaseFileLock | None = None) -> None:
         self.site_name = site_name
         self.run_id = run_id
         self.server_round = server_round
         self.plan = plan
-        self.budget = budget
-        self.budget_source = budget_source
-        self.history = history
+        self.ledger = ledger
+        self.site_budget = site_budget
+        self.site_delta = site_delta
+        self.n_train = n_train
         self.data_path = data_path
         self._release: _Release | None = None
         self._engine: Any = None
@@ -91,14 +124,17 @@ class PatientDPSession:
     # ---- opening -------------------------------------------------------------------------------
     @classmethod
     def open(cls, *, site_name: str, run_id: str, settings: SiteSettings,
-             privacy_cfg: PatientDPConfig | Mapping[str, Any], n_train: int, batch_size: int, local_epochs: int,
-             total_rounds: int, server_round: int, lock_timeout: float = LOCK_TIMEOUT_S) -> PatientDPSession:
-        """Plan the round, lock and load the site's history and refuse the round if it would exceed the budget.
+             privacy_cfg: PatientDPConfig | Mapping[str, Any], train_patient_ids: Sequence[str], batch_size: int,
+             local_epochs: int, total_rounds: int, server_round: int,
+             lock_timeout: float = LOCK_TIMEOUT_S) -> PatientDPSession:
+        """Plan the round, lock and load the site's ledger and refuse the round if it would exceed a budget.
 
-        `privacy_cfg` is the round's `PatientDPConfig` (a plain mapping is validated with it). The history file
-        stays locked until `finish`, a refusal or `close()`; another training of this site holding it is waited
-        for up to `lock_timeout` seconds (then `PrivacyStateError`).
+        `privacy_cfg` is the round's `PatientDPConfig` (a plain mapping is validated with it);
+        `train_patient_ids` are the ids of the patients DP-SGD trains on (they pick the ledger). The ledger
+        stays locked until `finish`, a refusal or `close()`; another training of this site holding it is
+        waited for up to `lock_timeout` seconds (then `PrivacyStateError`).
         """
+        n_train = len(train_patient_ids)
         if n_train <= 0:
             raise ValueError(f"site {site_name!r}: no training patients, so there is nothing to train with DP-SGD")
         state_dir = default_state_dir(settings).expanduser().resolve()
@@ -108,26 +144,38 @@ class PatientDPSession:
                 f"privacy-state-dir {state_dir} is inside the site folder {data_path}; nothing may be written "
                 "there: choose a folder outside the site data"
             )
-        # Validate the plan's inputs before touching the history file (the noise search runs once, below).
+        # Validate the plan's inputs before touching the ledger (the noise search runs once, below).
         cfg = patient_dp_config(privacy_cfg)
-        path = state_path(state_dir, site_name, run_id)
-        # Read the history only under its lock, held until this session has saved it (or failed).
+        count, count_source = public_count(settings, n_train)
+        digests = patient_digests(train_patient_ids)
+        path = ledger_path(state_dir, site_name, data_id(digests))
+        # Read the ledger only under its lock, held until this session has saved it (or failed).
         lock = history_lock(path, lock_timeout)
         try:
-            history = SiteHistory.load_or_create(path, site_name=site_name, run_id=run_id,
-                                                 accountant=cfg.accountant, delta=float(cfg.delta))
-            plan = make_plan(cfg, n_train=n_train, batch_size=batch_size, local_epochs=local_epochs,
-                             total_rounds=total_rounds, calibrated=history.data["calibrated"])
-            budget, source = cls._budget(settings, plan)
+            ledger = SiteLedger.load_or_create(path, site_name=site_name, patients=digests)
+            plan = make_plan(cfg, public_count=count, count_source=count_source, batch_size=batch_size,
+                             local_epochs=local_epochs, total_rounds=total_rounds,
+                             calibrated=ledger.data["calibrated"])
         except BaseException:
             lock.release()
             raise
-        session = cls(site_name=site_name, run_id=run_id, server_round=server_round, plan=plan, budget=budget,
-                      budget_source=source, history=history, data_path=data_path, lock=lock)
-        if not history.attempts(server_round):
+        if settings is not None:
+            ledger.data["policy"] = settings.policy()  # what `llnm-site privacy` shows when run without flags
+        site_budget = getattr(settings, "max_patient_epsilon", None) if settings is not None else None
+        site_delta = float(getattr(settings, "patient_delta", plan.delta)) if settings is not None else plan.delta
+        session = cls(site_name=site_name, run_id=run_id, server_round=server_round, plan=plan, ledger=ledger,
+                      site_budget=site_budget, site_delta=site_delta, n_train=n_train, data_path=data_path,
+                      lock=lock)
+        if count_source == DERIVED_COUNT_SOURCE:
+            log.warning("site %s: no public-patient-count declared; DP-SGD uses %d (%s)", site_name, count,
+                        count_source)
+        elif not 0.5 <= n_train / count <= 2.0:
+            log.warning("site %s: %d training patients but a declared public count of %d; DP-SGD stays private "
+                        "but its batches and weight are sized for %d", site_name, n_train, count, count)
+        if not ledger.attempts(run_id, server_round):
             # A new round: its cost is known now. (A retried round is decided in make_private, once the
             # inputs are known: an identical retry replays the release already accounted.)
-            session._check_budget(history.history(), plan.entry())
+            session._check_budget(plan.entry())
         return session
 
     # ---- the history lock ------------------------------------------------------------------------
@@ -146,39 +194,55 @@ class PatientDPSession:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def _budget(settings: SiteSettings | None, plan: DPPlan) -> tuple[float | None, str]:
-        site_eps = getattr(settings, "max_patient_epsilon", None) if settings is not None else None
-        candidates: list[tuple[float, str]] = []
-        if site_eps is not None:
-            candidates.append((float(site_eps), f"this site's max-patient-epsilon {float(site_eps):g} "
-                                                 "(its node config)"))
-        if plan.target_epsilon is not None:
-            candidates.append((plan.target_epsilon, f"the coordinator's target epsilon {plan.target_epsilon:g} "
-                                                    "(privacy.patient.target_epsilon)"))
-        if not candidates:
-            return None, "no budget (fixed noise multiplier, no max-patient-epsilon in the node config)"
-        return min(candidates, key=lambda c: c[0])
-
-    def _check_budget(self, spent_history: list[HistoryEntry], entry: HistoryEntry) -> float:
-        """Epsilon after adding `entry`; raises PatientBudgetExceeded (and records it) if over budget."""
+    # ---- budgets -------------------------------------------------------------------------------
+    def epsilons(self, extra: Sequence[HistoryEntry] = (), exclude: dict[str, Any] | None = None
+                 ) -> tuple[float, float]:
+        """(run epsilon at the run's delta, lifetime epsilon at the site's delta) with `extra` entries added."""
         p = self.plan
-        after = epsilon_for([*spent_history, entry], p.delta, p.accountant)
-        if self.budget is None or after <= self.budget * (1 + BUDGET_RTOL):
-            return after
-        spent = epsilon_for(spent_history, p.delta, p.accountant)
-        message = (
-            f"{protocol.REFUSAL_MARKER} reached: site {self.site_name!r} refuses round {self.server_round} of run "
-            f"{self.run_id!r}. It has spent epsilon {spent:.4f} (delta {p.delta:g}, {p.accountant} accountant) and "
-            f"this round ({entry[2]} DP-SGD steps, noise multiplier {entry[0]:.4f}, sample rate {entry[1]:.4g}) "
-            f"would cost {after - spent:.4f} more, reaching {after:.4f}, above {self.budget_source}. "
-            "The site trains no further in this run; the federation goes on without it."
-        )
-        self.history.data["refusals"].append({"round": self.server_round, "at": now(), "spent": spent,
-                                              "would_reach": after, "budget": self.budget,
-                                              "budget_source": self.budget_source})
+        run = epsilon_for([*self.ledger.history(run_id=self.run_id, exclude=exclude), *extra], p.delta,
+                          p.accountant)
+        life = epsilon_for([*self.ledger.history(exclude=exclude), *extra], self.site_delta, p.accountant)
+        return run, life
+
+    def _check_budget(self, entry: HistoryEntry, exclude: dict[str, Any] | None = None) -> tuple[float, float]:
+        """(run, lifetime) epsilon after adding `entry`; refuses (and records it) if either is over budget."""
+        p = self.plan
+        run_before, life_before = self.epsilons(exclude=exclude)
+        run_after, life_after = self.epsilons([entry], exclude=exclude)
+        cost = (f"this round ({entry[2]} DP-SGD steps, noise multiplier {entry[0]:.4f}, sample rate {entry[1]:.4g})")
+        where = f"site {self.site_name!r} refuses round {self.server_round} of run {self.run_id!r}"
+        message = None
+        if self.site_budget is not None and life_after > self.site_budget * (1 + BUDGET_RTOL):
+            runs = self.ledger.run_ids()
+            message = (
+                f"{protocol.REFUSAL_MARKER} reached: {where}. Its patients have spent epsilon {life_before:.4f} over "
+                f"their lifetime ({len(runs)} run(s); delta {self.site_delta:g}, {p.accountant} accountant) and "
+                f"{cost} would take them to {life_after:.4f}, above the site's lifetime max-patient-epsilon "
+                f"{self.site_budget:g}. This site trains in no further round that costs privacy; the coordinator "
+                "goes on without it while min_sites remain. Next steps: the site operator can see the ledger with "
+                "`llnm-site privacy --data SITE_DIR`; only the site can raise its lifetime budget "
+                "(--max-patient-epsilon), and only if its privacy policy allows."
+            )
+            rule, value, budget, spent, after = "max-patient-epsilon", self.site_budget, self.site_budget, \
+                life_before, life_after
+        elif p.target_epsilon is not None and run_after > p.target_epsilon * (1 + BUDGET_RTOL):
+            message = (
+                f"{protocol.REFUSAL_MARKER} reached: {where}. The run has spent epsilon {run_before:.4f} at this site "
+                f"(delta {p.delta:g}, {p.accountant} accountant) and {cost} would reach {run_after:.4f}, above the "
+                f"coordinator's privacy.patient.target_epsilon {p.target_epsilon:g} for this run. This happens when "
+                "a round is retried with changed inputs (a changed experiment resumed under the same run name, or "
+                "a site restarted mid-round): each retry is a new release. The coordinator can resume with the "
+                "unchanged experiment (identical retries replay at no cost) or start a new run, which this site "
+                "accounts against its lifetime budget; the run goes on without this site while min_sites remain."
+            )
+            rule, value, budget, spent, after = "target_epsilon", p.target_epsilon, p.target_epsilon, \
+                run_before, run_after
+        if message is None:
+            return run_after, life_after
+        self.ledger.add_refusal({"run_id": self.run_id, "round": self.server_round, "rule": rule, "value": value,
+                                 "spent": spent, "would_reach": after, "budget": budget})
         try:
-            self.history.save()
+            self.ledger.save()
         finally:
             self.close()
         log.warning(message)
@@ -220,46 +284,49 @@ class PatientDPSession:
                       ) -> tuple[Any, Any, Any]:
         import torch
         from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader
+        from opacus.data_loader import DPDataLoader
 
         p = self.plan
-        if len(loader.dataset) != p.n_train:  # type: ignore[arg-type]
-            raise RuntimeError(f"DP-SGD was planned for {p.n_train} training patients but the loader has "
+        if len(loader.dataset) != self.n_train:  # type: ignore[arg-type]
+            raise RuntimeError(f"DP-SGD was opened for {self.n_train} training patients but the loader has "
                                f"{len(loader.dataset)}")  # type: ignore[arg-type]
         fingerprint = self._fingerprint(model, optimizer, loader)
-        attempts = self.history.attempts(self.server_round)
-        match = next((i for i, a in enumerate(attempts) if a.get("fingerprint") == fingerprint), None)
+        attempts = self.ledger.attempts(self.run_id, self.server_round)
+        match = next((a for a in attempts if a.get("fingerprint") == fingerprint), None)
         if match is not None:
             # Same inputs as a release already accounted: run it again with the same seeds.
-            prior = self.history.history(exclude=(self.server_round, match))
-            release = _Release(attempt=match, replay_of=attempts[match], prior=prior, fingerprint=fingerprint)
+            prior = self.ledger.history(exclude=match)
+            release = _Release(attempt=int(match.get("attempt", attempts.index(match))), replay_of=match,
+                               prior=prior, fingerprint=fingerprint)
             log.info("site %s round %d: identical retry of a release already accounted; replaying it",
                      self.site_name, self.server_round)
         else:
-            prior = self.history.history()
             if attempts:
                 # A retry with different inputs is a new release on top of the one already made.
-                self._check_budget(prior, p.entry())
-            release = _Release(attempt=len(attempts), replay_of=None, prior=prior, fingerprint=fingerprint)
-        noise_seed, sampling_seed = self.history.seeds(self.server_round, release.attempt)
+                self._check_budget(p.entry())
+            release = _Release(attempt=len(attempts), replay_of=None, prior=self.ledger.history(),
+                               fingerprint=fingerprint)
+        noise_seed, sampling_seed = self.ledger.seeds(self.run_id, self.server_round, release.attempt)
         device = _device_of(model)
         noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
         sampling_gen = torch.Generator().manual_seed(sampling_seed)
-        # Same dataset and batch size (so the same Poisson rate), but a sampling generator the coordinator
-        # cannot predict; Opacus takes the generator of the loader it is given.
-        base = DataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=False, drop_last=False,
-                          collate_fn=loader.collate_fn, generator=sampling_gen)
+        # Poisson sampling at the plan's public rate, with a generator the coordinator cannot predict.
+        dp_base = DPDataLoader(loader.dataset, sample_rate=p.sample_rate, collate_fn=loader.collate_fn,
+                               generator=sampling_gen)
         engine = PrivacyEngine(accountant=p.accountant)
-        engine.accountant.history = list(prior)
+        engine.accountant.history = list(release.prior)
         wrapped, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=base, noise_multiplier=p.noise_multiplier,
-            max_grad_norm=p.max_grad_norm, poisson_sampling=True, noise_generator=noise_gen,
+            module=model, optimizer=optimizer, data_loader=dp_base, noise_multiplier=p.noise_multiplier,
+            max_grad_norm=p.max_grad_norm, poisson_sampling=False, noise_generator=noise_gen,
         )
         if len(dp_loader) != p.steps_per_epoch or not math.isclose(1 / len(dp_loader), p.sample_rate):
             raise RuntimeError(
                 f"Opacus runs {len(dp_loader)} steps per epoch at sample rate {1 / len(dp_loader):.6g}, but the plan "
                 f"has {p.steps_per_epoch} at {p.sample_rate:.6g}; the accounting would not match"
             )
+        # Opacus divides the noisy sum by len(dataset) * q, which depends on the exact patient count; the
+        # released update must depend only on public values, so divide by the public N / K instead.
+        dp_optimizer.expected_batch_size = p.expected_batch_size
         self._release = release
         self._engine = engine
         self._module = model
@@ -268,9 +335,9 @@ class PatientDPSession:
 
     # ---- finishing -----------------------------------------------------------------------------
     def finish(self, result: TrainResult) -> dict[str, float]:
-        """Persist the round's release in the history and return the train reply's ``dp-*`` metrics.
+        """Record the round's release in the ledger and return the train reply's ``dp-*`` metrics.
 
-        The history lock is released on return and on every error (`close`)."""
+        The ledger lock is released on return and on every error (`close`)."""
         try:
             return self._finish(result)
         finally:
@@ -303,8 +370,11 @@ class PatientDPSession:
         if not replayed:
             if release.replay_of is not None:
                 # Not covered by the earlier check, which assumed a free replay.
-                self._check_budget(self.history.history(), p.entry())
-            self.history.add_attempt(self.server_round, {
+                self._check_budget(p.entry())
+            self.ledger.add_release({
+                "run_id": self.run_id,
+                "round": self.server_round,
+                "attempt": len(self.ledger.attempts(self.run_id, self.server_round)),
                 "fingerprint": release.fingerprint if release.replay_of is None else f"{release.fingerprint}+rerun",
                 "result_sha256": result_sha,
                 "history": [list(e) for e in added],
@@ -312,33 +382,39 @@ class PatientDPSession:
                 "noise_multiplier": p.noise_multiplier,
                 "sample_rate": p.sample_rate,
                 "max_grad_norm": p.max_grad_norm,
-                "n_train": p.n_train,
-                "finished_at": now(),
+                "public_count": p.public_count,
+                "count_source": p.count_source,
+                "delta": p.delta,
+                "accountant": p.accountant,
+                "finished_at": now_text(),
                 "replays": 0,
             })
-        full = self.history.history()
-        epsilon = epsilon_for(full, p.delta, p.accountant)
+        run_eps, life_eps = self.epsilons()
         if not replayed:
-            self.history.data["rounds"][str(self.server_round)]["attempts"][-1]["epsilon_after"] = epsilon
-        self.history.save()
+            self.ledger.data["releases"][-1].update(epsilon_run_after=run_eps, epsilon_lifetime_after=life_eps)
+        self.ledger.save()
         self.close()
+        run_hist = self.ledger.history(run_id=self.run_id)
         metrics = {
-            protocol.DP_EPSILON: float(epsilon),
+            protocol.DP_EPSILON: float(run_eps),
             protocol.DP_DELTA: float(p.delta),
             protocol.DP_NOISE_MULTIPLIER: float(p.noise_multiplier),
             protocol.DP_SAMPLE_RATE: float(p.sample_rate),
             protocol.DP_MAX_GRAD_NORM: float(p.max_grad_norm),
             protocol.DP_STEPS_ROUND: int(steps_added),
-            protocol.DP_STEPS_TOTAL: int(sum(n for _, _, n in full)),
-            protocol.DP_BUDGET_EPSILON: float(self.budget) if self.budget is not None else math.nan,
+            protocol.DP_STEPS_TOTAL: int(sum(n for _, _, n in run_hist)),
+            protocol.DP_BUDGET_EPSILON: float(self.site_budget) if self.site_budget is not None else math.nan,
             protocol.DP_REPLAYED: int(replayed),
-            protocol.DP_ATTEMPTS_ROUND: len(self.history.attempts(self.server_round)),
-            protocol.DP_HISTORY_SEGMENTS: len(full),
+            protocol.DP_ATTEMPTS_ROUND: len(self.ledger.attempts(self.run_id, self.server_round)),
+            protocol.DP_HISTORY_SEGMENTS: len(run_hist),
+            protocol.DP_LIFETIME_EPSILON: float(life_eps),
+            protocol.DP_LIFETIME_DELTA: float(self.site_delta),
+            protocol.DP_LIFETIME_RUNS: len(self.ledger.run_ids()),
         }
         assert tuple(metrics) == protocol.DP_METRIC_KEYS
-        log.info("site %s round %d: DP-SGD done, epsilon %.4f at delta %g after %d steps (budget %s)",
-                 self.site_name, self.server_round, epsilon, p.delta, metrics[protocol.DP_STEPS_TOTAL],
-                 "none" if self.budget is None else f"{self.budget:g}")
+        log.info("site %s round %d: DP-SGD done, run epsilon %.4f at delta %g, lifetime epsilon %.4f at delta %g "
+                 "(budget %s)", self.site_name, self.server_round, run_eps, p.delta, life_eps, self.site_delta,
+                 "none" if self.site_budget is None else f"{self.site_budget:g}")
         return metrics
 
     def _cleanup(self) -> None:
@@ -349,8 +425,8 @@ class PatientDPSession:
             cleanup()
 
     def spent(self) -> float:
-        """Epsilon spent by this site in this run so far (from the history file)."""
-        return epsilon_for(self.history.history(), self.plan.delta, self.plan.accountant)
+        """Lifetime epsilon of this site's patients so far, at the site's delta (from the ledger)."""
+        return self.epsilons()[1]
 
 
 def _device_of(model: nn.Module) -> Any:

@@ -17,7 +17,35 @@ def guarantee_sentences(data: dict[str, Any]) -> list[str]:
     site = data.get("site", {})
     if site.get("enabled"):
         out.append(_site_sentence(rounds, site, data.get("abandoned", [])))
+    policies = policy_sentence(data)
+    if policies:
+        out.append(policies)
     return out
+
+
+def policy_sentence(data: dict[str, Any]) -> str | None:
+    """The sites' own privacy policies, as their last train replies stated them (None if none did)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in data.get("rounds", []):
+        for name, rec in entry.get("sites", {}).items():
+            if isinstance(rec.get("policy"), dict):
+                latest[name] = rec["policy"]
+    if not latest:
+        return None
+
+    def words(p: dict[str, Any]) -> str:
+        parts = ["requires patient DP" if p.get("require-patient-dp") else "patient DP optional"]
+        if p.get("max-patient-epsilon") is not None:
+            parts.append(f"lifetime max-patient-epsilon {float(p['max-patient-epsilon']):g}")
+        parts.append(f"delta <= {float(p.get('patient-delta', 1e-5)):g}")
+        if p.get("max-clipping-norm") is not None:
+            parts.append(f"clipping norm <= {float(p['max-clipping-norm']):g}")
+        parts.append(f"evaluates on {p.get('eval-splits', 'val,test')}")
+        parts.append(f"histograms <= {p.get('max-histogram-bins', 100)} bins")
+        return ", ".join(parts)
+
+    return "site policies (each site's own node config, enforced by the site): " + "; ".join(
+        f"{name}: {words(p)}" for name, p in sorted(latest.items()))
 
 
 def _patient_sentence(rounds: list[dict[str, Any]], pat: dict[str, Any]) -> str:
@@ -39,11 +67,19 @@ def _patient_sentence(rounds: list[dict[str, Any]], pat: dict[str, Any]) -> str:
     noise = f"{noises[0]:g}" if len(noises) == 1 else f"{noises[0]:g} to {noises[-1]:g}"
     per_site = ", ".join(f"{name} {rec['epsilon']:.3f}" for name, rec in sorted(last.items()))
     stops = "; ".join(f"{name} stopped at its own budget" for name in sorted(refused))
+    lifetime = ", ".join(
+        f"{name} {rec['lifetime_epsilon']:.3f} at delta {rec.get('lifetime_delta', delta):g} over "
+        f"{rec.get('lifetime_runs', 1)} run(s)"
+        for name, rec in sorted(last.items()) if rec.get("lifetime_epsilon") is not None
+    )
     return (
         f"patient-level ({worst:.3f}, {delta:g})-DP at every site after {len(rounds)} round(s): each hospital "
         f"trained with DP-SGD (Opacus, Poisson sampling, per-patient clipping norm {pat.get('max_grad_norm'):g}, "
         f"noise multiplier {noise}, {str(pat.get('accountant')).upper()} accountant) and has spent epsilon "
         f"{per_site}" + (f" ({stops})" if stops else "")
+        + (f"; over their lifetime (every run that touched their patients) the sites' patients have spent "
+           f"{lifetime}" if lifetime else "")
+        + "; adjacency: add or remove one patient, with sampling and weights from each site's public patient count"
     )
 
 

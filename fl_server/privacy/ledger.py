@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.privacy.guarantee import guarantee_sentences
-from fl_server.privacy.replies import dp_reply_record, refusal_text, reply_site, spent_in_refusal
+from fl_server.privacy.replies import dp_reply_record, refusal_text, reply_policy, reply_site, spent_in_refusal
 from fl_server.privacy.wrappers import (
     SERVER_ACCOUNTANT,
     accountant_compositions,
@@ -78,6 +78,10 @@ class PrivacyLedger:
                 "noise_multiplier": pat.noise_multiplier,
                 "max_grad_norm": pat.max_grad_norm,
                 "unit": "patient",
+                "adjacency": ("add or remove one patient at one site; the sample rate, steps and FedAvg weight "
+                              "come from the site's public patient count, never its exact count"),
+                "lifetime": ("each site also composes every run that touched its patients and refuses a round "
+                             "that would pass its own max-patient-epsilon"),
             },
             "site": {
                 "enabled": site.enabled,
@@ -266,7 +270,7 @@ class PrivacyLedger:
             name = reply_site(reply, name_fn)
             if not patient_on:
                 kept.append(reply)
-                sites[name] = {"status": "trained", "mechanism": None}
+                sites[name] = {"status": "trained", "mechanism": None, "policy": reply_policy(reply)}
                 continue
             assert exp is not None
             problem, rec = dp_reply_record(reply, exp.privacy.patient)
@@ -290,8 +294,11 @@ class PrivacyLedger:
             rec = {"status": "refused" if refusal else "failed", "reason": refusal or fail.get("reason")}
             if patient_on:
                 spent = spent_in_refusal(refusal) if refusal else None
+                run_spent = spent[1] if spent is not None and spent[0] == "run" else None
                 rec.update({"mechanism": "dp-sgd",
-                            "epsilon": spent if spent is not None else (last or {}).get("epsilon"),
+                            "epsilon": run_spent if run_spent is not None else (last or {}).get("epsilon"),
+                            "lifetime_epsilon": (spent[1] if spent is not None and spent[0] == "lifetime"
+                                                 else (last or {}).get("lifetime_epsilon")),
                             "steps_total": (last or {}).get("steps_total"),
                             "budget_epsilon": (last or {}).get("budget_epsilon")})
                 if refusal is None and last is not None:

@@ -3,6 +3,7 @@ its name, and the site's refusal inside the error text Flower wraps around it.""
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable
@@ -26,6 +27,20 @@ def reply_site(reply: Message, name_fn: Callable[[int], str]) -> str:
     return name_fn(reply.metadata.src_node_id)
 
 
+def reply_policy(reply: Message) -> dict[str, Any] | None:
+    """The site's privacy policy (its node-config keys) that a reply carries, if it carries one."""
+    if protocol.SITE_RECORD not in reply.content.config_records:
+        return None
+    text = reply.content[protocol.SITE_RECORD].get(protocol.SITE_POLICY)
+    if not isinstance(text, str):
+        return None
+    try:
+        policy = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return policy if isinstance(policy, dict) else None
+
+
 def refusal_text(reason: str, marker: str = protocol.REFUSAL_MARKER) -> str | None:
     """The site's refusal message inside Flower's error text, or None if this failure is something else.
 
@@ -41,10 +56,12 @@ def refusal_text(reason: str, marker: str = protocol.REFUSAL_MARKER) -> str | No
     return (text[:end] if end >= 0 else text).strip()
 
 
-def spent_in_refusal(text: str) -> float | None:
-    """The epsilon a site says it has spent in its refusal `text`, if it says."""
-    match = re.search(r"has spent epsilon ([0-9.]+)", text)
-    return float(match.group(1)) if match else None
+def spent_in_refusal(text: str) -> tuple[str, float] | None:
+    """What a site says it has spent in its budget refusal `text`: ("lifetime" or "run", epsilon), if it says."""
+    match = re.search(r"spent epsilon ([0-9.]+)", text)
+    if not match:
+        return None
+    return ("lifetime" if "over their lifetime" in text else "run"), float(match.group(1))
 
 
 def dp_reply_record(reply: Message, pat: PatientDPConfig) -> tuple[str | None, dict[str, Any] | None]:
@@ -72,6 +89,11 @@ def dp_reply_record(reply: Message, pat: PatientDPConfig) -> tuple[str | None, d
         "replayed": bool(m[protocol.DP_REPLAYED]),
         "attempts_round": int(m[protocol.DP_ATTEMPTS_ROUND]),
         "history_segments": int(m[protocol.DP_HISTORY_SEGMENTS]),
+        "lifetime_epsilon": _finite(m[protocol.DP_LIFETIME_EPSILON]),
+        "lifetime_delta": _finite(m[protocol.DP_LIFETIME_DELTA]),
+        "lifetime_runs": int(m[protocol.DP_LIFETIME_RUNS]),
+        "public_count": int(metrics[protocol.NUM_EXAMPLES]) if protocol.NUM_EXAMPLES in metrics else None,
+        "policy": reply_policy(reply),
     }
     if rec["epsilon"] is None or rec["epsilon"] < 0:
         return f"{protocol.DP_EPSILON} {m[protocol.DP_EPSILON]!r} is not a valid epsilon", rec
@@ -88,9 +110,13 @@ def dp_reply_record(reply: Message, pat: PatientDPConfig) -> tuple[str | None, d
     if pat.target_epsilon is not None and rec["epsilon"] > pat.target_epsilon * (1 + EPS_RTOL):
         return (f"reported epsilon {rec['epsilon']:.4f} is above the run's target "
                 f"{pat.target_epsilon:g}"), rec
+    life = rec["lifetime_epsilon"]
+    if life is None or life < rec["epsilon"] * (1 - EPS_RTOL):
+        return (f"{protocol.DP_LIFETIME_EPSILON} {m[protocol.DP_LIFETIME_EPSILON]!r} is not a valid lifetime "
+                "epsilon (it can never be below the run's)"), rec
     budget = rec["budget_epsilon"]
-    if budget is not None and rec["epsilon"] > budget * (1 + EPS_RTOL):
-        return f"reported epsilon {rec['epsilon']:.4f} is above the site's own budget {budget:g}", rec
+    if budget is not None and life > budget * (1 + EPS_RTOL):
+        return f"reported lifetime epsilon {life:.4f} is above the site's own lifetime budget {budget:g}", rec
     return None, rec
 
 

@@ -20,6 +20,8 @@ _EXPORTS = {
     "stratified_splits": "generator",
     "SITE_PROFILES": "profiles",
     "SITE_PROPORTIONS": "profiles",
+    "PAPER_PROPORTIONS": "profiles",
+    "LAYOUTS": "profiles",
     "site_sizes": "profiles",
     "DEFAULT_MODEL": "risk_model",
     "FEATURES": "risk_model",

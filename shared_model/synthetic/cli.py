@@ -8,6 +8,7 @@ import sys
 import time
 
 from .generator import DEFAULT_IMAGE_SIZE, DEFAULT_PATIENTS, generate_consortium
+from .profiles import LAYOUTS, PAPER_PATIENTS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,11 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--sites", type=int, default=7, help="number of sites, 1-7 (default 7)")
     parser.add_argument(
+        "--profile",
+        choices=sorted(LAYOUTS),
+        default="default",
+        help="site-size layout: 'default' (two large development hospitals, five smaller external ones, "
+        "for the demo) or 'paper' (the paper's proportions: the two development hospitals hold 75%% of all "
+        f"patients, the five external ones 25%%; --patients defaults to the paper's {PAPER_PATIENTS:,})",
+    )
+    parser.add_argument(
         "--patients",
         type=int,
-        default=DEFAULT_PATIENTS,
-        help=f"TOTAL number of patients over all sites, spread by realistic site sizes "
-        f"(default {DEFAULT_PATIENTS}; at least 8 per site)",
+        default=None,
+        help=f"TOTAL number of patients over all sites; the layout is scaled to it "
+        f"(default {DEFAULT_PATIENTS}, or {PAPER_PATIENTS} with --profile paper; at least 8 per site)",
     )
     parser.add_argument(
         "--seed",
@@ -58,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llnm-synth`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if args.patients is None:
+        args.patients = PAPER_PATIENTS if args.profile == "paper" else DEFAULT_PATIENTS
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -74,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             image_size=args.image_size,
             workers=args.workers,
             overwrite=args.overwrite,
+            layout=args.profile,
             progress=progress,
         )
     except (ValueError, FileExistsError) as exc:

@@ -15,6 +15,17 @@ from typing import Any
 #: ones, as in the paper (29,615 development vs 9,836 external patients from 2 + 5 hospitals).
 SITE_PROPORTIONS: tuple[float, ...] = (0.30, 0.22, 0.15, 0.11, 0.09, 0.07, 0.06)
 
+#: The paper's layout (``llnm-synth --profile paper``): the two development hospitals hold 75% of all
+#: patients (29,615 of 39,451) and the five external hospitals share the other 25% (9,836). With the site
+#: prevalences below the pooled LLNM prevalence comes out near the paper's 52%.
+PAPER_PROPORTIONS: tuple[float, ...] = (0.43, 0.32, 0.07, 0.06, 0.05, 0.04, 0.03)
+
+#: Site-size layouts by ``--profile`` name.
+LAYOUTS: dict[str, tuple[float, ...]] = {"default": SITE_PROPORTIONS, "paper": PAPER_PROPORTIONS}
+
+#: The paper's total number of patients: the default ``--patients`` of ``--profile paper``.
+PAPER_PATIENTS = 39_451
+
 #: Fewest patients any site may get, so every site can be split train/val/test with both classes.
 MIN_PATIENTS_PER_SITE = 8
 
@@ -426,21 +437,29 @@ def site_profiles(n_sites: int) -> tuple[SiteProfile, ...]:
     return SITE_PROFILES[:n_sites]
 
 
-def site_sizes(total: int, n_sites: int, minimum: int = MIN_PATIENTS_PER_SITE) -> list[int]:
-    """Split ``total`` patients over ``n_sites`` by :data:`SITE_PROPORTIONS` (largest remainder).
+def layout_proportions(profile: str) -> tuple[float, ...]:
+    """The site proportions of a ``--profile`` name (:data:`LAYOUTS`)."""
+    if profile not in LAYOUTS:
+        raise ValueError(f"--profile {profile!r} is unknown; choose one of {', '.join(LAYOUTS)}")
+    return LAYOUTS[profile]
+
+
+def site_sizes(total: int, n_sites: int, minimum: int = MIN_PATIENTS_PER_SITE,
+               proportions: tuple[float, ...] = SITE_PROPORTIONS) -> list[int]:
+    """Split ``total`` patients over ``n_sites`` by ``proportions`` (largest remainder).
 
     Every site gets at least ``minimum`` patients; what that costs is taken from the largest sites, so the
     spread of sizes stays realistic for any total.
     """
-    if n_sites < 1 or n_sites > len(SITE_PROPORTIONS):
-        raise ValueError(f"--sites must be between 1 and {len(SITE_PROPORTIONS)}, got {n_sites}")
+    if n_sites < 1 or n_sites > len(proportions):
+        raise ValueError(f"--sites must be between 1 and {len(proportions)}, got {n_sites}")
     if total < minimum * n_sites:
         raise ValueError(
             f"--patients {total} is too few for {n_sites} sites: every site needs at least {minimum} "
             "patients "
             f"(so at least {minimum * n_sites} in total)"
         )
-    props = SITE_PROPORTIONS[:n_sites]
+    props = proportions[:n_sites]
     scale = sum(props)
     quotas = [total * p / scale for p in props]
     sizes = [int(q) for q in quotas]
