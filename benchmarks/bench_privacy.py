@@ -218,9 +218,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs per setting, with train.seed = the config's seed + 0, 1, ... (costs are paired by seed)")
     p.add_argument("--step-repeats", type=int, default=3, help="timed repeats of the step-time comparison")
     p.add_argument("--workdir", help="where the run directories go (default: a temporary folder)")
+    p.add_argument("--profile", choices=["demo", "paper"], default="demo",
+                   help="'paper': the paper-scale benchmark on a `llnm-synth --profile paper` consortium (--data), "
+                        "written to benchmarks/results/privacy_paper_scale.json (benchmarks/_privacy_scale.py)")
+    p.add_argument("--epsilons", default="1,3,8", help="paper profile: patient-level target epsilons of the DP design")
+    p.add_argument("--seeds", type=int, default=3, help="paper profile: runs (noise seeds) per epsilon")
+    p.add_argument("--full-config", default=str(ROOT / "configs" / "demo.yaml"),
+                   help="paper profile: the full model, a non-private candidate")
+    p.add_argument("--dp-config", default=str(ROOT / "configs" / "demo-dp.yaml"),
+                   help="paper profile: the DP design (also run without DP as a candidate)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="paper profile: paired bootstrap draws")
     p.add_argument("--step-time-only", action="store_true",
                    help="keep the simulations already in --out and only (re)measure the step times")
     args = p.parse_args(argv)
+    if args.profile == "paper":
+        sys.path.insert(0, str(Path(__file__).parent))
+        from _privacy_scale import run as run_paper_scale
+
+        if args.out == p.get_default("out"):
+            args.out = str(ROOT / "benchmarks" / "results" / "privacy_paper_scale.json")
+        return run_paper_scale(args)
 
     from fl_research.simulation import discover_sites
     from fl_server.config import load_config

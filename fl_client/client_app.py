@@ -84,25 +84,24 @@ def _check_eval_policy(settings: SiteSettings, name: str, server_round: object, 
 
 
 def _load_round_inputs(msg: Message, settings: SiteSettings):
-    """Model, site tensors and settings for this round, from the round's ConfigRecord."""
+    """Model, the site's inputs (tensors, or public features for the feature head) and the round's config."""
+    from shared_model.architectures import build_model, load_site_inputs
     from shared_model.data import check_scalar_count
-    from shared_model.modeling import LLNMNet
-    from shared_model.site_cache import build_site_tensors
 
     config = msg.content[protocol.CONFIG_RECORD]
     model_cfg = protocol.read_schema(config, protocol.MODEL_CONFIG, ModelConfig)
     check_scalar_count(model_cfg.num_clinical, f"the round's {protocol.MODEL_CONFIG}")
     pre_cfg = protocol.read_schema(config, protocol.PREPROCESS_CONFIG, PreprocessConfig)
-    tensors = build_site_tensors(settings.data_path, pre_cfg, cache_dir=settings.cache_dir, progress=False)
-    model = LLNMNet(model_cfg)
+    inputs = load_site_inputs(settings.data_path, pre_cfg, model_cfg, cache_dir=settings.cache_dir)
+    model = build_model(model_cfg)
     state = msg.content[protocol.ARRAYS_RECORD].to_torch_state_dict()
     model.load_state_dict(state, strict=True)
-    return model, tensors, state, config
+    return model, inputs, state, config
 
 
 def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
                   defaults: dict[str, Any] | None = None) -> Message:
-    from shared_model.data import LLNMDataset
+    from shared_model.architectures import make_dataset, restrict_trainable
     from shared_model.training import train_local, trainable_state
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
@@ -123,7 +122,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     })
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
     train_tensors = tensors.subset("train")
-    train_set = LLNMDataset(train_tensors)
+    train_set = make_dataset(train_tensors)
 
     dp_metrics: dict[str, float] = {}
     hooks = None
@@ -131,6 +130,8 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     if privacy_cfg.enabled:
         from fl_client.privacy import PatientDPSession
 
+        # What DP-SGD trains (privacy.patient.trainable); the rest keeps the global model's values.
+        restrict_trainable(model, privacy_cfg.trainable)
         session = PatientDPSession.open(
             site_name=name,
             run_id=str(config.get(protocol.RUN_ID, context.run_id)),
@@ -179,7 +180,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
 
 def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None,
                      defaults: dict[str, Any] | None = None) -> Message:
-    from shared_model.data import LLNMDataset
+    from shared_model.architectures import make_dataset
     from shared_model.metrics import binary_metrics, score_histogram
     from shared_model.training import predict
 
@@ -192,7 +193,7 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     _check_eval_policy(settings, name, config.get(protocol.SERVER_ROUND, "?"), split)
     model, tensors, _, config = _load_round_inputs(msg, settings)
     subset = tensors.subset(split)
-    preds = predict(model, LLNMDataset(subset), device=settings.device)
+    preds = predict(model, make_dataset(subset), device=settings.device)
     labelled = preds["llnm"] >= 0
     y = preds["llnm"][labelled].astype(int)
     s = preds["score"][labelled]

@@ -33,23 +33,24 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
     import numpy as np
     from sklearn.metrics import confusion_matrix
 
+    from shared_model.architectures import build_model, load_site_inputs, make_dataset
     from shared_model.checkpoint import load_checkpoint
-    from shared_model.data import LLNMDataset, check_scalar_count
+    from shared_model.data import check_scalar_count
     from shared_model.metrics import binary_metrics, calibration_curve_data, decision_curve
-    from shared_model.modeling import LLNMNet, ModelConfig
+    from shared_model.modeling import ModelConfig
     from shared_model.preprocessing import PreprocessConfig
-    from shared_model.site_cache import build_site_tensors
     from shared_model.training import predict
 
     state, meta = load_checkpoint(model_path)
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     check_scalar_count(model_cfg.num_clinical, f"checkpoint {model_path}")
-    model = LLNMNet(model_cfg)
+    model = build_model(model_cfg)
     model.load_state_dict(state)
     pre = PreprocessConfig.from_dict(meta["preprocess_config"])
-    tensors = build_site_tensors(Path(site_dir), pre, cache_dir=Path(cache_dir) if cache_dir else None)
+    tensors = load_site_inputs(Path(site_dir), pre, model_cfg, cache_dir=Path(cache_dir) if cache_dir else None,
+                               progress=True)
     subset = tensors if split == "all" else tensors.subset(split)
-    preds = predict(model, LLNMDataset(subset), device=device)
+    preds = predict(model, make_dataset(subset), device=device)
     labelled = preds["llnm"] >= 0
     y = preds["llnm"][labelled].astype(int)
     s = preds["score"][labelled]

@@ -28,17 +28,17 @@ log = logging.getLogger("llnm.baseline")
 
 
 def _load_all(exp: ExperimentConfig, sites: list[Path]):
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.architectures import load_site_inputs
 
-    pre = exp.preprocess
-    return {p.name: build_site_tensors(p, pre, cache_dir=exp.data.cache_dir) for p in sites}
+    pre, arch = exp.preprocess, exp.architecture()
+    return {p.name: load_site_inputs(p, pre, arch, cache_dir=exp.data.cache_dir, progress=True) for p in sites}
 
 
 def _scores(model, tensors, split: str, device: str) -> tuple[np.ndarray, np.ndarray]:
-    from shared_model.data import LLNMDataset
+    from shared_model.architectures import make_dataset
     from shared_model.training import predict
 
-    preds = predict(model, LLNMDataset(tensors.subset(split)), device=device)
+    preds = predict(model, make_dataset(tensors.subset(split)), device=device)
     keep = preds["llnm"] >= 0
     return preds["llnm"][keep].astype(int), preds["score"][keep]
 
@@ -53,16 +53,15 @@ def train_reference(exp: ExperimentConfig, train_sets: list, val_sets: list, epo
     import torch
     from torch.utils.data import ConcatDataset
 
-    from shared_model.data import LLNMDataset
+    from shared_model.architectures import build_model, make_dataset
     from shared_model.metrics import binary_metrics
-    from shared_model.modeling import LLNMNet
     from shared_model.training import predict, scheduled_lr, train_local
 
     torch.manual_seed(exp.train.seed)
-    model = LLNMNet(exp.architecture())
+    model = build_model(exp.architecture())
     base = exp.train.model_copy(update={"local_epochs": 1})
-    train = ConcatDataset([LLNMDataset(t) for t in train_sets])
-    val = ConcatDataset([LLNMDataset(t) for t in val_sets]) if val_sets else None
+    train = ConcatDataset([make_dataset(t) for t in train_sets])
+    val = ConcatDataset([make_dataset(t) for t in val_sets]) if val_sets else None
     best_auc, best_state, best_epoch = -1.0, None, epochs
     history: list[dict[str, Any]] = []
     started = time.perf_counter()

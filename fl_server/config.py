@@ -46,7 +46,7 @@ class DataSection(_Strict):
 
 
 class ModelSection(_Strict):
-    preset: Literal["tiny", "paper"] = "tiny"
+    preset: Literal["tiny", "paper", "feature-head"] = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 

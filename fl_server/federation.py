@@ -66,10 +66,10 @@ class RoundOutcome:
 
 def initial_state(exp: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The round-0 global model, reproducible from the run's seed."""
-    from shared_model.modeling import LLNMNet
+    from shared_model.architectures import build_model
 
     torch.manual_seed(exp.train.seed)
-    model = LLNMNet(exp.architecture())
+    model = build_model(exp.architecture())
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

