@@ -395,8 +395,12 @@ class TrainConfig(Schema):
 
     WHAT: ClassVar[str] = "training config"
 
-    lr: Float = Field(3e-4, gt=0.0, le=1.0)
+    lr: Float = Field(3e-4, gt=0.0, le=100.0)
     weight_decay: Float = Field(0.01, ge=0.0, le=1.0)
+    # AdamW (the default), or SGD with momentum: under DP-SGD, Adam's per-coordinate scaling also scales up the
+    # noise of coordinates with little signal; the small DP head trains better with momentum SGD.
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: Float = Field(0.9, ge=0.0, lt=1.0)
     local_epochs: Int = Field(1, ge=1, le=1000)
     batch_size: Int = Field(32, ge=1, le=4096)
     seed: Int = 0

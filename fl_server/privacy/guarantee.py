@@ -68,17 +68,17 @@ def _patient_sentence(rounds: list[dict[str, Any]], pat: dict[str, Any]) -> str:
     per_site = ", ".join(f"{name} {rec['epsilon']:.3f}" for name, rec in sorted(last.items()))
     stops = "; ".join(f"{name} stopped at its own budget" for name in sorted(refused))
     lifetime = ", ".join(
-        f"{name} {rec['lifetime_epsilon']:.3f} at delta {rec.get('lifetime_delta', delta):g} over "
-        f"{rec.get('lifetime_runs', 1)} run(s)"
+        f"{name} {rec['lifetime_epsilon']:.3f} ({rec.get('lifetime_runs', 1)} run(s))"
         for name, rec in sorted(last.items()) if rec.get("lifetime_epsilon") is not None
     )
+    deltas = sorted({rec.get("lifetime_delta") for rec in last.values() if rec.get("lifetime_delta") is not None})
+    at = f"delta {deltas[0]:g}" if len(deltas) == 1 else "each site's own delta"
     return (
         f"patient-level ({worst:.3f}, {delta:g})-DP at every site after {len(rounds)} round(s): each hospital "
         f"trained with DP-SGD (Opacus, Poisson sampling, per-patient clipping norm {pat.get('max_grad_norm'):g}, "
         f"noise multiplier {noise}, {str(pat.get('accountant')).upper()} accountant) and has spent epsilon "
         f"{per_site}" + (f" ({stops})" if stops else "")
-        + (f"; over their lifetime (every run that touched their patients) the sites' patients have spent "
-           f"{lifetime}" if lifetime else "")
+        + (f"; lifetime epsilon (every run on their patients, at {at}): {lifetime}" if lifetime else "")
         + "; adjacency: add or remove one patient, with sampling and weights from each site's public patient count"
     )
 
