@@ -23,7 +23,7 @@ from shared_model.modeling import ModelOutput
 from shared_model.public_features import IMAGE_DIM
 
 #: L2 norm of each normalised feature block (image, report).
-FEATURE_NORM = 1.0
+FEATURE_NORM = 4.0
 
 
 def _normalise(x: Tensor) -> Tensor:
