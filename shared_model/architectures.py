@@ -38,7 +38,8 @@ def load_site_inputs(site_dir: str | Path, pre_cfg: PreprocessConfig, model_cfg:
     if model_cfg.architecture == "feature-head":
         from shared_model.public_features import site_public_features
 
-        return site_public_features(site_dir, pre_cfg, cache_dir=cache_dir, progress=progress)
+        feats = site_public_features(site_dir, pre_cfg, cache_dir=cache_dir, progress=progress)
+        return feats.centred(model_cfg.feature_centring) if model_cfg.feature_centring != "none" else feats
     from shared_model.site_cache import build_site_tensors
 
     return build_site_tensors(site_dir, pre_cfg, cache_dir=cache_dir, progress=progress)

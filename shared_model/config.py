@@ -153,12 +153,15 @@ class ModelConfig(Schema):
             features, `shared_model.feature_head`, for DP training; only text_dim, num_clinical and
             feature_hidden apply to it).
         feature_hidden: hidden width of the feature head's scalar MLP.
+        feature_centring: the feature head's inputs minus the site's mean feature over this split (``val``),
+            or ``none`` (`shared_model.public_features.PublicFeatures.centred`).
     """
 
     WHAT: ClassVar[str] = "model config"
 
     architecture: Literal["llnm-net", "feature-head"] = "llnm-net"
     feature_hidden: Int = Field(16, ge=1)
+    feature_centring: Literal["val", "none"] = "val"
 
     hidden_size: Int = Field(768, ge=1)
     num_heads: Int = Field(12, ge=1)

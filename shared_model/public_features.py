@@ -142,6 +142,34 @@ class PublicFeatures:
     def batch(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in _FIELDS)
 
+    def centred(self, reference_split: str = "val") -> PublicFeatures:
+        """The features minus the site's mean image and report feature over its `reference_split` patients.
+
+        Why: a site's scanner and reporting habits shift all of its features alike; a head trained by FedAvg
+        turns such shifts into score offsets between sites (pooled test AUC 0.786 against 0.821 centred, on the
+        9,836-patient paper consortium). Why the validation split: DP-SGD protects the *training* patients, and
+        their inputs must not depend on one another; the validation patients are outside that guarantee
+        (their metrics are sent exactly; docs/privacy.md), so a mean over them costs the training patients
+        nothing. A site without patients in `reference_split` is left uncentred. Missing views and reports
+        stay all zero.
+        """
+        ref = [i for i, s in enumerate(self.splits) if s == reference_split]
+        out = PublicFeatures(self.site, list(self.patient_ids), list(self.splits),
+                             *(getattr(self, name) for name in _FIELDS), meta=dict(self.meta))
+        if not ref:
+            logger.warning("%s: no %s patients, so its public features are not centred", self.site, reference_split)
+            out.meta["centred_on"] = None
+            return out
+        pick = torch.tensor(ref, dtype=torch.long)
+        vm = self.view_mask[pick].unsqueeze(-1)
+        image_mean = (self.image[pick] * vm).sum(dim=(0, 1)) / vm.sum(dim=(0, 1)).clamp(min=1.0)
+        tm = self.text_mask[pick].unsqueeze(-1)
+        text_mean = (self.text[pick] * tm).sum(dim=(0, 1)) / tm.sum(dim=(0, 1)).clamp(min=1.0)
+        out.image = (self.image - image_mean) * self.view_mask.unsqueeze(-1)
+        out.text = (self.text - text_mean) * self.text_mask.unsqueeze(-1)
+        out.meta["centred_on"] = {"split": reference_split, "patients": len(ref)}
+        return out
+
     def save(self, path: Path) -> None:
         blob = {"site": self.site, "patient_ids": self.patient_ids, "splits": self.splits, "meta": self.meta,
                 **{name: getattr(self, name) for name in _FIELDS}}

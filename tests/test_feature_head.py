@@ -126,6 +126,27 @@ def test_feature_dataset_matches_the_models_batch_layout() -> None:
     assert len(ds) == 2 and [t.shape for t in ds[0]] == [t[0].shape for t in b]
 
 
+def test_centring_uses_validation_patients_only() -> None:
+    """The site's centring vector comes from its validation patients, so a training patient's centred inputs
+    depend on that patient alone (what DP-SGD's per-patient analysis needs)."""
+    from shared_model.public_features import PublicFeatures
+
+    b = feature_batch(6)
+    splits = ["train", "train", "val", "val", "test", "train"]
+    feats = PublicFeatures("s", [f"p{i}" for i in range(6)], splits, *b)
+    centred = feats.centred("val")
+    mean = b[0][2:4].mean(dim=(0, 1))
+    assert torch.allclose(centred.image[0], b[0][0] - mean)
+    assert centred.meta["centred_on"] == {"split": "val", "patients": 2}
+    changed = [t.clone() for t in b]
+    changed[0][1] += 5.0  # another training patient changes
+    changed[2][1] -= 3.0
+    again = PublicFeatures("s", feats.patient_ids, splits, *changed).centred("val")
+    assert torch.equal(again.image[0], centred.image[0]) and torch.equal(again.text[0], centred.text[0])
+    no_val = PublicFeatures("s", feats.patient_ids, ["train"] * 6, *b).centred("val")
+    assert torch.equal(no_val.image, b[0]) and no_val.meta["centred_on"] is None
+
+
 # ---- real site, real cache, real federation ------------------------------------------------------------
 @pytest.mark.slow
 def test_public_features_of_a_real_site_are_cached(small_consortium: Path, tmp_path: Path) -> None:
