@@ -663,3 +663,38 @@ def test_history_lock_released_on_every_exit(tmp_path: Path) -> None:
     with pytest.raises(PatientBudgetExceeded):
         PatientDPSession.open(**{**kw, "settings": settings_for(tmp_path, budget=1e-6)})
     PatientDPSession.open(**kw, lock_timeout=0).close()
+
+
+def test_lifetime_ledger_composes_runs_changed_patients_and_old_files(tmp_path: Path) -> None:
+    """One ledger per (site, training patients); a site whose patients changed composes every earlier ledger that
+    shares a patient, and a version-1 per-run file of the site, into its lifetime epsilon; `llnm-site privacy`
+    reports the same."""
+    from fl_client.cmd_privacy import summarize
+
+    settings = settings_for(tmp_path)
+    torch.manual_seed(2)
+    state = trainable_state(LLNMNet(TINY))
+    m1, _ = train_round(settings, patient_tensors(12), state, 1, pcfg=privacy_cfg(), rounds=1, run="first")
+    # A version-1 file (one run) of the same site, from before the lifetime ledger.
+    legacy = {"format": "llnm-fl patient DP-SGD accountant history", "version": 1, "site": "a", "run_id": "old",
+              "accountant": "rdp", "delta": DELTA, "secret": "0" * 64,
+              "rounds": {"1": {"attempts": [{"history": [[1.2, 0.5, 4]], "steps": 4}]}}}
+    (tmp_path / "privacy-state" / "a-legacy.json").write_text(json.dumps(legacy))
+    from fl_client.privacy.history import _slug
+
+    (tmp_path / "privacy-state" / "a-legacy.json").rename(tmp_path / "privacy-state" / f"{_slug('a')}__old.json")
+    # Two more patients: a new ledger, sharing 12 patients with the first.
+    m2, _ = train_round(settings, patient_tensors(14), state, 1, pcfg=privacy_cfg(), rounds=1, run="second")
+    q1, s1 = opacus_sampling(12, 8)
+    q2, s2 = opacus_sampling(14, 8)
+    assert close(m2["dp-epsilon"], dp_sgd_epsilon(q2, 1.2, s2, DELTA))  # this run only
+    expected = epsilon_for([(1.2, q1, s1), (1.2, 0.5, 4), (1.2, q2, s2)], DELTA, "rdp")
+    assert m2["dp-lifetime-epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert m2["dp-lifetime-runs"] == 3 and m1["dp-lifetime-runs"] == 1
+    assert len(list((tmp_path / "privacy-state").glob("a-*__data-*.json"))) == 2
+    summary = summarize(SiteSettings(data_path=settings.data_path, name="a", cache_dir=None, device="cpu",
+                                     max_patient_epsilon=None, privacy_state_dir=tmp_path / "privacy-state"),
+                        budget=10.0)
+    assert summary["lifetime_epsilon"] == pytest.approx(expected, rel=1e-9)
+    assert {r["run_id"] for r in summary["runs"]} == {"first", "old", "second"}
+    assert summary["remaining_epsilon"] == pytest.approx(10.0 - expected)
