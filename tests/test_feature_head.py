@@ -189,3 +189,13 @@ def test_a_dp_round_of_the_feature_head_in_a_federation(small_consortium: Path, 
         assert {rec["status"] for rec in entry["sites"].values()} == {"trained"}
     metrics = json.loads((out / "metrics.json").read_text())
     assert all(r["pooled"].get("auc") is not None for r in metrics["rounds"])
+
+
+@pytest.mark.parametrize("name", ["demo-dp.yaml", "paper-dp.yaml"])
+def test_dp_configs_use_the_measured_design(name: str) -> None:
+    from fl_server.config import load_config
+
+    exp = load_config(ROOT / "configs" / name)
+    assert exp.architecture().architecture == "feature-head" and exp.architecture().feature_centring == "val"
+    assert exp.privacy.patient.enabled and exp.privacy.patient.target_epsilon == 3.0
+    assert exp.privacy.patient.delta == 1e-5 and exp.train.optimizer == "sgd"
