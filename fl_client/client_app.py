@@ -2,10 +2,14 @@
 
 Each round a SuperNode starts a fresh ClientApp process, so everything expensive lives on the site's
 disk: the preprocessed tensors (DICOM decoded, masks turned into feature channels, reports through the
-frozen text encoder) are cached by `shared_model.data.build_site_tensors`, and the DP-SGD accountant's
-history by `fl_client.privacy`. What leaves the site: the updated model parameters (LLNMNet only; the
-frozen text encoder never travels) and aggregate metrics (counts, losses, metrics, and a score histogram
-for exact pooled evaluation). No patient identifier, pixel, report text or per-patient score is sent.
+frozen text encoder) are cached by `shared_model.site_cache.build_site_tensors`, the frozen public features of
+the DP design by `shared_model.public_features`, and the site's lifetime privacy ledger by `fl_client.privacy`.
+What leaves the site: the updated model parameters (the frozen text encoder never travels), aggregate metrics
+(counts, losses, metrics, and a score histogram of at most the site's `max-histogram-bins` bins for pooled
+evaluation) and the site's privacy policy. Under patient-level DP a train reply carries only the update, the
+DP parameters and epsilons, and the site's public patient count as FedAvg weight. No patient identifier, pixel,
+report text or per-patient score is sent. Every message is checked against the site's own policy first
+(`fl_client.settings`).
 
 Where the site's data is: `data-path` in the SuperNode's node config (`llnm-site join` sets it). In
 Flower's simulation engine the virtual SuperNode `partition-id` i is mapped to the i-th site folder

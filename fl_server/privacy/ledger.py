@@ -303,7 +303,7 @@ class PrivacyLedger:
                             "budget_epsilon": (last or {}).get("budget_epsilon")})
                 if refusal is None and last is not None:
                     rec["note"] = ("no reply: the site may have trained, so its epsilon is at least this value "
-                                   "(its own history file is authoritative)")
+                                   "(its own lifetime ledger is authoritative)")
             sites[fail["site"]] = rec
             if refusal:
                 log.warning("round %d: %s", rnd, refusal)
