@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def summarize(settings: SiteSettings, *, budget: float | None = None, delta: float | None = None
               ) -> dict[str, Any]:
     """The site's lifetime privacy summary from its ledgers (read only)."""
-    from fl_client.privacy.history import LEGACY_FORMAT, STATE_FORMAT, _slug, default_state_dir
+    from fl_client.privacy.history import LEGACY_FORMAT, default_state_dir, site_ledgers
     from fl_client.privacy.plan import epsilon_for, merge_history
 
     name = site_name(settings)
@@ -51,24 +51,16 @@ def summarize(settings: SiteSettings, *, budget: float | None = None, delta: flo
     releases: list[dict[str, Any]] = []
     refusals: list[dict[str, Any]] = []
     policy: dict[str, Any] = {}
-    for path in sorted(state_dir.glob(f"{_slug(name)}__*.json")) if state_dir.is_dir() else []:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if data.get("site") != name or data.get("format") not in (STATE_FORMAT, LEGACY_FORMAT):
-            continue
-        if data.get("format") == STATE_FORMAT:
-            rels = list(data.get("releases") or [])
+    for path, data, rels in site_ledgers(state_dir, name):
+        if data.get("format") == LEGACY_FORMAT:
+            ledgers.append({"path": str(path), "data_id": None, "patients": None, "releases": len(rels),
+                            "updated_at": data.get("updated_at"), "format": "version 1 (one run)"})
+        else:
             policy = data.get("policy") or policy
             ledgers.append({"path": str(path), "data_id": data.get("data_id"),
                             "patients": len(data.get("patients") or []), "releases": len(rels),
                             "updated_at": data.get("updated_at")})
-            refusals.extend(data.get("refusals") or [])
-        else:  # version 1: one run's history
-            rels = [{"run_id": data.get("run_id"), "round": int(r), "history": a.get("history"),
-                     "accountant": data.get("accountant"), "delta": data.get("delta")}
-                    for r, rec in (data.get("rounds") or {}).items() for a in rec.get("attempts") or []]
-            ledgers.append({"path": str(path), "data_id": None, "patients": None, "releases": len(rels),
-                            "updated_at": data.get("updated_at"), "format": "version 1 (one run)"})
-            refusals.extend(data.get("refusals") or [])
+        refusals.extend(data.get("refusals") or [])
         releases.extend(rels)
     budget = budget if budget is not None else policy.get(MAX_PATIENT_EPSILON)
     delta = delta if delta is not None else float(policy.get(PATIENT_DELTA) or DEFAULT_PATIENT_DELTA)
@@ -150,9 +142,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     settings = SiteSettings(data_path=data, name=args.name, cache_dir=None, device="cpu", max_patient_epsilon=None,
                             privacy_state_dir=Path(args.privacy_state_dir) if args.privacy_state_dir else None)
+    from fl_client.privacy.history import PrivacyStateError
+
     try:
         summary = summarize(settings, budget=args.max_patient_epsilon, delta=args.patient_delta)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, PrivacyStateError) as exc:
         print(f"error: the privacy ledger of {data} cannot be read: {exc}", file=sys.stderr)
         return 1
     if args.json:

@@ -60,6 +60,7 @@ __all__ = [
     "Problem",
     "Site",
     "ViewFiles",
+    "coarse_count",
     "describe_utf8_error",
     "load_site",
 ]
@@ -67,6 +68,19 @@ __all__ = [
 SITE_FILE = "site.yaml"
 SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SITE_YAML_KEYS = ("name", "description", "contact", "public_patient_count")
+
+
+def coarse_count(n: int) -> int:
+    """`n` rounded up to two significant digits (413 -> 420, 2066 -> 2100): a public patient count.
+
+    What `llnm-synth` declares as each site's ``public_patient_count``, and what a site that declares none
+    derives at training time; a derived count is computed from the data, so the grid cell it reveals is outside
+    the DP guarantee (docs/privacy.md says so and the site's ledger records the source).
+    """
+    if n <= 0:
+        raise ValueError(f"no training patients (n={n})")
+    step = 10 ** max(0, len(str(int(n))) - 2)
+    return -(-int(n) // step) * step
 
 
 def load_site(site_dir: str | os.PathLike[str]) -> Site:

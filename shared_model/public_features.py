@@ -221,7 +221,7 @@ def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_d
     Reads no image while the site's cached tensors are valid (`site_cache.cached_content_key`); on a miss it
     builds or loads the site tensors and runs the backbone once.
     """
-    from shared_model.site_cache import build_site_tensors, cached_content_key, default_cache_dir
+    from shared_model.site_cache import build_site_tensors, cached_content_key
 
     started = time.perf_counter()
     key, site_name, cache_root = cached_content_key(site_dir, cfg, cache_dir=cache_dir)
@@ -238,7 +238,6 @@ def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_d
                 logger.warning("public feature cache %s is unreadable (%s); recomputing", path, exc)
     tensors = build_site_tensors(site_dir, cfg, cache_dir=cache_dir, progress=progress)
     feats = compute_public_features(tensors)
-    cache_root = default_cache_dir(cache_dir).expanduser().resolve()
     path = _features_path(cache_root, tensors.site, str(tensors.meta["cache_key"]))
     feats.save(path)
     logger.info("%s: public features computed for %d patients in %.1f s; cached at %s", tensors.site, len(feats),

@@ -24,7 +24,6 @@ from fl_client.privacy.history import (
 from fl_client.privacy.plan import (
     DPPlan,
     calibrate_noise,
-    coarse_count,
     epsilon_for,
     make_plan,
     merge_history,
@@ -44,7 +43,6 @@ __all__ = [
     "PrivacyStateError",
     "SiteLedger",
     "calibrate_noise",
-    "coarse_count",
     "default_state_dir",
     "epsilon_for",
     "ledger_path",

@@ -254,34 +254,47 @@ def _check_release(rel: Any, where: str) -> None:
         raise PrivacyStateError(f"{where}.history has impossible values")
 
 
+def site_ledgers(state_dir: Path, site_name: str) -> list[tuple[Path, dict[str, Any], list[dict[str, Any]]]]:
+    """Every ledger file of `site_name` in `state_dir`: (path, its contents, its releases, checked).
+
+    Version-1 per-run files are included, their releases in the lifetime layout. An unreadable file is an
+    error: it may hold privacy already spent.
+    """
+    state_dir = Path(state_dir)
+    if not state_dir.is_dir():
+        return []
+    out: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]] = []
+    for path in sorted(state_dir.glob(f"{_slug(site_name)}__*.json")):
+        data = _read_json(path)
+        if data.get("site") != site_name:
+            continue
+        if data.get("format") == STATE_FORMAT:
+            releases = list(data.get("releases") or [])
+            for i, rel in enumerate(releases):
+                _check_release(rel, f"{path}: releases[{i}]")
+            out.append((path, data, releases))
+        elif data.get("format") == LEGACY_FORMAT:
+            out.append((path, data, _legacy_releases(path, data)))
+    return out
+
+
 def find_related(state_dir: Path, site_name: str, patients: set[str], *, exclude: Path | None = None
                  ) -> list[RelatedLedger]:
     """Other ledgers of `site_name` in `state_dir` whose releases may have touched any of `patients`.
 
     Lifetime ledgers of the same site count when they share a patient digest; version-1 per-run files of
-    the same site (which record no patients) always count. An unreadable file is an error: it may hold
-    privacy already spent.
+    the same site (which record no patients) always count.
     """
-    state_dir = Path(state_dir)
-    if not state_dir.is_dir():
-        return []
-    prefix = f"{_slug(site_name)}__"
     out: list[RelatedLedger] = []
-    for path in sorted(state_dir.glob(f"{prefix}*.json")):
+    for path, data, releases in site_ledgers(state_dir, site_name):
         if exclude is not None and path.resolve() == Path(exclude).resolve():
             continue
-        data = _read_json(path)
-        if data.get("site") != site_name:
-            continue
-        if data.get("format") == STATE_FORMAT:
+        if data.get("format") == LEGACY_FORMAT:
+            out.append(RelatedLedger(path, releases, None))
+        else:
             shared = len(patients & set(data.get("patients") or []))
             if shared:
-                releases = list(data.get("releases") or [])
-                for i, rel in enumerate(releases):
-                    _check_release(rel, f"{path}: releases[{i}]")
                 out.append(RelatedLedger(path, releases, shared))
-        elif data.get("format") == LEGACY_FORMAT:
-            out.append(RelatedLedger(path, _legacy_releases(path, data), None))
     return out
 
 
@@ -291,7 +304,8 @@ def _legacy_releases(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:
     for rnd, rec in sorted((data.get("rounds") or {}).items(), key=lambda kv: int(kv[0])):
         for i, att in enumerate(rec.get("attempts") or []):
             rel = {"run_id": str(data.get("run_id")), "round": int(rnd), "attempt": i,
-                   "history": att.get("history"), "steps": att.get("steps"), "source": f"version-1 file {path}"}
+                   "history": att.get("history"), "steps": att.get("steps"), "accountant": data.get("accountant"),
+                   "delta": data.get("delta"), "source": f"version-1 file {path}"}
             _check_release(rel, f"{path}: rounds[{rnd}].attempts[{i}]")
             out.append(rel)
     return out

@@ -57,18 +57,6 @@ def opacus_sampling(public_count: int, batch_size: int) -> tuple[float, int]:
     return 1 / steps, steps
 
 
-def coarse_count(n: int) -> int:
-    """`n` rounded up to two significant digits (413 -> 420, 2066 -> 2100): a derived public count.
-
-    Used only when a site declares no public count. It is computed from the data, so the grid cell it reveals
-    is outside the DP guarantee; docs/privacy.md says so and the ledger records the source.
-    """
-    if n <= 0:
-        raise ValueError(f"no training patients (n={n})")
-    step = 10 ** max(0, len(str(int(n))) - 2)
-    return int(math.ceil(n / step) * step)
-
-
 def merge_history(entries: Iterable[Sequence[float]]) -> list[HistoryEntry]:
     """Canonical accountant history: steps of identical (noise, rate) pairs summed, first-seen order.
 

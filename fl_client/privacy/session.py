@@ -47,13 +47,13 @@ from fl_client.privacy.history import now as now_text
 from fl_client.privacy.plan import (
     DPPlan,
     HistoryEntry,
-    coarse_count,
     epsilon_for,
     make_plan,
     merge_history,
     patient_dp_config,
 )
 from shared_model import protocol
+from shared_model.contract import coarse_count
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
