@@ -1,10 +1,16 @@
-"""`llnm-site join --superlink HOST:PORT --data SITE_DIR [--name NAME]`: join a federation.
+"""`llnm-site join --kit DIR --key FILE --data SITE_DIR`: join a federation.
 
-A thin wrapper that checks the site folder and then starts a real `flower-supernode` with this site's
-node config. The equivalent raw command line (printed at start, and in docs/deployment.md) is:
+Checks the site folder, checks that the SuperLink speaks TLS with the consortium's certificate, and then
+starts a real `flower-supernode` that authenticates with the site's own key (registered by the coordinator
+under the kit's site name) and runs every ClientApp behind the site's app gate (`fl_client.app_gate`:
+only approved apps run; everything sent is in the audit log). The equivalent raw command line (printed at
+start, and in docs/deployment.md) is:
 
-    flower-supernode --superlink HOST:PORT --insecure \\
+    PATH=STATE_DIR/bin:$PATH flower-supernode --superlink HOST:PORT --root-certificates KIT/ca.crt \\
+        --auth-supernode-private-key KEY \\
         --node-config 'data-path="/abs/site" site-name="NAME" cache-dir="/abs/cache"'
+
+`--insecure` (plain HTTP, no node authentication) is for a loopback development SuperLink only.
 
 Node-config keys read by the ClientApp: data-path, site-name, cache-dir, device ("auto"/"cpu"/"cuda"),
 privacy-state-dir, threads, and the site's privacy policy (docs/privacy.md): require-patient-dp (true:
@@ -20,9 +26,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fl_client.settings import (
@@ -64,9 +72,16 @@ def _checked(key: str, parse: Callable[[str], object]) -> Callable[[str], object
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--superlink", required=True, help="HOST:PORT of the consortium's SuperLink")
+    p.add_argument("--kit", help="the onboarding kit from the coordinator (llnm-server provision): the SuperLink "
+                                 "address, the CA certificate and this site's registered name")
+    p.add_argument("--key", "--auth-key", dest="auth_key",
+                   help="this site's private key (llnm-site keygen); its .pub is what the coordinator registered")
+    p.add_argument("--superlink", help="HOST:PORT of the consortium's SuperLink (default: the kit's)")
     p.add_argument("--data", required=True, help="this site's folder (docs/site-data.md)")
-    p.add_argument("--name", help="site name (default: site.yaml's name, else the folder name)")
+    p.add_argument("--name", help="site name (default: the kit's; without a kit site.yaml's name, else the "
+                                  "folder name)")
+    p.add_argument("--state-dir", help="the site's state folder: approved apps, audit log, privacy ledger "
+                                       "(default $LLNM_SITE_STATE_DIR, else ~/.local/share/llnm-fl)")
     p.add_argument("--cache-dir", help="where preprocessed tensors are cached (default ~/.cache/llnm-fl)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument(f"--{MAX_PATIENT_EPSILON}", type=_checked(MAX_PATIENT_EPSILON,
@@ -96,11 +111,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "default val,test); other evaluate requests are refused")
     p.add_argument("--privacy-state-dir", help="where the site's DP accountant history is kept")
     p.add_argument("--threads", type=int, help="CPU threads for local training (default: torch's default)")
-    p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (omit for --insecure)")
-    p.add_argument("--insecure", action="store_true", help="plain HTTP (test networks only)")
-    p.add_argument("--auth-key", help="OpenSSH EC private key for SuperNode authentication (TLS only)")
+    p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (instead of --kit)")
+    p.add_argument("--insecure", action="store_true",
+                   help="plain HTTP without node authentication: a loopback development SuperLink only")
     p.add_argument("--clientappio-port", type=int, help="local port of the SuperNode's ClientApp API")
     p.add_argument("--skip-check", action="store_true", help="do not validate the site folder first")
+    p.add_argument("--skip-probe", action="store_true",
+                   help="do not check the SuperLink's transport (TLS or plain) before starting")
     p.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
 
 
@@ -112,11 +129,97 @@ def toml_value(v: object) -> str:
     return json.dumps(str(v))
 
 
-def supernode_command(args: argparse.Namespace) -> list[str]:
+@dataclass(frozen=True)
+class JoinPlan:
+    """Where and how this site connects, resolved from the kit and the flags."""
+
+    superlink: str
+    root_certificates: str | None
+    auth_key: str | None
+    name: str
+    state_dir: Path
+
+
+def plan_join(args: argparse.Namespace) -> JoinPlan:
+    """Secure by default: a kit (or a CA certificate) and the site's key; plain HTTP only on loopback."""
+    from fl_client.site_state import check_outside, state_root
+    from shared_model.config import ConfigError
+    from shared_model.site_kit import load_kit
+
+    superlink, ca, name = args.superlink, args.root_certificates, args.name
+    if args.kit:
+        kit = load_kit(args.kit)
+        if args.name and args.name != kit.site:
+            raise ConfigError(f"--name {args.name} differs from the kit's site {kit.site!r}: the coordinator "
+                              f"registered this site's key as {kit.site!r}, and a SuperNode claiming another name "
+                              "is refused")
+        superlink, name = superlink or kit.superlink, kit.site
+        if ca and Path(ca).resolve() != kit.ca_cert:
+            raise ConfigError("--root-certificates and --kit name different CA certificates; use the kit's")
+        ca = str(kit.ca_cert)
+    if not superlink:
+        raise ConfigError("give --kit DIR (from the coordinator) or --superlink HOST:PORT")
+    host, _, port = superlink.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--superlink {superlink!r}: expected HOST:PORT")
+    if args.insecure:
+        if ca or args.auth_key:
+            raise ConfigError("--insecure cannot be combined with --kit, --root-certificates or --key: node "
+                              "authentication needs TLS")
+        if not _loopback(host.strip("[]")):
+            raise ConfigError(f"--insecure joins in plain HTTP without node authentication, for a loopback "
+                              f"development SuperLink only; {host} is not loopback. Join with the consortium's "
+                              "kit: --kit DIR --key FILE")
+    elif not ca:
+        raise ConfigError("a SuperNode connects with TLS: give --kit DIR (or --root-certificates CA.crt) and --key "
+                          "FILE; --insecure only for a loopback development SuperLink")
+    elif not args.auth_key:
+        raise ConfigError("--key FILE is required with TLS: the consortium's SuperLink admits only SuperNodes whose "
+                          "key was registered (make one with `llnm-site keygen`, send the .pub to the coordinator)")
+    if args.auth_key:
+        _check_private_key(Path(args.auth_key))
+    state = state_root(args.state_dir)
+    check_outside(state, Path(args.data))
+    return JoinPlan(superlink, ca, str(Path(args.auth_key).resolve()) if args.auth_key else None,
+                    name or _default_name(Path(args.data)), state)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_private_key(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from shared_model.config import ConfigError
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--key {path}: cannot read ({exc.strerror})") from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--key {path}: not an unencrypted OpenSSH private key ({exc}); the .pub goes to the "
+                          "coordinator, the private key is given here") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"--key {path}: Flower's node authentication needs an ECDSA key (llnm-site keygen)")
+    if path.stat().st_mode & 0o077:
+        print(f"warning: {path} is readable by other users; chmod 600 it", file=sys.stderr)
+
+
+def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
     site = Path(args.data).resolve()
     node_config: dict[str, object] = {"data-path": str(site)}
-    if args.name:
-        node_config["site-name"] = args.name
+    node_config["site-name"] = plan.name
     if args.cache_dir:
         node_config["cache-dir"] = str(Path(args.cache_dir).resolve())
     if args.device != "auto":
@@ -129,34 +232,46 @@ def supernode_command(args: argparse.Namespace) -> list[str]:
     if args.public_patient_count is not None:
         node_config[PUBLIC_PATIENT_COUNT] = int(args.public_patient_count)
     node_config[MAX_HISTOGRAM_BINS] = int(args.max_histogram_bins)
-    if args.privacy_state_dir:
-        node_config["privacy-state-dir"] = str(Path(args.privacy_state_dir).resolve())
+    if args.privacy_state_dir or args.state_dir:
+        privacy = Path(args.privacy_state_dir) if args.privacy_state_dir else plan.state_dir / "privacy"
+        node_config["privacy-state-dir"] = str(privacy.resolve())
     if args.threads:
         node_config["threads"] = int(args.threads)
     node_config[REQUIRE_PATIENT_DP] = bool(args.require_patient_dp)
     node_config[EVAL_SPLITS] = str(args.eval_splits)
     exe = Path(sys.executable).parent / "flower-supernode"
     cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
-           "--superlink", args.superlink]
-    if args.root_certificates:
-        cmd += ["--root-certificates", args.root_certificates]
+           "--superlink", plan.superlink]
+    if plan.root_certificates:
+        cmd += ["--root-certificates", plan.root_certificates]
     else:
         cmd.append("--insecure")
-    if args.auth_key:
-        cmd += ["--auth-supernode-private-key", args.auth_key]
+    if plan.auth_key:
+        cmd += ["--auth-supernode-private-key", plan.auth_key]
     if args.clientappio_port:
         cmd += ["--port", str(args.clientappio_port)]
     cmd += ["--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
     return cmd
 
 
+REFUSED_HINT = ("the SuperLink refused this SuperNode ('Failed to activate SuperNode'): this site's key is not "
+                "registered there, or was revoked. Send the .pub made by `llnm-site keygen` to the coordinator "
+                "(`llnm-server register-site`)")
+ENDED_HINT = ("the SuperNode stopped without being asked to: the SuperLink ended its session (its key may have been "
+              "revoked; ask the coordinator) or the SuperLink restarted. Run `llnm-site join` again once it is back")
+
+
 def run(args: argparse.Namespace) -> int:
+    from shared_model.config import ConfigError
+
     site = Path(args.data)
     if not site.is_dir():
         print(f"error: --data {site}: not a folder", file=sys.stderr)
         return 2
-    if args.auth_key and not args.root_certificates:
-        print("error: --auth-key needs TLS (--root-certificates)", file=sys.stderr)
+    try:
+        plan = plan_join(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.skip_check and not args.print_command:
         from shared_model.site_check import check_site
@@ -166,17 +281,91 @@ def run(args: argparse.Namespace) -> int:
             print(report.format_text(), file=sys.stderr)
             print(f"error: {site} has errors; fix them (llnm-site check {site}) before joining", file=sys.stderr)
             return 1
-    cmd = supernode_command(args)
-    print(" ".join(cmd), flush=True)
+    cmd = supernode_command(args, plan)
+    env = _environment(args, plan)
+    print(f"PATH={env['PATH'].split(os.pathsep)[0]}:$PATH " + shlex.join(cmd), flush=True)
     if args.print_command:
         return 0
+    if not args.skip_probe:
+        from fl_client.connection_check import probe_superlink
+
+        probe = probe_superlink(plan.superlink, ca_file=Path(plan.root_certificates) if plan.root_certificates
+                                else None)
+        if not probe.ok:
+            print(f"error: {probe.message}", file=sys.stderr)
+            return 2
+        if not probe.reachable:
+            print(f"warning: {probe.message}", file=sys.stderr)
+    _warn_if_nothing_approved(plan)
+    return _run_supernode(cmd, env)
+
+
+def _environment(args: argparse.Namespace, plan: JoinPlan) -> dict[str, str]:
+    """The SuperNode's environment: the site's gate first on PATH (it stands in for flwr-clientapp), and the
+    state folder and site name the gate records under."""
+    from fl_client.app_gate import write_launcher
+    from fl_client.site_state import ENV_SITE_NAME, ENV_STATE_DIR
     from shared_model.environment import offline_environment
 
-    os.execve(cmd[0], cmd, offline_environment(PATH=_path_with_venv()))
-    return 0  # not reached
+    gate_bin = plan.state_dir / "bin"
+    if not args.print_command:
+        write_launcher(gate_bin)
+    path = os.pathsep.join([str(gate_bin), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return offline_environment(PATH=path, **{ENV_STATE_DIR: str(plan.state_dir),
+                                             ENV_SITE_NAME: plan.name})
 
 
-def _path_with_venv() -> str:
-    """PATH with this interpreter's bin folder first: Flower starts its helper processes
-    (flower-superexec, flwr-serverapp, flwr-clientapp) by name."""
-    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+def _default_name(site: Path) -> str:
+    """site.yaml's `name`, else the folder name (what the ClientApp would report without --name)."""
+    import yaml
+
+    try:
+        meta = yaml.safe_load((site / "site.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        meta = None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return str(name) if name else site.resolve().name
+
+
+def _warn_if_nothing_approved(plan: JoinPlan) -> None:
+    from fl_client.site_state import SiteStateError, approvals_path, load_approvals
+
+    try:
+        approved = load_approvals(plan.state_dir)
+    except SiteStateError as exc:
+        print(f"warning: {exc}", file=sys.stderr)
+        return
+    if not approved:
+        print(f"warning: no app is approved in {approvals_path(plan.state_dir)}: every message will be refused "
+              "until you approve the coordinator's app (llnm-site approve HASH)", file=sys.stderr)
+
+
+def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
+    """Run flower-supernode in the foreground (its output relayed), pass on Ctrl-C/SIGTERM, and explain an exit
+    nobody asked for: Flower's own message for a refused or revoked node does not say what to do."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            errors="replace")
+    asked: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        asked.append(signum)
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    refused = False
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        refused = refused or "Failed to activate SuperNode" in line
+    rc = proc.wait()
+    if asked:
+        return 0
+    # Without a signal from us, any exit is one the site did not ask for.
+    print(f"error: flower-supernode exited (status {rc}): {REFUSED_HINT if refused else ENDED_HINT}",
+          file=sys.stderr)
+    return rc or 1

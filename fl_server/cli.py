@@ -12,6 +12,11 @@ import sys
 from shared_model.cli_support import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
+    "provision": Command("fl_server.cmd_provision",
+                         "Make the consortium's CA, the SuperLink's certificate and one onboarding kit per site."),
+    "register-site": Command("fl_server.cmd_register_site", "Register a site's public key with the SuperLink."),
+    "revoke-site": Command("fl_server.cmd_revoke_site", "Unregister a site's key; its SuperNode is refused."),
+    "app-hash": Command("fl_server.cmd_app_hash", "SHA-256 of the Flower app bundle that `run` submits."),
     "start": Command("fl_server.cmd_start", "Start a real flower-superlink where the config says."),
     "run": Command("fl_server.cmd_run", "Launch a federated experiment on a running deployment."),
     "simulate": Command("fl_research.cmd_simulate",

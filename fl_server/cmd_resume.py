@@ -30,8 +30,12 @@ def run(args: argparse.Namespace) -> int:
         return start_error_exit_code(exc)
     if info.get("mode") == "deployment":
         from fl_server.cmd_run import launch
+        from fl_server.deployment import ControlConnection
 
-        return launch(rd, args.superlink or info["superlink"], info.get("root_certificates"))
+        # The connection the run was launched with: TLS with the same CA unless it was a loopback dev run.
+        conn = ControlConnection(args.superlink or info["superlink"], info.get("root_certificates"),
+                                 bool(info.get("insecure", not info.get("root_certificates"))))
+        return launch(rd, conn)
     return _resume_simulation(rd, args.data)
 
 

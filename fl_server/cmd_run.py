@@ -1,4 +1,9 @@
-"""`llnm-server run --config CONFIG --out RUN_DIR [--superlink HOST:PORT]`: launch on a deployment."""
+"""`llnm-server run --config CONFIG --out RUN_DIR --provision DIR`: launch on a deployment.
+
+`flwr run` reaches the SuperLink's control API over TLS, checking its certificate against the consortium's
+CA (`--provision DIR`, or `--root-certificates CA.crt`); `--insecure` only for a loopback development
+SuperLink.
+"""
 
 from __future__ import annotations
 
@@ -12,20 +17,24 @@ from fl_server.run_dir import NothingToResume, RunDirectory, experiment_for, sta
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True, help="run directory on this (the coordinator's) machine")
-    p.add_argument("--superlink", help="HOST:PORT of the SuperLink (default: federation.superlink)")
-    p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink")
+    p.add_argument("--provision", metavar="DIR", help="provisioning folder: the CA and the SuperLink address")
+    p.add_argument("--superlink", help="HOST:PORT of the SuperLink (default: the consortium's, else "
+                                       "federation.superlink)")
+    p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (instead of --provision)")
+    p.add_argument("--insecure", action="store_true", help="plain HTTP to a loopback development SuperLink")
     p.add_argument("--resume", action="store_true", help="continue the run in --out if it exists")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
 
 
-def launch(rd: RunDirectory, address: str, root_certificates: str | None) -> int:
-    from fl_server.deployment import submit_run
+def launch(rd: RunDirectory, conn: object) -> int:
+    from fl_server.deployment import ControlConnection, submit_run
 
+    assert isinstance(conn, ControlConnection)
     exp = rd.load_config()
-    rc = submit_run(exp, rd, address, insecure=root_certificates is None, root_certificates=root_certificates)
+    rc = submit_run(exp, rd, conn)
     info = rd.run_info()
     if info.get("status") != "completed":
-        error = str(info.get("error", ""))
+        error = str(info.get("error", "")) or f"flwr run exited with status {rc} before the ServerApp recorded why"
         # The error says itself when resuming cannot help (sites that refused under their own policy).
         advice = "" if "resum" in error else f"; continue with `llnm-server resume {rd.path}`"
         print(f"error: run did not complete (status {info.get('status')}): {error} -- see {rd.log_path}{advice}",
@@ -35,14 +44,16 @@ def launch(rd: RunDirectory, address: str, root_certificates: str | None) -> int
 
 
 def run(args: argparse.Namespace) -> int:
+    from fl_server.deployment import control_connection
+
     try:
         rd = RunDirectory(args.out)
         exp, resuming = experiment_for(rd, resume=args.resume, config=args.config, overrides=args.set)
-        link = exp.federation.superlink
-        address = args.superlink or f"{link.host if link.host != '0.0.0.0' else '127.0.0.1'}:{link.port}"
+        conn = control_connection(exp, superlink=args.superlink, provision_dir=args.provision,
+                                  root_certificates=args.root_certificates, insecure=args.insecure)
         if not resuming:
-            rd.create(exp, {"mode": "deployment", "superlink": address, "status": "created",
-                            "root_certificates": args.root_certificates})
+            rd.create(exp, {"mode": "deployment", "superlink": conn.address, "status": "created",
+                            "root_certificates": conn.root_certificates, "insecure": conn.insecure})
     except (NothingToResume, ConfigError) as exc:
         return start_error_exit_code(exc)
-    return launch(rd, address, args.root_certificates)
+    return launch(rd, conn)

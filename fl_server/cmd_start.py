@@ -1,4 +1,10 @@
-"""`llnm-server start [--config CONFIG]`: run a real flower-superlink (foreground)."""
+"""`llnm-server start --provision DIR [--config CONFIG]`: run a real flower-superlink (foreground).
+
+Secure by default: TLS with the consortium's certificates and `--enable-supernode-auth`, so only SuperNodes
+whose public keys the coordinator registered (`llnm-server register-site`) can connect. The registrations
+are kept in `DIR/superlink/state.db`. `--insecure` (plain HTTP, any node may join) is for a loopback
+development SuperLink only and refuses any other host.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +18,15 @@ from shared_model.environment import offline_environment
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="experiment YAML; federation.superlink gives host/port/insecure")
-    p.add_argument("--host", help="interface to listen on (0.0.0.0 to accept remote sites)")
+    p.add_argument("--provision", metavar="DIR",
+                   help="provisioning folder of `llnm-server provision` (certificates, listen address, database)")
+    p.add_argument("--config", help="experiment YAML; federation.superlink gives host/port/provision_dir")
+    p.add_argument("--host", help="interface to listen on (default: the consortium file's superlink.listen)")
     p.add_argument("--port", type=int)
-    p.add_argument("--insecure", action="store_true", default=None, help="plain HTTP (test networks only)")
-    p.add_argument("--database", help="SQLite file for the SuperLink's state")
+    p.add_argument("--insecure", action="store_true", default=None,
+                   help="plain HTTP without SuperNode authentication: loopback development only")
+    p.add_argument("--database", help="SQLite file for the SuperLink's state (default with --provision: "
+                                      "DIR/superlink/state.db)")
     p.add_argument("--ssl-ca-certfile")
     p.add_argument("--ssl-certfile")
     p.add_argument("--ssl-keyfile")
@@ -24,7 +34,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fl_server.deployment import superlink_command
+    from fl_server.deployment import plan_superlink
 
     try:
         exp = load_config(args.config) if args.config else None
@@ -33,11 +43,15 @@ def run(args: argparse.Namespace) -> int:
             ssl = (args.ssl_ca_certfile, args.ssl_certfile, args.ssl_keyfile)
             if not all(ssl):
                 raise ConfigError("TLS needs all of --ssl-ca-certfile, --ssl-certfile and --ssl-keyfile")
-        cmd = superlink_command(exp, host=args.host, port=args.port,
-                                insecure=False if ssl else args.insecure, database=args.database, ssl=ssl)
+        plan = plan_superlink(exp, host=args.host, port=args.port, insecure=args.insecure, database=args.database,
+                              ssl=ssl, provision_dir=args.provision)
+        cmd = plan.command()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if plan.insecure:
+        print(f"warning: plain HTTP on {plan.host}:{plan.port}: no TLS and any SuperNode can join "
+              "(loopback development only)", file=sys.stderr)
     print(" ".join(cmd), flush=True)
     if args.print_command:
         return 0

@@ -61,7 +61,10 @@ class FedAdamSection(_Strict):
 class SuperLinkSection(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(default=9093, ge=1, le=65535)
-    insecure: bool = True
+    # Secure by default: TLS and registered SuperNodes from a provisioning folder (`llnm-server provision`).
+    # Plain HTTP (insecure: true) is accepted for a loopback development SuperLink only.
+    insecure: bool = False
+    provision_dir: str | None = None
     database: str | None = None
 
 
@@ -166,6 +169,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             cfg.data.root = str((base_dir / cfg.data.root).resolve())
         if cfg.data.cache_dir and not Path(cfg.data.cache_dir).is_absolute():
             cfg.data.cache_dir = str((base_dir / cfg.data.cache_dir).resolve())
+        link = cfg.federation.superlink
+        if link.provision_dir and not Path(link.provision_dir).is_absolute():
+            link.provision_dir = str((base_dir / link.provision_dir).resolve())
     site_dp = cfg.privacy.site
     if site_dp.enabled and site_dp.clipping.endswith("fixed") and cfg.federation.strategy == "fedadam":
         raise ConfigError(

@@ -1,26 +1,32 @@
 """Real Flower deployments: the SuperLink process and `flwr run` submissions.
 
-`llnm-server start` runs `flower-superlink`; hospitals run `llnm-site join` (a `flower-supernode`);
-`llnm-server run` submits the llnm-fl Flower app (this repository's pyproject, `[tool.flwr.app]`)
-to the SuperLink with `flwr run`, passing the resolved experiment as run config. Flower's CLI keeps its
-connection list in `$FLWR_HOME/config.toml`; we give every run its own FLWR_HOME inside the run
-directory so that nothing in the coordinator's home folder is touched.
+`llnm-server start` runs `flower-superlink`, with TLS and `--enable-supernode-auth` unless asked for a
+loopback development SuperLink; hospitals run `llnm-site join` (a `flower-supernode`); `llnm-server run`
+submits the llnm-fl Flower app (this repository's pyproject, `[tool.flwr.app]`) to the SuperLink with
+`flwr run` over TLS, passing the resolved experiment as run config. Flower's CLI keeps its connection list
+in `$FLWR_HOME/config.toml`; every run gets its own FLWR_HOME inside the run directory so that nothing in
+the coordinator's home folder is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fl_server.config import ConfigError, ExperimentConfig
+from fl_server.consortium import is_loopback, split_address
 from fl_server.run_dir import RunDirectory
 from shared_model.environment import offline_environment
 
 CONNECTION = "llnm"
+# Flower refuses a FAB above this size (flwr.common.constant.FAB_MAX_SIZE).
+FAB_MAX_BYTES = 10 * 1024 * 1024
 
 
 def project_root() -> Path:
@@ -32,7 +38,8 @@ def project_root() -> Path:
     return root
 
 
-def _bin(name: str) -> str:
+def flwr_binary(name: str) -> str:
+    """A Flower executable from this environment (the one llnm-fl was installed into), else from PATH."""
     exe = Path(sys.executable).parent / name
     if exe.exists():
         return str(exe)
@@ -42,54 +49,160 @@ def _bin(name: str) -> str:
     return found
 
 
-def superlink_command(exp: ExperimentConfig | None, *, host: str | None = None, port: int | None = None,
-                      insecure: bool | None = None, database: str | None = None,
-                      ssl: tuple[str, str, str] | None = None) -> list[str]:
+def app_bundle() -> tuple[bytes, str]:
+    """The Flower app bundle (FAB) that `flwr run` submits, built the way Flower builds it (deterministic: fixed
+    file times), and its SHA-256: the hash a site approves (`llnm-site approve`)."""
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(project_root())
+    if len(fab) > FAB_MAX_BYTES:
+        raise ConfigError(f"the app bundle is {len(fab)} bytes, over Flower's {FAB_MAX_BYTES}-byte limit; check "
+                          "fab-include in pyproject.toml")
+    return fab, hashlib.sha256(fab).hexdigest()
+
+
+def insecure_refusal(host: str, what: str) -> str | None:
+    """Why plain HTTP is refused for `host` (None on loopback): it carries no TLS and no node authentication."""
+    if is_loopback(host):
+        return None
+    return (f"{what} --insecure serves plain HTTP with no TLS and no SuperNode authentication, so it is for "
+            f"loopback development only and {host} is not a loopback address. Provision the consortium "
+            "(`llnm-server provision --config CONSORTIUM.yaml --out DIR`) and use --provision DIR.")
+
+
+@dataclass(frozen=True)
+class SuperLinkPlan:
+    """How the SuperLink is served: TLS with registered SuperNodes, or plain HTTP on loopback."""
+
+    host: str
+    port: int
+    insecure: bool
+    ssl: tuple[str, str, str] | None
+    node_auth: bool
+    database: str | None
+
+    def command(self) -> list[str]:
+        cmd = [flwr_binary("flower-superlink"), "--host", self.host, "--port", str(self.port),
+               "--disable-runtime-dependency-installation"]
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            assert self.ssl is not None
+            ca, cert, key = self.ssl
+            cmd += ["--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key]
+        if self.node_auth:
+            cmd.append("--enable-supernode-auth")
+        if self.database:
+            cmd += ["--database", self.database]
+        return cmd
+
+
+def plan_superlink(exp: ExperimentConfig | None, *, host: str | None = None, port: int | None = None,
+                   insecure: bool | None = None, database: str | None = None,
+                   ssl: tuple[str, str, str] | None = None, provision_dir: str | None = None) -> SuperLinkPlan:
+    """TLS and `--enable-supernode-auth` by default, from a provisioning folder or three certificate files;
+    plain HTTP only when asked for, and only on loopback."""
+    from fl_server.consortium import load_consortium
+    from fl_server.provisioning import CONSORTIUM_FILE, SERVER_CA, SERVER_CERT, SERVER_KEY, SUPERLINK_DB
+
     link = exp.federation.superlink if exp else None
-    host = host or (link.host if link else "127.0.0.1")
-    port = port or (link.port if link else 9093)
-    insecure = insecure if insecure is not None else (link.insecure if link else True)
+    explicit_tls = bool(ssl or provision_dir)
+    provision_dir = provision_dir or (link.provision_dir if link else None)
     database = database or (link.database if link else None)
-    cmd = [_bin("flower-superlink"), "--host", host, "--port", str(port),
-           "--disable-runtime-dependency-installation"]
+    if insecure is None:
+        insecure = bool(link and link.insecure) and not explicit_tls
     if insecure:
-        cmd.append("--insecure")
-    elif ssl:
-        ca, cert, key = ssl
-        cmd += ["--ssl-ca-certfile", ca, "--ssl-certfile", cert, "--ssl-keyfile", key]
-    else:
-        raise ConfigError("a secure SuperLink needs --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile "
-                          "(or set federation.superlink.insecure: true for a test network)")
-    if database:
-        cmd += ["--database", database]
-    return cmd
+        if explicit_tls:
+            raise ConfigError("--insecure cannot be combined with TLS certificates or --provision")
+        host = host or (link.host if link else "127.0.0.1")
+        refusal = insecure_refusal(host, "llnm-server start")
+        if refusal:
+            raise ConfigError(refusal)
+        return SuperLinkPlan(host, port or (link.port if link else 9093), True, None, False, database)
+    if ssl:
+        return SuperLinkPlan(host or (link.host if link else "127.0.0.1"), port or (link.port if link else 9093),
+                             False, ssl, True, database)
+    if provision_dir:
+        folder = Path(provision_dir).resolve()
+        consortium = load_consortium(folder / CONSORTIUM_FILE)
+        ca, cert, key = (str(folder / p) for p in (SERVER_CA, SERVER_CERT, SERVER_KEY))
+        missing = [f for f in (ca, cert, key) if not Path(f).is_file()]
+        if missing:
+            raise ConfigError(f"{folder}: missing {', '.join(missing)}; run `llnm-server provision` again")
+        # Registered keys live in the SuperLink's database: keep it in the provisioning folder so that a
+        # restart does not forget every hospital's registration.
+        return SuperLinkPlan(host or consortium.superlink.listen, port or consortium.superlink.port, False,
+                             (ca, cert, key), True, database or str(folder / SUPERLINK_DB))
+    raise ConfigError("the SuperLink runs with TLS and SuperNode authentication: give --provision DIR (made by "
+                      "`llnm-server provision`) or --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile; --insecure is for "
+                      "a loopback development SuperLink only")
 
 
-def write_flwr_home(rd: RunDirectory, address: str, *, insecure: bool = True,
-                    root_certificates: str | None = None) -> Path:
+@dataclass(frozen=True)
+class ControlConnection:
+    """Where `flwr run` reaches the SuperLink, and how it checks the SuperLink's certificate."""
+
+    address: str
+    root_certificates: str | None
+    insecure: bool
+
+
+def control_connection(exp: ExperimentConfig, *, superlink: str | None = None, provision_dir: str | None = None,
+                       root_certificates: str | None = None, insecure: bool = False) -> ControlConnection:
+    from fl_server.consortium import load_consortium
+    from fl_server.provisioning import CA_CERT, CONSORTIUM_FILE
+
+    link = exp.federation.superlink
+    explicit_tls = bool(provision_dir or root_certificates)
+    provision_dir = provision_dir or link.provision_dir
+    if insecure and explicit_tls:
+        raise ConfigError("--insecure cannot be combined with --root-certificates or --provision")
+    insecure = insecure or (link.insecure and not explicit_tls)
+    if provision_dir and not root_certificates and not insecure:
+        folder = Path(provision_dir).resolve()
+        root_certificates = str(folder / CA_CERT)
+        superlink = superlink or load_consortium(folder / CONSORTIUM_FILE).superlink.address
+    address = superlink or f"{link.host if link.host != '0.0.0.0' else '127.0.0.1'}:{link.port}"
+    try:
+        host, _ = split_address(address)
+    except ValueError as exc:
+        raise ConfigError(f"--superlink {exc}") from None
+    if insecure:
+        refusal = insecure_refusal(host, "llnm-server run")
+        if refusal:
+            raise ConfigError(refusal)
+        return ControlConnection(address, None, True)
+    if not root_certificates:
+        raise ConfigError("`llnm-server run` talks to the SuperLink over TLS: give --provision DIR or "
+                          "--root-certificates CA.crt (--insecure only for a loopback development SuperLink)")
+    if not Path(root_certificates).is_file():
+        raise ConfigError(f"{root_certificates}: CA certificate not found")
+    return ControlConnection(address, str(Path(root_certificates).resolve()), False)
+
+
+def write_flwr_home(rd: RunDirectory, conn: ControlConnection) -> Path:
     home = rd.path / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f"address = {json.dumps(address)}"]
-    if insecure:
+             f"address = {json.dumps(conn.address)}"]
+    if conn.insecure:
         lines.append("insecure = true")
-    elif root_certificates:
-        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+    else:
+        lines.append(f"root-certificates = {json.dumps(conn.root_certificates)}")
     (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return home
 
 
-def submit_run(exp: ExperimentConfig, rd: RunDirectory, address: str, *, insecure: bool = True,
-               root_certificates: str | None = None, stream: bool = True) -> int:
-    """`flwr run` the llnm-fl app on the SuperLink at `address`; returns flwr's exit status."""
-    home = write_flwr_home(rd, address, insecure=insecure, root_certificates=root_certificates)
+def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection, *, stream: bool = True) -> int:
+    """`flwr run` the llnm-fl app on the SuperLink; returns flwr's exit status."""
+    home = write_flwr_home(rd, conn)
     run_config = rd.path / "flwr-run-config.toml"
     # TOML basic strings accept JSON string escapes, so json.dumps yields valid TOML values.
     run_config.write_text(f"experiment = {json.dumps(exp.to_json())}\nrun-dir = {json.dumps(str(rd.path))}\n",
                           encoding="utf-8")
     env = offline_environment(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                               FLWR_HOME=str(home))
-    cmd = [_bin("flwr"), "run", str(project_root()), CONNECTION, "--run-config", str(run_config)]
+    cmd = [flwr_binary("flwr"), "run", str(project_root()), CONNECTION, "--run-config", str(run_config)]
     if stream:
         cmd.append("--stream")
     return subprocess.call(cmd, env=env)

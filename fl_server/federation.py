@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 from fl_server.config import ExperimentConfig
 from fl_server.privacy.replies import refusal_text
 from fl_server.run_dir import RunDirectory
+from fl_server.site_identity import SiteRoster
 from shared_model import protocol
 
 log = logging.getLogger("llnm.server")
@@ -159,7 +160,8 @@ class Federation:
         self.exp = exp
         self.rd = run_dir
         self.echo = echo
-        self.site_names: dict[int, str] = {}
+        self.roster = SiteRoster()
+        self.site_names: dict[int, str] = self.roster.names
         self.known_sites: set[str] = set()
         self.ledger = None
 
@@ -170,36 +172,55 @@ class Federation:
             print(text, flush=True)
 
     def _name(self, node_id: int) -> str:
-        return self.site_names.get(node_id, f"node-{node_id}")
+        """The site's own name, else the name its key is registered under, else the node id."""
+        return self.site_names.get(node_id) or self.roster.registered.get(node_id) or f"node-{node_id}"
 
     def wait_for_sites(self) -> list[int]:
+        """The connected nodes this run accepts (named, not refused), once there are `min_sites` of them."""
         fed = self.exp.federation
         deadline = time.monotonic() + fed.connect_timeout_s
         while True:
             nodes = list(self.grid.get_node_ids())
-            if len(nodes) >= fed.min_sites:
-                return nodes
+            self.refresh_site_names(nodes)
+            accepted = self.roster.accepted(nodes)
+            if len(accepted) >= fed.min_sites:
+                return accepted
             if time.monotonic() > deadline:
+                refused = f" ({len(nodes) - len(accepted)} node(s) refused, see run.json)" if self.roster.rejected \
+                    else ""
                 raise QuorumNotMet(
-                    f"only {len(nodes)} site(s) connected after {fed.connect_timeout_s:.0f} s; "
+                    f"only {len(accepted)} site(s) connected after {fed.connect_timeout_s:.0f} s{refused}; "
                     f"federation.min_sites is {fed.min_sites}"
                 )
             time.sleep(1.0)
 
     def refresh_site_names(self, nodes: Iterable[int]) -> None:
-        """Ask newly seen SuperNodes for their site name (a `query` message; nothing else is asked)."""
-        new = [n for n in nodes if n not in self.site_names]
+        """Ask newly seen SuperNodes for their site name (a `query` message; nothing else is asked) and bind
+        each to it, refusing a node whose name is not its registered one or is already held (site_identity)."""
+        nodes = list(nodes)
+        new = [n for n in nodes if n not in self.site_names and n not in self.roster.rejected]
         if not new:
             return
+        self.roster.note_registered(self.grid.get_nodes())
         ask = ConfigRecord({protocol.QUERY_ASK: protocol.ASK_SITE_NAME})
         msgs = [Message(RecordDict({protocol.CONFIG_RECORD: ask}), dst_node_id=n, message_type="query")
                 for n in new]
+        refused = False
         for reply in self.grid.send_and_receive(msgs, timeout=min(120.0, self.exp.federation.round_timeout_s)):
             if reply.has_error():
                 continue
             name = _reply_site_name(reply)
-            self.site_names[reply.metadata.src_node_id] = name
+            reason = self.roster.admit(reply.metadata.src_node_id, name, nodes)
+            if reason:
+                refused = True
+                self.say(f"[llnm] refused {reason}")
+                continue
             self.known_sites.add(name)
+        if refused:
+            self.rd.update_run_info(rejected_nodes=self.roster.summary())
+
+    def _for_accepted(self, messages: Iterable[Message]) -> list[Message]:
+        return [m for m in messages if m.metadata.dst_node_id not in self.roster.rejected]
 
     def exchange(self, messages: list[Message], phase: str) -> RoundOutcome:
         """Send, wait up to the round timeout, and sort replies from failures (errors, timeouts).
@@ -254,8 +275,8 @@ class Federation:
         from shared_model.metrics import metrics_from_histograms
 
         nodes = list(self.grid.get_node_ids())
-        msgs = list(strategy.configure_evaluate(server_round, arrays, round_config(self.exp, server_round,
-                                                                                    split=split), self.grid))
+        msgs = self._for_accepted(strategy.configure_evaluate(
+            server_round, arrays, round_config(self.exp, server_round, split=split), self.grid))
         skipped = [m for m in msgs if m.metadata.dst_node_id in (skip_nodes or set())]
         msgs = [m for m in msgs if m.metadata.dst_node_id not in (skip_nodes or set())]
         outcome = self.exchange(msgs, "evaluate") if msgs else RoundOutcome([], [])
@@ -281,7 +302,6 @@ class Federation:
         start_round = self.rd.last_complete_round() + 1
         self.rd.truncate_to(start_round - 1)
         nodes = self.wait_for_sites()
-        self.refresh_site_names(nodes)
         strategy = build_strategy(self.exp, num_sites_expected=max(len(nodes), fed.min_sites))
         if self.exp.privacy.patient.enabled or self.exp.privacy.site.enabled:
             from fl_server.privacy import PrivacyLedger
@@ -331,10 +351,9 @@ class Federation:
         fed = self.exp.federation
         t0 = time.perf_counter()
         nodes = self.wait_for_sites()
-        self.refresh_site_names(nodes)
         if self.ledger is not None:
             self.ledger.before_round(rnd, strategy)
-        msgs = list(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
+        msgs = self._for_accepted(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
         outcome = self.exchange(msgs, "train")
         failures = outcome.failures + self.offline_sites(nodes, "train")
         train_sites: dict[str, Any] = {}

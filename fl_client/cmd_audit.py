@@ -1,0 +1,129 @@
+"""`llnm-site audit [--name SITE] [--state-dir DIR] [--json]`: what this site sent, run by run.
+
+Summarises the site's append-only audit log (written by the app gate, `fl_client.app_gate`): for each run
+the app hash, the messages received and replies sent by kind, the parameters and bytes sent, the names of
+the metrics that left, the privacy spent the replies reported, and every refusal (refused apps included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--name", help="site name (default: the only audit log in the state folder)")
+    p.add_argument("--state-dir", help="the site's state folder (default $LLNM_SITE_STATE_DIR, else "
+                                       "~/.local/share/llnm-fl)")
+    p.add_argument("--json", action="store_true", help="the summary as JSON")
+
+
+def summarise(path: Path) -> dict[str, Any]:
+    from fl_client.site_state import read_audit
+
+    runs: dict[str, dict[str, Any]] = {}
+    refused_apps: list[dict[str, Any]] = []
+    malformed: list[int] = []
+    entries = 0
+    for line_no, entry, _raw in read_audit(path):
+        if entry is None:
+            malformed.append(line_no)
+            continue
+        entries += 1
+        event = entry.get("event")
+        if event == "refused-app":
+            refused_apps.append({k: entry.get(k) for k in ("time", "run_id", "app_hash", "message_type", "round")})
+        run_key = str(entry.get("run_id", "?"))
+        run = runs.setdefault(run_key, {
+            "run_id": entry.get("run_id"), "app_hashes": [], "first": entry.get("time"), "last": entry.get("time"),
+            "received": Counter(), "sent": Counter(), "rounds": set(), "parameters_sent": 0, "bytes_sent": 0,
+            "metric_names": set(), "privacy": {}, "refusals": [], "errors": 0})
+        run["last"] = entry.get("time")
+        if entry.get("app_hash") and entry["app_hash"] not in run["app_hashes"]:
+            run["app_hashes"].append(entry["app_hash"])
+        kind = str(entry.get("message_type", "?"))
+        if entry.get("round") is not None:
+            run["rounds"].add(int(entry["round"]))
+        if event == "received":
+            run["received"][kind] += 1
+        elif event in ("sent", "refused"):
+            run["sent"][kind] += 1
+            run["parameters_sent"] += int(entry.get("parameters", 0) or 0)
+            run["bytes_sent"] += int(entry.get("array_bytes", 0) or 0)
+            run["metric_names"].update(entry.get("metric_names", []))
+            for key, value in (entry.get("privacy") or {}).items():
+                run["privacy"][key] = value  # the latest reply's cumulative figures
+            if entry.get("error"):
+                run["errors"] += 1
+            if event == "refused":
+                run["refusals"].append({"time": entry.get("time"), "round": entry.get("round"), "kind": kind,
+                                        "reason": _short(entry.get("error", ""))})
+        elif event == "refused-app":
+            run["refusals"].append({"time": entry.get("time"), "round": entry.get("round"), "kind": kind,
+                                    "reason": _short(entry.get("reason", ""))})
+    out_runs = []
+    for run in runs.values():
+        out_runs.append({**run, "received": dict(run["received"]), "sent": dict(run["sent"]),
+                         "rounds": sorted(run["rounds"]), "metric_names": sorted(run["metric_names"])})
+    return {"file": str(path), "entries": entries, "runs": out_runs, "refused_apps": refused_apps,
+            "malformed_lines": malformed}
+
+
+def _short(text: str) -> str:
+    from shared_model import protocol
+
+    for marker in (protocol.POLICY_REFUSAL_MARKER, protocol.REFUSAL_MARKER):
+        at = text.find(marker)
+        if at >= 0:
+            text = text[at:]
+            break
+    return text.split("'>", 1)[0][:300]
+
+
+def _pick_log(root: Path, name: str | None) -> Path:
+    from fl_client.site_state import AUDIT_DIR, audit_path
+
+    if name:
+        return audit_path(root, name)
+    logs = sorted((root / AUDIT_DIR).glob("*.jsonl"))
+    if len(logs) == 1:
+        return logs[0]
+    if not logs:
+        raise FileNotFoundError(f"no audit log in {root / AUDIT_DIR} (nothing joined with this state folder yet)")
+    raise FileNotFoundError(f"{len(logs)} audit logs in {root / AUDIT_DIR}: give --name "
+                            f"({', '.join(p.stem for p in logs)})")
+
+
+def run(args: argparse.Namespace) -> int:
+    from fl_client.site_state import state_root
+
+    try:
+        path = _pick_log(state_root(args.state_dir), args.name)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no audit log for this site yet")
+        summary = summarise(path)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"audit log {summary['file']}: {summary['entries']} entries, {len(summary['runs'])} run(s)")
+    for run in summary["runs"]:
+        hashes = ", ".join(h[:16] for h in run["app_hashes"]) or "-"
+        print(f"run {run['run_id']}  app {hashes}  {run['first']} .. {run['last']}")
+        print(f"  received {dict(sorted(run['received'].items()))}  sent {dict(sorted(run['sent'].items()))}  "
+              f"rounds {run['rounds'] or '-'}")
+        print(f"  sent {run['parameters_sent']} parameters, {run['bytes_sent']} bytes of arrays; metrics: "
+              f"{', '.join(run['metric_names']) or '-'}")
+        if run["privacy"]:
+            print("  privacy reported: " + ", ".join(f"{k} {v:g}" for k, v in sorted(run["privacy"].items())))
+        for r in run["refusals"]:
+            print(f"  REFUSED {r['kind']} round {r['round']} at {r['time']}: {r['reason']}")
+    if summary["malformed_lines"]:
+        print(f"warning: lines {summary['malformed_lines']} of {summary['file']} are not JSON", file=sys.stderr)
+    return 0

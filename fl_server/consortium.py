@@ -1,0 +1,126 @@
+"""The consortium file (`llnm-server provision --config CONSORTIUM.yaml`): who the hospitals are and
+where they reach the SuperLink. It is long-lived, unlike an experiment's config: certificates and site
+kits are made from it once, and adding a hospital later means adding its name and provisioning again.
+
+    name: thyroid-llnm
+    superlink:
+      address: superlink.example.org:9093   # what the hospitals dial (HOST:PORT)
+      hosts: [superlink.example.org, 10.0.0.5]   # names and IPs the SuperLink's certificate is valid for
+    sites: [site-a, site-b, site-c]
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from shared_model.config import ConfigError, format_validation_error
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ConsortiumSuperLink(_Strict):
+    address: str = Field(description="HOST:PORT the hospitals (and the coordinator's tools) dial")
+    # Host names and IP addresses written into the SuperLink certificate's subjectAltName. The address's host
+    # is always added; so are localhost and 127.0.0.1, which the coordinator's own tools use on the SuperLink
+    # machine.
+    hosts: list[str] = Field(default_factory=list)
+    listen: str = Field(default="0.0.0.0", description="interface `llnm-server start` listens on")
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        host, port = split_address(v)
+        return f"{host}:{port}"
+
+    def certificate_hosts(self) -> list[str]:
+        host, _ = split_address(self.address)
+        seen: list[str] = []
+        for h in [host, *self.hosts, "localhost", "127.0.0.1"]:
+            if h not in seen:
+                seen.append(h)
+        return seen
+
+    @property
+    def port(self) -> int:
+        return split_address(self.address)[1]
+
+
+class ConsortiumConfig(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    superlink: ConsortiumSuperLink
+    sites: list[str] = Field(min_length=1)
+    certificate_days: int = Field(default=825, ge=1, le=3650)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [s for s in v if not re.match(NAME_PATTERN, s)]
+        if bad:
+            raise ValueError(f"site names must match {NAME_PATTERN}: {bad}")
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"site names are listed twice: {dup}")
+        return v
+
+    @model_validator(mode="after")
+    def _hosts(self) -> ConsortiumConfig:
+        for h in self.superlink.hosts:
+            if not h or " " in h:
+                raise ValueError(f"superlink.hosts: {h!r} is not a host name or IP address")
+        return self
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port), with an error naming what is wrong."""
+    text = str(address).strip()
+    if "://" in text:
+        raise ValueError(f"{address!r}: give HOST:PORT without a scheme")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{address!r}: expected HOST:PORT")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{address!r}: port {port!r} is not a number") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"{address!r}: port {number} is outside 1-65535")
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IPs; `0.0.0.0` and every other address are not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_consortium(path: str | Path) -> ConsortiumConfig:
+    p = Path(path)
+    try:
+        data: Any = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: consortium file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping with name, superlink and sites; found "
+                          f"{'an empty file' if data is None else type(data).__name__}")
+    try:
+        return ConsortiumConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(str(p), exc)) from None

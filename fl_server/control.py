@@ -1,0 +1,134 @@
+"""The coordinator's side of SuperNode registration: Flower's `flwr supernode register|unregister` against
+the SuperLink's control API (over TLS, with the consortium's CA), plus our registry of which name holds
+which key.
+
+Flower keeps the registered keys in the SuperLink's database (`llnm-server start --provision` puts it in
+`DIR/superlink/state.db`, so registrations survive a restart) and names each node; `registry.json` in the
+provisioning folder records the same for the coordinator's tools (`flwr supernode ls` does not list
+names) and for revocation.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from fl_server.provisioning import CA_CERT, FLWR_HOME, REGISTRY, write_flwr_connection
+from shared_model.config import ConfigError
+from shared_model.environment import offline_environment
+from shared_model.fileio import atomic_write_text
+
+REGISTRY_FORMAT = "llnm-fl site registry"
+
+
+def _flwr() -> str:
+    from fl_server.deployment import flwr_binary
+
+    return flwr_binary("flwr")
+
+
+def flwr_json(provision_dir: Path, args: list[str], *, superlink: str | None = None) -> dict[str, Any]:
+    """Run `flwr <args> --format json` with the provisioning folder's connection; its JSON answer, or an error
+    carrying Flower's own message."""
+    if not (provision_dir / CA_CERT).is_file():
+        raise ConfigError(f"{provision_dir}: not a provisioning folder (no {CA_CERT}); run `llnm-server provision`")
+    with tempfile.TemporaryDirectory(prefix="llnm-flwr-") as tmp:
+        home = provision_dir / FLWR_HOME
+        if superlink:
+            home = write_flwr_connection(Path(tmp), superlink, provision_dir / CA_CERT)
+        env = offline_environment(FLWR_HOME=str(home))
+        proc = subprocess.run([_flwr(), *args, "--format", "json"], env=env, capture_output=True, text=True,
+                              timeout=120)
+    text = proc.stdout.strip()
+    try:
+        answer = json.loads(text[text.index("{"):]) if "{" in text else {}
+    except json.JSONDecodeError:
+        answer = {}
+    if not answer.get("success"):
+        reason = str(answer.get("error-message") or proc.stderr.strip() or text or f"exit code {proc.returncode}")
+        raise ConfigError(f"flwr {' '.join(args)}: {reason.strip()}")
+    return answer
+
+
+class SiteRegistry:
+    """`registry.json`: site name -> public key, its fingerprint, Flower node id, registered/revoked times."""
+
+    def __init__(self, provision_dir: Path) -> None:
+        self.path = provision_dir / REGISTRY
+        self.data: dict[str, Any] = {"format": REGISTRY_FORMAT, "sites": {}}
+        if self.path.is_file():
+            try:
+                self.data = json.loads(self.path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{self.path}: not valid JSON ({exc})") from None
+
+    @property
+    def sites(self) -> dict[str, dict[str, Any]]:
+        return self.data.setdefault("sites", {})
+
+    def active(self, name: str) -> dict[str, Any] | None:
+        entry = self.sites.get(name)
+        return entry if entry and not entry.get("revoked_at") else None
+
+    def names(self) -> list[str]:
+        return sorted(n for n in self.sites if self.active(n))
+
+    def save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def register_site(provision_dir: Path, name: str, public_key_file: Path, *,
+                  superlink: str | None = None) -> dict[str, Any]:
+    from fl_server.consortium import load_consortium
+    from fl_server.provisioning import CONSORTIUM_FILE
+    from shared_model.site_kit import load_site_public_key
+
+    consortium = load_consortium(provision_dir / CONSORTIUM_FILE)
+    if name not in consortium.sites:
+        raise ConfigError(f"site {name!r} is not in the consortium ({', '.join(consortium.sites)}); add it to the "
+                          "consortium file and run `llnm-server provision` again (the others keep their kits)")
+    line, fingerprint = load_site_public_key(public_key_file)
+    registry = SiteRegistry(provision_dir)
+    current = registry.active(name)
+    if current:
+        raise ConfigError(f"site {name!r} is already registered (key {current['fingerprint']}, node "
+                          f"{current['node_id']}); to replace its key, `llnm-server revoke-site {name}` first")
+    for other, entry in registry.sites.items():
+        if entry.get("fingerprint") == fingerprint and not entry.get("revoked_at"):
+            raise ConfigError(f"{public_key_file}: this key is already registered for site {other!r}; every site "
+                              "needs its own key pair")
+    with tempfile.TemporaryDirectory() as tmp:
+        # Flower reads the key from a file; give it exactly the validated line.
+        pub = Path(tmp) / "site.pub"
+        pub.write_bytes(line + b"\n")
+        answer = flwr_json(provision_dir, ["supernode", "register", str(pub), "--name", name], superlink=superlink)
+    entry = {"public_key": line.decode(), "fingerprint": fingerprint, "node_id": int(answer["node-id"]),
+             "registered_at": now_iso(), "revoked_at": None}
+    registry.sites[name] = entry
+    registry.save()
+    return entry
+
+
+def revoke_site(provision_dir: Path, name: str, *, superlink: str | None = None) -> dict[str, Any]:
+    registry = SiteRegistry(provision_dir)
+    entry = registry.active(name)
+    if entry is None:
+        known = registry.names()
+        raise ConfigError(f"site {name!r} is not registered" + (f" (registered: {', '.join(known)})" if known else ""))
+    flwr_json(provision_dir, ["supernode", "unregister", str(entry["node_id"])], superlink=superlink)
+    entry["revoked_at"] = now_iso()
+    registry.save()
+    return entry
+
+
+def chmod_private(path: Path) -> None:
+    os.chmod(path, 0o600)
