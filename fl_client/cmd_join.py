@@ -345,6 +345,7 @@ def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
     nobody asked for: Flower's own message for a refused or revoked node does not say what to do."""
     import signal
     import subprocess
+    import threading
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
@@ -356,13 +357,23 @@ def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
-    refused = False
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        refused = refused or "Failed to activate SuperNode" in line
+    refused: list[bool] = []
+    stream = proc.stdout
+    assert stream is not None
+
+    def relay() -> None:
+        for line in stream:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            if "Failed to activate SuperNode" in line:
+                refused.append(True)
+
+    # A reader thread, not a loop until EOF: Flower's helper processes inherit the pipe and may outlive the
+    # SuperNode by a few seconds.
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
     rc = proc.wait()
+    reader.join(timeout=5)
     if asked:
         return 0
     # Without a signal from us, any exit is one the site did not ask for.

@@ -1,8 +1,9 @@
 """`llnm-server start --provision DIR [--config CONFIG]`: run a real flower-superlink (foreground).
 
 Secure by default: TLS with the consortium's certificates and `--enable-supernode-auth`, so only SuperNodes
-whose public keys the coordinator registered (`llnm-server register-site`) can connect. The registrations
-are kept in `DIR/superlink/state.db`. `--insecure` (plain HTTP, any node may join) is for a loopback
+whose public keys the coordinator registered (`llnm-server register-site`) can connect. Once the SuperLink
+listens, every site of the provisioning folder's registry.json is registered again (the SuperLink keeps its
+state in memory unless given --database). `--insecure` (plain HTTP, any node may join) is for a loopback
 development SuperLink only and refuses any other host.
 """
 
@@ -25,8 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int)
     p.add_argument("--insecure", action="store_true", default=None,
                    help="plain HTTP without SuperNode authentication: loopback development only")
-    p.add_argument("--database", help="SQLite file for the SuperLink's state (default with --provision: "
-                                      "DIR/superlink/state.db)")
+    p.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
     p.add_argument("--ssl-ca-certfile")
     p.add_argument("--ssl-certfile")
     p.add_argument("--ssl-keyfile")
@@ -56,8 +56,40 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         return 0
     env = offline_environment(PATH=_path_with_venv())
-    os.execve(cmd[0], cmd, env)
-    return 0  # not reached
+    provision_dir = args.provision or (exp.federation.superlink.provision_dir if exp else None)
+    if plan.insecure or not provision_dir:
+        os.execve(cmd[0], cmd, env)
+    return _supervise(cmd, env, Path(provision_dir), plan.port)
+
+
+def _supervise(cmd: list[str], env: dict[str, str], provision_dir: Path, port: int) -> int:
+    """Run the SuperLink in the foreground, register the consortium's sites once it listens, pass on signals."""
+    import signal
+    import socket
+    import subprocess
+    import time
+
+    from fl_server.control import restore_registrations
+
+    proc = subprocess.Popen(cmd, env=env)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.3)
+    if proc.poll() is None:
+        try:
+            # The certificate always names 127.0.0.1, so the coordinator's tools reach it locally.
+            restored = restore_registrations(provision_dir, f"127.0.0.1:{port}")
+        except ConfigError as exc:
+            print(f"error: registering the consortium's sites again failed: {exc}", file=sys.stderr)
+        else:
+            if restored:
+                print(f"[llnm] registered again: {', '.join(restored)}", flush=True)
+    return proc.wait()
 
 
 def _path_with_venv() -> str:

@@ -2,17 +2,16 @@
 the SuperLink's control API (over TLS, with the consortium's CA), plus our registry of which name holds
 which key.
 
-Flower keeps the registered keys in the SuperLink's database (`llnm-server start --provision` puts it in
-`DIR/superlink/state.db`, so registrations survive a restart) and names each node; `registry.json` in the
+Flower keeps the registered keys in the SuperLink's state and names each node; `registry.json` in the
 provisioning folder records the same for the coordinator's tools (`flwr supernode ls` does not list
-names) and for revocation.
+names), for revocation, and for `llnm-server start`, which registers every active site again when the
+SuperLink starts (its in-memory state forgets them at every stop).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import subprocess
 import tempfile
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 from fl_server.provisioning import CA_CERT, FLWR_HOME, REGISTRY, write_flwr_connection
 from shared_model.config import ConfigError
 from shared_model.environment import offline_environment
-from shared_model.fileio import atomic_write_text
+from shared_model.fileio import atomic_write_json
 
 REGISTRY_FORMAT = "llnm-fl site registry"
 
@@ -79,7 +78,7 @@ class SiteRegistry:
         return sorted(n for n in self.sites if self.active(n))
 
     def save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.data, indent=2) + "\n")
+        atomic_write_json(self.path, self.data, indent=2)
 
 
 def now_iso() -> str:
@@ -130,5 +129,29 @@ def revoke_site(provision_dir: Path, name: str, *, superlink: str | None = None)
     return entry
 
 
-def chmod_private(path: Path) -> None:
-    os.chmod(path, 0o600)
+def restore_registrations(provision_dir: Path, superlink: str) -> list[str]:
+    """Register every active site of registry.json with a SuperLink that has just started.
+
+    An in-memory SuperLink forgets its registered keys when it stops; registry.json is the coordinator's record
+    of them, so `llnm-server start` puts them back (a SuperLink with a database already has them: Flower answers
+    that the key is in use, which is fine). Returns the names registered anew.
+    """
+    registry = SiteRegistry(provision_dir)
+    restored = []
+    for name in registry.names():
+        entry = registry.sites[name]
+        with tempfile.TemporaryDirectory() as tmp:
+            pub = Path(tmp) / "site.pub"
+            pub.write_text(entry["public_key"] + "\n", encoding="utf-8")
+            try:
+                answer = flwr_json(provision_dir, ["supernode", "register", str(pub), "--name", name],
+                                   superlink=superlink)
+            except ConfigError as exc:
+                if "already in use" in str(exc):
+                    continue
+                raise
+        entry["node_id"] = int(answer["node-id"])
+        restored.append(name)
+    if restored:
+        registry.save()
+    return restored

@@ -103,7 +103,7 @@ def plan_superlink(exp: ExperimentConfig | None, *, host: str | None = None, por
     """TLS and `--enable-supernode-auth` by default, from a provisioning folder or three certificate files;
     plain HTTP only when asked for, and only on loopback."""
     from fl_server.consortium import load_consortium
-    from fl_server.provisioning import CONSORTIUM_FILE, SERVER_CA, SERVER_CERT, SERVER_KEY, SUPERLINK_DB
+    from fl_server.provisioning import CONSORTIUM_FILE, SERVER_CA, SERVER_CERT, SERVER_KEY
 
     link = exp.federation.superlink if exp else None
     explicit_tls = bool(ssl or provision_dir)
@@ -129,10 +129,10 @@ def plan_superlink(exp: ExperimentConfig | None, *, host: str | None = None, por
         missing = [f for f in (ca, cert, key) if not Path(f).is_file()]
         if missing:
             raise ConfigError(f"{folder}: missing {', '.join(missing)}; run `llnm-server provision` again")
-        # Registered keys live in the SuperLink's database: keep it in the provisioning folder so that a
-        # restart does not forget every hospital's registration.
+        # State stays in memory unless a database is asked for (Flower's SQLite state hit "database is locked"
+        # under load on two cores); `llnm-server start` registers the sites of registry.json again at start.
         return SuperLinkPlan(host or consortium.superlink.listen, port or consortium.superlink.port, False,
-                             (ca, cert, key), True, database or str(folder / SUPERLINK_DB))
+                             (ca, cert, key), True, database)
     raise ConfigError("the SuperLink runs with TLS and SuperNode authentication: give --provision DIR (made by "
                       "`llnm-server provision`) or --ssl-ca-certfile/--ssl-certfile/--ssl-keyfile; --insecure is for "
                       "a loopback development SuperLink only")

@@ -1,14 +1,11 @@
-"""Federated training end to end: config validation, Flower simulation, crash + resume, and a real
-deployment (one `flower-superlink` and one `flower-supernode` process per site on loopback), including a
-site killed mid-run.
+"""Federated training end to end: config validation, Flower simulation, crash + resume, and the baselines.
+(The real deployment, SuperLink and SuperNode processes on loopback, is test_deployment.py's.)
 
 End-to-end runs are few and each is asserted on by several tests through a module-scoped fixture:
 
 - `sim_run`: one Flower simulation of all seven sites of the shared consortium, killed (SIGKILL) after its
   first round and finished by `llnm-server resume`; its run directory carries the per-site metrics, the
   checkpoints, `status` and a site's own `evaluate` tests.
-- `deployment_run`: one SuperLink and three SuperNodes (separate processes) for two rounds; one SuperNode is
-  killed after round 1 and the run finishes without it.
 - the `llnm-server baseline` command (pooled, then local) is its own test: it runs no federation.
 """
 
@@ -16,31 +13,15 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+from processes import BIN, METRIC_KEYS, ROOT, assert_round_metrics, rounds_of, start, stop, write_config
 
 from fl_server.config import ConfigError, load_config
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-METRIC_KEYS = {"auc", "accuracy", "sensitivity", "specificity", "n"}
-
-
-def write_config(tmp_path: Path, **sections: dict) -> Path:
-    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    for key, value in sections.items():
-        base.setdefault(key, {}).update(value)
-    path = tmp_path / "exp.yaml"
-    path.write_text(yaml.safe_dump(base))
-    return path
 
 
 # ---- configuration ---------------------------------------------------------------------------------
@@ -88,68 +69,6 @@ def test_cosine_schedule_reaches_sites_through_the_round_config(tmp_path: Path) 
     assert scheduled_lr(TrainConfig(lr=0.01), 3, 5) == 0.01  # constant by default
     with pytest.raises(ValueError, match="outside"):
         scheduled_lr(TrainConfig(lr_schedule="cosine"), 5, 5)
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
-def rounds_of(run_dir: Path) -> list[int]:
-    m = run_dir / "metrics.json"
-    if not m.is_file():
-        return []
-    try:
-        return [r["round"] for r in json.loads(m.read_text())["rounds"]]
-    except (json.JSONDecodeError, KeyError):
-        return []
-
-
-def prebuild_caches(sites: list[Path], config: Path) -> None:
-    """Sites build their preprocessing cache once before joining (as `llnm-site check`/join would)."""
-    from shared_model.site_cache import build_site_tensors
-
-    pre = load_config(config).preprocess
-    for site in sites:
-        build_site_tensors(site, pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]), progress=False)
-
-
-def assert_round_metrics(entry: dict, sites: set[str]) -> None:
-    assert set(entry["sites"]) == sites, entry["sites"].keys()
-    for name, m in entry["sites"].items():
-        assert set(m) >= METRIC_KEYS, (name, m)
-        assert m["n"] > 0
-    assert entry["pooled"]["n"] == sum(m["n"] for m in entry["sites"].values())
 
 
 # ---- simulation: one run, crashed after round 1 and resumed --------------------------------------------
@@ -260,115 +179,3 @@ def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Pat
         assert len(log_lines) == 2 * len(metrics["train"])
         assert all("val AUC" in line for line in log_lines)
         assert f"{'pooled' if mode == 'pooled' else 'local ' + sorted(sites)[0]} epoch 2/2" in res.stderr
-
-
-# ---- real deployment -------------------------------------------------------------------------------
-# Three SuperNodes: what is under test is the process topology (a SuperLink, a SuperNode per site, a fresh
-# ClientApp process per message) and the failure path; the seven-site federation itself is `sim_run`'s.
-# Every SuperNode costs a ClientApp process per message and Flower's polling delays, so a round with
-# seven takes minutes on two cores. The three smallest sites keep local training short.
-DEPLOY_SITES = ["site-e", "site-f", "site-g"]
-
-
-class Deployment:
-    """A SuperLink and one SuperNode per site, as separate processes on loopback."""
-
-    def __init__(self, tmp_path: Path, sites: list[Path]) -> None:
-        self.tmp = tmp_path
-        self.port = free_port()
-        self.sites = sorted(sites)
-        self.link: subprocess.Popen | None = None
-        self.nodes: dict[str, subprocess.Popen] = {}
-
-    def __enter__(self) -> Deployment:
-        self.link = start([str(BIN / "llnm-server"), "start", "--host", "127.0.0.1", "--port", str(self.port),
-                           "--insecure"], self.tmp / "superlink.log")
-        wait_for_port(self.port)
-        for site in self.sites:
-            self.nodes[site.name] = start(
-                [str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{self.port}", "--data", str(site),
-                 "--insecure", "--clientappio-port", str(free_port()), "--threads", "1",
-                 "--cache-dir", os.environ["LLNM_CACHE_DIR"]],
-                self.tmp / f"node-{site.name}.log")
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for proc in self.nodes.values():
-            stop(proc)
-        if self.link is not None:
-            stop(self.link)
-
-    def wait_for_nodes(self, timeout: float = 180.0) -> None:
-        """Until the SuperLink has activated every SuperNode, so that round 1 has them all (the quorum is lower,
-        for the rounds after one is killed)."""
-        deadline = time.monotonic() + timeout
-        while (self.tmp / "superlink.log").read_text().count("Activated node_id") < len(self.sites):
-            assert all(p.poll() is None for p in (self.link, *self.nodes.values())), self.logs()
-            assert time.monotonic() < deadline, self.logs()
-            time.sleep(0.3)
-
-    def run(self, config: Path, out: Path) -> subprocess.Popen:
-        return start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(out),
-                      "--superlink", f"127.0.0.1:{self.port}"], self.tmp / "run.log")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted(self.tmp.glob("*.log")))
-
-
-@pytest.fixture(scope="module")
-def deployment_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
-    """Two rounds on a SuperLink and three SuperNodes; the last site's SuperNode is SIGKILLed once round 1 is
-    recorded. Quorum 2, so the run goes on without it. (The round timeout only bounds a round on a loaded
-    machine: the SuperLink reports the killed node unavailable after about a minute of missed heartbeats.)"""
-    tmp = tmp_path_factory.mktemp("deployment")
-    config = write_config(tmp, federation={"rounds": 2, "min_sites": 2, "round_timeout_s": 180,
-                                           "eval_bootstrap": 50})
-    sites = [small_consortium / name for name in DEPLOY_SITES]
-    prebuild_caches(sites, config)
-    out = tmp / "run"
-    with Deployment(tmp, sites) as dep:
-        dep.wait_for_nodes()
-        run = dep.run(config, out)
-        victim = dep.sites[-1].name
-        try:
-            deadline = time.monotonic() + 900
-            while 1 not in rounds_of(out):
-                assert run.poll() is None, dep.logs()
-                assert time.monotonic() < deadline, dep.logs()
-                time.sleep(0.5)
-            stop(dep.nodes[victim], signal.SIGKILL)
-            rc = run.wait(timeout=1200)
-        finally:
-            stop(run)
-        assert rc == 0, dep.logs()
-    return {"out": out, "names": {p.name for p in dep.sites}, "victim": victim, "logs": dep.logs()}
-
-
-@pytest.mark.slow
-def test_deployment_superlink_and_supernodes(deployment_run: dict) -> None:
-    """Every SuperNode trains and evaluates while all are up: per-site metrics from separate processes."""
-    out = deployment_run["out"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
-    first = metrics["rounds"][0]
-    assert_round_metrics(first, deployment_run["names"])
-    assert set(first["train"]) == set(first["participants"]) == deployment_run["names"]
-    assert first["failures"] == []
-    assert metrics["final"]["split"] == "test"
-    assert json.loads((out / "run.json").read_text())["mode"] == "deployment"
-
-
-@pytest.mark.slow
-def test_deployment_site_killed_mid_run(deployment_run: dict) -> None:
-    """After its SuperNode is killed the site is reported failed (the SuperLink's node-unavailable error, or
-    offline), and the others carry on."""
-    out, victim = deployment_run["out"], deployment_run["victim"]
-    metrics = json.loads((out / "metrics.json").read_text())
-    others = deployment_run["names"] - {victim}
-    assert victim in metrics["rounds"][0]["sites"]
-    for entry in metrics["rounds"][1:]:
-        assert_round_metrics(entry, others)
-        assert victim not in entry["sites"] and victim not in entry["participants"]
-        assert set(entry["participants"]) == others
-        assert any(f["site"] == victim for f in entry["failures"]), entry["failures"]
-    assert set(metrics["final"]["sites"]) == others

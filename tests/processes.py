@@ -1,0 +1,92 @@
+"""Helpers for tests that run real processes (SuperLink, SuperNodes, `llnm-server run`) and federations."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from fl_server.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+METRIC_KEYS = {"auc", "accuracy", "sensitivity", "specificity", "n"}
+
+
+def write_config(tmp_path: Path, **sections: dict) -> Path:
+    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(base))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    fh = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
+    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=20)
+
+
+def rounds_of(run_dir: Path) -> list[int]:
+    m = run_dir / "metrics.json"
+    if not m.is_file():
+        return []
+    try:
+        return [r["round"] for r in json.loads(m.read_text())["rounds"]]
+    except (json.JSONDecodeError, KeyError):
+        return []
+
+
+def prebuild_caches(sites: list[Path], config: Path) -> None:
+    """Sites build their preprocessing cache once before joining (as `llnm-site check`/join would)."""
+    from shared_model.site_cache import build_site_tensors
+
+    pre = load_config(config).preprocess
+    for site in sites:
+        build_site_tensors(site, pre, cache_dir=Path(os.environ["LLNM_CACHE_DIR"]), progress=False)
+
+
+def assert_round_metrics(entry: dict, sites: set[str]) -> None:
+    assert set(entry["sites"]) == sites, entry["sites"].keys()
+    for name, m in entry["sites"].items():
+        assert set(m) >= METRIC_KEYS, (name, m)
+        assert m["n"] > 0
+    assert entry["pooled"]["n"] == sum(m["n"] for m in entry["sites"].values())
+
+

@@ -1,0 +1,522 @@
+"""Secure deployment: provisioning, keys, the SuperLink's and sites' secure defaults, the site's app gate and
+audit log, site names bound to registered keys; and one real consortium on loopback.
+
+`secure_run` is the end-to-end check: a TLS SuperLink with SuperNode authentication and seven SuperNodes, all
+provisioned by our commands, run two rounds while intruders try their way in (an unregistered key, plain
+HTTP, a registered hospital presenting another's name, a revoked site), and one site starts without having
+approved the app and approves it mid-run. (A site dying mid-round is the secure-aggregation tests' and the
+fault-injection suite's.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import yaml
+from processes import (
+    BIN,
+    ROOT,
+    assert_round_metrics,
+    free_port,
+    prebuild_caches,
+    start,
+    stop,
+    wait_for_port,
+    write_config,
+)
+
+from fl_server.config import ConfigError
+from fl_server.consortium import ConsortiumConfig, load_consortium
+from fl_server.provisioning import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, provision
+from shared_model.site_kit import load_kit, load_site_public_key, make_site_key
+
+
+def consortium(sites: list[str], address: str = "127.0.0.1:9093", **extra: object) -> ConsortiumConfig:
+    return ConsortiumConfig.model_validate({"name": "test", "superlink": {"address": address, **extra},
+                                           "sites": sites})
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, **(env or {})})
+
+
+# ---- provisioning ------------------------------------------------------------------------------------------
+def test_provision_makes_a_ca_a_superlink_certificate_and_kits(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = tmp_path / "prov"
+    report = provision(consortium(["site-a", "site-b"], hosts=["link.example.org", "10.1.2.3"]), out)
+    assert "ca/ca.key" in report.created and "kits/site-b/kit.json" in report.created
+    for secret in (CA_KEY, SERVER_KEY):
+        assert (out / secret).stat().st_mode & 0o077 == 0, f"{secret} must be private"
+    ca = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
+    server = x509.load_pem_x509_certificate((out / SERVER_CERT).read_bytes())
+    server.verify_directly_issued_by(ca)
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"link.example.org", "localhost"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {"127.0.0.1", "10.1.2.3"}
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+    kit = load_kit(out / "kits" / "site-a")
+    assert (kit.site, kit.superlink, kit.consortium) == ("site-a", "127.0.0.1:9093", "test")
+    assert not any("key" in p.name for p in (out / "kits" / "site-a").iterdir()), "a kit holds no secrets"
+
+
+def test_adding_a_site_keeps_every_existing_credential(tmp_path: Path) -> None:
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"]), out)
+    before = {p: (out / p).read_bytes() for p in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY,
+                                                  Path("kits/site-a/ca.crt"), Path("kits/site-a/kit.json"))}
+    report = provision(consortium(["site-a", "site-b"]), out)
+    assert {p: (out / p).read_bytes() for p in before} == before
+    assert [f for f in report.created if not f.startswith("kits/site-b/")] == ["consortium.yaml"]
+    # A changed host list re-issues the SuperLink's certificate, still from the same CA.
+    provision(consortium(["site-a", "site-b"], hosts=["new.example.org"]), out)
+    assert (out / CA_KEY).read_bytes() == before[CA_KEY]
+    assert (out / SERVER_CERT).read_bytes() != before[SERVER_CERT]
+
+
+def test_an_existing_ca_is_used_and_checked(tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    provision(consortium(["site-a"]), first)
+    second = tmp_path / "second"
+    provision(consortium(["site-a"]), second, ca_cert=first / CA_CERT, ca_key=first / CA_KEY)
+    assert (second / CA_CERT).read_bytes() == (first / CA_CERT).read_bytes()
+    other = tmp_path / "other"
+    provision(consortium(["site-a"]), other)
+    with pytest.raises(ConfigError, match="is not the private key of"):
+        provision(consortium(["site-a"]), tmp_path / "x", ca_cert=first / CA_CERT, ca_key=other / CA_KEY)
+    with pytest.raises(ConfigError, match="not a CA certificate"):
+        provision(consortium(["site-a"]), tmp_path / "y", ca_cert=first / SERVER_CERT, ca_key=first / SERVER_KEY)
+
+
+def test_a_tampered_kit_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"]), out)
+    other = tmp_path / "other"
+    provision(consortium(["site-a"]), other)
+    kit = out / "kits" / "site-a"
+    (kit / "ca.crt").write_bytes((other / CA_CERT).read_bytes())
+    with pytest.raises(ConfigError, match=r"does not match kit\.json's ca_sha256"):
+        load_kit(kit)
+    with pytest.raises(ConfigError, match="not an onboarding kit"):
+        load_kit(tmp_path)
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"name": "c", "superlink": {"address": "https://x:1"}, "sites": ["a"]}, "without a scheme"),
+    ({"name": "c", "superlink": {"address": "x:99999"}, "sites": ["a"]}, "outside 1-65535"),
+    ({"name": "c", "superlink": {"address": "x:1"}, "sites": ["a", "a"]}, "listed twice"),
+    ({"name": "c", "superlink": {"address": "x:1"}, "sites": ["a b"]}, "site names must match"),
+    (None, "empty file"),
+])
+def test_bad_consortium_files_name_the_problem(tmp_path: Path, data: object, expected: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("" if data is None else yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=expected):
+        load_consortium(path)
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path: Path) -> None:
+    done = run_cli(BIN / "llnm-site", "keygen", "--out", tmp_path, "--name", "site-a")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "site-a.key").stat().st_mode & 0o077 == 0
+    line, fingerprint = load_site_public_key(tmp_path / "site-a.pub")
+    assert line.startswith(b"ecdsa-sha2-nistp384 ") and fingerprint.startswith("SHA256:")
+    again = run_cli(BIN / "llnm-site", "keygen", "--out", tmp_path, "--name", "site-a")
+    assert again.returncode == 2 and "never overwrites" in again.stderr
+    with pytest.raises(ConfigError, match="is a PRIVATE key"):
+        load_site_public_key(tmp_path / "site-a.key")
+
+
+# ---- secure by default --------------------------------------------------------------------------------------
+def test_superlink_is_tls_with_node_auth_by_default_and_insecure_only_on_loopback(tmp_path: Path) -> None:
+    from fl_server.deployment import plan_superlink
+
+    with pytest.raises(ConfigError, match="--provision DIR"):
+        plan_superlink(None)
+    with pytest.raises(ConfigError, match="loopback development only"):
+        plan_superlink(None, host="0.0.0.0", insecure=True)
+    assert plan_superlink(None, host="127.0.0.1", insecure=True).command()[-1] == "--insecure"
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"], address="link.example.org:9443"), out)
+    cmd = plan_superlink(None, provision_dir=str(out)).command()
+    assert "--enable-supernode-auth" in cmd and "--insecure" not in cmd
+    assert cmd[cmd.index("--port") + 1] == "9443" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert "--database" not in cmd  # in memory: `start` registers the sites of registry.json again
+    assert cmd[cmd.index("--ssl-certfile") + 1] == str(out / SERVER_CERT)
+    done = run_cli(BIN / "llnm-server", "start", "--host", "10.0.0.1", "--insecure")
+    assert done.returncode == 2 and "10.0.0.1 is not a loopback address" in done.stderr
+
+
+def test_run_talks_tls_to_the_superlink(tmp_path: Path) -> None:
+    from fl_server.config import parse_config
+    from fl_server.deployment import control_connection
+
+    exp = parse_config({})
+    with pytest.raises(ConfigError, match="over TLS"):
+        control_connection(exp)
+    with pytest.raises(ConfigError, match="loopback development only"):
+        control_connection(exp, superlink="10.0.0.1:9093", insecure=True)
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"], address="link.example.org:9443"), out)
+    conn = control_connection(exp, provision_dir=str(out))
+    assert (conn.address, conn.insecure, conn.root_certificates) == ("link.example.org:9443", False,
+                                                                     str(out / CA_CERT))
+
+
+def _join_args(tmp_path: Path, **kw: object) -> Namespace:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    base = dict(kit=None, auth_key=None, superlink=None, data=str(site), name=None, state_dir=str(tmp_path / "st"),
+                root_certificates=None, insecure=False)
+    return Namespace(**{**base, **kw})
+
+
+def test_join_needs_tls_and_a_key_and_keeps_the_kits_name(tmp_path: Path) -> None:
+    from fl_client.cmd_join import plan_join
+    from fl_client.site_state import SiteStateError
+
+    with pytest.raises(ConfigError, match="connects with TLS"):
+        plan_join(_join_args(tmp_path, superlink="127.0.0.1:9093"))
+    with pytest.raises(ConfigError, match="not loopback"):
+        plan_join(_join_args(tmp_path, superlink="10.0.0.1:9093", insecure=True))
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"]), out)
+    kit = str(out / "kits" / "site-a")
+    with pytest.raises(ConfigError, match="--key FILE is required"):
+        plan_join(_join_args(tmp_path, kit=kit))
+    private, _ = make_site_key()
+    key = tmp_path / "site.key"
+    key.write_bytes(private)
+    key.chmod(0o600)
+    with pytest.raises(ConfigError, match="differs from the kit's site"):
+        plan_join(_join_args(tmp_path, kit=kit, auth_key=str(key), name="site-b"))
+    plan = plan_join(_join_args(tmp_path, kit=kit, auth_key=str(key)))
+    assert (plan.name, plan.superlink, plan.root_certificates) == ("site-a", "127.0.0.1:9093",
+                                                                    str(out / "kits" / "site-a" / "ca.crt"))
+    with pytest.raises(SiteStateError, match="inside the site data folder"):
+        plan_join(_join_args(tmp_path, kit=kit, auth_key=str(key), state_dir=str(tmp_path / "site" / "state")))
+    with pytest.raises(ConfigError, match="not an unencrypted OpenSSH private key"):
+        plan_join(_join_args(tmp_path, kit=kit, auth_key=str(out / "kits" / "site-a" / "ca.crt")))
+
+
+class _TLSServer:
+    """A TLS (or plain) TCP listener on loopback that completes handshakes, for the transport probe."""
+
+    def __init__(self, cert: Path | None, key: Path | None) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.ctx = None
+        if cert:
+            self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.ctx.load_cert_chain(str(cert), str(key))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                if self.ctx:
+                    with self.ctx.wrap_socket(conn, server_side=True) as tls:
+                        tls.recv(1)
+                else:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                    conn.close()
+            except (OSError, ssl.SSLError):
+                conn.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_transport_mismatch_is_named_before_the_supernode_starts(tmp_path: Path) -> None:
+    from fl_client.connection_check import probe_superlink
+
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"]), out)
+    other = tmp_path / "other"
+    provision(consortium(["site-a"]), other)
+    tls, plain = _TLSServer(out / SERVER_CERT, out / SERVER_KEY), _TLSServer(None, None)
+    try:
+        assert probe_superlink(f"127.0.0.1:{tls.port}", ca_file=out / CA_CERT).ok
+        insecure = probe_superlink(f"127.0.0.1:{tls.port}", ca_file=None)
+        assert not insecure.ok and "uses TLS" in insecure.message
+        wrong_ca = probe_superlink(f"127.0.0.1:{tls.port}", ca_file=other / CA_CERT)
+        assert not wrong_ca.ok and "does not vouch for" in wrong_ca.message
+        expects_tls = probe_superlink(f"127.0.0.1:{plain.port}", ca_file=out / CA_CERT)
+        assert not expects_tls.ok and "does not speak TLS" in expects_tls.message
+        assert probe_superlink(f"127.0.0.1:{plain.port}", ca_file=None).ok
+        down = probe_superlink(f"127.0.0.1:{free_port()}", ca_file=out / CA_CERT)
+        assert down.ok and not down.reachable
+    finally:
+        tls.close()
+        plain.close()
+
+
+# ---- site names -------------------------------------------------------------------------------------------
+def test_a_node_cannot_take_another_sites_name() -> None:
+    from fl_server.site_identity import SiteRoster
+
+    roster = SiteRoster()
+    roster.note_registered([Namespace(node_id=1, name="site-a"), Namespace(node_id=2, name="site-h")])
+    assert roster.admit(1, "site-a", [1, 2]) is None
+    reason = roster.admit(2, "site-a", [1, 2])
+    assert reason and "registered as 'site-h' but claims to be 'site-a'" in reason
+    assert roster.accepted([1, 2]) == [1]
+    # Without node authentication (loopback development): the second node with a connected site's name.
+    dev = SiteRoster()
+    assert dev.admit(10, "site-g", [10, 11]) is None
+    assert "already holds" in (dev.admit(11, "site-g", [10, 11]) or "")
+    # A site that reconnects under a new node id, its old one gone, is the same site.
+    assert dev.admit(12, "site-g", [12]) is None
+
+
+# ---- the app gate and the audit log ------------------------------------------------------------------------
+def test_app_hash_is_the_bundle_flwr_run_submits(tmp_path: Path) -> None:
+    from flwr.cli.build import build_fab_from_disk
+
+    done = run_cli(BIN / "llnm-server", "app-hash", "--json", "--out", tmp_path / "app.fab")
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout)
+    fab = (tmp_path / "app.fab").read_bytes()
+    assert answer["sha256"] == hashlib.sha256(fab).hexdigest() == hashlib.sha256(build_fab_from_disk(ROOT)).hexdigest()
+    assert answer["bytes"] == len(fab) < 10 * 1024 * 1024  # Flower's FAB size limit
+    approved = run_cli(BIN / "llnm-site", "approve", tmp_path / "app.fab", "--state-dir", tmp_path / "st")
+    assert approved.returncode == 0 and answer["sha256"] in approved.stdout
+    listed = run_cli(BIN / "llnm-site", "approve", "--list", "--json", "--state-dir", tmp_path / "st")
+    assert answer["sha256"] in json.loads(listed.stdout)["apps"]
+    bad = run_cli(BIN / "llnm-site", "approve", "abc", "--state-dir", tmp_path / "st")
+    assert bad.returncode == 2 and "neither a 64-hex-digit SHA-256" in bad.stderr
+
+
+def test_the_gate_refuses_unapproved_apps_and_audits_what_leaves(tmp_path: Path) -> None:
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fl_client.app_gate as gate_mod
+    from fl_client.site_state import approve, audit_path, read_audit
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 7, 9
+    fab = b"not really a zip, but hashed all the same"
+    digest = hashlib.sha256(fab).hexdigest()
+    gate = gate_mod.AppGate(tmp_path, "site-a")
+    incoming = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), dst_node_id=7,
+                       message_type="train")
+    gate.received(incoming, None, Namespace(hash_str=digest))
+    with pytest.raises(gate_mod.AppNotApproved, match=f"site policy: site-a runs only apps it approved; app {digest}"):
+        gate.check(fab)
+    approve(tmp_path, digest, source="test")
+    gate.check(fab)
+    with pytest.raises(gate_mod.AppNotApproved, match="differs from the hash the run announced"):
+        gate.check(fab + b"!")
+    import torch
+
+    reply = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 4)}),
+                                "metrics": MetricRecord({"num-examples": 30, "dp-epsilon": 1.5})}),
+                    reply_to=incoming)
+    gate.sent(reply)
+    entries = [e for _, e, _ in read_audit(audit_path(tmp_path, "site-a"))]
+    assert [e["event"] for e in entries] == ["received", "refused-app", "refused-app", "sent"]
+    sent = entries[-1]
+    assert (sent["run_id"], sent["round"], sent["message_type"], sent["app_hash"]) == (5, 3, "train", digest)
+    assert sent["parameters"] == 12 and sent["array_bytes"] >= 48
+    assert sent["metric_names"] == ["dp-epsilon", "num-examples"] and sent["privacy"] == {"dp-epsilon": 1.5}
+
+
+def test_the_gate_wraps_flowers_clientapp_steps_and_fails_closed() -> None:
+    import flwr.supernode.runtime.run_clientapp as runtime
+
+    from fl_client.app_gate import WRAPPED, AppGate, install
+
+    assert all(callable(getattr(runtime, name)) for name in WRAPPED), "Flower moved a step the gate wraps"
+    with pytest.raises(SystemExit, match="fails closed"):
+        install(AppGate(Path("/nonexistent"), "s"), Namespace(__name__="fake", pull_task_input=print))
+
+
+# ---- a real consortium on loopback -------------------------------------------------------------------------
+LATE = "site-g"     # joins without having approved the app; approves it once refused
+SPOOFER = "site-h"  # a registered hospital whose SuperNode claims to be site-a
+REVOKED = "site-i"  # registered, then revoked before it joins
+
+
+class SecureConsortium:
+    def __init__(self, tmp: Path, sites: list[Path]) -> None:
+        self.tmp, self.sites = tmp, sorted(sites)
+        self.port = free_port()
+        self.prov, self.keys, self.states = tmp / "prov", tmp / "keys", tmp / "state"
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def cli(self, *args: object) -> subprocess.CompletedProcess:
+        done = run_cli(*args)
+        assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
+        return done
+
+    def setup(self) -> None:
+        names = [s.name for s in self.sites] + [SPOOFER, REVOKED]
+        cfg = self.tmp / "consortium.yaml"
+        cfg.write_text(yaml.safe_dump({"name": "loopback", "superlink": {"address": f"127.0.0.1:{self.port}"},
+                                       "sites": names}))
+        self.cli(BIN / "llnm-server", "provision", "--config", cfg, "--out", self.prov)
+        self.procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--provision", str(self.prov), "--host",
+                                         "127.0.0.1"], self.tmp / "superlink.log")
+        wait_for_port(self.port)
+        self.app_hash = self.cli(BIN / "llnm-server", "app-hash").stdout.strip()
+        for name in names:
+            self.cli(BIN / "llnm-site", "keygen", "--out", self.keys, "--name", name)
+            self.cli(BIN / "llnm-server", "register-site", "--provision", self.prov, "--name", name, "--public-key",
+                     self.keys / f"{name}.pub")
+            if name != LATE:
+                self.cli(BIN / "llnm-site", "approve", self.app_hash, "--state-dir", self.states / name)
+        self.cli(BIN / "llnm-server", "revoke-site", REVOKED, "--provision", self.prov)
+
+    def join(self, label: str, *args: object, log: str | None = None) -> subprocess.Popen:
+        proc = start([str(BIN / "llnm-site"), "join", *map(str, args), "--clientappio-port", str(free_port()),
+                      "--threads", "1", "--cache-dir", os.environ["LLNM_CACHE_DIR"]],
+                     self.tmp / f"{log or label}.log")
+        self.procs[label] = proc
+        return proc
+
+    def join_site(self, site: Path) -> None:
+        self.join(site.name, "--kit", self.prov / "kits" / site.name, "--key", self.keys / f"{site.name}.key",
+                  "--data", site, "--state-dir", self.states / site.name)
+
+    def activations(self) -> int:
+        return (self.tmp / "superlink.log").read_text().count("Activated node_id")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+    def close(self) -> None:
+        for name, proc in self.procs.items():
+            if name != "superlink":
+                stop(proc)
+        stop(self.procs["superlink"])
+
+
+def _wait(condition, what: str, dep: SecureConsortium, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}\n{dep.logs()}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
+    tmp = tmp_path_factory.mktemp("secure")
+    sites = sorted(p for p in small_consortium.glob("site-*") if p.is_dir())
+    config = write_config(tmp, federation={"rounds": 2, "min_sites": 4, "round_timeout_s": 300,
+                                           "eval_bootstrap": 50, "final_eval_split": None})
+    prebuild_caches(sites, config)
+    dep = SecureConsortium(tmp, sites)
+    out = tmp / "run"
+    intruders: dict[str, subprocess.CompletedProcess] = {}
+    try:
+        dep.setup()
+        for site in dep.sites:
+            dep.join_site(site)
+        # A registered hospital (its own key) whose SuperNode says it is site-a, on a copy of site-a's folder.
+        copy = tmp / "copy"
+        copy.mkdir()
+        (copy / "site-a").symlink_to(small_consortium / "site-a")
+        dep.cli(BIN / "llnm-site", "approve", dep.app_hash, "--state-dir", dep.states / SPOOFER)
+        dep.join(SPOOFER, "--superlink", f"127.0.0.1:{dep.port}", "--root-certificates",
+                 dep.prov / "kits" / SPOOFER / "ca.crt", "--key", dep.keys / f"{SPOOFER}.key", "--name", "site-a",
+                 "--data", copy / "site-a", "--state-dir", dep.states / SPOOFER)
+        _wait(lambda: dep.activations() >= len(sites) + 1, "every SuperNode to connect", dep, 240)
+        run = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(out), "--provision",
+                     str(dep.prov)], tmp / "run.log")
+        dep.procs["run"] = run
+        late_log = dep.states / LATE / "audit" / f"{LATE}.jsonl"
+        _wait(lambda: late_log.is_file() and "refused-app" in late_log.read_text(), f"{LATE}'s refusal", dep)
+        dep.cli(BIN / "llnm-site", "approve", dep.app_hash, "--state-dir", dep.states / LATE)
+        # Intruders, while the run goes on.
+        rogue = dep.keys / "rogue"
+        dep.cli(BIN / "llnm-site", "keygen", "--out", rogue, "--name", "rogue")
+        intruders["unregistered"] = run_cli(
+            BIN / "llnm-site", "join", "--kit", dep.prov / "kits" / "site-a", "--key", rogue / "rogue.key",
+            "--data", small_consortium / "site-a", "--state-dir", tmp / "rogue-state", "--clientappio-port",
+            free_port(), timeout=180)
+        intruders["revoked"] = run_cli(
+            BIN / "llnm-site", "join", "--kit", dep.prov / "kits" / REVOKED, "--key", dep.keys / f"{REVOKED}.key",
+            "--data", small_consortium / "site-b", "--state-dir", dep.states / REVOKED, "--clientappio-port",
+            free_port(), timeout=180)
+        intruders["plain-http"] = run_cli(
+            BIN / "llnm-site", "join", "--superlink", f"127.0.0.1:{dep.port}", "--insecure", "--data",
+            small_consortium / "site-c", "--state-dir", tmp / "plain-state", timeout=60)
+        rc = run.wait(timeout=1200)
+        assert rc == 0, dep.logs()
+        audits = {s.name: json.loads(run_cli(BIN / "llnm-site", "audit", "--json", "--state-dir",
+                                             dep.states / s.name).stdout) for s in dep.sites}
+    finally:
+        dep.close()
+    return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
+            "states": dep.states, "logs": dep.logs()}
+
+
+@pytest.mark.slow
+def test_seven_provisioned_sites_train_over_tls_with_registered_keys(secure_run: dict) -> None:
+    out = secure_run["out"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    first, second = metrics["rounds"]
+    on_time = secure_run["names"] - {LATE}
+    assert on_time <= set(first["participants"]), first["failures"]
+    # The site that approved the app once refused takes part from then on.
+    assert LATE in second["participants"], second["failures"]
+    assert_round_metrics(second, secure_run["names"])
+    assert set(second["participants"]) == secure_run["names"] and second["failures"] == []
+    run_info = json.loads((out / "run.json").read_text())
+    assert run_info["mode"] == "deployment" and run_info["insecure"] is False
+
+
+@pytest.mark.slow
+def test_intruders_are_refused_and_never_merged(secure_run: dict) -> None:
+    out, intruders = secure_run["out"], secure_run["intruders"]
+    unregistered = intruders["unregistered"]
+    assert unregistered.returncode != 0 and "not registered there, or was revoked" in unregistered.stderr
+    revoked = intruders["revoked"]
+    assert revoked.returncode != 0 and "not registered there, or was revoked" in revoked.stderr
+    plain = intruders["plain-http"]
+    assert plain.returncode == 2 and "uses TLS but this site was started with --insecure" in plain.stderr
+    run_info = json.loads((out / "run.json").read_text())
+    [spoof] = run_info["rejected_nodes"]
+    assert (spoof["registered"], spoof["claimed"]) == (SPOOFER, "site-a")
+    metrics = json.loads((out / "metrics.json").read_text())
+    for entry in metrics["rounds"]:
+        assert SPOOFER not in entry["sites"]
+        # site-a counted once: the pooled metrics are exactly the per-site ones.
+        assert entry["pooled"]["n"] == sum(m["n"] for m in entry["sites"].values())
+    assert "refused node" in (out / "log.txt").read_text()
+
+
+@pytest.mark.slow
+def test_the_audit_log_lists_the_refusal_then_what_was_sent(secure_run: dict) -> None:
+    late = secure_run["audits"][LATE]
+    [run] = late["runs"]
+    assert any(r["reason"].startswith(f"site policy: {LATE} runs only apps it approved") for r in run["refusals"])
+    assert late["refused_apps"] and run["sent"].get("train", 0) >= 1
+    site_a = secure_run["audits"]["site-a"]["runs"][0]
+    assert site_a["sent"]["train"] == 2 and site_a["parameters_sent"] > 0 and site_a["bytes_sent"] > 0
+    assert {"auc", "num-examples", "hist-pos-counts"} <= set(site_a["metric_names"])
+    assert site_a["refusals"] == [] and site_a["privacy"] == {}
+    lines = (secure_run["states"] / "site-a" / "audit" / "site-a.jsonl").read_text().splitlines()
+    times = [json.loads(line)["time"] for line in lines]
+    assert times == sorted(times)
