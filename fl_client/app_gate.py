@@ -40,7 +40,8 @@ from fl_client.site_state import (
 from shared_model import protocol
 
 WRAPPED = ("pull_task_input", "install_from_fab", "push_message")
-PRIVACY_METRICS = ("dp-epsilon", "dp-delta", "dp-lifetime-epsilon", "dp-lifetime-delta", "dp-lifetime-runs")
+PRIVACY_METRICS = (protocol.DP_EPSILON, protocol.DP_DELTA, protocol.DP_LIFETIME_EPSILON, protocol.DP_LIFETIME_DELTA,
+                   protocol.DP_LIFETIME_RUNS)
 
 
 class AppNotApproved(RuntimeError):
@@ -50,7 +51,7 @@ class AppNotApproved(RuntimeError):
 def _round_of(message: Any) -> int | None:
     try:
         config = message.content.config_records.get(protocol.CONFIG_RECORD)
-        value = config.get("server-round") if config is not None else None
+        value = config.get(protocol.SERVER_ROUND) if config is not None else None
         return int(value) if value is not None else None
     except (AttributeError, TypeError, ValueError):
         return None

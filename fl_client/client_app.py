@@ -227,11 +227,13 @@ def make_client_app(site_dirs: list[str] | None = None, defaults: dict[str, Any]
     config values used where the node config has none (e.g. the simulation's `cache-dir`).
     """
     from fl_client.privacy import site_dp_clipping_mod
+    from fl_client.secure_aggregation import secure_aggregation_mod
 
     client_app = ClientApp()
 
-    # Flower's client-side clipping mods, applied only when the coordinator's site-DP wrapper asks for them.
-    @client_app.train(mods=[site_dp_clipping_mod])
+    # Outermost: Flower's SecAgg+ for secure rounds only. Then Flower's client-side clipping mods, applied only
+    # when the coordinator's site-DP wrapper asks for them (so a site clips before it masks).
+    @client_app.train(mods=[secure_aggregation_mod, site_dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         _quiet_logs()
         return _handle_train(msg, context, site_dirs, defaults)

@@ -68,6 +68,23 @@ class SuperLinkSection(_Strict):
     database: str | None = None
 
 
+class SecureAggregationSection(_Strict):
+    """Flower's SecAgg+ (`SecAggPlusWorkflow`) for the train rounds when federation.secure_aggregation is on."""
+
+    # Shares of each site's secrets: a fraction of the sampled sites or a count (Flower's num_shares).
+    num_shares: float | int = Field(default=1.0, gt=0)
+    # Shares needed to reconstruct (fraction of num_shares, or a count): fewer surviving sites abort the round.
+    reconstruction_threshold: float | int = Field(default=0.6, gt=0)
+    # Every coordinate of a site's scaled update must lie within +-clipping_range (else the site refuses the
+    # round rather than let the quantizer clip it silently); quantization_range levels over that interval.
+    clipping_range: float = Field(default=8.0, gt=0)
+    quantization_range: int = Field(default=2**22, ge=2**8, le=2**28)
+    modulus_range: int = Field(default=2**32, ge=2**16, le=2**62)
+    # A site's update is multiplied by weight / weight_scale before masking (FedAvg's sample weights, at a
+    # magnitude the quantizer resolves); the coordinator divides it out of the sum.
+    weight_scale: float = Field(default=100.0, gt=0)
+
+
 class FederationSection(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     rounds: int = Field(default=10, ge=1, le=10000)
@@ -82,6 +99,9 @@ class FederationSection(_Strict):
     proximal_mu: float = Field(default=0.01, ge=0.0)
     fedadam: FedAdamSection = Field(default_factory=FedAdamSection)
     eval_bootstrap: int = Field(default=200, ge=0, le=100000)
+    # Train rounds with Flower's SecAgg+: the coordinator sees only the masked sum of the sites' updates.
+    secure_aggregation: bool = False
+    secagg: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
     superlink: SuperLinkSection = Field(default_factory=SuperLinkSection)
 
 
@@ -179,6 +199,24 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             "federation.strategy fedavg or fedprox with fixed clipping (FedAdam's server optimiser changes what "
             "the noise protects)"
         )
+    fed = cfg.federation
+    if fed.secure_aggregation:
+        if site_dp.enabled and site_dp.clipping != "client-fixed":
+            raise ConfigError(
+                f"{source}: privacy.site.clipping: with federation.secure_aggregation the coordinator never sees a "
+                "site's update, so it cannot clip one: use client-fixed (each site clips its update before "
+                "masking; the coordinator adds the noise to the unmasked sum and accounts it)"
+            )
+        if fed.min_sites < 2:
+            raise ConfigError(f"{source}: federation.min_sites: secure aggregation needs at least 2 sites")
+        sa = fed.secagg
+        if isinstance(sa.reconstruction_threshold, int) and sa.reconstruction_threshold > fed.min_sites:
+            raise ConfigError(
+                f"{source}: federation.secagg.reconstruction_threshold {sa.reconstruction_threshold} is above "
+                f"federation.min_sites {fed.min_sites}: a round the quorum allows could never be unmasked"
+            )
+        if isinstance(sa.reconstruction_threshold, float) and sa.reconstruction_threshold > 1.0:
+            raise ConfigError(f"{source}: federation.secagg.reconstruction_threshold: a fraction must be at most 1")
     if cfg.privacy.site.enabled and cfg.privacy.site.clipping.endswith("adaptive") and cfg.privacy.site.max_epsilon:
         raise ConfigError(
             f"{source}: privacy.site.max_epsilon: Flower has no accountant for adaptive clipping, so no budget "

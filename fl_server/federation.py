@@ -354,7 +354,14 @@ class Federation:
         if self.ledger is not None:
             self.ledger.before_round(rnd, strategy)
         msgs = self._for_accepted(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
-        outcome = self.exchange(msgs, "train")
+        secure_info: dict[str, Any] | None = None
+        if fed.secure_aggregation:
+            from fl_server.secure_aggregation import run_secure_round
+
+            secure = run_secure_round(self.grid, self.exp, rnd, msgs, self._name)
+            outcome, secure_info = RoundOutcome(secure.replies, secure.failures), secure.info
+        else:
+            outcome = self.exchange(msgs, "train")
         failures = outcome.failures + self.offline_sites(nodes, "train")
         train_sites: dict[str, Any] = {}
         for r in outcome.replies:
@@ -387,6 +394,8 @@ class Federation:
             "participants": sorted(train_sites),
             "seconds": round(time.perf_counter() - t0, 3),
         }
+        if secure_info is not None:
+            entry["secure_aggregation"] = secure_info
         self._save_round(rnd, new_arrays, strategy, entry)
         self._print_round(entry)
         return new_arrays

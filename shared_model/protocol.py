@@ -12,6 +12,12 @@ A round's messages (Message API, one `RecordDict` each):
   metrics) and `site`;
 * site -> coordinator, `evaluate` reply: `metrics` (evaluation metrics and the score histogram) and `site`;
 * coordinator -> site, `query`: `config` with `ask: site-name`; the reply holds the `site` record only.
+
+With secure aggregation (`federation.secure_aggregation`) a train round is Flower's SecAgg+ exchange on the
+legacy FitIns/FitRes layout instead (four `train` messages per site; `fl_server.secure_aggregation` and
+`fl_client.secure_aggregation`): the FitIns carries the global model as an ordered list of arrays and the
+round config plus the `secagg-*` keys below; the FitRes carries the site's masked, scaled update (never
+the update itself), weight 1, and as metrics the train metrics plus the site's name and policy.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ PROXIMAL_MU = "proximal-mu"  # FedProx only
 SITE_DP_CLIPPING = "site-dp-clipping"
 SITE_DP_CLIENT_FIXED = "client-fixed"
 SITE_DP_CLIENT_ADAPTIVE = "client-adaptive"
+
+# Secure aggregation only (FitIns config): the state-dict keys of the ordered arrays (JSON list), the train
+# metric that is the site's FedAvg weight, the public constant that weight is divided by, and the bound
+# on every coordinate of the scaled update (Flower's SecAgg+ clipping_range).
+SECAGG_KEYS = "secagg-keys"
+SECAGG_WEIGHT_KEY = "secagg-weight-key"
+SECAGG_WEIGHT_SCALE = "secagg-weight-scale"
+SECAGG_CLIPPING_RANGE = "secagg-clipping-range"
 
 # ---- train reply metrics (MetricRecord `metrics`) -------------------------------------------------------
 NUM_EXAMPLES = "num-examples"  # FedAvg's sample weight
