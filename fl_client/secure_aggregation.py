@@ -76,9 +76,11 @@ def _train_for_fitres(msg: Message, ctxt: Context, call_next: Any) -> Message:
     peak = max((float(np.max(np.abs(u))) for u in update if u.size), default=0.0)
     if peak > bound:
         raise SecureAggregationRefusal(
-            f"secure aggregation: site {site.get(protocol.SITE_NAME)} refuses round {config.get(protocol.SERVER_ROUND)}: "
-            f"its scaled update reaches {peak:.3g}, beyond federation.secagg.clipping_range {bound:g}, which "
-            "Flower's quantizer would clip silently; the coordinator can raise clipping_range or weight_scale")
+            f"secure aggregation: site {site.get(protocol.SITE_NAME)} refuses round "
+            f"{config.get(protocol.SERVER_ROUND)}: its scaled update reaches {peak:.3g}, beyond "
+            f"federation.secagg.clipping_range {bound:g}, which Flower's quantizer would clip silently; the "
+            "coordinator can raise clipping_range, or weight_scale (the update is multiplied by weight / "
+            "weight_scale)")
     fit_metrics: dict[str, Any] = {**metrics, **{k: str(v) for k, v in site.items()}}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update), 1, fit_metrics)
     return Message(fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)

@@ -22,15 +22,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.serverapp.strategy import Strategy
 
 from fl_server.config import ExperimentConfig
 from fl_server.privacy.replies import refusal_text
 from fl_server.run_dir import RunDirectory
 from fl_server.site_identity import SiteRoster
+from fl_server.strategies import (
+    build_strategy,
+    initial_state,
+    restore_strategy_state,
+    round_config,
+    strategy_state,
+)
 from shared_model import protocol
 
 log = logging.getLogger("llnm.server")
@@ -63,92 +69,6 @@ class QuorumNotMet(RuntimeError):
 class RoundOutcome:
     replies: list[Message]
     failures: list[dict[str, Any]]
-
-
-def initial_state(exp: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """The round-0 global model, reproducible from the run's seed."""
-    from shared_model.architectures import build_model
-
-    torch.manual_seed(exp.train.seed)
-    model = build_model(exp.architecture())
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-
-
-def build_strategy(exp: ExperimentConfig, num_sites_expected: int) -> Strategy:
-    """The configured Flower strategy, wrapped for site-level DP when enabled."""
-    fed = exp.federation
-    # Sampling: every connected site takes part in every round (fraction 1.0); quorum is checked by us.
-    common: dict[str, Any] = dict(
-        fraction_train=1.0,
-        fraction_evaluate=1.0,
-        min_train_nodes=fed.min_sites,
-        min_evaluate_nodes=fed.min_sites,
-        min_available_nodes=fed.min_sites,
-        weighted_by_key=protocol.NUM_EXAMPLES,
-    )
-    site_dp = exp.privacy.site
-    if site_dp.enabled:
-        # Site-level DP needs an unweighted mean (each site's clipped update has sensitivity C/K);
-        # sample-weighted FedAvg would give a large hospital more influence than the noise covers.
-        common["weighted_by_key"] = protocol.UNIT_WEIGHT
-    strategy: Strategy
-    if fed.strategy == "fedavg":
-        strategy = FedAvg(**common)
-    elif fed.strategy == "fedprox":
-        strategy = FedProx(proximal_mu=fed.proximal_mu, **common)
-    else:
-        a = fed.fedadam
-        strategy = FedAdam(eta=a.eta, eta_l=a.eta_l, beta_1=a.beta_1, beta_2=a.beta_2, tau=a.tau, **common)
-    if site_dp.enabled:
-        from fl_server.privacy import wrap_with_site_dp
-
-        strategy = wrap_with_site_dp(strategy, exp, num_sites_expected)
-    return strategy
-
-
-def _inner_strategy(strategy: Strategy) -> Strategy:
-    return getattr(strategy, "strategy", strategy)
-
-
-def strategy_state(strategy: Strategy) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """JSON-able and array state a strategy needs to continue after a restart (FedAdam's moments)."""
-    inner = _inner_strategy(strategy)
-    arrays: dict[str, np.ndarray] = {}
-    for attr in ("m_t", "v_t"):
-        value = getattr(inner, attr, None)
-        if value:
-            arrays.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
-    return {"strategy": type(inner).__name__}, arrays
-
-
-def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) -> None:
-    inner = _inner_strategy(strategy)
-    for attr in ("m_t", "v_t"):
-        value = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.startswith(f"{attr}/")}
-        if value and hasattr(inner, attr):
-            setattr(inner, attr, value)
-
-
-def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None) -> ConfigRecord:
-    """What a site needs for one round, in the round's ConfigRecord."""
-    from shared_model.training import scheduled_lr
-
-    total = int(exp.federation.rounds)
-    train = exp.train.model_copy(update={
-        "lr": scheduled_lr(exp.train, min(max(server_round, 1), total) - 1, total)})
-    values: dict[str, Any] = {
-        protocol.RUN_ID: exp.name,
-        protocol.TOTAL_ROUNDS: total,
-        protocol.MODEL_CONFIG: exp.architecture().to_json(),
-        protocol.PREPROCESS_CONFIG: exp.preprocess.to_json(),
-        protocol.TRAIN_CONFIG: train.to_json(),
-        protocol.PRIVACY_CONFIG: exp.privacy.patient.to_json(),
-        protocol.EVAL_SPLIT: split or exp.federation.eval_split,
-        protocol.EVAL_BOOTSTRAP: int(exp.federation.eval_bootstrap),
-    }
-    if exp.federation.strategy == "fedprox":
-        values[protocol.PROXIMAL_MU] = float(exp.federation.proximal_mu)
-    return ConfigRecord(values)
 
 
 class Federation:
@@ -355,6 +275,7 @@ class Federation:
             self.ledger.before_round(rnd, strategy)
         msgs = self._for_accepted(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
         secure_info: dict[str, Any] | None = None
+        t_train = time.perf_counter()
         if fed.secure_aggregation:
             from fl_server.secure_aggregation import run_secure_round
 
@@ -381,6 +302,7 @@ class Federation:
             raise QuorumNotMet(f"round {rnd}: aggregation produced no model (see log)")
         if self.ledger is not None:
             self.ledger.after_aggregate(rnd, strategy, outcome.replies, self._name)
+        train_seconds = round(time.perf_counter() - t_train, 3)
 
         unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
         sites, pooled, eval_failures = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
@@ -393,6 +315,7 @@ class Federation:
             "failures": failures + eval_failures,
             "participants": sorted(train_sites),
             "seconds": round(time.perf_counter() - t0, 3),
+            "train_seconds": train_seconds,
         }
         if secure_info is not None:
             entry["secure_aggregation"] = secure_info

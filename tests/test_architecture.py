@@ -155,7 +155,7 @@ def test_experiment_sections_are_the_shared_schemas() -> None:
 @pytest.mark.parametrize("schema", ["ModelConfig", "PreprocessConfig", "TrainConfig", "PatientDPConfig"])
 def test_round_config_carries_the_schemas_and_the_site_reads_them_back(schema: str) -> None:
     from fl_server.config import parse_config
-    from fl_server.federation import round_config
+    from fl_server.strategies import round_config
     from shared_model import config, protocol
 
     exp = parse_config({"privacy": {"patient": {"enabled": True, "target_epsilon": 3.0}},

@@ -58,7 +58,7 @@ def test_bad_config_names_the_key(tmp_path: Path, patch: dict, expected: str) ->
 
 
 def test_cosine_schedule_reaches_sites_through_the_round_config(tmp_path: Path) -> None:
-    from fl_server.federation import round_config
+    from fl_server.strategies import round_config
     from shared_model.training import TrainConfig, scheduled_lr
 
     exp = load_config(write_config(tmp_path, train={"lr": 0.002, "lr_schedule": "cosine", "lr_min_ratio": 0.1},

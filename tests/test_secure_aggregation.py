@@ -209,7 +209,7 @@ def test_secure_result_is_plain_fedavgs_within_the_quantization(secure_pair: dic
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert math.isfinite(diff) and diff <= bound, (diff, bound)
     # ... which is far below what the round changed: the comparison is not vacuous.
-    from fl_server.federation import initial_state
+    from fl_server.strategies import initial_state
 
     start = initial_state(exp)
     moved = max(float((a[k] - start[k]).abs().max()) for k in a)
@@ -236,7 +236,7 @@ def test_site_dp_noise_goes_on_the_unmasked_mean() -> None:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fl_server.federation import build_strategy
+    from fl_server.strategies import build_strategy
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 3
     exp = parse_config({"federation": {"secure_aggregation": True, "min_sites": 3},
