@@ -80,8 +80,20 @@ def describe_reply(reply: Any) -> dict[str, Any]:
             if key in PRIVACY_METRICS and isinstance(value, (int, float)):
                 privacy[key] = float(value)
     config_keys = sorted(k for record in content.config_records.values() for k in record)
-    return {"tensors": tensors, "parameters": params, "array_bytes": arrays_bytes,
+    # Config records carry bytes too: under secure aggregation the masked update travels there.
+    config_bytes = sum(_payload_size(v) for record in content.config_records.values() for v in record.values())
+    return {"tensors": tensors, "parameters": params, "array_bytes": arrays_bytes, "config_bytes": config_bytes,
             "metric_names": sorted(metric_names), "config_keys": config_keys, "privacy": privacy}
+
+
+def _payload_size(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value)
+    if isinstance(value, str):
+        return len(value.encode())
+    if isinstance(value, list):
+        return sum(_payload_size(v) for v in value)
+    return 8
 
 
 class AppGate:

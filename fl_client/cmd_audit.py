@@ -53,7 +53,7 @@ def summarise(path: Path) -> dict[str, Any]:
         elif event in ("sent", "refused"):
             run["sent"][kind] += 1
             run["parameters_sent"] += int(entry.get("parameters", 0) or 0)
-            run["bytes_sent"] += int(entry.get("array_bytes", 0) or 0)
+            run["bytes_sent"] += int(entry.get("array_bytes", 0) or 0) + int(entry.get("config_bytes", 0) or 0)
             run["metric_names"].update(entry.get("metric_names", []))
             for key, value in (entry.get("privacy") or {}).items():
                 run["privacy"][key] = value  # the latest reply's cumulative figures
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"run {run['run_id']}  app {hashes}  {run['first']} .. {run['last']}")
         print(f"  received {dict(sorted(run['received'].items()))}  sent {dict(sorted(run['sent'].items()))}  "
               f"rounds {run['rounds'] or '-'}")
-        print(f"  sent {run['parameters_sent']} parameters, {run['bytes_sent']} bytes of arrays; metrics: "
+        print(f"  sent {run['parameters_sent']} parameters, {run['bytes_sent']} bytes of payload; metrics: "
               f"{', '.join(run['metric_names']) or '-'}")
         if run["privacy"]:
             print("  privacy reported: " + ", ".join(f"{k} {v:g}" for k, v in sorted(run["privacy"].items())))

@@ -17,6 +17,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from fl_server.provisioning import CA_CERT, FLWR_HOME, REGISTRY, write_flwr_connection
 from shared_model.config import ConfigError
 from shared_model.environment import offline_environment
@@ -31,11 +33,15 @@ def _flwr() -> str:
     return flwr_binary("flwr")
 
 
+def require_provisioned(provision_dir: Path) -> None:
+    if not (provision_dir / CA_CERT).is_file():
+        raise ConfigError(f"{provision_dir}: not a provisioning folder (no {CA_CERT}); run `llnm-server provision`")
+
+
 def flwr_json(provision_dir: Path, args: list[str], *, superlink: str | None = None) -> dict[str, Any]:
     """Run `flwr <args> --format json` with the provisioning folder's connection; its JSON answer, or an error
     carrying Flower's own message."""
-    if not (provision_dir / CA_CERT).is_file():
-        raise ConfigError(f"{provision_dir}: not a provisioning folder (no {CA_CERT}); run `llnm-server provision`")
+    require_provisioned(provision_dir)
     with tempfile.TemporaryDirectory(prefix="llnm-flwr-") as tmp:
         home = provision_dir / FLWR_HOME
         if superlink:
@@ -91,11 +97,24 @@ def register_site(provision_dir: Path, name: str, public_key_file: Path, *,
     from fl_server.provisioning import CONSORTIUM_FILE
     from shared_model.site_kit import load_site_public_key
 
+    require_provisioned(provision_dir)
     consortium = load_consortium(provision_dir / CONSORTIUM_FILE)
     if name not in consortium.sites:
         raise ConfigError(f"site {name!r} is not in the consortium ({', '.join(consortium.sites)}); add it to the "
                           "consortium file and run `llnm-server provision` again (the others keep their kits)")
     line, fingerprint = load_site_public_key(public_key_file)
+    with registry_lock(provision_dir):
+        return _register(provision_dir, name, line, fingerprint, public_key_file, superlink)
+
+
+def registry_lock(provision_dir: Path) -> FileLock:
+    """Held while registry.json is read, changed at the SuperLink and written: concurrent registrations of
+    different sites must not lose each other's entries."""
+    return FileLock(str(provision_dir / REGISTRY) + ".lock", timeout=300)
+
+
+def _register(provision_dir: Path, name: str, line: bytes, fingerprint: str, public_key_file: Path,
+              superlink: str | None) -> dict[str, Any]:
     registry = SiteRegistry(provision_dir)
     current = registry.active(name)
     if current:
@@ -118,6 +137,12 @@ def register_site(provision_dir: Path, name: str, public_key_file: Path, *,
 
 
 def revoke_site(provision_dir: Path, name: str, *, superlink: str | None = None) -> dict[str, Any]:
+    require_provisioned(provision_dir)
+    with registry_lock(provision_dir):
+        return _revoke(provision_dir, name, superlink)
+
+
+def _revoke(provision_dir: Path, name: str, superlink: str | None) -> dict[str, Any]:
     registry = SiteRegistry(provision_dir)
     entry = registry.active(name)
     if entry is None:
@@ -136,6 +161,11 @@ def restore_registrations(provision_dir: Path, superlink: str) -> list[str]:
     of them, so `llnm-server start` puts them back (a SuperLink with a database already has them: Flower answers
     that the key is in use, which is fine). Returns the names registered anew.
     """
+    with registry_lock(provision_dir):
+        return _restore(provision_dir, superlink)
+
+
+def _restore(provision_dir: Path, superlink: str) -> list[str]:
     registry = SiteRegistry(provision_dir)
     restored = []
     for name in registry.names():

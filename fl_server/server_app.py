@@ -53,4 +53,7 @@ def main(grid: Grid, context: Context) -> None:
     if not raw or not run_dir:
         raise RuntimeError("run config must carry 'experiment' (JSON) and 'run-dir'; launch with `llnm-server run`")
     exp = parse_config(json.loads(raw), source="run config 'experiment'")
-    run_experiment(grid, exp, RunDirectory(run_dir))
+    rd = RunDirectory(run_dir)
+    # Flower's run id: the one each site's audit log records.
+    rd.update_run_info(flwr_run_id=int(context.run_id))
+    run_experiment(grid, exp, rd)

@@ -140,6 +140,24 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
         load_site_public_key(tmp_path / "site-a.key")
 
 
+def test_register_and_revoke_refuse_what_they_cannot_do(tmp_path: Path) -> None:
+    from fl_server.control import register_site, revoke_site
+
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"]), out)
+    private, public = make_site_key()
+    (tmp_path / "a.key").write_bytes(private)
+    (tmp_path / "a.pub").write_bytes(public)
+    with pytest.raises(ConfigError, match="not in the consortium"):
+        register_site(out, "site-z", tmp_path / "a.pub")
+    with pytest.raises(ConfigError, match="is a PRIVATE key"):
+        register_site(out, "site-a", tmp_path / "a.key")
+    with pytest.raises(ConfigError, match="'site-a' is not registered"):
+        revoke_site(out, "site-a")
+    with pytest.raises(ConfigError, match="not a provisioning folder"):
+        register_site(tmp_path, "site-a", tmp_path / "a.pub")
+
+
 # ---- secure by default --------------------------------------------------------------------------------------
 def test_superlink_is_tls_with_node_auth_by_default_and_insecure_only_on_loopback(tmp_path: Path) -> None:
     from fl_server.deployment import plan_superlink
@@ -290,21 +308,40 @@ def test_a_node_cannot_take_another_sites_name() -> None:
 
 
 # ---- the app gate and the audit log ------------------------------------------------------------------------
-def test_app_hash_is_the_bundle_flwr_run_submits(tmp_path: Path) -> None:
-    from flwr.cli.build import build_fab_from_disk
-
-    done = run_cli(BIN / "llnm-server", "app-hash", "--json", "--out", tmp_path / "app.fab")
+@pytest.fixture(scope="module")
+def app_bundle(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`llnm-server app-hash --json --out`, once per module (Flower walks the whole checkout to build it)."""
+    fab = tmp_path_factory.mktemp("fab") / "app.fab"
+    done = run_cli(BIN / "llnm-server", "app-hash", "--json", "--out", fab)
     assert done.returncode == 0, done.stderr
-    answer = json.loads(done.stdout)
-    fab = (tmp_path / "app.fab").read_bytes()
-    assert answer["sha256"] == hashlib.sha256(fab).hexdigest() == hashlib.sha256(build_fab_from_disk(ROOT)).hexdigest()
-    assert answer["bytes"] == len(fab) < 10 * 1024 * 1024  # Flower's FAB size limit
-    approved = run_cli(BIN / "llnm-site", "approve", tmp_path / "app.fab", "--state-dir", tmp_path / "st")
-    assert approved.returncode == 0 and answer["sha256"] in approved.stdout
+    return {**json.loads(done.stdout), "path": fab}
+
+
+def test_app_hash_is_the_bundle_flwr_run_submits(app_bundle: dict, tmp_path: Path) -> None:
+    import zipfile
+
+    fab = app_bundle["path"].read_bytes()
+    assert app_bundle["sha256"] == hashlib.sha256(fab).hexdigest()
+    assert app_bundle["bytes"] == len(fab) < 10 * 1024 * 1024  # Flower's FAB size limit
+    with zipfile.ZipFile(app_bundle["path"]) as z:
+        names = set(z.namelist())
+    # What `flwr run` installs at a site: the app's code and pyproject, never data or weights.
+    assert {"pyproject.toml", "fl_client/client_app.py", "fl_client/app_gate.py"} <= names
+    assert not any(n.endswith((".pt", ".pth", ".safetensors", ".dcm", ".npz")) for n in names)
+    approved = run_cli(BIN / "llnm-site", "approve", app_bundle["path"], "--state-dir", tmp_path / "st")
+    assert approved.returncode == 0 and app_bundle["sha256"] in approved.stdout
     listed = run_cli(BIN / "llnm-site", "approve", "--list", "--json", "--state-dir", tmp_path / "st")
-    assert answer["sha256"] in json.loads(listed.stdout)["apps"]
+    assert app_bundle["sha256"] in json.loads(listed.stdout)["apps"]
     bad = run_cli(BIN / "llnm-site", "approve", "abc", "--state-dir", tmp_path / "st")
     assert bad.returncode == 2 and "neither a 64-hex-digit SHA-256" in bad.stderr
+
+
+def test_the_bundle_is_built_as_flower_builds_it(app_bundle: dict) -> None:
+    """Flower's own builder (which `flwr run` calls) gives the same bytes in another process (fixed file times):
+    the hash a site approves is the hash of what `flwr run` submits."""
+    from flwr.cli.build import build_fab_from_disk
+
+    assert hashlib.sha256(build_fab_from_disk(ROOT)).hexdigest() == app_bundle["sha256"]
 
 
 def test_the_gate_refuses_unapproved_apps_and_audits_what_leaves(tmp_path: Path) -> None:
@@ -369,7 +406,7 @@ class SecureConsortium:
         assert done.returncode == 0, f"{args}: {done.stdout}\n{done.stderr}"
         return done
 
-    def setup(self) -> None:
+    def setup(self, app_hash: str) -> None:
         names = [s.name for s in self.sites] + [SPOOFER, REVOKED]
         cfg = self.tmp / "consortium.yaml"
         cfg.write_text(yaml.safe_dump({"name": "loopback", "superlink": {"address": f"127.0.0.1:{self.port}"},
@@ -378,13 +415,20 @@ class SecureConsortium:
         self.procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--provision", str(self.prov), "--host",
                                          "127.0.0.1"], self.tmp / "superlink.log")
         wait_for_port(self.port)
-        self.app_hash = self.cli(BIN / "llnm-server", "app-hash").stdout.strip()
-        for name in names:
+        self.app_hash = app_hash
+
+        def onboard(name: str) -> None:
             self.cli(BIN / "llnm-site", "keygen", "--out", self.keys, "--name", name)
             self.cli(BIN / "llnm-server", "register-site", "--provision", self.prov, "--name", name, "--public-key",
                      self.keys / f"{name}.pub")
             if name != LATE:
                 self.cli(BIN / "llnm-site", "approve", self.app_hash, "--state-dir", self.states / name)
+
+        # The hospitals onboard independently, several at once (registry.json is updated under a lock).
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            list(pool.map(onboard, names))
         self.cli(BIN / "llnm-server", "revoke-site", REVOKED, "--provision", self.prov)
 
     def join(self, label: str, *args: object, log: str | None = None) -> subprocess.Popen:
@@ -419,7 +463,7 @@ def _wait(condition, what: str, dep: SecureConsortium, timeout: float = 600) -> 
 
 
 @pytest.fixture(scope="module")
-def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
+def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path, app_bundle: dict) -> dict:
     tmp = tmp_path_factory.mktemp("secure")
     sites = sorted(p for p in small_consortium.glob("site-*") if p.is_dir())
     config = write_config(tmp, federation={"rounds": 2, "min_sites": 4, "round_timeout_s": 300,
@@ -429,7 +473,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path)
     out = tmp / "run"
     intruders: dict[str, subprocess.CompletedProcess] = {}
     try:
-        dep.setup()
+        dep.setup(app_bundle["sha256"])
         for site in dep.sites:
             dep.join_site(site)
         # A registered hospital (its own key) whose SuperNode says it is site-a, on a copy of site-a's folder.
@@ -468,6 +512,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path)
     finally:
         dep.close()
     return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
+            "app_sha256": app_bundle["sha256"],
             "states": dep.states, "logs": dep.logs()}
 
 
@@ -485,6 +530,8 @@ def test_seven_provisioned_sites_train_over_tls_with_registered_keys(secure_run:
     assert set(second["participants"]) == secure_run["names"] and second["failures"] == []
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["mode"] == "deployment" and run_info["insecure"] is False
+    # What was submitted is exactly what the sites approved.
+    assert run_info["app_sha256"] == secure_run["app_sha256"]
 
 
 @pytest.mark.slow
