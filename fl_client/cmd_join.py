@@ -287,15 +287,22 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         return 0
     if not args.skip_probe:
-        from fl_client.connection_check import probe_superlink
+        from shared_model.connection_check import probe_superlink
 
         probe = probe_superlink(plan.superlink, ca_file=Path(plan.root_certificates) if plan.root_certificates
                                 else None)
+        advice = {"down": "the SuperNode will keep retrying until the SuperLink is up",
+                  "server-uses-tls": "join with the consortium's kit (--kit DIR --key FILE) or --root-certificates "
+                                     "CA.crt",
+                  "server-is-plain": "ask the coordinator to start it with `llnm-server start --provision DIR`, or "
+                                     "join a loopback development SuperLink with --insecure",
+                  "untrusted-certificate": "ask the coordinator for a fresh kit"}
+        text = f"{probe.message}; {advice.get(probe.kind, 'see the error above')}"
         if not probe.ok:
-            print(f"error: {probe.message}", file=sys.stderr)
+            print(f"error: {text}", file=sys.stderr)
             return 2
-        if not probe.reachable:
-            print(f"warning: {probe.message}", file=sys.stderr)
+        if probe.kind == "down":
+            print(f"warning: {text}", file=sys.stderr)
     _warn_if_nothing_approved(plan)
     return _run_supernode(cmd, env)
 

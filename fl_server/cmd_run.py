@@ -30,6 +30,17 @@ def launch(rd: RunDirectory, conn: object) -> int:
     from fl_server.deployment import ControlConnection, submit_run
 
     assert isinstance(conn, ControlConnection)
+    from pathlib import Path
+
+    from shared_model.connection_check import probe_superlink
+
+    probe = probe_superlink(conn.address, ca_file=Path(conn.root_certificates) if conn.root_certificates else None)
+    advice = {"down": "start it first (`llnm-server start --provision DIR`) or check --superlink",
+              "server-uses-tls": "use --provision DIR (or --root-certificates CA.crt) instead of --insecure",
+              "server-is-plain": "start the SuperLink with `llnm-server start --provision DIR`"}
+    if probe.kind != "ok":
+        print(f"error: {probe.message}; {advice.get(probe.kind, 'check the provisioning folder')}", file=sys.stderr)
+        return 2
     exp = rd.load_config()
     rc = submit_run(exp, rd, conn)
     info = rd.run_info()

@@ -266,7 +266,7 @@ class _TLSServer:
 
 
 def test_transport_mismatch_is_named_before_the_supernode_starts(tmp_path: Path) -> None:
-    from fl_client.connection_check import probe_superlink
+    from shared_model.connection_check import probe_superlink
 
     out = tmp_path / "prov"
     provision(consortium(["site-a"]), out)
@@ -274,16 +274,16 @@ def test_transport_mismatch_is_named_before_the_supernode_starts(tmp_path: Path)
     provision(consortium(["site-a"]), other)
     tls, plain = _TLSServer(out / SERVER_CERT, out / SERVER_KEY), _TLSServer(None, None)
     try:
-        assert probe_superlink(f"127.0.0.1:{tls.port}", ca_file=out / CA_CERT).ok
+        assert probe_superlink(f"127.0.0.1:{tls.port}", ca_file=out / CA_CERT).kind == "ok"
         insecure = probe_superlink(f"127.0.0.1:{tls.port}", ca_file=None)
-        assert not insecure.ok and "uses TLS" in insecure.message
+        assert insecure.kind == "server-uses-tls" and "uses TLS" in insecure.message
         wrong_ca = probe_superlink(f"127.0.0.1:{tls.port}", ca_file=other / CA_CERT)
-        assert not wrong_ca.ok and "does not vouch for" in wrong_ca.message
+        assert wrong_ca.kind == "untrusted-certificate" and "does not vouch for" in wrong_ca.message
         expects_tls = probe_superlink(f"127.0.0.1:{plain.port}", ca_file=out / CA_CERT)
-        assert not expects_tls.ok and "does not speak TLS" in expects_tls.message
-        assert probe_superlink(f"127.0.0.1:{plain.port}", ca_file=None).ok
+        assert expects_tls.kind == "server-is-plain" and "does not speak TLS" in expects_tls.message
+        assert probe_superlink(f"127.0.0.1:{plain.port}", ca_file=None).kind == "ok"
         down = probe_superlink(f"127.0.0.1:{free_port()}", ca_file=out / CA_CERT)
-        assert down.ok and not down.reachable
+        assert down.ok and down.kind == "down"
     finally:
         tls.close()
         plain.close()
@@ -542,7 +542,8 @@ def test_intruders_are_refused_and_never_merged(secure_run: dict) -> None:
     revoked = intruders["revoked"]
     assert revoked.returncode != 0 and "not registered there, or was revoked" in revoked.stderr
     plain = intruders["plain-http"]
-    assert plain.returncode == 2 and "uses TLS but this site was started with --insecure" in plain.stderr
+    assert plain.returncode == 2 and "uses TLS, but plain HTTP (--insecure) was asked for" in plain.stderr
+    assert "join with the consortium's kit" in plain.stderr
     run_info = json.loads((out / "run.json").read_text())
     [spoof] = run_info["rejected_nodes"]
     assert (spoof["registered"], spoof["claimed"]) == (SPOOFER, "site-a")

@@ -94,12 +94,14 @@ def _site_sentence(rounds: list[dict[str, Any]], site: dict[str, Any], abandoned
                 f"{site.get('noise_multiplier'):g}) is configured but no round has been released yet")
     last = released[-1]
     n = len(released) + len(abandoned)
+    secure = ("; under secure aggregation the coordinator saw only the sum of the clipped updates, before it "
+              "added the noise" if site.get("secure_aggregation") else "")
     if last.get("epsilon") is not None:
         return (
             f"site-level ({last['epsilon']:.3f}, {site.get('delta'):g})-DP for each hospital's whole contribution "
             f"after {n} release(s): {where} every model update to norm {site.get('clipping_norm'):g} and "
             f"{noise_by} Gaussian noise with multiplier {site.get('noise_multiplier'):g} to the average "
-            f"({wrapper}; {SERVER_ACCOUNTANT}; the number of participating sites is treated as public)"
+            f"({wrapper}; {SERVER_ACCOUNTANT}; the number of participating sites is treated as public{secure})"
         )
     return (
         f"site-level: {where} every model update adaptively (clipping norm now "

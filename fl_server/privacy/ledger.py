@@ -93,6 +93,8 @@ class PrivacyLedger:
                 "max_epsilon": site.max_epsilon,
                 "accountant": SERVER_ACCOUNTANT if site.enabled and site.clipping.endswith("fixed") else None,
                 "unit": "site (a hospital's whole model update)",
+                # With SecAgg+ the coordinator adds the noise to the unmasked sum of the clipped updates.
+                "secure_aggregation": bool(exp.federation.secure_aggregation),
             },
         }
 
