@@ -144,6 +144,7 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
     """Secure by default: a kit (or a CA certificate) and the site's key; plain HTTP only on loopback."""
     from fl_client.site_state import check_outside, state_root
     from shared_model.config import ConfigError
+    from shared_model.connection_check import is_loopback
     from shared_model.site_kit import load_kit
 
     superlink, ca, name = args.superlink, args.root_certificates, args.name
@@ -166,7 +167,7 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
         if ca or args.auth_key:
             raise ConfigError("--insecure cannot be combined with --kit, --root-certificates or --key: node "
                               "authentication needs TLS")
-        if not _loopback(host.strip("[]")):
+        if not is_loopback(host.strip("[]")):
             raise ConfigError(f"--insecure joins in plain HTTP without node authentication, for a loopback "
                               f"development SuperLink only; {host} is not loopback. Join with the consortium's "
                               "kit: --kit DIR --key FILE")
@@ -182,17 +183,6 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
     check_outside(state, Path(args.data))
     return JoinPlan(superlink, ca, str(Path(args.auth_key).resolve()) if args.auth_key else None,
                     name or _default_name(Path(args.data)), state)
-
-
-def _loopback(host: str) -> bool:
-    import ipaddress
-
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _check_private_key(path: Path) -> None:

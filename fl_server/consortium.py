@@ -11,7 +11,6 @@ kits are made from it once, and adding a hospital later means adding its name an
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared_model.config import ConfigError, format_validation_error
+from shared_model.connection_check import split_address
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 
@@ -79,34 +79,6 @@ class ConsortiumConfig(_Strict):
             if not h or " " in h:
                 raise ValueError(f"superlink.hosts: {h!r} is not a host name or IP address")
         return self
-
-
-def split_address(address: str) -> tuple[str, int]:
-    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port), with an error naming what is wrong."""
-    text = str(address).strip()
-    if "://" in text:
-        raise ValueError(f"{address!r}: give HOST:PORT without a scheme")
-    host, sep, port = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"{address!r}: expected HOST:PORT")
-    host = host.strip("[]")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"{address!r}: port {port!r} is not a number") from None
-    if not 1 <= number <= 65535:
-        raise ValueError(f"{address!r}: port {number} is outside 1-65535")
-    return host, number
-
-
-def is_loopback(host: str) -> bool:
-    """True for localhost and loopback IPs; `0.0.0.0` and every other address are not."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def load_consortium(path: str | Path) -> ConsortiumConfig:

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_server.config import ConfigError, ExperimentConfig
-from fl_server.consortium import is_loopback, split_address
 from fl_server.run_dir import RunDirectory
+from shared_model.connection_check import is_loopback, split_address
 from shared_model.environment import offline_environment
 
 CONNECTION = "llnm"

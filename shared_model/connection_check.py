@@ -8,6 +8,7 @@ and `llnm-server run`, which each add what their user should change.
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import ssl
 from dataclasses import dataclass
@@ -31,9 +32,32 @@ class ProbeResult:
         return self.kind in (OK, DOWN)
 
 
-def _split(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port)
+def split_address(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (IPv6 as `[::1]:PORT`) -> (host, port), with an error naming what is wrong."""
+    text = str(address).strip()
+    if "://" in text:
+        raise ValueError(f"{address!r}: give HOST:PORT without a scheme")
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"{address!r}: expected HOST:PORT")
+    host = host.strip("[]")
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"{address!r}: port {port!r} is not a number") from None
+    if not 1 <= number <= 65535:
+        raise ValueError(f"{address!r}: port {number} is outside 1-65535")
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IPs; `0.0.0.0` and every other address are not."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _speaks_tls(host: str, port: int, timeout: float) -> bool:
@@ -52,7 +76,7 @@ def _speaks_tls(host: str, port: int, timeout: float) -> bool:
 def probe_superlink(address: str, *, ca_file: Path | None, timeout: float = 5.0) -> ProbeResult:
     """Check `address` for the transport implied by `ca_file` (TLS verified against that CA) or by its absence
     (plain HTTP)."""
-    host, port = _split(address)
+    host, port = split_address(address)
     try:
         socket.create_connection((host, port), timeout=timeout).close()
     except OSError as exc:
