@@ -28,6 +28,9 @@ def status_dict(rd: RunDirectory) -> dict:
         "rounds_completed": rd.last_complete_round(),
         "rounds_planned": cfg.federation.rounds,
         "strategy": cfg.federation.strategy,
+        "secure_aggregation": cfg.federation.secure_aggregation,
+        "app_sha256": info.get("app_sha256"),
+        "rejected_nodes": info.get("rejected_nodes", []),
         "best_round": metrics.get("best_round"),
         "last_round": last,
         "final": metrics.get("final"),
@@ -49,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    print(f"run {s['run']} ({s['mode']}, {s['strategy']}): {s['status']}, "
+    secure = ", secure aggregation" if s["secure_aggregation"] else ""
+    print(f"run {s['run']} ({s['mode']}, {s['strategy']}{secure}): {s['status']}, "
           f"{s['rounds_completed']}/{s['rounds_planned']} rounds complete; best round {s['best_round']}")
+    if s["app_sha256"]:
+        print(f"app: {s['app_sha256']} (what every site must have approved)")
+    for node in s["rejected_nodes"]:
+        print(f"refused node: {node['reason']}")
     last = s["last_round"]
     if last:
         print(f"round {last['round']} ({last['split']}):")

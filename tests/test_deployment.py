@@ -565,6 +565,8 @@ def test_intruders_are_refused_and_never_merged(secure_run: dict) -> None:
         # site-a counted once: the pooled metrics are exactly the per-site ones.
         assert entry["pooled"]["n"] == sum(m["n"] for m in entry["sites"].values())
     assert "refused node" in (out / "log.txt").read_text()
+    status = run_cli(BIN / "llnm-server", "status", out)
+    assert "refused node: node" in status.stdout and "app: " in status.stdout
 
 
 @pytest.mark.slow
