@@ -144,8 +144,8 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
     """Secure by default: a kit (or a CA certificate) and the site's key; plain HTTP only on loopback."""
     from fl_client.site_state import check_outside, state_root
     from shared_model.config import ConfigError
-    from shared_model.connection_check import is_loopback
-    from shared_model.site_kit import load_kit
+    from shared_model.connection_check import is_loopback, split_address
+    from shared_model.site_kit import check_site_private_key, load_kit
 
     superlink, ca, name = args.superlink, args.root_certificates, args.name
     if args.kit:
@@ -160,14 +160,15 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
         ca = str(kit.ca_cert)
     if not superlink:
         raise ConfigError("give --kit DIR (from the coordinator) or --superlink HOST:PORT")
-    host, _, port = superlink.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--superlink {superlink!r}: expected HOST:PORT")
+    try:
+        host, _ = split_address(superlink)
+    except ValueError as exc:
+        raise ConfigError(f"--superlink {exc}") from None
     if args.insecure:
         if ca or args.auth_key:
             raise ConfigError("--insecure cannot be combined with --kit, --root-certificates or --key: node "
                               "authentication needs TLS")
-        if not is_loopback(host.strip("[]")):
+        if not is_loopback(host):
             raise ConfigError(f"--insecure joins in plain HTTP without node authentication, for a loopback "
                               f"development SuperLink only; {host} is not loopback. Join with the consortium's "
                               "kit: --kit DIR --key FILE")
@@ -178,32 +179,11 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
         raise ConfigError("--key FILE is required with TLS: the consortium's SuperLink admits only SuperNodes whose "
                           "key was registered (make one with `llnm-site keygen`, send the .pub to the coordinator)")
     if args.auth_key:
-        _check_private_key(Path(args.auth_key))
+        check_site_private_key(Path(args.auth_key))
     state = state_root(args.state_dir)
     check_outside(state, Path(args.data))
     return JoinPlan(superlink, ca, str(Path(args.auth_key).resolve()) if args.auth_key else None,
                     name or _default_name(Path(args.data)), state)
-
-
-def _check_private_key(path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    from shared_model.config import ConfigError
-
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"--key {path}: cannot read ({exc.strerror})") from None
-    try:
-        key = serialization.load_ssh_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"--key {path}: not an unencrypted OpenSSH private key ({exc}); the .pub goes to the "
-                          "coordinator, the private key is given here") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError(f"--key {path}: Flower's node authentication needs an ECDSA key (llnm-site keygen)")
-    if path.stat().st_mode & 0o077:
-        print(f"warning: {path} is readable by other users; chmod 600 it", file=sys.stderr)
 
 
 def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:

@@ -26,7 +26,6 @@ the other sites' shares, as long as `reconstruction_threshold` of them answer (F
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,8 +44,6 @@ from flwr.serverapp import Grid
 
 from fl_server.config import ExperimentConfig
 from shared_model import protocol
-
-log = logging.getLogger("llnm.server")
 
 
 class _OneRound(LegacyStrategy):
@@ -147,13 +144,14 @@ def run_secure_round(grid: Grid, exp: ExperimentConfig, rnd: int, messages: list
     fitins: dict[int, FitIns] = {}
     proxies: dict[int, ClientProxy] = {}
     by_node = {m.metadata.dst_node_id: m for m in messages}
+    # Every train message carries the same global model: serialise it once.
+    parameters = ndarrays_to_parameters([global_state[k] for k in keys])
     for node, msg in by_node.items():
         config = dict(msg.content[protocol.CONFIG_RECORD])
         config.update({protocol.SERVER_ROUND: rnd, protocol.SECAGG_KEYS: json.dumps(keys),
                        protocol.SECAGG_WEIGHT_KEY: weight_key, protocol.SECAGG_WEIGHT_SCALE: weight_scale,
                        protocol.SECAGG_CLIPPING_RANGE: float(sa.clipping_range)})
-        arrays = [np.asarray(v.numpy()) for v in msg.content[protocol.ARRAYS_RECORD].values()]
-        fitins[node] = FitIns(ndarrays_to_parameters(arrays), config)
+        fitins[node] = FitIns(parameters, config)
         proxies[node] = GridClientProxy(node, grid, run_id)
     strategy = _OneRound(fitins, proxies)
     manager = SimpleClientManager()

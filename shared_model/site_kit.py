@@ -80,6 +80,26 @@ def make_site_key() -> tuple[bytes, bytes]:
     return private, public + b"\n"
 
 
+def check_site_private_key(path: Path) -> None:
+    """The site's private key is readable, unencrypted OpenSSH ECDSA (what the SuperNode signs with); warns when
+    other users can read it."""
+    import sys
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--key {path}: cannot read ({exc.strerror})") from None
+    try:
+        key = serialization.load_ssh_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--key {path}: not an unencrypted OpenSSH private key ({exc}); the .pub goes to the "
+                          "coordinator, the private key is given here") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"--key {path}: Flower's node authentication needs an ECDSA key (llnm-site keygen)")
+    if path.stat().st_mode & 0o077:
+        print(f"warning: {path} is readable by other users; chmod 600 it", file=sys.stderr)
+
+
 def load_site_public_key(path: Path) -> tuple[bytes, str]:
     """(OpenSSH public key line, SHA-256 fingerprint) of a site's `.pub` file, or an error saying what is wrong
     (a private key sent by mistake is refused and named as such)."""
