@@ -49,10 +49,14 @@ class AppNotApproved(RuntimeError):
 
 
 def _round_of(message: Any) -> int | None:
+    """The round a message belongs to: its round config's `server-round` (in a SecAgg+ FitIns that config is a
+    record of its own), else the group id Flower's workflows set to the round."""
     try:
-        config = message.content.config_records.get(protocol.CONFIG_RECORD)
-        value = config.get(protocol.SERVER_ROUND) if config is not None else None
-        return int(value) if value is not None else None
+        for record in message.content.config_records.values():
+            if protocol.SERVER_ROUND in record:
+                return int(record[protocol.SERVER_ROUND])
+        group = str(message.metadata.group_id or "")
+        return int(group) if group.isdigit() else None
     except (AttributeError, TypeError, ValueError):
         return None
 
@@ -79,6 +83,11 @@ def describe_reply(reply: Any) -> dict[str, Any]:
             metric_names.append(key)
             if key in PRIVACY_METRICS and isinstance(value, (int, float)):
                 privacy[key] = float(value)
+    # Under secure aggregation the train metrics travel in the FitRes's config record.
+    for record in content.config_records.values():
+        for key in PRIVACY_METRICS:
+            if isinstance(record.get(key), (int, float)) and not isinstance(record.get(key), bool):
+                privacy[key] = float(record[key])
     config_keys = sorted(k for record in content.config_records.values() for k in record)
     # Config records carry bytes too: under secure aggregation the masked update travels there.
     config_bytes = sum(_payload_size(v) for record in content.config_records.values() for v in record.values())

@@ -2,10 +2,10 @@
 audit log, site names bound to registered keys; and one real consortium on loopback.
 
 `secure_run` is the end-to-end check: a TLS SuperLink with SuperNode authentication and seven SuperNodes, all
-provisioned by our commands, run two rounds while intruders try their way in (an unregistered key, plain
-HTTP, a registered hospital presenting another's name, a revoked site), and one site starts without having
-approved the app and approves it mid-run. (A site dying mid-round is the secure-aggregation tests' and the
-fault-injection suite's.)
+provisioned by our commands, run two securely aggregated rounds while intruders try their way in (an
+unregistered key, plain HTTP, a registered hospital presenting another's name, a revoked site), and one site
+starts without having approved the app and approves it mid-run. (A site dying mid-round is the
+secure-aggregation tests' and the fault-injection suite's.)
 """
 
 from __future__ import annotations
@@ -475,8 +475,11 @@ def _wait(condition, what: str, dep: SecureConsortium, timeout: float = 600) -> 
 def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path, app_bundle: dict) -> dict:
     tmp = tmp_path_factory.mktemp("secure")
     sites = sorted(p for p in small_consortium.glob("site-*") if p.is_dir())
+    # Secure aggregation on: the sites' updates are masked (Flower's SecAgg+, four train messages per site per
+    # round, each a ClientApp process); tests/test_secure_aggregation.py compares it with plain FedAvg.
     config = write_config(tmp, federation={"rounds": 2, "min_sites": 4, "round_timeout_s": 300,
-                                           "eval_bootstrap": 50, "final_eval_split": None})
+                                           "eval_bootstrap": 50, "final_eval_split": None,
+                                           "secure_aggregation": True})
     prebuild_caches(sites, config)
     dep = SecureConsortium(tmp, sites)
     out = tmp / "run"
@@ -537,6 +540,10 @@ def test_seven_provisioned_sites_train_over_tls_with_registered_keys(secure_run:
     # The site that approved the app once refused takes part from then on.
     assert LATE in second["participants"], second["failures"]
     assert_round_metrics(second, secure_run["names"])
+    # Both rounds were securely aggregated over the sites that trained; the late site was a dropout in round 1.
+    for entry in (first, second):
+        info = entry["secure_aggregation"]
+        assert info["completed"] == len(entry["participants"]) and info["aggregate_only"] is True
     # Every site joined a SuperLink restarted after the registrations: `start` had registered them again.
     assert sorted(secure_run["restored"]) == sorted([*secure_run["names"], SPOOFER])
     assert set(second["participants"]) == secure_run["names"] and second["failures"] == []
@@ -576,8 +583,11 @@ def test_the_audit_log_lists_the_refusal_then_what_was_sent(secure_run: dict) ->
     assert any(r["reason"].startswith(f"site policy: {LATE} runs only apps it approved") for r in run["refusals"])
     assert late["refused_apps"] and run["sent"].get("train", 0) >= 1
     site_a = secure_run["audits"]["site-a"]["runs"][0]
-    assert site_a["sent"]["train"] == 2 and site_a["parameters_sent"] > 0 and site_a["bytes_sent"] > 0
-    assert {"auc", "num-examples", "hist-pos-counts"} <= set(site_a["metric_names"])
+    # Two securely aggregated rounds: four train messages each (SecAgg+ stages), and no array ever left the site:
+    # its update went out masked, as bytes (about 8 per parameter).
+    assert site_a["sent"]["train"] == 8 and site_a["rounds"] == [1, 2]
+    assert site_a["parameters_sent"] == 0 and site_a["bytes_sent"] > 2 * 8 * 300_000
+    assert {"auc", "hist-pos-counts"} <= set(site_a["metric_names"])
     assert site_a["refusals"] == [] and site_a["privacy"] == {}
     lines = (secure_run["states"] / "site-a" / "audit" / "site-a.jsonl").read_text().splitlines()
     times = [json.loads(line)["time"] for line in lines]
