@@ -2,7 +2,7 @@
 audit log, site names bound to registered keys; and one real consortium on loopback.
 
 `secure_run` is the end-to-end check: a TLS SuperLink with SuperNode authentication and seven SuperNodes, all
-provisioned by our commands, run two securely aggregated rounds while intruders try their way in (an
+provisioned by our commands, run two rounds while intruders try their way in (an
 unregistered key, plain HTTP, a registered hospital presenting another's name, a revoked site), and one site
 starts without having approved the app and approves it mid-run. (A site dying mid-round is the
 secure-aggregation tests' and the fault-injection suite's.)
@@ -378,6 +378,31 @@ def test_the_gate_refuses_unapproved_apps_and_audits_what_leaves(tmp_path: Path)
     assert sent["metric_names"] == ["dp-epsilon", "num-examples"] and sent["privacy"] == {"dp-epsilon": 1.5}
 
 
+def test_the_audit_reads_secure_aggregation_messages() -> None:
+    """A SecAgg+ stage message carries its round as group id (the FitIns config in a record of its own) and its
+    reply the masked update as config-record bytes: the audit counts them, and finds the privacy figures in the
+    FitRes's config record."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_client.app_gate import _round_of, describe_reply
+    from shared_model import protocol
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 5, 7, 9
+    stage = Message(RecordDict({"secaggplus_configs": ConfigRecord({"stage": "setup"})}), dst_node_id=7,
+                    message_type="train", group_id="2")
+    assert _round_of(stage) == 2
+    fitins = Message(RecordDict({"fitins.config": ConfigRecord({protocol.SERVER_ROUND: 3})}), dst_node_id=7,
+                     message_type="train", group_id="3")
+    assert _round_of(fitins) == 3
+    reply = Message(RecordDict({"fitres.metrics": ConfigRecord({"dp-epsilon": 0.5, "site-name": "site-a"}),
+                                "secaggplus_configs": ConfigRecord({"masked_params": [b"\x00" * 800]})}),
+                    reply_to=fitins)
+    sent = describe_reply(reply)
+    assert sent["parameters"] == 0 and sent["array_bytes"] == 0 and sent["config_bytes"] >= 800
+    assert sent["privacy"] == {"dp-epsilon": 0.5}
+
+
 def test_the_gate_wraps_flowers_clientapp_steps_and_fails_closed() -> None:
     import flwr.supernode.runtime.run_clientapp as runtime
 
@@ -430,6 +455,15 @@ class SecureConsortium:
         with ThreadPoolExecutor(max_workers=3) as pool:
             list(pool.map(onboard, names))
         self.cli(BIN / "llnm-server", "revoke-site", REVOKED, "--provision", self.prov)
+        # The SuperLink keeps its state in memory: restart it, and `llnm-server start` registers the active sites
+        # of registry.json again (not the revoked one) before any SuperNode connects.
+        stop(self.procs["superlink"])
+        self.procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--provision", str(self.prov), "--host",
+                                         "127.0.0.1"], self.tmp / "superlink.log")
+        _wait(lambda: "[llnm] registered again:" in (self.tmp / "superlink.log").read_text(),
+              "the restarted SuperLink to register the sites again", self, 180)
+        self.restored = (self.tmp / "superlink.log").read_text().split("[llnm] registered again:", 1)[1] \
+            .splitlines()[0].strip().split(", ")
 
     def join(self, label: str, *args: object, log: str | None = None) -> subprocess.Popen:
         proc = start([str(BIN / "llnm-site"), "join", *map(str, args), "--clientappio-port", str(free_port()),
@@ -466,11 +500,11 @@ def _wait(condition, what: str, dep: SecureConsortium, timeout: float = 600) -> 
 def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path, app_bundle: dict) -> dict:
     tmp = tmp_path_factory.mktemp("secure")
     sites = sorted(p for p in small_consortium.glob("site-*") if p.is_dir())
-    # Secure aggregation on: the sites' updates are masked (Flower's SecAgg+, four train messages per site per
-    # round, each a ClientApp process); tests/test_secure_aggregation.py compares it with plain FedAvg.
+    # Plain FedAvg rounds: secure aggregation over real SuperNodes would add a minute (four ClientApp processes
+    # per site per round); it is benchmarks/bench_deployment.py's, and tests/test_secure_aggregation.py's in
+    # Flower's simulation engine.
     config = write_config(tmp, federation={"rounds": 2, "min_sites": 4, "round_timeout_s": 300,
-                                           "eval_bootstrap": 50, "final_eval_split": None,
-                                           "secure_aggregation": True})
+                                           "eval_bootstrap": 50, "final_eval_split": None})
     prebuild_caches(sites, config)
     dep = SecureConsortium(tmp, sites)
     out = tmp / "run"
@@ -515,6 +549,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path,
     finally:
         dep.close()
     return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
+            "restored": dep.restored,
             "app_sha256": app_bundle["sha256"],
             "states": dep.states, "logs": dep.logs()}
 
@@ -530,10 +565,8 @@ def test_seven_provisioned_sites_train_over_tls_with_registered_keys(secure_run:
     # The site that approved the app once refused takes part from then on.
     assert LATE in second["participants"], second["failures"]
     assert_round_metrics(second, secure_run["names"])
-    # Both rounds were securely aggregated over the sites that trained; the late site was a dropout in round 1.
-    for entry in (first, second):
-        info = entry["secure_aggregation"]
-        assert info["completed"] == len(entry["participants"]) and info["aggregate_only"] is True
+    # Every site joined a SuperLink restarted after the registrations: `start` had registered them again.
+    assert sorted(secure_run["restored"]) == sorted([*secure_run["names"], SPOOFER])
     assert set(second["participants"]) == secure_run["names"] and second["failures"] == []
     run_info = json.loads((out / "run.json").read_text())
     assert run_info["mode"] == "deployment" and run_info["insecure"] is False
@@ -571,11 +604,9 @@ def test_the_audit_log_lists_the_refusal_then_what_was_sent(secure_run: dict) ->
     assert any(r["reason"].startswith(f"site policy: {LATE} runs only apps it approved") for r in run["refusals"])
     assert late["refused_apps"] and run["sent"].get("train", 0) >= 1
     site_a = secure_run["audits"]["site-a"]["runs"][0]
-    # Two securely aggregated rounds: four train messages each (SecAgg+ stages), and no array ever left the site:
-    # its update went out masked, as bytes (about 8 per parameter).
-    assert site_a["sent"]["train"] == 8 and site_a["rounds"] == [1, 2]
-    assert site_a["parameters_sent"] == 0 and site_a["bytes_sent"] > 2 * 8 * 300_000
-    assert {"auc", "hist-pos-counts"} <= set(site_a["metric_names"])
+    assert site_a["sent"]["train"] == 2 and site_a["rounds"] == [1, 2]
+    assert site_a["parameters_sent"] > 0 and site_a["bytes_sent"] > 0
+    assert {"auc", "num-examples", "hist-pos-counts"} <= set(site_a["metric_names"])
     assert site_a["refusals"] == [] and site_a["privacy"] == {}
     lines = (secure_run["states"] / "site-a" / "audit" / "site-a.jsonl").read_text().splitlines()
     times = [json.loads(line)["time"] for line in lines]
