@@ -24,7 +24,6 @@ from fl_server.run_dir import RunDirectory
 from shared_model.connection_check import is_loopback, split_address
 from shared_model.environment import offline_environment
 
-CONNECTION = "llnm"
 # Flower refuses a FAB above this size (flwr.common.constant.FAB_MAX_SIZE).
 FAB_MAX_BYTES = 10 * 1024 * 1024
 
@@ -222,15 +221,12 @@ def control_connection(exp: ExperimentConfig, *, superlink: str | None = None, p
 
 
 def write_flwr_home(rd: RunDirectory, conn: ControlConnection) -> Path:
+    from fl_server.provisioning import connection_toml
+
     home = rd.path / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
-    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-             f"address = {json.dumps(conn.address)}"]
-    if conn.insecure:
-        lines.append("insecure = true")
-    else:
-        lines.append(f"root-certificates = {json.dumps(conn.root_certificates)}")
-    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (home / "config.toml").write_text(connection_toml(conn.address, None if conn.insecure else
+                                                      conn.root_certificates), encoding="utf-8")
     return home
 
 
@@ -246,6 +242,8 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection,
                           encoding="utf-8")
     env = offline_environment(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
                               FLWR_HOME=str(home))
+    from fl_server.provisioning import CONNECTION
+
     cmd = [flwr_binary("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
     if stream:
         cmd.append("--stream")

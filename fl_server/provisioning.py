@@ -224,12 +224,18 @@ def provision(cfg: ConsortiumConfig, out: Path, *, ca_cert: Path | None = None,
     return report
 
 
+def connection_toml(address: str, root_certificates: str | None) -> str:
+    """Flower's config.toml with one default connection `llnm`: TLS checked against `root_certificates` (an
+    absolute path, as Flower requires), or plain HTTP when it is None."""
+    transport = (f"root-certificates = {json.dumps(root_certificates)}" if root_certificates
+                 else "insecure = true")
+    return "\n".join(["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+                      f"address = {json.dumps(address)}", transport, ""])
+
+
 def write_flwr_connection(home: Path, address: str, ca_cert: Path, report: ProvisionReport | None = None) -> Path:
-    """A FLWR_HOME whose default connection is this consortium's SuperLink over TLS (root-certificates must be
-    an absolute path for Flower)."""
-    text = "\n".join(["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-                      f"address = {json.dumps(address)}",
-                      f"root-certificates = {json.dumps(str(ca_cert.resolve()))}", ""])
+    """A FLWR_HOME whose default connection is this consortium's SuperLink over TLS."""
+    text = connection_toml(address, str(ca_cert.resolve()))
     path = home / "config.toml"
     if report is not None:
         _write_if_changed(path, text.encode(), report)
