@@ -90,12 +90,11 @@ def _check_eval_policy(settings: SiteSettings, name: str, server_round: object, 
 def _load_round_inputs(msg: Message, settings: SiteSettings):
     """Model, the site's inputs (tensors, or public features for the feature head) and the round's config."""
     from shared_model.architectures import build_model, load_site_inputs
-    from shared_model.data import check_scalar_count
 
     config = msg.content[protocol.CONFIG_RECORD]
     model_cfg = protocol.read_schema(config, protocol.MODEL_CONFIG, ModelConfig)
-    check_scalar_count(model_cfg.num_clinical, f"the round's {protocol.MODEL_CONFIG}")
     pre_cfg = protocol.read_schema(config, protocol.PREPROCESS_CONFIG, PreprocessConfig)
+    model_cfg.check_inputs(pre_cfg.inputs, f"the round's {protocol.MODEL_CONFIG}")
     inputs = load_site_inputs(settings.data_path, pre_cfg, model_cfg, cache_dir=settings.cache_dir)
     model = build_model(model_cfg)
     state = msg.content[protocol.ARRAYS_RECORD].to_torch_state_dict()

@@ -35,7 +35,6 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
 
     from shared_model.architectures import build_model, load_site_inputs, make_dataset
     from shared_model.checkpoint import load_checkpoint
-    from shared_model.data import check_scalar_count
     from shared_model.metrics import binary_metrics, calibration_curve_data, decision_curve
     from shared_model.modeling import ModelConfig
     from shared_model.preprocessing import PreprocessConfig
@@ -43,10 +42,10 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
 
     state, meta = load_checkpoint(model_path)
     model_cfg = ModelConfig.from_dict(meta["model_config"])
-    check_scalar_count(model_cfg.num_clinical, f"checkpoint {model_path}")
+    pre = PreprocessConfig.from_dict(meta["preprocess_config"])
+    model_cfg.check_inputs(pre.inputs, f"checkpoint {model_path}")
     model = build_model(model_cfg)
     model.load_state_dict(state)
-    pre = PreprocessConfig.from_dict(meta["preprocess_config"])
     tensors = load_site_inputs(Path(site_dir), pre, model_cfg, cache_dir=Path(cache_dir) if cache_dir else None,
                                progress=True)
     subset = tensors if split == "all" else tensors.subset(split)

@@ -160,6 +160,12 @@ class ExperimentConfig(_Strict):
         overrides.setdefault("text_max_length", self.preprocess.text.num_positions)
         # The model holds the trainable top encoder layers; the site cache holds the frozen layers' output.
         overrides.setdefault("text_top_layers", self.preprocess.text.trainable_top_layers)
+        # Which pathways exist and which scalar tokens there are: what preprocess.inputs declares.
+        inputs = self.preprocess.inputs
+        overrides.setdefault("images", inputs.images)
+        overrides.setdefault("reports", inputs.reports)
+        overrides.setdefault("num_clinical", len(inputs.token_levels))
+        overrides.setdefault("clinical_levels", inputs.token_levels)
         return ModelConfig.preset(self.model.preset, **overrides)
 
     def to_yaml(self) -> str:
@@ -181,8 +187,8 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         raise ConfigError(format_validation_error(source, exc)) from None
     try:
         # Cross-section checks: unknown override keys, a bad preset, an architecture that does not fit.
-        cfg.architecture()
-    except ConfigError as exc:
+        cfg.architecture().check_inputs(cfg.preprocess.inputs, "model.overrides")
+    except (ConfigError, ValueError) as exc:
         raise ConfigError(f"{source}: model: {exc}") from None
     if base_dir is not None:
         if cfg.data.root and not Path(cfg.data.root).is_absolute():

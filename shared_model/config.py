@@ -15,34 +15,45 @@ from __future__ import annotations
 import hashlib
 import json
 import numbers
-import re
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from shared_model.config_base import (
+    _HEX64,
+    ConfigError,
+    Float,
+    Int,
+    Schema,
+    SchemaT,
+    format_validation_error,
+    parse_json,
+)
 from shared_model.encoder_files import DEFAULT_ENCODER_SHA256, WEIGHTS_FILE, default_encoder_path, sha256_file
+from shared_model.inputs import ClinicalVariable, InputsConfig
+
+__all__ = [
+    "ClinicalVariable",
+    "ConfigError",
+    "InputsConfig",
+    "ModelConfig",
+    "PatientDPConfig",
+    "PreprocessConfig",
+    "Schema",
+    "SchemaT",
+    "TextEncoderConfig",
+    "TrainConfig",
+    "format_validation_error",
+    "parse_frame",
+    "parse_json",
+]
 
 #: Bumped whenever preprocessing's output for the same files and settings changes (feature channels,
 #: scalar tokens, cache layout), so that every site rebuilds its cache.
-PREPROCESSING_VERSION = "2"
+PREPROCESSING_VERSION = "3"
 #: Bumped whenever `shared_model.text_encoder.split_report` changes, so cached segment encodings are rebuilt.
 SEGMENTER_VERSION = 1
-
-
-
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError("expected a number, not a boolean")
-    return value
-
-
-# A count must be an integer: a YAML "64" or 64.5 is a mistake, not something to round. A rate may come as
-# a string (PyYAML reads `2e-3` without a dot as one) but never as `true`; infinity and NaN are refused
-# everywhere (`allow_inf_nan=False`).
-Int = Annotated[int, Field(strict=True)]
-Float = Annotated[float, BeforeValidator(_not_bool)]
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 #: The named cine frames; any other frame is a 0-based index.
@@ -63,63 +74,6 @@ def parse_frame(value: Any) -> str | int:
     raise ValueError(f"frame must be 'first', 'middle', 'last' or a 0-based index, not {value!r}")
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot be used; the message names its source and each offending key."""
-
-
-class Schema(BaseModel):
-    """Base of every configuration schema: unknown keys are errors; dict/JSON round trips."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    #: What the schema is called in error messages ("model config", ...).
-    WHAT: ClassVar[str] = "configuration"
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON/YAML-safe dict of every field (tuples become lists)."""
-        return self.model_dump(mode="json")
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_dict(cls: type[SchemaT], data: Any, source: str | None = None) -> SchemaT:
-        """Validate a mapping; missing keys take the defaults, anything wrong raises `ConfigError`."""
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source or cls.WHAT}: expected a mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(source or cls.WHAT, exc)) from None
-
-
-SchemaT = TypeVar("SchemaT", bound=Schema)
-
-
-def format_validation_error(source: str, exc: ValidationError) -> str:
-    """One line per problem, each naming its dotted key: `- model.hiden_size: unknown key`."""
-    lines = [f"{source}: invalid configuration:"]
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        if err["type"] == "extra_forbidden":
-            lines.append(f"  - {key}: unknown key")
-        else:
-            got = err.get("input")
-            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            msg = str(err["msg"]).removeprefix("Value error, ")
-            lines.append(f"  - {key}: {msg}{got_s}")
-    return "\n".join(lines)
-
-
-def parse_json(schema: type[SchemaT], text: str, source: str) -> SchemaT:
-    """A schema from its JSON dump (what a round config carries)."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{source}: not valid JSON: {exc}") from None
-    return schema.from_dict(data, source=source)
-
-
 # --------------------------------------------------------------------------------------------------------
 # model
 # --------------------------------------------------------------------------------------------------------
@@ -138,9 +92,13 @@ class ModelConfig(Schema):
         in_channels: stacked feature maps per view (3: texture, margin, location map).
         text_dim: width of the report encoder's hidden states (384 for all-MiniLM-L6-v2; 768 for BERT-base).
         text_max_length: most report tokens the model accepts (the encoder's max_length).
-        num_clinical: scalars per view, each its own token (7: the paper's age, sex, shape ratio and
-            echogenicity, then capsule distance, size and position measured from the masks; see
-            ``shared_model.data.CLINICAL_FEATURES``).
+        num_clinical: scalars per view, each its own token (7 by default: the clinical variables age and sex,
+            then shape ratio, echogenicity, capsule distance, size and position measured from the image and
+            its masks; ``InputsConfig.feature_names`` gives them for any inputs).
+        clinical_levels: per scalar token, 0 (one number) or the level count k of a categorical variable with
+            k > 2 levels (one-hot into its token); None: every token is one number.
+        images / reports: whether the image / report pathway exists (``preprocess.inputs``); without images
+            there are no image tokens and the bidirectional blocks become self-attention blocks.
         alpha: weight of cross-modal attention in the bidirectional blocks (paper 1.0; 0 disables it).
         dropout / attention_dropout: the released code uses 0.3 / 0.2 for the paper-sized model.
         num_stages: classes of the risk-stage head (3), or 0 for no stage head.
@@ -174,6 +132,9 @@ class ModelConfig(Schema):
     text_dim: Int = Field(384, ge=1)
     text_max_length: Int = Field(64, ge=1)
     num_clinical: Int = Field(7, ge=0)
+    clinical_levels: list[Int] | None = None
+    images: bool = True
+    reports: bool = True
     alpha: Float = Field(1.0, ge=0.0)
     dropout: Float = Field(0.3, ge=0.0, lt=1.0)
     attention_dropout: Float = Field(0.2, ge=0.0, lt=1.0)
@@ -219,7 +180,41 @@ class ModelConfig(Schema):
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
         if self.num_stages == 1:
             raise ValueError("num_stages must be 0 (no stage head) or >= 2, got 1")
+        if self.clinical_levels is not None:
+            if len(self.clinical_levels) != self.num_clinical:
+                raise ValueError(f"clinical_levels has {len(self.clinical_levels)} entries for num_clinical="
+                                 f"{self.num_clinical} tokens")
+            if any(k == 1 or k < 0 for k in self.clinical_levels):
+                raise ValueError(f"clinical_levels entries must be 0 or >= 2, got {self.clinical_levels}")
+        if not (self.images or self.reports or self.num_clinical):
+            raise ValueError("the model has no input: images, reports and clinical tokens are all absent")
         return self
+
+    @property
+    def token_levels(self) -> list[int]:
+        """Per scalar token: 0 (a number) or its categorical level count (see ``clinical_levels``)."""
+        return list(self.clinical_levels) if self.clinical_levels is not None else [0] * self.num_clinical
+
+    def check_inputs(self, inputs: InputsConfig, source: str) -> None:
+        """Refuse a model that does not take what `inputs` (the preprocessing's) gives.
+
+        A checkpoint or round config made for other inputs (or by an llnm-fl version with other scalars) would
+        otherwise fail deep in ``forward`` with a bare shape error; this names the cause and the way out.
+
+        Raises:
+            ValueError: the pathways or the scalar tokens differ.
+        """
+        problems = []
+        if self.images != inputs.images or self.reports != inputs.reports:
+            problems.append(f"it has images={self.images}, reports={self.reports} but the inputs have "
+                            f"images={inputs.images}, reports={inputs.reports}")
+        if self.token_levels != inputs.token_levels:
+            problems.append(f"it takes {self.num_clinical} per-view scalars {self.token_levels} but the inputs give "
+                            f"{len(inputs.token_levels)} ({', '.join(inputs.feature_names)}) {inputs.token_levels}")
+        if problems:
+            raise ValueError(f"{source}: the model does not fit the inputs: {'; '.join(problems)}. It was made for "
+                             "other inputs (preprocess.inputs) or by another llnm-fl version: use the matching "
+                             "inputs, or train again")
 
     @property
     def num_patches(self) -> int:
@@ -332,6 +327,8 @@ class PreprocessConfig(Schema):
             bounds the extra decoding work on a large site.
         range_samples_per_view: pixels taken (evenly strided) from each of those views' tissue region.
         text: the frozen report encoder (its weight hash and token length are part of the fingerprint).
+        inputs: which modalities and clinical variables exist (`shared_model.inputs`); the defaults are the
+            paper's (two views, the report, age and sex).
     """
 
     WHAT: ClassVar[str] = "preprocessing config"
@@ -347,6 +344,7 @@ class PreprocessConfig(Schema):
     range_max_views: Int = Field(256, ge=1)
     range_samples_per_view: Int = Field(20000, ge=1)
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
+    inputs: InputsConfig = Field(default_factory=InputsConfig)
 
     @field_validator("frame", mode="before")
     @classmethod

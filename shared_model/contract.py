@@ -18,11 +18,11 @@ from pathlib import Path
 
 import yaml
 
+from shared_model.config_base import ConfigError
 from shared_model.contract_rows import _read_patients
 from shared_model.contract_types import (
-    ADULT_AGE,
-    AGE_RANGE,
     IDENTITY_COLUMNS,
+    IMAGE_COLUMNS,
     OPTIONAL_COLUMNS,
     PATH_COLUMNS,
     PATIENT_ID_PATTERN,
@@ -38,12 +38,13 @@ from shared_model.contract_types import (
     ViewFiles,
     _inside,
     describe_utf8_error,
+    required_columns,
 )
+from shared_model.inputs import InputsConfig
 
 __all__ = [
-    "ADULT_AGE",
-    "AGE_RANGE",
     "IDENTITY_COLUMNS",
+    "IMAGE_COLUMNS",
     "OPTIONAL_COLUMNS",
     "PATH_COLUMNS",
     "PATIENTS_FILE",
@@ -63,11 +64,12 @@ __all__ = [
     "coarse_count",
     "describe_utf8_error",
     "load_site",
+    "required_columns",
 ]
 
 SITE_FILE = "site.yaml"
 SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-SITE_YAML_KEYS = ("name", "description", "contact", "public_patient_count")
+SITE_YAML_KEYS = ("name", "description", "contact", "public_patient_count", "inputs", "import")
 
 
 def coarse_count(n: int) -> int:
@@ -83,8 +85,12 @@ def coarse_count(n: int) -> int:
     return -(-int(n) // step) * step
 
 
-def load_site(site_dir: str | os.PathLike[str]) -> Site:
+def load_site(site_dir: str | os.PathLike[str], inputs: InputsConfig | None = None) -> Site:
     """Read a site folder's `site.yaml` and `patients.csv` and check the table against the contract.
+
+    The table is judged against `inputs` (an experiment's `preprocess.inputs`) when given, else against what
+    `site.yaml` declares under `inputs` (else the defaults: the paper's). With `inputs` given, everything it
+    needs that the site's declaration lacks or encodes differently is an error of `site.yaml`.
 
     Raises `FileNotFoundError`/`NotADirectoryError` only when `site_dir` itself is not a folder; everything
     wrong inside the folder becomes a `Problem` instead, so a caller always gets the full picture in one pass.
@@ -97,6 +103,13 @@ def load_site(site_dir: str | os.PathLike[str]) -> Site:
     root = root.resolve()
     site = Site(name=root.name, root=root)
     _read_site_yaml(site)
+    if inputs is not None:
+        for column, reason in inputs.mismatches(site.declared_inputs or InputsConfig()):
+            where = "" if site.declared_inputs is not None else " (it declares no inputs, so the defaults apply)"
+            site.problems.append(Problem("error", SITE_FILE, None, f"inputs.{column}", reason + where))
+        site.inputs = inputs
+    elif site.declared_inputs is not None:
+        site.inputs = site.declared_inputs
     _read_patients(site)
     return site
 
@@ -131,7 +144,7 @@ def _read_site_yaml(site: Site) -> None:
     if data is None:
         return
     if not isinstance(data, dict):
-        error(f"must be a mapping of keys (name, description, contact), not a {type(data).__name__}")
+        error(f"must be a mapping of keys ({', '.join(SITE_YAML_KEYS)}), not a {type(data).__name__}")
         return
     for key in data:
         if key not in SITE_YAML_KEYS:
@@ -153,6 +166,17 @@ def _read_site_yaml(site: Site) -> None:
     description = data.get("description")
     if description is not None:
         site.description = str(description)
+    if "inputs" in data:
+        try:
+            site.declared_inputs = InputsConfig.from_dict(data["inputs"], source="inputs")
+        except ConfigError as exc:
+            error(f"{exc}; see docs/site-data.md", "inputs")
+    if "import" in data:
+        record = data["import"]
+        if isinstance(record, dict):
+            site.provenance = dict(record)
+        else:
+            error(f"import must be a mapping (what an importer recorded), not a {type(record).__name__}", "import")
     if "public_patient_count" in data:
         count = data["public_patient_count"]
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -17,15 +17,13 @@ import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from shared_model.contract_types import (
-    ADULT_AGE,
-    AGE_RANGE,
     IDENTITY_COLUMNS,
+    IMAGE_COLUMNS,
     OPTIONAL_COLUMNS,
     PATH_COLUMNS,
     PATIENT_ID_PATTERN,
     PATIENTS_FILE,
     PLAUSIBLE_SPACING_MM,
-    REQUIRED_COLUMNS,
     SPLITS,
     VIEWS,
     PatientRecord,
@@ -34,7 +32,9 @@ from shared_model.contract_types import (
     ViewFiles,
     _inside,
     describe_utf8_error,
+    required_columns,
 )
+from shared_model.inputs import InputsConfig
 
 
 class _RowChecker:
@@ -93,7 +93,7 @@ def _read_patients(site: Site) -> None:
         fatal("is empty: it needs a header row and one row per patient", 1)
         return
     columns = [cell.strip() for cell in header]
-    absent = _check_header(columns, problems)
+    absent = _check_header(columns, problems, site)
     if absent is None:
         return
 
@@ -127,11 +127,12 @@ def _read_patients(site: Site) -> None:
         fatal("has no patient rows", None)
 
 
-def _check_header(columns: list[str], problems: list[Problem]) -> frozenset[str] | None:
+def _check_header(columns: list[str], problems: list[Problem], site: Site) -> frozenset[str] | None:
     """Judge the header: the required columns it lacks, or None when its cells cannot be mapped to columns.
 
     A missing required column makes the site unusable, but the rows are still read and checked for
-    everything else, so the operator sees all other problems in the same pass.
+    everything else, so the operator sees all other problems in the same pass. Which columns are required
+    depends on the inputs the table is judged against (`Site.inputs`).
     """
     if len(columns) == 1 and any(sep in columns[0] for sep in ";\t"):
         problems.append(
@@ -155,12 +156,22 @@ def _check_header(columns: list[str], problems: list[Problem]) -> frozenset[str]
             problems.append(
                 Problem("warning", PATIENTS_FILE, 1, None, f"column {index + 1} has no name; it is ignored")
             )
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    inputs = site.inputs
+    required = required_columns(inputs)
+    missing = [c for c in required if c not in columns]
     for name in missing:
         problems.append(Problem("error", PATIENTS_FILE, 1, name, "required column is missing"))
-    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    declared = {v.name for v in (site.declared_inputs or InputsConfig()).clinical}
+    unused = {"report"} if not inputs.reports else set()
+    if not inputs.images:
+        unused |= set(IMAGE_COLUMNS) | {c for c in OPTIONAL_COLUMNS if c.endswith("_spacing_mm")}
+    known = set(required) | set(OPTIONAL_COLUMNS) | declared
     for name in columns:
-        if name and name not in known:
+        if name in unused and name not in missing:
+            modality = "reports" if name == "report" else "images"
+            problems.append(Problem("warning", PATIENTS_FILE, 1, name,
+                                    f"ignored: the inputs declare {modality}: false"))
+        elif name and name not in known and name not in unused:
             problems.append(Problem("warning", PATIENTS_FILE, 1, name, "unknown column, ignored"))
     return None if duplicates else frozenset(missing)
 
@@ -182,22 +193,24 @@ def _parse_row(
     if absent & set(IDENTITY_COLUMNS):
         check.failed = True
 
+    inputs = site.inputs
     patient_id = _parse_patient_id(values["patient_id"], check)
-    age = _parse_age(values["age"], check)
-    sex = _parse_sex(values["sex"], check)
+    clinical = _parse_clinical(inputs, values, check)
     llnm, risk_stage = _parse_labels(values, check)
     split = _parse_split(values["split"], check)
     _check_unique_patient(patient_id, split, row, seen, check)
-    paths = _parse_paths(site.root, values, row, used, check)
-    views = {view: _parse_view(values, paths, view, check) for view in VIEWS}
+    columns = (("report",) if inputs.reports else ()) + (IMAGE_COLUMNS if inputs.images else ())
+    paths = dict.fromkeys(PATH_COLUMNS, None) | _parse_paths(site.root, values, columns, row, used, check)
+    if inputs.images:
+        views = {view: _parse_view(values, paths, view, check) for view in VIEWS}
+    else:
+        views = {view: ViewFiles() for view in VIEWS}
 
     if check.failed:
         return None
-    assert age is not None  # a row without a valid age has failed above
     return PatientRecord(
         patient_id=patient_id,
-        age=age,
-        sex=sex,
+        clinical=clinical,
         llnm=llnm,
         risk_stage=risk_stage,
         split=split,
@@ -215,10 +228,17 @@ def _parse_patient_id(patient_id: str, check: _RowChecker) -> str:
     return patient_id
 
 
-def _parse_sex(sex: str, check: _RowChecker) -> str:
-    if sex not in ("F", "M"):
-        check.error("sex", f"{sex!r} must be F or M" if sex else "is empty (must be F or M)")
-    return sex
+def _parse_clinical(inputs: InputsConfig, values: dict[str, str], check: _RowChecker) -> dict[str, float | str | None]:
+    """Every clinical variable's value (None where missing); an invalid value is an error of its column."""
+    out: dict[str, float | str | None] = {}
+    for var in inputs.clinical:
+        value, error, warning = var.parse(values.get(var.name, ""))
+        if error is not None:
+            check.error(var.name, error)
+        if warning is not None:
+            check.warning(var.name, warning)
+        out[var.name] = value
+    return out
 
 
 def _parse_labels(values: dict[str, str], check: _RowChecker) -> tuple[int | None, int | None]:
@@ -271,10 +291,11 @@ def _check_unique_patient(
 
 
 def _parse_paths(
-    root: Path, values: dict[str, str], row: int, used: dict[Path, tuple[int, str]], check: _RowChecker
+    root: Path, values: dict[str, str], columns: tuple[str, ...], row: int, used: dict[Path, tuple[int, str]],
+    check: _RowChecker,
 ) -> dict[str, Path | None]:
-    """Every path column of the row, resolved; a file listed before (in any row) is warned about."""
-    paths = {column: _parse_path(root, values[column], column, check) for column in PATH_COLUMNS}
+    """The row's path `columns`, resolved; a file listed before (in any row) is warned about."""
+    paths = {column: _parse_path(root, values[column], column, check) for column in columns}
     for column, path in paths.items():
         if path is None:
             continue
@@ -307,23 +328,6 @@ def _parse_view(
     ):
         check.warning(f"{view}_{lacking[0]}_mask", f"the {view} image has no {' and no '.join(lacking)} mask")
     return ViewFiles(image=image, nodule_mask=nodule, thyroid_mask=thyroid, table_spacing_mm=spacing)
-
-
-def _parse_age(text: str, check: _RowChecker) -> float | None:
-    if not text:
-        check.error("age", "is empty (years at ultrasound, 0-120)")
-        return None
-    number = _to_float(text)
-    if number is None:
-        check.error("age", f"{text!r} is not a number (years at ultrasound, 0-120)")
-        return None
-    low, high = AGE_RANGE
-    if not low <= number <= high:
-        check.error("age", f"{text} is outside {low:g}-{high:g} years")
-        return None
-    if number < ADULT_AGE:
-        check.warning("age", f"{text} is under {ADULT_AGE:g}: the paper's cohort is adults")
-    return number
 
 
 def _parse_int_choice(text: str, column: str, choices: tuple[int, ...], check: _RowChecker) -> int | None:

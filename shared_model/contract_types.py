@@ -11,37 +11,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from shared_model.inputs import InputsConfig
+
 VIEWS: tuple[str, ...] = ("trans", "long")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 PATIENTS_FILE = "patients.csv"
 
-#: Columns a table must have (a cell may still be empty where the contract allows a missing value).
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "patient_id",
-    "age",
-    "sex",
-    "llnm",
-    "split",
-    "report",
-    *(f"{view}_{kind}" for view in VIEWS for kind in ("image", "nodule_mask", "thyroid_mask")),
+#: Columns holding a path to the files of the image modality.
+IMAGE_COLUMNS: tuple[str, ...] = tuple(
+    f"{view}_{kind}" for view in VIEWS for kind in ("image", "nodule_mask", "thyroid_mask")
 )
-#: Columns a table may have.
+#: Columns holding a path to a file inside the site folder.
+PATH_COLUMNS: tuple[str, ...] = ("report", *IMAGE_COLUMNS)
+#: Columns without which a row cannot become a patient record.
+IDENTITY_COLUMNS: tuple[str, ...] = ("patient_id", "llnm", "split")
+#: Columns a table with the default inputs (the paper's: images, reports, age and sex) must have; a cell may
+#: still be empty where the contract allows a missing value. `required_columns` gives them for any inputs.
+REQUIRED_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "llnm", "split", *PATH_COLUMNS)
+#: Columns a table may have (with images: the pixel spacing of PNG/JPEG views).
 OPTIONAL_COLUMNS: tuple[str, ...] = (
     "risk_stage",
     *(f"{view}_{axis}_spacing_mm" for view in VIEWS for axis in ("row", "col")),
 )
-#: Columns without which a row cannot become a patient record.
-IDENTITY_COLUMNS: tuple[str, ...] = ("patient_id", "age", "sex", "llnm", "split")
-#: Columns holding a path to a file inside the site folder.
-PATH_COLUMNS: tuple[str, ...] = (
-    "report",
-    *(f"{view}_{kind}" for view in VIEWS for kind in ("image", "nodule_mask", "thyroid_mask")),
-)
+
+
+def required_columns(inputs: InputsConfig) -> tuple[str, ...]:
+    """The columns a table must have for `inputs`: identity and label, one per clinical variable, then the
+    report column when reports exist and the image and mask columns when images do."""
+    return (
+        "patient_id",
+        *(v.name for v in inputs.clinical),
+        "llnm",
+        "split",
+        *(("report",) if inputs.reports else ()),
+        *(IMAGE_COLUMNS if inputs.images else ()),
+    )
 
 PATIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
-AGE_RANGE = (0.0, 120.0)
-ADULT_AGE = 18.0
 # Ultrasound pixels are a few hundredths to a few tenths of a millimetre; values far outside this range are
 # almost always centimetres or micrometres typed into a millimetre column, so they are flagged (not refused).
 PLAUSIBLE_SPACING_MM = (0.005, 2.0)
@@ -99,8 +106,7 @@ class PatientRecord:
     """
 
     patient_id: str
-    age: float
-    sex: str
+    clinical: dict[str, float | str | None]  # every clinical variable of the inputs: its value, None if missing
     llnm: int | None
     risk_stage: int | None
     split: str
@@ -119,6 +125,12 @@ class Site:
     problems: list[Problem] = field(default_factory=list)
     description: str | None = None
     rows: int = 0  # data rows in patients.csv, including the ones left out because they were bad
+    #: What the table is judged against: the caller's inputs (an experiment's), else the site's declaration.
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    #: What `site.yaml` declares (None: it declares nothing, i.e. the default inputs).
+    declared_inputs: InputsConfig | None = None
+    #: `site.yaml`'s `import` record (how an importer made this site), kept as written.
+    provenance: dict[str, object] | None = None
 
     @property
     def usable(self) -> bool:

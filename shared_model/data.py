@@ -23,34 +23,27 @@ from torch.utils.data import Dataset
 
 from shared_model.contract import SPLITS, VIEWS, PatientRecord
 from shared_model.fileio import atomic_write
+from shared_model.inputs import InputsConfig
 
 if TYPE_CHECKING:
     from shared_model.preprocessing import ViewFeatures
 
 __all__ = [
-    "AGE_CENTER",
-    "AGE_SCALE",
     "CLINICAL_FEATURES",
     "LLNMDataset",
     "SiteTensors",
-    "check_scalar_count",
     "patient_scalars",
     "view_scalars",
 ]
 
-#: Age is standardised as (age - AGE_CENTER) / AGE_SCALE with the same constants at every site: a site's own
-#: mean/std would leak site statistics into the features and make the same patient look different at two
-#: sites. 45 and 15 are round numbers near the paper's cohort (median 43, IQR 35-52).
-AGE_CENTER = 45.0
-AGE_SCALE = 15.0
-#: Order of the per-view scalar vector (each scalar is one token of the model): the paper's clinical variables
-#: (age, sex, shape ratio, echogenicity), then the nodule's measurements from its masks: capsule distance (the
-#: paper's strongest finding: < 2.5 mm carries > 72 % LLNM risk), size, and position along the gland (in a
-#: longitudinal view: its third). The location map shows the first and last too, but as a picture a small
-#: model has to learn to read; as numbers they reach the model exact, in millimetres.
-CLINICAL_FEATURES: tuple[str, ...] = (
-    "age", "sex", "shape_ratio", "echogenicity", "capsule_distance", "nodule_size", "nodule_position",
-)
+#: The per-view scalars (each one token of the model) with the default inputs: the clinical variables age and
+#: sex, then the nodule's measurements from its image and masks: shape ratio, echogenicity, capsule distance
+#: (the paper's strongest finding: < 2.5 mm carries > 72 % LLNM risk), size, and position along the gland (in a
+#: longitudinal view: its third). The location map shows the capsule distance and position too, but as a picture
+#: a small model has to learn to read; as numbers they reach the model exact, in millimetres. For other inputs
+#: (`shared_model.inputs`) the order is `InputsConfig.feature_names`: the declared clinical variables, then
+#: these five measurements when images exist.
+CLINICAL_FEATURES: tuple[str, ...] = InputsConfig().feature_names
 #: Capsule distance enters as d / CAPSULE_SCALE_MM (so the paper's 2.5 mm threshold is 0.5), clipped at
 #: CAPSULE_CLIP_MM (beyond it a nodule is deep in the lobe; the exact depth no longer matters).
 CAPSULE_SCALE_MM = 5.0
@@ -89,7 +82,7 @@ class SiteTensors:
     view_mask: torch.Tensor  # [N, 2] float32
     text: torch.Tensor  # [N, L, D] float32
     text_mask: torch.Tensor  # [N, L] float32
-    clinical: torch.Tensor  # [N, 2, C] float32, C = len(CLINICAL_FEATURES)
+    clinical: torch.Tensor  # [N, 2, C] float32, C = len(inputs.feature_names); meta["clinical_features"]
     clinical_mask: torch.Tensor  # [N, 2, C] float32
     llnm: torch.Tensor  # [N] float32, -1 unlabelled
     stage: torch.Tensor  # [N] int64, -1 unknown
@@ -117,13 +110,11 @@ class SiteTensors:
                     f"SiteTensors.{name} must be {ndim}-D {dtype} with {n} rows, got "
                     f"{tuple(value.shape)} {value.dtype}"
                 )
+        # S = 0 where the inputs have no images (no image pathway: nothing to store).
         if tuple(self.image.shape[1:3]) != (len(VIEWS), 3) or self.image.shape[3] != self.image.shape[4]:
             raise ValueError(f"SiteTensors.image must be [N, 2, 3, S, S], got {tuple(self.image.shape)}")
-        if tuple(self.clinical.shape[1:]) != (len(VIEWS), len(CLINICAL_FEATURES)):
-            raise ValueError(
-                f"SiteTensors.clinical must be [N, 2, {len(CLINICAL_FEATURES)}] ({', '.join(CLINICAL_FEATURES)}), "
-                f"got {tuple(self.clinical.shape)}"
-            )
+        if tuple(self.clinical.shape[1:2]) != (len(VIEWS),):
+            raise ValueError(f"SiteTensors.clinical must be [N, 2, C], got {tuple(self.clinical.shape)}")
         if self.clinical_mask.shape != self.clinical.shape:
             raise ValueError("SiteTensors.clinical_mask must have the shape of clinical")
         if tuple(self.view_mask.shape[1:]) != (len(VIEWS),):
@@ -274,26 +265,9 @@ class LLNMDataset(Dataset):
 # ------------------------------------------------------------------------------------------ scalar features
 
 
-def check_scalar_count(num_clinical: int, source: str) -> None:
-    """Refuse a model whose per-view scalar count differs from what this version's preprocessing gives.
-
-    A checkpoint or round config from an llnm-fl version with other scalars would otherwise fail deep in
-    ``forward`` with a bare shape error; this names the cause and the way out.
-
-    Raises:
-        ValueError: ``num_clinical != len(CLINICAL_FEATURES)``.
-    """
-    if num_clinical != len(CLINICAL_FEATURES):
-        raise ValueError(
-            f"{source}: the model takes {num_clinical} per-view scalars, but this version's preprocessing gives "
-            f"{len(CLINICAL_FEATURES)} ({', '.join(CLINICAL_FEATURES)}); the model was made by another llnm-fl "
-            f"version: evaluate it with that version, or train again with this one"
-        )
-
-
 def view_scalars(feat: ViewFeatures) -> dict[str, float]:
-    """The model's per-view scalars measured from one view (the keys of :data:`CLINICAL_FEATURES` after age
-    and sex), scaled as documented there; a measurement that is unknown is left out, so the model gets its
+    """The model's per-view scalars measured from one view (`shared_model.inputs.IMAGE_SCALARS`), scaled as
+    documented with :data:`CLINICAL_FEATURES`; a measurement that is unknown is left out, so the model gets its
     "missing" placeholder instead of an invented value.
 
     Lengths in pixels (an uncalibrated image) are not millimetres and differ between scanners, so capsule
@@ -311,7 +285,8 @@ def view_scalars(feat: ViewFeatures) -> dict[str, float]:
 
 
 
-def patient_scalars(patient: PatientRecord) -> dict[str, float]:
-    """The model's patient-level scalars (age and sex, the first keys of :data:`CLINICAL_FEATURES`), scaled as
-    documented there. Both are always known and given for both views."""
-    return {"age": (patient.age - AGE_CENTER) / AGE_SCALE, "sex": 1.0 if patient.sex == "M" else 0.0}
+def patient_scalars(patient: PatientRecord, inputs: InputsConfig) -> dict[str, float]:
+    """The model's patient-level scalars: each clinical variable of `inputs` the patient has, encoded
+    (`ClinicalVariable.encode`); a missing one is left out, so the model gets its placeholder token."""
+    return {var.name: var.encode(value) for var in inputs.clinical
+            if (value := patient.clinical.get(var.name)) is not None}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_model.config import ModelConfig
@@ -42,22 +43,38 @@ class FeatureHeadNet(nn.Module):
         super().__init__()
         self.config = config
         c = config.num_clinical
-        self.image_head = nn.Linear(IMAGE_DIM, 1)
-        self.text_head = nn.Linear(config.text_dim, 1, bias=False)
-        self.scalar_in = nn.Linear(2 * c, config.feature_hidden)
-        self.scalar_out = nn.Linear(config.feature_hidden, 1, bias=False)
+        # Only the pathways of the inputs that exist (every parameter must take part in the loss under Opacus);
+        # one bias, on the first part present, is the head's intercept.
+        self.image_head = nn.Linear(IMAGE_DIM, 1) if config.images else None
+        self.text_head = nn.Linear(config.text_dim, 1, bias=not config.images) if config.reports else None
+        # Each scalar enters as its value (or its one-hot level code, for a categorical variable with more than
+        # two levels) followed by its known/missing flag.
+        self.levels = config.token_levels
+        width = sum(max(k, 1) for k in self.levels) + c
+        self.scalar_in = nn.Linear(width, config.feature_hidden) if c else None
+        self.scalar_out = (nn.Linear(config.feature_hidden, 1, bias=not (config.images or config.reports))
+                           if c else None)
         for layer in (self.image_head, self.text_head, self.scalar_out):
-            nn.init.zeros_(layer.weight)  # start at the prior: every patient scores 0.5
-        nn.init.zeros_(self.image_head.bias)
+            if layer is not None:
+                nn.init.zeros_(layer.weight)  # start at the prior: every patient scores 0.5
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, image: Tensor, view_mask: Tensor, text: Tensor, text_mask: Tensor, clinical: Tensor,
                 clinical_mask: Tensor) -> ModelOutput:
         """`image` [B, 2, IMAGE_DIM] view features, `text` [B, 1, D] the pooled report (see module docstring)."""
-        del view_mask  # missing views have zero features; the patient probability averages present views
-        img = self.image_head(_normalise(image.float())).squeeze(-1)  # [B, 2]
-        rep = self.text_head(_normalise(text[:, 0].float()) * text_mask[:, :1].float())  # [B, 1]
-        mask = clinical_mask.float()
-        scal = torch.cat([torch.nan_to_num(clinical.float()) * mask, mask], dim=-1)  # [B, 2, 2C]
-        hidden = torch.tanh(self.scalar_in(scal))
-        sc = self.scalar_out(hidden).squeeze(-1)  # [B, 2]
-        return ModelOutput(llnm_logits=img + rep + sc, stage_logits=None)
+        # Missing views have zero features; the patient probability averages present views.
+        logits = torch.zeros(view_mask.shape, dtype=torch.float32, device=view_mask.device)  # [B, 2]
+        if self.image_head is not None:
+            logits = logits + self.image_head(_normalise(image.float())).squeeze(-1)
+        if self.text_head is not None:
+            logits = logits + self.text_head(_normalise(text[:, 0].float()) * text_mask[:, :1].float())  # [B, 1]
+        if self.scalar_in is not None and self.scalar_out is not None:
+            mask = clinical_mask.float()
+            values = torch.nan_to_num(clinical.float()) * mask
+            parts = [values[..., j : j + 1] if not k else
+                     F.one_hot(values[..., j].round().long().clamp(0, k - 1), k).float() * mask[..., j : j + 1]
+                     for j, k in enumerate(self.levels)]
+            scal = torch.cat([*parts, mask], dim=-1)  # [B, 2, width]
+            logits = logits + self.scalar_out(torch.tanh(self.scalar_in(scal))).squeeze(-1)
+        return ModelOutput(llnm_logits=logits, stage_logits=None)

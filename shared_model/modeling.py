@@ -271,20 +271,31 @@ class LLNMNet(nn.Module):
         self.config = config
         c = config
         h = c.hidden_size
-        self.patch_embed = nn.Conv2d(c.in_channels, h, kernel_size=c.patch_size, stride=c.patch_size)
-        self.image_pos = LearnedPositions(c.num_patches, h)
-        self.no_image = LearnedTokens(1, h)
-        # Frozen encoder states are small (std ~0.3 for MiniLM) and share a large common direction; a
-        # LayerNorm per token brings each report token to unit scale before the projection.
-        self.text_norm = nn.LayerNorm(c.text_dim, eps=c.layer_norm_eps)
-        self.text_proj = nn.Linear(c.text_dim, h)
-        self.text_pos = LearnedPositions(c.text_max_length, h)
-        self.no_report = LearnedTokens(1, h)
-        self.clinical_proj = nn.ModuleList(nn.Linear(1, h) for _ in range(c.num_clinical))
+        # A modality absent by design (ModelConfig.images / reports) gets no module at all: every parameter
+        # must take part in the loss (Opacus), and nothing should travel that no site can train.
+        if c.images:
+            self.patch_embed = nn.Conv2d(c.in_channels, h, kernel_size=c.patch_size, stride=c.patch_size)
+            self.image_pos = LearnedPositions(c.num_patches, h)
+            self.no_image = LearnedTokens(1, h)
+        if c.reports:
+            # Frozen encoder states are small (std ~0.3 for MiniLM) and share a large common direction; a
+            # LayerNorm per token brings each report token to unit scale before the projection.
+            self.text_norm = nn.LayerNorm(c.text_dim, eps=c.layer_norm_eps)
+            self.text_proj = nn.Linear(c.text_dim, h)
+            self.text_pos = LearnedPositions(c.text_max_length, h)
+            self.no_report = LearnedTokens(1, h)
+        # One token per scalar: Linear(1, H) of a number (or a two-level indicator), Linear(k, H) of a k-level
+        # one-hot code.
+        self.clinical_proj = nn.ModuleList(nn.Linear(max(k, 1), h) for k in c.token_levels)
         self.clinical_missing = LearnedTokens(c.num_clinical, h) if c.num_clinical else None
         self.embed_drop = nn.Dropout(c.dropout)
-        self.bidirectional = nn.ModuleList(BidirectionalBlock(c) for _ in range(c.num_bidirectional_layers))
-        self.self_blocks = nn.ModuleList(SelfAttentionBlock(c) for _ in range(c.num_self_layers))
+        # Bidirectional blocks need two streams; with one (no images, or no reports and no clinical tokens)
+        # they are self-attention blocks over it, which is what the bidirectional equations reduce to.
+        self.two_streams = c.images and (c.reports or c.num_clinical > 0)
+        self.bidirectional = nn.ModuleList(BidirectionalBlock(c) for _ in range(c.num_bidirectional_layers)
+                                           if self.two_streams)
+        n_self = c.num_self_layers + (0 if self.two_streams else c.num_bidirectional_layers)
+        self.self_blocks = nn.ModuleList(SelfAttentionBlock(c) for _ in range(n_self))
         self.norm = nn.LayerNorm(h, eps=c.layer_norm_eps)
         self.llnm_head = Head(h, c.head_hidden, 1, c.dropout)
         self.stage_head = Head(h, c.head_hidden, c.num_stages, c.dropout) if c.num_stages else None
@@ -293,10 +304,12 @@ class LLNMNet(nn.Module):
         # and clinical tokens enter the residual stream at the image tokens' unit scale. With BERT's 0.02
         # they entered ~10-50x smaller than the image tokens, and the tiny preset trained on the report
         # alone stayed near chance for epochs (train AUC 0.58 after 6 epochs on the benchmark consortium).
-        for proj in (self.text_proj, *self.clinical_proj):
+        for proj in ((self.text_proj,) if c.reports else ()) + tuple(self.clinical_proj):
             nn.init.normal_(proj.weight, std=1 / math.sqrt(proj.in_features))
         # Attached after initialisation so the pre-trained encoder weights are kept.
         self.text_top: TextTopLayers | None = None
+        if c.text_top_layers > 0 and not c.reports:
+            raise ValueError("text_top_layers needs the report pathway, but ModelConfig.reports is false")
         if c.text_top_layers > 0:
             if text_top_layers is None:
                 from shared_model.text_encoder import load_top_layers
@@ -339,7 +352,7 @@ class LLNMNet(nn.Module):
     ) -> None:
         c = self.config
         b = image.shape[0]
-        if image.dim() != 5 or image.shape[2:] != (c.in_channels, c.image_size, c.image_size):
+        if image.dim() != 5 or (c.images and image.shape[2:] != (c.in_channels, c.image_size, c.image_size)):
             raise ValueError(
                 f"image must be [B, V, {c.in_channels}, {c.image_size}, {c.image_size}], "
                 f"got {list(image.shape)}"
@@ -347,13 +360,15 @@ class LLNMNet(nn.Module):
         v = image.shape[1]
         if tuple(view_mask.shape) != (b, v):
             raise ValueError(f"view_mask must be [B, V] = [{b}, {v}], got {list(view_mask.shape)}")
-        if text.dim() != 3 or text.shape[0] != b or text.shape[2] != c.text_dim:
+        if not c.reports:
+            pass  # no report pathway: the text inputs are ignored (an empty [B, 0, 0] by convention)
+        elif text.dim() != 3 or text.shape[0] != b or text.shape[2] != c.text_dim:
             raise ValueError(f"text must be [B, L, {c.text_dim}] with B={b}, got {list(text.shape)}")
-        if text.shape[1] > c.text_max_length:
+        if c.reports and text.shape[1] > c.text_max_length:
             raise ValueError(
                 f"text has {text.shape[1]} tokens, more than ModelConfig.text_max_length={c.text_max_length}"
             )
-        if tuple(text_mask.shape) != tuple(text.shape[:2]):
+        if c.reports and tuple(text_mask.shape) != tuple(text.shape[:2]):
             raise ValueError(
                 f"text_mask must be [B, L] = {list(text.shape[:2])}, got {list(text_mask.shape)}"
             )
@@ -373,79 +388,110 @@ class LLNMNet(nn.Module):
         clinical_mask: Tensor,
     ) -> ModelOutput:
         self._check_inputs(image, view_mask, text, text_mask, clinical, clinical_mask)
+        b = image.shape[0]
         # Text stream, shared by both views: computed once per patient.
-        t_valid = text_mask > 0.5
-        txt = torch.where(t_valid[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
-        if self.text_top is not None:
-            txt = self.text_top(txt, t_valid)
-        txt = self.text_pos(self.text_proj(self.text_norm(txt)))
-        has_report = t_valid.any(dim=1)
-        no_report = self.no_report(txt).to(txt.dtype)
-        no_report_valid = ~has_report[:, None]
+        if self.config.reports:
+            t_valid = text_mask > 0.5
+            txt = torch.where(t_valid[..., None], text, torch.zeros((), dtype=text.dtype, device=text.device))
+            if self.text_top is not None:
+                txt = self.text_top(txt, t_valid)
+            txt = self.text_pos(self.text_proj(self.text_norm(txt)))
+            no_report = self.no_report(txt).to(txt.dtype)
+            report: tuple[Tensor, Tensor, Tensor, Tensor] | None = (txt, t_valid, no_report,
+                                                                    ~t_valid.any(dim=1)[:, None])
+        else:
+            report = None
 
         llnm, stage = [], []
-        for view in range(image.shape[1]):
+        # Without images the views differ in nothing: the network runs once and its output stands for each.
+        views = image.shape[1] if self.config.images else 1
+        for view in range(views):
             pooled = self._encode_view(
-                image[:, view],
+                image[:, view] if self.config.images else None,
                 view_mask[:, view] > 0.5,
-                txt,
-                t_valid,
-                no_report,
-                no_report_valid,
+                report,
                 clinical[:, view],
                 clinical_mask[:, view] > 0.5,
+                b,
             )
             llnm.append(self.llnm_head(pooled).squeeze(-1))
             if self.stage_head is not None:
                 stage.append(self.stage_head(pooled))
+        if views != image.shape[1]:
+            llnm = llnm * image.shape[1]
+            stage = stage * image.shape[1]
         return ModelOutput(
             llnm_logits=torch.stack(llnm, dim=1),
             stage_logits=torch.stack(stage, dim=1) if self.stage_head is not None else None,
         )
 
+    def _clinical_tokens(self, clinical: Tensor, known: Tensor) -> Tensor:
+        """One token per scalar ``[B, C, H]``; unknown ones (and any NaN under them) are the placeholders."""
+        nothing = torch.zeros((), dtype=clinical.dtype, device=clinical.device)
+        values = torch.where(known, clinical, nothing)
+        tokens = []
+        for j, (proj, k) in enumerate(zip(self.clinical_proj, self.config.token_levels, strict=True)):
+            x = values[:, j : j + 1]
+            if k:  # a k-level categorical variable: its level index, one-hot
+                x = F.one_hot(x.squeeze(1).round().long().clamp(0, k - 1), k).to(values.dtype)
+            tokens.append(proj(x))
+        stacked = torch.stack(tokens, 1)
+        assert self.clinical_missing is not None
+        missing = self.clinical_missing(values).to(stacked.dtype)
+        return torch.where(known[..., None], stacked, missing)
+
     def _encode_view(
         self,
-        image: Tensor,
+        image: Tensor | None,
         present: Tensor,
-        txt: Tensor,
-        t_valid: Tensor,
-        no_report: Tensor,
-        no_report_valid: Tensor,
+        report: tuple[Tensor, Tensor, Tensor, Tensor] | None,
         clinical: Tensor,
         known: Tensor,
+        b: int,
     ) -> Tensor:
         """Pooled features ``[B, H]`` of one view (batch = patients)."""
-        b = image.shape[0]
-        zero = torch.zeros((), dtype=image.dtype, device=image.device)
-        # Image tokens; a missing view becomes the "no image" token (first slot valid, the rest masked out).
-        image = torch.where(present[:, None, None, None], image, zero)
-        img = self.image_pos(self.patch_embed(image).flatten(2).transpose(1, 2))
-        placeholder = self.no_image(img).to(img.dtype)
-        img = torch.where(present[:, None, None], img, placeholder.expand_as(img))
-        first = torch.zeros(img.shape[1], dtype=torch.bool, device=img.device)
-        first[0] = True
-        img_valid = present[:, None] | first[None, :]
-
         # Text stream: report tokens, the "no report" slot, then one token per clinical variable.
-        parts = [txt, no_report.expand(b, -1, -1)]
-        valid = [t_valid, no_report_valid]
+        parts: list[Tensor] = []
+        valid: list[Tensor] = []
+        if report is not None:
+            txt, t_valid, no_report, no_report_valid = report
+            parts += [txt, no_report.expand(b, -1, -1)]
+            valid += [t_valid, no_report_valid]
         if self.clinical_missing is not None:
-            nothing = torch.zeros((), dtype=clinical.dtype, device=clinical.device)
-            values = torch.where(known, clinical, nothing)
-            tokens = torch.stack([proj(values[:, j : j + 1]) for j, proj in enumerate(self.clinical_proj)], 1)
-            missing = self.clinical_missing(values).to(tokens.dtype)
-            parts.append(torch.where(known[..., None], tokens, missing))
+            parts.append(self._clinical_tokens(clinical, known))
             valid.append(torch.ones_like(known))
-        dtype = torch.promote_types(img.dtype, txt.dtype)
-        stream = torch.cat([p.to(dtype) for p in parts], dim=1)
-        s_valid = torch.cat(valid, dim=1)
 
-        img = self.embed_drop(img.to(dtype))
-        stream = self.embed_drop(stream)
-        for block in self.bidirectional:
-            img, stream = block(img, stream, img_valid, s_valid)
-        x = torch.cat([img, stream], dim=1)
-        x_valid = torch.cat([img_valid, s_valid], dim=1)
+        img = img_valid = None
+        if image is not None:
+            zero = torch.zeros((), dtype=image.dtype, device=image.device)
+            # Image tokens; a missing view becomes the "no image" token (first slot valid, the rest masked out).
+            image = torch.where(present[:, None, None, None], image, zero)
+            img = self.image_pos(self.patch_embed(image).flatten(2).transpose(1, 2))
+            placeholder = self.no_image(img).to(img.dtype)
+            img = torch.where(present[:, None, None], img, placeholder.expand_as(img))
+            first = torch.zeros(img.shape[1], dtype=torch.bool, device=img.device)
+            first[0] = True
+            img_valid = present[:, None] | first[None, :]
+
+        if parts:
+            dtype = torch.promote_types(img.dtype, parts[0].dtype) if img is not None else parts[0].dtype
+            stream = torch.cat([p.to(dtype) for p in parts], dim=1)
+            s_valid = torch.cat(valid, dim=1)
+        if img is not None:
+            img = self.embed_drop(img.to(dtype) if parts else img)
+        if parts:
+            stream = self.embed_drop(stream)
+
+        if self.two_streams:
+            assert img is not None and img_valid is not None
+            for block in self.bidirectional:
+                img, stream = block(img, stream, img_valid, s_valid)
+            x = torch.cat([img, stream], dim=1)
+            x_valid = torch.cat([img_valid, s_valid], dim=1)
+        elif img is not None:
+            x, x_valid = img, img_valid
+        else:
+            x, x_valid = stream, s_valid
         for block in self.self_blocks:
             x = block(x, x_valid)
         x = self.norm(x)

@@ -187,12 +187,14 @@ class FeatureDataset(Dataset):
 def compute_public_features(tensors: Any, *, backbone: ImageBackbone | None = None,
                             batch_size: int = 64) -> PublicFeatures:
     """`PublicFeatures` of a site's `SiteTensors` (the backbone runs on CPU or the tensors' device)."""
-    backbone = backbone or ImageBackbone()
+    backbone = backbone or (ImageBackbone() if tensors.image.shape[-1] > 0 else None)
     n = len(tensors)
-    images = tensors.image  # [N, 2, 3, S, S]
+    images = tensors.image  # [N, 2, 3, S, S]; S = 0 where the inputs have no images
     flat = images.reshape(n * images.shape[1], *images.shape[2:])
-    feats = [backbone(flat[i:i + batch_size].float()) for i in range(0, flat.shape[0], batch_size)]
-    image = (torch.cat(feats) if feats else torch.zeros(0, IMAGE_DIM)).reshape(n, images.shape[1], IMAGE_DIM)
+    feats = [backbone(flat[i:i + batch_size].float()) for i in range(0, flat.shape[0], batch_size)
+             if images.shape[-1] > 0]
+    image = (torch.cat(feats) if feats else torch.zeros(flat.shape[0], IMAGE_DIM)).reshape(
+        n, images.shape[1], IMAGE_DIM)
     image = image * tensors.view_mask.unsqueeze(-1)  # a missing view stays all zero
     tm = tensors.text_mask.float()
     count = tm.sum(dim=1, keepdim=True)

@@ -22,7 +22,7 @@ import torch
 
 from shared_model.config import PreprocessConfig
 from shared_model.contract import PATIENTS_FILE, VIEWS, PatientRecord, Site, describe_utf8_error
-from shared_model.data import CLINICAL_FEATURES, SiteTensors, patient_scalars, view_scalars
+from shared_model.data import SiteTensors, patient_scalars, view_scalars
 from shared_model.preprocessing import (
     ViewFeatures,
     intensity_sample_region,
@@ -135,7 +135,10 @@ def build_tensors(site: Site, cfg: PreprocessConfig, *, progress: bool) -> SiteT
     kept: dict[tuple[int, int], _Decoded] = {}
     bar = _progress(len(range_jobs) + len(jobs), f"{site.name}: preprocess", progress)
     try:
-        intensity_range, range_views = _intensity_pass(site, range_jobs, cfg, bar, kept, errors)
+        if cfg.inputs.images:
+            intensity_range, range_views = _intensity_pass(site, range_jobs, cfg, bar, kept, errors)
+        else:  # no image modality: the table lists no views, nothing to decode
+            intensity_range, range_views = (0.0, 255.0), 0
         # Patients that already failed are not decoded again.
         todo = [job for job in jobs if job.patient not in errors]
         bar.total = len(range_jobs) + len(todo)
@@ -150,9 +153,14 @@ def build_tensors(site: Site, cfg: PreprocessConfig, *, progress: bool) -> SiteT
         logger.warning("%s: skipping patient %s (row %d of %s): %s", site.name, patient.patient_id,
                        patient.row, PATIENTS_FILE, "; ".join(errors[p_index]))
     keep = [i for i in range(len(patients)) if i not in errors]
-    tokenizer, model = load_text_encoder(cfg.text)
-    hidden, text_mask, present = encode_reports([texts[i] for i in keep], cfg.text, tokenizer, model)
-    del model, tokenizer
+    if cfg.inputs.reports:
+        tokenizer, model = load_text_encoder(cfg.text)
+        hidden, text_mask, present = encode_reports([texts[i] for i in keep], cfg.text, tokenizer, model)
+        del model, tokenizer
+    else:  # no report modality: no encoder is loaded and the report stream is empty
+        hidden = torch.zeros(len(keep), 0, 0)
+        text_mask = torch.zeros(len(keep), 0)
+        present = torch.zeros(len(keep), dtype=torch.bool)
 
     tensors = _assemble(site, cfg, keep, features, view_notes, hidden, text_mask, present)
     tensors.meta.update(
@@ -288,10 +296,13 @@ def _assemble(
     site: Site, cfg: PreprocessConfig, keep: list[int], features: dict[tuple[int, int], ViewFeatures],
     view_notes: list[list[list[str]]], hidden: torch.Tensor, text_mask: torch.Tensor, present: torch.Tensor,
 ) -> SiteTensors:
-    n, s, nv = len(keep), cfg.image_size, len(VIEWS)
+    inputs = cfg.inputs
+    names = inputs.feature_names
+    n, nv = len(keep), len(VIEWS)
+    s = cfg.image_size if inputs.images else 0  # no image modality: nothing to store
     image = torch.zeros(n, nv, 3, s, s, dtype=torch.float32)
     view_mask = torch.zeros(n, nv, dtype=torch.float32)
-    clinical = torch.zeros(n, nv, len(CLINICAL_FEATURES), dtype=torch.float32)
+    clinical = torch.zeros(n, nv, len(names), dtype=torch.float32)
     clinical_mask = torch.zeros_like(clinical)
     capsule = torch.full((n, nv), math.nan, dtype=torch.float32)
     area = torch.full((n, nv), math.nan, dtype=torch.float32)
@@ -307,9 +318,9 @@ def _assemble(
         if patient.risk_stage is not None:
             stage[k] = patient.risk_stage - 1
         rows[k] = patient.row
-        # Age and sex are patient-level and always known; they are given for both views.
-        for name, value in patient_scalars(patient).items():
-            j = CLINICAL_FEATURES.index(name)
+        # The clinical variables are patient-level; they are given for both views.
+        for name, value in patient_scalars(patient, inputs).items():
+            j = names.index(name)
             clinical[k, :, j] = value
             clinical_mask[k, :, j] = 1.0
         for v_index in range(nv):
@@ -319,7 +330,7 @@ def _assemble(
             image[k, v_index] = torch.from_numpy(feat.channels)
             view_mask[k, v_index] = 1.0
             for name, value in view_scalars(feat).items():
-                j = CLINICAL_FEATURES.index(name)
+                j = names.index(name)
                 clinical[k, v_index, j] = value
                 clinical_mask[k, v_index, j] = 1.0
             if feat.capsule_distance_mm is not None:
@@ -348,6 +359,7 @@ def _assemble(
             "row": rows,
             "view_notes": [view_notes[i] for i in keep],
         },
-        meta={"site": site.name, "views": list(VIEWS), "clinical_features": list(CLINICAL_FEATURES)},
+        meta={"site": site.name, "views": list(VIEWS), "clinical_features": list(names),
+              "inputs": inputs.to_dict()},
     )
 

@@ -69,7 +69,8 @@ def build_site_tensors(
             folder is inside the site folder.
     """
     started = time.perf_counter()
-    site = load_site(site_dir)
+    site = load_site(site_dir, cfg.inputs)
+    _refuse_other_inputs(site, cfg)
     left_out = skipped_rows(site)
     if not site.patients:
         errors = [p.format() for p in site.problems if p.level == "error"]
@@ -132,13 +133,25 @@ def cached_content_key(site_dir: str | Path, cfg: PreprocessConfig, *, cache_dir
     no such file (the tensors were never built, or a file changed since). Caches derived from the site
     tensors (e.g. `shared_model.public_features`) are keyed by it.
     """
-    site = load_site(site_dir)
+    site = load_site(site_dir, cfg.inputs)
     cache_root = _check_cache_dir(default_cache_dir(cache_dir), site.root)
     stat_file = cache_root / f"{site.name}-{_stat_key(site, cfg.fingerprint(), _site_files(site))[:24]}.statkey.json"
     try:
         return str(json.loads(stat_file.read_text(encoding="utf-8"))["content_key"]), site.name, cache_root
     except (OSError, ValueError, KeyError, TypeError):
         return None, site.name, cache_root
+
+
+def _refuse_other_inputs(site: Site, cfg: PreprocessConfig) -> None:
+    """Refuse a site that lacks what the experiment's inputs need (a modality or a clinical variable, declared or
+    as a column): training on it would silently treat the variable as missing for every patient."""
+    names = {v.name for v in cfg.inputs.clinical}
+    found = [p.format() for p in site.problems if p.level == "error" and (
+        (p.file == SITE_FILE and (p.field or "").startswith("inputs"))
+        or (p.row == 1 and p.field in names and "missing" in p.message))]
+    if found:
+        raise ValueError(f"site {site.root} does not provide the experiment's inputs (preprocess.inputs): "
+                         + "; ".join(found))
 
 
 # ------------------------------------------------------------------------------------------ cache keys

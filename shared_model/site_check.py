@@ -14,9 +14,7 @@ as a working directory.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,10 +41,7 @@ from shared_model.imaging import (
     read_mask,
     select_region,
 )
-from shared_model.text_table import format_table
-
-MASK_KINDS: tuple[str, ...] = ("nodule_mask", "thyroid_mask")
-SPACING_SOURCES: tuple[str, ...] = ("us_region", "pixel_spacing", "table", "none")
+from shared_model.site_check_summary import MASK_KINDS, format_lines, summarise
 
 
 @dataclass
@@ -98,7 +93,7 @@ class CheckReport:
 
     def format_text(self) -> str:
         """Plain text (summary tables, then one line per problem) that reads well in a log or a pipe."""
-        return "\n".join(_format_lines(self))
+        return "\n".join(format_lines(self))
 
 
 def check_site(
@@ -127,7 +122,7 @@ def check_site(
     problems.extend(_split_warnings(site))
     # Whole-file problems first, then row by row (a stable sort keeps each row's problems in column order).
     problems.sort(key=lambda p: (p.row is not None, p.row or 0))
-    summary = _summarise(site, facts if deep else None, frame)
+    summary = summarise(site, facts if deep else None, frame)
     return CheckReport(site=site.name, root=site.root, deep=deep, summary=summary, problems=problems)
 
 
@@ -385,190 +380,3 @@ def _split_warnings(site: Site) -> list[Problem]:
                 )
             )
     return warnings
-
-
-# -------------------------------------------------------------------------------------------------- summary
-
-
-def _label_counts(patients: list[PatientRecord]) -> dict[str, Any]:
-    positive = sum(p.llnm == 1 for p in patients)
-    negative = sum(p.llnm == 0 for p in patients)
-    labelled = positive + negative
-    return {
-        "patients": len(patients),
-        "labelled": labelled,
-        "positive": positive,
-        "negative": negative,
-        "unlabelled": len(patients) - labelled,
-        "prevalence": round(positive / labelled, 4) if labelled else None,
-    }
-
-
-def _summarise(site: Site, facts: list[_FileFacts] | None, frame: FrameSpec) -> dict[str, Any]:
-    patients = site.patients
-    deep = facts is not None
-    summary: dict[str, Any] = {
-        "rows": site.rows,
-        "patients": len(patients),
-        "rows_left_out": site.rows - len(patients),
-        "deep": deep,
-        "frame": frame,
-        "labels": _label_counts(patients),
-        "splits": {split: _label_counts([p for p in patients if p.split == split]) for split in SPLITS},
-        "risk_stage": {
-            **{str(s): sum(p.risk_stage == s for p in patients) for s in (1, 2, 3)},
-            "unknown_for_positive": sum(p.llnm == 1 and p.risk_stage is None for p in patients),
-        },
-    }
-
-    listed_report = sum(p.report is not None for p in patients)
-    summary["reports"] = {
-        "listed": listed_report,
-        "readable": sum(f.report_ok for f in facts) if deep else None,
-    }
-    images: dict[str, dict[str, int | None]] = {}
-    masks: dict[str, dict[str, int | None]] = {}
-    for view in VIEWS:
-        images[view] = {
-            "listed": sum(p.views[view].image is not None for p in patients),
-            "readable": sum(f.images.get(view) is not None for f in facts) if deep else None,
-        }
-        for kind in MASK_KINDS:
-            column = f"{view}_{kind}"
-            masks[column] = {
-                "listed": sum(getattr(p.views[view], kind) is not None for p in patients),
-                "readable": sum(f.masks_ok.get(column, False) for f in facts) if deep else None,
-            }
-    summary["images"] = images
-    summary["masks"] = masks
-
-    missing: dict[str, int] = {"report": len(patients) - listed_report}
-    for view in VIEWS:
-        missing[f"{view}_image"] = sum(p.views[view].image is None for p in patients)
-        for kind in MASK_KINDS:
-            missing[f"{view}_{kind}"] = sum(getattr(p.views[view], kind) is None for p in patients)
-    missing["both_views"] = sum(all(p.views[v].image is None for v in VIEWS) for p in patients)
-    summary["missing"] = missing
-
-    if deep:
-        decoded = [img for f in facts for img in f.images.values() if img is not None]
-        sizes = Counter((img.rows, img.columns) for img in decoded)
-        summary["image_sizes"] = [{"rows": r, "columns": c, "count": n} for (r, c), n in sizes.most_common()]
-        sources = Counter(img.spacing_source for img in decoded)
-        summary["spacing_sources"] = {s: sources.get(s, 0) for s in SPACING_SOURCES}
-        spacing: dict[str, dict[str, float | int]] = {}
-        for source in SPACING_SOURCES:
-            values = [
-                v
-                for img in decoded
-                if img.spacing_source == source and img.spacing_mm
-                for v in img.spacing_mm
-            ]
-            if values:
-                spacing[source] = {
-                    "images": sources[source],
-                    "min": round(min(values), 6),
-                    "median": round(statistics.median(values), 6),
-                    "max": round(max(values), 6),
-                }
-        summary["spacing_mm"] = spacing
-        summary["file_formats"] = dict(Counter(img.file_format for img in decoded).most_common())
-        summary["photometric"] = dict(Counter(img.photometric for img in decoded).most_common())
-        summary["transfer_syntax"] = dict(
-            Counter(img.transfer_syntax for img in decoded if img.transfer_syntax is not None).most_common()
-        )
-        summary["multi_frame"] = sum(img.frames > 1 for img in decoded)
-    return summary
-
-
-# -------------------------------------------------------------------------------------------------- text form
-
-
-def _format_lines(report: CheckReport) -> Iterator[str]:
-    s = report.summary
-    errors, warnings = len(report.errors), len(report.warnings)
-    verdict = "USABLE" if report.usable else "NOT USABLE"
-    yield f"Site {report.site} ({report.root})"
-    yield (
-        f"{verdict}: {errors} error(s), {warnings} warning(s)"
-        + ("" if report.deep else "  [--quick: table only, no file decoded]")
-    )
-    yield ""
-    yield (
-        f"{PATIENTS_FILE}: {s['rows']} patient rows, {s['patients']} loaded, "
-        f"{s['rows_left_out']} left out because of errors"
-    )
-    yield ""
-    label_rows = []
-    for name, counts in [*s["splits"].items(), ("all", s["labels"])]:
-        prevalence = "-" if counts["prevalence"] is None else f"{counts['prevalence']:.1%}"
-        label_rows.append(
-            [
-                name,
-                counts["patients"],
-                counts["labelled"],
-                counts["positive"],
-                counts["negative"],
-                counts["unlabelled"],
-                prevalence,
-            ]
-        )
-    yield from format_table(
-        ["split", "patients", "labelled", "LLNM+", "LLNM-", "unlabelled", "prevalence"], label_rows
-    )
-    stage = s["risk_stage"]
-    yield (
-        f"risk stage (LLNM+): 1: {stage['1']}, 2: {stage['2']}, 3: {stage['3']}, "
-        f"unknown: {stage['unknown_for_positive']}"
-    )
-    yield ""
-
-    def readable(entry: dict[str, int | None]) -> str:
-        return "-" if entry["readable"] is None else str(entry["readable"])
-
-    file_rows = [["report", s["reports"]["listed"], readable(s["reports"]), s["missing"]["report"]]]
-    for view in VIEWS:
-        file_rows.append(
-            [
-                f"{view} image",
-                s["images"][view]["listed"],
-                readable(s["images"][view]),
-                s["missing"][f"{view}_image"],
-            ]
-        )
-        for kind in MASK_KINDS:
-            column = f"{view}_{kind}"
-            file_rows.append(
-                [
-                    f"{view} {kind.replace('_', ' ')}",
-                    s["masks"][column]["listed"],
-                    readable(s["masks"][column]),
-                    s["missing"][column],
-                ]
-            )
-    yield from format_table(["file", "listed", "readable", "missing"], file_rows)
-    yield f"patients with neither view: {s['missing']['both_views']}"
-
-    if report.deep:
-        yield ""
-        sizes = ", ".join(f"{e['rows']}x{e['columns']} ({e['count']})" for e in s["image_sizes"]) or "-"
-        yield f"image sizes (rows x columns): {sizes}"
-        sources = ", ".join(f"{k} {v}" for k, v in s["spacing_sources"].items() if v) or "-"
-        yield f"calibration sources: {sources}"
-        for source, st in s["spacing_mm"].items():
-            yield (
-                f"  pixel size from {source}: min {st['min']:.4g} mm, median {st['median']:.4g} mm, "
-                f"max {st['max']:.4g} mm ({st['images']} image(s))"
-            )
-        yield "file formats: " + (", ".join(f"{k} {v}" for k, v in s["file_formats"].items()) or "-")
-        yield "photometric: " + (", ".join(f"{k} {v}" for k, v in s["photometric"].items()) or "-")
-        yield "transfer syntaxes: " + (", ".join(f"{k} {v}" for k, v in s["transfer_syntax"].items()) or "-")
-        yield f"multi-frame (cine) images: {s['multi_frame']} (frame used: {s['frame']})"
-
-    yield ""
-    if report.problems:
-        yield f"Problems ({errors} error(s), {warnings} warning(s)):"
-        for problem in report.problems:
-            yield problem.format()
-    else:
-        yield "No problems found."

@@ -22,14 +22,11 @@ import torch
 from PIL import Image
 
 from shared_model.data import (
-    AGE_CENTER,
-    AGE_SCALE,
     CAPSULE_SCALE_MM,
     CLINICAL_FEATURES,
     SIZE_REF_MM,
     LLNMDataset,
     SiteTensors,
-    check_scalar_count,
 )
 from shared_model.preprocessing import (
     LOCATION_THYROID_VALUE,
@@ -425,9 +422,15 @@ def test_bad_records_are_skipped_loudly_and_missing_parts_marked(tmp_path, caplo
 
 
 def test_a_model_with_other_scalars_is_refused_by_name() -> None:
-    check_scalar_count(len(CLINICAL_FEATURES), "checkpoint new.safetensors")
-    with pytest.raises(ValueError, match=r"checkpoint old\.safetensors: the model takes 4 per-view scalars.*gives 7"):
-        check_scalar_count(4, "checkpoint old.safetensors")
+    from shared_model.config import InputsConfig, ModelConfig
+
+    inputs = InputsConfig()
+    ModelConfig.preset("tiny").check_inputs(inputs, "checkpoint new.safetensors")
+    assert len(inputs.feature_names) == len(CLINICAL_FEATURES)
+    with pytest.raises(ValueError, match=r"checkpoint old\.safetensors: .*takes 4 per-view scalars.*give 7"):
+        ModelConfig.preset("tiny", num_clinical=4).check_inputs(inputs, "checkpoint old.safetensors")
+    with pytest.raises(ValueError, match=r"images=True, reports=True but the inputs have images=False"):
+        ModelConfig.preset("tiny").check_inputs(InputsConfig(images=False), "round config")
 
 
 def test_cache_dir_inside_site_is_refused(tmp_path) -> None:
@@ -557,7 +560,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
         assert tensors.llnm[k].item() == (float(row["llnm"]) if row["llnm"] else -1.0)
         stage = int(float(row["risk_stage"])) - 1 if row.get("risk_stage") else -1
         assert tensors.stage[k].item() == stage
-        assert tensors.clinical[k, 0, 0].item() == pytest.approx((float(row["age"]) - AGE_CENTER) / AGE_SCALE)
+        assert tensors.clinical[k, 0, 0].item() == pytest.approx((float(row["age"]) - 45.0) / 15.0)
         assert tensors.clinical[k, 0, 1].item() == (1.0 if row["sex"] == "M" else 0.0)
         for v, view in enumerate(("trans", "long")):
             usable = bool(row[f"{view}_image"]) and bool(row[f"{view}_nodule_mask"])
