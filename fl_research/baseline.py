@@ -27,11 +27,11 @@ from shared_model.fileio import atomic_write_json, atomic_write_text
 log = logging.getLogger("llnm.baseline")
 
 
-def _load_all(exp: ExperimentConfig, sites: list[Path]):
+def _load_all(exp: ExperimentConfig, sites: list[Path], progress: bool = True):
     from shared_model.architectures import load_site_inputs
 
     pre, arch = exp.preprocess, exp.architecture()
-    return {p.name: load_site_inputs(p, pre, arch, cache_dir=exp.data.cache_dir, progress=True) for p in sites}
+    return {p.name: load_site_inputs(p, pre, arch, cache_dir=exp.data.cache_dir, progress=progress) for p in sites}
 
 
 def _scores(model, tensors, split: str, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -116,7 +116,7 @@ def _run(exp: ExperimentConfig, mode: str, run_dir: Path, sites: list[Path], pro
     from shared_model.metrics import binary_metrics
 
     epochs = exp.baseline.epochs or exp.train.local_epochs * exp.federation.rounds
-    tensors = _load_all(exp, sites)
+    tensors = _load_all(exp, sites, progress)
     names = list(tensors)
     n_boot = exp.federation.eval_bootstrap
     started = time.perf_counter()

@@ -133,7 +133,7 @@ def build_tensors(site: Site, cfg: PreprocessConfig, *, progress: bool) -> SiteT
     errors: dict[int, list[str]] = {}
     range_jobs = _range_jobs(jobs, cfg.range_max_views)
     kept: dict[tuple[int, int], _Decoded] = {}
-    bar = _progress(len(range_jobs) + len(jobs), f"{site.name}: preprocess", progress)
+    bar = _progress(len(range_jobs) + len(jobs), f"{site.name}: preprocess", progress and bool(jobs))
     try:
         if cfg.inputs.images:
             intensity_range, range_views = _intensity_pass(site, range_jobs, cfg, bar, kept, errors)
