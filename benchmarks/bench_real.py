@@ -231,7 +231,9 @@ def run_federated(fold_dir: Path, config: Path, sets: list[str], out: Path, stat
     cmd = [str(BIN / "llnm-server"), "simulate", "--config", str(config), "--data", str(fold_dir), "--out", str(out)]
     for item in sets:
         cmd += ["--set", item]
-    env = {**os.environ, "LLNM_SITE_STATE_DIR": str(state)}
+    # Each fold is an independent replicate of the experiment: its sites' lifetime privacy ledgers start empty
+    # (in one state folder per fold), since in the benchmark the same real patients recur across folds.
+    env = {**os.environ, "LLNM_PRIVACY_DIR": str(state / "privacy"), "LLNM_SITE_STATE_DIR": str(state)}
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"simulate failed ({proc.returncode}):\n{proc.stdout[-3000:]}")
