@@ -218,6 +218,21 @@ def test_categorical_tokens_are_one_hot_in_the_model() -> None:
 # ------------------------------------------------------------------------------------------- the importers
 
 
+def test_the_real_data_configs_declare_what_the_importers_write() -> None:
+    from fl_client.importers.ddti import ddti_inputs
+    from fl_client.importers.uci_dtc import uci_inputs
+    from fl_server.config import load_config
+
+    uci = load_config(ROOT / "configs" / "uci-dtc.yaml")
+    assert uci.preprocess.inputs.mismatches(uci_inputs()) == []
+    assert uci.preprocess.inputs.feature_names == uci_inputs().feature_names
+    arch = uci.architecture()
+    assert (arch.images, arch.reports, arch.clinical_levels) == (False, False, [0, 0, 0, 0, 0, 5, 5, 6])
+    ddti = load_config(ROOT / "configs" / "ddti.yaml")
+    assert ddti.preprocess.inputs.mismatches(ddti_inputs()) == []  # it uses the images, not age and sex
+    assert ddti.architecture().num_clinical == 5  # the image measurements only
+
+
 def _import(dataset: str, source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "llnm-site"), "import", dataset, str(source), "--out", str(out), *extra],
                           capture_output=True, text=True, timeout=600)
@@ -266,14 +281,8 @@ def test_uci_import_writes_checked_disjoint_sites_of_preoperative_variables(tmp_
 @needs_uci
 @pytest.mark.slow
 def test_uci_sites_train_in_a_real_simulation_with_the_clinical_pathway_only(tmp_path: Path) -> None:
-    from fl_server.config import load_config
-
     done = _import("uci-dtc", UCI, tmp_path / "uci", "--sites", "3")
     assert done.returncode == 0, done.stderr
-    # The experiment's inputs are exactly what the importer declares in every site.yaml.
-    exp = load_config(ROOT / "configs" / "uci-dtc.yaml")
-    declared = InputsConfig.from_dict(yaml.safe_load((tmp_path / "uci" / "uci-dtc-1" / "site.yaml").read_text())["inputs"])
-    assert exp.preprocess.inputs.mismatches(declared) == []
     run = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(ROOT / "configs" / "uci-dtc.yaml"),
                           "--data", str(tmp_path / "uci"), "--out", str(tmp_path / "run"),
                           "--set", "federation.rounds=2", "--set", "federation.eval_bootstrap=0"],
@@ -284,23 +293,30 @@ def test_uci_sites_train_in_a_real_simulation_with_the_clinical_pathway_only(tmp
     assert set(metrics["final"]["sites"]) == {"uci-dtc-1", "uci-dtc-2", "uci-dtc-3"}
 
 
+@pytest.fixture(scope="module")
+def ddti_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """DDTI imported once for this module: (the output folder, what the command printed)."""
+    out = tmp_path_factory.mktemp("ddti") / "sites"
+    done = _import("ddti", DDTI, out, "--sites", "3", "--seed", "0")
+    assert done.returncode == 0, done.stderr
+    return out, done.stdout
+
+
 @needs_ddti
-def test_ddti_import_draws_masks_marks_the_unknown_and_counts_what_it_cannot_express(tmp_path: Path) -> None:
+def test_ddti_import_draws_masks_marks_the_unknown_and_counts_what_it_cannot_express(ddti_sites) -> None:
     from shared_model.site_check import check_site
 
-    done = _import("ddti", DDTI, tmp_path / "ddti", "--sites", "3", "--seed", "0")
-    assert done.returncode == 0, done.stderr
-    assert "classes: TI-RADS 2-3 52, TI-RADS 4a-5 246, unlabelled 92" in done.stdout
-    summary = json.loads((tmp_path / "ddti" / "import.json").read_text())
+    out, printed = ddti_sites
+    assert "classes: TI-RADS 2-3 52, TI-RADS 4a-5 246, unlabelled 92" in printed
+    summary = json.loads((out / "import.json").read_text())
     assert summary["records_read"] == summary["patients_written"] == 390
     assert summary["not_expressed"] == {
         "nodule outline with broken JSON in the source (view left without mask)": 8,
         "image beyond a case's second (the contract has two views)": 18,
     }
-    site = tmp_path / "ddti" / "ddti-1"
+    site = out / "ddti-1"
     rows = _table(site / "patients.csv")
     assert all(row["trans_thyroid_mask"] == row["long_thyroid_mask"] == "" for row in rows)  # no thyroid outline
-    assert all(row["trans_row_spacing_mm"] == "" for row in rows) if "trans_row_spacing_mm" in rows[0] else True
     row = next(r for r in rows if r["trans_nodule_mask"])
     mask = np.asarray(Image.open(site / row["trans_nodule_mask"]))
     image = Image.open(site / row["trans_image"])
@@ -313,13 +329,12 @@ def test_ddti_import_draws_masks_marks_the_unknown_and_counts_what_it_cannot_exp
 
 
 @needs_ddti
-def test_ddti_tensors_keep_location_and_capsule_distance_unknown(tmp_path: Path) -> None:
+def test_ddti_tensors_keep_location_and_capsule_distance_unknown(ddti_sites, tmp_path: Path) -> None:
     from fl_server.config import load_config
     from shared_model.site_cache import build_site_tensors
 
-    assert _import("ddti", DDTI, tmp_path / "ddti", "--sites", "3").returncode == 0
     pre = load_config(ROOT / "configs" / "ddti.yaml").preprocess
-    tensors = build_site_tensors(tmp_path / "ddti" / "ddti-2", pre, cache_dir=tmp_path / "cache", progress=False)
+    tensors = build_site_tensors(ddti_sites[0] / "ddti-2", pre, cache_dir=tmp_path / "cache", progress=False)
     present = tensors.view_mask > 0.5
     assert present.sum() > 100
     assert not tensors.extras["location_present"].any()  # no thyroid mask: no location map
