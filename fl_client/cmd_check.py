@@ -40,6 +40,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="middle",
         help="cine frame to decode: first, middle (default), last or a 0-based index (as in training)",
     )
+    parser.add_argument(
+        "--experiment", type=Path, metavar="CONFIG.yaml",
+        help="judge the table against this experiment's preprocess.inputs (what its rounds would ask of the "
+        "site) instead of the site's own declaration in site.yaml",
+    )
+
+
+def _experiment_inputs(path: Path):
+    """The `preprocess.inputs` of an experiment file (the defaults when it declares none)."""
+    import yaml
+
+    from shared_model.config import ConfigError, InputsConfig
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot be read as YAML: {exc}") from None
+    section = (data.get("preprocess") or {}).get("inputs") if isinstance(data, dict) else None
+    return InputsConfig.from_dict(section or {}, source=f"{path}: preprocess.inputs")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +75,16 @@ def run(args: argparse.Namespace) -> int:
 
     from shared_model.site_check import check_site  # imported late: keeps `llnm-site --help` fast
 
-    report = check_site(site_dir, deep=not args.quick, frame=args.frame)
+    inputs = None
+    if args.experiment is not None:
+        from shared_model.config import ConfigError
+
+        try:
+            inputs = _experiment_inputs(args.experiment)
+        except ConfigError as exc:
+            print(f"llnm-site check: {exc}", file=sys.stderr)
+            return EXIT_NO_SITE
+    report = check_site(site_dir, deep=not args.quick, frame=args.frame, inputs=inputs)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

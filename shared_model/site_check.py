@@ -41,6 +41,7 @@ from shared_model.imaging import (
     read_mask,
     select_region,
 )
+from shared_model.inputs import InputsConfig
 from shared_model.site_check_summary import MASK_KINDS, format_lines, summarise
 
 
@@ -103,6 +104,7 @@ def check_site(
     frame: FrameSpec = "middle",
     workers: int | None = None,
     progress: bool | None = None,
+    inputs: InputsConfig | None = None,
 ) -> CheckReport:
     """Check a site folder; never writes anything.
 
@@ -110,9 +112,10 @@ def check_site(
     will use, so that the check decodes exactly what training will. `workers` threads decode files in
     parallel (default: up to 4, bounded by the CPU count); `progress` shows a bar on stderr (default: only
     when stderr is a terminal, so piped or logged output stays clean). Raises `FileNotFoundError` or
-    `NotADirectoryError` only when `site_dir` is not a folder.
+    `NotADirectoryError` only when `site_dir` is not a folder. `inputs` (an experiment's) replaces the site's own
+    declaration as what the table is judged against (`load_site`).
     """
-    site = load_site(site_dir)
+    site = load_site(site_dir, inputs)
     problems = list(site.problems)
     facts: list[_FileFacts] = []
     if deep and site.patients:

@@ -343,3 +343,15 @@ def test_ddti_tensors_keep_location_and_capsule_distance_unknown(ddti_sites, tmp
     capsule = names.index("capsule_distance")
     assert not tensors.clinical_mask[..., capsule].any()  # the model gets the placeholder, not a number
     assert tensors.image[present][:, 2].amax() <= 0.0  # the location channel stays empty
+
+
+def test_check_against_an_experiment_names_what_the_site_lacks(tmp_path: Path) -> None:
+    root = _clinical_site(tmp_path / "s5", _rows())
+    own = subprocess.run([str(BIN / "llnm-site"), "check", str(root)], capture_output=True, text=True, timeout=120)
+    assert own.returncode == 0, own.stdout
+    assert "inputs (site.yaml): images no, reports no, 3 clinical variable(s)" in own.stdout
+    demo = subprocess.run([str(BIN / "llnm-site"), "check", str(root), "--experiment",
+                           str(ROOT / "configs" / "demo.yaml")], capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 1
+    assert "ERROR site.yaml inputs.images: the experiment uses ultrasound images" in demo.stdout
+    assert "ERROR patients.csv:1 sex: required column is missing" in demo.stdout
