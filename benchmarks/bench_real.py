@@ -284,6 +284,25 @@ def summarise(entry: dict[str, Any], folds: list[dict[str, Any]]) -> None:
                 entry["paired_differences"][label] = corrected_ci(diffs, n_train, n_test)
 
 
+def markdown_table(results: dict[str, Any]) -> str:
+    """The docs/real-data.md table of `results` (real.json): mean AUC, 95 % interval, folds, seconds per fold."""
+    lines = ["| data set | method | sites | AUC (mean of folds) | 95% CI | folds | s per fold |",
+             "|---|---|---|---|---|---|---|"]
+    for dataset, entry in results.get("datasets", {}).items():
+        for name, m in entry["methods"].items():
+            ci = m.get("ci95")
+            shown = f"{ci[0]:.3f}–{min(ci[1], 1.0):.3f}" if ci else "-"
+            sites = "pooled" if m["kind"] == "pooled" or m["kind"].startswith("sklearn") else m["sites"]
+            per_fold = m["seconds"] / max(len(m["auc"]), 1)
+            lines.append(f"| {dataset} | {name} | {sites} | {m.get('mean', float('nan')):.3f} | {shown} | "
+                         f"{m.get('folds', 0)} | {per_fold:.0f} |")
+        for label, d in entry.get("paired_differences", {}).items():
+            ci = d.get("ci95")
+            shown = f"{ci[0]:+.3f} to {ci[1]:+.3f}" if ci else "-"
+            lines.append(f"| {dataset} | paired: {label} | | {d['mean']:+.3f} | {shown} | {d['folds']} | |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--datasets", default="uci-dtc,ddti")
@@ -293,7 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="comma-separated method names (default: all)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-real")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "real.json")
+    ap.add_argument("--table", action="store_true", help="print the markdown table of --out and exit (no runs)")
     args = ap.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return 0
 
     import torch
 

@@ -285,7 +285,7 @@ def test_uci_sites_train_in_a_real_simulation_with_the_clinical_pathway_only(tmp
     assert done.returncode == 0, done.stderr
     run = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(ROOT / "configs" / "uci-dtc.yaml"),
                           "--data", str(tmp_path / "uci"), "--out", str(tmp_path / "run"),
-                          "--set", "federation.rounds=2", "--set", "federation.eval_bootstrap=0"],
+                          "--set", "federation.rounds=1", "--set", "federation.eval_bootstrap=0"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
