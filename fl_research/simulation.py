@@ -72,6 +72,9 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
     }
     use_offline_environment()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    # Ray's usage statistics would be reported over the network: nothing leaves this machine (and starting the
+    # engine is about 2 s faster without it).
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_simulation(

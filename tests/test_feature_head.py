@@ -8,14 +8,11 @@ head in Flower's simulation engine.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from shared_model.architectures import build_model, make_dataset, restrict_trainable
 from shared_model.config import ModelConfig
@@ -169,26 +166,6 @@ def test_public_features_of_a_real_site_are_cached(small_consortium: Path, tmp_p
         pf.compute_public_features = original  # type: ignore[assignment]
     assert not calls and torch.equal(again.image, first.image) and again.patient_ids == first.patient_ids
     assert not any(p.name.startswith("site-g-public") for p in site.iterdir())  # nothing in the site folder
-
-
-@pytest.mark.slow
-def test_a_dp_round_of_the_feature_head_in_a_federation(small_consortium: Path, tmp_path: Path) -> None:
-    exp = yaml.safe_load((ROOT / "configs" / "demo-dp.yaml").read_text())
-    exp["name"] = "feature-head-dp-test"
-    exp["data"] = {"root": str(small_consortium), "sites": ["site-a", "site-b", "site-c"]}
-    exp["federation"].update({"rounds": 2, "min_sites": 3, "eval_bootstrap": 0, "final_eval_split": None})
-    config = tmp_path / "fh.yaml"
-    config.write_text(yaml.safe_dump(exp))
-    out = tmp_path / "run"
-    env = {**__import__("os").environ, "LLNM_PRIVACY_DIR": str(tmp_path / "privacy")}
-    res = subprocess.run([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--out", str(out)],
-                         capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    ledger = json.loads((out / "privacy.json").read_text())
-    for entry in ledger["rounds"]:
-        assert {rec["status"] for rec in entry["sites"].values()} == {"trained"}
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert all(r["pooled"].get("auc") is not None for r in metrics["rounds"])
 
 
 @pytest.mark.parametrize("name", ["demo-dp.yaml", "paper-dp.yaml"])
