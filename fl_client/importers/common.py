@@ -144,48 +144,18 @@ def write_sites(result: ImportResult, out: Path, n_sites: int, seed: int, prefix
     columns += extra
     source_hashes = {str(p.relative_to(result.source)) if p.is_relative_to(result.source) else p.name: _sha256(p)
                      for p in result.source_files}
+    # What every site's `import` record and import.json share: where the data came from and how it was split.
+    provenance = {"dataset": result.dataset, "source": str(result.source.resolve()), "source_sha256": source_hashes,
+                  "seed": seed, "sites": n_sites}
     out.mkdir(parents=True, exist_ok=True)
     summary_sites: dict[str, Any] = {}
     for k in range(n_sites):
-        name = f"{prefix}-{k + 1}"
-        folder = out / name
-        folder.mkdir()
         members = [i for i, s in enumerate(sites) if s == k]
-        rows = []
-        for i in members:
-            patient = result.patients[i]
-            for relative, write in patient.files.items():
-                target = folder / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                write(target)
-            rows.append({**dict.fromkeys(columns, ""), **patient.row, "split": splits[i]})
-        counts = {split: Counter(str(result.patients[i].label) for i in members if splits[i] == split)
-                  for split in SPLIT_FIFTHS}
-        split_counts = {split: {"patients": sum(c.values()), "positive": c.get("1", 0), "negative": c.get("0", 0),
-                                "unlabelled": c.get("None", 0)} for split, c in counts.items()}
-        record = {
-            "dataset": result.dataset,
-            "source": str(result.source.resolve()),
-            "source_sha256": source_hashes,
-            "seed": seed,
-            "sites": n_sites,
-            "site_index": k + 1,
-            "patients": len(members),
-            "splits": split_counts,
-            "split_rule": "StratifiedGroupKFold: K sites, then 60/20/20 train/val/test per site, by label",
-        }
-        site_yaml = {"name": name, "description": result.description, "inputs": result.inputs.to_dict(),
-                     "import": record}
-        atomic_write_text(folder / SITE_FILE, yaml.safe_dump(site_yaml, sort_keys=False, allow_unicode=True))
-        atomic_write_text(folder / PATIENTS_FILE, _table(rows, columns))
+        name, split_counts = _write_site(result, out, prefix, k, members, splits, columns, provenance)
         summary_sites[name] = {"patients": len(members), "splits": split_counts}
     labels = Counter(str(p.label) for p in result.patients)
     summary = {
-        "dataset": result.dataset,
-        "source": str(result.source.resolve()),
-        "source_sha256": source_hashes,
-        "seed": seed,
-        "sites": n_sites,
+        **provenance,
         "records_read": result.records_read,
         "patients_written": len(result.patients),
         "not_expressed": dict(result.not_expressed),
@@ -197,6 +167,32 @@ def write_sites(result: ImportResult, out: Path, n_sites: int, seed: int, prefix
     }
     atomic_write_json(out / "import.json", summary)
     return summary
+
+
+def _write_site(result: ImportResult, out: Path, prefix: str, k: int, members: list[int], splits: list[str],
+                columns: list[str], provenance: dict[str, Any]) -> tuple[str, dict[str, dict[str, int]]]:
+    """Site k's folder (its files, patients.csv, site.yaml); returns its name and split counts."""
+    name = f"{prefix}-{k + 1}"
+    folder = out / name
+    folder.mkdir()
+    rows = []
+    for i in members:
+        patient = result.patients[i]
+        for relative, write in patient.files.items():
+            target = folder / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write(target)
+        rows.append({**dict.fromkeys(columns, ""), **patient.row, "split": splits[i]})
+    counts = {split: Counter(str(result.patients[i].label) for i in members if splits[i] == split)
+              for split in SPLIT_FIFTHS}
+    split_counts = {split: {"patients": sum(c.values()), "positive": c.get("1", 0), "negative": c.get("0", 0),
+                            "unlabelled": c.get("None", 0)} for split, c in counts.items()}
+    record = {**provenance, "site_index": k + 1, "patients": len(members), "splits": split_counts,
+              "split_rule": "StratifiedGroupKFold: K sites, then 60/20/20 train/val/test per site, by label"}
+    site_yaml = {"name": name, "description": result.description, "inputs": result.inputs.to_dict(), "import": record}
+    atomic_write_text(folder / SITE_FILE, yaml.safe_dump(site_yaml, sort_keys=False, allow_unicode=True))
+    atomic_write_text(folder / PATIENTS_FILE, _table(rows, columns))
+    return name, split_counts
 
 
 def copy_file(source: Path) -> Callable[[Path], None]:
