@@ -188,10 +188,12 @@ class Federation:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, strategy: Strategy, server_round: int, arrays: ArrayRecord, split: str,
-                 skip_nodes: set[int] | None = None) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+                 skip_nodes: set[int] | None = None
+                 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
         """Every connected site evaluates the global model on its `split`; per-site metrics plus pooled
-        metrics merged exactly from the sites' score histograms. `skip_nodes` (sites that just failed to
-        answer in training) are not waited for a second time in the same round."""
+        metrics merged exactly from the sites' score histograms, the failures, and the histograms by site.
+        `skip_nodes` (sites that just failed to answer in training) are not waited for a second time in the
+        same round."""
         from shared_model.metrics import metrics_from_histograms
 
         nodes = list(self.grid.get_node_ids())
@@ -204,16 +206,15 @@ class Federation:
                               "phase": "evaluate", "reason": "skipped: no reply in this round's training"}
                              for m in skipped]
         sites: dict[str, Any] = {}
-        hists = []
+        hists: dict[str, Any] = {}
         for r in outcome.replies:
             name = _reply_site_name(r)
             self.site_names.setdefault(r.metadata.src_node_id, name)
-            site_metrics, histogram = protocol.decode_eval_metrics(r.content[protocol.METRICS_RECORD])
-            sites[name] = site_metrics
-            hists.append(histogram)
-        pooled = metrics_from_histograms(hists) if hists else {}
+            sites[name], hists[name] = protocol.decode_eval_metrics(r.content[protocol.METRICS_RECORD])
+        pooled = metrics_from_histograms(list(hists.values())) if hists else {}
         pooled = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
-        return dict(sorted(sites.items())), pooled, outcome.failures + self.offline_sites(nodes, "evaluate")
+        failures = outcome.failures + self.offline_sites(nodes, "evaluate")
+        return dict(sorted(sites.items())), pooled, failures, dict(sorted(hists.items()))
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -305,7 +306,7 @@ class Federation:
         train_seconds = round(time.perf_counter() - t_train, 3)
 
         unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
-        sites, pooled, eval_failures = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
+        sites, pooled, eval_failures, _ = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
         entry = {
             "round": rnd,
             "split": fed.eval_split,
@@ -331,9 +332,11 @@ class Federation:
         if fed.final_model == "best" and best is not None:
             final_round = int(best)
             arrays = ArrayRecord(self.rd.load_checkpoint(final_round))
-        sites, pooled, eval_failures = self.evaluate(strategy, fed.rounds, arrays, fed.final_eval_split)
+        sites, pooled, eval_failures, histograms = self.evaluate(strategy, fed.rounds, arrays, fed.final_eval_split)
+        # The sites' score histograms (what they sent, at the resolution their policy allows) are kept for the
+        # final model only: per-site ROC, calibration and decision curves are drawn from them.
         self.rd.set_final({"round": final_round, "model": fed.final_model, "split": fed.final_eval_split,
-                           "sites": sites, "pooled": pooled, "failures": eval_failures})
+                           "sites": sites, "pooled": pooled, "failures": eval_failures, "histograms": histograms})
         self.say(f"[llnm] final {fed.final_eval_split} evaluation of the round-{final_round} model "
                  f"({fed.final_model}): " + _site_line(sites, pooled))
 

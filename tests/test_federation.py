@@ -129,6 +129,14 @@ def test_simulation_per_site_metrics_and_run_directory(sim_run: dict) -> None:
         assert entry["failures"] == []
     assert metrics["final"]["split"] == "test"
     assert_round_metrics(metrics["final"], sites)
+    # The final model's score histograms, as the sites sent them (at most their 100-bin policy), by site: what
+    # per-site ROC, calibration and decision curves are drawn from. Their counts are the sites' test patients.
+    histograms = metrics["final"]["histograms"]
+    assert set(histograms) == sites
+    for name, hist in histograms.items():
+        assert hist["n_bins"] <= 100
+        assert sum(hist["pos_counts"]) == metrics["final"]["sites"][name]["n_pos"]
+        assert sum(hist["pos_counts"]) + sum(hist["neg_counts"]) == metrics["final"]["sites"][name]["n"]
     best = json.loads((out / "checkpoints" / "best.json").read_text())
     assert best["round"] in range(1, SIM_ROUNDS + 1) and (out / "checkpoints" / best["checkpoint"]).is_file()
     assert (out / "config.yaml").is_file() and (out / "log.txt").stat().st_size > 0
