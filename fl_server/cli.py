@@ -21,6 +21,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command("fl_server.cmd_run", "Launch a federated experiment on a running deployment."),
     "simulate": Command("fl_research.cmd_simulate",
                         "Run a federated experiment in Flower's simulation engine, one virtual SuperNode per site."),
+    "report": Command("fl_server.cmd_report",
+                      "Write RUN_DIR/report.html (offline: curves, per-site metrics, privacy) and report.json."),
     "resume": Command("fl_server.cmd_resume", "Continue a stopped or crashed run from its last complete round."),
     "status": Command("fl_server.cmd_status",
                       "Rounds done, per-site metrics of the last round and the privacy guarantee of a run."),

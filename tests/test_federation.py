@@ -163,6 +163,34 @@ def test_status_and_a_sites_own_evaluation(sim_run: dict, small_consortium: Path
     assert site_eval["metrics"]["n"] == metrics["final"]["sites"][site]["n"]
 
 
+@pytest.mark.slow
+def test_report_is_one_offline_page_with_every_site_and_figure(sim_run: dict) -> None:
+    """`llnm-server report`: every figure is an embedded PNG that decodes, the per-site table lists every site."""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    out, sites = sim_run["out"], sim_run["sites"]
+    res = subprocess.run([str(BIN / "llnm-server"), "report", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    page = (out / "report.html").read_text(encoding="utf-8")
+    images = re.findall(r"<img src='([^']*)'", page)
+    assert len(images) == 2  # training curves; ROC, calibration and decision curves
+    for uri in images:
+        assert uri.startswith("data:image/png;base64,")  # nothing to fetch: the page opens offline
+        with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
+            img.verify()
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    table = page.split("<table id='per-site'>", 1)[1].split("</table>", 1)[0]
+    assert {name for name in sites if f"<th>{name}</th>" in table} == sites and "<th>pooled</th>" in table
+    numbers = json.loads((out / "report.json").read_text())
+    assert set(numbers["curves"]) == sites and set(numbers["sites"]) == sites
+    for curve in numbers["curves"].values():
+        assert curve["roc"]["fpr"][0] == 1.0 and curve["roc"]["tpr"][-1] == 0.0  # thresholds 0 ... 1
+
+
 # ---- baselines -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Path, small_consortium: Path) -> None:
