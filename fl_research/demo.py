@@ -20,8 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     rc = server_main(["simulate", "--config", args.config, "--data", args.data, "--out", out])
     if rc == 0:
+        from fl_server.report import write_report
+
+        _, html_path = write_report(out)
         print(f"[llnm] demo finished in {time.perf_counter() - started:.0f} s; "
               f"run directory: {Path(out).resolve()}")
+        print(f"[llnm] report (open it in a browser, it works offline): {html_path.resolve()}")
         print(f"[llnm] inspect it with: .venv/bin/llnm-server status {out}")
     return rc
 
