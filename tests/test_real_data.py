@@ -287,7 +287,7 @@ def test_uci_sites_train_in_a_real_dp_federation_of_the_clinical_feature_head(tm
     assert done.returncode == 0, done.stderr
     dp = ["model.preset=feature-head", "privacy.patient.enabled=true", "privacy.patient.target_epsilon=3",
           "train.optimizer=sgd", "train.lr=1.0", "train.batch_size=256", "train.lr_schedule=constant",
-          "train.weight_decay=0", "train.local_epochs=1", "federation.rounds=2", "federation.eval_bootstrap=0"]
+          "train.weight_decay=0", "train.local_epochs=1", "federation.rounds=1", "federation.eval_bootstrap=0"]
     cmd = [str(BIN / "llnm-server"), "simulate", "--config", str(ROOT / "configs" / "uci-dtc.yaml"), "--data",
            str(tmp_path / "uci"), "--out", str(tmp_path / "run")]
     env = {**__import__("os").environ, "LLNM_PRIVACY_DIR": str(tmp_path / "privacy")}
