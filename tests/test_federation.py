@@ -191,6 +191,34 @@ def test_report_is_one_offline_page_with_every_site_and_figure(sim_run: dict) ->
         assert curve["roc"]["fpr"][0] == 1.0 and curve["roc"]["tpr"][-1] == 0.0  # thresholds 0 ... 1
 
 
+def _chromium() -> str | None:
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (Debian: apt-get install "
+                    "chromium); the report's images are still decoded by the offline-page test above")
+def test_report_renders_in_headless_chromium_without_a_broken_image(sim_run: dict, tmp_path: Path) -> None:
+    """The page as a browser shows it, offline: a copy with a probe script counts images that failed to load."""
+    out = sim_run["out"]
+    if not (out / "report.html").is_file():
+        subprocess.run([str(BIN / "llnm-server"), "report", str(out)], check=True, capture_output=True, timeout=300)
+    probe = ("<script>window.onload=function(){var b=0;for(const i of document.images){if(!i.complete||"
+             "i.naturalWidth===0)b++;}document.title='broken='+b+' of '+document.images.length;}</script></body>")
+    page = tmp_path / "probe.html"
+    page.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", probe), encoding="utf-8")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--window-size=1200,2400"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert "<title>broken=0 of 2</title>" in dom.stdout, dom.stdout[:500] + dom.stderr[-2000:]
+    shot = tmp_path / "report.png"
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", (out / "report.html").as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
 # ---- baselines -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Path, small_consortium: Path) -> None:
