@@ -32,11 +32,11 @@ CALIBRATION_BINS = 10
 
 def histogram_curves(hist: dict[str, Any]) -> dict[str, Any]:
     """ROC, calibration and decision-curve points of one site's score histogram."""
+    from shared_model.metrics import dense_counts
+
     k = int(hist["n_bins"])
-    pos = np.zeros(k)
-    neg = np.zeros(k)
-    np.add.at(pos, np.asarray(hist["pos_bins"], dtype=int), np.asarray(hist["pos_counts"], dtype=float))
-    np.add.at(neg, np.asarray(hist["neg_bins"], dtype=int), np.asarray(hist["neg_counts"], dtype=float))
+    pos = dense_counts(hist, "pos", k, "score histogram").astype(float)
+    neg = dense_counts(hist, "neg", k, "score histogram").astype(float)
     n_pos, n_neg = pos.sum(), neg.sum()
     # Threshold at edge j/k: predicted positive when score >= j/k, i.e. bins j..k-1.
     tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])

@@ -39,6 +39,7 @@ __all__ = [
     "binary_metrics",
     "calibration_curve_data",
     "decision_curve",
+    "dense_counts",
     "metrics_from_histograms",
     "metrics_table",
     "score_histogram",
@@ -429,8 +430,9 @@ def score_histogram(
     return out
 
 
-def _dense_counts(hist: Mapping[str, Any], name: str, n_bins: int, where: str) -> np.ndarray:
-    """Dense per-bin counts of one class of one site histogram, validating what the site sent."""
+def dense_counts(hist: Mapping[str, Any], name: str, n_bins: int, where: str) -> np.ndarray:
+    """Dense per-bin counts of one class (``name``: ``pos`` or ``neg``) of one site's `score_histogram`, validating
+    what the site sent; ``where`` names the histogram in errors."""
     try:
         bins = np.asarray(hist[f"{name}_bins"])
         counts = np.asarray(hist[f"{name}_counts"])
@@ -489,8 +491,8 @@ def metrics_from_histograms(hists: Sequence[Mapping[str, Any]], threshold: float
     pos = np.zeros(n_bins, dtype=np.int64)
     neg = np.zeros(n_bins, dtype=np.int64)
     for i, (h, own) in enumerate(zip(hists, resolutions, strict=True)):
-        pos += _dense_counts(h, "pos", own, f"histogram {i}").reshape(n_bins, own // n_bins).sum(axis=1)
-        neg += _dense_counts(h, "neg", own, f"histogram {i}").reshape(n_bins, own // n_bins).sum(axis=1)
+        pos += dense_counts(h, "pos", own, f"histogram {i}").reshape(n_bins, own // n_bins).sum(axis=1)
+        neg += dense_counts(h, "neg", own, f"histogram {i}").reshape(n_bins, own // n_bins).sum(axis=1)
 
     t = _threshold(threshold)
     edges = np.arange(n_bins + 1) / float(n_bins)
