@@ -140,7 +140,7 @@ def main() -> int:
         base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
         runs = {}
         for mode in ("plain", "secure"):
-            cfg = {**base, "name": f"bench-{mode}"}
+            cfg = {**base, "name": f"bench-{mode}", "evaluation": {"explain": False}}
             cfg["federation"] = {**base["federation"], "rounds": args.rounds, "min_sites": len(sites),
                                  "final_eval_split": None, "eval_bootstrap": 0,
                                  "secure_aggregation": mode == "secure"}

@@ -18,6 +18,8 @@ COMMANDS: dict[str, Command] = {
     "audit": Command("fl_client.cmd_audit", "Summarise this site's audit log: what was received and sent, per run."),
     "join": Command("fl_client.cmd_join", "Join a federation: start a real flower-supernode for this site."),
     "evaluate": Command("fl_client.cmd_evaluate", "Evaluate a global model checkpoint on this site's own patients."),
+    "explain": Command("fl_client.cmd_explain",
+                       "Explain a global model on this site's own patients (Grad-CAM++, attention, feature groups)."),
     "privacy": Command("fl_client.cmd_privacy",
                        "Show this site's lifetime privacy ledger: runs, epsilon per run, lifetime epsilon, budget."),
 }

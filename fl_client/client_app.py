@@ -6,7 +6,9 @@ frozen text encoder) are cached by `shared_model.site_cache.build_site_tensors`,
 the DP design by `shared_model.public_features`, and the site's lifetime privacy ledger by `fl_client.privacy`.
 What leaves the site: the updated model parameters (the frozen text encoder never travels), aggregate metrics
 (counts, losses, metrics, and a score histogram of at most the site's `max-histogram-bins` bins for pooled
-evaluation) and the site's privacy policy. Under patient-level DP a train reply carries only the update, the
+evaluation; with `evaluation.explain`, in the final evaluation, the explanation aggregates of
+`shared_model.explanation` unless the site's `share-explanations` is false) and the site's privacy policy.
+Under patient-level DP a train reply carries only the update, the
 DP parameters and epsilons, and the site's public patient count as FedAvg weight. No patient identifier, pixel,
 report text or per-patient score is sent. Every message is checked against the site's own policy first
 (`fl_client.settings`).
@@ -30,6 +32,7 @@ from fl_client.settings import (
     MAX_CLIPPING_NORM,
     PATIENT_DELTA,
     REQUIRE_PATIENT_DP,
+    SHARE_EXPLANATIONS,
     SiteSettings,
     site_name,
 )
@@ -205,11 +208,56 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     # The score histogram at the resolution the site's policy allows (max-histogram-bins, default 100).
     histogram = score_histogram(y, s, n_bins=settings.max_histogram_bins)
     metrics = protocol.encode_eval_metrics(m, n=len(y), n_pos=int(y.sum()), histogram=histogram)
+    metrics.update(_population(subset))
+    if "stage_prob" in preds:
+        from shared_model.stage_metrics import stage_metrics
+
+        metrics.update(protocol.encode_stage_metrics(stage_metrics(preds["stage"], preds["stage_prob"])))
+    extra = {protocol.SITE_SPLIT: split}
+    if bool(config.get(protocol.EXPLAIN, False)):
+        withheld = _explanation_withheld(settings, model)
+        if withheld:
+            extra[protocol.EXPLAIN_WITHHELD] = withheld
+        else:
+            from fl_client.explain import site_explanation
+            from shared_model.explanation import MIN_AGGREGATE_PATIENTS
+
+            pre_cfg = protocol.read_schema(config, protocol.PREPROCESS_CONFIG, PreprocessConfig)
+            # Only aggregates over the split (shares averaged over patients, counts per location bin).
+            explanation = site_explanation(model, subset, pre_cfg.inputs, preds["llnm"].astype(int),
+                                           preds["score"], steps=int(config.get(protocol.EXPLAIN_STEPS, 32)))
+            metrics.update(protocol.encode_explanation(explanation))
+            if not explanation["shares"]:
+                extra[protocol.EXPLAIN_WITHHELD] = (f"feature-group shares withheld: {explanation['n']} labelled "
+                                                    f"patient(s), fewer than {MIN_AGGREGATE_PATIENTS}")
     content = RecordDict({
         protocol.METRICS_RECORD: MetricRecord(metrics),
-        protocol.SITE_RECORD: _site_record(settings, name, **{protocol.SITE_SPLIT: split}),
+        protocol.SITE_RECORD: _site_record(settings, name, **extra),
     })
     return Message(content, reply_to=msg)
+
+
+def _population(subset: Any) -> dict[str, Any]:
+    """Counts over the evaluated split for the model card: views, thyroid masks, calibrations and reports."""
+    extras = getattr(subset, "extras", None)
+    if not extras or "location_present" not in extras:
+        return {}  # the feature head's public features carry no per-view files
+    present = subset.view_mask > 0.5
+    return {
+        protocol.POP_VIEWS: [int(x) for x in present.sum(dim=0)],
+        protocol.POP_THYROID_MASKS: [int(x) for x in (extras["location_present"].bool() & present).sum(dim=0)],
+        protocol.POP_CALIBRATED: [int(x) for x in (extras["calibrated"].bool() & present).sum(dim=0)],
+        protocol.POP_REPORTS: int(extras["report_present"].sum()),
+    }
+
+
+def _explanation_withheld(settings: SiteSettings, model: Any) -> str | None:
+    """Why this site sends no explanation aggregates (None when it sends them)."""
+    if not settings.share_explanations:
+        return f"{protocol.POLICY_REFUSAL_MARKER}: {SHARE_EXPLANATIONS}=false"
+    if getattr(getattr(model, "config", None), "architecture", "") != "llnm-net":
+        return "explanations need the LLNM-Net transformer"
+    return None
 
 
 def _handle_query(msg: Message, context: Context, site_dirs: list[str] | None,

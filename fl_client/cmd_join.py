@@ -17,8 +17,9 @@ privacy-state-dir, threads, and the site's privacy policy (docs/privacy.md): req
 train only when the round's patient-level DP is on), max-patient-epsilon (the lifetime budget of the site's
 patients over every run), patient-delta (the site's delta, the largest a run may use), max-clipping-norm,
 public-patient-count (the training-patient count the site declares public; DP-SGD is parameterised by it),
-eval-splits (the splits the site evaluates on, among val,test; never train) and max-histogram-bins (the
-finest score histogram an evaluate reply carries, default 100).
+eval-splits (the splits the site evaluates on, among val,test; never train), max-histogram-bins (the
+finest score histogram an evaluate reply carries, default 100) and share-explanations (false: never send the
+explanation aggregates a final evaluation with evaluation.explain asks for).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from fl_client.settings import (
     PATIENT_DELTA,
     PUBLIC_PATIENT_COUNT,
     REQUIRE_PATIENT_DP,
+    SHARE_EXPLANATIONS,
     SiteSettingsError,
     parse_eval_splits,
     parse_histogram_bins,
@@ -109,6 +111,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(f"--{EVAL_SPLITS}", type=_eval_splits, default=",".join(DEFAULT_EVAL_SPLITS),
                    help="comma-separated splits this site evaluates on, among val,test (never train; "
                         "default val,test); other evaluate requests are refused")
+    p.add_argument(f"--no-{SHARE_EXPLANATIONS}", dest="share_explanations", action="store_false",
+                   help="never send explanation aggregates (feature-group shares, counts by capsule distance and "
+                        "lobe third) when the coordinator's final evaluation asks for them")
     p.add_argument("--privacy-state-dir", help="where the site's DP accountant history is kept")
     p.add_argument("--threads", type=int, help="CPU threads for local training (default: torch's default)")
     p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (instead of --kit)")
@@ -208,6 +213,7 @@ def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
     if args.threads:
         node_config["threads"] = int(args.threads)
     node_config[REQUIRE_PATIENT_DP] = bool(args.require_patient_dp)
+    node_config[SHARE_EXPLANATIONS] = bool(args.share_explanations)
     node_config[EVAL_SPLITS] = str(args.eval_splits)
     exe = Path(sys.executable).parent / "flower-supernode"
     cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),

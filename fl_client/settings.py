@@ -23,6 +23,7 @@ PATIENT_DELTA = "patient-delta"  # the site's delta: its lifetime epsilon is kep
 MAX_CLIPPING_NORM = "max-clipping-norm"  # the largest per-patient clipping norm the site accepts
 PUBLIC_PATIENT_COUNT = "public-patient-count"  # the patient count the site declares public (DP-SGD's parameters)
 MAX_HISTOGRAM_BINS = "max-histogram-bins"  # the finest score histogram an evaluate reply may carry
+SHARE_EXPLANATIONS = "share-explanations"  # false: never send explanation aggregates (evaluation.explain)
 DEFAULT_EVAL_SPLITS: tuple[str, ...] = ("val", "test")
 ALLOWED_EVAL_SPLITS: tuple[str, ...] = ("val", "test")  # never `train`: metrics on training data are not offered
 DEFAULT_PATIENT_DELTA = 1e-5
@@ -105,6 +106,7 @@ class SiteSettings:
     max_clipping_norm: float | None = None
     public_patient_count: int | None = None
     max_histogram_bins: int = DEFAULT_MAX_HISTOGRAM_BINS
+    share_explanations: bool = True
 
     @classmethod
     def from_context(cls, context: Context, site_dirs: list[str] | None,
@@ -149,6 +151,7 @@ class SiteSettings:
             max_clipping_norm=opt_positive(MAX_CLIPPING_NORM),
             public_patient_count=opt_positive(PUBLIC_PATIENT_COUNT, int),
             max_histogram_bins=parse_histogram_bins(cfg.get(MAX_HISTOGRAM_BINS, DEFAULT_MAX_HISTOGRAM_BINS)),
+            share_explanations=parse_bool(SHARE_EXPLANATIONS, cfg.get(SHARE_EXPLANATIONS, True)),
         )
 
     def policy(self) -> dict[str, Any]:
@@ -161,6 +164,7 @@ class SiteSettings:
             PUBLIC_PATIENT_COUNT: self.public_patient_count,
             EVAL_SPLITS: ",".join(self.eval_splits),
             MAX_HISTOGRAM_BINS: self.max_histogram_bins,
+            SHARE_EXPLANATIONS: self.share_explanations,
         }
 
     def apply_threads(self) -> None:

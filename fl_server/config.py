@@ -105,6 +105,24 @@ class FederationSection(_Strict):
     superlink: SuperLinkSection = Field(default_factory=SuperLinkSection)
 
 
+class EvaluationSection(_Strict):
+    """What the final evaluation asks of the sites beyond metrics."""
+
+    # Each site also returns explanation aggregates (shared_model.explanation): integrated-gradients
+    # feature-group shares and LLNM counts by capsule-distance bin and lobe third. Never a per-patient value;
+    # a site whose policy says share-explanations=false sends none.
+    explain: bool = False
+    explain_steps: int = Field(default=32, ge=4, le=512)  # integrated-gradients steps
+
+
+class TrackingSection(_Strict):
+    """Experiment tracking (fl_server.tracking): per-site metrics and privacy spent, every round."""
+
+    backend: Literal["tensorboard", "none"] = "tensorboard"
+    # Where the event files go; default RUN_DIR/tensorboard. Open with `tensorboard --logdir DIR`.
+    log_dir: str | None = None
+
+
 class SimulationSection(_Strict):
     cpus_per_site: float = Field(default=1.0, gt=0.0)
     gpus_per_site: float = Field(default=0.0, ge=0.0)
@@ -148,6 +166,8 @@ class ExperimentConfig(_Strict):
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     federation: FederationSection = Field(default_factory=FederationSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
     simulation: SimulationSection = Field(default_factory=SimulationSection)
     baseline: BaselineSection = Field(default_factory=BaselineSection)
     privacy: PrivacySection = Field(default_factory=PrivacySection)
@@ -190,9 +210,17 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         cfg.architecture().check_inputs(cfg.preprocess.inputs, "model.overrides")
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"{source}: model: {exc}") from None
+    if cfg.evaluation.explain and cfg.architecture().architecture != "llnm-net":
+        raise ConfigError(f"{source}: evaluation.explain: explanations need the LLNM-Net transformer, but "
+                          f"model.preset is {cfg.model.preset!r}; set evaluation.explain: false")
+    if cfg.evaluation.explain and not cfg.federation.final_eval_split:
+        raise ConfigError(f"{source}: evaluation.explain: the sites explain the model in the final evaluation, "
+                          "but federation.final_eval_split is null; set it to val or test")
     if base_dir is not None:
         if cfg.data.root and not Path(cfg.data.root).is_absolute():
             cfg.data.root = str((base_dir / cfg.data.root).resolve())
+        if cfg.tracking.log_dir and not Path(cfg.tracking.log_dir).is_absolute():
+            cfg.tracking.log_dir = str((base_dir / cfg.tracking.log_dir).resolve())
         if cfg.data.cache_dir and not Path(cfg.data.cache_dir).is_absolute():
             cfg.data.cache_dir = str((base_dir / cfg.data.cache_dir).resolve())
         link = cfg.federation.superlink

@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,20 @@ class RoundOutcome:
     failures: list[dict[str, Any]]
 
 
+@dataclass
+class Evaluation:
+    """What the sites' evaluate replies held: per-site metrics, pooled metrics merged from their score
+    histograms, the failures, the histograms, and (final evaluation with `evaluation.explain`) the sites'
+    explanation aggregates and why any site withheld them."""
+
+    sites: dict[str, Any]
+    pooled: dict[str, Any]
+    failures: list[dict[str, Any]]
+    histograms: dict[str, Any]
+    explanations: dict[str, Any]
+    withheld: dict[str, str]
+
+
 class Federation:
     """Runs (or resumes) one experiment on a Grid and records it in a RunDirectory."""
 
@@ -84,6 +99,7 @@ class Federation:
         self.site_names: dict[int, str] = self.roster.names
         self.known_sites: set[str] = set()
         self.ledger = None
+        self.tracker = None
 
     # ---- helpers -------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -188,17 +204,15 @@ class Federation:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, strategy: Strategy, server_round: int, arrays: ArrayRecord, split: str,
-                 skip_nodes: set[int] | None = None
-                 ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+                 skip_nodes: set[int] | None = None, explain: bool = False) -> Evaluation:
         """Every connected site evaluates the global model on its `split`; per-site metrics plus pooled
-        metrics merged exactly from the sites' score histograms, the failures, and the histograms by site.
-        `skip_nodes` (sites that just failed to answer in training) are not waited for a second time in the
-        same round."""
+        metrics merged exactly from the sites' score histograms (see `Evaluation`). `skip_nodes` (sites that
+        just failed to answer in training) are not waited for a second time in the same round."""
         from shared_model.metrics import metrics_from_histograms
 
         nodes = list(self.grid.get_node_ids())
-        msgs = self._for_accepted(strategy.configure_evaluate(
-            server_round, arrays, round_config(self.exp, server_round, split=split), self.grid))
+        config = round_config(self.exp, server_round, split=split, explain=explain)
+        msgs = self._for_accepted(strategy.configure_evaluate(server_round, arrays, config, self.grid))
         skipped = [m for m in msgs if m.metadata.dst_node_id in (skip_nodes or set())]
         msgs = [m for m in msgs if m.metadata.dst_node_id not in (skip_nodes or set())]
         outcome = self.exchange(msgs, "evaluate") if msgs else RoundOutcome([], [])
@@ -207,14 +221,30 @@ class Federation:
                              for m in skipped]
         sites: dict[str, Any] = {}
         hists: dict[str, Any] = {}
+        explanations: dict[str, Any] = {}
+        withheld: dict[str, str] = {}
         for r in outcome.replies:
             name = _reply_site_name(r)
             self.site_names.setdefault(r.metadata.src_node_id, name)
-            sites[name], hists[name] = protocol.decode_eval_metrics(r.content[protocol.METRICS_RECORD])
+            record = r.content[protocol.METRICS_RECORD]
+            sites[name], hists[name] = protocol.decode_eval_metrics(record)
+            population = protocol.decode_population(record)
+            if population is not None:
+                sites[name]["population"] = population
+            stage = protocol.decode_stage_metrics(record)
+            if stage is not None:
+                sites[name]["risk_stage"] = stage
+            explanation = protocol.decode_explanation(record)
+            if explanation is not None:
+                explanations[name] = explanation
+            site_record = r.content[protocol.SITE_RECORD]
+            if explain and protocol.EXPLAIN_WITHHELD in site_record:
+                withheld[name] = str(site_record[protocol.EXPLAIN_WITHHELD])
         pooled = metrics_from_histograms(list(hists.values())) if hists else {}
         pooled = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
         failures = outcome.failures + self.offline_sites(nodes, "evaluate")
-        return dict(sorted(sites.items())), pooled, failures, dict(sorted(hists.items()))
+        return Evaluation(dict(sorted(sites.items())), pooled, failures, dict(sorted(hists.items())),
+                          dict(sorted(explanations.items())), withheld)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -230,6 +260,19 @@ class Federation:
             self.ledger = PrivacyLedger.open(self.rd, self.exp)
             self.ledger.truncate_to(start_round - 1)
             self.ledger.attach(strategy)
+        from fl_server.tracking import open_tracker
+
+        track = self.exp.tracking
+        log_dir = Path(track.log_dir) if track.log_dir else self.rd.path / "tensorboard"
+        self.tracker = open_tracker(track.backend, log_dir, start_round)
+        try:
+            return self._run_rounds(strategy, nodes, start_round)
+        finally:
+            if self.tracker is not None:
+                self.tracker.close()
+
+    def _run_rounds(self, strategy: Strategy, nodes: list[int], start_round: int) -> dict[str, Any]:
+        fed = self.exp.federation
         if start_round == 1:
             arrays = ArrayRecord(initial_state(self.exp))
             self.say(f"[llnm] run {self.exp.name}: {fed.rounds} rounds of {fed.strategy}, "
@@ -306,14 +349,14 @@ class Federation:
         train_seconds = round(time.perf_counter() - t_train, 3)
 
         unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
-        sites, pooled, eval_failures, _ = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
+        ev = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
         entry = {
             "round": rnd,
             "split": fed.eval_split,
-            "sites": sites,
-            "pooled": pooled,
+            "sites": ev.sites,
+            "pooled": ev.pooled,
             "train": dict(sorted(train_sites.items())),
-            "failures": failures + eval_failures,
+            "failures": failures + ev.failures,
             "participants": sorted(train_sites),
             "seconds": round(time.perf_counter() - t0, 3),
             "train_seconds": train_seconds,
@@ -332,13 +375,37 @@ class Federation:
         if fed.final_model == "best" and best is not None:
             final_round = int(best)
             arrays = ArrayRecord(self.rd.load_checkpoint(final_round))
-        sites, pooled, eval_failures, histograms = self.evaluate(strategy, fed.rounds, arrays, fed.final_eval_split)
+        explain = self.exp.evaluation.explain
+        ev = self.evaluate(strategy, fed.rounds, arrays, fed.final_eval_split, explain=explain)
         # The sites' score histograms (what they sent, at the resolution their policy allows) are kept for the
         # final model only: per-site ROC, calibration and decision curves are drawn from them.
-        self.rd.set_final({"round": final_round, "model": fed.final_model, "split": fed.final_eval_split,
-                           "sites": sites, "pooled": pooled, "failures": eval_failures, "histograms": histograms})
+        final: dict[str, Any] = {"round": final_round, "model": fed.final_model, "split": fed.final_eval_split,
+                                 "sites": ev.sites, "pooled": ev.pooled, "failures": ev.failures,
+                                 "histograms": ev.histograms}
+        if explain:
+            from shared_model.explanation import combine_site_explanations
+
+            final["explanations"] = {**combine_site_explanations(ev.explanations, self.exp.preprocess.inputs),
+                                     "withheld": ev.withheld}
+        self.rd.set_final(final)
+        if self.tracker is not None:
+            self.tracker.log_final(final)
         self.say(f"[llnm] final {fed.final_eval_split} evaluation of the round-{final_round} model "
-                 f"({fed.final_model}): " + _site_line(sites, pooled))
+                 f"({fed.final_model}): " + _site_line(ev.sites, ev.pooled))
+        if explain:
+            self._print_explanation(final["explanations"])
+
+    def _print_explanation(self, expl: dict[str, Any]) -> None:
+        if expl.get("paper_group_shares"):
+            ours = ", ".join(f"{g} {v:.1%}" for g, v in expl["paper_group_shares"].items())
+            paper = ", ".join(f"{g} {v:.1%}" for g, v in expl["paper_shares"].items())
+            self.say(f"[llnm] feature-group shares (integrated gradients): {ours} | paper: {paper}")
+        if expl.get("capsule"):
+            rates = ", ".join(f"{b['bin']} {_fmt(b['observed_rate'])} observed / {_fmt(b['mean_probability'])} "
+                              f"predicted (n={b['n']})" for b in expl["capsule"])
+            self.say(f"[llnm] LLNM rate by capsule distance: {rates}")
+        for site, why in expl.get("withheld", {}).items():
+            self.say(f"[llnm] {site} sent no explanation: {why}")
 
     def _save_round(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, entry: dict[str, Any]) -> None:
         rd = self.rd
@@ -363,6 +430,11 @@ class Federation:
         rd.save_server_state(rnd, server_state)
         rd.append_round(entry)
         rd.update_run_info(status="running", rounds_completed=rnd)
+        if self.tracker is not None:
+            privacy = None
+            if self.ledger is not None:
+                privacy = next((e for e in self.ledger.data["rounds"] if e["round"] == rnd), None)
+            self.tracker.log_round(entry, privacy)
 
     def _record_failed_round(self, rnd: int, failures: list[dict[str, Any]], train_sites: dict[str, Any]) -> None:
         self.rd.update_run_info(status="stopped", stopped_at_round=rnd, failures=failures,

@@ -13,15 +13,14 @@ each edge as a threshold, and the calibration curve compares each bin's observed
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fl_server.report_figures import figures
 from fl_server.run_dir import RunDirectory
 
 __all__ = ["build_report", "histogram_curves", "render_html", "write_report"]
@@ -104,61 +103,27 @@ def build_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
         from fl_server.privacy import PrivacyLedger
 
         report["privacy"] = PrivacyLedger.load(rd).guarantee_sentences()
+    final_sites = final.get("sites") or {}
+    n = sum(int(m.get("n") or 0) for m in final_sites.values())
+    n_pos = sum(int(m.get("n_pos") or 0) for m in final_sites.values())
+    if n:
+        # Treating everyone as positive depends on the prevalence alone: net benefit = p - (1 - p) t / (1 - t).
+        prev = n_pos / n
+        report["pooled_curve"] = {"decision": [{"threshold": t, "net_benefit_all": prev - (1 - prev) * t / (1 - t)}
+                                               for t in (np.arange(1, 100) / 100).tolist()]}
+    report["population"] = {s: {"n": m.get("n"), "n_pos": m.get("n_pos"),
+                                "prevalence": (m["n_pos"] / m["n"]) if m.get("n") else None,
+                                **(m.get("population") or {})} for s, m in final_sites.items()}
+    report["risk_stage"] = {s: m["risk_stage"] for s, m in final_sites.items() if m.get("risk_stage")}
+    report["explanations"] = final.get("explanations")
+    report["inputs"] = cfg.preprocess.inputs  # for the page only (not written to report.json)
+    from fl_server.model_card import model_card_data
+
+    report["model_card"] = model_card_data(rd, cfg, report)
     return report
 
 
 # ------------------------------------------------------------------------------------------------ HTML
-
-
-def _png(fig: Any) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _figures(report: dict[str, Any]) -> list[tuple[str, str]]:
-    """(caption, data URI) of every figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figures = []
-    curves = report["training_curves"]
-    if curves:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        xs = [c["round"] for c in curves]
-        for site in report["sites"]:
-            ax.plot(xs, [c["sites"].get(site) for c in curves], marker=".", linewidth=1, label=site)
-        ax.plot(xs, [c["pooled_auc"] for c in curves], color="black", linewidth=2.5, label="pooled")
-        ax.set(xlabel="round", ylabel=f"AUC ({curves[0]['split']})", title="Training curves")
-        ax.legend(fontsize=7, ncol=2)
-        figures.append(("Per-site and pooled AUC per round", _png(fig)))
-    if report["curves"]:
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-        for site, c in report["curves"].items():
-            if c["roc"]["fpr"] is not None and c["roc"]["tpr"] is not None:
-                axes[0].plot(c["roc"]["fpr"], c["roc"]["tpr"], linewidth=1, label=site)
-            cal = [(x, y) for x, y in zip(c["calibration"]["mid_predicted"], c["calibration"]["observed_rate"],
-                                          strict=True) if y is not None]
-            if cal:
-                axes[1].plot(*zip(*cal, strict=True), marker="o", linewidth=1, label=site)
-            dec = [d for d in c["decision"] if d["net_benefit_model"] is not None]
-            axes[2].plot([d["threshold"] for d in dec], [d["net_benefit_model"] for d in dec], linewidth=1,
-                         label=site)
-        axes[0].plot([0, 1], [0, 1], color="grey", linestyle=":")
-        axes[0].set(xlabel="1 - specificity", ylabel="sensitivity", title="ROC (final model)")
-        axes[1].plot([0, 1], [0, 1], color="grey", linestyle=":")
-        axes[1].set(xlabel="predicted risk (bin mid-point)", ylabel="observed rate", title="Calibration")
-        axes[2].axhline(0.0, color="grey", linestyle=":")
-        axes[2].set(xlabel="threshold probability", ylabel="net benefit", title="Decision curve", ylim=(-0.05, None))
-        for ax in axes:
-            ax.legend(fontsize=7)
-        figures.append(("Per-site curves of the final model, from the sites' score histograms", _png(fig)))
-    return figures
 
 
 def _cell(value: Any) -> str:
@@ -190,8 +155,9 @@ def render_html(report: dict[str, Any]) -> str:
         for site, m in rows:
             parts.append(f"<tr><th>{esc(site)}</th>" + "".join(f"<td>{_cell(m.get(k))}</td>" for k in keys) + "</tr>")
         parts.append("</table><p>Threshold 0.5; AUC intervals are each site's bootstrap CI.</p>")
-    for caption, uri in _figures(report):
+    for caption, uri in figures(report):
         parts.append(f"<figure><img src='{uri}' alt='{esc(caption)}'><figcaption>{esc(caption)}</figcaption></figure>")
+    parts += _stage_section(report) + _explanation_section(report)
     if report["compare"]:
         parts.append("<h2>Compared runs</h2><table id='compare'><tr><th>run</th><th>mode</th><th>pooled AUC</th>"
                      + "".join(f"<th>{esc(s)}</th>" for s in report["sites"]) + "</tr>")
@@ -212,16 +178,92 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append("</table>")
     else:
         parts.append("<p>None: every site took part in every round.</p>")
+    parts += _model_card_section(report)
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
+def _stage_section(report: dict[str, Any]) -> list[str]:
+    stages = report.get("risk_stage") or {}
+    if not stages:
+        return []
+    k = max(len(m["auc"]) for m in stages.values())
+    out = ["<h2>Risk stratification (3-class risk-stage head)</h2><table id='risk-stage'><tr><th>site</th><th>n</th>"
+           + "".join(f"<th>AUC stage {c} vs rest</th>" for c in range(k)) + "<th>macro AUC</th></tr>"]
+    for site, m in stages.items():
+        out.append(f"<tr><th>{html.escape(site)}</th><td>{m['n']}</td>"
+                   + "".join(f"<td>{_cell(a)}</td>" for a in m["auc"]) + f"<td>{_cell(m['auc_macro'])}</td></tr>")
+    out.append("</table><p>One-vs-rest AUC per class at each site; '-' where the class is absent or alone. The macro "
+               "AUC is the mean over the classes with an AUC.</p>")
+    return out
+
+
+def _explanation_section(report: dict[str, Any]) -> list[str]:
+    expl = report.get("explanations")
+    if not expl:
+        return []
+    esc = html.escape
+    out = ["<h2>Explanations (computed at each site; only aggregates left the sites)</h2>",
+           f"<p>Method: {esc(expl['method'])}.</p>"]
+    if expl.get("shares"):
+        out.append("<table id='feature-groups'><tr><th>group</th><th>share</th><th>paper group</th></tr>")
+        from shared_model.explanation import paper_group_of
+
+        inputs = report["inputs"]
+        for g, v in expl["shares"].items():
+            out.append(f"<tr><th>{esc(g)}</th><td>{v:.1%}</td><td>{esc(paper_group_of(g, inputs))}</td></tr>")
+        out.append("</table><table id='paper-groups'><tr><th></th>" + "".join(
+            f"<th>{esc(g)}</th>" for g in expl["paper_shares"]) + "</tr><tr><th>this model</th>" + "".join(
+            f"<td>{expl['paper_group_shares'][g]:.1%}</td>" for g in expl["paper_shares"]) + "</tr><tr><th>paper</th>"
+            + "".join(f"<td>{v:.1%}</td>" for v in expl["paper_shares"].values()) + "</tr></table>")
+    for key, title in (("capsule", "capsule distance"), ("third", "lobe third")):
+        if not expl.get(key):
+            continue
+        out.append(f"<h3>LLNM by {title}</h3><table id='by-{key}'><tr><th>bin</th><th>patients</th><th>LLNM</th>"
+                   "<th>observed rate</th><th>mean predicted probability</th><th>predicted positive</th></tr>")
+        for b in expl[key]:
+            out.append(f"<tr><th>{esc(b['bin'])}</th><td>{b['n']}</td><td>{b['observed']}</td>"
+                       f"<td>{_cell(b['observed_rate'])}</td><td>{_cell(b['mean_probability'])}</td>"
+                       f"<td>{b['predicted']}</td></tr>")
+        out.append("</table>")
+    out += [f"<p>Paper: {esc(f)}.</p>" for f in expl.get("paper_findings", [])]
+    out += [f"<p>{esc(s)} sent no explanation: {esc(w)}.</p>" for s, w in (expl.get("withheld") or {}).items()]
+    return out
+
+
+def _model_card_section(report: dict[str, Any]) -> list[str]:
+    card = report.get("model_card")
+    if not card:
+        return []
+    esc = html.escape
+    out = ["<h2 id='model-card'>Model card</h2>", f"<p>{esc(card['intended_use'])}</p>",
+           "<h3>Population (final evaluation split)</h3><table id='population'><tr><th>site</th><th>patients</th>"
+           "<th>prevalence</th><th>views (trans/long)</th><th>thyroid masks</th><th>reports</th></tr>"]
+    for site, p in card["population"].items():
+        views, masks = p.get("views") or ["-", "-"], p.get("thyroid_masks") or ["-", "-"]
+        out.append(f"<tr><th>{esc(site)}</th><td>{_cell(p.get('n'))}</td><td>{_cell(p.get('prevalence'))}</td>"
+                   f"<td>{views[0]}/{views[1]}</td><td>{masks[0]}/{masks[1]}</td><td>{_cell(p.get('reports'))}</td></tr>")
+    perf = card["performance"]
+    out.append(f"</table><p>Worst site: {esc(str(perf['worst_site']))} (AUC {_cell(perf['worst_auc'])}).</p>")
+    out.append("<h3>Known limitations</h3><ul>" + "".join(f"<li>{esc(s)}</li>" for s in card["limitations"])
+               + "</ul><h3>Hashes (SHA-256)</h3><ul>")
+    h = card["hashes"]
+    out.append(f"<li>checkpoint {esc(str(h['checkpoint']))}: <code>{esc(str(h['checkpoint_sha256']))}</code></li>")
+    out += [f"<li>{esc(k)}: <code>{esc(str(v))}</code></li>" for k, v in h["encoders"].items()]
+    out.append("</ul><p>The full card is model_card.md in the run directory.</p>")
+    return out
+
+
 def write_report(run_dir: str | Path, compare: list[str | Path] | None = None) -> tuple[Path, Path]:
-    """Write `RUN_DIR/report.json` and `RUN_DIR/report.html`; returns their paths."""
+    """Write `RUN_DIR/report.json`, `RUN_DIR/report.html` and `RUN_DIR/model_card.md`; returns the first two."""
+    from fl_server.model_card import render_model_card
     from shared_model.fileio import atomic_write_json, atomic_write_text
 
     report = build_report(run_dir, compare)
     run = Path(run_dir)
+    atomic_write_text(run / "model_card.md", render_model_card(report["run"], report["model_card"]))
+    page = render_html(report)
+    report = {k: v for k, v in report.items() if k != "inputs"}
     atomic_write_json(run / "report.json", report)
-    atomic_write_text(run / "report.html", render_html(report))
+    atomic_write_text(run / "report.html", page)
     return run / "report.json", run / "report.html"

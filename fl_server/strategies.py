@@ -79,7 +79,8 @@ def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) ->
             setattr(inner, attr, value)
 
 
-def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None) -> ConfigRecord:
+def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None,
+                 explain: bool = False) -> ConfigRecord:
     """What a site needs for one round, in the round's ConfigRecord."""
     from shared_model.training import scheduled_lr
 
@@ -98,4 +99,7 @@ def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None 
     }
     if exp.federation.strategy == "fedprox":
         values[protocol.PROXIMAL_MU] = float(exp.federation.proximal_mu)
+    if explain:
+        values[protocol.EXPLAIN] = True
+        values[protocol.EXPLAIN_STEPS] = int(exp.evaluation.explain_steps)
     return ConfigRecord(values)

@@ -115,6 +115,15 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, dropout
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
 
+def attention_probabilities(q: Tensor, k: Tensor, key_valid: Tensor) -> Tensor:
+    """The weights :func:`masked_attention` applies, ``[B, heads, Nq, Nk]``; for explanations only (attention
+    rollout), when a block's ``record`` list is set: training never computes them explicitly."""
+    bias = torch.zeros(key_valid.shape, dtype=q.dtype, device=q.device)
+    bias = bias.masked_fill(~key_valid, torch.finfo(q.dtype).min)[:, None, None, :]
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + bias
+    return torch.softmax(scores.float(), dim=-1)
+
+
 class MLP(nn.Module):
     """Block feed-forward: Linear-GELU-Dropout-Linear-Dropout."""
 
@@ -143,9 +152,13 @@ class SelfAttentionBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.norm2 = nn.LayerNorm(h, eps=cfg.layer_norm_eps)
         self.mlp = MLP(h, cfg.mlp_dim, cfg.dropout)
+        # Set to a list by attention rollout (`fl_client.explain.rollout`): each forward appends its weights.
+        self.record: list[dict[str, Tensor]] | None = None
 
     def forward(self, x: Tensor, valid: Tensor) -> Tensor:
         q, k, v = (_split_heads(t, self.heads) for t in self.qkv(self.norm1(x)).chunk(3, dim=-1))
+        if self.record is not None:
+            self.record.append({"self": attention_probabilities(q, k, valid).mean(dim=1).detach(), "valid": valid})
         p = self.attn_dropout if self.training else 0.0
         x = x + self.drop(self.out(_merge_heads(masked_attention(q, k, v, valid, p))))
         return x + self.mlp(self.norm2(x))
@@ -178,6 +191,8 @@ class BidirectionalBlock(nn.Module):
         self.mlp_img = MLP(h, cfg.mlp_dim, cfg.dropout)
         self.mlp_txt = MLP(h, cfg.mlp_dim, cfg.dropout)
         self.drop = nn.Dropout(cfg.dropout)
+        # Set to a list by attention rollout: each forward appends the four attention maps (head means).
+        self.record: list[dict[str, Tensor]] | None = None
 
     def forward(
         self, img: Tensor, txt: Tensor, img_valid: Tensor, txt_valid: Tensor
@@ -187,6 +202,13 @@ class BidirectionalBlock(nn.Module):
         p = self.attn_dropout if self.training else 0.0
         ctx_img = masked_attention(qi, ki, vi, img_valid, p)
         ctx_txt = masked_attention(qt, kt, vt, txt_valid, p)
+        if self.record is not None:
+            self.record.append({
+                "img_img": attention_probabilities(qi, ki, img_valid).mean(dim=1).detach(),
+                "img_txt": attention_probabilities(qi, kt, txt_valid).mean(dim=1).detach(),
+                "txt_img": attention_probabilities(qt, ki, img_valid).mean(dim=1).detach(),
+                "txt_txt": attention_probabilities(qt, kt, txt_valid).mean(dim=1).detach(),
+            })
         if self.alpha != 0.0:
             ctx_img = ctx_img + self.alpha * masked_attention(qi, kt, vt, txt_valid, p)
             ctx_txt = ctx_txt + self.alpha * masked_attention(qt, ki, vi, img_valid, p)
@@ -265,6 +287,9 @@ class LLNMNet(nn.Module):
             self.patch_embed = nn.Conv2d(c.in_channels, h, kernel_size=c.patch_size, stride=c.patch_size)
             self.image_pos = LearnedPositions(c.num_patches, h)
             self.no_image = LearnedTokens(1, h)
+            # No parameters: the image tokens after the last bidirectional block pass through it, so that a
+            # class-activation-map library can hook them (Grad-CAM++ in `fl_client.explain.gradcam`).
+            self.image_tokens = nn.Identity()
         if c.reports:
             # Frozen encoder states are small (std ~0.3 for MiniLM) and share a large common direction; a
             # LayerNorm per token brings each report token to unit scale before the projection.
@@ -474,10 +499,11 @@ class LLNMNet(nn.Module):
             assert img is not None and img_valid is not None
             for block in self.bidirectional:
                 img, stream = block(img, stream, img_valid, s_valid)
+            img = self.image_tokens(img)
             x = torch.cat([img, stream], dim=1)
             x_valid = torch.cat([img_valid, s_valid], dim=1)
         elif img is not None:
-            x, x_valid = img, img_valid
+            x, x_valid = self.image_tokens(img), img_valid
         else:
             x, x_valid = stream, s_valid
         for block in self.self_blocks:

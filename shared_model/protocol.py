@@ -54,6 +54,10 @@ PRIVACY_CONFIG = "privacy-config"  # JSON of shared_model.config.PatientDPConfig
 EVAL_SPLIT = "eval-split"
 EVAL_BOOTSTRAP = "eval-bootstrap"
 PROXIMAL_MU = "proximal-mu"  # FedProx only
+# Final evaluation with `evaluation.explain: true` only: the site also returns its explanation aggregates
+# (`shared_model.explanation`), computed with this many integrated-gradients steps.
+EXPLAIN = "explain"
+EXPLAIN_STEPS = "explain-steps"
 # Added by the coordinator's client-side site-DP wrappers; the site's clipping mod reads it.
 SITE_DP_CLIPPING = "site-dp-clipping"
 SITE_DP_CLIENT_FIXED = "client-fixed"
@@ -128,6 +132,25 @@ HIST_NEG_BINS = "hist-neg-bins"
 HIST_NEG_COUNTS = "hist-neg-counts"
 HIST_POS_BINS = "hist-pos-bins"
 HIST_POS_COUNTS = "hist-pos-counts"
+# Risk-stage head (when the model has one): labelled patients, one-vs-rest AUC per class (NaN where a class
+# is absent or alone) and their macro mean over the classes where it is defined.
+STAGE_N = "stage-n"
+STAGE_AUC = "stage-auc"
+STAGE_AUC_MACRO = "stage-auc-macro"
+# Who the evaluated split holds (the model card's population): patients with each view, with a usable thyroid
+# mask in each view, with a pixel spacing in each view, and with a report. Counts over the split only.
+POP_VIEWS = "pop-views"
+POP_THYROID_MASKS = "pop-thyroid-masks"
+POP_CALIBRATED = "pop-calibrated"
+POP_REPORTS = "pop-reports"
+POPULATION_KEYS = (POP_VIEWS, POP_THYROID_MASKS, POP_CALIBRATED, POP_REPORTS)
+# Explanation aggregates (`shared_model.explanation`): patients explained, one share per feature group, and
+# per location bin (capsule distance, lobe third) the counts of `explanation.LOCATION_FIELDS`.
+EXPLAIN_N = "explain-n"
+EXPLAIN_SHARES = "explain-shares"
+EXPLAIN_LOCATION = ("capsule", "third")
+# In the `site` record of an evaluate reply: why a site asked to explain sent no explanation (its policy).
+EXPLAIN_WITHHELD = "explain-withheld"
 
 
 class ProtocolError(ValueError):
@@ -166,6 +189,69 @@ def decode_eval_metrics(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict
     except KeyError as exc:
         raise ProtocolError(f"evaluate reply: metrics record lacks {exc.args[0]!r}") from None
     return site, histogram
+
+
+def explain_key(location: str, field: str) -> str:
+    """The metrics key of one location count list, e.g. ``explain-capsule-observed``."""
+    return f"explain-{location}-{field}"
+
+
+def encode_explanation(explanation: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluate reply's explanation values: the patient count, the group shares and the location counts
+    (`fl_client.explain.site_explanation`'s result). Only lists of fixed length (groups, bins) are sent."""
+    from shared_model.explanation import LOCATION_FIELDS
+
+    out: dict[str, Any] = {EXPLAIN_N: int(explanation["n"]),
+                           EXPLAIN_SHARES: [float(x) for x in explanation["shares"]]}
+    for location in EXPLAIN_LOCATION:
+        counts = explanation.get(location)
+        if counts is None:
+            continue
+        for field in LOCATION_FIELDS:
+            kind = float if field == "expected" else int
+            out[explain_key(location, field)] = [kind(x) for x in counts[field]]
+    return out
+
+
+def decode_explanation(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Inverse of :func:`encode_explanation` (None when the reply carries no explanation)."""
+    from shared_model.explanation import LOCATION_FIELDS
+
+    if EXPLAIN_N not in record:
+        return None
+    try:
+        out: dict[str, Any] = {"n": int(record[EXPLAIN_N]), "shares": [float(x) for x in record[EXPLAIN_SHARES]]}
+        for location in EXPLAIN_LOCATION:
+            if explain_key(location, "n") in record:
+                out[location] = {f: [_none_if_nan(x) for x in record[explain_key(location, f)]]
+                                 for f in LOCATION_FIELDS}
+    except KeyError as exc:
+        raise ProtocolError(f"evaluate reply: explanation lacks {exc.args[0]!r}") from None
+    return out
+
+
+def decode_population(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The population counts of an evaluate reply (None when it has none, e.g. the feature head's inputs)."""
+    if POP_VIEWS not in record:
+        return None
+    return {"views": [int(x) for x in record[POP_VIEWS]],
+            "thyroid_masks": [int(x) for x in record[POP_THYROID_MASKS]],
+            "calibrated": [int(x) for x in record[POP_CALIBRATED]], "reports": int(record[POP_REPORTS])}
+
+
+def encode_stage_metrics(stage: Mapping[str, Any]) -> dict[str, Any]:
+    """Risk-stage values of an evaluate reply (`shared_model.metrics.stage_metrics`' result)."""
+    return {STAGE_N: int(stage["n"]),
+            STAGE_AUC: [math.nan if v is None else float(v) for v in stage["auc"]],
+            STAGE_AUC_MACRO: math.nan if stage["auc_macro"] is None else float(stage["auc_macro"])}
+
+
+def decode_stage_metrics(record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Inverse of :func:`encode_stage_metrics` (None without a risk-stage head)."""
+    if STAGE_N not in record:
+        return None
+    return {"n": int(record[STAGE_N]), "auc": [_none_if_nan(float(v)) for v in record[STAGE_AUC]],
+            "auc_macro": _none_if_nan(float(record[STAGE_AUC_MACRO]))}
 
 
 def _none_if_nan(value: Any) -> Any:

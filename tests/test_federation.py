@@ -11,6 +11,7 @@ End-to-end runs are few and each is asserted on by several tests through a modul
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import signal
@@ -80,7 +81,8 @@ def sim_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) ->
     """`llnm-server simulate` on the shared consortium, SIGKILLed (a crash: no chance to clean up) once round 1
     is recorded, then `llnm-server resume` to the end, then `resume` once more (nothing left to do)."""
     tmp = tmp_path_factory.mktemp("sim")
-    config = write_config(tmp, federation={"rounds": SIM_ROUNDS, "min_sites": 5, "eval_bootstrap": 50})
+    config = write_config(tmp, federation={"rounds": SIM_ROUNDS, "min_sites": 5, "eval_bootstrap": 50},
+                          evaluation={"explain": True, "explain_steps": 8})
     out = tmp / "run"
     proc = start([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--data", str(small_consortium),
                   "--out", str(out)], tmp / "first.log")
@@ -139,6 +141,25 @@ def test_simulation_per_site_metrics_and_run_directory(sim_run: dict) -> None:
         assert sum(hist["pos_counts"]) + sum(hist["neg_counts"]) == metrics["final"]["sites"][name]["n"]
     best = json.loads((out / "checkpoints" / "best.json").read_text())
     assert best["round"] in range(1, SIM_ROUNDS + 1) and (out / "checkpoints" / best["checkpoint"]).is_file()
+    # Per site: the risk-stage head's AUCs and the evaluated population; with evaluation.explain the sites'
+    # explanation aggregates, combined (shares over the groups, counts by capsule distance and lobe third).
+    for m in metrics["final"]["sites"].values():
+        assert len(m["risk_stage"]["auc"]) == 3 and m["risk_stage"]["n"] <= m["n"]
+        assert m["population"]["views"][0] <= m["n"] and m["population"]["reports"] <= m["n"]
+    expl = metrics["final"]["explanations"]
+    assert set(expl["sites"]) | set(expl["withheld"]) == sites
+    assert sum(expl["shares"].values()) == pytest.approx(1.0)
+    assert set(expl["paper_group_shares"]) == {"location", "morphology", "report", "demographics"}
+    assert sum(b["n"] for b in expl["capsule"]) <= metrics["final"]["pooled"]["n"]
+    assert [b["bin"] for b in expl["third"]] == ["upper", "middle", "lower"]
+    # Tracking: TensorBoard event files with a line per site, each round once even though round 1 was
+    # recorded before the crash and the resume wrote the rest (the writer purges redone rounds).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {f"val_auc/{name}" for name in sites} | {"val_auc/pooled"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val_auc/pooled")] == list(range(1, SIM_ROUNDS + 1))
     assert (out / "config.yaml").is_file() and (out / "log.txt").stat().st_size > 0
     assert f"round {SIM_ROUNDS}/{SIM_ROUNDS}" in sim_run["resumed"].stdout
 
@@ -177,7 +198,8 @@ def test_report_is_one_offline_page_with_every_site_and_figure(sim_run: dict) ->
     assert res.returncode == 0, res.stdout + res.stderr
     page = (out / "report.html").read_text(encoding="utf-8")
     images = re.findall(r"<img src='([^']*)'", page)
-    assert len(images) == 2  # training curves; ROC, calibration and decision curves
+    # training curves; ROC, calibration and decision curves; feature-group shares; LLNM rate by location
+    assert len(images) == 4
     for uri in images:
         assert uri.startswith("data:image/png;base64,")  # nothing to fetch: the page opens offline
         with Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))) as img:
@@ -185,8 +207,16 @@ def test_report_is_one_offline_page_with_every_site_and_figure(sim_run: dict) ->
     assert "http://" not in page and "https://" not in page and "<script" not in page
     table = page.split("<table id='per-site'>", 1)[1].split("</table>", 1)[0]
     assert {name for name in sites if f"<th>{name}</th>" in table} == sites and "<th>pooled</th>" in table
+    for table in ("risk-stage", "feature-groups", "paper-groups", "by-capsule", "by-third", "population"):
+        assert f"<table id='{table}'>" in page, table
     numbers = json.loads((out / "report.json").read_text())
     assert set(numbers["curves"]) == sites and set(numbers["sites"]) == sites
+    # The model card: every site's population and performance, and the hash of the checkpoint it describes.
+    card = (out / "model_card.md").read_text(encoding="utf-8")
+    assert all(f"| {name} |" in card for name in sites) and "Worst site:" in card and "synthetic" in card
+    final_round = json.loads((out / "metrics.json").read_text())["final"]["round"]
+    ckpt = (out / "checkpoints" / f"round-{final_round:04d}.safetensors").read_bytes()
+    assert hashlib.sha256(ckpt).hexdigest() in card
     for curve in numbers["curves"].values():
         assert curve["roc"]["fpr"][0] == 1.0 and curve["roc"]["tpr"][-1] == 0.0  # thresholds 0 ... 1
 
@@ -212,7 +242,7 @@ def test_report_renders_in_headless_chromium_without_a_broken_image(sim_run: dic
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--window-size=1200,2400"]
     dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120)
-    assert "<title>broken=0 of 2</title>" in dom.stdout, dom.stdout[:500] + dom.stderr[-2000:]
+    assert "<title>broken=0 of 4</title>" in dom.stdout, dom.stdout[:500] + dom.stderr[-2000:]
     shot = tmp_path / "report.png"
     subprocess.run([_chromium(), *flags, f"--screenshot={shot}", (out / "report.html").as_uri()],
                    capture_output=True, timeout=120)

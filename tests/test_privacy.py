@@ -325,6 +325,7 @@ SITE_Z, SITE_CLIP = 0.8, 2.0
 def sim_config(tmp: Path, consortium: Path, budget_c: float) -> Path:
     exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     exp["name"] = "dp-ledger-test"
+    exp["evaluation"] = {"explain": False}
     exp["data"] = {"root": str(consortium), "sites": SIM_SITES}
     exp["train"].update({"batch_size": 8, "lr": 0.001})
     exp["federation"].update({"rounds": 2, "min_sites": 2, "eval_bootstrap": 0, "final_eval_split": None,

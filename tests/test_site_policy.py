@@ -139,6 +139,7 @@ POLICY_SITES = ["site-a", "site-b", "site-c"]
 def policy_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
     tmp = tmp_path_factory.mktemp("policy-run")
     exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["evaluation"] = {"explain": False}
     exp["name"] = "site-policy-test"
     exp["data"] = {"root": str(small_consortium), "sites": POLICY_SITES}
     exp["federation"].update({"rounds": 1, "min_sites": 2, "eval_bootstrap": 0, "eval_split": "val",
