@@ -228,8 +228,9 @@ def _chromium() -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (Debian: apt-get install "
-                    "chromium); the report's images are still decoded by the offline-page test above")
+@pytest.mark.skipif(_chromium() is None, reason="headless Chromium is not installed (.ci/run installs Debian's "
+                    "chromium as root; elsewhere: apt-get install chromium); the report's images are still decoded "
+                    "by the offline-page test above")
 def test_report_renders_in_headless_chromium_without_a_broken_image(sim_run: dict, tmp_path: Path) -> None:
     """The page as a browser shows it, offline: a copy with a probe script counts images that failed to load."""
     out = sim_run["out"]
@@ -239,7 +240,10 @@ def test_report_renders_in_headless_chromium_without_a_broken_image(sim_run: dic
              "i.naturalWidth===0)b++;}document.title='broken='+b+' of '+document.images.length;}</script></body>")
     page = tmp_path / "probe.html"
     page.write_text((out / "report.html").read_text(encoding="utf-8").replace("</body>", probe), encoding="utf-8")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--window-size=1200,2400"]
+    # Offline: no background networking, component updates or sync (they only fail on a closed network).
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-extensions", "--window-size=1200,2400",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium-profile'}"]
     dom = subprocess.run([_chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True,
                          timeout=120)
     assert "<title>broken=0 of 4</title>" in dom.stdout, dom.stdout[:500] + dom.stderr[-2000:]
