@@ -259,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             return 1
     cmd = supernode_command(args, plan)
     env = _environment(args, plan)
-    print(f"PATH={env['PATH'].split(os.pathsep)[0]}:$PATH " + shlex.join(cmd), flush=True)
+    print(pasteable_command(env, cmd), flush=True)
     if args.print_command:
         return 0
     if not args.skip_probe:
@@ -296,6 +296,16 @@ def _environment(args: argparse.Namespace, plan: JoinPlan) -> dict[str, str]:
     path = os.pathsep.join([str(gate_bin), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     return offline_environment(PATH=path, **{ENV_STATE_DIR: str(plan.state_dir),
                                              ENV_SITE_NAME: plan.name})
+
+
+def pasteable_command(env: dict[str, str], cmd: list[str]) -> str:
+    """The command as one line a shell runs as is: every variable it needs that differs from this environment
+    (the site's state folder and name, the offline switches), the PATH with the app gate first, then the
+    quoted command."""
+    changed = {k: v for k, v in env.items() if k != "PATH" and os.environ.get(k) != v}
+    assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())]
+    gate = env["PATH"].split(os.pathsep)[0]
+    return " ".join(["env", *assignments, f'PATH={shlex.quote(gate)}:"$PATH"', shlex.join(cmd)])
 
 
 def _default_name(site: Path) -> str:

@@ -99,8 +99,8 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
     """Train the `mode` baseline ("pooled" or "local") on the sites under `data_root` (default
     `exp.data.root`), evaluate on every site's test split and write `RUN_DIR/metrics.json`,
     `RUN_DIR/config.yaml` (resolved) and `RUN_DIR/baseline.log` (one line per epoch). Returns the metrics."""
+    sites = discover_sites(data_root or exp.data.root, exp.data.sites)
     root = Path(data_root or exp.data.root or "")
-    sites = discover_sites(root, exp.data.sites)
     exp.data.root = str(root.resolve())
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

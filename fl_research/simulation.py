@@ -21,8 +21,11 @@ from shared_model.site_cache import default_cache_dir
 log = logging.getLogger("llnm.server")
 
 
-def discover_sites(root: str | Path, only: list[str] | None = None) -> list[Path]:
+def discover_sites(root: str | Path | None, only: list[str] | None = None) -> list[Path]:
     """Site folders under `root` (a folder holding `patients.csv` is a site)."""
+    if not root:
+        raise ConfigError("no data: give --data CONSORTIUM_DIR or set data.root in the config (the configuration "
+                          "sets no data.root)")
     root = Path(root)
     if not root.is_dir():
         raise ConfigError(f"data root {root}: not a folder (generate one with `llnm-synth --out {root}`)")
@@ -51,10 +54,8 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
 
     if resume and not data_root:
         data_root = run_dir.run_info().get("data_root")
+    sites = discover_sites(data_root or exp.data.root, exp.data.sites)
     root = Path(data_root or exp.data.root or "")
-    if not str(root):
-        raise ConfigError("no data: give --data CONSORTIUM_DIR or set data.root in the config")
-    sites = discover_sites(root, exp.data.sites)
     if exp.federation.min_sites > len(sites):
         raise ConfigError(f"federation.min_sites={exp.federation.min_sites} but only {len(sites)} site(s) "
                           f"under {root}")

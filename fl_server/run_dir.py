@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -212,7 +213,7 @@ class RunDirectory:
         """Send the `llnm` and `flwr` loggers (llnm at INFO) to `path` (default `log.txt`) until
         :meth:`detach_log`."""
         handler = logging.FileHandler(path or self.log_path, encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(PlainFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         for name in ("llnm", "flwr"):
             logging.getLogger(name).addHandler(handler)
         logging.getLogger("llnm").setLevel(logging.INFO)
@@ -223,6 +224,17 @@ class RunDirectory:
         for name in ("llnm", "flwr"):
             logging.getLogger(name).removeHandler(handler)
         handler.close()
+
+
+class PlainFormatter(logging.Formatter):
+    """A log line for a file: terminal colour codes removed, and a progress bar's carriage-return redraws
+    reduced to their last state."""
+
+    _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self._ANSI.sub("", super().format(record))
+        return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
 def _best_round(rounds: list[dict[str, Any]]) -> int | None:

@@ -58,4 +58,13 @@ def dispatch(prog: str, description: str, commands: Mapping[str, Command], argv:
     chosen = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(prog, description, commands, chosen if chosen in commands else None)
     args = parser.parse_args(argv)
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except BrokenPipeError:
+        # The reader went away (`llnm-site check DIR | head`): not an error of ours. Point stdout at devnull so
+        # that Python's final flush does not raise a second time, and exit as a piped Unix tool does.
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

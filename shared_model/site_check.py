@@ -122,9 +122,15 @@ def check_site(
         facts = _check_files(site, frame, workers, progress)
         for fact in facts:
             problems.extend(fact.problems)
-    problems.extend(_split_warnings(site))
-    # Whole-file problems first, then row by row (a stable sort keeps each row's problems in column order).
-    problems.sort(key=lambda p: (p.row is not None, p.row or 0))
+    # A table that could not be read as a whole (a missing column: every row is left out) makes every split empty;
+    # saying so three more times would only hide the one real error.
+    table_unreadable = any(p.level == "error" and p.file == PATIENTS_FILE and p.row in (None, 1)
+                           for p in site.problems) and not site.patients
+    if not table_unreadable:
+        problems.extend(_split_warnings(site))
+    # Errors first, then warnings; within each, whole-file problems first, then row by row (a stable sort keeps
+    # each row's problems in column order).
+    problems.sort(key=lambda p: (p.level != "error", p.row is not None, p.row or 0))
     summary = summarise(site, facts if deep else None, frame)
     return CheckReport(site=site.name, root=site.root, deep=deep, summary=summary, problems=problems)
 

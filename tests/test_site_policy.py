@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -89,8 +90,13 @@ def test_join_print_command_carries_the_policy(tmp_path: Path) -> None:
                                str(tmp_path), "--insecure", "--print-command", *flags],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
-        # The printed line is the command for reading: the node config is its last argument, TOML key=value pairs.
-        node = done.stdout.strip().splitlines()[-1].split(" --node-config ", 1)[1]
+        # The printed line pastes into a shell: `env` with the variables the SuperNode needs, then the quoted
+        # command, whose node config is one argument of TOML key=value pairs.
+        words = shlex.split(done.stdout.strip().splitlines()[-1])
+        assert words[0] == "env"
+        assignments = dict(w.split("=", 1) for w in words[1:] if "=" in w and not w.startswith("-"))
+        assert {"LLNM_SITE_STATE_DIR", "LLNM_SITE_NAME", "PATH"} <= set(assignments)
+        node = words[words.index("--node-config") + 1]
         pairs = re.findall(r'([\w-]+=(?:"(?:[^"\\]|\\.)*"|\S+))', node)
         return tomllib.loads("\n".join(pairs))
 
@@ -99,6 +105,7 @@ def test_join_print_command_carries_the_policy(tmp_path: Path) -> None:
     assert got["data-path"] == str(tmp_path.resolve())
     got = node_config()
     assert got["require-patient-dp"] is False and got["eval-splits"] == "val,test"
+    assert got["share-explanations"] is True and node_config("--no-share-explanations")["share-explanations"] is False
     bad = subprocess.run([str(BIN / "llnm-site"), "join", "--superlink", "127.0.0.1:9092", "--data", str(tmp_path),
                           "--print-command", "--eval-splits", "val,train"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--eval-splits" in bad.stderr and "'train' is never allowed" in bad.stderr
