@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[llnm] demo finished in {time.perf_counter() - started:.0f} s; "
               f"run directory: {Path(out).resolve()}")
         print(f"[llnm] report (open it in a browser, it works offline): {html_path.resolve()}")
+        print(f"[llnm] model card: {(Path(out) / 'model_card.md').resolve()}")
+        print(f"[llnm] per-round metrics for TensorBoard: .venv/bin/tensorboard --logdir {out}")
         print(f"[llnm] inspect it with: .venv/bin/llnm-server status {out}")
     return rc
 
