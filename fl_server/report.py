@@ -102,7 +102,9 @@ def build_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
     if rd.privacy_path.is_file():
         from fl_server.privacy import PrivacyLedger
 
-        report["privacy"] = PrivacyLedger.load(rd).guarantee_sentences()
+        ledger = PrivacyLedger.load(rd)
+        report["privacy"] = ledger.guarantee_sentences()
+        report["privacy_ledger"] = _ledger_rows(ledger.data)
     final_sites = final.get("sites") or {}
     n = sum(int(m.get("n") or 0) for m in final_sites.values())
     n_pos = sum(int(m.get("n_pos") or 0) for m in final_sites.values())
@@ -121,6 +123,19 @@ def build_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
 
     report["model_card"] = model_card_data(rd, cfg, report)
     return report
+
+
+def _ledger_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per ledger round: each site's status and epsilons (this run, lifetime) and the site-level one."""
+    rows = []
+    for entry in data.get("rounds", []):
+        sites = {name: {"status": rec.get("status"), "epsilon": rec.get("epsilon"),
+                        "lifetime_epsilon": rec.get("lifetime_epsilon"), "delta": rec.get("delta")}
+                 for name, rec in (entry.get("sites") or {}).items()}
+        server = entry.get("server") or {}
+        rows.append({"round": entry.get("round"), "sites": sites, "site_level_epsilon": server.get("epsilon"),
+                     "site_level_delta": server.get("delta")})
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ HTML
@@ -168,6 +183,7 @@ def render_html(report: dict[str, Any]) -> str:
         parts.append("</table>")
     parts.append("<h2>Privacy</h2>")
     parts += [f"<p>{esc(line)}</p>" for line in report["privacy"]] or ["<p>No differential privacy in this run.</p>"]
+    parts += _ledger_section(report)
     parts.append("<h2>Sites that failed, dropped or refused</h2>")
     if report["events"]:
         parts.append("<table id='events'><tr><th>round</th><th>site</th><th>phase</th><th>reason</th></tr>")
@@ -181,6 +197,32 @@ def render_html(report: dict[str, Any]) -> str:
     parts += _model_card_section(report)
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _ledger_section(report: dict[str, Any]) -> list[str]:
+    rows = report.get("privacy_ledger") or []
+    if not rows:
+        return []
+    sites = sorted({s for r in rows for s in r["sites"]})
+    level = any(r["site_level_epsilon"] is not None for r in rows)
+    out = ["<table id='privacy-ledger'><tr><th>round</th>" + "".join(
+        f"<th>{html.escape(s)}: epsilon this run / lifetime</th>" for s in sites)
+        + ("<th>site-level epsilon (consortium)</th>" if level else "") + "</tr>"]
+    for r in rows:
+        cells = []
+        for s in sites:
+            rec = r["sites"].get(s)
+            if rec is None:
+                cells.append("<td>-</td>")
+            elif rec["status"] != "trained":
+                cells.append(f"<td>{html.escape(str(rec['status']))}</td>")
+            else:
+                cells.append(f"<td>{_cell(rec['epsilon'])} / {_cell(rec['lifetime_epsilon'])}</td>")
+        out.append(f"<tr><td>{r['round']}</td>" + "".join(cells)
+                   + (f"<td>{_cell(r['site_level_epsilon'])}</td>" if level else "") + "</tr>")
+    out.append("</table><p>Patient-level epsilons are each site's own accountant's (at its delta); the lifetime "
+               "column covers every run that touched its patients. privacy.json holds the full ledger.</p>")
+    return out
 
 
 def _stage_section(report: dict[str, Any]) -> list[str]:

@@ -445,6 +445,16 @@ def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> Non
     log_text = (out / "log.txt").read_text()
     assert "patient-level privacy budget reached: site 'site-c' refuses round 2" in log_text
     assert "would take them to" in log_text and f"max-patient-epsilon {dp_run['budget']:g}" in log_text
+    # The report's ledger table: every round, the refusal, each site's epsilons and the site-level one.
+    from fl_server.report import build_report, render_html
+
+    report = build_report(out)
+    rows = report["privacy_ledger"]
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["sites"]["site-c"]["status"] == "refused"
+    assert close(rows[0]["sites"]["site-c"]["epsilon"], r1["epsilon"])
+    assert rows[1]["site_level_epsilon"] == pytest.approx(ledger["rounds"][1]["server"]["epsilon"])
+    table = render_html(report).split("<table id='privacy-ledger'>", 1)[1].split("</table>", 1)[0]
+    assert "<td>refused</td>" in table and "site-level epsilon" in table
 
 
 @pytest.mark.slow
