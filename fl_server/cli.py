@@ -24,6 +24,8 @@ COMMANDS: dict[str, Command] = {
     "report": Command("fl_server.cmd_report",
                       "Write RUN_DIR/report.html (offline: curves, per-site metrics, privacy) and report.json."),
     "resume": Command("fl_server.cmd_resume", "Continue a stopped or crashed run from its last complete round."),
+    "stop": Command("fl_server.cmd_stop",
+                    "Stop a running experiment (on its SuperLink, or its simulation); resume it later."),
     "status": Command("fl_server.cmd_status",
                       "Rounds done, per-site metrics of the last round and the privacy guarantee of a run."),
     "baseline": Command("fl_research.cmd_baseline",

@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     rd = RunDirectory(args.run_dir)
     try:
+        rd.ensure_not_running()
         rd.resume_config()
         info = rd.run_info()
     except (NothingToResume, ConfigError) as exc:

@@ -14,10 +14,12 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.run_dir import RunDirectory
@@ -247,4 +249,42 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection,
     cmd = [flwr_binary("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
     if stream:
         cmd.append("--stream")
-    return subprocess.call(cmd, env=env)
+    proc = subprocess.Popen(cmd, env=env)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        # Ctrl-C or a kill of `llnm-server run` stops the experiment itself, not only this client: the
+        # ServerApp on the SuperLink would otherwise train on, and `flwr run` stay behind.
+        _, what = stop_deployment_run(rd, rd.run_info())
+        print(f"[llnm] {signal.Signals(signum).name}: stopping the run on the SuperLink: {what}", flush=True)
+        rd.update_run_info(status="stopped", stopped_by=f"{signal.Signals(signum).name} to llnm-server run",
+                           error=f"stopped by {signal.Signals(signum).name}")
+        if proc.poll() is None:
+            proc.terminate()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # a second Ctrl-C while the handler ran
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def stop_deployment_run(rd: RunDirectory, info: dict[str, Any]) -> tuple[bool, str]:
+    """`flwr stop` the run on its SuperLink; (stopped, what happened)."""
+    from fl_server.provisioning import CONNECTION
+
+    run_id = info.get("flwr_run_id")
+    if run_id is None:
+        return False, "run.json has no flwr_run_id: the ServerApp never started on the SuperLink"
+    home = rd.path / "flwr-home"
+    if not (home / "config.toml").is_file():
+        return False, f"{home}/config.toml is missing: cannot reach the SuperLink this run was submitted to"
+    done = subprocess.run([flwr_binary("flwr"), "stop", str(run_id), CONNECTION], capture_output=True, text=True,
+                          env=offline_environment(FLWR_HOME=str(home)), timeout=120)
+    text = (done.stdout + done.stderr).strip().splitlines()
+    return done.returncode == 0, text[-1] if text else f"flwr stop exited with {done.returncode}"
+

@@ -306,8 +306,12 @@ class Federation:
         self.known_sites.update(server_state.get("known_sites", []))
         if self.ledger is not None:
             self.ledger.restore(strategy, server_state.get("privacy", {}))
-        self.say(f"[llnm] resuming run {self.exp.name} at round {last_round + 1}/{self.exp.federation.rounds} "
-                 f"(rounds 1-{last_round} kept)")
+        total = self.exp.federation.rounds
+        if last_round >= total:
+            self.say(f"[llnm] resuming run {self.exp.name}: all {total} rounds kept; the final evaluation is left")
+        else:
+            self.say(f"[llnm] resuming run {self.exp.name} at round {last_round + 1}/{total} "
+                     f"(rounds 1-{last_round} kept)")
         return ArrayRecord(state)
 
     def _train_round(self, rnd: int, strategy: Strategy, arrays: ArrayRecord) -> ArrayRecord:

@@ -21,8 +21,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import socket
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +44,13 @@ class NothingToResume(Exception):
     """The run in a run directory has completed all its rounds; there is nothing to continue."""
 
 
+class RunInUse(ConfigError):
+    """A live ServerApp holds the run directory's lock; the text names the process."""
+
+
 def start_error_exit_code(exc: NothingToResume | ConfigError) -> int:
     """What `run`, `simulate` and `resume` print and return when a run cannot start: nothing to resume is
-    not an error (exit 0); an unusable configuration or run directory is (exit 2)."""
+    not an error (exit 0); an unusable configuration or run directory, or one a live run holds, is (exit 2)."""
     if isinstance(exc, NothingToResume):
         print(exc)
         return 0
@@ -71,6 +80,52 @@ class RunDirectory:
     @property
     def privacy_path(self) -> Path:
         return self.path / "privacy.json"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.path / ".run.lock"
+
+    @property
+    def holder_path(self) -> Path:
+        """Who holds the lock (pid, host, since): written by the holder, read by whoever is refused."""
+        return self.path / "lock.json"
+
+    @contextmanager
+    def hold(self) -> Iterator[None]:
+        """Hold the run directory for one live ServerApp (an OS file lock: a crashed holder releases it).
+
+        Raises `RunInUse` naming the holder when another process holds it."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(self.lock_path))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise RunInUse(self._in_use_text()) from None
+        try:
+            atomic_write_json(self.holder_path, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            yield
+        finally:
+            self.holder_path.unlink(missing_ok=True)
+            lock.release()
+
+    def ensure_not_running(self) -> None:
+        """Raise `RunInUse` when a live ServerApp holds this run directory (before resuming it)."""
+        if not self.path.is_dir():
+            return
+        with self.hold():
+            pass
+
+    def _in_use_text(self) -> str:
+        try:
+            holder = json.loads(self.holder_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            holder = {}
+        who = (f"process {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}" if holder
+               else "another process")
+        return (f"{self.path} is in use by a live run ({who}, its ServerApp); it cannot be resumed or started "
+                f"twice. Wait for it, or stop it with `llnm-server stop {self.path}`")
 
     @property
     def checkpoints(self) -> Path:
@@ -252,5 +307,6 @@ def experiment_for(rd: RunDirectory, *, resume: bool, config: str, overrides: li
     `--resume` and a run already in `rd`, that run's saved configuration (:meth:`RunDirectory.resume_config`);
     otherwise the config file with the `--set` overrides, for a new run."""
     if resume and rd.exists():
+        rd.ensure_not_running()
         return rd.resume_config(), True
     return load_config(config, parse_set_options(overrides)), False

@@ -22,15 +22,17 @@ log = logging.getLogger("llnm.server")
 
 
 def run_experiment(grid: Grid, exp: ExperimentConfig, run_dir: RunDirectory) -> None:
-    handler = run_dir.attach_log()
-    try:
-        Federation(grid, exp, run_dir).run()
-    except Exception as exc:
-        log.exception("run stopped: %s", exc)
-        run_dir.update_run_info(status="stopped", error=str(exc))
-        raise
-    finally:
-        RunDirectory.detach_log(handler)
+    # One live ServerApp per run directory: a second (a `resume` beside a live run) is refused, naming the first.
+    with run_dir.hold():
+        handler = run_dir.attach_log()
+        try:
+            Federation(grid, exp, run_dir).run()
+        except Exception as exc:
+            log.exception("run stopped: %s", exc)
+            run_dir.update_run_info(status="stopped", error=str(exc))
+            raise
+        finally:
+            RunDirectory.detach_log(handler)
 
 
 def make_server_app(exp: ExperimentConfig, run_dir: RunDirectory) -> ServerApp:

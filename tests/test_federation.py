@@ -121,6 +121,40 @@ def test_crash_after_round_one_then_resume(sim_run: dict) -> None:
 
 
 @pytest.mark.slow
+def test_a_live_run_holds_its_directory_until_stopped(sim_run: dict, tmp_path: Path) -> None:
+    """While a ServerApp holds the run directory, `resume` refuses and names it; `llnm-server stop` signals the
+    holder (a simulation's process; a deployment's goes through `flwr stop`) and marks the run stopped."""
+    import shutil
+    import sys
+
+    out = tmp_path / "run"
+    shutil.copytree(sim_run["out"], out)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom fl_server.run_dir import RunDirectory\n"
+                               f"with RunDirectory({str(out)!r}).hold():\n    print('held', flush=True)\n"
+                               "    time.sleep(300)"], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        refused = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
+                                 timeout=120)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert f"in use by a live run (process {holder.pid} on" in refused.stderr
+        assert f"llnm-server stop {out}" in refused.stderr
+        stopped = subprocess.run([str(BIN / "llnm-server"), "stop", str(out)], capture_output=True, text=True,
+                                 timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert f"sent SIGTERM to process {holder.pid}" in stopped.stdout
+        assert holder.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        stop(holder, signal.SIGKILL)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "stopped" and info["stopped_by"] == "llnm-server stop"
+    # The holder is gone and so is its lock (an OS lock: a killed holder leaves nothing that blocks).
+    from fl_server.run_dir import RunDirectory
+
+    RunDirectory(out).ensure_not_running()
+
+
+@pytest.mark.slow
 def test_simulation_per_site_metrics_and_run_directory(sim_run: dict) -> None:
     out, sites = sim_run["out"], sim_run["sites"]
     metrics = json.loads((out / "metrics.json").read_text())
