@@ -226,16 +226,13 @@ class RunDirectory:
         rounds.append(entry)
         rounds.sort(key=lambda r: r["round"])
         m["rounds"] = rounds
-        m["best_round"] = _best_round(rounds)
+        choice = best_round_choice(rounds)
+        m["best_round"] = None if choice is None else choice["round"]
+        m["best_round_rule"] = choice
         atomic_write_json(self.metrics_path, m)
-        if m["best_round"] is not None:
-            best = next(r for r in rounds if r["round"] == m["best_round"])
+        if choice is not None:
             atomic_write_json(self.checkpoints / "best.json", {
-                "round": m["best_round"],
-                "criterion": f"pooled {best.get('split', 'val')} AUC",
-                "value": (best.get("pooled") or {}).get("auc"),
-                "checkpoint": self.checkpoint_file(m["best_round"]).name,
-            })
+                **choice, "checkpoint": self.checkpoint_file(choice["round"]).name})
         return m
 
     def set_final(self, final: dict[str, Any]) -> None:
@@ -292,13 +289,49 @@ class PlainFormatter(logging.Formatter):
         return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
+def best_round_choice(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The round whose global model is best on validation, compared over the same sites.
+
+    A pooled AUC depends on which sites evaluated: a round that three sites evaluated and one that four did
+    are not measured on the same patients. So: when every round with a pooled AUC was evaluated by the same
+    sites, the highest pooled AUC wins. Otherwise each round is scored on the patient-weighted mean of the
+    per-site AUCs of the sites that have one in every such round (the common sites, whose validation patients
+    do not change); with no common site, the rounds evaluated by the most sites are compared on their pooled
+    AUC. Ties go to the earlier round. Returns ``{"round", "criterion", "value", "sites"}`` or None.
+    """
+    scored = [r for r in rounds if (r.get("pooled") or {}).get("auc") is not None]
+    if not scored:
+        return None
+
+    def with_auc(r: dict[str, Any]) -> frozenset[str]:
+        return frozenset(s for s, m in (r.get("sites") or {}).items() if m.get("auc") is not None)
+
+    sets = [with_auc(r) for r in scored]
+    split = scored[0].get("split", "val")
+    if len(set(sets)) == 1:
+        best = max(scored, key=lambda r: (r["pooled"]["auc"], -r["round"]))
+        return {"round": best["round"], "criterion": f"pooled {split} AUC", "value": best["pooled"]["auc"],
+                "sites": sorted(sets[0])}
+    common = frozenset.intersection(*sets)
+    if common:
+        def mean_auc(r: dict[str, Any]) -> float:
+            sites = r["sites"]
+            n = sum(sites[s].get("n") or 1 for s in common)
+            return sum((sites[s].get("n") or 1) * sites[s]["auc"] for s in common) / n
+
+        best = max(scored, key=lambda r: (mean_auc(r), -r["round"]))
+        return {"round": best["round"], "value": mean_auc(best), "sites": sorted(common),
+                "criterion": f"patient-weighted mean {split} AUC of the sites that evaluated every round"}
+    most = max(len(x) for x in sets)
+    widest = [r for r, x in zip(scored, sets, strict=True) if len(x) == most]
+    best = max(widest, key=lambda r: (r["pooled"]["auc"], -r["round"]))
+    return {"round": best["round"], "value": best["pooled"]["auc"], "sites": sorted(with_auc(best)),
+            "criterion": f"pooled {split} AUC among the rounds the most sites evaluated (no site evaluated all)"}
+
+
 def _best_round(rounds: list[dict[str, Any]]) -> int | None:
-    best, best_auc = None, -1.0
-    for r in rounds:
-        auc = (r.get("pooled") or {}).get("auc")
-        if auc is not None and auc > best_auc:
-            best, best_auc = r["round"], auc
-    return best
+    choice = best_round_choice(rounds)
+    return None if choice is None else int(choice["round"])
 
 
 def experiment_for(rd: RunDirectory, *, resume: bool, config: str, overrides: list[str] | None

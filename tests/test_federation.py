@@ -72,6 +72,28 @@ def test_cosine_schedule_reaches_sites_through_the_round_config(tmp_path: Path) 
         scheduled_lr(TrainConfig(lr_schedule="cosine"), 5, 5)
 
 
+def test_best_round_compares_rounds_over_the_same_sites() -> None:
+    """The issue's case: 4 sites in round 1, 3 later. Pooled AUCs over different sites are not compared."""
+    from fl_server.run_dir import best_round_choice
+
+    def rnd(r: int, pooled: float, **sites: tuple[float, int]) -> dict:
+        return {"round": r, "split": "val", "pooled": {"auc": pooled},
+                "sites": {s: {"auc": a, "n": n} for s, (a, n) in sites.items()}}
+
+    rounds = [rnd(1, 0.70, a=(0.80, 10), b=(0.60, 10), c=(0.70, 10), d=(0.50, 6)),
+              rnd(2, 0.75, a=(0.70, 10), b=(0.60, 10), c=(0.70, 10)),  # the higher pooled AUC, without site d
+              rnd(3, 0.72, a=(0.75, 10), b=(0.62, 10), c=(0.70, 10))]
+    choice = best_round_choice(rounds)
+    assert choice["round"] == 1 and choice["sites"] == ["a", "b", "c"]
+    assert choice["value"] == pytest.approx((0.80 + 0.60 + 0.70) / 3) and "every round" in choice["criterion"]
+    same = [rnd(1, 0.70, a=(0.8, 10), b=(0.6, 10)), rnd(2, 0.74, a=(0.7, 10), b=(0.7, 10)),
+            rnd(3, 0.74, a=(0.9, 10), b=(0.5, 10))]
+    assert best_round_choice(same)["round"] == 2  # the same sites: pooled AUC, ties to the earlier round
+    disjoint = [rnd(1, 0.9, a=(0.9, 10)), rnd(2, 0.7, b=(0.7, 10), c=(0.7, 10)), rnd(3, 0.8, b=(0.8, 10), c=(0.8, 9))]
+    assert best_round_choice(disjoint)["round"] == 3  # no common site: the rounds the most sites evaluated
+    assert best_round_choice([{"round": 1, "pooled": {"auc": None}, "sites": {}}]) is None
+
+
 # ---- simulation: one run, crashed after round 1 and resumed --------------------------------------------
 SIM_ROUNDS = 3  # the crash is asserted to hit before the last round; three leave a wide margin for it
 
@@ -175,6 +197,7 @@ def test_simulation_per_site_metrics_and_run_directory(sim_run: dict) -> None:
         assert sum(hist["pos_counts"]) + sum(hist["neg_counts"]) == metrics["final"]["sites"][name]["n"]
     best = json.loads((out / "checkpoints" / "best.json").read_text())
     assert best["round"] in range(1, SIM_ROUNDS + 1) and (out / "checkpoints" / best["checkpoint"]).is_file()
+    assert best["criterion"] == "pooled val AUC" and set(best["sites"]) == sites  # every round: the same sites
     # Per site: the risk-stage head's AUCs and the evaluated population; with evaluation.explain the sites'
     # explanation aggregates, combined (shares over the groups, counts by capsule distance and lobe third).
     for m in metrics["final"]["sites"].values():
