@@ -179,7 +179,8 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     content = RecordDict({
         protocol.ARRAYS_RECORD: ArrayRecord(trainable_state(model)),
         protocol.METRICS_RECORD: MetricRecord(metrics),
-        protocol.SITE_RECORD: _site_record(settings, name),
+        protocol.SITE_RECORD: _site_record(settings, name, **{
+            protocol.SITE_RUN_ID: str(config.get(protocol.RUN_ID, "")), protocol.SITE_ROUND: str(server_round)}),
     })
     return Message(content, reply_to=msg)
 

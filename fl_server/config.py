@@ -99,6 +99,10 @@ class FederationSection(_Strict):
     proximal_mu: float = Field(default=0.01, ge=0.0)
     fedadam: FedAdamSection = Field(default_factory=FedAdamSection)
     eval_bootstrap: int = Field(default=200, ge=0, le=100000)
+    # Train replies screened before aggregation (fl_server/update_screen.py): an update longer than this
+    # (absolute; None: no absolute bound) or than this many times the round's median update norm is rejected.
+    max_update_norm: float | None = Field(default=None, gt=0.0)
+    max_update_norm_ratio: float | None = Field(default=10.0, gt=1.0)
     # Train rounds with Flower's SecAgg+: the coordinator sees only the masked sum of the sites' updates.
     secure_aggregation: bool = False
     secagg: SecureAggregationSection = Field(default_factory=SecureAggregationSection)

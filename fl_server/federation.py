@@ -341,6 +341,17 @@ class Federation:
             train_sites[name] = {k: (_none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
         if self.ledger is not None:
             outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
+        if not fed.secure_aggregation:
+            from fl_server.update_screen import screen_updates
+
+            reference = {k: v.numpy() for k, v in arrays.items()}
+            outcome.replies, rejected = screen_updates(
+                outcome.replies, reference, run_id=self.exp.name, server_round=rnd,
+                name_of=lambda r: self._name(r.metadata.src_node_id), max_norm=fed.max_update_norm,
+                max_norm_ratio=fed.max_update_norm_ratio)
+            for failure in rejected:
+                self.say(f"[llnm] round {rnd}: {failure['site']}: {failure['reason']}")
+            failures += rejected
         if len(outcome.replies) < fed.min_sites:
             self._record_failed_round(rnd, failures, train_sites)
             raise QuorumNotMet(quorum_message(rnd, len(outcome.replies), fed.min_sites, failures, self.rd.path))

@@ -38,6 +38,9 @@ SITE_RECORD = "site"
 SITE_NAME = "site-name"
 SITE_SPLIT = "split"  # evaluate replies: the split the site evaluated
 SITE_POLICY = "site-policy"  # train and evaluate replies: the site's privacy policy (JSON of its node-config keys)
+# Train replies: the run and round the reply answers, echoed from the round config (checked before aggregation).
+SITE_RUN_ID = "run-id"
+SITE_ROUND = "server-round"
 
 # ---- the `config` record of a query -------------------------------------------------------------------
 QUERY_ASK = "ask"
