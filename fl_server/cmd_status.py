@@ -1,4 +1,5 @@
-"""`llnm-server status RUN_DIR`: rounds done, the last round's per-site metrics, the privacy guarantee."""
+"""`llnm-server status RUN_DIR`: rounds done, the best round, the last round's and the final evaluation's per-site
+metrics, and the privacy guarantee."""
 
 from __future__ import annotations
 
@@ -65,8 +66,18 @@ def run(args: argparse.Namespace) -> int:
         _print_metrics_table(last)
         for fail in last.get("failures", []):
             print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
+    final = s["final"]
+    if final:
+        print(f"final {final['split']} evaluation of the round-{final['round']} model ({final['model']}):")
+        _print_metrics_table(final)
+        for fail in final.get("failures", []):
+            print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
+    elif s["status"] == "completed":
+        print("final evaluation: none (federation.final_eval_split is null)")
     for sentence in s["privacy"]:
         print(f"privacy: {sentence}")
+    if not s["privacy"]:
+        print("privacy: no differential privacy in this run (updates and metrics are sent exactly)")
     return 0
 
 
@@ -78,7 +89,11 @@ def _print_metrics_table(entry: dict) -> None:
         v = m.get(key)
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
 
-    rows = [[name, m.get("n", "-"), cell(m, "auc"), cell(m, "accuracy"), cell(m, "sensitivity"),
+    def ci(m: dict) -> str:
+        lo, hi = m.get("auc_ci_low"), m.get("auc_ci_high")
+        return f"{lo:.3f}-{hi:.3f}" if isinstance(lo, float) and isinstance(hi, float) else "-"
+
+    rows = [[name, m.get("n", "-"), cell(m, "auc"), ci(m), cell(m, "accuracy"), cell(m, "sensitivity"),
              cell(m, "specificity")]
             for name, m in [*entry["sites"].items(), ("pooled", entry.get("pooled") or {})]]
-    print("\n".join(format_table(["site", "n", "AUC", "acc", "sens", "spec"], rows, indent=2)))
+    print("\n".join(format_table(["site", "n", "AUC", "95% CI", "acc", "sens", "spec"], rows, indent=2)))

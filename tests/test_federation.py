@@ -230,6 +230,9 @@ def test_status_and_a_sites_own_evaluation(sim_run: dict, small_consortium: Path
     assert st.returncode == 0, st.stderr
     status = json.loads(st.stdout)
     assert status["rounds_completed"] == SIM_ROUNDS and status["status"] == "completed"
+    text = subprocess.run([str(BIN / "llnm-server"), "status", str(out)], capture_output=True, text=True).stdout
+    assert f"best round {metrics['best_round']}" in text and "final test evaluation of the round-" in text
+    assert "95% CI" in text and "privacy: no differential privacy in this run" in text
     site = sorted(sim_run["sites"])[0]
     ev_out = tmp_path / "site-eval.json"
     ev = subprocess.run([str(BIN / "llnm-site"), "evaluate", "--model", str(out), "--data",
