@@ -60,6 +60,8 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
         "round": meta.get("round"),
         "n_scored": len(preds["score"]),
         "n_labelled": int(labelled.sum()),
+        # Rows of patients.csv left out (bad record, unreadable file): never silently.
+        "skipped": list(getattr(tensors, "meta", {}).get("skipped", [])),
         "metrics": binary_metrics(y, s, threshold=threshold, n_bootstrap=n_bootstrap),
     }
     if len(y) and len(np.unique(y)) == 2:
@@ -86,6 +88,12 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    for skip in result["skipped"]:
+        where = f"row {skip['row']} ({skip['patient_id']}) left out: " if skip.get("row") is not None else ""
+        print(f"warning: {args.data}: {where}{'; '.join(skip['reasons'])}", file=sys.stderr)
+    if result["skipped"]:
+        print(f"warning: {len(result['skipped'])} patient row(s) left out; `llnm-site check {args.data}` says why",
+              file=sys.stderr)
     text = json.dumps(result, indent=2, default=float)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

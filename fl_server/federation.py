@@ -62,6 +62,25 @@ def quorum_message(rnd: int, trained: int, min_sites: int, failures: list[dict[s
     return text
 
 
+#: What a Flower error code means for a consortium, in words (flwr.common.constant.ErrorCode).
+_FLOWER_ERRORS = {
+    5: "unreachable: its SuperNode stopped sending heartbeats (disconnected, stopped or its machine is down)",
+    3: "the message expired before the site could take it",
+    4: "its reply expired before the coordinator could take it",
+    8: "its ClientApp process crashed (out of memory, killed)",
+    1: "its ClientApp could not be loaded (is the site on the app version the coordinator runs?)",
+    6: "a Flower mod refused the message",
+    7: "the app bundle was not valid at the site",
+}
+
+
+def describe_error(code: int, reason: str) -> str:
+    """A failure's reason: what Flower's error code means, then Flower's own text."""
+    meaning = _FLOWER_ERRORS.get(int(code))
+    text = " ".join(str(reason).split())
+    return f"{meaning} (Flower: {text})" if meaning else f"error: {text}"
+
+
 class QuorumNotMet(RuntimeError):
     """Fewer sites than `federation.min_sites` replied in a round; the run stops and can be resumed."""
 
@@ -186,7 +205,7 @@ class Federation:
                     # A refusal under the site's own policy is recorded in the site's words.
                     policy = refusal_text(r.error.reason, protocol.POLICY_REFUSAL_MARKER)
                     failures.append({"site": self._name(node), "node_id": node, "phase": phase,
-                                     "reason": policy or f"error: {r.error.reason}"})
+                                     "reason": policy or describe_error(r.error.code, r.error.reason)})
                 else:
                     ok.append(r)
             if pending:

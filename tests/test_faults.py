@@ -80,3 +80,44 @@ def test_the_absolute_bound_applies_with_few_sites_and_the_ratio_is_configurable
     accepted, rejected = screen([good(1), good(2), good(3), reply(4, {k: v + 1.0 for k, v in GLOBAL.items()})],
                                 max_norm_ratio=None)
     assert len(accepted) == 4 and not rejected
+
+
+def test_a_sites_own_evaluation_names_the_rows_it_left_out(small_consortium, tmp_path) -> None:
+    """`llnm-site evaluate` on a site with a duplicated patient id: exit 0, but the row is named, not dropped
+    silently, and the site folder is untouched."""
+    import json
+    import shutil
+    import subprocess
+
+    from processes import BIN, ROOT
+
+    from fl_server.config import load_config
+    from fl_server.strategies import initial_state
+    from shared_model.checkpoint import save_checkpoint
+
+    site = tmp_path / "site-b"
+    shutil.copytree(small_consortium / "site-b", site)
+    lines = (site / "patients.csv").read_text(encoding="utf-8").splitlines()
+    (site / "patients.csv").write_text("\n".join([*lines, lines[1]]) + "\n", encoding="utf-8")
+    before = (site / "patients.csv").read_bytes()
+    exp = load_config(ROOT / "configs" / "demo.yaml")
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", initial_state(exp), {
+        "round": 1, "model_config": exp.architecture().to_dict(), "preprocess_config": exp.preprocess.to_dict()})
+    done = subprocess.run([str(BIN / "llnm-site"), "evaluate", "--model", str(ckpt), "--data", str(site), "--out",
+                           str(tmp_path / "eval.json"), "--bootstrap", "0"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "is duplicated (first at row 2)" in done.stderr and "1 patient row(s) left out" in done.stderr
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert len(result["skipped"]) == 1 and "duplicated" in result["skipped"][0]["reasons"][0]
+    assert (site / "patients.csv").read_bytes() == before
+
+
+def test_a_flower_error_reads_as_what_happened_to_the_site() -> None:
+    from flwr.common.constant import ErrorCode
+
+    from fl_server.federation import describe_error
+
+    text = describe_error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable — The destination node failed")
+    assert text.startswith("unreachable: its SuperNode stopped sending heartbeats") and "(Flower: Error: Node" in text
+    assert describe_error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom\n  trace") == "error: boom trace"
