@@ -29,6 +29,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-probe", action="store_true",
                    help="do not check the SuperLink's transport (TLS or plain) before starting")
     p.add_argument("--print-command", action="store_true", help="print the flower-supernode command and exit")
+    p.add_argument("--max-restarts", type=int, default=20,
+                   help="start the SuperNode again this many times when it stops unasked, e.g. after a SuperLink "
+                        "restart (default 20; 0: never)")
 
 
 def toml_value(v: object) -> str:
@@ -233,8 +237,8 @@ def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
 REFUSED_HINT = ("the SuperLink refused this SuperNode ('Failed to activate SuperNode'): this site's key is not "
                 "registered there, or was revoked. Send the .pub made by `llnm-site keygen` to the coordinator "
                 "(`llnm-server register-site`)")
-ENDED_HINT = ("the SuperNode stopped without being asked to: the SuperLink ended its session (its key may have been "
-              "revoked; ask the coordinator) or the SuperLink restarted. Run `llnm-site join` again once it is back")
+ENDED_HINT = ("the SuperNode kept stopping without being asked to: the SuperLink ended its session (its key may have "
+              "been revoked; ask the coordinator) or is down. Run `llnm-site join` again once it is back")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         if probe.kind == "down":
             print(f"warning: {text}", file=sys.stderr)
     _warn_if_nothing_approved(plan)
-    return _run_supernode(cmd, env)
+    return _run_supernode(cmd, env, max_restarts=args.max_restarts)
 
 
 def _environment(args: argparse.Namespace, plan: JoinPlan) -> dict[str, str]:
@@ -333,23 +337,59 @@ def _warn_if_nothing_approved(plan: JoinPlan) -> None:
               "until you approve the coordinator's app (llnm-site approve HASH)", file=sys.stderr)
 
 
-def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
-    """Run flower-supernode in the foreground (its output relayed), pass on Ctrl-C/SIGTERM, and explain an exit
-    nobody asked for: Flower's own message for a refused or revoked node does not say what to do."""
+def _run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) -> int:
+    """Run flower-supernode in the foreground (its output relayed) and keep the site in the federation: when
+    the SuperNode stops without being asked to (the SuperLink restarted, the network dropped), start it again
+    after a growing pause, saying why; a refusal of the site's key ends it with what to do. Ctrl-C/SIGTERM are
+    passed on and end it."""
     import signal
-    import subprocess
+    import time
+
+    asked: list[int] = []
+    current: list[subprocess.Popen] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        asked.append(signum)
+        if current and current[-1].poll() is None:
+            current[-1].send_signal(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    restarts = refusals = 0
+    while True:
+        rc, refused = _supernode_once(cmd, env, current)
+        if asked:
+            return 0
+        if refused:
+            refusals += 1
+            # Right after a SuperLink restart its registrations are being restored: a refusal then is worth
+            # a few more tries. A refusal at the very first start is final.
+            if restarts == 0 or refusals > 3:
+                print(f"error: flower-supernode exited (status {rc}): {REFUSED_HINT}", file=sys.stderr)
+                return rc or 1
+        if restarts >= max_restarts:
+            print(f"error: flower-supernode exited (status {rc}) {restarts + 1} times: {ENDED_HINT}",
+                  file=sys.stderr)
+            return rc or 1
+        restarts += 1
+        pause = min(60, 5 * restarts)
+        print(f"[llnm-site] flower-supernode stopped without being asked to (status {rc}): the SuperLink "
+              f"restarted or the connection dropped. Starting it again in {pause} s (restart {restarts} of at most "
+              f"{max_restarts}; Ctrl-C to stop).", file=sys.stderr, flush=True)
+        deadline = time.monotonic() + pause
+        while time.monotonic() < deadline and not asked:
+            time.sleep(0.2)
+        if asked:
+            return 0
+
+
+def _supernode_once(cmd: list[str], env: dict[str, str], current: list[subprocess.Popen]) -> tuple[int, bool]:
+    """One flower-supernode process to its end: (exit status, whether the SuperLink refused to activate it)."""
     import threading
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
-    asked: list[int] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        asked.append(signum)
-        proc.send_signal(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
+    current.append(proc)
     refused: list[bool] = []
     stream = proc.stdout
     assert stream is not None
@@ -367,9 +407,4 @@ def _run_supernode(cmd: list[str], env: dict[str, str]) -> int:
     reader.start()
     rc = proc.wait()
     reader.join(timeout=5)
-    if asked:
-        return 0
-    # Without a signal from us, any exit is one the site did not ask for.
-    print(f"error: flower-supernode exited (status {rc}): {REFUSED_HINT if refused else ENDED_HINT}",
-          file=sys.stderr)
-    return rc or 1
+    return rc, bool(refused)

@@ -121,3 +121,44 @@ def test_a_flower_error_reads_as_what_happened_to_the_site() -> None:
     text = describe_error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable — The destination node failed")
     assert text.startswith("unreachable: its SuperNode stopped sending heartbeats") and "(Flower: Error: Node" in text
     assert describe_error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom\n  trace") == "error: boom trace"
+
+
+@pytest.mark.slow
+def test_a_site_comes_back_by_itself_after_the_superlink_restarts(tmp_path, small_consortium) -> None:
+    """A real SuperLink (loopback development mode) restarted under a joined site: `llnm-site join` starts its
+    SuperNode again, says why, and the new SuperLink sees the site again."""
+    import signal
+    import time
+
+    from processes import BIN, free_port, start, stop, wait_for_port
+
+    port = free_port()
+    link_cmd = [str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+    link = start(link_cmd, tmp_path / "superlink-1.log")
+    site = None
+    try:
+        wait_for_port(port)
+        site = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure", "--data",
+                      str(small_consortium / "site-a"), "--state-dir", str(tmp_path / "state"), "--skip-check",
+                      "--clientappio-port", str(free_port())], tmp_path / "join.log")
+        log = tmp_path / "join.log"
+
+        def wait_for(text: str, count: int = 1, timeout: float = 90) -> None:
+            deadline = time.monotonic() + timeout
+            while log.read_text(errors="replace").count(text) < count:
+                assert site.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.3)
+
+        wait_for("SuperNode ID:")
+        stop(link, signal.SIGKILL)
+        link = start(link_cmd, tmp_path / "superlink-2.log")
+        wait_for_port(port)
+        wait_for("Starting it again in")
+        wait_for("SuperNode ID:", count=2)  # a new SuperNode, on the new SuperLink
+        text = log.read_text(errors="replace")
+        assert "the SuperLink restarted or the connection dropped" in text and site.poll() is None
+    finally:
+        if site is not None:
+            stop(site)
+        stop(link)
+    assert "error:" not in (tmp_path / "join.log").read_text(errors="replace")  # stopped when asked: no error
