@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(cmd), flush=True)
     if args.print_command:
         return 0
-    env = offline_environment(PATH=_path_with_venv())
     provision_dir = args.provision or (exp.federation.superlink.provision_dir if exp else None)
+    # Flower keeps the app bundles it runs under FLWR_HOME (~/.flwr by default): with a provisioning folder,
+    # they stay beside the consortium's other files instead of in the coordinator's home folder.
+    home = {"FLWR_HOME": str(Path(provision_dir).resolve() / "flwr-home")} if provision_dir else {}
+    env = offline_environment(PATH=_path_with_venv(), **home)
     if plan.insecure or not provision_dir:
         os.execve(cmd[0], cmd, env)
     return _supervise(cmd, env, Path(provision_dir), plan.port)
