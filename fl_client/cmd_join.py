@@ -372,7 +372,7 @@ def _run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) 
                   file=sys.stderr)
             return rc or 1
         restarts += 1
-        pause = min(60, 5 * restarts)
+        pause = min(60, 2 ** restarts)
         print(f"[llnm-site] flower-supernode stopped without being asked to (status {rc}): the SuperLink "
               f"restarted or the connection dropped. Starting it again in {pause} s (restart {restarts} of at most "
               f"{max_restarts}; Ctrl-C to stop).", file=sys.stderr, flush=True)

@@ -92,6 +92,9 @@ class FederationSection(_Strict):
     round_timeout_s: float = Field(default=1800.0, gt=0.0)
     connect_timeout_s: float = Field(default=600.0, gt=0.0)
     eval_split: Literal["val", "test"] = "val"
+    # Evaluate the global model every k-th round (and always after the last): every evaluation costs each site
+    # a pass over its split. Rounds without one have no metrics and cannot be chosen as the best round.
+    eval_every: int = Field(default=1, ge=1)
     final_eval_split: Literal["val", "test"] | None = "test"
     # Which global model the final evaluation uses: the round with the best pooled validation AUC
     # (model selection on validation, as the baselines do) or simply the last round.

@@ -383,7 +383,10 @@ class Federation:
         train_seconds = round(time.perf_counter() - t_train, 3)
 
         unresponsive = {f["node_id"] for f in outcome.failures if f["reason"].startswith("no reply")}
-        ev = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
+        if rnd % fed.eval_every == 0 or rnd == fed.rounds:
+            ev = self.evaluate(strategy, rnd, new_arrays, fed.eval_split, unresponsive)
+        else:  # federation.eval_every: no evaluation this round (each costs every site a pass over its split)
+            ev = Evaluation({}, {}, [], {}, {}, {})
         entry = {
             "round": rnd,
             "split": fed.eval_split,
@@ -476,9 +479,10 @@ class Federation:
 
     def _print_round(self, entry: dict[str, Any]) -> None:
         fails = "; ".join(f"{f['site']} {f['phase']}: {f['reason']}" for f in entry["failures"])
+        metrics = (f"{entry['split']} " + _site_line(entry["sites"], entry["pooled"]) if entry["sites"]
+                   else f"trained by {len(entry['participants'])} site(s), not evaluated (federation.eval_every)")
         self.say(f"[llnm] round {entry['round']}/{self.exp.federation.rounds} ({entry['seconds']:.0f} s) "
-                 f"{entry['split']} " + _site_line(entry["sites"], entry["pooled"])
-                 + (f" | failed: {fails}" if fails else ""))
+                 + metrics + (f" | failed: {fails}" if fails else ""))
 
 
 def _none_if_nan(v: Any) -> Any:

@@ -82,35 +82,35 @@ def test_the_absolute_bound_applies_with_few_sites_and_the_ratio_is_configurable
     assert len(accepted) == 4 and not rejected
 
 
-def test_a_sites_own_evaluation_names_the_rows_it_left_out(small_consortium, tmp_path) -> None:
-    """`llnm-site evaluate` on a site with a duplicated patient id: exit 0, but the row is named, not dropped
-    silently, and the site folder is untouched."""
+def test_a_sites_own_evaluation_names_the_rows_it_left_out(tmp_path, capsys) -> None:
+    """`llnm-site evaluate` on a site with a duplicated patient id: it succeeds, but names the row it left out
+    (never silently), and the site folder is untouched. (A clinical-only site: no image or report to decode.)"""
+    import argparse
     import json
-    import shutil
-    import subprocess
 
-    from processes import BIN, ROOT
+    from test_real_data import CLINICAL_ONLY, _clinical_site, _rows
 
-    from fl_server.config import load_config
+    from fl_client import cmd_evaluate
+    from fl_server.config import parse_config
     from fl_server.strategies import initial_state
     from shared_model.checkpoint import save_checkpoint
 
-    site = tmp_path / "site-b"
-    shutil.copytree(small_consortium / "site-b", site)
-    lines = (site / "patients.csv").read_text(encoding="utf-8").splitlines()
-    (site / "patients.csv").write_text("\n".join([*lines, lines[1]]) + "\n", encoding="utf-8")
+    rows = _rows(12)
+    site = _clinical_site(tmp_path / "site", [*rows, rows[3]])
     before = (site / "patients.csv").read_bytes()
-    exp = load_config(ROOT / "configs" / "demo.yaml")
+    exp = parse_config({"model": {"preset": "tiny"}, "preprocess": {"inputs": CLINICAL_ONLY}})
     ckpt = save_checkpoint(tmp_path / "m.safetensors", initial_state(exp), {
         "round": 1, "model_config": exp.architecture().to_dict(), "preprocess_config": exp.preprocess.to_dict()})
-    done = subprocess.run([str(BIN / "llnm-site"), "evaluate", "--model", str(ckpt), "--data", str(site), "--out",
-                           str(tmp_path / "eval.json"), "--bootstrap", "0"], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "is duplicated (first at row 2)" in done.stderr and "1 patient row(s) left out" in done.stderr
+    parser = argparse.ArgumentParser()
+    cmd_evaluate.add_arguments(parser)
+    args = parser.parse_args(["--model", str(ckpt), "--data", str(site), "--out", str(tmp_path / "eval.json"),
+                              "--bootstrap", "0", "--split", "all", "--cache-dir", str(tmp_path / "cache")])
+    assert cmd_evaluate.run(args) == 0
+    err = capsys.readouterr().err
+    assert "P3 is duplicated (first at row 5)" in err and "1 patient row(s) left out" in err, err
     result = json.loads((tmp_path / "eval.json").read_text())
     assert len(result["skipped"]) == 1 and "duplicated" in result["skipped"][0]["reasons"][0]
-    assert (site / "patients.csv").read_bytes() == before
+    assert result["n_scored"] == 12 and (site / "patients.csv").read_bytes() == before
 
 
 def test_a_flower_error_reads_as_what_happened_to_the_site() -> None:
