@@ -60,18 +60,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"app: {s['app_sha256']} (what every site must have approved)")
     for node in s["rejected_nodes"]:
         print(f"refused node: {node['reason']}")
-    last = s["last_round"]
+    last, final = s["last_round"], s["final"]
     if last:
-        print(f"round {last['round']} ({last['split']}):")
-        _print_metrics_table(last)
-        for fail in last.get("failures", []):
-            print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
-    final = s["final"]
+        _print_entry(f"round {last['round']} ({last['split']}):", last)
     if final:
-        print(f"final {final['split']} evaluation of the round-{final['round']} model ({final['model']}):")
-        _print_metrics_table(final)
-        for fail in final.get("failures", []):
-            print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
+        _print_entry(f"final {final['split']} evaluation of the round-{final['round']} model ({final['model']}):",
+                     final)
     elif s["status"] == "completed":
         print("final evaluation: none (federation.final_eval_split is null)")
     for sentence in s["privacy"]:
@@ -79,6 +73,14 @@ def run(args: argparse.Namespace) -> int:
     if not s["privacy"]:
         print("privacy: no differential privacy in this run (updates and metrics are sent exactly)")
     return 0
+
+
+def _print_entry(title: str, entry: dict) -> None:
+    """A round's (or the final evaluation's) metrics table and its failures."""
+    print(title)
+    _print_metrics_table(entry)
+    for fail in entry.get("failures", []):
+        print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
 
 
 def _print_metrics_table(entry: dict) -> None:

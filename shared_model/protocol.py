@@ -146,7 +146,6 @@ POP_VIEWS = "pop-views"
 POP_THYROID_MASKS = "pop-thyroid-masks"
 POP_CALIBRATED = "pop-calibrated"
 POP_REPORTS = "pop-reports"
-POPULATION_KEYS = (POP_VIEWS, POP_THYROID_MASKS, POP_CALIBRATED, POP_REPORTS)
 # Explanation aggregates (`shared_model.explanation`): patients explained, one share per feature group, and
 # per location bin (capsule distance, lobe third) the counts of `explanation.LOCATION_FIELDS`.
 EXPLAIN_N = "explain-n"
