@@ -124,7 +124,8 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
     subset = tensors if split == "all" else tensors.subset(split)
     preds = predict(model, make_dataset(subset), device="cpu")
     y, score = preds["llnm"].astype(int), preds["score"]
-    aggregates = site_explanation(model, subset, pre.inputs, y, score, steps=steps)
+    totals = group_totals(model, subset, steps=steps)  # once: the aggregates and each patient's shares
+    aggregates = site_explanation(model, subset, pre.inputs, y, score, totals=totals)
 
     if patient_ids:
         unknown = sorted(set(patient_ids) - set(subset.patient_ids))
@@ -136,7 +137,7 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
         chosen = order.tolist() if patients <= 0 else order[:patients].tolist()
     picked = subset.select(chosen)
     groups = feature_groups(pre.inputs)
-    per_patient, _ = shares(group_totals(model, picked, steps=steps))
+    per_patient, _ = shares(totals[chosen])
     rollout = attention_rollout(model, picked)
     views = picked.image.shape[1] if model_cfg.images else 0
     cams = [gradcam_pp(model, picked, v) for v in range(views)]

@@ -118,7 +118,6 @@ def build_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
                                 **(m.get("population") or {})} for s, m in final_sites.items()}
     report["risk_stage"] = {s: m["risk_stage"] for s, m in final_sites.items() if m.get("risk_stage")}
     report["explanations"] = final.get("explanations")
-    report["inputs"] = cfg.preprocess.inputs  # for the page only (not written to report.json)
     from fl_server.model_card import model_card_data
 
     report["model_card"] = model_card_data(rd, cfg, report)
@@ -249,11 +248,8 @@ def _explanation_section(report: dict[str, Any]) -> list[str]:
            f"<p>Method: {esc(expl['method'])}.</p>"]
     if expl.get("shares"):
         out.append("<table id='feature-groups'><tr><th>group</th><th>share</th><th>paper group</th></tr>")
-        from shared_model.explanation import paper_group_of
-
-        inputs = report["inputs"]
         for g, v in expl["shares"].items():
-            out.append(f"<tr><th>{esc(g)}</th><td>{v:.1%}</td><td>{esc(paper_group_of(g, inputs))}</td></tr>")
+            out.append(f"<tr><th>{esc(g)}</th><td>{v:.1%}</td><td>{esc((expl.get('paper_groups') or {}).get(g, '-'))}</td></tr>")
         out.append("</table><table id='paper-groups'><tr><th></th>" + "".join(
             f"<th>{esc(g)}</th>" for g in expl["paper_shares"]) + "</tr><tr><th>this model</th>" + "".join(
             f"<td>{expl['paper_group_shares'][g]:.1%}</td>" for g in expl["paper_shares"]) + "</tr><tr><th>paper</th>"
@@ -304,8 +300,6 @@ def write_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
     report = build_report(run_dir, compare)
     run = Path(run_dir)
     atomic_write_text(run / "model_card.md", render_model_card(report["run"], report["model_card"]))
-    page = render_html(report)
-    report = {k: v for k, v in report.items() if k != "inputs"}
     atomic_write_json(run / "report.json", report)
-    atomic_write_text(run / "report.html", page)
+    atomic_write_text(run / "report.html", render_html(report))
     return run / "report.json", run / "report.html"

@@ -133,13 +133,14 @@ def combine_site_explanations(sites: Mapping[str, Mapping[str, Any]], inputs: In
         "sites": {s: {"n": int(e["n"]), "shares": dict(zip(groups, e["shares"], strict=True))}
                   for s, e in sorted(usable.items())},
         "shares": dict(zip(groups, shares, strict=True)) if shares else None,
+        "paper_groups": {g: paper_group_of(g, inputs) for g in groups},
         "paper_shares": dict(PAPER_FEATURE_SHARES),
         "paper_findings": list(PAPER_LOCATION_FINDINGS),
     }
     if shares:
         four: dict[str, float] = dict.fromkeys(PAPER_FEATURE_SHARES, 0.0)
         for g, v in zip(groups, shares, strict=True):
-            four[paper_group_of(g, inputs)] += v
+            four[result["paper_groups"][g]] += v
         result["paper_group_shares"] = four
     for key, labels in (("capsule", CAPSULE_BIN_LABELS), ("third", LOBE_THIRDS)):
         parts = [e[key] for e in sites.values() if e.get(key)]

@@ -17,14 +17,15 @@ __all__ = ["site_explanation"]
 
 
 def site_explanation(model: LLNMNet, tensors: SiteTensors, inputs: InputsConfig, y: np.ndarray,
-                     score: np.ndarray, *, steps: int = 32) -> dict[str, Any]:
+                     score: np.ndarray, *, steps: int = 32, totals: np.ndarray | None = None) -> dict[str, Any]:
     """``{"n", "shares", "capsule", "third"}``: the mean feature-group shares over the labelled patients with
     any attribution (an empty list when they are fewer than `MIN_AGGREGATE_PATIENTS`), and the location
     counts (`fl_client.explain.location`). `y` and `score` are the patients' labels (-1 unlabelled) and
-    probabilities, in the order of `tensors`."""
+    probabilities, in the order of `tensors`; `totals` the patients' `group_totals`, when already computed."""
     groups = feature_groups(inputs)
     model = model.cpu()  # the site tensors are on the CPU
-    totals = group_totals(model, tensors, steps=steps)
+    if totals is None:
+        totals = group_totals(model, tensors, steps=steps)
     if totals.shape[1] != len(groups):
         raise ValueError(f"attribution has {totals.shape[1]} groups, the inputs define {len(groups)}: {groups}")
     per_patient, ok = shares(totals)
