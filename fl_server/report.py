@@ -248,8 +248,9 @@ def _explanation_section(report: dict[str, Any]) -> list[str]:
            f"<p>Method: {esc(expl['method'])}.</p>"]
     if expl.get("shares"):
         out.append("<table id='feature-groups'><tr><th>group</th><th>share</th><th>paper group</th></tr>")
+        paper_groups = expl.get("paper_groups") or {}  # absent in runs made before it was recorded
         for g, v in expl["shares"].items():
-            out.append(f"<tr><th>{esc(g)}</th><td>{v:.1%}</td><td>{esc((expl.get('paper_groups') or {}).get(g, '-'))}</td></tr>")
+            out.append(f"<tr><th>{esc(g)}</th><td>{v:.1%}</td><td>{esc(paper_groups.get(g, '-'))}</td></tr>")
         out.append("</table><table id='paper-groups'><tr><th></th>" + "".join(
             f"<th>{esc(g)}</th>" for g in expl["paper_shares"]) + "</tr><tr><th>this model</th>" + "".join(
             f"<td>{expl['paper_group_shares'][g]:.1%}</td>" for g in expl["paper_shares"]) + "</tr><tr><th>paper</th>"
