@@ -216,10 +216,14 @@ class Federation:
                              "reason": f"no reply within {fed.round_timeout_s:.0f} s (timed out or disconnected)"})
         return RoundOutcome(ok, failures)
 
-    def offline_sites(self, nodes: Iterable[int], phase: str) -> list[dict[str, Any]]:
+    def offline_sites(self, nodes: Iterable[int], phase: str,
+                      already: Iterable[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """Known sites not connected now, except those `already` recorded as failed in this phase (a site
+        that dropped mid-round is one failure, not two)."""
         online = {self.site_names.get(n) for n in nodes}
+        recorded = {f["site"] for f in already}
         return [{"site": s, "node_id": None, "phase": phase, "reason": "offline (not connected)"}
-                for s in sorted(self.known_sites - online)]
+                for s in sorted(self.known_sites - online - recorded)]
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, strategy: Strategy, server_round: int, arrays: ArrayRecord, split: str,
@@ -261,7 +265,7 @@ class Federation:
                 withheld[name] = str(site_record[protocol.EXPLAIN_WITHHELD])
         pooled = metrics_from_histograms(list(hists.values())) if hists else {}
         pooled = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
-        failures = outcome.failures + self.offline_sites(nodes, "evaluate")
+        failures = outcome.failures + self.offline_sites(nodes, "evaluate", outcome.failures)
         return Evaluation(dict(sorted(sites.items())), pooled, failures, dict(sorted(hists.items())),
                           dict(sorted(explanations.items())), withheld)
 
@@ -350,7 +354,7 @@ class Federation:
             outcome, secure_info = RoundOutcome(secure.replies, secure.failures), secure.info
         else:
             outcome = self.exchange(msgs, "train")
-        failures = outcome.failures + self.offline_sites(nodes, "train")
+        failures = outcome.failures + self.offline_sites(nodes, "train", outcome.failures)
         train_sites: dict[str, Any] = {}
         for r in outcome.replies:
             name = _reply_site_name(r)

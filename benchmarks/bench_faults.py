@@ -1,0 +1,154 @@
+"""Sites killed mid-run on a real deployment: the run goes on with the rest, records who failed, and takes the
+killed sites back when they rejoin.
+
+    .venv/bin/python benchmarks/bench_faults.py                    # data/consortium (make demo writes it)
+    .venv/bin/python benchmarks/bench_faults.py --kill 2 --rounds 4
+
+Real processes on loopback (a development SuperLink without TLS, so no provisioning is needed; the TLS path is
+tests/test_deployment.py's): `llnm-server start`, one `llnm-site join` per site folder, `llnm-server run`.
+Once round 1 is recorded, `--kill` sites (the last ones, in name order) are SIGKILLed with their SuperNodes,
+with `federation.min_sites` = sites - kill. When the round after that is recorded they join again. Writes
+benchmarks/results/faults.json: per round the participants and failures, whether the killed sites were
+recorded as failed (per site, with Flower's reason) and used again after rejoining, rounds recorded exactly once,
+and the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        proc.wait(timeout=30)
+
+
+def rounds_of(run: Path) -> list[dict]:
+    try:
+        return json.loads((run / "metrics.json").read_text())["rounds"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def wait_until(condition, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=str(ROOT / "data" / "consortium"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--kill", type=int, default=2)
+    ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
+    args = ap.parse_args(argv)
+    sites = sorted(p for p in Path(args.data).iterdir() if (p / "patients.csv").is_file())
+    victims = sites[-args.kill:]
+    tmp = Path(tempfile.mkdtemp(prefix="llnm-faults-"))
+    exp = yaml.safe_load(Path(args.config).read_text())
+    exp["name"] = "bench-faults"
+    exp["evaluation"] = {"explain": False}
+    exp["federation"].update({"rounds": args.rounds, "min_sites": len(sites) - args.kill, "round_timeout_s": 300,
+                              "final_eval_split": None, "eval_bootstrap": 0, "connect_timeout_s": 300})
+    config = tmp / "exp.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
+                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    port = free_port()
+    procs: dict[str, subprocess.Popen] = {}
+
+    def join(site: Path, attempt: int) -> None:
+        state = tmp / "state" / site.name
+        subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+                       capture_output=True)
+        procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                                  "--data", str(site), "--state-dir", str(state), "--skip-check",
+                                  "--clientappio-port", str(free_port())], tmp / f"join-{site.name}-{attempt}.log")
+
+    t0 = time.perf_counter()
+    run = tmp / "run"
+    events: list[dict] = []
+    try:
+        procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1", "--port",
+                                    str(port)], tmp / "superlink.log")
+        time.sleep(3)
+        for site in sites:
+            join(site, 1)
+        procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run),
+                              "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp / "run.log")
+        wait_until(lambda: len(rounds_of(run)) >= 1, "round 1", 900)
+        for site in victims:
+            kill(procs.pop(site.name))
+            events.append({"after_round": 1, "event": "killed", "site": site.name, "t": time.perf_counter() - t0})
+        wait_until(lambda: len(rounds_of(run)) >= 2, "round 2 without the killed sites", 900)
+        for site in victims:
+            join(site, 2)
+            events.append({"after_round": 2, "event": "rejoined", "site": site.name, "t": time.perf_counter() - t0})
+        rc = procs["run"].wait(timeout=1800)
+    finally:
+        for proc in procs.values():
+            kill(proc, signal.SIGTERM)
+    seconds = time.perf_counter() - t0
+    rounds = rounds_of(run)
+    names = {s.name for s in sites}
+    killed = {s.name for s in victims}
+    per_round = [{"round": r["round"], "participants": r["participants"],
+                  "failures": [{"site": f["site"], "phase": f["phase"], "reason": f["reason"]} for f in r["failures"]],
+                  "pooled_auc": (r.get("pooled") or {}).get("auc")} for r in rounds]
+    second = rounds[1] if len(rounds) > 1 else {}
+    result = {
+        "data": args.data, "sites": sorted(names), "killed": sorted(killed), "rounds_planned": args.rounds,
+        "min_sites": len(sites) - args.kill, "exit_status": rc, "seconds": round(seconds, 1), "events": events,
+        "rounds": per_round,
+        "checks": {
+            "every_round_recorded_once": [r["round"] for r in rounds] == list(range(1, args.rounds + 1)),
+            "round_2_went_on_without_the_killed": set(second.get("participants", [])) == names - killed,
+            "killed_recorded_as_failed_in_round_2": killed <= {f["site"] for f in second.get("failures", [])},
+            "killed_used_again_after_rejoining": any(killed <= set(r["participants"]) for r in rounds[2:]),
+            "records_lost": 0 if [r["round"] for r in rounds] == list(range(1, args.rounds + 1)) else None,
+        },
+        "logs": str(tmp),
+    }
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: result[k] for k in ("checks", "seconds", "exit_status")}, indent=2))
+    for r in per_round:
+        print(r["round"], r["participants"], [(f["site"], f["reason"][:90]) for f in r["failures"]])
+    print(f"wrote {args.result}")
+    return 0 if all(v for k, v in result["checks"].items() if k != "records_lost") and rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
