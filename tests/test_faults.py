@@ -162,3 +162,17 @@ def test_a_site_comes_back_by_itself_after_the_superlink_restarts(tmp_path, smal
             stop(site)
         stop(link)
     assert "error:" not in (tmp_path / "join.log").read_text(errors="replace")  # stopped when asked: no error
+
+
+def test_a_site_that_dropped_mid_round_is_one_failure(tmp_path) -> None:
+    """A SuperNode killed mid-round is unreachable (Flower's error) and also no longer connected: one failure."""
+    from fl_server.config import parse_config
+    from fl_server.federation import Federation
+    from fl_server.run_dir import RunDirectory
+
+    fed = Federation(grid=None, exp=parse_config({}), run_dir=RunDirectory(tmp_path), echo=False)
+    fed.known_sites = {"site-a", "site-b", "site-c"}
+    fed.site_names = {1: "site-a", 2: "site-b"}
+    dropped = [{"site": "site-b", "node_id": 2, "phase": "train", "reason": "unreachable: ..."}]
+    offline = fed.offline_sites([1], "train", dropped)
+    assert [f["site"] for f in offline] == ["site-c"] and offline[0]["reason"] == "offline (not connected)"
