@@ -92,3 +92,15 @@ def assert_round_metrics(entry: dict, sites: set[str]) -> None:
     assert entry["pooled"]["n"] == sum(m["n"] for m in entry["sites"].values())
 
 
+
+
+def tree_digest(folder: Path) -> str:
+    """SHA-256 over a folder's relative paths and file contents: equal digests, an untouched folder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        h.update(str(path.relative_to(folder)).encode())
+        if path.is_file():
+            h.update(path.read_bytes())
+    return h.hexdigest()

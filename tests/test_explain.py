@@ -7,7 +7,6 @@ every value of its reply is inspected.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import subprocess
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from processes import BIN, ROOT
+from processes import BIN, ROOT, tree_digest
 
 from fl_server.config import ConfigError, load_config, parse_config
 from shared_model import protocol
@@ -214,15 +213,6 @@ def test_an_explaining_site_sends_no_image_report_id_or_per_patient_value(
     assert "share-explanations=false" in reply.content[protocol.SITE_RECORD][protocol.EXPLAIN_WITHHELD]
 
 
-def _tree_digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        h.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def test_site_explain_command_writes_its_own_folder_only(small_consortium: Path, tmp_path: Path) -> None:
     """`llnm-site explain`: Grad-CAM++ figures, ranked report segments and shares, outside the site's folder."""
     from fl_server.strategies import initial_state
@@ -233,7 +223,7 @@ def test_site_explain_command_writes_its_own_folder_only(small_consortium: Path,
     ckpt = save_checkpoint(tmp_path / "model.safetensors", initial_state(exp), {
         "round": 1, "model_config": exp.architecture().to_dict(), "preprocess_config": exp.preprocess.to_dict()})
     site = small_consortium / SITE
-    before = _tree_digest(site)
+    before = tree_digest(site)
     inside = subprocess.run([str(BIN / "llnm-site"), "explain", "--model", str(ckpt), "--data", str(site),
                              "--out", str(site / "explained")], capture_output=True, text=True, timeout=300)
     assert inside.returncode == 2 and "never written into a hospital's data folder" in inside.stderr
@@ -241,7 +231,7 @@ def test_site_explain_command_writes_its_own_folder_only(small_consortium: Path,
     res = subprocess.run([str(BIN / "llnm-site"), "explain", "--model", str(ckpt), "--data", str(site), "--out",
                           str(out), "--patients", "3", "--steps", "8"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert _tree_digest(site) == before
+    assert tree_digest(site) == before
     result = json.loads((out / "explanations.json").read_text())
     assert len(result["patients"]) == 3 and result["aggregates"]["groups"] == feature_groups(InputsConfig())
     scores = [p["score"] for p in result["patients"]]

@@ -7,13 +7,13 @@ two cores); hypothesis' database remembers failures between runs.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from processes import tree_digest
 
 from fl_server.config import ConfigError, load_config, parse_config
 from shared_model.contract import load_site
@@ -23,15 +23,6 @@ from shared_model.imaging.reader import read_image
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "us_dicom"
-
-
-def _digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for path in sorted(folder.rglob("*")):
-        h.update(str(path.relative_to(folder)).encode())
-        if path.is_file():
-            h.update(path.read_bytes())
-    return h.hexdigest()
 
 
 # ---- the experiment configuration ------------------------------------------------------------------------
@@ -85,11 +76,11 @@ def test_any_site_table_loads_with_problems_and_is_never_written(tmp_path_factor
         (site / "site.yaml").write_bytes(site_yaml)
     elif site_yaml is not None:
         (site / "site.yaml").write_text(site_yaml, encoding="utf-8")
-    before = _digest(site)
+    before = tree_digest(site)
     result = load_site(site)  # problems are reported, never raised
     assert all(p.file and p.message for p in result.problems)
     assert len(result.patients) <= len(rows)
-    assert _digest(site) == before
+    assert tree_digest(site) == before
 
 
 @FUZZ
