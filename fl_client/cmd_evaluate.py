@@ -33,19 +33,16 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
     import numpy as np
     from sklearn.metrics import confusion_matrix
 
-    from shared_model.architectures import build_model, load_site_inputs, make_dataset
-    from shared_model.checkpoint import load_checkpoint
+    from shared_model.architectures import load_site_inputs, make_dataset
+    from shared_model.checkpoint import model_from_checkpoint
     from shared_model.metrics import binary_metrics, calibration_curve_data, decision_curve
     from shared_model.modeling import ModelConfig
     from shared_model.preprocessing import PreprocessConfig
     from shared_model.training import predict
 
-    state, meta = load_checkpoint(model_path)
+    model, meta = model_from_checkpoint(model_path)
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     pre = PreprocessConfig.from_dict(meta["preprocess_config"])
-    model_cfg.check_inputs(pre.inputs, f"checkpoint {model_path}")
-    model = build_model(model_cfg)
-    model.load_state_dict(state)
     tensors = load_site_inputs(Path(site_dir), pre, model_cfg, cache_dir=Path(cache_dir) if cache_dir else None,
                                progress=True)
     subset = tensors if split == "all" else tensors.subset(split)
@@ -85,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         result, subset, preds = evaluate_site(args.model, args.data, split=args.split, threshold=args.threshold,
                                               n_bootstrap=args.bootstrap, cache_dir=args.cache_dir,
                                               device=args.device)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for skip in result["skipped"]:

@@ -100,8 +100,8 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
     from fl_client.explain.gradcam import gradcam_pp
     from fl_client.explain.location import capsule_bin, patient_locations
     from fl_client.explain.rollout import attention_rollout
-    from shared_model.architectures import build_model, load_site_inputs, make_dataset
-    from shared_model.checkpoint import load_checkpoint
+    from shared_model.architectures import load_site_inputs, make_dataset
+    from shared_model.checkpoint import model_from_checkpoint
     from shared_model.config import ModelConfig, PreprocessConfig
     from shared_model.explanation import CAPSULE_BIN_LABELS, LOBE_THIRDS, feature_groups
     from shared_model.training import predict
@@ -110,15 +110,12 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
     if out == site or out.is_relative_to(site):
         raise ValueError(f"--out {out_dir} is inside the site folder {site_dir}: explanations are never written "
                          "into a hospital's data folder; choose another folder")
-    state, meta = load_checkpoint(model_path)
+    model, meta = model_from_checkpoint(model_path)
     model_cfg = ModelConfig.from_dict(meta["model_config"])
     pre = PreprocessConfig.from_dict(meta["preprocess_config"])
     if model_cfg.architecture != "llnm-net":
         raise ValueError(f"checkpoint {model_path}: explanations need the LLNM-Net transformer; this model is "
                          f"the {model_cfg.architecture!r} architecture")
-    model_cfg.check_inputs(pre.inputs, f"checkpoint {model_path}")
-    model = build_model(model_cfg)
-    model.load_state_dict(state)
     tensors = load_site_inputs(site, pre, model_cfg, cache_dir=Path(cache_dir) if cache_dir else None,
                                progress=True)
     subset = tensors if split == "all" else tensors.subset(split)
@@ -224,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = explain_site(args.model, args.data, args.out, split=args.split, patients=args.patients,
                               patient_ids=args.patient, steps=args.steps, top=args.top, cache_dir=args.cache_dir)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     agg = result["aggregates"]

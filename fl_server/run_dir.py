@@ -256,9 +256,10 @@ class RunDirectory:
         return json.loads(self.server_state_path(rnd).read_text(encoding="utf-8"))
 
     def load_checkpoint(self, rnd: int) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
+        """Round `rnd`'s global weights; a damaged file (its SHA-256 not the side-car's) raises CheckpointError."""
+        from shared_model.checkpoint import load_checkpoint
 
-        return load_file(str(self.checkpoint_file(rnd)))
+        return load_checkpoint(self.checkpoint_file(rnd))[0]
 
     # ---- logging -------------------------------------------------------------------------------
     def attach_log(self, path: Path | None = None) -> logging.Handler:

@@ -23,7 +23,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            recorder = _WriteErrors(handle)
+            try:
+                write(recorder)
+            except OSError:
+                raise
+            except Exception as exc:
+                # torch.save's zip writer turns a failed write (disk full) into a RuntimeError about file
+                # positions; the OSError underneath is what the caller can act on.
+                if recorder.error is not None:
+                    raise recorder.error from exc
+                raise
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -31,6 +41,24 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _WriteErrors:
+    """A binary file handle that remembers the first OSError its ``write`` raised."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self._handle = handle
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._handle.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._handle, name)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -223,7 +223,7 @@ def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_d
     Reads no image while the site's cached tensors are valid (`site_cache.cached_content_key`); on a miss it
     builds or loads the site tensors and runs the backbone once.
     """
-    from shared_model.site_cache import build_site_tensors, cached_content_key
+    from shared_model.site_cache import build_site_tensors, cached_content_key, write_cache
 
     started = time.perf_counter()
     key, site_name, cache_root = cached_content_key(site_dir, cfg, cache_dir=cache_dir)
@@ -241,7 +241,7 @@ def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_d
     tensors = build_site_tensors(site_dir, cfg, cache_dir=cache_dir, progress=progress)
     feats = compute_public_features(tensors)
     path = _features_path(cache_root, tensors.site, str(tensors.meta["cache_key"]))
-    feats.save(path)
+    write_cache(path, feats.save, tensors.site)
     logger.info("%s: public features computed for %d patients in %.1f s; cached at %s", tensors.site, len(feats),
                 time.perf_counter() - started, path)
     return feats

@@ -22,7 +22,9 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared_model.config import PREPROCESSING_VERSION, PreprocessConfig
@@ -31,9 +33,32 @@ from shared_model.data import SiteTensors
 from shared_model.fileio import atomic_write_json
 from shared_model.site_build import build_tensors, skipped_rows
 
-__all__ = ["build_site_tensors", "default_cache_dir", "site_content_key"]
+__all__ = ["CacheWriteError", "build_site_tensors", "default_cache_dir", "site_content_key", "write_cache"]
 
 logger = logging.getLogger(__name__)
+
+
+class CacheWriteError(OSError):
+    """The cache folder could not take a cache file (disk full, quota, permissions); nothing was cached."""
+
+
+def write_cache(path: Path, save: Callable[[Path], object], site_name: str) -> None:
+    """``save(path)`` (an atomic write), turning a failure into a :class:`CacheWriteError` that says where,
+    why, how much room is left and what to do. The atomic write leaves no partial file behind, so the next
+    attempt finds no cache and builds again rather than read a half-written one."""
+    try:
+        save(path)
+    except OSError as exc:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free there"
+        except OSError:
+            free = "free space unknown"
+        error = CacheWriteError(
+            f"{site_name}: cannot write the preprocessing cache {path} ({exc.strerror or exc}; {free}). "
+            "Nothing was cached and the site folder is untouched; make room, or point the cache elsewhere "
+            "(--cache-dir, LLNM_CACHE_DIR, or the SuperNode's node config cache-dir)")
+        error.errno = exc.errno
+        raise error from exc
 
 
 def default_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -115,8 +140,9 @@ def build_site_tensors(
         build_seconds=round(build_seconds, 3),
         patients_per_second=round(len(site.patients) / build_seconds, 3) if build_seconds > 0 else None,
     )
-    tensors.save(cache_path)
-    _write_stat_key(stat_file, key, site)
+    write_cache(cache_path, tensors.save, site.name)
+    # Written after the cache file it points to, so a stat key never names a cache that is not complete.
+    write_cache(stat_file, lambda path: _write_stat_key(path, key, site), site.name)
     logger.info(
         "%s: built %d patients in %.1f s (%.2f patients/s); cached at %s",
         site.name, len(tensors), build_seconds, len(site.patients) / max(build_seconds, 1e-9), cache_path,

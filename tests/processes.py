@@ -104,3 +104,13 @@ def tree_digest(folder: Path) -> str:
         if path.is_file():
             h.update(path.read_bytes())
     return h.hexdigest()
+
+
+def first_patients(site: Path, out: Path, n: int) -> Path:
+    """A copy of `site` whose table keeps its first `n` patient rows (a quick site for slow paths)."""
+    import shutil
+
+    shutil.copytree(site, out)
+    lines = (site / "patients.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (out / "patients.csv").write_text("".join(lines[: n + 1]), encoding="utf-8")
+    return out

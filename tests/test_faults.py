@@ -176,3 +176,153 @@ def test_a_site_that_dropped_mid_round_is_one_failure(tmp_path) -> None:
     dropped = [{"site": "site-b", "node_id": 2, "phase": "train", "reason": "unreachable: ..."}]
     offline = fed.offline_sites([1], "train", dropped)
     assert [f["site"] for f in offline] == ["site-c"] and offline[0]["reason"] == "offline (not connected)"
+
+
+def _tiny_checkpoint(tmp_path):
+    from fl_server.config import parse_config
+    from fl_server.strategies import initial_state
+    from shared_model.checkpoint import save_checkpoint
+
+    exp = parse_config({"model": {"preset": "tiny"}})
+    meta = {"round": 1, "model_config": exp.architecture().to_dict(), "preprocess_config": exp.preprocess.to_dict()}
+    return save_checkpoint(tmp_path / "round-0001.safetensors", initial_state(exp), meta), exp
+
+
+def _expect_refused(path, *words: str, named=None) -> str:
+    from shared_model.checkpoint import CheckpointError, model_from_checkpoint
+
+    with pytest.raises(CheckpointError) as err:
+        model_from_checkpoint(path)
+    text = str(err.value)
+    assert text.startswith(str(named or path)), text
+    for word in words:
+        assert word in text, text
+    return text
+
+
+def test_a_damaged_or_foreign_checkpoint_is_refused_by_name(tmp_path) -> None:
+    """Truncated, one byte flipped, the side-car of another architecture, no side-car, side-car not JSON: each is
+    refused with the file and the reason; the intact checkpoint loads with its recorded SHA-256."""
+    import hashlib
+    import json
+
+    from shared_model.checkpoint import model_from_checkpoint
+
+    path, exp = _tiny_checkpoint(tmp_path)
+    data = path.read_bytes()
+    side = path.with_suffix(".json")
+    meta = json.loads(side.read_text())
+    assert meta["sha256"] == hashlib.sha256(data).hexdigest()
+    model, _ = model_from_checkpoint(path)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+    path.write_bytes(data[: len(data) // 2])
+    _expect_refused(path, "SHA-256", "truncated")
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    _expect_refused(path, "SHA-256", "damaged")
+    # A checkpoint from before the hash was recorded: truncation is still caught, by the reader.
+    side.write_text(json.dumps({k: v for k, v in meta.items() if k != "sha256"}))
+    path.write_bytes(data[:100])
+    _expect_refused(path, "not a readable safetensors checkpoint")
+    # The right bytes, but the side-car says it is another network.
+    path.write_bytes(data)
+    other = {**meta, "model_config": {**meta["model_config"], "hidden_size": 32}}
+    side.write_text(json.dumps(other))
+    _expect_refused(path, "not those of the 'llnm-net' network", "of another shape")
+    feature_head = {**other, "model_config": exp.architecture().to_dict() | {"architecture": "feature-head"}}
+    side.write_text(json.dumps(feature_head))
+    _expect_refused(path, "not those of the 'feature-head' network", "missing", "unexpected")
+    side.write_text("{not json")
+    _expect_refused(path, "not valid JSON", named=side)
+    side.unlink()
+    _expect_refused(path, "side-car", named=side)
+
+
+def test_llnm_site_evaluate_refuses_a_damaged_checkpoint_with_one_line(tmp_path) -> None:
+    import subprocess
+
+    from processes import BIN
+
+    path, _ = _tiny_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    site = tmp_path / "site"
+    site.mkdir()
+    out = subprocess.run([str(BIN / "llnm-site"), "evaluate", "--model", str(path), "--data", str(site)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert f"{path}: SHA-256" in out.stderr, out.stderr
+
+
+def _small_disk(tmp_path, size: int):
+    """A folder on a file system that fills up after `size` bytes: a real tmpfs where this machine lets us mount
+    one (root in a container with the capability), else the kernel's per-process file-size limit
+    (RLIMIT_FSIZE) for the child process. Returns (folder, preexec_fn for the child, unmount)."""
+    import os
+    import resource
+    import signal
+    import subprocess
+
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True)
+        if done.returncode == 0:
+            return folder, None, lambda: subprocess.run(["umount", "-l", str(folder)], check=False)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return folder, limit, lambda: None
+
+
+def test_a_full_disk_while_building_the_cache_is_a_clear_error_and_never_a_half_written_cache(
+        tmp_path, small_consortium, caplog) -> None:
+    """The site's cache folder fills up while `llnm-site evaluate` builds the cache: one clear line naming the
+    cache file and the reason, no file left in the cache folder (the write is atomic), the site folder
+    untouched. A half-written cache at the expected name (as a crash in a non-atomic writer would leave) is
+    refused and rebuilt, never read."""
+    import logging
+    import subprocess
+
+    import torch
+    from processes import BIN, first_patients, tree_digest, write_config
+
+    from fl_server.config import load_config
+    from fl_server.strategies import initial_state
+    from shared_model.checkpoint import save_checkpoint
+    from shared_model.site_cache import build_site_tensors
+
+    site = first_patients(small_consortium / "site-a", tmp_path / "site-a", 6)
+    before = tree_digest(site)
+    exp = load_config(write_config(tmp_path))
+    ckpt = save_checkpoint(tmp_path / "m.safetensors", initial_state(exp), {
+        "round": 1, "model_config": exp.architecture().to_dict(), "preprocess_config": exp.preprocess.to_dict()})
+    disk, preexec, unmount = _small_disk(tmp_path, 256 * 1024)
+    try:
+        out = subprocess.run([str(BIN / "llnm-site"), "evaluate", "--model", str(ckpt), "--data", str(site),
+                              "--cache-dir", str(disk), "--bootstrap", "0"],
+                             capture_output=True, text=True, timeout=300, preexec_fn=preexec)
+        left_behind = sorted(p.name for p in disk.iterdir())
+    finally:
+        unmount()
+    lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"site-a: cannot write the preprocessing cache {disk}/site-a-" in lines[0], lines[0]
+    assert ("No space left on device" in lines[0]) or ("File too large" in lines[0]), lines[0]
+    assert left_behind == [], left_behind  # no partial .pt, no temporary file, no stat key
+    assert tree_digest(site) == before
+
+    # A truncated file where the cache belongs (and a stat key pointing to it): refused and rebuilt.
+    cache = tmp_path / "cache"
+    built = build_site_tensors(site, exp.preprocess, cache_dir=cache, progress=False)
+    (path,) = cache.glob("site-a-*.pt")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with caplog.at_level(logging.WARNING, logger="shared_model.site_cache"):
+        again = build_site_tensors(site, exp.preprocess, cache_dir=cache, progress=False)
+    assert f"cache file {path} is unreadable" in caplog.text and "rebuilding it" in caplog.text
+    assert again.patient_ids == built.patient_ids and torch.equal(again.image, built.image)
+    assert tree_digest(site) == before
