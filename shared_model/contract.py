@@ -23,6 +23,8 @@ from shared_model.contract_rows import _read_patients
 from shared_model.contract_types import (
     IDENTITY_COLUMNS,
     IMAGE_COLUMNS,
+    MAX_REPORT_BYTES,
+    MAX_TABLE_BYTES,
     OPTIONAL_COLUMNS,
     PATH_COLUMNS,
     PATIENT_ID_PATTERN,
@@ -38,6 +40,7 @@ from shared_model.contract_types import (
     ViewFiles,
     _inside,
     describe_utf8_error,
+    read_report_text,
     required_columns,
 )
 from shared_model.inputs import InputsConfig
@@ -45,6 +48,8 @@ from shared_model.inputs import InputsConfig
 __all__ = [
     "IDENTITY_COLUMNS",
     "IMAGE_COLUMNS",
+    "MAX_REPORT_BYTES",
+    "MAX_TABLE_BYTES",
     "OPTIONAL_COLUMNS",
     "PATH_COLUMNS",
     "PATIENTS_FILE",
@@ -64,6 +69,7 @@ __all__ = [
     "coarse_count",
     "describe_utf8_error",
     "load_site",
+    "read_report_text",
     "required_columns",
 ]
 

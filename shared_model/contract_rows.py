@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from shared_model.contract_types import (
     IDENTITY_COLUMNS,
     IMAGE_COLUMNS,
+    MAX_TABLE_BYTES,
     OPTIONAL_COLUMNS,
     PATH_COLUMNS,
     PATIENT_ID_PATTERN,
@@ -73,6 +74,11 @@ def _read_patients(site: Site) -> None:
         fatal("is not a regular file")
         return
     try:
+        size = path.stat().st_size
+        if size > MAX_TABLE_BYTES:
+            fatal(f"is {size / 2**20:.0f} MiB; the largest table read is {MAX_TABLE_BYTES // 2**20} MiB (some "
+                  "300,000 patients): is this the right file?")
+            return
         raw = path.read_bytes()
     except OSError as exc:
         fatal(f"cannot be read: {exc.strerror or exc}")

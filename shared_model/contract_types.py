@@ -49,6 +49,11 @@ def required_columns(inputs: InputsConfig) -> tuple[str, ...]:
     )
 
 PATIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# Size limits, so that a wrong file (a database export, an image saved as a report) is a clear error and not an
+# out-of-memory crash. A table row is about 200 bytes, so the table limit is some 300,000 patients; a radiology
+# report is a few kilobytes.
+MAX_TABLE_BYTES = 64 * 2**20
+MAX_REPORT_BYTES = 2**20
 # Ultrasound pixels are a few hundredths to a few tenths of a millimetre; values far outside this range are
 # almost always centimetres or micrometres typed into a millimetre column, so they are flagged (not refused).
 PLAUSIBLE_SPACING_MM = (0.005, 2.0)
@@ -164,3 +169,22 @@ def describe_utf8_error(exc: UnicodeDecodeError) -> str:
     line = data[: exc.start].count(b"\n") + 1
     bad = data[exc.start : exc.start + 1].hex()
     return f"byte 0x{bad} at line {line}, offset {exc.start}"
+
+
+def read_report_text(path: Path) -> str:
+    """A report file's text (UTF-8, a byte-order mark dropped).
+
+    Raises:
+        OSError: it cannot be read.
+        ValueError: it is larger than ``MAX_REPORT_BYTES`` (checked before reading) or not UTF-8; the message
+            says which and where.
+    """
+    size = path.stat().st_size
+    if size > MAX_REPORT_BYTES:
+        raise ValueError(f"is {size / 2**20:.1f} MiB; a report is at most {MAX_REPORT_BYTES // 2**20} MiB of text "
+                         "here (is this the right file?)")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"is not valid UTF-8 ({describe_utf8_error(exc)}); save the report as UTF-8 text") from None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from shared_model.config import PreprocessConfig
-from shared_model.contract import PATIENTS_FILE, VIEWS, PatientRecord, Site, describe_utf8_error
+from shared_model.contract import PATIENTS_FILE, VIEWS, PatientRecord, Site, read_report_text
 from shared_model.data import SiteTensors, patient_scalars, view_scalars
 from shared_model.preprocessing import (
     ViewFeatures,
@@ -268,11 +268,10 @@ def _map_jobs(
 
 
 def _read_report(path: Path) -> str:
-    raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: report is not valid UTF-8 ({describe_utf8_error(exc)})") from None
+        return read_report_text(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: report {exc}") from None
 
 
 def _progress(total: int, description: str, enabled: bool) -> Any:

@@ -30,8 +30,8 @@ from shared_model.contract import (
     PatientRecord,
     Problem,
     Site,
-    describe_utf8_error,
     load_site,
+    read_report_text,
 )
 from shared_model.imaging import (
     FrameSpec,
@@ -198,26 +198,14 @@ def _check_report(site: Site, patient: PatientRecord, problems: list[Problem]) -
     path = patient.report
     assert path is not None
     try:
-        with path.open("rb") as fh:
-            raw = fh.read()
+        text = read_report_text(path)
     except OSError as exc:
         problems.append(
             _problem(site, "error", path, patient, "report", f"cannot be read: {exc.strerror or exc}")
         )
         return False
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        problems.append(
-            _problem(
-                site,
-                "error",
-                path,
-                patient,
-                "report",
-                f"is not valid UTF-8 ({describe_utf8_error(exc)}); save the report as UTF-8 text",
-            )
-        )
+    except ValueError as exc:
+        problems.append(_problem(site, "error", path, patient, "report", str(exc)))
         return False
     if not text.strip():
         problems.append(

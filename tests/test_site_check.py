@@ -267,6 +267,14 @@ def _mask_unreadable(s: SiteCopy) -> Expect:
     return Expect(s.rows[i]["trans_thyroid_mask"], s.table_row(i), "trans_thyroid_mask")
 
 
+def _report_huge(s: SiteCopy) -> Expect:
+    import os
+
+    i = s.with_report()
+    os.truncate(s.path(i, "report"), 3 * 2**20)  # sparse: 3 MiB on paper, no disk used
+    return Expect(s.rows[i]["report"], s.table_row(i), "report", text="a report is at most 1 MiB")
+
+
 def _report_latin1(s: SiteCopy) -> Expect:
     i = s.with_report()
     s.path(i, "report").write_bytes("Nodule hypoéchogène, 8 mm, lobe droit.".encode("latin-1"))
@@ -361,6 +369,7 @@ CORRUPTIONS: list[Callable[[SiteCopy], Expect]] = [
     _mask_empty,
     _mask_unreadable,
     _report_latin1,
+    _report_huge,
     _missing_column,
     _cell("age", "forty", "not a number"),
     _cell("age", "200", "outside"),
@@ -530,6 +539,14 @@ def test_csv_that_is_not_utf8_or_not_csv(tmp_path: Path) -> None:
     report = check_site(site)
     assert not report.usable and report.summary["patients"] == 1  # the row before the damage still loads
     assert any("well-formed" in p.message for p in report.errors)
+
+    site = tmp_path / "huge"
+    site.mkdir()
+    (site / "patients.csv").write_text(f"{header}\nP1,40,F,1,train,,,,,,,\n")
+    os.truncate(site / "patients.csv", 65 * 2**20)  # a sparse 65 MiB file: refused before it is read
+    report = check_site(site)
+    assert not report.usable and [(p.file, p.row) for p in report.errors] == [("patients.csv", None)]
+    assert "65 MiB" in report.errors[0].message and "64 MiB" in report.errors[0].message
 
     site = tmp_path / "site.yaml-only"
     site.mkdir()
