@@ -1,7 +1,8 @@
 # llnm-fl: two commands on a fresh machine.
 #   make demo   set up .venv, generate the synthetic 7-site consortium if absent, run the federated demo
-#   make test   set up .venv, run the test suite (all of it, the slow end-to-end runs included, as CI does)
+#   make test   set up .venv, run the test suite (the slow end-to-end runs included, as CI does; not the faults tier)
 #   make test-fast   the same without the tests marked slow (real federations): a quick check while editing
+#   make test-faults the real-process fault scenarios (SuperLink killed mid-round, a stalled site), minutes each
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,7 +18,7 @@ export TRANSFORMERS_OFFLINE := 1
 # fresh-clone `make test`, for modules the suite mostly never imports.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test test-fast lint venv clean bench
+.PHONY: demo test test-fast test-faults lint venv clean bench
 
 venv: $(STAMP)
 
@@ -34,10 +35,13 @@ demo: $(STAMP) $(DATA)/consortium.json
 	$(BIN)/python -m fl_research.demo --config configs/demo.yaml --data $(DATA)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not faults"
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not faults"
+
+test-faults: $(STAMP)
+	$(BIN)/python -m pytest -q -m faults
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

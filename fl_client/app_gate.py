@@ -12,7 +12,8 @@ three of its steps wrapped:
   answers with an error `site policy: ... app <hash> is not approved ...` and nothing of the app runs
   (audit entry `refused-app`);
 * before the reply is pushed: an audit entry `sent` with what the reply carries (parameter count and
-  bytes, metric names, the privacy spent it reports, or the error it carries).
+  bytes, metric names, the privacy spent it reports, or the error it carries), and with `--keep-sent` a
+  copy of the reply exactly as it is pushed (`fl_client.sent_messages`).
 
 If Flower's internals this relies on are missing (another Flower version), the gate refuses every message:
 it fails closed, never open.
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fl_client.sent_messages import keep_sent, keep_sent_enabled
 from fl_client.site_state import (
     ENV_SITE_NAME,
     SiteStateError,
@@ -145,6 +147,11 @@ class AppGate:
         entry = {"event": "sent", **self.context, **describe_reply(reply)}
         if entry.get("refusal"):
             entry["event"] = "refused"
+        if keep_sent_enabled():
+            try:
+                entry |= keep_sent(self.root, self.site, self.context, reply)
+            except OSError as exc:  # a full disk must not cost the round; the audit says the copy is missing
+                entry["kept_error"] = f"{type(exc).__name__}: {exc}"
         append_audit(self.log, entry)
 
 

@@ -1,8 +1,13 @@
-"""`llnm-site audit [--name SITE] [--state-dir DIR] [--json]`: what this site sent, run by run.
+"""`llnm-site audit [--name SITE] [--state-dir DIR] [--json] [--scan-sent --data SITE_DIR]`: what this site
+sent, run by run.
 
 Summarises the site's append-only audit log (written by the app gate, `fl_client.app_gate`): for each run
 the app hash, the messages received and replies sent by kind, the parameters and bytes sent, the names of
 the metrics that left, the privacy spent the replies reported, and every refusal (refused apps included).
+
+`--scan-sent --data SITE_DIR` instead looks for the site's patients (ids, report text, pixels, preprocessed
+tensors) in the copies of every reply kept with `llnm-site join --keep-sent` (`fl_client.sent_messages`),
+and exits 1 when it finds any.
 """
 
 from __future__ import annotations
@@ -20,6 +25,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", help="the site's state folder (default $LLNM_SITE_STATE_DIR, else "
                                        "~/.local/share/llnm-fl)")
     p.add_argument("--json", action="store_true", help="the summary as JSON")
+    p.add_argument("--scan-sent", action="store_true",
+                   help="look for this site's patients in the replies kept with `join --keep-sent` (needs --data)")
+    p.add_argument("--data", help="with --scan-sent: the site's data folder")
+    p.add_argument("--cache-dir", help="with --scan-sent: the site's cache folder (its preprocessed tensors are "
+                                       "looked for too; default as for join)")
 
 
 def summarise(path: Path) -> dict[str, Any]:
@@ -105,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
         path = _pick_log(state_root(args.state_dir), args.name)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no audit log for this site yet")
+        if args.scan_sent:
+            return _scan(args, state_root(args.state_dir), path.stem)
         summary = summarise(path)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -127,3 +139,25 @@ def run(args: argparse.Namespace) -> int:
     if summary["malformed_lines"]:
         print(f"warning: lines {summary['malformed_lines']} of {summary['file']} are not JSON", file=sys.stderr)
     return 0
+
+
+def _scan(args: argparse.Namespace, root: Path, site: str) -> int:
+    from fl_client.sent_messages import scan_sent
+
+    if not args.data:
+        print("error: --scan-sent needs --data SITE_DIR (the folder whose patients are looked for)", file=sys.stderr)
+        return 2
+    result = scan_sent(root, site, Path(args.data), Path(args.cache_dir) if args.cache_dir else None)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['kept_messages']} kept repl(ies) of {site} scanned for {result['patient_ids']} patient ids "
+              f"and {result['needles']} pieces of report text, pixels and tensors from {result['data']}")
+        for f in result["findings"]:
+            where = f" at byte {f['offset']}" if f["offset"] is not None else ""
+            print(f"FOUND {f['what']} in {f['file']}{where}")
+        if not result["findings"]:
+            print("nothing of the site's patients found")
+    if result["kept_messages"] == 0:
+        print(f"warning: no kept replies for {site}: join with --keep-sent to keep them", file=sys.stderr)
+    return 1 if result["findings"] else 0

@@ -115,6 +115,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(f"--no-{SHARE_EXPLANATIONS}", dest="share_explanations", action="store_false",
                    help="never send explanation aggregates (feature-group shares, counts by capsule distance and "
                         "lobe third) when the coordinator's final evaluation asks for them")
+    p.add_argument("--keep-sent", action="store_true",
+                   help="keep a copy of every reply exactly as it leaves the site, in the state folder's sent/ "
+                        "(for `llnm-site audit --scan-sent`; a full model update per round, so mind the disk)")
     p.add_argument("--privacy-state-dir", help="where the site's DP accountant history is kept")
     p.add_argument("--threads", type=int, help="CPU threads for local training (default: torch's default)")
     p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (instead of --kit)")
@@ -291,6 +294,7 @@ def _environment(args: argparse.Namespace, plan: JoinPlan) -> dict[str, str]:
     """The SuperNode's environment: the site's gate first on PATH (it stands in for flwr-clientapp), and the
     state folder and site name the gate records under."""
     from fl_client.app_gate import write_launcher
+    from fl_client.sent_messages import ENV_KEEP_SENT
     from fl_client.site_state import ENV_SITE_NAME, ENV_STATE_DIR
     from shared_model.environment import offline_environment
 
@@ -298,8 +302,9 @@ def _environment(args: argparse.Namespace, plan: JoinPlan) -> dict[str, str]:
     if not args.print_command:
         write_launcher(gate_bin)
     path = os.pathsep.join([str(gate_bin), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    keep = {ENV_KEEP_SENT: "1"} if getattr(args, "keep_sent", False) else {}
     return offline_environment(PATH=path, **{ENV_STATE_DIR: str(plan.state_dir),
-                                             ENV_SITE_NAME: plan.name})
+                                             ENV_SITE_NAME: plan.name}, **keep)
 
 
 def pasteable_command(env: dict[str, str], cmd: list[str]) -> str:

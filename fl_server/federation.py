@@ -378,6 +378,9 @@ class Federation:
         if len(outcome.replies) < fed.min_sites:
             self._record_failed_round(rnd, failures, train_sites)
             raise QuorumNotMet(quorum_message(rnd, len(outcome.replies), fed.min_sites, failures, self.rd.path))
+        # Which instruction each aggregated update answers: a reply can only be one to this round's messages.
+        aggregated = {self._name(r.metadata.src_node_id): str(r.metadata.reply_to_message_id)
+                      for r in outcome.replies}
         new_arrays, _ = strategy.aggregate_train(rnd, outcome.replies)
         if new_arrays is None:
             self._record_failed_round(rnd, failures, train_sites)
@@ -399,6 +402,7 @@ class Federation:
             "train": dict(sorted(train_sites.items())),
             "failures": failures + ev.failures,
             "participants": sorted(train_sites),
+            "aggregated": dict(sorted(aggregated.items())),
             "seconds": round(time.perf_counter() - t0, 3),
             "train_seconds": train_seconds,
         }

@@ -130,6 +130,9 @@ EVAL_N_POS = "n_pos"
 # Always all present (NaN where undefined), so that every site's reply has the same keys.
 EVAL_METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
                     "f1", "brier", "ece")
+# The score histogram travels dense: one count per bin and class, so a reply's size depends on the number of
+# bins the site allows, never on how many patients it has. (`*-bins` lists of the occupied bins were sent by
+# earlier versions; they are still read.)
 HIST_N_BINS = "hist-n-bins"
 HIST_NEG_BINS = "hist-neg-bins"
 HIST_NEG_COUNTS = "hist-neg-counts"
@@ -162,16 +165,18 @@ class ProtocolError(ValueError):
 def encode_eval_metrics(metrics: Mapping[str, Any], *, n: int, n_pos: int,
                         histogram: Mapping[str, Any]) -> dict[str, Any]:
     """An evaluate reply's MetricRecord values: counts, every `EVAL_METRIC_KEYS` value (NaN where
-    undefined) and the sparse score histogram of `shared_model.metrics.score_histogram`."""
+    undefined) and the score histogram of `shared_model.metrics.score_histogram`, dense (see HIST_N_BINS)."""
     out: dict[str, Any] = {NUM_EXAMPLES: int(n), EVAL_N: int(n), EVAL_N_POS: int(n_pos)}
     for key in EVAL_METRIC_KEYS:
         value = metrics.get(key)
         out[key] = float(value) if value is not None else math.nan
-    out[HIST_N_BINS] = int(histogram["n_bins"])
-    out[HIST_NEG_BINS] = [int(b) for b in histogram["neg_bins"]]
-    out[HIST_NEG_COUNTS] = [int(c) for c in histogram["neg_counts"]]
-    out[HIST_POS_BINS] = [int(b) for b in histogram["pos_bins"]]
-    out[HIST_POS_COUNTS] = [int(c) for c in histogram["pos_counts"]]
+    n_bins = int(histogram["n_bins"])
+    out[HIST_N_BINS] = n_bins
+    for name, key in (("neg", HIST_NEG_COUNTS), ("pos", HIST_POS_COUNTS)):
+        dense = [0] * n_bins
+        for b, c in zip(histogram[f"{name}_bins"], histogram[f"{name}_counts"], strict=True):
+            dense[int(b)] = int(c)
+        out[key] = dense
     return out
 
 
@@ -181,13 +186,18 @@ def decode_eval_metrics(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict
         site = {k: _none_if_nan(record[k]) for k in EVAL_METRIC_KEYS if k in record}
         site[EVAL_N] = int(record[EVAL_N])
         site[EVAL_N_POS] = int(record[EVAL_N_POS])
-        histogram = {
-            "n_bins": int(record[HIST_N_BINS]),
-            "neg_bins": list(record[HIST_NEG_BINS]),
-            "neg_counts": list(record[HIST_NEG_COUNTS]),
-            "pos_bins": list(record[HIST_POS_BINS]),
-            "pos_counts": list(record[HIST_POS_COUNTS]),
-        }
+        histogram: dict[str, Any] = {"n_bins": int(record[HIST_N_BINS])}
+        for name, bins_key, counts_key in (("neg", HIST_NEG_BINS, HIST_NEG_COUNTS),
+                                           ("pos", HIST_POS_BINS, HIST_POS_COUNTS)):
+            counts = list(record[counts_key])
+            if bins_key in record:  # sparse, from an earlier version
+                histogram[f"{name}_bins"], histogram[f"{name}_counts"] = list(record[bins_key]), counts
+            elif len(counts) != histogram["n_bins"]:
+                raise ProtocolError(f"evaluate reply: {counts_key} has {len(counts)} counts for "
+                                    f"{histogram['n_bins']} bins")
+            else:
+                occupied = [i for i, c in enumerate(counts) if c]
+                histogram[f"{name}_bins"], histogram[f"{name}_counts"] = occupied, [counts[i] for i in occupied]
     except KeyError as exc:
         raise ProtocolError(f"evaluate reply: metrics record lacks {exc.args[0]!r}") from None
     return site, histogram

@@ -465,7 +465,7 @@ class SecureConsortium:
 
     def join_site(self, site: Path) -> None:
         self.join(site.name, "--kit", self.prov / "kits" / site.name, "--key", self.keys / f"{site.name}.key",
-                  "--data", site, "--state-dir", self.states / site.name)
+                  "--data", site, "--state-dir", self.states / site.name, "--keep-sent")
 
     def activations(self) -> int:
         return (self.tmp / "superlink.log").read_text().count("Activated node_id")
@@ -540,9 +540,13 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path,
         assert rc == 0, dep.logs()
         audits = {s.name: json.loads(run_cli(BIN / "llnm-site", "audit", "--json", "--state-dir",
                                              dep.states / s.name).stdout) for s in dep.sites}
+        scans = {s.name: run_cli(BIN / "llnm-site", "audit", "--scan-sent", "--json", "--data", s, "--state-dir",
+                                 dep.states / s.name, "--cache-dir", os.environ["LLNM_CACHE_DIR"])
+                 for s in dep.sites}
     finally:
         dep.close()
     return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
+            "scans": scans, "sites": dep.sites,
             "app_sha256": app_bundle["sha256"],
             "states": dep.states, "logs": dep.logs()}
 
@@ -603,3 +607,63 @@ def test_the_audit_log_lists_the_refusal_then_what_was_sent(secure_run: dict) ->
     lines = (secure_run["states"] / "site-a" / "audit" / "site-a.jsonl").read_text().splitlines()
     times = [json.loads(line)["time"] for line in lines]
     assert times == sorted(times)
+
+
+@pytest.mark.slow
+def test_nothing_of_a_patient_is_in_what_the_sites_sent(secure_run: dict) -> None:
+    """Every reply each site sent (kept by its gate exactly as pushed, `join --keep-sent`) is scanned for the
+    site's patient ids, report text, decoded pixels and cached preprocessed tensors: nothing is found, and the
+    replies of sites of different sizes have the same structure and (train) the same size."""
+    scans = {name: json.loads(done.stdout) for name, done in secure_run["scans"].items()}
+    for name, done in secure_run["scans"].items():
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        scan = scans[name]
+        sent = sum(secure_run["audits"][name]["runs"][-1]["sent"].values())
+        assert scan["kept_messages"] == sent >= 2 and scan["findings"] == [], scan["findings"]
+        assert scan["patient_ids"] > 0 and scan["needles"] > 10 * scan["patient_ids"]
+    patients = {name: scan["patient_ids"] for name, scan in scans.items()}
+    assert max(patients.values()) >= 1.3 * min(patients.values()), patients  # sizes that differ
+    for kind in ("train", "evaluate"):
+        replies = [m for scan in scans.values() for m in scan["messages"] if m["kind"] == kind]
+        assert len({json.dumps(m["signature"], sort_keys=True) for m in replies}) == 1, kind
+        if kind == "train":
+            sizes = [m["bytes"] for m in replies]
+            assert max(sizes) - min(sizes) <= 256, sizes  # the site's name and figures, not its patients
+
+
+def test_the_scan_finds_a_patient_in_a_kept_reply(tmp_path: Path, small_consortium: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scan is not blind: replies that carry an id, a report sentence, a pixel window or a cached tensor
+    window are each found, by offset, without printing the value."""
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    from processes import first_patients
+
+    from fl_client.sent_messages import find_needles, keep_sent, scan_sent, site_needles
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # messages outside a Flower process
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    site = first_patients(small_consortium / "site-b", tmp_path / "site-b", 4)
+    ids, needles = site_needles(site, tmp_path / "no-cache")
+    kinds = {n.what.split(" of ")[0] for n in needles}
+    assert {"report text", "pixels"} <= kinds, kinds
+    report = next(n for n in needles if n.what.startswith("report text"))
+    pixels = next(n for n in needles if n.what.startswith("pixels"))
+    root = tmp_path / "state"
+    ask = Message(RecordDict({}), dst_node_id=1, message_type="train")
+    leaky = [
+        ConfigRecord({"note": f"patient {ids[0]} was odd"}),
+        ConfigRecord({"text": report.data.decode()}),
+        ArrayRecord({"w": torch.frombuffer(bytearray(b"\x01" * 3 + pixels.data + b"\x02" * 5), dtype=torch.uint8)}),
+    ]
+    for i, record in enumerate(leaky):
+        key = "arrays" if isinstance(record, ArrayRecord) else "site"
+        reply = Message(RecordDict({key: record, "m": MetricRecord({"n": 1})}), reply_to=ask)
+        keep_sent(root, "site-b", {"run_id": 1, "message_type": "train", "round": i}, reply)
+    scan = scan_sent(root, "site-b", site, tmp_path / "no-cache")
+    found = " | ".join(f["what"] for f in scan["findings"])
+    assert scan["kept_messages"] == 3
+    assert f"patient id {ids[0]} in a string" in found and "report text of patient" in found
+    assert "pixels of patient" in found and report.data.decode() not in found
+    assert find_needles(b"x" * 100 + pixels.data, [pixels]) == [(100, pixels)]

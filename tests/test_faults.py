@@ -6,6 +6,10 @@ reply as its site's failure and aggregates the rest (checked here by aggregating
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -326,3 +330,186 @@ def test_a_full_disk_while_building_the_cache_is_a_clear_error_and_never_a_half_
     assert f"cache file {path} is unreadable" in caplog.text and "rebuilding it" in caplog.text
     assert again.patient_ids == built.patient_ids and torch.equal(again.image, built.image)
     assert tree_digest(site) == before
+
+
+@pytest.mark.faults
+def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, small_consortium) -> None:
+    """A real deployment with patient-level and site-level DP: once a site has sent its round-2 update, the
+    SuperLink and the ServerApp under it are SIGKILLed with `llnm-server run`. A new SuperLink starts on the same
+    port, the sites come back by themselves, and `llnm-server resume` finishes the run. Every round is trained
+    once in the history; the privacy ledger is recomputed with dp-accounting: the sites replay the round-2
+    update they had sent (the same release, not a second one) and the abandoned round's site-level release, if
+    the coordinator had made it, stays counted. And what each site sent, DP on, holds none of its patients."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import yaml
+    from processes import BIN, ROOT, free_port, prebuild_caches, rounds_of, start, stop, wait_for_port
+    from test_privacy import DELTA, PATIENT_Z, SITE_CLIP, SITE_Z, check_patient_epsilons, close, gaussian_epsilon
+
+    names = ["site-a", "site-b", "site-c"]
+    sites = [small_consortium / n for n in names]
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["name"] = "crash-resume"
+    exp["evaluation"] = {"explain": False}
+    exp["train"].update({"batch_size": 8, "lr": 0.001})
+    exp["federation"].update({"rounds": 3, "min_sites": 3, "eval_bootstrap": 0, "final_eval_split": None,
+                              "round_timeout_s": 300, "connect_timeout_s": 120, "eval_every": 3})
+    exp["privacy"] = {
+        "patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
+        "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z, "clipping_norm": SITE_CLIP,
+                 "delta": DELTA}}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    prebuild_caches(sites, config)
+    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
+                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    port, run_dir = free_port(), tmp_path / "run"
+    link_cmd = [str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
+    procs: dict[str, subprocess.Popen] = {}
+
+    def sent(site: str, rnd: int) -> bool:
+        log = tmp_path / "state" / site / "audit" / f"{site}.jsonl"
+        return log.is_file() and any(json.loads(line).get("event") == "sent" and json.loads(line).get("round") == rnd
+                                     for line in log.read_text().splitlines() if line.strip())
+
+    def wait(condition, what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs}"
+            time.sleep(0.5)
+
+    try:
+        procs["superlink"] = start(link_cmd, tmp_path / "superlink-1.log")
+        wait_for_port(port)
+        for site in sites:
+            state = tmp_path / "state" / site.name
+            subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+                           capture_output=True)
+            procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}",
+                                      "--insecure", "--data", str(site), "--state-dir", str(state), "--skip-check",
+                                      "--keep-sent", "--threads", "1", "--privacy-state-dir",
+                                      str(tmp_path / "privacy"), "--clientappio-port", str(free_port())],
+                                     tmp_path / f"join-{site.name}.log")
+        procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
+                              "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp_path / "run-1.log")
+        wait(lambda: rounds_of(run_dir) == [1] and any(sent(n, 2) for n in names), "a round-2 update sent")
+        stop(procs.pop("run"), signal.SIGKILL)
+        stop(procs.pop("superlink"), signal.SIGKILL)  # its process group: the ServerApp it started too
+        ledger_at_kill = json.loads((run_dir / "privacy.json").read_text())
+        procs["superlink"] = start(link_cmd, tmp_path / "superlink-2.log")
+        wait_for_port(port)
+        wait(lambda: all((tmp_path / f"join-{n}.log").read_text().count("SuperNode ID:") >= 2 for n in names),
+             "the sites to reconnect", 180)
+        resumed = subprocess.run([str(BIN / "llnm-server"), "resume", str(run_dir)], capture_output=True,
+                                 text=True, timeout=900, cwd=ROOT)
+        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    finally:
+        for proc in procs.values():
+            stop(proc)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
+    assert all(set(r["participants"]) == set(names) for r in metrics["rounds"]), metrics["rounds"]
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    assert [e["round"] for e in ledger["rounds"]] == [1, 2, 3]
+    assert ledger["rounds"][0] == ledger_at_kill["rounds"][0]  # no reset
+    check_patient_epsilons(ledger)  # steps_total = round x steps_round: the replayed release is not counted twice
+    abandoned = [e["round"] for e in ledger.get("abandoned", [])]
+    assert abandoned in ([], [2]), abandoned
+    releases = 3 + len(abandoned)
+    server = ledger["rounds"][-1]["server"]
+    assert server["releases"] == releases and close(server["epsilon"], gaussian_epsilon(SITE_Z, releases, DELTA))
+    replayed = [n for n in names if ledger["rounds"][1]["sites"][n].get("replayed")]
+    assert replayed and set(replayed) <= {n for n in names if sent(n, 2)}
+    for site in sites:
+        scan = subprocess.run([str(BIN / "llnm-site"), "audit", "--scan-sent", "--json", "--data", str(site),
+                               "--state-dir", str(tmp_path / "state" / site.name)], capture_output=True, text=True)
+        result = json.loads(scan.stdout)
+        assert scan.returncode == 0 and result["findings"] == [] and result["kept_messages"] >= 3, scan.stdout[-2000:]
+
+
+@pytest.mark.faults
+def test_a_stalled_site_times_out_and_its_late_update_is_never_aggregated(tmp_path, small_consortium) -> None:
+    """Real processes: site-c's SuperNode and ClientApp are frozen (SIGSTOP, as a stalled machine) once they have
+    received round 2. The round times out and goes on with the other two; site-c is thawed once round 2 is
+    recorded, finishes its round-2 training and sends it, late. That update is in no round's aggregate: every
+    aggregated update answers its own round's message (the ids from the sites' audit logs), and site-c takes
+    part in round 3 with its round-3 update."""
+    import datetime as dt
+    import json
+    import signal
+    import subprocess
+
+    from processes import BIN, ROOT, free_port, prebuild_caches, rounds_of, start, stop, wait_for_port, write_config
+
+    names = ["site-a", "site-b", "site-c"]
+    sites = [small_consortium / n for n in names]
+    config = write_config(tmp_path, federation={"rounds": 3, "min_sites": 2, "round_timeout_s": 45,
+                                                "eval_bootstrap": 0, "final_eval_split": None, "eval_every": 3,
+                                                "connect_timeout_s": 120})
+    prebuild_caches(sites, config)
+    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
+                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    port, run_dir = free_port(), tmp_path / "run"
+    procs: dict[str, subprocess.Popen] = {}
+
+    def audit(site: str) -> list[dict]:
+        log = tmp_path / "state" / site / "audit" / f"{site}.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
+    def wait(condition, what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs}"
+            time.sleep(0.3)
+
+    try:
+        procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
+                                    "--port", str(port)], tmp_path / "superlink.log")
+        wait_for_port(port)
+        for site in sites:
+            state = tmp_path / "state" / site.name
+            subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+                           capture_output=True)
+            procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}",
+                                      "--insecure", "--data", str(site), "--state-dir", str(state), "--skip-check",
+                                      "--threads", "1", "--clientappio-port", str(free_port())],
+                                     tmp_path / f"join-{site.name}.log")
+        procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
+                              "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp_path / "run.log")
+        wait(lambda: any(e["event"] == "received" and e.get("round") == 2 and e["message_type"] == "train"
+                         for e in audit("site-c")), "site-c to receive round 2")
+        os.killpg(procs["site-c"].pid, signal.SIGSTOP)
+        wait(lambda: rounds_of(run_dir) == [1, 2], "round 2 to close without site-c")
+        thawed = dt.datetime.now(dt.UTC)
+        os.killpg(procs["site-c"].pid, signal.SIGCONT)
+        assert procs["run"].wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    finally:
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
+            stop(proc)
+
+    rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    second = rounds[1]
+    assert "site-c" not in second["aggregated"] and set(second["aggregated"]) == {"site-a", "site-b"}
+    assert [f["site"] for f in second["failures"]] == ["site-c"], second["failures"]
+    events = audit("site-c")
+    asked = {e["round"]: e["message_id"] for e in events if e["event"] == "received" and e["message_type"] == "train"}
+    late = [e for e in events if e["event"] == "sent" and e["message_type"] == "train" and e["round"] == 2]
+    assert late and dt.datetime.fromisoformat(late[0]["time"]) >= thawed, late  # it did answer round 2, late
+    for entry in rounds:
+        assert asked[2] not in entry["aggregated"].values(), entry["round"]
+    for name in names:  # every aggregated update answers its own round's message
+        asked_of = {e["round"]: e["message_id"] for e in audit(name)
+                    if e["event"] == "received" and e["message_type"] == "train"}
+        for entry in rounds:
+            if name in entry["aggregated"]:
+                assert entry["aggregated"][name] == asked_of[entry["round"]], (name, entry["round"])
+    assert rounds[2]["aggregated"].get("site-c") == asked[3]  # thawed, it takes part again

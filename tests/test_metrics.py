@@ -568,3 +568,28 @@ def test_command_warns_about_scores_outside_unit_interval(tmp_path: Path, capsys
     assert rc == 0 and "2 score(s)" in err and "line 2: 2.5" in err and "line 3: -1.0" in err
     result = json.loads(out)["all"]
     assert result["auc"] == 1.0 and result["brier"] is None and result["decision_curve"] is None
+
+
+def test_an_evaluate_reply_carries_the_histogram_dense_whatever_the_site_size() -> None:
+    """The histogram travels as one count per bin and class: a site of 5 patients and one of 500 send lists of
+    the same lengths, and the server reads back exactly the sparse histogram the site computed (replies of
+    earlier versions, sparse, are still read)."""
+    from shared_model import protocol
+    from shared_model.metrics import score_histogram
+
+    rng = np.random.default_rng(0)
+    lengths = set()
+    for n in (5, 500):
+        y, s = rng.integers(0, 2, n), rng.random(n)
+        hist = score_histogram(y, s, n_bins=20)
+        record = protocol.encode_eval_metrics({}, n=n, n_pos=int(y.sum()), histogram=hist)
+        lengths.add((len(record[protocol.HIST_NEG_COUNTS]), len(record[protocol.HIST_POS_COUNTS])))
+        assert protocol.HIST_POS_BINS not in record
+        assert protocol.decode_eval_metrics(record)[1] == hist
+        legacy = {**record, protocol.HIST_POS_BINS: hist["pos_bins"], protocol.HIST_POS_COUNTS: hist["pos_counts"],
+                  protocol.HIST_NEG_BINS: hist["neg_bins"], protocol.HIST_NEG_COUNTS: hist["neg_counts"]}
+        assert protocol.decode_eval_metrics(legacy)[1] == hist
+    assert lengths == {(20, 20)}
+    bad = {**record, protocol.HIST_POS_COUNTS: [1, 2]}
+    with pytest.raises(protocol.ProtocolError, match="hist-pos-counts has 2 counts for 20 bins"):
+        protocol.decode_eval_metrics(bad)
