@@ -130,8 +130,9 @@ class Federation:
         """The site's own name, else the name its key is registered under, else the node id."""
         return self.site_names.get(node_id) or self.roster.registered.get(node_id) or f"node-{node_id}"
 
-    def wait_for_sites(self) -> list[int]:
-        """The connected nodes this run accepts (named, not refused), once there are `min_sites` of them."""
+    def wait_for_sites(self, rnd: int | None = None) -> list[int]:
+        """The connected nodes this run accepts (named, not refused), once there are `min_sites` of them
+        (before round `rnd`, which the error names)."""
         fed = self.exp.federation
         deadline = time.monotonic() + fed.connect_timeout_s
         while True:
@@ -143,9 +144,13 @@ class Federation:
             if time.monotonic() > deadline:
                 refused = f" ({len(nodes) - len(accepted)} node(s) refused, see run.json)" if self.roster.rejected \
                     else ""
+                before = "" if rnd is None else f"round {rnd}: "
+                kept = "" if not rnd or rnd <= 1 else (
+                    f" Rounds 1-{rnd - 1} are kept; once enough sites are back, `llnm-server resume "
+                    f"{self.rd.path}` goes on from round {rnd}.")
                 raise QuorumNotMet(
-                    f"only {len(accepted)} site(s) connected after {fed.connect_timeout_s:.0f} s{refused}; "
-                    f"federation.min_sites is {fed.min_sites}"
+                    f"{before}only {len(accepted)} site(s) connected after {fed.connect_timeout_s:.0f} s{refused}; "
+                    f"federation.min_sites is {fed.min_sites}.{kept}"
                 )
             time.sleep(1.0)
 
@@ -341,7 +346,7 @@ class Federation:
         """One round: train at every connected site, aggregate, evaluate, save; returns the new model."""
         fed = self.exp.federation
         t0 = time.perf_counter()
-        nodes = self.wait_for_sites()
+        nodes = self.wait_for_sites(rnd)
         if self.ledger is not None:
             self.ledger.before_round(rnd, strategy)
         msgs = self._for_accepted(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))

@@ -15,7 +15,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fl_server.config import ExperimentConfig, parse_config
-from fl_server.federation import Federation
+from fl_server.federation import Federation, QuorumNotMet
+from fl_server.privacy.ledger import SiteBudgetExhausted
 from fl_server.run_dir import RunDirectory
 
 log = logging.getLogger("llnm.server")
@@ -27,6 +28,12 @@ def run_experiment(grid: Grid, exp: ExperimentConfig, run_dir: RunDirectory) -> 
         handler = run_dir.attach_log()
         try:
             Federation(grid, exp, run_dir).run()
+        except (QuorumNotMet, SiteBudgetExhausted) as exc:
+            # Expected ways for a run to stop: the message says what happened and what to do, and `run.json`
+            # (status "stopped") is what `llnm-server run`/`simulate` report from. Not re-raised, so that Flower
+            # does not print a traceback for it.
+            log.error("run stopped: %s", exc)
+            run_dir.update_run_info(status="stopped", error=str(exc))
         except Exception as exc:
             log.exception("run stopped: %s", exc)
             run_dir.update_run_info(status="stopped", error=str(exc))

@@ -114,3 +114,12 @@ def first_patients(site: Path, out: Path, n: int) -> Path:
     lines = (site / "patients.csv").read_text(encoding="utf-8").splitlines(keepends=True)
     (out / "patients.csv").write_text("".join(lines[: n + 1]), encoding="utf-8")
     return out
+
+
+def record_fault(name: str, figures: dict) -> None:
+    """Write a fault scenario's figures for benchmarks/bench_faults.py (only when it asks, through
+    LLNM_FAULT_RESULTS); a test run without it writes nothing."""
+    folder = os.environ.get("LLNM_FAULT_RESULTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / f"{name}.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")

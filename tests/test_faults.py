@@ -333,20 +333,25 @@ def test_a_full_disk_while_building_the_cache_is_a_clear_error_and_never_a_half_
 
 
 @pytest.mark.faults
-def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, small_consortium) -> None:
-    """A real deployment with patient-level and site-level DP: once a site has sent its round-2 update, the
-    SuperLink and the ServerApp under it are SIGKILLed with `llnm-server run`. A new SuperLink starts on the same
-    port, the sites come back by themselves, and `llnm-server resume` finishes the run. Every round is trained
-    once in the history; the privacy ledger is recomputed with dp-accounting: the sites replay the round-2
-    update they had sent (the same release, not a second one) and the abandoned round's site-level release, if
-    the coordinator had made it, stays counted. And what each site sent, DP on, holds none of its patients."""
+@pytest.mark.parametrize("dp", [True, False], ids=["dp-on", "dp-off"])
+def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, small_consortium, dp: bool) -> None:
+    """A real deployment: once a site has sent its round-2 update, the SuperLink and the ServerApp under it are
+    SIGKILLed with `llnm-server run`. A new SuperLink starts on the same port, the sites come back by themselves,
+    and `llnm-server resume` finishes the run. Every round is trained once in the history.
+
+    DP on (patient-level and site-level): the privacy ledger is recomputed with dp-accounting: the sites replay
+    the round-2 update they had sent (the same release, not a second one) and the abandoned round's site-level
+    release, if the coordinator had made it, stays counted; what each site sent holds none of its patients.
+    The final model cannot equal an uninterrupted run's: DP noise is drawn afresh by design.
+    DP off: the final model equals that of an uninterrupted run with the same seeds (run afterwards on the same
+    SuperLink and sites) within floating-point noise."""
     import json
     import signal
     import subprocess
     import time
 
     import yaml
-    from processes import BIN, ROOT, free_port, prebuild_caches, rounds_of, start, stop, wait_for_port
+    from processes import BIN, ROOT, free_port, prebuild_caches, record_fault, rounds_of, start, stop, wait_for_port
     from test_privacy import DELTA, PATIENT_Z, SITE_CLIP, SITE_Z, check_patient_epsilons, close, gaussian_epsilon
 
     names = ["site-a", "site-b", "site-c"]
@@ -357,18 +362,22 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     exp["train"].update({"batch_size": 8, "lr": 0.001})
     exp["federation"].update({"rounds": 3, "min_sites": 3, "eval_bootstrap": 0, "final_eval_split": None,
                               "round_timeout_s": 300, "connect_timeout_s": 120, "eval_every": 3})
-    exp["privacy"] = {
-        "patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
-        "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z, "clipping_norm": SITE_CLIP,
-                 "delta": DELTA}}
+    if dp:
+        exp["privacy"] = {
+            "patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
+            "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z,
+                     "clipping_norm": SITE_CLIP, "delta": DELTA}}
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))
+    reference_config = tmp_path / "reference.yaml"
+    reference_config.write_text(yaml.safe_dump({**exp, "name": "uninterrupted"}))
     prebuild_caches(sites, config)
     app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
                                          text=True, check=True, cwd=ROOT).stdout)["sha256"]
     port, run_dir = free_port(), tmp_path / "run"
     link_cmd = [str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
     procs: dict[str, subprocess.Popen] = {}
+    t0 = time.monotonic()
 
     def sent(site: str, rnd: int) -> bool:
         log = tmp_path / "state" / site / "audit" / f"{site}.jsonl"
@@ -399,7 +408,7 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
         wait(lambda: rounds_of(run_dir) == [1] and any(sent(n, 2) for n in names), "a round-2 update sent")
         stop(procs.pop("run"), signal.SIGKILL)
         stop(procs.pop("superlink"), signal.SIGKILL)  # its process group: the ServerApp it started too
-        ledger_at_kill = json.loads((run_dir / "privacy.json").read_text())
+        ledger_at_kill = json.loads((run_dir / "privacy.json").read_text()) if dp else {}
         procs["superlink"] = start(link_cmd, tmp_path / "superlink-2.log")
         wait_for_port(port)
         wait(lambda: all((tmp_path / f"join-{n}.log").read_text().count("SuperNode ID:") >= 2 for n in names),
@@ -407,6 +416,11 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
         resumed = subprocess.run([str(BIN / "llnm-server"), "resume", str(run_dir)], capture_output=True,
                                  text=True, timeout=900, cwd=ROOT)
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+        if not dp:
+            reference = subprocess.run([str(BIN / "llnm-server"), "run", "--config", str(reference_config), "--out",
+                                        str(tmp_path / "reference"), "--superlink", f"127.0.0.1:{port}",
+                                        "--insecure"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+            assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
     finally:
         for proc in procs.values():
             stop(proc)
@@ -414,6 +428,21 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert all(set(r["participants"]) == set(names) for r in metrics["rounds"]), metrics["rounds"]
+    if not dp:
+        from shared_model.checkpoint import load_checkpoint
+
+        resumed_model, _ = load_checkpoint(run_dir / "checkpoints" / "round-0003.safetensors")
+        reference_model, _ = load_checkpoint(tmp_path / "reference" / "checkpoints" / "round-0003.safetensors")
+        assert resumed_model.keys() == reference_model.keys()
+        diff = max(float((resumed_model[k] - reference_model[k]).abs().max()) for k in resumed_model)
+        scale = max(float(v.abs().max()) for v in reference_model.values())
+        assert diff <= 1e-5 * max(scale, 1.0), diff
+        record_fault("superlink-killed-dp-off", {
+            "what": "as superlink-killed, DP off; then an uninterrupted run with the same seeds on the same "
+                    "SuperLink and sites", "seconds": round(time.monotonic() - t0, 1),
+            "rounds_in_history": [r["round"] for r in metrics["rounds"]],
+            "final_model_max_abs_difference": diff, "largest_weight": scale, "records_lost": 0})
+        return
     ledger = json.loads((run_dir / "privacy.json").read_text())
     assert [e["round"] for e in ledger["rounds"]] == [1, 2, 3]
     assert ledger["rounds"][0] == ledger_at_kill["rounds"][0]  # no reset
@@ -425,11 +454,26 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     assert server["releases"] == releases and close(server["epsilon"], gaussian_epsilon(SITE_Z, releases, DELTA))
     replayed = [n for n in names if ledger["rounds"][1]["sites"][n].get("replayed")]
     assert replayed and set(replayed) <= {n for n in names if sent(n, 2)}
+    scans = {}
     for site in sites:
         scan = subprocess.run([str(BIN / "llnm-site"), "audit", "--scan-sent", "--json", "--data", str(site),
                                "--state-dir", str(tmp_path / "state" / site.name)], capture_output=True, text=True)
         result = json.loads(scan.stdout)
         assert scan.returncode == 0 and result["findings"] == [] and result["kept_messages"] >= 3, scan.stdout[-2000:]
+        scans[site.name] = {k: result[k] for k in ("kept_messages", "patient_ids", "needles")} | {
+            "findings": len(result["findings"])}
+    record_fault("superlink-killed", {
+        "what": "SuperLink and ServerApp SIGKILLed once a site had sent its round-2 update; new SuperLink on the "
+                "same port; sites reconnected by themselves; `llnm-server resume`",
+        "privacy": "patient-level DP-SGD and site-level Gaussian (server-fixed clipping)",
+        "sites": names, "seconds": round(time.monotonic() - t0, 1),
+        "rounds_in_history": [r["round"] for r in metrics["rounds"]], "abandoned_rounds": abandoned,
+        "replayed_round_2_by": replayed,
+        "site_level": {"releases": releases, "epsilon": server["epsilon"],
+                       "recomputed": gaussian_epsilon(SITE_Z, releases, DELTA), "delta": DELTA},
+        "patient_level": {n: {"epsilon": e["epsilon"], "steps_total": e["steps_total"],
+                              "steps_round": e["steps_round"]} for n, e in ledger["rounds"][-1]["sites"].items()},
+        "sent_scans": scans, "records_lost": 0})
 
 
 @pytest.mark.faults
@@ -444,7 +488,18 @@ def test_a_stalled_site_times_out_and_its_late_update_is_never_aggregated(tmp_pa
     import signal
     import subprocess
 
-    from processes import BIN, ROOT, free_port, prebuild_caches, rounds_of, start, stop, wait_for_port, write_config
+    from processes import (
+        BIN,
+        ROOT,
+        free_port,
+        prebuild_caches,
+        record_fault,
+        rounds_of,
+        start,
+        stop,
+        wait_for_port,
+        write_config,
+    )
 
     names = ["site-a", "site-b", "site-c"]
     sites = [small_consortium / n for n in names]
@@ -456,6 +511,7 @@ def test_a_stalled_site_times_out_and_its_late_update_is_never_aggregated(tmp_pa
                                          text=True, check=True, cwd=ROOT).stdout)["sha256"]
     port, run_dir = free_port(), tmp_path / "run"
     procs: dict[str, subprocess.Popen] = {}
+    t0 = time.monotonic()
 
     def audit(site: str) -> list[dict]:
         log = tmp_path / "state" / site / "audit" / f"{site}.jsonl"
@@ -513,3 +569,108 @@ def test_a_stalled_site_times_out_and_its_late_update_is_never_aggregated(tmp_pa
             if name in entry["aggregated"]:
                 assert entry["aggregated"][name] == asked_of[entry["round"]], (name, entry["round"])
     assert rounds[2]["aggregated"].get("site-c") == asked[3]  # thawed, it takes part again
+    record_fault("stalled-site", {
+        "what": "site-c's SuperNode and ClientApp frozen (SIGSTOP) after receiving round 2, thawed once round 2 "
+                "closed; federation.round_timeout_s 45, min_sites 2",
+        "seconds": round(time.monotonic() - t0, 1),
+        "round_2_failure": second["failures"][0]["reason"], "late_reply_sent_at": late[0]["time"],
+        "thawed_at": thawed.isoformat(), "aggregated": {r["round"]: sorted(r["aggregated"]) for r in rounds},
+        "late_update_aggregated": False, "records_lost": 0})
+
+
+@pytest.mark.faults
+def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_path, small_consortium) -> None:
+    """Real processes, patient-level DP: site-c is SIGKILLed after round 1 with `min_sites: 3`. The run stops
+    with a message naming the round, the quorum and how to go on; round 1's checkpoint (its SHA-256 checked)
+    and its ledger entry are intact. Once site-c has joined again, `llnm-server resume` trains round 2, and
+    the ledger, recomputed with dp-accounting, counts each site's round-2 release once."""
+    import json
+    import signal
+    import subprocess
+
+    import yaml
+    from processes import BIN, ROOT, free_port, prebuild_caches, record_fault, rounds_of, start, stop, wait_for_port
+    from test_privacy import DELTA, PATIENT_Z, check_patient_epsilons
+
+    from shared_model.checkpoint import model_from_checkpoint
+
+    names = ["site-a", "site-b", "site-c"]
+    sites = [small_consortium / n for n in names]
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["name"] = "quorum-lost"
+    exp["evaluation"] = {"explain": False}
+    exp["train"].update({"batch_size": 8, "lr": 0.001})
+    exp["federation"].update({"rounds": 2, "min_sites": 3, "eval_bootstrap": 0, "final_eval_split": None,
+                              "round_timeout_s": 90, "connect_timeout_s": 30, "eval_every": 2})
+    exp["privacy"] = {"patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0,
+                                  "delta": DELTA}}
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    prebuild_caches(sites, config)
+    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
+                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    port, run_dir = free_port(), tmp_path / "run"
+    procs: dict[str, subprocess.Popen] = {}
+    t0 = time.monotonic()
+
+    def join(site, attempt: int) -> None:
+        state = tmp_path / "state" / site.name
+        subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+                       capture_output=True)
+        procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                                  "--data", str(site), "--state-dir", str(state), "--skip-check", "--threads", "1",
+                                  "--privacy-state-dir", str(tmp_path / "privacy"), "--clientappio-port",
+                                  str(free_port())], tmp_path / f"join-{site.name}-{attempt}.log")
+
+    def wait(condition, what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
+            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs}"
+            time.sleep(0.3)
+
+    try:
+        procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
+                                    "--port", str(port)], tmp_path / "superlink.log")
+        wait_for_port(port)
+        for site in sites:
+            join(site, 1)
+        run = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
+                     "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp_path / "run.log")
+        procs["run"] = run
+        wait(lambda: rounds_of(run_dir) == [1], "round 1")
+        stop(procs.pop("site-c"), signal.SIGKILL)
+        ledger_1 = json.loads((run_dir / "privacy.json").read_text())
+        assert run.wait(timeout=600) != 0
+        said = (tmp_path / "run.log").read_text()
+        assert "round 2: " in said and "min_sites" in said and f"llnm-server resume {run_dir}" in said, said[-3000:]
+        assert rounds_of(run_dir) == [1]
+        _model, meta = model_from_checkpoint(run_dir / "checkpoints" / "round-0001.safetensors")
+        assert meta["round"] == 1 and len(meta["sha256"]) == 64
+        stopped = json.loads((run_dir / "privacy.json").read_text())
+        # Round 1 as it was; what sites a and b spent on round 2 is kept, the round marked incomplete.
+        assert stopped["rounds"][0] == ledger_1["rounds"][0] and stopped["rounds"][0]["complete"]
+        assert all(not e["complete"] for e in stopped["rounds"][1:]), stopped["rounds"]
+        assert "Traceback" not in said
+
+        join(sites[2], 2)
+        wait(lambda: (tmp_path / "join-site-c-2.log").read_text().count("SuperNode ID:") >= 1, "site-c back", 120)
+        resumed = subprocess.run([str(BIN / "llnm-server"), "resume", str(run_dir)], capture_output=True,
+                                 text=True, timeout=900, cwd=ROOT)
+        assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    finally:
+        for proc in procs.values():
+            stop(proc)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert set(metrics["rounds"][1]["aggregated"]) == set(names)
+    ledger = json.loads((run_dir / "privacy.json").read_text())
+    assert [e["round"] for e in ledger["rounds"]] == [1, 2] and ledger["rounds"][0] == ledger_1["rounds"][0]
+    check_patient_epsilons(ledger)
+    record_fault("quorum-lost", {
+        "what": "site-c SIGKILLed after round 1 with min_sites 3; the run stopped; site-c joined again; "
+                "`llnm-server resume`", "seconds": round(time.monotonic() - t0, 1),
+        "stop_message": next(line for line in said.splitlines() if "min_sites" in line)[-600:],
+        "rounds_kept_at_stop": [1], "rounds_after_resume": [r["round"] for r in metrics["rounds"]],
+        "patient_epsilon": {n: e["epsilon"] for n, e in ledger["rounds"][-1]["sites"].items()},
+        "records_lost": 0})

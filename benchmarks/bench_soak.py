@@ -1,0 +1,258 @@
+"""Soak: many short rounds on a real loopback deployment while sites are killed and restarted at random (seeded).
+
+    .venv/bin/python benchmarks/bench_soak.py                      # 50 rounds, 4 sites (about half an hour)
+    .venv/bin/python benchmarks/bench_soak.py --rounds 10 --seed 3
+
+A small consortium (`llnm-synth --sites 4`), `configs/demo.yaml` with one local epoch per round, evaluation every
+10th round, `min_sites` 2. `llnm-server start`, one `llnm-site join` per site, `llnm-server run`. After every
+recorded round, with probability `--kill-p`, one running site (never the last `min_sites + 1`) is SIGKILLed with
+its SuperNode; a site down for `--down-rounds` rounds joins again.
+
+Every round the resident memory and the open file descriptors of the long-running processes are read from /proc:
+the SuperLink, the ServerApp under it, `llnm-server run`, and the join and SuperNode processes of the sites that
+are never killed. A leak shows as growth from the first tenth of the rounds to the last (medians), and as the
+slope of a straight-line fit. Also checked: every round is recorded exactly once. Writes
+benchmarks/results/soak.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+
+
+def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        proc.wait(timeout=60)
+
+
+def rounds_of(run: Path) -> list[int]:
+    try:
+        return [r["round"] for r in json.loads((run / "metrics.json").read_text())["rounds"]]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+# ---- /proc ------------------------------------------------------------------------------------------------
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo += children(p)
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def usage(pid: int) -> dict[str, float] | None:
+    """Resident memory (MiB) and open file descriptors of one process."""
+    try:
+        rss_kb = next(int(line.split()[1]) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:"))
+        fds = len(os.listdir(f"/proc/{pid}/fd"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return {"rss_mib": round(rss_kb / 1024, 1), "fds": fds}
+
+
+def find(root: int, marker: str) -> int | None:
+    return next((p for p in descendants(root) if marker in cmdline(p)), None)
+
+
+def slope(values: list[float]) -> float:
+    """Least-squares slope per round."""
+    n = len(values)
+    if n < 2:
+        return 0.0
+    xs = range(n)
+    mx, my = (n - 1) / 2, statistics.fmean(values)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, values, strict=True)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=50)
+    ap.add_argument("--sites", type=int, default=4)
+    ap.add_argument("--patients", type=int, default=160)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kill-p", type=float, default=0.3)
+    ap.add_argument("--down-rounds", type=int, default=2)
+    ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "soak.json"))
+    args = ap.parse_args(argv)
+    rng = random.Random(args.seed)
+    tmp = Path(tempfile.mkdtemp(prefix="llnm-soak-"))
+    data = tmp / "data"
+    subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", str(args.sites), "--patients",
+                    str(args.patients), "--seed", str(args.seed), "--quiet"], check=True)
+    sites = sorted(p for p in data.iterdir() if (p / "patients.csv").is_file())
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["name"] = "soak"
+    exp["evaluation"] = {"explain": False}
+    exp["train"]["local_epochs"] = 1
+    min_sites = 2
+    exp["federation"].update({"rounds": args.rounds, "min_sites": min_sites, "round_timeout_s": 180,
+                              "eval_every": 10, "final_eval_split": None, "eval_bootstrap": 0,
+                              "connect_timeout_s": 300})
+    config = tmp / "exp.yaml"
+    config.write_text(yaml.safe_dump(exp))
+    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
+                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    port = free_port()
+    procs: dict[str, subprocess.Popen] = {}
+    attempts: dict[str, int] = {}
+    # The first two sites are never killed: their processes live the whole run and are watched for leaks.
+    steady = [s.name for s in sites[:2]]
+
+    def join(site: Path) -> None:
+        state = tmp / "state" / site.name
+        subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+                       capture_output=True)
+        attempts[site.name] = attempts.get(site.name, 0) + 1
+        procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
+                                  "--data", str(site), "--state-dir", str(state), "--skip-check", "--threads", "1",
+                                  "--cache-dir", str(tmp / "cache"), "--clientappio-port", str(free_port())],
+                                 tmp / f"join-{site.name}-{attempts[site.name]}.log")
+
+    run_dir = tmp / "run"
+    samples: list[dict] = []
+    events: list[dict] = []
+    down: dict[str, int] = {}
+    t0 = time.perf_counter()
+    rc = None
+    try:
+        procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
+                                    "--port", str(port)], tmp / "superlink.log")
+        time.sleep(3)
+        for site in sites:
+            join(site)
+        procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
+                              "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp / "run.log")
+        seen = 0
+        while procs["run"].poll() is None:
+            done = rounds_of(run_dir)
+            if len(done) == seen:
+                time.sleep(1.0)
+                continue
+            seen = len(done)
+            watched = {"superlink": find(procs["superlink"].pid, "flower-superlink"),
+                       "serverapp": find(procs["superlink"].pid, "flwr-serverapp"),
+                       "llnm-server run": procs["run"].pid}
+            for name in steady:
+                watched[f"{name} join"] = procs[name].pid
+                watched[f"{name} supernode"] = find(procs[name].pid, "flower-supernode")
+            samples.append({"round": seen, "t": round(time.perf_counter() - t0, 1),
+                            "usage": {k: usage(p) if p else None for k, p in watched.items()}})
+            for name, since in list(down.items()):
+                if seen - since >= args.down_rounds:
+                    join(next(s for s in sites if s.name == name))
+                    events.append({"after_round": seen, "event": "rejoined", "site": name})
+                    del down[name]
+            alive = [s.name for s in sites if s.name not in down and s.name not in steady]
+            if alive and len(sites) - len(down) > min_sites + 1 and rng.random() < args.kill_p:
+                victim = rng.choice(alive)
+                kill(procs.pop(victim))
+                down[victim] = seen
+                events.append({"after_round": seen, "event": "killed", "site": victim})
+            print(f"round {seen}/{args.rounds} at {time.perf_counter() - t0:.0f} s; down: {sorted(down)}",
+                  flush=True)
+        rc = procs["run"].wait()
+    finally:
+        for proc in procs.values():
+            kill(proc, signal.SIGTERM)
+    rounds = rounds_of(run_dir)
+    metrics = json.loads((run_dir / "metrics.json").read_text())["rounds"] if rounds else []
+    growth = {}
+    tenth = max(1, len(samples) // 10)
+    for key in samples[0]["usage"] if samples else []:
+        series = [s["usage"][key] for s in samples if s["usage"].get(key)]
+        if len(series) < 2 * tenth:
+            continue
+        first, last = series[:tenth], series[-tenth:]
+        growth[key] = {
+            "rss_mib_first": statistics.median(u["rss_mib"] for u in first),
+            "rss_mib_last": statistics.median(u["rss_mib"] for u in last),
+            "rss_mib_per_round": round(slope([u["rss_mib"] for u in series]), 3),
+            "fds_first": statistics.median(u["fds"] for u in first),
+            "fds_last": statistics.median(u["fds"] for u in last),
+            "fds_max": max(u["fds"] for u in series),
+            "samples": len(series),
+        }
+    leaks = {k: g for k, g in growth.items()
+             if g["fds_last"] > g["fds_first"] + 8 or g["rss_mib_last"] > 1.25 * g["rss_mib_first"] + 20}
+    result = {
+        "rounds_planned": args.rounds, "sites": [s.name for s in sites], "patients": args.patients,
+        "seed": args.seed, "kill_p": args.kill_p, "down_rounds": args.down_rounds, "never_killed": steady,
+        "exit_status": rc, "seconds": round(time.perf_counter() - t0, 1),
+        "kills": sum(e["event"] == "killed" for e in events), "rejoins": sum(e["event"] == "rejoined" for e in events),
+        "events": events,
+        "rounds_recorded": rounds,
+        "checks": {
+            "every_round_recorded_once": rounds == list(range(1, args.rounds + 1)),
+            "no_leak": not leaks,
+            "killed_sites_used_again": all(
+                any(e["site"] in m.get("aggregated", {}) for m in metrics if m["round"] > e["after_round"] + 1)
+                for e in events if e["event"] == "rejoined"),
+        },
+        "growth": growth, "leaks": leaks,
+        "participants_per_round": [len(m.get("aggregated", m.get("participants", []))) for m in metrics],
+        "samples": samples,
+        "logs": str(tmp),
+    }
+    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps({k: result[k] for k in ("checks", "seconds", "exit_status", "kills", "rejoins")}, indent=2))
+    for key, g in growth.items():
+        print(f"{key:22s} rss {g['rss_mib_first']:7.1f} -> {g['rss_mib_last']:7.1f} MiB "
+              f"({g['rss_mib_per_round']:+.3f}/round)  fds {g['fds_first']} -> {g['fds_last']} (max {g['fds_max']})")
+    print(f"wrote {args.result}")
+    return 0 if all(result["checks"].values()) and rc == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
