@@ -603,3 +603,22 @@ def test_per_sample_gradients_are_per_patient_gradients() -> None:
         loss_i.backward()
         for name, p in model.named_parameters():
             assert torch.allclose(samples[name][i], p.grad, atol=1e-5, rtol=1e-3), (i, name)
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_runs_on_cpu(tmp_path) -> None:
+    """benchmarks/gpu_check.sh, the prepared script for a lent GPU, checked with --cpu: it finds a Python whose
+    torch can run, trains through the project's loop plain and under DP-SGD and writes its JSON."""
+    import subprocess
+
+    from processes import ROOT
+
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--cpu", "--preset", "tiny", "--steps",
+                           "2", "--batch", "2", "--warmup", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert [r["mode"] for r in result["runs"]] == ["plain-fp32", "dp-sgd-fp32"]
+    assert all(r["steps"] == 2 and r["samples_per_second"] > 0 for r in result["runs"])
+    assert result["dp_over_plain_fp32"] > 0 and result["parameters"] == 356036 and result["device"] == "cpu"
