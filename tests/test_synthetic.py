@@ -404,7 +404,7 @@ def test_refuses_to_overwrite_unless_asked(tmp_path: Path, capsys: pytest.Captur
     ("kwargs", "message"),
     [
         ({"patients": 50}, ">= 56"),
-        ({"sites": 8}, "sites"),
+        ({"sites": 1000}, "sites must be an integer from 1 to 999"),
         ({"image_size": 64}, "image_size"),
         ({"seed": -1}, "seed"),
         ({"workers": 0}, "workers"),
@@ -508,3 +508,35 @@ def test_paper_layout_puts_three_quarters_in_two_development_hospitals() -> None
     assert 0.50 <= prevalence <= 0.54
     with pytest.raises(ValueError, match="--profile 'huge' is unknown"):
         layout_proportions("huge")
+
+
+def test_more_than_seven_sites_are_seeded_variants_with_drawn_sizes() -> None:
+    """Up to seven sites nothing changes; beyond, site-NNN varies hospital (k - 1) mod 7 (its dialect, scanner
+    vendor and role kept, its case mix and scanner settings drawn), sizes are drawn log-normal with site-a the
+    largest, and the same seed gives the same consortium."""
+    import math
+
+    from shared_model.synthetic.profiles import SITE_PROPORTIONS, site_sizes
+    from shared_model.synthetic.variants import (
+        consortium_profiles,
+        consortium_proportions,
+        dialect_of,
+        patient_prefix,
+    )
+
+    assert consortium_profiles(7, seed=3) == SITE_PROFILES
+    assert consortium_proportions("default", 7, seed=3) == SITE_PROPORTIONS
+    profiles = consortium_profiles(100, seed=3)
+    assert [p.name for p in profiles[6:9]] == ["site-g", "site-008", "site-009"] and profiles[-1].name == "site-100"
+    assert profiles == consortium_profiles(100, seed=3) and profiles != consortium_profiles(100, seed=4)
+    v = profiles[7]  # site-008 varies site-a
+    assert dialect_of(v) == "site-a" and v.role == SITE_PROFILES[0].role
+    assert v.scanner.manufacturer == SITE_PROFILES[0].scanner.manufacturer
+    assert v.target_prevalence != SITE_PROFILES[0].target_prevalence
+    assert patient_prefix(v) == "P008" and patient_prefix(SITE_PROFILES[0]) == "PA"
+    props = consortium_proportions("default", 100, seed=3)
+    assert len(props) == 100 and math.isclose(sum(props), 1.0) and list(props) == sorted(props, reverse=True)
+    sizes = site_sizes(2100, 100, proportions=props)
+    assert sum(sizes) == 2100 and min(sizes) >= 8 and max(sizes) > 4 * min(sizes)
+    with pytest.raises(ValueError, match="describes 7 sites"):
+        consortium_proportions("paper", 8, seed=0)

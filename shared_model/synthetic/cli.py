@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--out", required=True, help="output folder (must be empty or absent, see --overwrite)"
     )
-    parser.add_argument("--sites", type=int, default=7, help="number of sites, 1-7 (default 7)")
+    parser.add_argument("--sites", type=int, default=7,
+                        help="number of sites, 1-999 (default 7): the seven synthetic hospitals, then seeded "
+                             "variants of them (site-008, ...) with drawn sizes")
     parser.add_argument(
         "--profile",
         choices=sorted(LAYOUTS),

@@ -8,7 +8,8 @@ Layout written under ``out_dir``::
     consortium.json         seed, every generative parameter, per-site and pooled statistics and AUCs
 
 ``patients`` is the total over all sites, spread by realistic site proportions (two large development
-hospitals, five smaller external ones). Truth (features, labels, splits, missingness) is drawn in the
+hospitals, five smaller external ones; drawn sizes and seeded variants of the seven beyond seven sites,
+:mod:`shared_model.synthetic.variants`). Truth (features, labels, splits, missingness) is drawn in the
 main process, one random stream per site; each patient's images, masks and report are rendered from the
 patient's own random streams, in worker processes, so the output does not depend on the number of
 workers and the same seed gives byte-identical files. Memory stays bounded: a worker holds one patient.
@@ -20,6 +21,7 @@ import csv
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -32,14 +34,7 @@ import yaml
 
 from shared_model.contract import coarse_count
 
-from .profiles import (
-    MIN_PATIENTS_PER_SITE,
-    SITE_PROFILES,
-    SiteProfile,
-    layout_proportions,
-    site_profiles,
-    site_sizes,
-)
+from .profiles import MIN_PATIENTS_PER_SITE, SiteProfile, site_sizes
 from .render import frame_layout
 from .risk_model import (
     CLINICAL_FEATURES,
@@ -54,10 +49,12 @@ from .risk_model import (
     sample_features,
     site_intercept,
 )
+from .variants import MAX_SITES, consortium_profiles, consortium_proportions, patient_prefix
 from .worker import PatientJob, render_patient
 
 GENERATOR_VERSION = 1
 DEFAULT_PATIENTS = 700
+_SITE_FOLDER = re.compile(r"site-([a-g]|\d{3})")
 DEFAULT_IMAGE_SIZE = 256
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 128, 1024
 SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
@@ -145,9 +142,9 @@ def _prepare_output(out: Path, overwrite: bool) -> None:
             raise FileExistsError(
                 f"output folder {out} is not empty; pass --overwrite to replace a previous llnm-synth output"
             )
-        ours = {p.name for p in SITE_PROFILES} | {"truth", "consortium.json"}
+        ours = {"truth", "consortium.json"}
         entries = sorted(out.iterdir())
-        foreign = [e.name for e in entries if e.name not in ours]
+        foreign = [e.name for e in entries if e.name not in ours and not _SITE_FOLDER.fullmatch(e.name)]
         if foreign:
             raise FileExistsError(
                 f"refusing to overwrite {out}: it holds entries llnm-synth did not write: {foreign[:5]}"
@@ -282,8 +279,8 @@ def _write_truth_csv(path: Path, df: pd.DataFrame) -> None:
 
 
 def _validate(sites: int, patients: int, seed: int, image_size: int, workers: int) -> None:
-    if not isinstance(sites, (int, np.integer)) or not 1 <= sites <= len(SITE_PROFILES):
-        raise ValueError(f"sites must be an integer from 1 to {len(SITE_PROFILES)}, got {sites!r}")
+    if not isinstance(sites, (int, np.integer)) or not 1 <= sites <= MAX_SITES:
+        raise ValueError(f"sites must be an integer from 1 to {MAX_SITES}, got {sites!r}")
     if not isinstance(patients, (int, np.integer)) or patients < MIN_PATIENTS_PER_SITE * sites:
         raise ValueError(
             f"patients (the total over all sites) must be an integer >= "
@@ -320,20 +317,20 @@ def generate_consortium(
     output. ``workers`` (default: CPU count) only changes speed, never the files.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
-    proportions = layout_proportions(layout)
     _validate(sites, patients, seed, image_size, workers)
+    proportions = consortium_proportions(layout, sites, seed)
     out = Path(out_dir)
     _prepare_output(out, overwrite)
     started = time.perf_counter()
-    profiles = site_profiles(sites)
+    profiles = consortium_profiles(sites, seed)
     sizes = site_sizes(patients, sites, proportions=proportions)
     tables: list[pd.DataFrame] = []
     jobs: list[PatientJob] = []
     for si, (profile, n) in enumerate(zip(profiles, sizes, strict=True)):
         rng = np.random.default_rng([seed, si, 0])
         df = label_patients(sample_features(n, profile, rng, model), profile, rng, model)
-        letter = profile.name[-1].upper()
-        df.insert(0, "patient_id", [f"P{letter}{i + 1:05d}" for i in range(n)])
+        prefix = patient_prefix(profile)
+        df.insert(0, "patient_id", [f"{prefix}{i + 1:05d}" for i in range(n)])
         df["split"] = stratified_splits(df["llnm"].to_numpy(), rng)
         df["has_report"] = rng.random(n) >= profile.missing_report_prob
         missing_view = rng.random(n) < profile.missing_view_prob

@@ -23,6 +23,7 @@ import numpy as np
 
 from .dialects import DIALECTS, reveals_shape
 from .profiles import SiteProfile
+from .variants import dialect_of
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def write_report(
 ) -> tuple[str, frozenset[str]]:
     """The site's report for one patient, and the risk-model features its text reveals."""
     try:
-        dialect = DIALECTS[profile.name]
+        dialect = DIALECTS[dialect_of(profile)]
     except KeyError as exc:
         raise ValueError(f"no report dialect for site {profile.name!r}") from exc
     style = profile.report
