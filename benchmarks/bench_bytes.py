@@ -88,6 +88,10 @@ def paper_sizes() -> dict:
                     "same tensors, so the same size within a few hundred bytes"}
 
 
+def _per(total: int | None, sites: int, rounds: int) -> int | None:
+    return None if total is None else round(total / (sites * rounds))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=3)
@@ -158,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
         upstream[site.name] = {k: {"messages": len(v), "bytes_each": sorted(set(v))} for k, v in per_kind.items()}
     state = {k: v.detach() for k, v in model.state_dict().items()}
     down = instruction_bytes(state)
-    runs = traffic.get("runs", [traffic])
-    run = runs[0] if runs else {}
+    run = (traffic.get("runs") or [{}])[0].get("network-traffic", {})
+    if not run:
+        print(f"warning: flwr ls gave no traffic: {traffic}", file=sys.stderr)
     result = {
         "settings": {"sites": len(sites), "patients": args.patients, "rounds": args.rounds, "preset": "tiny",
                      "every_round": "train + evaluate"},
         "superlink_traffic": {"inbound_bytes": run.get("inbound-bytes"), "outbound_bytes": run.get("outbound-bytes"),
-                              "source": "flwr ls --format json (Flower's count of the run's fleet traffic)"},
+                              "source": "flwr ls --format json (Flower's count of the run's fleet traffic)",
+                              "per_site_per_round_inbound": _per(run.get("inbound-bytes"), len(sites), args.rounds),
+                              "per_site_per_round_outbound": _per(run.get("outbound-bytes"), len(sites),
+                                                                  args.rounds)},
         "tiny": {"parameters": sum(p.numel() for p in model.parameters()),
                  "train_instruction_bytes_per_site": down,
                  "upstream_per_site": upstream,
