@@ -276,12 +276,14 @@ def make_client_app(site_dirs: list[str] | None = None, defaults: dict[str, Any]
     """
     from fl_client.privacy import site_dp_clipping_mod
     from fl_client.secure_aggregation import secure_aggregation_mod
+    from fl_client.update_transport import update_transport_mod
 
     client_app = ClientApp()
 
-    # Outermost: Flower's SecAgg+ for secure rounds only. Then Flower's client-side clipping mods, applied only
-    # when the coordinator's site-DP wrapper asks for them (so a site clips before it masks).
-    @client_app.train(mods=[secure_aggregation_mod, site_dp_clipping_mod])
+    # Outermost: the float16 update encoding when the round asks for it (never with secure aggregation). Then
+    # Flower's SecAgg+ for secure rounds only. Then Flower's client-side clipping mods, applied only when the
+    # coordinator's site-DP wrapper asks for them (so a site clips before it masks or encodes).
+    @client_app.train(mods=[update_transport_mod, secure_aggregation_mod, site_dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         _quiet_logs()
         return _handle_train(msg, context, site_dirs, defaults)

@@ -106,6 +106,9 @@ class FederationSection(_Strict):
     # (absolute; None: no absolute bound) or than this many times the round's median update norm is rejected.
     max_update_norm: float | None = Field(default=None, gt=0.0)
     max_update_norm_ratio: float | None = Field(default=10.0, gt=1.0)
+    # How sites upload their update: float32 weights, or float16 differences from the round's model (half the
+    # bytes; shared_model/update_codec.py). Not with secure aggregation.
+    update_transport: Literal["float32", "float16"] = "float32"
     # Train rounds with Flower's SecAgg+: the coordinator sees only the masked sum of the sites' updates.
     secure_aggregation: bool = False
     secagg: SecureAggregationSection = Field(default_factory=SecureAggregationSection)
@@ -241,6 +244,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             "the noise protects)"
         )
     fed = cfg.federation
+    if fed.secure_aggregation and fed.update_transport != "float32":
+        raise ConfigError(f"{source}: federation.update_transport: secure aggregation masks float32 updates as "
+                          "integers; use float32 with federation.secure_aggregation")
     if fed.secure_aggregation:
         if site_dp.enabled and site_dp.clipping != "client-fixed":
             raise ConfigError(

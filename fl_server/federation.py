@@ -376,7 +376,7 @@ class Federation:
             outcome.replies, rejected = screen_updates(
                 outcome.replies, reference, run_id=self.exp.name, server_round=rnd,
                 name_of=lambda r: self._name(r.metadata.src_node_id), max_norm=fed.max_update_norm,
-                max_norm_ratio=fed.max_update_norm_ratio)
+                max_norm_ratio=fed.max_update_norm_ratio, transport=fed.update_transport)
             for failure in rejected:
                 self.say(f"[llnm] round {rnd}: {failure['site']}: {failure['reason']}")
             failures += rejected

@@ -61,10 +61,34 @@ def _echo_problem(reply: Message, run_id: str, server_round: int) -> str | None:
     return None
 
 
+def _decode(reply: Message, reference: dict[str, np.ndarray], transport: str) -> str | None:
+    """Turn a float16-difference update back into float32 weights in place; the problem, if it cannot be."""
+    from flwr.app import Array, ArrayRecord
+
+    from shared_model.update_codec import ENCODING_FLOAT16_DELTA, decode_update, reply_encoding
+
+    encoding = reply_encoding(reply.content.get(protocol.SITE_RECORD, {}))
+    wanted = ENCODING_FLOAT16_DELTA if transport == "float16" else "float32"
+    if encoding != wanted:
+        return f"it sent its update as {encoding}, the round asked for {wanted} (federation.update_transport)"
+    if encoding == "float32":
+        return None
+    try:
+        weights = decode_update(_arrays(reply.content[protocol.ARRAYS_RECORD]), reference)
+    except ValueError as exc:
+        return str(exc)
+    reply.content[protocol.ARRAYS_RECORD] = ArrayRecord({k: Array(v) for k, v in weights.items()})
+    return None
+
+
 def screen_updates(replies: list[Message], reference: dict[str, np.ndarray], *, run_id: str, server_round: int,
                    name_of: Callable[[Message], str], max_norm: float | None = None,
-                   max_norm_ratio: float | None = 10.0) -> tuple[list[Message], list[dict[str, Any]]]:
-    """(accepted replies, one failure record per rejected reply). `reference` is the round's global model."""
+                   max_norm_ratio: float | None = 10.0, transport: str = "float32"
+                   ) -> tuple[list[Message], list[dict[str, Any]]]:
+    """(accepted replies, one failure record per rejected reply). `reference` is the round's global model.
+
+    With `transport` float16 each update arrives as float16 differences and is first turned back into float32
+    weights (shared_model/update_codec.py); a reply in another encoding than the round asked for is rejected."""
     accepted: list[tuple[Message, float]] = []
     rejected: list[dict[str, Any]] = []
 
@@ -76,6 +100,8 @@ def screen_updates(replies: list[Message], reference: dict[str, np.ndarray], *, 
         problem = _echo_problem(reply, run_id, server_round)
         if problem is None and protocol.ARRAYS_RECORD not in reply.content:
             problem = "no arrays record"
+        if problem is None:
+            problem = _decode(reply, reference, transport)
         if problem is None:
             sent = _arrays(reply.content[protocol.ARRAYS_RECORD])
             problem = _shape_problem(sent, reference)

@@ -41,6 +41,8 @@ SITE_POLICY = "site-policy"  # train and evaluate replies: the site's privacy po
 # Train replies: the run and round the reply answers, echoed from the round config (checked before aggregation).
 SITE_RUN_ID = "run-id"
 SITE_ROUND = "server-round"
+# Train replies under `update-transport: float16`: how the arrays encode the update (shared_model.update_codec).
+UPDATE_ENCODING = "update-encoding"
 
 # ---- the `config` record of a query -------------------------------------------------------------------
 QUERY_ASK = "ask"
@@ -48,6 +50,8 @@ ASK_SITE_NAME = "site-name"
 
 # ---- the round config (ConfigRecord `config` of train / evaluate messages) ----------------------------
 RUN_ID = "run-id"
+# Train messages: "float16" asks for float16 differences from the sent model (absent: float32 weights).
+UPDATE_TRANSPORT = "update-transport"
 SERVER_ROUND = "server-round"  # set by Flower's strategies in configure_train / configure_evaluate
 TOTAL_ROUNDS = "total-rounds"
 MODEL_CONFIG = "model-config"  # JSON of shared_model.config.ModelConfig

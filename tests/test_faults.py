@@ -674,3 +674,46 @@ def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_pa
         "rounds_kept_at_stop": [1], "rounds_after_resume": [r["round"] for r in metrics["rounds"]],
         "patient_epsilon": {n: e["epsilon"] for n, e in ledger["rounds"][-1]["sites"].items()},
         "records_lost": 0})
+
+
+def float16_reply(node: int, shift: float = 0.1, *, rnd: int = ROUND) -> Message:
+    """A train reply as a site sends it under `update_transport: float16`, through the site's own mod."""
+    from flwr.app import Context, RecordDict
+
+    from fl_client.update_transport import update_transport_mod
+
+    ask = Message(RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(GLOBAL),
+                              protocol.CONFIG_RECORD: ConfigRecord({protocol.UPDATE_TRANSPORT: "float16"})}),
+                  dst_node_id=node, message_type="train")
+    context = Context(run_id=1, node_id=node, node_config={}, state=RecordDict(), run_config={})
+    return update_transport_mod(ask, context, lambda msg, ctx: good(node, shift) if rnd == ROUND else reply(
+        node, {k: v + shift for k, v in GLOBAL.items()}, rnd=rnd))
+
+
+def test_float16_updates_are_half_the_bytes_and_aggregate_as_float32() -> None:
+    """Under `federation.update_transport: float16` a site sends float16 differences from the model it was sent
+    (its mod), the coordinator turns them back into float32 weights before screening, and the aggregate is the
+    float32 one within float16's precision of the update. A reply in the other encoding is rejected."""
+    replies = [float16_reply(n) for n in (1, 2, 3)]
+    sent = replies[0].content[protocol.ARRAYS_RECORD]
+    assert {v.numpy().dtype for v in sent.values()} == {np.dtype("float16")}
+    assert replies[0].content[protocol.SITE_RECORD][protocol.UPDATE_ENCODING] == "float16-delta"
+    def payload(record) -> int:
+        return sum(v.numpy().nbytes for v in record.values())
+
+    assert payload(sent) * 2 == payload(good(1).content[protocol.ARRAYS_RECORD])
+    accepted, rejected = screen(replies, transport="float16")
+    assert not rejected and [r.metadata.src_node_id for r in accepted] == [1, 2, 3]
+    arrays, _ = FedAvg(weighted_by_key=protocol.NUM_EXAMPLES).aggregate_train(ROUND, accepted)
+    assert arrays["w"].numpy().dtype == np.float32 and np.allclose(arrays["w"].numpy(), 0.2, atol=1e-3)
+    _, rejected = screen([good(1), good(2), float16_reply(3)], transport="float16")
+    assert set(rejected) == {"site-1", "site-2"} and "the round asked for float16-delta" in rejected["site-1"]
+    _, rejected = screen([good(1), good(2), float16_reply(3)])
+    assert list(rejected) == ["site-3"] and "sent its update as float16-delta" in rejected["site-3"]
+
+
+def test_float16_transport_is_refused_with_secure_aggregation() -> None:
+    from fl_server.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="federation.update_transport"):
+        parse_config({"federation": {"secure_aggregation": True, "update_transport": "float16", "min_sites": 3}})
