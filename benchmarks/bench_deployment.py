@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -32,15 +31,12 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _loopback import BIN, ROOT, free_port, start, stop
+
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: object, env: dict | None = None) -> str:
@@ -51,19 +47,6 @@ def cli(*args: object, env: dict | None = None) -> str:
     return done.stdout
 
 
-def start(cmd: list[object], log: Path) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                            cwd=ROOT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def audit_train_payload(state: Path, site: str, flwr_run_id: int) -> dict:

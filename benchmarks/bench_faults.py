@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,34 +33,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-
-
-def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        proc.wait(timeout=30)
-
-
-def rounds_of(run: Path) -> list[dict]:
-    try:
-        return json.loads((run / "metrics.json").read_text())["rounds"]
-    except (OSError, ValueError, KeyError):
-        return []
+from _loopback import BIN, ROOT, free_port, rounds_of, start, stop
 
 
 def wait_until(condition, what: str, timeout: float) -> None:
@@ -164,7 +138,7 @@ def sites_killed(args: argparse.Namespace) -> dict:
                               "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp / "run.log")
         wait_until(lambda: len(rounds_of(run)) >= 1, "round 1", 900)
         for site in victims:
-            kill(procs.pop(site.name))
+            stop(procs.pop(site.name), signal.SIGKILL)
             events.append({"after_round": 1, "event": "killed", "site": site.name, "t": time.perf_counter() - t0})
         wait_until(lambda: len(rounds_of(run)) >= 2, "round 2 without the killed sites", 900)
         for site in victims:
@@ -173,7 +147,7 @@ def sites_killed(args: argparse.Namespace) -> dict:
         rc = procs["run"].wait(timeout=1800)
     finally:
         for proc in procs.values():
-            kill(proc, signal.SIGTERM)
+            stop(proc)
     seconds = time.perf_counter() - t0
     rounds = rounds_of(run)
     names = {s.name for s in sites}

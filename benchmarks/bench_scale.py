@@ -27,27 +27,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def _children(pid: int) -> list[int]:
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += _children(p)
-    return found
+from _loopback import BIN, ROOT, process_tree
 
 
 def pss_mib(pid: int) -> float:
@@ -71,7 +53,7 @@ class TreeMemory(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            pids = tree(self.pid)
+            pids = process_tree(self.pid)
             total = sum(pss_mib(p) for p in pids)
             self.samples += 1
             if total > self.peak_mib:

@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,62 +32,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-
-
-def kill(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        proc.wait(timeout=60)
-
-
-def rounds_of(run: Path) -> list[int]:
-    try:
-        return [r["round"] for r in json.loads((run / "metrics.json").read_text())["rounds"]]
-    except (OSError, ValueError, KeyError):
-        return []
-
+from _loopback import BIN, ROOT, cmdline, free_port, process_tree, rounds_of, start, stop
 
 # ---- /proc ------------------------------------------------------------------------------------------------
 
-def children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return out
 
-
-def descendants(pid: int) -> list[int]:
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += children(p)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def usage(pid: int) -> dict[str, float] | None:
@@ -103,7 +53,7 @@ def usage(pid: int) -> dict[str, float] | None:
 
 
 def find(root: int, marker: str) -> int | None:
-    return next((p for p in descendants(root) if marker in cmdline(p)), None)
+    return next((p for p in process_tree(root) if marker in cmdline(p)), None)
 
 
 def slope(values: list[float]) -> float:
@@ -214,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp / "run.log")
         seen = 0
         while procs["run"].poll() is None:
-            done = rounds_of(run_dir)
+            done = [r["round"] for r in rounds_of(run_dir)]
             if len(done) == seen:
                 time.sleep(1.0)
                 continue
@@ -235,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             alive = [s.name for s in sites if s.name not in down and s.name not in steady]
             if alive and len(sites) - len(down) > min_sites + 1 and rng.random() < args.kill_p:
                 victim = rng.choice(alive)
-                kill(procs.pop(victim))
+                stop(procs.pop(victim), signal.SIGKILL)
                 down[victim] = seen
                 events.append({"after_round": seen, "event": "killed", "site": victim})
             print(f"round {seen}/{args.rounds} at {time.perf_counter() - t0:.0f} s; down: {sorted(down)}",
@@ -243,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         rc = procs["run"].wait()
     finally:
         for proc in procs.values():
-            kill(proc, signal.SIGTERM)
-    rounds = rounds_of(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())["rounds"] if rounds else []
+            stop(proc)
+    metrics = rounds_of(run_dir)
+    rounds = [r["round"] for r in metrics]
     growth, leaks = analyse(samples)
     result = {
         "rounds_planned": args.rounds, "sites": [s.name for s in sites], "patients": args.patients,

@@ -123,3 +123,65 @@ def record_fault(name: str, figures: dict) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"{name}.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
+
+
+class Loopback:
+    """A development SuperLink on loopback (no TLS) with real `llnm-site join` processes, for fault tests.
+
+    Every site approves the app `llnm-server app-hash` prints and keeps its state under TMP/state/SITE; logs go to
+    TMP/*.log (shown when a wait times out). `close()` stops every process it started (thawing frozen ones)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.port = tmp, free_port()
+        self.procs: dict[str, subprocess.Popen] = {}
+        done = subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True, text=True,
+                              check=True, cwd=ROOT)
+        self.app_hash = json.loads(done.stdout)["sha256"]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_superlink(self, log: str = "superlink.log") -> None:
+        self.procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
+                                         "--port", str(self.port)], self.tmp / log)
+        wait_for_port(self.port)
+
+    def state(self, site: str) -> Path:
+        return self.tmp / "state" / site
+
+    def join(self, site: Path, *extra: str, log: str | None = None) -> subprocess.Popen:
+        subprocess.run([str(BIN / "llnm-site"), "approve", self.app_hash, "--state-dir", str(self.state(site.name))],
+                       check=True, capture_output=True)
+        self.procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", self.address, "--insecure",
+                                       "--data", str(site), "--state-dir", str(self.state(site.name)),
+                                       "--skip-check", "--threads", "1", "--clientappio-port", str(free_port()),
+                                       *extra], self.tmp / (log or f"join-{site.name}.log"))
+        return self.procs[site.name]
+
+    def run(self, config: Path, out: Path, log: str = "run.log") -> subprocess.Popen:
+        self.procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(out),
+                                   "--superlink", self.address, "--insecure"], self.tmp / log)
+        return self.procs["run"]
+
+    def audit(self, site: str) -> list[dict]:
+        log = self.state(site) / "audit" / f"{site}.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
+
+    def wait(self, condition, what: str, timeout: float = 600) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+                                 for p in sorted(self.tmp.glob("*.log")))
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.3)
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    continue
+            stop(proc)

@@ -6,7 +6,6 @@ reply as its site's failure and aggregates the rest (checked here by aggregating
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -348,10 +347,9 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     import json
     import signal
     import subprocess
-    import time
 
     import yaml
-    from processes import BIN, ROOT, free_port, prebuild_caches, record_fault, rounds_of, start, stop, wait_for_port
+    from processes import BIN, ROOT, Loopback, prebuild_caches, record_fault, rounds_of, stop
     from test_privacy import DELTA, PATIENT_Z, SITE_CLIP, SITE_Z, check_patient_epsilons, close, gaussian_epsilon
 
     names = ["site-a", "site-b", "site-c"]
@@ -372,58 +370,33 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     reference_config = tmp_path / "reference.yaml"
     reference_config.write_text(yaml.safe_dump({**exp, "name": "uninterrupted"}))
     prebuild_caches(sites, config)
-    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
-                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
-    port, run_dir = free_port(), tmp_path / "run"
-    link_cmd = [str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1", "--port", str(port)]
-    procs: dict[str, subprocess.Popen] = {}
-    t0 = time.monotonic()
+    run_dir, net, t0 = tmp_path / "run", Loopback(tmp_path), time.monotonic()
 
     def sent(site: str, rnd: int) -> bool:
-        log = tmp_path / "state" / site / "audit" / f"{site}.jsonl"
-        return log.is_file() and any(json.loads(line).get("event") == "sent" and json.loads(line).get("round") == rnd
-                                     for line in log.read_text().splitlines() if line.strip())
-
-    def wait(condition, what: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
-            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs}"
-            time.sleep(0.5)
+        return any(e.get("event") == "sent" and e.get("round") == rnd for e in net.audit(site))
 
     try:
-        procs["superlink"] = start(link_cmd, tmp_path / "superlink-1.log")
-        wait_for_port(port)
+        net.start_superlink("superlink-1.log")
         for site in sites:
-            state = tmp_path / "state" / site.name
-            subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
-                           capture_output=True)
-            procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}",
-                                      "--insecure", "--data", str(site), "--state-dir", str(state), "--skip-check",
-                                      "--keep-sent", "--threads", "1", "--privacy-state-dir",
-                                      str(tmp_path / "privacy"), "--clientappio-port", str(free_port())],
-                                     tmp_path / f"join-{site.name}.log")
-        procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
-                              "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp_path / "run-1.log")
-        wait(lambda: rounds_of(run_dir) == [1] and any(sent(n, 2) for n in names), "a round-2 update sent")
-        stop(procs.pop("run"), signal.SIGKILL)
-        stop(procs.pop("superlink"), signal.SIGKILL)  # its process group: the ServerApp it started too
+            net.join(site, "--keep-sent", "--privacy-state-dir", str(tmp_path / "privacy"))
+        net.run(config, run_dir, "run-1.log")
+        net.wait(lambda: rounds_of(run_dir) == [1] and any(sent(n, 2) for n in names), "a round-2 update sent")
+        stop(net.procs.pop("run"), signal.SIGKILL)
+        stop(net.procs.pop("superlink"), signal.SIGKILL)  # its process group: the ServerApp it started too
         ledger_at_kill = json.loads((run_dir / "privacy.json").read_text()) if dp else {}
-        procs["superlink"] = start(link_cmd, tmp_path / "superlink-2.log")
-        wait_for_port(port)
-        wait(lambda: all((tmp_path / f"join-{n}.log").read_text().count("SuperNode ID:") >= 2 for n in names),
-             "the sites to reconnect", 180)
+        net.start_superlink("superlink-2.log")
+        net.wait(lambda: all((tmp_path / f"join-{n}.log").read_text().count("SuperNode ID:") >= 2 for n in names),
+                 "the sites to reconnect", 180)
         resumed = subprocess.run([str(BIN / "llnm-server"), "resume", str(run_dir)], capture_output=True,
                                  text=True, timeout=900, cwd=ROOT)
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
         if not dp:
             reference = subprocess.run([str(BIN / "llnm-server"), "run", "--config", str(reference_config), "--out",
-                                        str(tmp_path / "reference"), "--superlink", f"127.0.0.1:{port}",
-                                        "--insecure"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                                        str(tmp_path / "reference"), "--superlink", net.address, "--insecure"],
+                                       capture_output=True, text=True, timeout=900, cwd=ROOT)
             assert reference.returncode == 0, reference.stdout[-4000:] + reference.stderr[-4000:]
     finally:
-        for proc in procs.values():
-            stop(proc)
+        net.close()
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
@@ -457,7 +430,7 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     scans = {}
     for site in sites:
         scan = subprocess.run([str(BIN / "llnm-site"), "audit", "--scan-sent", "--json", "--data", str(site),
-                               "--state-dir", str(tmp_path / "state" / site.name)], capture_output=True, text=True)
+                               "--state-dir", str(net.state(site.name))], capture_output=True, text=True)
         result = json.loads(scan.stdout)
         assert scan.returncode == 0 and result["findings"] == [] and result["kept_messages"] >= 3, scan.stdout[-2000:]
         scans[site.name] = {k: result[k] for k in ("kept_messages", "patient_ids", "needles")} | {
@@ -486,20 +459,8 @@ def test_a_stalled_site_times_out_and_its_late_update_is_never_aggregated(tmp_pa
     import datetime as dt
     import json
     import signal
-    import subprocess
 
-    from processes import (
-        BIN,
-        ROOT,
-        free_port,
-        prebuild_caches,
-        record_fault,
-        rounds_of,
-        start,
-        stop,
-        wait_for_port,
-        write_config,
-    )
+    from processes import Loopback, prebuild_caches, record_fault, rounds_of, write_config
 
     names = ["site-a", "site-b", "site-c"]
     sites = [small_consortium / n for n in names]
@@ -507,49 +468,22 @@ def test_a_stalled_site_times_out_and_its_late_update_is_never_aggregated(tmp_pa
                                                 "eval_bootstrap": 0, "final_eval_split": None, "eval_every": 3,
                                                 "connect_timeout_s": 120})
     prebuild_caches(sites, config)
-    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
-                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
-    port, run_dir = free_port(), tmp_path / "run"
-    procs: dict[str, subprocess.Popen] = {}
-    t0 = time.monotonic()
-
-    def audit(site: str) -> list[dict]:
-        log = tmp_path / "state" / site / "audit" / f"{site}.jsonl"
-        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-
-    def wait(condition, what: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
-            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs}"
-            time.sleep(0.3)
-
+    run_dir, net, t0 = tmp_path / "run", Loopback(tmp_path), time.monotonic()
+    audit = net.audit
     try:
-        procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
-                                    "--port", str(port)], tmp_path / "superlink.log")
-        wait_for_port(port)
+        net.start_superlink()
         for site in sites:
-            state = tmp_path / "state" / site.name
-            subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
-                           capture_output=True)
-            procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}",
-                                      "--insecure", "--data", str(site), "--state-dir", str(state), "--skip-check",
-                                      "--threads", "1", "--clientappio-port", str(free_port())],
-                                     tmp_path / f"join-{site.name}.log")
-        procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
-                              "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp_path / "run.log")
-        wait(lambda: any(e["event"] == "received" and e.get("round") == 2 and e["message_type"] == "train"
-                         for e in audit("site-c")), "site-c to receive round 2")
-        os.killpg(procs["site-c"].pid, signal.SIGSTOP)
-        wait(lambda: rounds_of(run_dir) == [1, 2], "round 2 to close without site-c")
+            net.join(site)
+        run = net.run(config, run_dir)
+        net.wait(lambda: any(e["event"] == "received" and e.get("round") == 2 and e["message_type"] == "train"
+                             for e in audit("site-c")), "site-c to receive round 2")
+        os.killpg(net.procs["site-c"].pid, signal.SIGSTOP)
+        net.wait(lambda: rounds_of(run_dir) == [1, 2], "round 2 to close without site-c")
         thawed = dt.datetime.now(dt.UTC)
-        os.killpg(procs["site-c"].pid, signal.SIGCONT)
-        assert procs["run"].wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        os.killpg(net.procs["site-c"].pid, signal.SIGCONT)
+        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
     finally:
-        for proc in procs.values():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGCONT)
-            stop(proc)
+        net.close()
 
     rounds = json.loads((run_dir / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3]
@@ -589,7 +523,7 @@ def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_pa
     import subprocess
 
     import yaml
-    from processes import BIN, ROOT, free_port, prebuild_caches, record_fault, rounds_of, start, stop, wait_for_port
+    from processes import BIN, ROOT, Loopback, prebuild_caches, record_fault, rounds_of, stop
     from test_privacy import DELTA, PATIENT_Z, check_patient_epsilons
 
     from shared_model.checkpoint import model_from_checkpoint
@@ -607,39 +541,15 @@ def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_pa
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))
     prebuild_caches(sites, config)
-    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
-                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
-    port, run_dir = free_port(), tmp_path / "run"
-    procs: dict[str, subprocess.Popen] = {}
-    t0 = time.monotonic()
-
-    def join(site, attempt: int) -> None:
-        state = tmp_path / "state" / site.name
-        subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
-                       capture_output=True)
-        procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
-                                  "--data", str(site), "--state-dir", str(state), "--skip-check", "--threads", "1",
-                                  "--privacy-state-dir", str(tmp_path / "privacy"), "--clientappio-port",
-                                  str(free_port())], tmp_path / f"join-{site.name}-{attempt}.log")
-
-    def wait(condition, what: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in tmp_path.glob("*.log"))
-            assert time.monotonic() < deadline, f"timed out waiting for {what}\n{logs}"
-            time.sleep(0.3)
-
+    run_dir, net, t0 = tmp_path / "run", Loopback(tmp_path), time.monotonic()
+    privacy = ("--privacy-state-dir", str(tmp_path / "privacy"))
     try:
-        procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
-                                    "--port", str(port)], tmp_path / "superlink.log")
-        wait_for_port(port)
+        net.start_superlink()
         for site in sites:
-            join(site, 1)
-        run = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
-                     "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp_path / "run.log")
-        procs["run"] = run
-        wait(lambda: rounds_of(run_dir) == [1], "round 1")
-        stop(procs.pop("site-c"), signal.SIGKILL)
+            net.join(site, *privacy)
+        run = net.run(config, run_dir)
+        net.wait(lambda: rounds_of(run_dir) == [1], "round 1")
+        stop(net.procs.pop("site-c"), signal.SIGKILL)
         ledger_1 = json.loads((run_dir / "privacy.json").read_text())
         assert run.wait(timeout=600) != 0
         said = (tmp_path / "run.log").read_text()
@@ -653,14 +563,13 @@ def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_pa
         assert all(not e["complete"] for e in stopped["rounds"][1:]), stopped["rounds"]
         assert "Traceback" not in said
 
-        join(sites[2], 2)
-        wait(lambda: (tmp_path / "join-site-c-2.log").read_text().count("SuperNode ID:") >= 1, "site-c back", 120)
+        net.join(sites[2], *privacy, log="join-site-c-2.log")
+        net.wait(lambda: (tmp_path / "join-site-c-2.log").read_text().count("SuperNode ID:") >= 1, "site-c back", 120)
         resumed = subprocess.run([str(BIN / "llnm-server"), "resume", str(run_dir)], capture_output=True,
                                  text=True, timeout=900, cwd=ROOT)
         assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     finally:
-        for proc in procs.values():
-            stop(proc)
+        net.close()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     assert set(metrics["rounds"][1]["aggregated"]) == set(names)
@@ -715,5 +624,5 @@ def test_float16_updates_are_half_the_bytes_and_aggregate_as_float32() -> None:
 def test_float16_transport_is_refused_with_secure_aggregation() -> None:
     from fl_server.config import ConfigError, parse_config
 
-    with pytest.raises(ConfigError, match="federation.update_transport"):
+    with pytest.raises(ConfigError, match=r"federation\.update_transport"):
         parse_config({"federation": {"secure_aggregation": True, "update_transport": "float16", "min_sites": 3}})
