@@ -69,3 +69,10 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def app_hash() -> str:
+    """The SHA-256 of the app bundle `llnm-server run` submits (what sites approve)."""
+    done = subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True, text=True,
+                          check=True, cwd=ROOT)
+    return json.loads(done.stdout)["sha256"]

@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, free_port, start, stop
+from _loopback import BIN, ROOT, app_hash, free_port, start, stop
 
 sys.path.insert(0, str(ROOT))
 
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                               "final_eval_split": None, "eval_bootstrap": 0, "round_timeout_s": 600})
     config = tmp / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))
-    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
-                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    bundle_hash = app_hash()
     port, run_dir = free_port(), tmp / "run"
     procs: dict[str, subprocess.Popen] = {}
     try:
@@ -106,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(3)
         for site in sites:
             state = tmp / "state" / site.name
-            subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+            subprocess.run([str(BIN / "llnm-site"), "approve", bundle_hash, "--state-dir", str(state)], check=True,
                            capture_output=True)
             procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}",
                                       "--insecure", "--data", str(site), "--state-dir", str(state), "--skip-check",

@@ -35,7 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, free_port, rounds_of, start, stop
+from _loopback import BIN, ROOT, app_hash, free_port, rounds_of, start, stop
 
 
 def wait_until(condition, what: str, timeout: float) -> None:
@@ -112,14 +112,13 @@ def sites_killed(args: argparse.Namespace) -> dict:
                               "final_eval_split": None, "eval_bootstrap": 0, "connect_timeout_s": 300})
     config = tmp / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))
-    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
-                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    bundle_hash = app_hash()
     port = free_port()
     procs: dict[str, subprocess.Popen] = {}
 
     def join(site: Path, attempt: int) -> None:
         state = tmp / "state" / site.name
-        subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+        subprocess.run([str(BIN / "llnm-site"), "approve", bundle_hash, "--state-dir", str(state)], check=True,
                        capture_output=True)
         procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
                                   "--data", str(site), "--state-dir", str(state), "--skip-check",

@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, cmdline, free_port, process_tree, rounds_of, start, stop
+from _loopback import BIN, ROOT, app_hash, cmdline, free_port, process_tree, rounds_of, start, stop
 
 # ---- /proc ------------------------------------------------------------------------------------------------
 
@@ -130,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                               "connect_timeout_s": 300})
     config = tmp / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))
-    app_hash = json.loads(subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True,
-                                         text=True, check=True, cwd=ROOT).stdout)["sha256"]
+    bundle_hash = app_hash()
     port = free_port()
     procs: dict[str, subprocess.Popen] = {}
     attempts: dict[str, int] = {}
@@ -140,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def join(site: Path) -> None:
         state = tmp / "state" / site.name
-        subprocess.run([str(BIN / "llnm-site"), "approve", app_hash, "--state-dir", str(state)], check=True,
+        subprocess.run([str(BIN / "llnm-site"), "approve", bundle_hash, "--state-dir", str(state)], check=True,
                        capture_output=True)
         attempts[site.name] = attempts.get(site.name, 0) + 1
         procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",

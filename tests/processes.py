@@ -31,6 +31,21 @@ def write_config(tmp_path: Path, **sections: dict) -> Path:
     return path
 
 
+def fault_config(tmp_path: Path, name: str, federation: dict, privacy: dict | None = None) -> Path:
+    """The demo experiment as the fault scenarios run it: small batches, no explanations, `federation` and
+    `privacy` as given; written to TMP/exp.yaml."""
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["name"] = name
+    exp["evaluation"] = {"explain": False}
+    exp["train"].update({"batch_size": 8, "lr": 0.001})
+    exp["federation"].update({"eval_bootstrap": 0, "final_eval_split": None, **federation})
+    if privacy:
+        exp["privacy"] = privacy
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

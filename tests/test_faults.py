@@ -349,26 +349,18 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     import subprocess
 
     import yaml
-    from processes import BIN, ROOT, Loopback, prebuild_caches, record_fault, rounds_of, stop
+    from processes import BIN, ROOT, Loopback, fault_config, prebuild_caches, record_fault, rounds_of, stop
     from test_privacy import DELTA, PATIENT_Z, SITE_CLIP, SITE_Z, check_patient_epsilons, close, gaussian_epsilon
 
     names = ["site-a", "site-b", "site-c"]
     sites = [small_consortium / n for n in names]
-    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    exp["name"] = "crash-resume"
-    exp["evaluation"] = {"explain": False}
-    exp["train"].update({"batch_size": 8, "lr": 0.001})
-    exp["federation"].update({"rounds": 3, "min_sites": 3, "eval_bootstrap": 0, "final_eval_split": None,
-                              "round_timeout_s": 300, "connect_timeout_s": 120, "eval_every": 3})
-    if dp:
-        exp["privacy"] = {
-            "patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
-            "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z,
-                     "clipping_norm": SITE_CLIP, "delta": DELTA}}
-    config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(exp))
+    privacy = {"patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
+               "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z,
+                        "clipping_norm": SITE_CLIP, "delta": DELTA}} if dp else None
+    config = fault_config(tmp_path, "crash-resume", {"rounds": 3, "min_sites": 3, "round_timeout_s": 300,
+                                                     "connect_timeout_s": 120, "eval_every": 3}, privacy)
     reference_config = tmp_path / "reference.yaml"
-    reference_config.write_text(yaml.safe_dump({**exp, "name": "uninterrupted"}))
+    reference_config.write_text(yaml.safe_dump({**yaml.safe_load(config.read_text()), "name": "uninterrupted"}))
     prebuild_caches(sites, config)
     run_dir, net, t0 = tmp_path / "run", Loopback(tmp_path), time.monotonic()
 
@@ -522,24 +514,17 @@ def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_pa
     import signal
     import subprocess
 
-    import yaml
-    from processes import BIN, ROOT, Loopback, prebuild_caches, record_fault, rounds_of, stop
+    from processes import BIN, ROOT, Loopback, fault_config, prebuild_caches, record_fault, rounds_of, stop
     from test_privacy import DELTA, PATIENT_Z, check_patient_epsilons
 
     from shared_model.checkpoint import model_from_checkpoint
 
     names = ["site-a", "site-b", "site-c"]
     sites = [small_consortium / n for n in names]
-    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
-    exp["name"] = "quorum-lost"
-    exp["evaluation"] = {"explain": False}
-    exp["train"].update({"batch_size": 8, "lr": 0.001})
-    exp["federation"].update({"rounds": 2, "min_sites": 3, "eval_bootstrap": 0, "final_eval_split": None,
-                              "round_timeout_s": 90, "connect_timeout_s": 30, "eval_every": 2})
-    exp["privacy"] = {"patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0,
-                                  "delta": DELTA}}
-    config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump(exp))
+    config = fault_config(tmp_path, "quorum-lost", {"rounds": 2, "min_sites": 3, "round_timeout_s": 90,
+                                                    "connect_timeout_s": 30, "eval_every": 2},
+                          {"patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0,
+                                       "delta": DELTA}})
     prebuild_caches(sites, config)
     run_dir, net, t0 = tmp_path / "run", Loopback(tmp_path), time.monotonic()
     privacy = ("--privacy-state-dir", str(tmp_path / "privacy"))
