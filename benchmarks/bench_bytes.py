@@ -35,6 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _loopback import BIN, ROOT, app_hash, free_port, start, stop
+from _messages import object_bytes
 
 sys.path.insert(0, str(ROOT))
 
@@ -44,15 +45,9 @@ sys.path.insert(0, str(ROOT))
 
 def instruction_bytes(state: dict) -> int:
     """Bytes of the objects of one train instruction carrying `state` (what a SuperNode pulls)."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import ArrayRecord, ConfigRecord
 
-    for attr in ("_task_id", "_run_id", "_node_id"):  # a message outside a Flower process
-        setattr(TaskIdentity, attr, 1)
-    msg = Message(RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}),
-                  dst_node_id=1, message_type="train")
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    return object_bytes({"arrays": ArrayRecord(state), "config": ConfigRecord({"server-round": 1})}, reply=False)
 
 
 def paper_sizes() -> dict:

@@ -22,19 +22,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _messages import object_bytes  # noqa: E402
 
 
 def reply_bytes(arrays: dict) -> int:
     """Bytes of the objects of a train reply carrying `arrays` (numpy)."""
-    from flwr.app import Array, ArrayRecord, Message, RecordDict
-    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import Array, ArrayRecord
 
-    for attr in ("_task_id", "_run_id", "_node_id"):
-        setattr(TaskIdentity, attr, 1)
-    ask = Message(RecordDict({}), dst_node_id=1, message_type="train")
-    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})}), reply_to=ask)
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+    return object_bytes({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()})}, reply=True)
 
 
 def main(argv: list[str] | None = None) -> int:

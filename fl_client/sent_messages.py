@@ -88,11 +88,12 @@ def read_objects(path: Path) -> list[bytes]:
     return out
 
 
-def read_message(path: Path) -> Any:
-    """The kept reply as a Flower Message (each object's ID checked against its bytes by Flower)."""
+def read_message(path: Path, objects: list[bytes] | None = None) -> Any:
+    """The kept reply as a Flower Message (each object's ID checked against its bytes by Flower); `objects`:
+    the file's objects when already read."""
     from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-    objects = read_objects(path)
+    objects = read_objects(path) if objects is None else objects
     contents = {hashlib.sha256(blob).hexdigest(): blob for blob in objects}
     return inflate_object_from_contents(hashlib.sha256(objects[-1]).hexdigest(), contents)
 
@@ -265,11 +266,12 @@ def scan_sent(root: Path, site: str, site_dir: Path, cache_dir: Path | None = No
     for path in files:
         rel = str(path.relative_to(root))
         try:
-            message = read_message(path)
+            objects = read_objects(path)
+            message = read_message(path, objects)
         except Exception as exc:  # a damaged copy is reported, and the others still scanned
             findings.append(Finding(rel, None, f"unreadable kept copy ({type(exc).__name__}: {exc})"))
             continue
-        data = b"".join(read_objects(path))
+        data = b"".join(objects)
         strings = list(message_strings(message))
         for pid in ids:
             if any(_contains_id(s, pid) for s in strings):

@@ -74,9 +74,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
             raise CheckpointError(f"{side}: missing '{key}'")
     data = path.read_bytes()
     recorded = meta.get("sha256")  # checkpoints written before the hash was recorded have none
-    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+    actual = hashlib.sha256(data).hexdigest() if recorded is not None else None
+    if actual != recorded:
         raise CheckpointError(
-            f"{path}: SHA-256 {hashlib.sha256(data).hexdigest()[:16]}... is not the {str(recorded)[:16]}... "
+            f"{path}: SHA-256 {actual[:16]}... is not the {str(recorded)[:16]}... "
             f"recorded in {side.name} when it was written ({len(data)} bytes now): the file was damaged, "
             "truncated or replaced; use another round's checkpoint or copy it again")
     try:
