@@ -1,17 +1,20 @@
-"""Pooled vs local-only vs federated (FedAvg, FedProx) training on one synthetic consortium.
+"""Pooled vs federated (FedAvg; optionally local-only and FedProx) training, on several synthetic consortia.
 
-    .venv/bin/python benchmarks/bench_federated.py --patients 2100 --seed 1 --rounds 20 --local-epochs 1
+    .venv/bin/python benchmarks/bench_federated.py --seeds 1,2,3 --methods pooled,fedavg
 
-Every method gets the same total number of local epochs (rounds x local epochs for the federation; that
-many epochs for the pooled and local-only baselines), the same model, optimiser, seed and data, and the
-same model selection (the epoch or round with the best validation AUC). Reports per-site test AUC for each
+Each seed is its own 7-site consortium of `--patients` patients (`llnm-synth --seed S`, generated into
+`--data-pattern` when absent). Every method gets the same number of passes over the data (the config's
+federation.rounds x train.local_epochs / federation.rounds_per_epoch: the epochs of the pooled and local-only
+baselines), the same model, optimiser, training seed and data, and the same model selection (the epoch or
+evaluated round with the best validation AUC). The summary is the pooled test AUC gap, pooled minus FedAvg,
+per seed, with its mean and spread. Reports per-site test AUC for each
 method beside the Bayes-optimal AUC that `llnm-synth` recorded for that site's test split, the pooled test
-AUC, wall time, and the bytes each site sends per round (the trainable LLNMNet parameters only, vs the full
-model including the frozen text encoder that never travels). Writes benchmarks/results/federated.json.
+AUC, the validation AUC curve, wall time, and the bytes each site sends per round (the trainable LLNMNet
+parameters only, vs the full model including the frozen text encoder that never travels). Writes
+benchmarks/results/federated.json.
 
-Methods can run in separate invocations (e.g. one per core): with `--methods fedavg`, the methods already in
-`--out` are kept when they were run with the same settings (consortium, rounds, local epochs, mu, --set
-options, config), and replaced otherwise.
+Seeds and methods can run in separate invocations (e.g. one per core): the entries already in `--out` are
+kept when they were run with the same settings (patients, config, --set options, mu), and replaced otherwise.
 """
 
 from __future__ import annotations
@@ -50,96 +53,128 @@ def run_sim(config: Path, data: Path, out: Path, sets: list[str]) -> tuple[dict,
     return json.loads((out / "metrics.json").read_text()), time.perf_counter() - t0
 
 
+def run_method(method: str, exp, config: Path, data: Path, work: Path, sets: list[str], mu: float,
+               threads: int, comm: dict) -> dict:
+    t0 = time.perf_counter()
+    if method in ("pooled", "local"):
+        import torch
+
+        from fl_research.baseline import run_baseline
+
+        torch.set_num_threads(threads)
+        res = run_baseline(exp, method, work / method, data_root=data, progress=False)
+        train = res["train"].get("pooled", {})
+        return {"site_test_auc": {k: v["auc"] for k, v in res["sites"].items()},
+                "pooled_test_auc": res["pooled"]["auc"], "epochs": res["epochs"],
+                "selected_epoch": train.get("selected_epoch"),
+                "val_auc": [h.get("val_auc") for h in train.get("history", [])],
+                "wall_seconds": round(time.perf_counter() - t0, 1), "bytes_per_round_per_site": None}
+    metrics, seconds = run_sim(config, data, work / method,
+                               [*sets, f"federation.strategy={method}", f"federation.proximal_mu={mu}"])
+    final = metrics["final"]
+    return {"site_test_auc": {k: v["auc"] for k, v in final["sites"].items()},
+            "pooled_test_auc": final["pooled"]["auc"], "selected_round": final["round"],
+            "val_auc": {str(r["round"]): r["pooled"].get("auc") for r in metrics["rounds"] if r.get("pooled")},
+            "wall_seconds": round(seconds, 1),
+            # each round a site uploads its update once and downloads the global model once
+            "bytes_per_round_per_site": {"upload": comm["trainable_bytes"], "download": comm["trainable_bytes"],
+                                         "upload_if_full_model": comm["full_model_bytes"]}}
+
+
+def summarise(results: dict) -> None:
+    """Per seed: pooled minus FedAvg test AUC; their mean, sample standard deviation and range."""
+    import statistics
+
+    by_seed: dict[str, dict] = {}
+    for key, entry in sorted(results["runs"].items()):
+        seed, method = key.split("/")
+        by_seed.setdefault(seed, {})[method] = entry
+    gaps = {}
+    for seed, m in by_seed.items():
+        if "pooled" in m and "fedavg" in m:
+            gaps[seed] = round(m["pooled"]["pooled_test_auc"] - m["fedavg"]["pooled_test_auc"], 4)
+    summary: dict = {"gap_pooled_minus_fedavg": gaps}
+    if gaps:
+        values = list(gaps.values())
+        summary |= {"seeds": len(values), "mean_gap": round(statistics.fmean(values), 4),
+                    "sd_gap": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+                    "min_gap": min(values), "max_gap": max(values),
+                    "goal": "mean gap <= 0.01 and no seed above 0.03",
+                    "goal_met": statistics.fmean(values) <= 0.01 and max(values) <= 0.03}
+    results["summary"] = summary
+    lines = [f"{'seed':<8}{'bayes':>8}" + "".join(f"{m:>9}" for m in ("pooled", "local", "fedavg", "fedprox"))
+             + f"{'gap':>9}"]
+    for seed, m in by_seed.items():
+        row = f"{seed:<8}{results['seeds'][seed]['bayes_test_auc']['pooled']:>8.3f}"
+        for name in ("pooled", "local", "fedavg", "fedprox"):
+            e = m.get(name)
+            row += f"{e['pooled_test_auc']:>9.3f}" if e else f"{'-':>9}"
+        row += f"{gaps[seed]:>+9.3f}" if seed in gaps else f"{'-':>9}"
+        lines.append(row)
+    if gaps:
+        lines.append(f"mean gap {summary['mean_gap']:+.3f}, sd {summary['sd_gap'] or 0:.3f}, "
+                     f"range {summary['min_gap']:+.3f} to {summary['max_gap']:+.3f}")
+    results["table"] = lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    from fl_research.baseline import run_baseline
     from fl_server.config import load_config, parse_set_options
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=2100)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--seeds", default="1,2,3", help="consortium seeds (llnm-synth --seed), comma-separated")
+    ap.add_argument("--data-pattern", default=str(ROOT / "data" / "fed-{patients}-s{seed}"))
     ap.add_argument("--proximal-mu", type=float, default=0.01)
-    ap.add_argument("--data", default=str(ROOT / "data" / "bench-2100"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config overrides for every method (e.g. federation.rounds_per_epoch=1)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-federated"))
-    ap.add_argument("--methods", default="pooled,local,fedavg,fedprox")
+    ap.add_argument("--methods", default="pooled,fedavg", help="of pooled, local, fedavg, fedprox")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads of the pooled and local baselines (simulated sites get "
                          "simulation.cpus_per_site each)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     args = ap.parse_args(argv)
 
-    data = Path(args.data)
-    if not (data / "consortium.json").is_file():
-        subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "7", "--patients",
-                        str(args.patients), "--seed", str(args.seed)], check=True)
-    consortium = json.loads((data / "consortium.json").read_text())
-    work = Path(args.work) / time.strftime("%Y%m%d-%H%M%S")
-    work.mkdir(parents=True, exist_ok=True)
-    common = [f"federation.rounds={args.rounds}", f"train.local_epochs={args.local_epochs}",
-              f"baseline.epochs={args.rounds * args.local_epochs}", *args.set]
     config = Path(args.config)
-    exp = load_config(config, parse_set_options(common))
-    settings = {"consortium": str(data.resolve()), "config": str(config.resolve()), "rounds": args.rounds,
-                "local_epochs": args.local_epochs, "proximal_mu": args.proximal_mu, "set": list(args.set)}
-    out = Path(args.out)
+    exp = load_config(config, parse_set_options(args.set))
+    fed = exp.federation
+    settings = {"patients": args.patients, "config": str(config.resolve()), "rounds": fed.rounds,
+                "rounds_per_epoch": fed.rounds_per_epoch, "local_epochs": exp.train.local_epochs,
+                "data_epochs": exp.data_epochs(), "eval_every": fed.eval_every, "train_seed": exp.train.seed,
+                "proximal_mu": args.proximal_mu, "set": list(args.set)}
     command = "python benchmarks/bench_federated.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results: dict = {
-        "commands": [command],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": settings,
-        "consortium": str(data),
-        "total_local_epochs": args.rounds * args.local_epochs,
-        "bayes_test_auc": {name: s["auc"]["test"]["bayes"] for name, s in consortium["sites"].items()}
-        | {"pooled": consortium["pooled"]["auc"]["test"]["bayes"]},
-        "communication": model_bytes(exp),
-        "methods": {},
-    }
-    comm = results["communication"]
-    for method in args.methods.split(","):
-        print(f"[bench] {method} ...", flush=True)
-        t0 = time.perf_counter()
-        if method in ("pooled", "local"):
-            import torch
+    comm = model_bytes(exp)
+    entries: dict = {}
+    bayes: dict = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        data = Path(args.data_pattern.format(patients=args.patients, seed=seed))
+        if not (data / "consortium.json").is_file():
+            subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "7", "--patients",
+                            str(args.patients), "--seed", str(seed)], check=True)
+        consortium = json.loads((data / "consortium.json").read_text())
+        bayes[f"seed-{seed}"] = {"consortium": str(data), "bayes_test_auc": {
+            name: s["auc"]["test"]["bayes"] for name, s in consortium["sites"].items()}
+            | {"pooled": consortium["pooled"]["auc"]["test"]["bayes"]}}
+        work = Path(args.work) / f"seed-{seed}" / time.strftime("%Y%m%d-%H%M%S")
+        work.mkdir(parents=True, exist_ok=True)
+        for method in args.methods.split(","):
+            print(f"[bench] seed {seed}: {method} ...", flush=True)
+            entry = run_method(method, exp, config, data, work, args.set, args.proximal_mu, args.threads, comm)
+            entries[f"seed-{seed}/{method}"] = entry
+            print(f"[bench]   pooled test AUC {entry['pooled_test_auc']:.3f} in {entry['wall_seconds']:.0f} s",
+                  flush=True)
 
-            torch.set_num_threads(args.threads)
-            res = run_baseline(exp, method, work / method, data_root=data, progress=False)
-            seconds = time.perf_counter() - t0
-            entry = {"site_test_auc": {k: v["auc"] for k, v in res["sites"].items()},
-                     "pooled_test_auc": res["pooled"]["auc"], "wall_seconds": round(seconds, 1),
-                     "bytes_per_round_per_site": None}
-        else:
-            sets = [*common, f"federation.strategy={method}", f"federation.proximal_mu={args.proximal_mu}"]
-            metrics, seconds = run_sim(config, data, work / method, sets)
-            final = metrics["final"]
-            entry = {"site_test_auc": {k: v["auc"] for k, v in final["sites"].items()},
-                     "pooled_test_auc": final["pooled"]["auc"], "selected_round": final["round"],
-                     "wall_seconds": round(seconds, 1),
-                     # each round a site uploads its update once and downloads the global model once
-                     "bytes_per_round_per_site": {"upload": comm["trainable_bytes"],
-                                                  "download": comm["trainable_bytes"],
-                                                  "upload_if_full_model": comm["full_model_bytes"]}}
-        results["methods"][method] = entry
-        print(f"[bench]   pooled test AUC {entry['pooled_test_auc']:.3f} in {entry['wall_seconds']:.0f} s", flush=True)
-
+    out = Path(args.out)
+    results: dict = {"commands": [command], "date": time.strftime("%Y-%m-%d %H:%M:%S"), "settings": settings,
+                     "communication": comm, "runs": entries}
     # Read --out only now, so that invocations running side by side all end up in it.
-    merge_side_by_side(out, results, "methods", ["pooled", "local", "fedavg", "fedprox"])
-    names = sorted(results["bayes_test_auc"].keys() - {"pooled"})
-    header = f"{'site':<10}{'bayes':>8}" + "".join(f"{m:>9}" for m in results["methods"])
-    lines = [header]
-    for n in [*names, "pooled"]:
-        row = f"{n:<10}{results['bayes_test_auc'][n]:>8.3f}"
-        for e in results["methods"].values():
-            v = e["pooled_test_auc"] if n == "pooled" else e["site_test_auc"].get(n)
-            row += f"{v:>9.3f}" if v is not None else f"{'-':>9}"
-        lines.append(row)
-    lines.append(f"{'wall s':<18}" + "".join(f"{e['wall_seconds']:>9.0f}" for e in results["methods"].values()))
-    results["table"] = lines
+    previous = merge_side_by_side(out, results, "runs", [])
+    results["seeds"] = previous.get("seeds", {}) | bayes
+    summarise(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print("\n".join(lines))
+    print("\n".join(results["table"]))
     print(f"bytes per round per site: {comm['trainable_bytes']:,} (trainable LLNMNet) vs "
           f"{comm['full_model_bytes']:,} (with the frozen text encoder)")
     print(f"wrote {out}")

@@ -108,7 +108,7 @@ def _load_round_inputs(msg: Message, settings: SiteSettings):
 def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
                   defaults: dict[str, Any] | None = None) -> Message:
     from shared_model.architectures import make_dataset, restrict_trainable
-    from shared_model.training import train_local, trainable_state
+    from shared_model.training import round_part, train_local, trainable_state
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
     settings.apply_threads()
@@ -119,8 +119,16 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     privacy_cfg = (protocol.read_schema(config, protocol.PRIVACY_CONFIG, PatientDPConfig)
                    if protocol.PRIVACY_CONFIG in config else PatientDPConfig())
     _check_train_policy(settings, name, server_round, privacy_cfg)
+    parts = int(config.get(protocol.EPOCH_PARTS, 1))
+    if parts > 1 and privacy_cfg.enabled:
+        # The DP-SGD plan and accountant assume Poisson sampling from the whole training split.
+        raise SitePolicyRefusal(
+            f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: the round "
+            f"config splits each pass over the data across {protocol.EPOCH_PARTS}={parts} rounds, which "
+            "patient-level DP-SGD does not account; the coordinator can set federation.rounds_per_epoch: 1")
     model, tensors, global_state, config = _load_round_inputs(msg, settings)
     train_cfg = protocol.read_schema(config, protocol.TRAIN_CONFIG, TrainConfig)
+    run_seed = int(train_cfg.seed)
     train_cfg = train_cfg.model_copy(update={
         "device": settings.device if settings.device != "auto" else train_cfg.device,
         # A different seed every round and site, reproducible from the run's seed.
@@ -129,6 +137,11 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
     train_tensors = tensors.subset("train")
     train_set = make_dataset(train_tensors)
+    if parts > 1:
+        from torch.utils.data import Subset
+
+        # The run's seed (not the per-round one above): the parts of one pass must come from one permutation.
+        train_set = Subset(train_set, round_part(len(train_set), parts, server_round, run_seed, name))
 
     dp_metrics: dict[str, float] = {}
     hooks = None

@@ -115,7 +115,7 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
 def _run(exp: ExperimentConfig, mode: str, run_dir: Path, sites: list[Path], progress: bool) -> dict[str, Any]:
     from shared_model.metrics import binary_metrics
 
-    epochs = exp.baseline.epochs or exp.train.local_epochs * exp.federation.rounds
+    epochs = exp.baseline.epochs or exp.data_epochs()
     tensors = _load_all(exp, sites, progress)
     names = list(tensors)
     n_boot = exp.federation.eval_bootstrap

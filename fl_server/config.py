@@ -88,6 +88,11 @@ class SecureAggregationSection(_Strict):
 class FederationSection(_Strict):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     rounds: int = Field(default=10, ge=1, le=10000)
+    # Rounds per pass over the data: with k > 1 each round trains every site on one of k disjoint parts of its
+    # training split (a new partition every k rounds), so k rounds make train.local_epochs epochs. Averaging
+    # more often at the same compute is what brought FedAvg level with pooled training
+    # (benchmarks/results/federated.json). Not with patient-level DP-SGD.
+    rounds_per_epoch: int = Field(default=1, ge=1, le=64)
     min_sites: int = Field(default=2, ge=1)
     round_timeout_s: float = Field(default=1800.0, gt=0.0)
     connect_timeout_s: float = Field(default=600.0, gt=0.0)
@@ -144,7 +149,7 @@ class SimulationSection(_Strict):
 class BaselineSection(_Strict):
     """Centralised reference training (`llnm-server baseline`)."""
 
-    # None: train.local_epochs x federation.rounds, i.e. the same number of passes over each site's data
+    # None: train.local_epochs x federation.rounds / federation.rounds_per_epoch, the passes over each site's data
     # as the federation makes, so that pooled / local / federated compare at equal total local epochs.
     epochs: int | None = Field(default=None, ge=1)
     # Evaluate on the validation split after every epoch and keep the best epoch's model.
@@ -198,6 +203,11 @@ class ExperimentConfig(_Strict):
         overrides.setdefault("clinical_levels", inputs.token_levels)
         return ModelConfig.preset(self.model.preset, **overrides)
 
+    def data_epochs(self) -> int:
+        """How many times the federation passes over each site's training data: what `baseline` trains for
+        unless baseline.epochs says otherwise (equal compute)."""
+        return self.train.local_epochs * self.federation.rounds // self.federation.rounds_per_epoch
+
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
@@ -244,6 +254,14 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             "the noise protects)"
         )
     fed = cfg.federation
+    if fed.rounds % fed.rounds_per_epoch:
+        raise ConfigError(f"{source}: federation.rounds ({fed.rounds}) must be a multiple of "
+                          f"federation.rounds_per_epoch ({fed.rounds_per_epoch}), so that every site passes over its "
+                          "training data a whole number of times")
+    if fed.rounds_per_epoch > 1 and cfg.privacy.patient.enabled:
+        raise ConfigError(f"{source}: federation.rounds_per_epoch: patient-level DP-SGD samples each step from a "
+                          "site's whole training split (that is what its accountant assumes); set "
+                          "federation.rounds_per_epoch: 1 with privacy.patient.enabled")
     if fed.secure_aggregation and fed.update_transport != "float32":
         raise ConfigError(f"{source}: federation.update_transport: secure aggregation masks float32 updates as "
                           "integers; use float32 with federation.secure_aggregation")

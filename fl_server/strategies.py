@@ -99,6 +99,8 @@ def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None 
     }
     if exp.federation.strategy == "fedprox":
         values[protocol.PROXIMAL_MU] = float(exp.federation.proximal_mu)
+    if exp.federation.rounds_per_epoch > 1:
+        values[protocol.EPOCH_PARTS] = int(exp.federation.rounds_per_epoch)
     if exp.federation.update_transport != "float32":
         values[protocol.UPDATE_TRANSPORT] = exp.federation.update_transport
     if explain:

@@ -61,6 +61,9 @@ PRIVACY_CONFIG = "privacy-config"  # JSON of shared_model.config.PatientDPConfig
 EVAL_SPLIT = "eval-split"
 EVAL_BOOTSTRAP = "eval-bootstrap"
 PROXIMAL_MU = "proximal-mu"  # FedProx only
+# federation.rounds_per_epoch when above 1: the site trains on one of this many disjoint parts of its training
+# split, chosen from the round number (shared_model.training.round_part).
+EPOCH_PARTS = "epoch-parts"
 # Final evaluation with `evaluation.explain: true` only: the site also returns its explanation aggregates
 # (`shared_model.explanation`), computed with this many integrated-gradients steps.
 EXPLAIN = "explain"

@@ -65,6 +65,24 @@ class TrainHooks:
     make_private: Callable[[nn.Module, torch.optim.Optimizer, DataLoader], tuple[Any, Any, Any]] | None = None
 
 
+def round_part(n: int, parts: int, server_round: int, seed: int, salt: str) -> list[int]:
+    """The indices of the training examples that round `server_round` (1-based) trains on when every pass over
+    the data is split across `parts` rounds (federation.rounds_per_epoch).
+
+    Rounds (p-1)*parts+1 .. p*parts take the `parts` disjoint, near-equal chunks of one permutation of
+    range(n), drawn from (`seed`, pass p, `salt`): every example is used exactly once per pass, in a new
+    order each pass. Deterministic, so a site needs no state between rounds (each round is a new process).
+    """
+    if parts < 1 or server_round < 1:
+        raise ValueError(f"round_part: parts={parts} and server_round={server_round} must be >= 1")
+    if parts == 1:
+        return list(range(n))
+    index, part = divmod(server_round - 1, parts)
+    key = [int(seed) & 0xFFFFFFFF, index, *salt.encode()]
+    order = np.random.default_rng(key).permutation(n)
+    return sorted(int(i) for i in order[part * n // parts:(part + 1) * n // parts])
+
+
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     np.random.seed(seed % (2**32))

@@ -20,8 +20,17 @@ BIN = Path(sys.executable).parent
 METRIC_KEYS = {"auc", "accuracy", "sensitivity", "specificity", "n"}
 
 
+def demo_experiment() -> dict:
+    """configs/demo.yaml as a dict, one pass over the data per round and an evaluation every round: the tests
+    check the round loop round by round in a few rounds (the demo's quarter-pass rounds are measured by
+    benchmarks/bench_federated.py; tests that need them set federation.rounds_per_epoch)."""
+    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp["federation"].update({"rounds_per_epoch": 1, "eval_every": 1})
+    return exp
+
+
 def write_config(tmp_path: Path, **sections: dict) -> Path:
-    base = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    base = demo_experiment()
     # The demo's sites explain its final model; tests ask for it where they check it (it costs time).
     base["evaluation"] = {"explain": False}
     for key, value in sections.items():
@@ -34,7 +43,7 @@ def write_config(tmp_path: Path, **sections: dict) -> Path:
 def fault_config(tmp_path: Path, name: str, federation: dict, privacy: dict | None = None) -> Path:
     """The demo experiment as the fault scenarios run it: small batches, no explanations, `federation` and
     `privacy` as given; written to TMP/exp.yaml."""
-    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp = demo_experiment()
     exp["name"] = name
     exp["evaluation"] = {"explain": False}
     exp["train"].update({"batch_size": 8, "lr": 0.001})

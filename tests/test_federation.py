@@ -96,6 +96,7 @@ def test_best_round_compares_rounds_over_the_same_sites() -> None:
 
 # ---- simulation: one run, crashed after round 1 and resumed --------------------------------------------
 SIM_ROUNDS = 3  # the crash is asserted to hit before the last round; three leave a wide margin for it
+SIM_PARTS = 3  # the three rounds are one pass over the data, each round a third of every site's training split
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,8 @@ def sim_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) ->
     """`llnm-server simulate` on the shared consortium, SIGKILLed (a crash: no chance to clean up) once round 1
     is recorded, then `llnm-server resume` to the end, then `resume` once more (nothing left to do)."""
     tmp = tmp_path_factory.mktemp("sim")
-    config = write_config(tmp, federation={"rounds": SIM_ROUNDS, "min_sites": 5, "eval_bootstrap": 50},
+    config = write_config(tmp, federation={"rounds": SIM_ROUNDS, "rounds_per_epoch": SIM_PARTS, "min_sites": 5,
+                                           "eval_bootstrap": 50},
                           evaluation={"explain": True, "explain_steps": 8})
     out = tmp / "run"
     proc = start([str(BIN / "llnm-server"), "simulate", "--config", str(config), "--data", str(small_consortium),
@@ -123,7 +125,8 @@ def sim_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) ->
     again = subprocess.run([str(BIN / "llnm-server"), "resume", str(out)], capture_output=True, text=True,
                            timeout=300)
     sites = {p.name for p in small_consortium.iterdir() if (p / "patients.csv").is_file()}
-    return {"out": out, "sites": sites, "after_crash": after_crash, "resumed": resumed, "again": again}
+    return {"out": out, "sites": sites, "after_crash": after_crash, "resumed": resumed, "again": again,
+            "data": small_consortium}
 
 
 @pytest.mark.slow
@@ -185,6 +188,14 @@ def test_simulation_per_site_metrics_and_run_directory(sim_run: dict) -> None:
         assert_round_metrics(entry, sites)
         assert set(entry["train"]) == sites
         assert entry["failures"] == []
+    # federation.rounds_per_epoch: the three rounds (two of them after the crash) trained every site on disjoint
+    # thirds of its training split, which together are the whole split, once.
+    import pandas as pd
+
+    for name in sites:
+        n_train = int((pd.read_csv(sim_run["data"] / name / "patients.csv")["split"] == "train").sum())
+        seen = [r["train"][name]["num-examples"] for r in metrics["rounds"]]
+        assert sum(seen) == n_train and max(seen) - min(seen) <= 1, (name, seen, n_train)
     assert metrics["final"]["split"] == "test"
     assert_round_metrics(metrics["final"], sites)
     # The final model's score histograms, as the sites sent them (at most their 100-bin policy), by site: what

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from processes import demo_experiment
 from torch.utils.data import TensorDataset
 
 from fl_client.privacy import (
@@ -323,7 +324,7 @@ SITE_Z, SITE_CLIP = 0.8, 2.0
 
 
 def sim_config(tmp: Path, consortium: Path, budget_c: float) -> Path:
-    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp = demo_experiment()
     exp["name"] = "dp-ledger-test"
     exp["evaluation"] = {"explain": False}
     exp["data"] = {"root": str(consortium), "sites": SIM_SITES}

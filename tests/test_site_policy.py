@@ -20,6 +20,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from processes import demo_experiment
 
 from fl_client.client_app import SitePolicyRefusal, _check_eval_policy, _check_train_policy
 from fl_client.settings import SiteSettings, SiteSettingsError, declared_patient_count
@@ -145,7 +146,7 @@ POLICY_SITES = ["site-a", "site-b", "site-c"]
 @pytest.fixture(scope="module")
 def policy_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path) -> dict:
     tmp = tmp_path_factory.mktemp("policy-run")
-    exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    exp = demo_experiment()
     exp["evaluation"] = {"explain": False}
     exp["name"] = "site-policy-test"
     exp["data"] = {"root": str(small_consortium), "sites": POLICY_SITES}
