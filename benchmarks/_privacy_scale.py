@@ -40,6 +40,8 @@ def _config(path: str, *, name: str, seed: int, eps: float | None, rounds: int |
     data["name"] = name
     data["train"]["seed"] = seed
     data["federation"]["eval_bootstrap"] = 0
+    # One pass per round, as the published results were measured (and patient-level DP-SGD needs).
+    data["federation"].update(rounds_per_epoch=1, eval_every=1)
     if rounds is not None:
         data["federation"]["rounds"] = rounds
     pat = data["privacy"]["patient"]

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     exp = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     exp["name"] = "bytes"
     exp["evaluation"] = {"explain": False}
-    exp["federation"].update({"rounds": args.rounds, "min_sites": len(sites), "eval_every": 1,
+    exp["federation"].update({"rounds": args.rounds, "rounds_per_epoch": 1, "min_sites": len(sites), "eval_every": 1,
                               "final_eval_split": None, "eval_bootstrap": 0, "round_timeout_s": 600})
     config = tmp / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))

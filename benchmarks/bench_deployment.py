@@ -124,7 +124,8 @@ def main() -> int:
         runs = {}
         for mode in ("plain", "secure"):
             cfg = {**base, "name": f"bench-{mode}", "evaluation": {"explain": False}}
-            cfg["federation"] = {**base["federation"], "rounds": args.rounds, "min_sites": len(sites),
+            cfg["federation"] = {**base["federation"], "rounds": args.rounds, "rounds_per_epoch": 1, "eval_every": 1,
+                                 "min_sites": len(sites),
                                  "final_eval_split": None, "eval_bootstrap": 0,
                                  "secure_aggregation": mode == "secure"}
             config = session / f"{mode}.yaml"

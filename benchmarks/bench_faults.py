@@ -108,7 +108,8 @@ def sites_killed(args: argparse.Namespace) -> dict:
     exp = yaml.safe_load(Path(args.config).read_text())
     exp["name"] = "bench-faults"
     exp["evaluation"] = {"explain": False}
-    exp["federation"].update({"rounds": args.rounds, "min_sites": len(sites) - args.kill, "round_timeout_s": 300,
+    exp["federation"].update({"rounds": args.rounds, "rounds_per_epoch": 1, "eval_every": 1,
+                              "min_sites": len(sites) - args.kill, "round_timeout_s": 300,
                               "final_eval_split": None, "eval_bootstrap": 0, "connect_timeout_s": 300})
     config = tmp / "exp.yaml"
     config.write_text(yaml.safe_dump(exp))

@@ -51,8 +51,9 @@ def _setting_config(base: Any, *, name: str, patient_eps: float | None, site_noi
 
     data = base.model_dump(mode="json")
     data["name"] = name
-    if rounds is not None:
-        data["federation"]["rounds"] = rounds
+    # One pass per round, as the published privacy results were measured (and patient-level DP-SGD needs).
+    fed = base.federation
+    data["federation"].update(rounds_per_epoch=1, rounds=rounds or fed.rounds // fed.rounds_per_epoch, eval_every=1)
     if seed is not None:
         data["train"]["seed"] = seed
     data["privacy"]["patient"].update(enabled=patient_eps is not None, target_epsilon=patient_eps,

@@ -77,7 +77,7 @@ def run_size(n: int, args: argparse.Namespace, tmp: Path) -> dict:
     exp["name"] = f"scale-{n}"
     exp["evaluation"] = {"explain": False}
     exp["data"] = {"root": str(data), "cache_dir": str(tmp / f"cache-{n}")}
-    exp["federation"].update({"rounds": args.rounds, "min_sites": n, "eval_every": args.rounds,
+    exp["federation"].update({"rounds": args.rounds, "rounds_per_epoch": 1, "min_sites": n, "eval_every": args.rounds,
                               "final_eval_split": None, "eval_bootstrap": 0, "round_timeout_s": 3600})
     config = tmp / f"scale-{n}.yaml"
     config.write_text(yaml.safe_dump(exp))

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     exp["evaluation"] = {"explain": False}
     exp["train"]["local_epochs"] = 1
     min_sites = 2
-    exp["federation"].update({"rounds": args.rounds, "min_sites": min_sites, "round_timeout_s": 180,
+    exp["federation"].update({"rounds": args.rounds, "rounds_per_epoch": 1, "min_sites": min_sites,
+                              "round_timeout_s": 180,
                               "eval_every": 10, "final_eval_split": None, "eval_bootstrap": 0,
                               "connect_timeout_s": 300})
     config = tmp / "exp.yaml"

@@ -24,6 +24,14 @@ INTENDED_USE = (
 )
 
 
+def _rounds_detail(t: dict) -> str:
+    parts = t.get("rounds_per_epoch") or 1
+    if parts == 1:
+        return f" of {t['local_epochs']} local epoch(s)"
+    return (f", each on 1/{parts} of every site's training data ({t.get('data_epochs')} passes over the data "
+            f"in all)")
+
+
 def _sha256(path: Path) -> str | None:
     from shared_model.encoder_files import sha256_file
 
@@ -80,6 +88,7 @@ def model_card_data(rd: RunDirectory, cfg: ExperimentConfig, report: dict[str, A
         "training": {
             "strategy": cfg.federation.strategy, "rounds": cfg.federation.rounds, "final_model": final.get("model"),
             "final_round": final.get("round"), "local_epochs": cfg.train.local_epochs,
+            "rounds_per_epoch": cfg.federation.rounds_per_epoch, "data_epochs": cfg.data_epochs(),
             "batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "lr_schedule": cfg.train.lr_schedule,
             "model_preset": cfg.model.preset, "trainable_parameters": count_parameters(build_model(arch)),
             "inputs": {"images": cfg.preprocess.inputs.images, "reports": cfg.preprocess.inputs.reports,
@@ -119,7 +128,7 @@ def render_model_card(run: str, card: dict[str, Any]) -> str:
                      f"| {_f(p.get('reports'))} |")
     lines += ["", "## Training", "",
               f"- {t['strategy']} over {len(t['sites'] or [])} sites ({', '.join(t['sites'] or [])}), {t['rounds']} "
-              f"rounds of {t['local_epochs']} local epoch(s), batch {t['batch_size']}, learning rate {t['lr']} "
+              f"rounds{_rounds_detail(t)}, batch {t['batch_size']}, learning rate {t['lr']} "
               f"({t['lr_schedule']}); the final model is round {t['final_round']} ({t['final_model']}).",
               f"- Model preset `{t['model_preset']}`, {t['trainable_parameters']:,} trainable parameters; inputs: "
               f"images {t['inputs']['images']}, reports {t['inputs']['reports']}, clinical "

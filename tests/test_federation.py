@@ -48,6 +48,11 @@ def test_demo_config_is_valid() -> None:
         ({"privacy": {"patient": {"enabled": True}}}, "target_epsilon or noise_multiplier"),
         ({"preprocess": {"text": {"unit": "segment", "trainable_top_layers": 1}}}, "needs unit: token"),
         ({"preprocess": {"text": {"unit": "words"}}}, "preprocess.text.unit"),
+        ({"federation": {"rounds": 10, "rounds_per_epoch": 4}},
+         "federation.rounds (10) must be a multiple of federation.rounds_per_epoch (4)"),
+        ({"federation": {"rounds": 4, "rounds_per_epoch": 2},
+          "privacy": {"patient": {"enabled": True, "noise_multiplier": 1.0}}},
+         "set federation.rounds_per_epoch: 1 with privacy.patient.enabled"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, patch: dict, expected: str) -> None:
@@ -70,6 +75,55 @@ def test_cosine_schedule_reaches_sites_through_the_round_config(tmp_path: Path) 
     assert scheduled_lr(TrainConfig(lr=0.01), 3, 5) == 0.01  # constant by default
     with pytest.raises(ValueError, match="outside"):
         scheduled_lr(TrainConfig(lr_schedule="cosine"), 5, 5)
+
+
+def test_rounds_per_epoch_splits_each_pass_into_disjoint_parts(tmp_path: Path) -> None:
+    """federation.rounds_per_epoch: the round config says how many parts, the site derives its part from the
+    round number; k rounds cover the training split exactly once, and the baseline trains the same passes."""
+    from fl_server.strategies import round_config
+    from shared_model import protocol
+    from shared_model.training import round_part
+
+    exp = load_config(write_config(tmp_path, federation={"rounds": 12, "rounds_per_epoch": 4}))
+    assert exp.data_epochs() == 3
+    assert round_config(exp, 5)[protocol.EPOCH_PARTS] == 4
+    plain = load_config(write_config(tmp_path, federation={"rounds": 12}))
+    assert plain.data_epochs() == 12 and protocol.EPOCH_PARTS not in round_config(plain, 5)
+
+    n = 103
+    for first in (1, 5):  # two passes: each covers every example once, in near-equal parts
+        parts = [round_part(n, 4, r, seed=7, salt="site-a") for r in range(first, first + 4)]
+        assert sorted(i for p in parts for i in p) == list(range(n))
+        assert {len(p) for p in parts} <= {25, 26}
+    assert round_part(n, 4, 1, 7, "site-a") != round_part(n, 4, 5, 7, "site-a")  # a new partition each pass
+    assert round_part(n, 4, 1, 7, "site-a") != round_part(n, 4, 1, 7, "site-b")  # and each site
+    assert round_part(n, 4, 2, 7, "site-a") == round_part(n, 4, 2, 7, "site-a")  # reproducible in a new process
+    assert round_part(n, 1, 3, 7, "site-a") == list(range(n))
+    assert sum(len(round_part(2, 4, r, 7, "tiny")) for r in range(1, 5)) == 2  # fewer examples than parts
+    with pytest.raises(ValueError, match="must be >= 1"):
+        round_part(n, 0, 1, 7, "site-a")
+
+
+def test_a_site_under_patient_dp_refuses_rounds_of_part_passes(small_consortium: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The coordinator's config check has a twin at the site: DP-SGD's accountant assumes Poisson sampling
+    from the whole training split, so a round config splitting the pass is refused before any data is read."""
+    from flwr.app import ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_client.client_app import SitePolicyRefusal, _handle_train
+    from shared_model import protocol
+    from shared_model.config import PatientDPConfig
+
+    for attr in ("_task_id", "_run_id", "_node_id"):  # a Message outside a running app needs an identity
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    config = ConfigRecord({protocol.SERVER_ROUND: 2, protocol.EPOCH_PARTS: 4,
+                           protocol.PRIVACY_CONFIG: PatientDPConfig(enabled=True, noise_multiplier=1.0).to_json()})
+    msg = Message(RecordDict({protocol.CONFIG_RECORD: config}), dst_node_id=1, message_type="train")
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(small_consortium / "site-a")},
+                  state=RecordDict(), run_config={})
+    with pytest.raises(SitePolicyRefusal, match="epoch-parts=4 rounds, which patient-level DP-SGD does not"):
+        _handle_train(msg, ctx, None)
 
 
 def test_best_round_compares_rounds_over_the_same_sites() -> None:
