@@ -14,6 +14,7 @@ import csv
 import io
 import math
 import os
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from shared_model.contract_types import (
@@ -104,7 +105,7 @@ def _read_patients(site: Site) -> None:
         return
 
     seen: dict[str, tuple[int, str]] = {}  # patient_id -> (row, split) of its first valid-looking row
-    used: dict[Path, tuple[int, str]] = {}  # file -> (row, column) that first listed it
+    files = _TableFiles(site.root)
     row = 1
     while True:
         try:
@@ -125,7 +126,7 @@ def _read_patients(site: Site) -> None:
             continue
         values = dict.fromkeys(absent, "")  # an absent column reads as empty; its cells are not judged
         values.update((name, cell.strip()) for name, cell in zip(columns, cells, strict=True) if name)
-        record = _parse_row(site, values, row, seen, used, absent)
+        record = _parse_row(site, values, row, seen, files, absent)
         if record is not None:
             site.patients.append(record)
 
@@ -187,7 +188,7 @@ def _parse_row(
     values: dict[str, str],
     row: int,
     seen: dict[str, tuple[int, str]],
-    used: dict[Path, tuple[int, str]],
+    files: _TableFiles,
     absent: frozenset[str],
 ) -> PatientRecord | None:
     """Judge one row; the record, or None when the row has an error (its problems are then recorded).
@@ -206,7 +207,7 @@ def _parse_row(
     split = _parse_split(values["split"], check)
     _check_unique_patient(patient_id, split, row, seen, check)
     columns = (("report",) if inputs.reports else ()) + (IMAGE_COLUMNS if inputs.images else ())
-    paths = dict.fromkeys(PATH_COLUMNS, None) | _parse_paths(site.root, values, columns, row, used, check)
+    paths = dict.fromkeys(PATH_COLUMNS, None) | _parse_paths(files, values, columns, row, check)
     if inputs.images:
         views = {view: _parse_view(values, paths, view, check) for view in VIEWS}
     else:
@@ -296,17 +297,47 @@ def _check_unique_patient(
         check.error("patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out")
 
 
+class _TableFiles:
+    """The files a table lists: where each really is, and which row first listed it.
+
+    A site lists thousands of files in a few folders, and resolving each file's full path costs a system call
+    per path component (this was most of a warm-cache round's data loading). Here each folder is resolved once
+    and each file takes one `lstat`; a file that is itself a symbolic link, is missing or is not a regular file
+    goes the full way (`_inside`, `exists`, `is_file`), so what is accepted and every message are unchanged.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root  # resolved
+        self.first_listed: dict[Path, tuple[int, str]] = {}  # real file -> (row, column) that first listed it
+        self._folders: dict[Path, Path] = {}
+
+    def real_regular_file(self, path: Path) -> Path | None:
+        """`path`'s real location when it is a regular file, not a link, in a folder that resolves inside the
+        site; None when it needs the full checks."""
+        try:
+            if not stat.S_ISREG(os.lstat(path).st_mode):
+                return None
+            folder = self._folders.get(path.parent)
+            if folder is None:
+                folder = self._folders[path.parent] = path.parent.resolve()
+        except (OSError, RuntimeError):
+            return None
+        real = folder / path.name
+        return real if real.is_relative_to(self.root) else None
+
+
 def _parse_paths(
-    root: Path, values: dict[str, str], columns: tuple[str, ...], row: int, used: dict[Path, tuple[int, str]],
-    check: _RowChecker,
+    files: _TableFiles, values: dict[str, str], columns: tuple[str, ...], row: int, check: _RowChecker
 ) -> dict[str, Path | None]:
-    """The row's path `columns`, resolved; a file listed before (in any row) is warned about."""
-    paths = {column: _parse_path(root, values[column], column, check) for column in columns}
-    for column, path in paths.items():
-        if path is None:
+    """The row's path `columns`, checked; a file listed before (in any row) is warned about."""
+    paths: dict[str, Path | None] = {}
+    for column in columns:
+        found = _parse_path(files, values[column], column, check)
+        paths[column] = found[0] if found else None
+        if found is None:
             continue
         # One file listed twice is almost always a copy-paste slip in the table (two patients, one image).
-        first = used.setdefault(path.resolve(), (row, column))
+        first = files.first_listed.setdefault(found[1], (row, column))
         if first != (row, column):
             check.warning(
                 column,
@@ -379,12 +410,14 @@ def _parse_spacing(values: dict[str, str], view: str, check: _RowChecker) -> tup
     return (pair[0], pair[1])
 
 
-def _parse_path(root: Path, text: str, column: str, check: _RowChecker) -> Path | None:
-    """Resolve a table path, refusing anything that is not a file inside the site folder.
+def _parse_path(files: _TableFiles, text: str, column: str, check: _RowChecker) -> tuple[Path, Path] | None:
+    """A table path as (the path in the site folder, its real location), refusing anything that is not a file
+    inside the site folder.
 
     Absolute paths and `..` escapes are refused before the file system is touched at all; symbolic links are
     followed only to confirm they stay inside the site.
     """
+    root = files.root
     if not text:
         return None
     if "\\" in text:
@@ -407,6 +440,9 @@ def _parse_path(root: Path, text: str, column: str, check: _RowChecker) -> Path 
         check.error(column, f"{text!r} is the site folder itself, not a file")
         return None
     path = root / normal
+    real = files.real_regular_file(path)
+    if real is not None:
+        return path, real
     if not _inside(path, root):
         check.error(column, f"{text!r} is a symbolic link leading outside the site folder")
         return None
@@ -416,7 +452,7 @@ def _parse_path(root: Path, text: str, column: str, check: _RowChecker) -> Path 
     if not path.is_file():
         check.error(column, f"{text!r} is not a regular file")
         return None
-    return path
+    return path, path.resolve()
 
 
 def _to_float(text: str) -> float | None:
