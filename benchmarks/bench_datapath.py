@@ -9,7 +9,12 @@ of a deployed round a site spends outside its training loop.
 2. Preprocessing: `build_site_tensors` of one synthetic site (`llnm-synth`, demo preprocessing) into an empty
    cache (decode, masks, location map, feature images, the frozen text encoder), then again (cache hit);
    patients/s cold, seconds warm.
-3. Rounds (with `--rounds-from`, a folder holding `run/` and `state/<site>/audit/`, as bench_soak.py and the
+3. Warm loading: one synthetic site of `--warm-patients` patients, its cache built once; then, alternately and
+   `--repeat` times each, the site's table read (`load_site`) and its warm `build_site_tensors`, and a whole
+   in-process train message of the site's ClientApp (a quarter pass, as the demo's rounds), with each listed
+   file resolved in full (the baseline: how every file was checked before `_TableFiles`) and as shipped
+   (each folder resolved once, one `lstat` per file). Medians.
+4. Rounds (with `--rounds-from`, a folder holding `run/` and `state/<site>/audit/`, as bench_soak.py and the
    fault tests leave): per train message, the ClientApp's time from pulling the message to pushing the reply
    (the site's audit log) against its training loop's `train-seconds`, so the share spent outside training
    (loading the cache and model, serialising the update). The ClientApp process start before the pull
@@ -75,6 +80,64 @@ def preprocess(tmp: Path, patients: int, image_size: int) -> dict:
             "cold_over_warm": round(cold / warm, 1)}
 
 
+def warm_loading(tmp: Path, patients: int, repeat: int) -> dict:
+    import contextlib
+    from unittest import mock
+
+    from flwr.app import ArrayRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fl_client.client_app import make_client_app
+    from fl_server.config import load_config, parse_set_options
+    from fl_server.strategies import initial_state, round_config
+    from shared_model import contract_rows, protocol
+    from shared_model.contract import load_site
+    from shared_model.site_cache import build_site_tensors
+
+    data = tmp / "warm"
+    subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "1", "--patients", str(patients),
+                    "--seed", "6", "--image-size", "128", "--quiet"], check=True)
+    site, cache = data / "site-a", tmp / "warm-cache"
+    exp = load_config(ROOT / "configs" / "demo.yaml", parse_set_options(["federation.rounds=4",
+                                                                        "federation.rounds_per_epoch=4"]))
+    pre = exp.preprocess
+    build_site_tensors(site, pre, cache_dir=cache, progress=False)
+    for attr in ("_task_id", "_run_id", "_node_id"):  # a Message outside a running app needs an identity
+        setattr(TaskIdentity, attr, 1)
+    app, state = make_client_app(), initial_state(exp)
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(site), "cache-dir": str(cache)},
+                  state=RecordDict(), run_config={})
+
+    def train_message() -> None:
+        config = round_config(exp, 2)
+        config[protocol.SERVER_ROUND] = 2
+        reply = app(Message(RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(state),
+                                        protocol.CONFIG_RECORD: config}), dst_node_id=1, message_type="train"), ctx)
+        if reply.has_error():
+            raise RuntimeError(reply.error.reason)
+
+    tasks = {"load_site": lambda: load_site(site, pre.inputs),
+             "build_site_tensors_warm": lambda: build_site_tensors(site, pre, cache_dir=cache, progress=False),
+             "train_message": train_message}
+    train_message()  # the first message imports what the rest reuse
+    times: dict[str, dict[str, list[float]]] = {k: {"full_resolve": [], "shipped": []} for k in tasks}
+    for _ in range(repeat):
+        for mode in ("full_resolve", "shipped"):
+            patch = (mock.patch.object(contract_rows._TableFiles, "real_regular_file", return_value=None)
+                     if mode == "full_resolve" else contextlib.nullcontext())
+            with patch:
+                for name, task in tasks.items():
+                    t0 = time.perf_counter()
+                    task()
+                    times[name][mode].append(time.perf_counter() - t0)
+    out: dict = {"patients": patients, "repeat": repeat}
+    for name, by_mode in times.items():
+        base, new = (statistics.median(by_mode[m]) for m in ("full_resolve", "shipped"))
+        out[name] = {"full_resolve_seconds": round(base, 3), "shipped_seconds": round(new, 3),
+                     "saved_seconds": round(base - new, 3), "speedup": round(base / new, 2)}
+    return out
+
+
 def rounds(folder: Path) -> dict:
     metrics = json.loads((folder / "run" / "metrics.json").read_text())["rounds"]
     train_seconds = {(r["round"], site): m.get("train-seconds") for r in metrics for site, m in r["train"].items()}
@@ -119,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--patients", type=int, default=60)
     ap.add_argument("--image-size", type=int, default=256)
+    ap.add_argument("--warm-patients", type=int, default=400)
     ap.add_argument("--rounds-from", help="a folder with run/ and state/<site>/audit/ (bench_soak.py's)")
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "datapath.json"))
     args = ap.parse_args(argv)
@@ -129,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         result["decode"] = {"skipped": f"{args.dicoms} not found"}
     result["preprocess"] = preprocess(tmp, args.patients, args.image_size)
+    result["warm_loading"] = warm_loading(tmp, args.warm_patients, args.repeat)
     result["clientapp_start"] = clientapp_start(3)
     if args.rounds_from:
         result["rounds"] = rounds(Path(args.rounds_from))
