@@ -353,6 +353,20 @@ def _symlink_outside(s: SiteCopy) -> Expect:
     return Expect("patients.csv", s.table_row(i), "trans_image", rows_left_out=1, text="outside")
 
 
+def _folder_symlink_outside(s: SiteCopy) -> Expect:
+    """A regular file reached through a linked folder that leads outside the site (each folder is resolved once
+    for all the files in it, so this is the check that must still refuse it)."""
+    i = s.with_dicom()
+    image = s.path(i, "trans_image")
+    outside = s.root.parent / "elsewhere"
+    outside.mkdir()
+    shutil.copy(image, outside / image.name)
+    (s.root / "linked").symlink_to(outside, target_is_directory=True)
+    s.rows[i]["trans_image"] = f"linked/{image.name}"
+    s.save()
+    return Expect("patients.csv", s.table_row(i), "trans_image", rows_left_out=1, text="outside")
+
+
 def _ragged_row(s: SiteCopy) -> Expect:
     text = (s.root / "patients.csv").read_text(encoding="utf-8").splitlines()
     text[3] = text[3] + ",surplus,cells"
@@ -387,6 +401,7 @@ CORRUPTIONS: list[Callable[[SiteCopy], Expect]] = [
     _stage_for_negative,
     _missing_file,
     _symlink_outside,
+    _folder_symlink_outside,
     _ragged_row,
 ]
 
