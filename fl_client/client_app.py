@@ -132,7 +132,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     train_cfg = train_cfg.model_copy(update={
         "device": settings.device if settings.device != "auto" else train_cfg.device,
         # A different seed every round and site, reproducible from the run's seed.
-        "seed": int(train_cfg.seed) * 1000003 + server_round * 101 + sum(map(ord, name)),
+        "seed": run_seed * 1000003 + server_round * 101 + sum(map(ord, name)),
     })
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
     train_tensors = tensors.subset("train")
