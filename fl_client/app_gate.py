@@ -10,10 +10,15 @@ three of its steps wrapped:
 * after the message is pulled: an audit entry `received` (run, app hash, message kind, round);
 * before the FAB is installed: its SHA-256 must be in the site's `approved-apps.json`, else the process
   answers with an error `site policy: ... app <hash> is not approved ...` and nothing of the app runs
-  (audit entry `refused-app`);
+  (audit entry `refused-app`). The site's log shows it as a refusal, not as a crash, and the text sent to the
+  coordinator names no local path (the audit entry keeps the path);
 * before the reply is pushed: an audit entry `sent` with what the reply carries (parameter count and
-  bytes, metric names, the privacy spent it reports, or the error it carries), and with `--keep-sent` a
-  copy of the reply exactly as it is pushed (`fl_client.sent_messages`).
+  bytes, metric names, the privacy spent it reports, or the error it carries; `refused` for a ClientApp's
+  refusal, `refusal-sent` for the reply that carries the gate's own refusal), and with `--keep-sent` a copy
+  of the reply exactly as it is pushed (`fl_client.sent_messages`).
+
+Each entry names the coordinator's experiment (the round config's `run-id`) beside Flower's run id, so that
+`llnm-site audit` groups a run that was stopped and resumed (several Flower runs) under its experiment.
 
 If Flower's internals this relies on are missing (another Flower version), the gate refuses every message:
 it fails closed, never open.
@@ -41,9 +46,8 @@ from fl_client.site_state import (
 )
 from shared_model import protocol
 
-WRAPPED = ("pull_task_input", "install_from_fab", "push_message")
-PRIVACY_METRICS = (protocol.DP_EPSILON, protocol.DP_DELTA, protocol.DP_LIFETIME_EPSILON, protocol.DP_LIFETIME_DELTA,
-                   protocol.DP_LIFETIME_RUNS)
+WRAPPED = ("pull_task_input", "install_from_fab", "push_message", "log", "flwr_exit")
+PRIVACY_METRICS = (protocol.DP_EPSILON, protocol.DP_DELTA, protocol.EVAL_DP_EPSILON, protocol.EVAL_DP_DELTA)
 
 
 class AppNotApproved(RuntimeError):
@@ -61,6 +65,17 @@ def _round_of(message: Any) -> int | None:
         return int(group) if group.isdigit() else None
     except (AttributeError, TypeError, ValueError):
         return None
+
+
+def _experiment_of(message: Any) -> str | None:
+    """The coordinator's experiment name a message carries (its round config's `run-id`), if any."""
+    try:
+        for record in message.content.config_records.values():
+            if protocol.RUN_ID in record:
+                return str(record[protocol.RUN_ID])
+    except (AttributeError, TypeError):
+        return None
+    return None
 
 
 def describe_reply(reply: Any) -> dict[str, Any]:
@@ -115,10 +130,12 @@ class AppGate:
         self.site = site
         self.log = audit_path(root, site)
         self.context: dict[str, Any] = {}
+        self.refused: str | None = None
 
     def received(self, message: Any, run: Any, fab: Any) -> None:
-        self.context = {"run_id": int(message.metadata.run_id), "app_hash": str(fab.hash_str),
-                        "message_type": str(message.metadata.message_type), "round": _round_of(message)}
+        self.context = {"run_id": int(message.metadata.run_id), "experiment": _experiment_of(message),
+                        "app_hash": str(fab.hash_str), "message_type": str(message.metadata.message_type),
+                        "round": _round_of(message)}
         append_audit(self.log, {"event": "received", **self.context,
                                 "message_id": str(message.metadata.message_id)})
 
@@ -127,25 +144,33 @@ class AppGate:
         if self.context and digest != self.context.get("app_hash"):
             reason = (f"{protocol.POLICY_REFUSAL_MARKER}: {self.site}: the app bundle's SHA-256 {digest} differs "
                       f"from the hash the run announced ({self.context.get('app_hash')})")
-            append_audit(self.log, {"event": "refused-app", **self.context, "reason": reason})
-            raise AppNotApproved(reason)
+            self._refuse(reason, {})
         try:
             approved = load_approvals(self.root)
         except SiteStateError as exc:
-            approved, problem = {}, f" ({exc})"
+            approved, problem = {}, str(exc)
         else:
             problem = ""
         if digest not in approved:
+            # What the coordinator reads names no local path; the audit entry keeps the file and the problem.
             reason = (f"{protocol.POLICY_REFUSAL_MARKER}: {self.site} runs only apps it approved; app {digest} is "
-                      f"not in {approvals_path(self.root)}{problem}. The site can review it and run "
-                      f"`llnm-site approve {digest}`; the coordinator's `llnm-server app-hash` prints the hash of "
-                      "the app it submits")
-            append_audit(self.log, {"event": "refused-app", **self.context, "app_hash": digest, "reason": reason})
-            raise AppNotApproved(reason)
+                      f"not approved{' (its list of approved apps cannot be read)' if problem else ''}. The site "
+                      f"can review it and run `llnm-site approve {digest}`; the coordinator's `llnm-server "
+                      "app-hash` prints the hash of the app it submits")
+            self._refuse(reason, {"app_hash": digest, "approvals": str(approvals_path(self.root)),
+                                  **({"problem": problem} if problem else {})})
+        self.refused = None
+
+    def _refuse(self, reason: str, extra: dict[str, Any]) -> None:
+        append_audit(self.log, {"event": "refused-app", **self.context, **extra, "reason": reason})
+        self.refused = reason
+        raise AppNotApproved(reason)
 
     def sent(self, reply: Any) -> None:
         entry = {"event": "sent", **self.context, **describe_reply(reply)}
-        if entry.get("refusal"):
+        if self.refused is not None:
+            entry["event"] = "refusal-sent"  # the reply carrying the gate's refusal, already audited once
+        elif entry.get("refusal"):
             entry["event"] = "refused"
         if keep_sent_enabled():
             try:
@@ -164,6 +189,8 @@ def install(gate: AppGate, module: Any) -> None:
     pull: Callable[..., Any] = module.pull_task_input
     install_fab: Callable[..., Any] = module.install_from_fab
     push: Callable[..., Any] = module.push_message
+    flower_log: Callable[..., Any] = module.log
+    flower_exit: Callable[..., Any] = module.flwr_exit
 
     def gated_pull(client: Any) -> Any:
         message, context, run, fab = pull(client)
@@ -178,9 +205,27 @@ def install(gate: AppGate, module: Any) -> None:
         gate.sent(reply)
         return push(client, reply, context)
 
+    def gated_log(level: int, msg: str, *args: Any, **kwargs: Any) -> Any:
+        # Flower logs every exception of the process as a crash, with a traceback; the gate's refusal is not one.
+        if isinstance(kwargs.get("exc_info"), AppNotApproved):
+            import logging
+
+            return flower_log(logging.WARNING, "refused: %s", kwargs["exc_info"])
+        return flower_log(level, msg, *args, **kwargs)
+
+    def gated_exit(code: int, *args: Any, **kwargs: Any) -> Any:
+        if gate.refused is not None:
+            from flwr.supercore.exit import ExitCode
+
+            kwargs["message"] = "the app gate refused the message (see the audit log); the refusal was sent"
+            return flower_exit(ExitCode.SUCCESS, *args, **kwargs)
+        return flower_exit(code, *args, **kwargs)
+
     module.pull_task_input = gated_pull
     module.install_from_fab = gated_install
     module.push_message = gated_push
+    module.log = gated_log
+    module.flwr_exit = gated_exit
 
 
 def main() -> int:

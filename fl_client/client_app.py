@@ -9,9 +9,10 @@ What leaves the site: the updated model parameters (the frozen text encoder neve
 evaluation; with `evaluation.explain`, in the final evaluation, the explanation aggregates of
 `shared_model.explanation` unless the site's `share-explanations` is false) and the site's privacy policy.
 Under patient-level DP a train reply carries only the update, the
-DP parameters and epsilons, and the site's public patient count as FedAvg weight. No patient identifier, pixel,
-report text or per-patient score is sent. Every message is checked against the site's own policy first
-(`fl_client.settings`).
+DP parameters and the run's epsilon, and the site's public patient count as FedAvg weight. An evaluate reply is
+differentially private unless the site answers exactly (`fl_client.privacy.evaluation`). No patient identifier,
+pixel, report text or per-patient score is sent. Every message is checked against the site's own policy first
+(`fl_client.policy`), and a refusal goes back as an error reply in the site's words.
 
 Where the site's data is: `data-path` in the SuperNode's node config (`llnm-site join` sets it). In
 Flower's simulation engine the virtual SuperNode `partition-id` i is mapped to the i-th site folder
@@ -27,48 +28,14 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fl_client.settings import (
-    EVAL_SPLITS,
-    MAX_CLIPPING_NORM,
-    PATIENT_DELTA,
-    REQUIRE_PATIENT_DP,
-    SHARE_EXPLANATIONS,
-    SiteSettings,
-    site_name,
-)
+from fl_client.policy import SitePolicyRefusal, check_eval_policy, check_train_policy, refusal_reply
+from fl_client.settings import SHARE_EXPLANATIONS, SiteSettings, site_name
 from shared_model import protocol
 from shared_model.config import ModelConfig, PatientDPConfig, PreprocessConfig, TrainConfig
 
 log = logging.getLogger("llnm.client")
 
-
-class SitePolicyRefusal(RuntimeError):
-    """A message this site's own policy (its node config) forbids; Flower sends the text back as an error."""
-
-
-def _check_train_policy(settings: SiteSettings, name: str, server_round: int, privacy: PatientDPConfig) -> None:
-    head = f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: its rule"
-    if settings.require_patient_dp and not privacy.enabled:
-        raise SitePolicyRefusal(
-            f"{head} {REQUIRE_PATIENT_DP}=true needs patient-level DP, but the round config has "
-            f"{protocol.PRIVACY_CONFIG} enabled=false. The coordinator can turn on privacy.patient in the "
-            f"experiment, or the site operator can remove --{REQUIRE_PATIENT_DP} (node config {REQUIRE_PATIENT_DP})."
-        )
-    if not privacy.enabled:
-        return
-    if privacy.delta > settings.patient_delta:
-        raise SitePolicyRefusal(
-            f"{head} {PATIENT_DELTA}={settings.patient_delta:g} is the largest delta it accepts, but the round config "
-            f"has {protocol.PRIVACY_CONFIG} delta={privacy.delta:g}. The coordinator can set privacy.patient.delta "
-            f"to {settings.patient_delta:g} or less, or the site operator can raise --{PATIENT_DELTA}."
-        )
-    if settings.max_clipping_norm is not None and privacy.max_grad_norm > settings.max_clipping_norm:
-        raise SitePolicyRefusal(
-            f"{head} {MAX_CLIPPING_NORM}={settings.max_clipping_norm:g} is the largest per-patient clipping norm it "
-            f"accepts, but the round config has {protocol.PRIVACY_CONFIG} max_grad_norm={privacy.max_grad_norm:g}. "
-            f"The coordinator can set privacy.patient.max_grad_norm to {settings.max_clipping_norm:g} or less, or "
-            f"the site operator can raise --{MAX_CLIPPING_NORM}."
-        )
+__all__ = ["SitePolicyRefusal", "app", "make_client_app"]
 
 
 def _site_record(settings: SiteSettings, name: str, **extra: str) -> ConfigRecord:
@@ -77,17 +44,6 @@ def _site_record(settings: SiteSettings, name: str, **extra: str) -> ConfigRecor
 
     policy = json.dumps(settings.policy(), sort_keys=True)
     return ConfigRecord({protocol.SITE_NAME: name, protocol.SITE_POLICY: policy, **extra})
-
-
-def _check_eval_policy(settings: SiteSettings, name: str, server_round: object, split: str) -> None:
-    if split not in settings.eval_splits:
-        raise SitePolicyRefusal(
-            f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} evaluation: its rule "
-            f"{EVAL_SPLITS}={','.join(settings.eval_splits)} does not include the split received, "
-            f"{protocol.EVAL_SPLIT}={split}. The coordinator can evaluate on one of "
-            f"{', '.join(settings.eval_splits)}, or the site operator can add {split!r} to --{EVAL_SPLITS} "
-            f"(never train)."
-        )
 
 
 def _load_round_inputs(msg: Message, settings: SiteSettings):
@@ -107,6 +63,7 @@ def _load_round_inputs(msg: Message, settings: SiteSettings):
 
 def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
                   defaults: dict[str, Any] | None = None) -> Message:
+    from fl_client.secure_aggregation import inside_secure_round
     from shared_model.architectures import make_dataset, restrict_trainable
     from shared_model.training import round_part, train_local, trainable_state
 
@@ -118,7 +75,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     server_round = int(config[protocol.SERVER_ROUND])
     privacy_cfg = (protocol.read_schema(config, protocol.PRIVACY_CONFIG, PatientDPConfig)
                    if protocol.PRIVACY_CONFIG in config else PatientDPConfig())
-    _check_train_policy(settings, name, server_round, privacy_cfg)
+    check_train_policy(settings, name, server_round, privacy_cfg, secure_round=inside_secure_round())
     parts = int(config.get(protocol.EPOCH_PARTS, 1))
     if parts > 1 and privacy_cfg.enabled:
         # The DP-SGD plan and accountant assume Poisson sampling from the whole training split.
@@ -129,6 +86,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     model, tensors, global_state, config = _load_round_inputs(msg, settings)
     train_cfg = protocol.read_schema(config, protocol.TRAIN_CONFIG, TrainConfig)
     run_seed = int(train_cfg.seed)
+    run_id = str(config.get(protocol.RUN_ID, context.run_id))
     train_cfg = train_cfg.model_copy(update={
         "device": settings.device if settings.device != "auto" else train_cfg.device,
         # A different seed every round and site, reproducible from the run's seed.
@@ -143,7 +101,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         # The run's seed (not the per-round one above): the parts of one pass must come from one permutation.
         train_set = Subset(train_set, round_part(len(train_set), parts, server_round, run_seed, name))
 
-    dp_metrics: dict[str, float] = {}
+    dp_metrics: dict[str, Any] = {}
     hooks = None
     session = None
     if privacy_cfg.enabled:
@@ -153,7 +111,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         restrict_trainable(model, privacy_cfg.trainable)
         session = PatientDPSession.open(
             site_name=name,
-            run_id=str(config.get(protocol.RUN_ID, context.run_id)),
+            run_id=run_id,
             settings=settings,
             privacy_cfg=privacy_cfg,
             train_patient_ids=list(train_tensors.patient_ids),
@@ -161,6 +119,7 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
             local_epochs=train_cfg.local_epochs,
             total_rounds=int(config[protocol.TOTAL_ROUNDS]),
             server_round=server_round,
+            round_config=dict(config),
         )
         hooks = session.hooks()
 
@@ -172,6 +131,13 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     finally:
         if session is not None:
             session.close()  # releases the site's history lock on every path (idempotent after finish)
+    if session is None:
+        from fl_client.privacy.history import data_id, patient_digests
+        from fl_client.privacy.site_record import note_unprotected_round
+
+        # Recorded before the reply leaves: these patients are not protected by this run.
+        note_unprotected_round(settings, name, run_id, server_round, int(result.num_examples),
+                               data_id(patient_digests(train_tensors.patient_ids)))
 
     metrics: dict[str, Any] = {
         protocol.NUM_EXAMPLES: int(result.num_examples),
@@ -182,9 +148,9 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         protocol.PATIENTS_PER_SECOND: float(result.patients_per_second),
     }
     if session is not None:
-        # Only what the DP-SGD guarantee covers leaves the site: the update, the DP parameters and epsilons,
-        # and as FedAvg weight the site's public patient count (the mechanism's own parameter), never the
-        # exact count.
+        # Only what the DP-SGD guarantee covers leaves the site: the update, the DP parameters and the run's
+        # epsilon, and as FedAvg weight the site's public patient count (the mechanism's own parameter), never
+        # the exact count.
         for key in protocol.NON_DP_TRAIN_KEYS:
             metrics.pop(key, None)
         metrics[protocol.NUM_EXAMPLES] = int(session.plan.public_count)
@@ -201,7 +167,6 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
 def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None,
                      defaults: dict[str, Any] | None = None) -> Message:
     from shared_model.architectures import make_dataset
-    from shared_model.metrics import binary_metrics, score_histogram
     from shared_model.training import predict
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
@@ -210,15 +175,72 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     config = msg.content[protocol.CONFIG_RECORD]
     protocol.check_keys(config, (protocol.EVAL_SPLIT, protocol.EVAL_BOOTSTRAP), "evaluate message's round config")
     split = str(config[protocol.EVAL_SPLIT])
-    _check_eval_policy(settings, name, config.get(protocol.SERVER_ROUND, "?"), split)
+    server_round = int(config.get(protocol.SERVER_ROUND, 0))
+    run_id = str(config.get(protocol.RUN_ID, context.run_id))
+    check_eval_policy(settings, name, server_round, split)
+    explain_asked = bool(config.get(protocol.EXPLAIN, False))
+    extra = {protocol.SITE_SPLIT: split}
+    withheld = _explanation_withheld(settings, name, run_id, server_round, config) if explain_asked else None
+    explain = explain_asked and withheld is None
+    sigma = 0.0
+    dp: dict[str, float] = {}
+    if not settings.exact_evaluation:
+        from fl_client.privacy.evaluation import reserve_releases
+
+        # Charged before anything about the patients is computed: which reply is refused depends only on how
+        # many replies came before.
+        sigma, granted, dp = reserve_releases(settings, name, run_id, server_round, split,
+                                              ["histogram", "explanation"] if explain else ["histogram"])
+        if explain and "explanation" not in granted:
+            explain, withheld = False, (f"{protocol.POLICY_REFUSAL_MARKER}: the site's lifetime evaluation budget "
+                                        "(max-eval-epsilon) cannot pay for the explanation as well")
+    if withheld:
+        extra[protocol.EXPLAIN_WITHHELD] = withheld
     model, tensors, _, config = _load_round_inputs(msg, settings)
     subset = tensors.subset(split)
     preds = predict(model, make_dataset(subset), device=settings.device)
     labelled = preds["llnm"] >= 0
     y = preds["llnm"][labelled].astype(int)
     s = preds["score"][labelled]
-    n_boot = int(config[protocol.EVAL_BOOTSTRAP])
-    m = binary_metrics(y, s, n_bootstrap=n_boot, seed=int(config.get(protocol.SERVER_ROUND, 0)))
+    if settings.exact_evaluation:
+        metrics = _exact_metrics(settings, preds, subset, y, s, int(config[protocol.EVAL_BOOTSTRAP]), server_round)
+        from fl_client.privacy.site_record import note_exact_evaluation
+
+        note_exact_evaluation(settings, name, run_id, server_round, split, len(preds["llnm"]))
+    else:
+        metrics = _dp_metrics(settings, y, s, sigma, dp)
+        extra[protocol.EVAL_WITHHELD] = ("differentially private reply: only the noisy score histogram and what "
+                                         "follows from it (no risk-stage metrics, no population counts)")
+    if explain:
+        from fl_client.explain import site_explanation
+
+        pre_cfg = protocol.read_schema(config, protocol.PREPROCESS_CONFIG, PreprocessConfig)
+        explanation = site_explanation(model, subset, pre_cfg.inputs, preds["llnm"].astype(int), preds["score"],
+                                       steps=int(config.get(protocol.EXPLAIN_STEPS, 32)), sigma=sigma,
+                                       min_cell=settings.min_cell_count)
+        _note_explained(settings, name, run_id)
+        metrics.update(protocol.encode_explanation(explanation))
+        if sigma > 0:
+            from fl_client.privacy.evaluation import EXPLANATION_SENSITIVITY
+
+            metrics[protocol.EXPLAIN_DP_EPSILON] = float(dp["epsilon"])
+            metrics[protocol.EXPLAIN_DP_SIGMA] = float(sigma * EXPLANATION_SENSITIVITY)
+        if not explanation["shares"]:
+            extra[protocol.EXPLAIN_WITHHELD] = (f"feature-group shares withheld: fewer labelled patients than the "
+                                                f"site's min-cell-count {settings.min_cell_count}")
+    content = RecordDict({
+        protocol.METRICS_RECORD: MetricRecord(metrics),
+        protocol.SITE_RECORD: _site_record(settings, name, **extra),
+    })
+    return Message(content, reply_to=msg)
+
+
+def _exact_metrics(settings: SiteSettings, preds: dict[str, Any], subset: Any, y: Any, s: Any, n_boot: int,
+                   server_round: int) -> dict[str, Any]:
+    """An exact reply (the site's exact-evaluation): metrics, histogram, population and risk-stage values."""
+    from shared_model.metrics import binary_metrics, score_histogram
+
+    m = binary_metrics(y, s, n_bootstrap=n_boot, seed=server_round)
     # The score histogram at the resolution the site's policy allows (max-histogram-bins, default 100).
     histogram = score_histogram(y, s, n_bins=settings.max_histogram_bins)
     metrics = protocol.encode_eval_metrics(m, n=len(y), n_pos=int(y.sum()), histogram=histogram)
@@ -227,28 +249,28 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
         from shared_model.stage_metrics import stage_metrics
 
         metrics.update(protocol.encode_stage_metrics(stage_metrics(preds["stage"], preds["stage_prob"])))
-    extra = {protocol.SITE_SPLIT: split}
-    if bool(config.get(protocol.EXPLAIN, False)):
-        withheld = _explanation_withheld(settings, model)
-        if withheld:
-            extra[protocol.EXPLAIN_WITHHELD] = withheld
-        else:
-            from fl_client.explain import site_explanation
-            from shared_model.explanation import MIN_AGGREGATE_PATIENTS
+    return metrics
 
-            pre_cfg = protocol.read_schema(config, protocol.PREPROCESS_CONFIG, PreprocessConfig)
-            # Only aggregates over the split (shares averaged over patients, counts per location bin).
-            explanation = site_explanation(model, subset, pre_cfg.inputs, preds["llnm"].astype(int),
-                                           preds["score"], steps=int(config.get(protocol.EXPLAIN_STEPS, 32)))
-            metrics.update(protocol.encode_explanation(explanation))
-            if not explanation["shares"]:
-                extra[protocol.EXPLAIN_WITHHELD] = (f"feature-group shares withheld: {explanation['n']} labelled "
-                                                    f"patient(s), fewer than {MIN_AGGREGATE_PATIENTS}")
-    content = RecordDict({
-        protocol.METRICS_RECORD: MetricRecord(metrics),
-        protocol.SITE_RECORD: _site_record(settings, name, **extra),
-    })
-    return Message(content, reply_to=msg)
+
+def _dp_metrics(settings: SiteSettings, y: Any, s: Any, sigma: float, dp: dict[str, float]) -> dict[str, Any]:
+    """A differentially private reply: the noisy histogram and what follows from it (fl_client.privacy.evaluation)."""
+    from fl_client.privacy.evaluation import (
+        DP_EVAL_BINS,
+        as_histogram,
+        dense_histogram,
+        histogram_metrics,
+        noisy_counts,
+    )
+
+    n_bins = min(DP_EVAL_BINS, settings.max_histogram_bins)
+    neg, pos = dense_histogram(y, s, n_bins)
+    neg, pos = noisy_counts(neg, sigma), noisy_counts(pos, sigma)
+    m = histogram_metrics(neg, pos, sigma=sigma)
+    metrics = protocol.encode_eval_metrics(m, n=int(neg.sum() + pos.sum()), n_pos=int(pos.sum()),
+                                           histogram=as_histogram(neg, pos))
+    metrics.update({protocol.EVAL_DP_EPSILON: float(dp["epsilon"]), protocol.EVAL_DP_DELTA: settings.patient_delta,
+                    protocol.EVAL_DP_SIGMA: float(sigma)})
+    return metrics
 
 
 def _population(subset: Any) -> dict[str, Any]:
@@ -265,13 +287,32 @@ def _population(subset: Any) -> dict[str, Any]:
     }
 
 
-def _explanation_withheld(settings: SiteSettings, model: Any) -> str | None:
-    """Why this site sends no explanation aggregates (None when it sends them)."""
+def _explanation_withheld(settings: SiteSettings, name: str, run_id: str, server_round: int,
+                          config: Any) -> str | None:
+    """Why this site sends no explanation aggregates for this message (None when it sends them).
+
+    A site explains a run's final model once: only on the last round's evaluation, and never twice in a run,
+    so a coordinator cannot collect explanations of models of its choosing."""
+    from fl_client.privacy.site_record import explained_at
+
+    model_cfg = protocol.read_schema(config, protocol.MODEL_CONFIG, ModelConfig)
     if not settings.share_explanations:
         return f"{protocol.POLICY_REFUSAL_MARKER}: {SHARE_EXPLANATIONS}=false"
-    if getattr(getattr(model, "config", None), "architecture", "") != "llnm-net":
+    if model_cfg.architecture != "llnm-net":
         return "explanations need the LLNM-Net transformer"
+    total = int(config.get(protocol.TOTAL_ROUNDS, 0))
+    if server_round < total:
+        return (f"{protocol.POLICY_REFUSAL_MARKER}: the site explains only the run's final model (round {total}), "
+                f"not round {server_round}")
+    if explained_at(settings, name, run_id):
+        return f"{protocol.POLICY_REFUSAL_MARKER}: the site has already explained run {run_id!r}'s final model"
     return None
+
+
+def _note_explained(settings: SiteSettings, name: str, run_id: str) -> None:
+    from fl_client.privacy.site_record import note_explained
+
+    note_explained(settings, name, run_id)
 
 
 def _handle_query(msg: Message, context: Context, site_dirs: list[str] | None,
@@ -293,15 +334,16 @@ def make_client_app(site_dirs: list[str] | None = None, defaults: dict[str, Any]
 
     client_app = ClientApp()
 
-    # Outermost: the float16 update encoding when the round asks for it (never with secure aggregation). Then
-    # Flower's SecAgg+ for secure rounds only. Then Flower's client-side clipping mods, applied only when the
+    # Outermost: a refusal (the site's policy, its budgets, a withheld release) becomes the error reply, logged
+    # as a refusal. Then the float16 update encoding when the round asks for it (never with secure aggregation),
+    # Flower's SecAgg+ for secure rounds only, and Flower's client-side clipping mods, applied only when the
     # coordinator's site-DP wrapper asks for them (so a site clips before it masks or encodes).
-    @client_app.train(mods=[update_transport_mod, secure_aggregation_mod, site_dp_clipping_mod])
+    @client_app.train(mods=[refusal_mod, update_transport_mod, secure_aggregation_mod, site_dp_clipping_mod])
     def train(msg: Message, context: Context) -> Message:
         _quiet_logs()
         return _handle_train(msg, context, site_dirs, defaults)
 
-    @client_app.evaluate()
+    @client_app.evaluate(mods=[refusal_mod])
     def evaluate(msg: Message, context: Context) -> Message:
         _quiet_logs()
         return _handle_evaluate(msg, context, site_dirs, defaults)
@@ -311,6 +353,19 @@ def make_client_app(site_dirs: list[str] | None = None, defaults: dict[str, Any]
         return _handle_query(msg, context, site_dirs, defaults)
 
     return client_app
+
+
+def refusal_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Turn the site's refusals into error replies in the site's words (no traceback, no local path)."""
+    from fl_client.privacy import PatientBudgetExceeded, ReleaseWithheld
+    from fl_client.privacy.evaluation import EvaluationBudgetSpent
+    from fl_client.secure_aggregation import SecureAggregationRefusal
+
+    try:
+        return call_next(msg, context)
+    except (SitePolicyRefusal, PatientBudgetExceeded, ReleaseWithheld, EvaluationBudgetSpent,
+            SecureAggregationRefusal) as exc:
+        return refusal_reply(msg, str(exc), f"a {msg.metadata.message_type} message")
 
 
 def _quiet_logs() -> None:

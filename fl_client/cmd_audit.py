@@ -1,9 +1,10 @@
 """`llnm-site audit [--name SITE] [--state-dir DIR] [--json] [--scan-sent --data SITE_DIR]`: what this site
 sent, run by run.
 
-Summarises the site's append-only audit log (written by the app gate, `fl_client.app_gate`): for each run
-the app hash, the messages received and replies sent by kind, the parameters and bytes sent, the names of
-the metrics that left, the privacy spent the replies reported, and every refusal (refused apps included).
+Summarises the site's append-only audit log (written by the app gate, `fl_client.app_gate`) by the
+coordinator's experiment (a stopped and resumed experiment is one entry with several Flower runs): the app
+hash, the messages received and replies sent by kind, the parameters and bytes sent, the names of the metrics
+that left, the privacy spent the replies reported, and every refusal once (refused apps included).
 
 `--scan-sent --data SITE_DIR` instead looks for the site's patients (ids, report text, pixels, preprocessed
 tensors) in the copies of every reply kept with `llnm-site join --keep-sent` (`fl_client.sent_messages`),
@@ -33,26 +34,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def summarise(path: Path) -> dict[str, Any]:
+    """The audit log by the coordinator's experiment: its Flower runs (a stopped and resumed experiment has
+    several), app hashes, messages received and replies sent by kind, what the replies carried, and every
+    refusal once (a refused app's own entry, not the error reply that carried it)."""
     from fl_client.site_state import read_audit
 
     runs: dict[str, dict[str, Any]] = {}
     refused_apps: list[dict[str, Any]] = []
     malformed: list[int] = []
     entries = 0
-    for line_no, entry, _raw in read_audit(path):
+    lines = list(read_audit(path))
+    # Messages that name no experiment (a SecAgg+ stage, an older coordinator's query) belong to the experiment
+    # their Flower run carries elsewhere.
+    named = {e.get("run_id"): e["experiment"] for _, e, _ in lines if e and e.get("experiment")}
+    for line_no, entry, _raw in lines:
         if entry is None:
             malformed.append(line_no)
             continue
         entries += 1
         event = entry.get("event")
+        experiment = entry.get("experiment") or named.get(entry.get("run_id"))
         if event == "refused-app":
-            refused_apps.append({k: entry.get(k) for k in ("time", "run_id", "app_hash", "message_type", "round")})
-        run_key = str(entry.get("run_id", "?"))
-        run = runs.setdefault(run_key, {
-            "run_id": entry.get("run_id"), "app_hashes": [], "first": entry.get("time"), "last": entry.get("time"),
-            "received": Counter(), "sent": Counter(), "rounds": set(), "parameters_sent": 0, "bytes_sent": 0,
-            "metric_names": set(), "privacy": {}, "refusals": [], "errors": 0})
+            refused_apps.append({**{k: entry.get(k) for k in ("time", "run_id", "app_hash", "message_type",
+                                                              "round")}, "experiment": experiment})
+        key = str(experiment) if experiment else f"flower-run-{entry.get('run_id', '?')}"
+        run = runs.setdefault(key, {
+            "experiment": experiment, "flower_runs": [], "app_hashes": [], "first": entry.get("time"),
+            "last": entry.get("time"), "received": Counter(), "sent": Counter(), "rounds": set(),
+            "parameters_sent": 0, "bytes_sent": 0, "metric_names": set(), "privacy": {}, "refusals": [],
+            "errors": 0})
         run["last"] = entry.get("time")
+        if entry.get("run_id") is not None and entry["run_id"] not in run["flower_runs"]:
+            run["flower_runs"].append(entry["run_id"])
         if entry.get("app_hash") and entry["app_hash"] not in run["app_hashes"]:
             run["app_hashes"].append(entry["app_hash"])
         kind = str(entry.get("message_type", "?"))
@@ -60,21 +73,19 @@ def summarise(path: Path) -> dict[str, Any]:
             run["rounds"].add(int(entry["round"]))
         if event == "received":
             run["received"][kind] += 1
-        elif event in ("sent", "refused"):
+        elif event == "sent":
             run["sent"][kind] += 1
             run["parameters_sent"] += int(entry.get("parameters", 0) or 0)
             run["bytes_sent"] += int(entry.get("array_bytes", 0) or 0) + int(entry.get("config_bytes", 0) or 0)
             run["metric_names"].update(entry.get("metric_names", []))
-            for key, value in (entry.get("privacy") or {}).items():
-                run["privacy"][key] = value  # the latest reply's cumulative figures
+            for metric, value in (entry.get("privacy") or {}).items():
+                run["privacy"][metric] = value  # the latest reply's cumulative figures
             if entry.get("error"):
                 run["errors"] += 1
-            if event == "refused":
-                run["refusals"].append({"time": entry.get("time"), "round": entry.get("round"), "kind": kind,
-                                        "reason": _short(entry.get("error", ""))})
-        elif event == "refused-app":
+        elif event in ("refused", "refused-app"):
             run["refusals"].append({"time": entry.get("time"), "round": entry.get("round"), "kind": kind,
-                                    "reason": _short(entry.get("reason", ""))})
+                                    "by": "app gate" if event == "refused-app" else "ClientApp",
+                                    "reason": _short(entry.get("reason") or entry.get("error") or "")})
     out_runs = []
     for run in runs.values():
         out_runs.append({**run, "received": dict(run["received"]), "sent": dict(run["sent"]),
@@ -124,18 +135,20 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"audit log {summary['file']}: {summary['entries']} entries, {len(summary['runs'])} run(s)")
+    print(f"audit log {summary['file']}: {summary['entries']} entries, {len(summary['runs'])} experiment(s)")
     for run in summary["runs"]:
         hashes = ", ".join(h[:16] for h in run["app_hashes"]) or "-"
-        print(f"run {run['run_id']}  app {hashes}  {run['first']} .. {run['last']}")
-        print(f"  received {dict(sorted(run['received'].items()))}  sent {dict(sorted(run['sent'].items()))}  "
-              f"rounds {run['rounds'] or '-'}")
+        flower = ", ".join(str(r) for r in run["flower_runs"]) or "-"
+        print(f"experiment {run['experiment'] or '(not named)'}  Flower run(s) {flower}  app {hashes}  "
+              f"{run['first']} .. {run['last']}")
+        print(f"  received {dict(sorted(run['received'].items()))}  replies sent {dict(sorted(run['sent'].items()))}"
+              f"  refusals {len(run['refusals'])}  rounds {run['rounds'] or '-'}")
         print(f"  sent {run['parameters_sent']} parameters, {run['bytes_sent']} bytes of payload; metrics: "
               f"{', '.join(run['metric_names']) or '-'}")
         if run["privacy"]:
             print("  privacy reported: " + ", ".join(f"{k} {v:g}" for k, v in sorted(run["privacy"].items())))
         for r in run["refusals"]:
-            print(f"  REFUSED {r['kind']} round {r['round']} at {r['time']}: {r['reason']}")
+            print(f"  REFUSED ({r['by']}) {r['kind']} round {r['round']} at {r['time']}: {r['reason']}")
     if summary["malformed_lines"]:
         print(f"warning: lines {summary['malformed_lines']} of {summary['file']} are not JSON", file=sys.stderr)
     return 0

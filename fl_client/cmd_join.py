@@ -18,8 +18,12 @@ train only when the round's patient-level DP is on), max-patient-epsilon (the li
 patients over every run), patient-delta (the site's delta, the largest a run may use), max-clipping-norm,
 public-patient-count (the training-patient count the site declares public; DP-SGD is parameterised by it),
 eval-splits (the splits the site evaluates on, among val,test; never train), max-histogram-bins (the
-finest score histogram an evaluate reply carries, default 100) and share-explanations (false: never send the
-explanation aggregates a final evaluation with evaluation.explain asks for).
+finest score histogram an evaluate reply carries, default 100), share-explanations (false: never send the
+explanation aggregates a final evaluation with evaluation.explain asks for), the floor under the coordinator's
+DP-SGD settings (max-run-epsilon, min-noise-multiplier; with max-patient-epsilon each implies
+require-patient-dp), require-secure-aggregation, and the evaluation replies' privacy (eval-epsilon per reply,
+max-eval-epsilon over the site's lifetime, or exact-evaluation, which leaves validation and test patients
+unprotected; min-cell-count for explanation cells). docs/privacy.md has the recommended policy.
 """
 
 from __future__ import annotations
@@ -36,16 +40,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fl_client.settings import (
+    DEFAULT_EVAL_EPSILON,
     DEFAULT_EVAL_SPLITS,
+    DEFAULT_MAX_EVAL_EPSILON,
     DEFAULT_MAX_HISTOGRAM_BINS,
+    DEFAULT_MIN_CELL_COUNT,
     DEFAULT_PATIENT_DELTA,
+    DP_FLOOR_KEYS,
+    EVAL_EPSILON,
     EVAL_SPLITS,
+    EXACT_EVALUATION,
     MAX_CLIPPING_NORM,
+    MAX_EVAL_EPSILON,
     MAX_HISTOGRAM_BINS,
     MAX_PATIENT_EPSILON,
+    MAX_RUN_EPSILON,
+    MIN_CELL_COUNT,
+    MIN_NOISE_MULTIPLIER,
     PATIENT_DELTA,
     PUBLIC_PATIENT_COUNT,
     REQUIRE_PATIENT_DP,
+    REQUIRE_SECURE_AGGREGATION,
     SHARE_EXPLANATIONS,
     SiteSettingsError,
     parse_eval_splits,
@@ -107,8 +122,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    default=DEFAULT_MAX_HISTOGRAM_BINS,
                    help="the finest score histogram (bins on [0, 1]) an evaluate reply may carry (even; default "
                         f"{DEFAULT_MAX_HISTOGRAM_BINS})")
+    p.add_argument(f"--{MAX_RUN_EPSILON}", type=_checked(MAX_RUN_EPSILON, lambda v: parse_positive(MAX_RUN_EPSILON, v)),
+                   help="the largest epsilon one run may spend on this site's training patients (a larger "
+                        "target_epsilon, or a round past it, is refused; implies --require-patient-dp)")
+    p.add_argument(f"--{MIN_NOISE_MULTIPLIER}",
+                   type=_checked(MIN_NOISE_MULTIPLIER, lambda v: parse_positive(MIN_NOISE_MULTIPLIER, v)),
+                   help="the smallest DP-SGD noise multiplier this site trains with, whatever the coordinator's "
+                        "target (implies --require-patient-dp)")
     p.add_argument(f"--{REQUIRE_PATIENT_DP}", action="store_true",
-                   help="refuse to train unless the round's patient-level DP (privacy.patient) is on")
+                   help="refuse to train unless the round's patient-level DP (privacy.patient) is on (implied by "
+                        f"--{MAX_PATIENT_EPSILON}, --{MAX_RUN_EPSILON} and --{MIN_NOISE_MULTIPLIER})")
+    p.add_argument(f"--{REQUIRE_SECURE_AGGREGATION}", action="store_true",
+                   help="train only inside secure-aggregation (SecAgg+) rounds, so that no update leaves unmasked")
+    p.add_argument(f"--{EVAL_EPSILON}", default=DEFAULT_EVAL_EPSILON,
+                   type=_checked(EVAL_EPSILON, lambda v: parse_positive(EVAL_EPSILON, v)),
+                   help=f"epsilon of one evaluate reply (noisy score histogram; default {DEFAULT_EVAL_EPSILON:g})")
+    p.add_argument(f"--{MAX_EVAL_EPSILON}", default=DEFAULT_MAX_EVAL_EPSILON,
+                   type=_checked(MAX_EVAL_EPSILON, lambda v: parse_positive(MAX_EVAL_EPSILON, v)),
+                   help="lifetime budget of every evaluation reply on this site's patients (default "
+                        f"{DEFAULT_MAX_EVAL_EPSILON:g}); further evaluations are refused")
+    p.add_argument(f"--{EXACT_EVALUATION}", action="store_true",
+                   help="answer evaluations exactly (no noise): the validation and test patients are then NOT "
+                        "protected, and `llnm-site privacy` lists every such reply")
+    p.add_argument(f"--{MIN_CELL_COUNT}", default=DEFAULT_MIN_CELL_COUNT,
+                   type=_checked(MIN_CELL_COUNT, lambda v: parse_positive(MIN_CELL_COUNT, v, int)),
+                   help="explanation cells over fewer patients are suppressed (default "
+                        f"{DEFAULT_MIN_CELL_COUNT})")
     p.add_argument(f"--{EVAL_SPLITS}", type=_eval_splits, default=",".join(DEFAULT_EVAL_SPLITS),
                    help="comma-separated splits this site evaluates on, among val,test (never train; "
                         "default val,test); other evaluate requests are refused")
@@ -131,6 +170,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-restarts", type=int, default=20,
                    help="start the SuperNode again this many times when it stops unasked, e.g. after a SuperLink "
                         "restart (default 20; 0: never)")
+
+
+def floor_flags(args: argparse.Namespace) -> list[str]:
+    """The DP-floor flags given (each implies --require-patient-dp)."""
+    return [f"--{k}" for k in DP_FLOOR_KEYS if getattr(args, k.replace("-", "_"), None) is not None]
 
 
 def toml_value(v: object) -> str:
@@ -214,14 +258,23 @@ def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
     if args.public_patient_count is not None:
         node_config[PUBLIC_PATIENT_COUNT] = int(args.public_patient_count)
     node_config[MAX_HISTOGRAM_BINS] = int(args.max_histogram_bins)
-    if args.privacy_state_dir or args.state_dir:
-        privacy = Path(args.privacy_state_dir) if args.privacy_state_dir else plan.state_dir / "privacy"
-        node_config["privacy-state-dir"] = str(privacy.resolve())
+    # Always named, so that `llnm-site privacy --state-dir` finds exactly what the ClientApp writes.
+    privacy = Path(args.privacy_state_dir) if args.privacy_state_dir else plan.state_dir / "privacy"
+    node_config["privacy-state-dir"] = str(privacy.resolve())
     if args.threads:
         node_config["threads"] = int(args.threads)
-    node_config[REQUIRE_PATIENT_DP] = bool(args.require_patient_dp)
+    if args.max_run_epsilon is not None:
+        node_config[MAX_RUN_EPSILON] = float(args.max_run_epsilon)
+    if args.min_noise_multiplier is not None:
+        node_config[MIN_NOISE_MULTIPLIER] = float(args.min_noise_multiplier)
+    node_config[REQUIRE_PATIENT_DP] = bool(args.require_patient_dp) or bool(floor_flags(args))
+    node_config[REQUIRE_SECURE_AGGREGATION] = bool(args.require_secure_aggregation)
     node_config[SHARE_EXPLANATIONS] = bool(args.share_explanations)
     node_config[EVAL_SPLITS] = str(args.eval_splits)
+    node_config[EXACT_EVALUATION] = bool(args.exact_evaluation)
+    node_config[EVAL_EPSILON] = float(args.eval_epsilon)
+    node_config[MAX_EVAL_EPSILON] = float(args.max_eval_epsilon)
+    node_config[MIN_CELL_COUNT] = int(args.min_cell_count)
     exe = Path(sys.executable).parent / "flower-supernode"
     cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
            "--superlink", plan.superlink]
@@ -265,6 +318,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: {site} has errors; fix them (llnm-site check {site}) before joining", file=sys.stderr)
             return 1
     cmd = supernode_command(args, plan)
+    floors = floor_flags(args)
+    if floors and not args.require_patient_dp:
+        print(f"note: {', '.join(floors)} implies --{REQUIRE_PATIENT_DP}: rounds without patient-level DP are "
+              "refused", file=sys.stderr)
     env = _environment(args, plan)
     print(pasteable_command(env, cmd), flush=True)
     if args.print_command:

@@ -17,6 +17,7 @@ round.
 
 from __future__ import annotations
 
+import contextvars
 import json
 from typing import Any
 
@@ -28,6 +29,16 @@ from shared_model import protocol
 
 class SecureAggregationRefusal(RuntimeError):
     """The site's update does not fit the quantizer's range: refusing beats being clipped silently."""
+
+
+# Set only while this module's SecAgg+ path runs the site's train handler: a site that requires secure
+# aggregation (require-secure-aggregation) trains only then. Process-local, so no message can set it.
+_SECURE_ROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("llnm_secure_round", default=False)
+
+
+def inside_secure_round() -> bool:
+    """Whether the current train call comes from a SecAgg+ round (its update will leave only masked)."""
+    return _SECURE_ROUND.get()
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -59,9 +70,11 @@ def _train_for_fitres(msg: Message, ctxt: Context, call_next: Any) -> Message:
     # The site's own train path sees an ordinary train message (model + round config).
     msg.content = RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(state),
                               protocol.CONFIG_RECORD: ConfigRecord(plain_config)})
+    token = _SECURE_ROUND.set(True)
     try:
         reply = call_next(msg, ctxt)
     finally:
+        _SECURE_ROUND.reset(token)
         msg.content = original
     if reply.has_error():
         return reply
@@ -75,9 +88,10 @@ def _train_for_fitres(msg: Message, ctxt: Context, call_next: Any) -> Message:
         update.append(u)
     peak = max((float(np.max(np.abs(u))) for u in update if u.size), default=0.0)
     if peak > bound:
+        # The refusal names the coordinator's range only: the update's own values never leave unmasked.
         raise SecureAggregationRefusal(
-            f"secure aggregation: site {site.get(protocol.SITE_NAME)} refuses round "
-            f"{config.get(protocol.SERVER_ROUND)}: its scaled update reaches {peak:.3g}, beyond "
+            f"{protocol.POLICY_REFUSAL_MARKER}: secure aggregation: site {site.get(protocol.SITE_NAME)} refuses "
+            f"round {config.get(protocol.SERVER_ROUND)}: its scaled update does not fit "
             f"federation.secagg.clipping_range {bound:g}, which Flower's quantizer would clip silently; the "
             "coordinator can raise clipping_range, or weight_scale (the update is multiplied by weight / "
             "weight_scale)")

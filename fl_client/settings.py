@@ -24,10 +24,24 @@ MAX_CLIPPING_NORM = "max-clipping-norm"  # the largest per-patient clipping norm
 PUBLIC_PATIENT_COUNT = "public-patient-count"  # the patient count the site declares public (DP-SGD's parameters)
 MAX_HISTOGRAM_BINS = "max-histogram-bins"  # the finest score histogram an evaluate reply may carry
 SHARE_EXPLANATIONS = "share-explanations"  # false: never send explanation aggregates (evaluation.explain)
+# The floor under the coordinator's DP-SGD settings: each implies require-patient-dp.
+MAX_RUN_EPSILON = "max-run-epsilon"  # the largest epsilon one run may spend on the site's training patients
+MIN_NOISE_MULTIPLIER = "min-noise-multiplier"  # the smallest DP-SGD noise multiplier the site trains with
+REQUIRE_SECURE_AGGREGATION = "require-secure-aggregation"  # train only inside a SecAgg+ round
+# Evaluation replies: differentially private by default (fl_client.privacy.evaluation).
+EVAL_EPSILON = "eval-epsilon"  # epsilon of one evaluate reply (at patient-delta); its noise is calibrated to it
+MAX_EVAL_EPSILON = "max-eval-epsilon"  # lifetime budget of every evaluation reply on the site's patients
+EXACT_EVALUATION = "exact-evaluation"  # true: exact evaluate replies, which leave val/test patients unprotected
+MIN_CELL_COUNT = "min-cell-count"  # explanation cells over fewer patients (noisy count) are suppressed
+#: Keys that only make sense with patient-level DP on: each implies require-patient-dp.
+DP_FLOOR_KEYS: tuple[str, ...] = (MAX_PATIENT_EPSILON, MAX_RUN_EPSILON, MIN_NOISE_MULTIPLIER)
 DEFAULT_EVAL_SPLITS: tuple[str, ...] = ("val", "test")
 ALLOWED_EVAL_SPLITS: tuple[str, ...] = ("val", "test")  # never `train`: metrics on training data are not offered
 DEFAULT_PATIENT_DELTA = 1e-5
 DEFAULT_MAX_HISTOGRAM_BINS = 100
+DEFAULT_EVAL_EPSILON = 1.0
+DEFAULT_MAX_EVAL_EPSILON = 10.0
+DEFAULT_MIN_CELL_COUNT = 5
 #: ``site.yaml`` field with the public patient count, used where the node config has no public-patient-count.
 SITE_YAML_PUBLIC_COUNT = "public_patient_count"
 
@@ -89,6 +103,22 @@ def parse_histogram_bins(value: object) -> int:
     return bins
 
 
+def check_dp_floor(floor: list[str], require_patient_dp: bool, prefix: str) -> None:
+    """Refuse a DP floor (a budget, a run cap, a noise floor) with patient-level DP explicitly not required.
+
+    Without DP-SGD a round spends no epsilon the floor could bound, yet it sends the exact loss, steps and
+    patient count: a site that sets a floor means DP to be on, so the floor implies require-patient-dp and an
+    explicit ``require-patient-dp=false`` beside it is a contradiction, refused with the keys named.
+    """
+    if floor and not require_patient_dp:
+        names = ", ".join(f"{prefix}{k}" for k in floor)
+        raise SiteSettingsError(
+            f"{names} bound(s) patient-level DP-SGD, but {prefix}{REQUIRE_PATIENT_DP} is false: a round without "
+            "DP spends no epsilon these bound and sends the exact training loss, steps and patient count. "
+            f"Remove {prefix}{REQUIRE_PATIENT_DP}=false (the floor implies it) or remove {names}"
+        )
+
+
 @dataclass
 class SiteSettings:
     """A site's own settings, from its SuperNode's node config (never from the coordinator)."""
@@ -107,6 +137,18 @@ class SiteSettings:
     public_patient_count: int | None = None
     max_histogram_bins: int = DEFAULT_MAX_HISTOGRAM_BINS
     share_explanations: bool = True
+    max_run_epsilon: float | None = None
+    min_noise_multiplier: float | None = None
+    require_secure_aggregation: bool = False
+    eval_epsilon: float = DEFAULT_EVAL_EPSILON
+    max_eval_epsilon: float = DEFAULT_MAX_EVAL_EPSILON
+    exact_evaluation: bool = False
+    min_cell_count: int = DEFAULT_MIN_CELL_COUNT
+
+    def __post_init__(self) -> None:
+        # A DP floor implies require-patient-dp (check_dp_floor); from_context refuses an explicit false.
+        if any(v is not None for v in (self.max_patient_epsilon, self.max_run_epsilon, self.min_noise_multiplier)):
+            self.require_patient_dp = True
 
     @classmethod
     def from_context(cls, context: Context, site_dirs: list[str] | None,
@@ -135,6 +177,9 @@ class SiteSettings:
             value = cfg.get(key)
             return None if value in (None, "", 0, 0.0) else parse_positive(key, value, kind)
 
+        floor = [k for k in DP_FLOOR_KEYS if opt_positive(k) is not None]
+        require_dp = parse_bool(REQUIRE_PATIENT_DP, cfg.get(REQUIRE_PATIENT_DP, bool(floor)))
+        check_dp_floor(floor, require_dp, "node config ")
         return cls(
             data_path=data_path,
             name=str(cfg["site-name"]) if cfg.get("site-name") else None,
@@ -144,7 +189,7 @@ class SiteSettings:
             max_patient_epsilon=opt_positive(MAX_PATIENT_EPSILON),
             privacy_state_dir=opt_path("privacy-state-dir"),
             threads=int(cfg["threads"]) if cfg.get("threads") not in (None, "", 0) else None,
-            require_patient_dp=parse_bool(REQUIRE_PATIENT_DP, cfg.get(REQUIRE_PATIENT_DP, False)),
+            require_patient_dp=require_dp,
             eval_splits=parse_eval_splits(cfg.get(EVAL_SPLITS, ",".join(DEFAULT_EVAL_SPLITS))),
             patient_delta=float(parse_positive(PATIENT_DELTA, cfg.get(PATIENT_DELTA, DEFAULT_PATIENT_DELTA),
                                                below_one=True)),
@@ -152,6 +197,15 @@ class SiteSettings:
             public_patient_count=opt_positive(PUBLIC_PATIENT_COUNT, int),
             max_histogram_bins=parse_histogram_bins(cfg.get(MAX_HISTOGRAM_BINS, DEFAULT_MAX_HISTOGRAM_BINS)),
             share_explanations=parse_bool(SHARE_EXPLANATIONS, cfg.get(SHARE_EXPLANATIONS, True)),
+            max_run_epsilon=opt_positive(MAX_RUN_EPSILON),
+            min_noise_multiplier=opt_positive(MIN_NOISE_MULTIPLIER),
+            require_secure_aggregation=parse_bool(REQUIRE_SECURE_AGGREGATION,
+                                                  cfg.get(REQUIRE_SECURE_AGGREGATION, False)),
+            eval_epsilon=float(parse_positive(EVAL_EPSILON, cfg.get(EVAL_EPSILON, DEFAULT_EVAL_EPSILON))),
+            max_eval_epsilon=float(parse_positive(MAX_EVAL_EPSILON,
+                                                  cfg.get(MAX_EVAL_EPSILON, DEFAULT_MAX_EVAL_EPSILON))),
+            exact_evaluation=parse_bool(EXACT_EVALUATION, cfg.get(EXACT_EVALUATION, False)),
+            min_cell_count=int(parse_positive(MIN_CELL_COUNT, cfg.get(MIN_CELL_COUNT, DEFAULT_MIN_CELL_COUNT), int)),
         )
 
     def policy(self) -> dict[str, Any]:
@@ -165,6 +219,13 @@ class SiteSettings:
             EVAL_SPLITS: ",".join(self.eval_splits),
             MAX_HISTOGRAM_BINS: self.max_histogram_bins,
             SHARE_EXPLANATIONS: self.share_explanations,
+            MAX_RUN_EPSILON: self.max_run_epsilon,
+            MIN_NOISE_MULTIPLIER: self.min_noise_multiplier,
+            REQUIRE_SECURE_AGGREGATION: self.require_secure_aggregation,
+            EVAL_EPSILON: None if self.exact_evaluation else self.eval_epsilon,
+            MAX_EVAL_EPSILON: None if self.exact_evaluation else self.max_eval_epsilon,
+            EXACT_EVALUATION: self.exact_evaluation,
+            MIN_CELL_COUNT: self.min_cell_count,
         }
 
     def apply_threads(self) -> None:

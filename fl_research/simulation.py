@@ -84,6 +84,7 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
             # sites that run side by side do not oversubscribe the cores.
             client_app=make_client_app([str(p) for p in sites], {"cache-dir": cache_dir,
                                                                  "threads": max(1, int(sim.cpus_per_site)),
+                                                                 **sim.node_config,
                                                                  "site-node-config": sim.site_node_config}),
             num_supernodes=len(sites),
             backend_config=backend_config,

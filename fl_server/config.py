@@ -141,6 +141,9 @@ class TrackingSection(_Strict):
 class SimulationSection(_Strict):
     cpus_per_site: float = Field(default=1.0, gt=0.0)
     gpus_per_site: float = Field(default=0.0, ge=0.0)
+    # Node config of every simulated site (what each hospital's own `llnm-site join` flags would set in a
+    # deployment), e.g. {"exact-evaluation": true} for synthetic patients; site_node_config overrides it per site.
+    node_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     # Per-site node config in simulation, keyed by site folder name, e.g. {"site-c": {"max-patient-epsilon": 1.0}}
     # (what each hospital's own `llnm-site join --max-patient-epsilon` would set in a deployment).
     site_node_config: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)

@@ -162,7 +162,8 @@ class Federation:
         if not new:
             return
         self.roster.note_registered(self.grid.get_nodes())
-        ask = ConfigRecord({protocol.QUERY_ASK: protocol.ASK_SITE_NAME})
+        # The experiment's name travels with the query too, so that a site's audit log files it under the run.
+        ask = ConfigRecord({protocol.QUERY_ASK: protocol.ASK_SITE_NAME, protocol.RUN_ID: self.exp.name})
         msgs = [Message(RecordDict({protocol.CONFIG_RECORD: ask}), dst_node_id=n, message_type="query")
                 for n in new]
         refused = False

@@ -125,11 +125,10 @@ def build_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
 
 
 def _ledger_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per ledger round: each site's status and epsilons (this run, lifetime) and the site-level one."""
+    """One row per ledger round: each site's status and epsilon in this run, and the site-level one."""
     rows = []
     for entry in data.get("rounds", []):
-        sites = {name: {"status": rec.get("status"), "epsilon": rec.get("epsilon"),
-                        "lifetime_epsilon": rec.get("lifetime_epsilon"), "delta": rec.get("delta")}
+        sites = {name: {"status": rec.get("status"), "epsilon": rec.get("epsilon"), "delta": rec.get("delta")}
                  for name, rec in (entry.get("sites") or {}).items()}
         server = entry.get("server") or {}
         rows.append({"round": entry.get("round"), "sites": sites, "site_level_epsilon": server.get("epsilon"),
@@ -205,7 +204,7 @@ def _ledger_section(report: dict[str, Any]) -> list[str]:
     sites = sorted({s for r in rows for s in r["sites"]})
     level = any(r["site_level_epsilon"] is not None for r in rows)
     out = ["<table id='privacy-ledger'><tr><th>round</th>" + "".join(
-        f"<th>{html.escape(s)}: epsilon this run / lifetime</th>" for s in sites)
+        f"<th>{html.escape(s)}: epsilon this run</th>" for s in sites)
         + ("<th>site-level epsilon (consortium)</th>" if level else "") + "</tr>"]
     for r in rows:
         cells = []
@@ -216,11 +215,13 @@ def _ledger_section(report: dict[str, Any]) -> list[str]:
             elif rec["status"] != "trained":
                 cells.append(f"<td>{html.escape(str(rec['status']))}</td>")
             else:
-                cells.append(f"<td>{_cell(rec['epsilon'])} / {_cell(rec['lifetime_epsilon'])}</td>")
+                cells.append(f"<td>{_cell(rec['epsilon'])}</td>")
         out.append(f"<tr><td>{r['round']}</td>" + "".join(cells)
                    + (f"<td>{_cell(r['site_level_epsilon'])}</td>" if level else "") + "</tr>")
-    out.append("</table><p>Patient-level epsilons are each site's own accountant's (at its delta); the lifetime "
-               "column covers every run that touched its patients. privacy.json holds the full ledger.</p>")
+    out.append("</table><p>Patient-level epsilons are each site's own accountant's (at the run's delta), recomputed "
+               "by the coordinator from the mechanism each site reported. Each site keeps the lifetime epsilon of its "
+               "patients over every run on its own disk (<code>llnm-site privacy</code>). privacy.json holds the "
+               "full ledger.</p>")
     return out
 
 

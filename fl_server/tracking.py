@@ -7,8 +7,8 @@ metric is one chart with a line per site:
 
 * ``<split>_auc``, ``<split>_brier``, ``<split>_ece`` per site and pooled, every round;
 * ``train_loss`` per site (absent under patient-level DP, where sites do not send it);
-* ``dp_epsilon`` (this run) and ``dp_lifetime_epsilon`` per site, and ``site_dp_epsilon/consortium``, whenever
-  privacy is on: the same numbers as privacy.json;
+* ``dp_epsilon`` (this run) per site, and ``site_dp_epsilon/consortium``, whenever privacy is on: the same
+  numbers as privacy.json (a site's lifetime epsilon stays at the site);
 * ``final_auc`` per site at the final model's round, and the explanation shares as text.
 
 On resume the writer purges the events of the rounds being redone, so a chart never shows a round twice.
@@ -54,7 +54,6 @@ class RoundTracker:
         for site, m in entry.get("train", {}).items():
             self._scalar(f"train_loss/{site}", m.get(protocol.TRAIN_LOSS), step)
             self._scalar(f"dp_epsilon/{site}", m.get(protocol.DP_EPSILON), step)
-            self._scalar(f"dp_lifetime_epsilon/{site}", m.get(protocol.DP_LIFETIME_EPSILON), step)
         if privacy:
             self._scalar("site_dp_epsilon/consortium", (privacy.get("server") or {}).get("epsilon"), step)
         self.writer.flush()

@@ -11,9 +11,11 @@ A site explains the global model on its own patients (`fl_client.explain`) and, 
   many had LLNM (observed), how many the model called positive at 0.5, and the sum of its probabilities
   (expected positives). Counts and one sum per bin; nothing per patient.
 
-A mean or a sum over fewer than `MIN_AGGREGATE_PATIENTS` patients is not sent: a site that explained fewer
-withholds its shares, and a bin with fewer sends its counts but no probability sum (NaN), since a sum over
-one patient is that patient's score.
+A cell over fewer patients than the site's ``min-cell-count`` (default `MIN_AGGREGATE_PATIENTS`) is not sent: a
+site that explained fewer withholds its shares, and such a bin is sent as suppressed (`protocol.SUPPRESSED_CELL`
+counts, no probability sum), since a count or a sum over one patient is that patient's label or score. By
+default the aggregates are also differentially private (`fl_client.privacy.evaluation`): the counts and sums
+are noisy, and the suppression is decided on the noisy counts.
 
 The groups follow the model's inputs (`InputsConfig.feature_names`): the three image channels, the report,
 each declared clinical variable, and each per-view measurement from the masks. The paper's four groups
@@ -43,7 +45,7 @@ __all__ = [
     "paper_group_of",
 ]
 
-#: The fewest patients a sent mean or sum may be over (see the module docstring).
+#: The fewest patients a sent cell may hold, unless the site sets its own min-cell-count (module docstring).
 MIN_AGGREGATE_PATIENTS = 5
 #: Capsule-distance bins (mm) of the paper's finding: [0, 1), [1, 2.5), [2.5, 5), [5, inf).
 CAPSULE_BIN_EDGES_MM: tuple[float, ...] = (0.0, 1.0, 2.5, 5.0, math.inf)
@@ -100,17 +102,20 @@ def _finite(value: Any) -> bool:
 
 
 def _rates(parts: Sequence[Mapping[str, Sequence[Any]]], labels: Sequence[str]) -> list[dict[str, Any]]:
-    """Summed counts per bin and their rates; the mean probability is over the sites that sent a sum."""
+    """Summed counts per bin over the sites that sent the bin (not suppressed), and their rates; the mean
+    probability is over the sites that sent a sum."""
     out = []
     for i, label in enumerate(labels):
-        n = sum(int(p["n"][i]) for p in parts)
-        observed = sum(int(p["observed"][i]) for p in parts)
-        predicted = sum(int(p["predicted"][i]) for p in parts)
-        with_sum = [p for p in parts if _finite(p["expected"][i])]
+        sent = [p for p in parts if p["n"][i] is not None and int(p["n"][i]) >= 0]
+        n = sum(int(p["n"][i]) for p in sent)
+        observed = sum(int(p["observed"][i]) for p in sent)
+        predicted = sum(int(p["predicted"][i]) for p in sent)
+        with_sum = [p for p in sent if _finite(p["expected"][i])]
         expected = sum(float(p["expected"][i]) for p in with_sum)
         n_sum = sum(int(p["n"][i]) for p in with_sum)
         out.append({"bin": label, "n": n, "observed": observed, "predicted": predicted,
                     "expected": expected if with_sum else None, "n_with_probability_sum": n_sum,
+                    "sites_suppressed": len(parts) - len(sent),
                     "observed_rate": observed / n if n else None, "predicted_rate": predicted / n if n else None,
                     "mean_probability": expected / n_sum if n_sum else None})
     return out

@@ -93,7 +93,8 @@ PATIENTS_PER_SECOND = "patients-per-second"
 # (FedAvg's weight) is then its public patient count, a parameter of the mechanism, not its exact count.
 NON_DP_TRAIN_KEYS = (TRAIN_LOSS, TRAIN_STEPS, TRAIN_SECONDS, PATIENTS_PER_SECOND)
 
-# Patient-level DP-SGD: the exact keys every DP site adds (Flower requires identical keys across replies).
+# Patient-level DP-SGD: the exact keys every DP site adds (Flower requires identical keys across replies). They
+# describe the run at this site only: the lifetime epsilon of the site's patients stays on the site.
 DP_EPSILON = "dp-epsilon"
 DP_DELTA = "dp-delta"
 DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
@@ -101,13 +102,14 @@ DP_SAMPLE_RATE = "dp-sample-rate"
 DP_MAX_GRAD_NORM = "dp-max-grad-norm"
 DP_STEPS_ROUND = "dp-steps-round"
 DP_STEPS_TOTAL = "dp-steps-total"
-DP_BUDGET_EPSILON = "dp-budget-epsilon"
 DP_REPLAYED = "dp-replayed"
 DP_ATTEMPTS_ROUND = "dp-attempts-round"
 DP_HISTORY_SEGMENTS = "dp-history-segments"
-DP_LIFETIME_EPSILON = "dp-lifetime-epsilon"  # the site's patients over every run, at the site's own delta
-DP_LIFETIME_DELTA = "dp-lifetime-delta"
-DP_LIFETIME_RUNS = "dp-lifetime-runs"
+# The run's composition at the site, one entry per (noise multiplier, sample rate): the coordinator recomputes
+# dp-epsilon from it with the same accountant (shared_model.dp_accounting).
+DP_HISTORY_NOISE = "dp-history-noise"
+DP_HISTORY_RATE = "dp-history-rate"
+DP_HISTORY_STEPS = "dp-history-steps"
 DP_METRIC_KEYS = (
     DP_EPSILON,
     DP_DELTA,
@@ -116,24 +118,29 @@ DP_METRIC_KEYS = (
     DP_MAX_GRAD_NORM,
     DP_STEPS_ROUND,
     DP_STEPS_TOTAL,
-    DP_BUDGET_EPSILON,
     DP_REPLAYED,
     DP_ATTEMPTS_ROUND,
     DP_HISTORY_SEGMENTS,
-    DP_LIFETIME_EPSILON,
-    DP_LIFETIME_DELTA,
-    DP_LIFETIME_RUNS,
+    DP_HISTORY_NOISE,
+    DP_HISTORY_RATE,
+    DP_HISTORY_STEPS,
 )
 # Opens every refusal a site sends when a round would exceed its patient-level budget, so that the
 # coordinator can recognise it inside the error text Flower wraps around it.
 REFUSAL_MARKER = "patient-level privacy budget"
-# Opens every refusal a site sends because a message breaks its own policy (node config
-# `require-patient-dp`, `eval-splits`, `patient-delta`, `max-clipping-norm`).
+# Opens every refusal a site sends because a message breaks its own policy (its node config: fl_client.policy).
 POLICY_REFUSAL_MARKER = "site policy"
 
 # ---- evaluate reply metrics (MetricRecord `metrics`) -----------------------------------------------------
 EVAL_N = "n"
 EVAL_N_POS = "n_pos"
+# A differentially private evaluate reply (the site's default): the epsilon of this reply at its delta, and the
+# standard deviation of the Gaussian noise on each histogram count (sensitivity 1). Every other value of the
+# reply is computed from the noisy histogram. Absent from an exact reply.
+EVAL_DP_EPSILON = "eval-dp-epsilon"
+EVAL_DP_DELTA = "eval-dp-delta"
+EVAL_DP_SIGMA = "eval-dp-sigma"
+EVAL_DP_KEYS = (EVAL_DP_EPSILON, EVAL_DP_DELTA, EVAL_DP_SIGMA)
 # Always all present (NaN where undefined), so that every site's reply has the same keys.
 EVAL_METRIC_KEYS = ("auc", "auc_ci_low", "auc_ci_high", "accuracy", "sensitivity", "specificity", "ppv", "npv",
                     "f1", "brier", "ece")
@@ -163,6 +170,14 @@ EXPLAIN_SHARES = "explain-shares"
 EXPLAIN_LOCATION = ("capsule", "third")
 # In the `site` record of an evaluate reply: why a site asked to explain sent no explanation (its policy).
 EXPLAIN_WITHHELD = "explain-withheld"
+# In the `site` record of an evaluate reply: what a DP reply leaves out (risk-stage metrics, population counts).
+EVAL_WITHHELD = "eval-withheld"
+# Explanation cells over fewer patients than the site's min-cell-count: sent as this count, never as a value.
+SUPPRESSED_CELL = -1
+# A DP explanation's noise: its epsilon and the standard deviation on each of its sums (sensitivity 1 each
+# block, see fl_client.privacy.evaluation).
+EXPLAIN_DP_EPSILON = "explain-dp-epsilon"
+EXPLAIN_DP_SIGMA = "explain-dp-sigma"
 
 
 class ProtocolError(ValueError):
@@ -188,11 +203,16 @@ def encode_eval_metrics(metrics: Mapping[str, Any], *, n: int, n_pos: int,
 
 
 def decode_eval_metrics(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Inverse of :func:`encode_eval_metrics`: (per-site metrics with None for NaN, the histogram)."""
+    """Inverse of :func:`encode_eval_metrics`: (per-site metrics with None for NaN, the histogram).
+
+    A DP reply's metrics carry ``dp``: its epsilon, delta and noise standard deviation."""
     try:
         site = {k: _none_if_nan(record[k]) for k in EVAL_METRIC_KEYS if k in record}
         site[EVAL_N] = int(record[EVAL_N])
         site[EVAL_N_POS] = int(record[EVAL_N_POS])
+        if EVAL_DP_SIGMA in record:
+            site["dp"] = {"epsilon": float(record[EVAL_DP_EPSILON]), "delta": float(record[EVAL_DP_DELTA]),
+                          "sigma": float(record[EVAL_DP_SIGMA])}
         histogram: dict[str, Any] = {"n_bins": int(record[HIST_N_BINS])}
         for name, bins_key, counts_key in (("neg", HIST_NEG_BINS, HIST_NEG_COUNTS),
                                            ("pos", HIST_POS_BINS, HIST_POS_COUNTS)):

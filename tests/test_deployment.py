@@ -359,24 +359,102 @@ def test_the_gate_refuses_unapproved_apps_and_audits_what_leaves(tmp_path: Path)
     incoming = Message(RecordDict({"config": ConfigRecord({"server-round": 3})}), dst_node_id=7,
                        message_type="train")
     gate.received(incoming, None, Namespace(hash_str=digest))
-    with pytest.raises(gate_mod.AppNotApproved, match=f"site policy: site-a runs only apps it approved; app {digest}"):
+    with pytest.raises(gate_mod.AppNotApproved, match=f"site policy: site-a runs only apps it approved; app {digest}"
+                       ) as refused:
         gate.check(fab)
+    # What the coordinator reads names no local path; the audit entry keeps it.
+    assert str(tmp_path) not in str(refused.value) and "approved-apps.json" not in str(refused.value)
+    assert str(tmp_path) in next(e for _, e, _ in read_audit(audit_path(tmp_path, "site-a"))
+                                 if e and e["event"] == "refused-app")["approvals"]
     approve(tmp_path, digest, source="test")
     gate.check(fab)
-    with pytest.raises(gate_mod.AppNotApproved, match="differs from the hash the run announced"):
-        gate.check(fab + b"!")
     import torch
 
     reply = Message(RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 4)}),
                                 "metrics": MetricRecord({"num-examples": 30, "dp-epsilon": 1.5})}),
                     reply_to=incoming)
     gate.sent(reply)
+    with pytest.raises(gate_mod.AppNotApproved, match="differs from the hash the run announced"):
+        gate.check(fab + b"!")
     entries = [e for _, e, _ in read_audit(audit_path(tmp_path, "site-a"))]
-    assert [e["event"] for e in entries] == ["received", "refused-app", "refused-app", "sent"]
-    sent = entries[-1]
+    assert [e["event"] for e in entries] == ["received", "refused-app", "sent", "refused-app"]
+    sent = entries[2]
     assert (sent["run_id"], sent["round"], sent["message_type"], sent["app_hash"]) == (5, 3, "train", digest)
     assert sent["parameters"] == 12 and sent["array_bytes"] >= 48
     assert sent["metric_names"] == ["dp-epsilon", "num-examples"] and sent["privacy"] == {"dp-epsilon": 1.5}
+
+
+def test_the_audit_groups_by_experiment_and_counts_each_refusal_once(tmp_path: Path) -> None:
+    """An experiment stopped and resumed is several Flower runs: the audit lists it once, by the coordinator's
+    experiment name. A refused app is one refusal (its error reply is not a second one, nor a reply "sent")."""
+    from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import fl_client.app_gate as gate_mod
+    from fl_client.cmd_audit import summarise
+    from fl_client.site_state import approve, audit_path
+    from shared_model import protocol
+
+    fab = b"an app bundle"
+    digest = hashlib.sha256(fab).hexdigest()
+
+    def message(flower_run: int, experiment: str, rnd: int) -> Message:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = flower_run, 7, rnd
+        return Message(RecordDict({"config": ConfigRecord({protocol.SERVER_ROUND: rnd, protocol.RUN_ID: experiment})}),
+                       dst_node_id=7, message_type="train")
+
+    def gate_for(msg: Message) -> gate_mod.AppGate:
+        gate = gate_mod.AppGate(tmp_path, "site-a")
+        gate.received(msg, None, Namespace(hash_str=digest))
+        return gate
+
+    first = message(5, "exp-1", 1)  # not approved yet: refused by the gate
+    gate = gate_for(first)
+    with pytest.raises(gate_mod.AppNotApproved) as err:
+        gate.check(fab)
+    gate.sent(Message(Error(code=2, reason=str(err.value)), reply_to=first))
+    approve(tmp_path, digest, source="test")
+    resumed = message(6, "exp-1", 1)  # the coordinator resumes: a new Flower run of the same experiment
+    gate = gate_for(resumed)
+    gate.check(fab)
+    gate.sent(Message(RecordDict({"metrics": MetricRecord({"num-examples": 30})}), reply_to=resumed))
+    other = message(7, "exp-2", 1)  # the ClientApp refuses under the site's policy
+    gate = gate_for(other)
+    gate.check(fab)
+    gate.sent(Message(Error(code=2, reason="site policy: site 'site-a' refuses round 1 training: ..."),
+                      reply_to=other))
+    summary = summarise(audit_path(tmp_path, "site-a"))
+    runs = {r["experiment"]: r for r in summary["runs"]}
+    assert set(runs) == {"exp-1", "exp-2"}
+    assert runs["exp-1"]["flower_runs"] == [5, 6] and runs["exp-1"]["sent"] == {"train": 1}
+    assert [r["by"] for r in runs["exp-1"]["refusals"]] == ["app gate"]
+    assert runs["exp-2"]["sent"] == {} and [r["by"] for r in runs["exp-2"]["refusals"]] == ["ClientApp"]
+    printed = subprocess.run([str(BIN / "llnm-site"), "audit", "--state-dir", str(tmp_path)], capture_output=True,
+                             text=True, timeout=120)
+    assert printed.returncode == 0 and "experiment exp-1  Flower run(s) 5, 6" in printed.stdout, printed.stdout
+    assert printed.stdout.count("REFUSED") == 2
+
+
+def test_the_gate_logs_its_refusal_as_a_refusal_not_a_crash(tmp_path: Path) -> None:
+    """Flower logs every exception of a ClientApp process with a traceback and ends it with exit code 800; the
+    gate's own refusal is logged in one line and ends the process normally (the refusal reply is still sent)."""
+    import fl_client.app_gate as gate_mod
+
+    calls: list[tuple] = []
+    fake = Namespace(__name__="fake", pull_task_input=print, install_from_fab=print, push_message=print,
+                     log=lambda *a, **k: calls.append(("log", a, k)),
+                     flwr_exit=lambda *a, **k: calls.append(("exit", a, k)))
+    gate = gate_mod.AppGate(tmp_path, "site-a")
+    gate_mod.install(gate, fake)
+    fake.log(40, "%s raised an exception", "ClientApp", exc_info=ValueError("a real crash"))
+    assert calls[-1][1][1] == "%s raised an exception"  # a crash stays a crash
+    gate.refused = "site policy: site-a runs only apps it approved; app abc is not approved"
+    fake.log(40, "%s raised an exception", "ClientApp", exc_info=gate_mod.AppNotApproved(gate.refused))
+    kind, args, kwargs = calls[-1]
+    assert args[0] == 30 and args[1] == "refused: %s" and "exc_info" not in kwargs  # one warning line
+    fake.flwr_exit(code=800, event_type=None)
+    kind, args, kwargs = calls[-1]
+    assert kind == "exit" and args[0] == 0 and "refused" in kwargs["message"]
 
 
 def test_the_audit_reads_secure_aggregation_messages() -> None:
@@ -548,8 +626,8 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path,
     finally:
         dep.close()
     return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
-            "scans": scans, "sites": dep.sites,
-            "app_sha256": app_bundle["sha256"],
+            "scans": scans, "sites": dep.sites, "experiment": yaml.safe_load(config.read_text())["name"],
+            "app_sha256": app_bundle["sha256"], "late_log": (tmp / f"{LATE}.log").read_text(),
             "states": dep.states, "logs": dep.logs()}
 
 
@@ -598,9 +676,16 @@ def test_intruders_are_refused_and_never_merged(secure_run: dict) -> None:
 @pytest.mark.slow
 def test_the_audit_log_lists_the_refusal_then_what_was_sent(secure_run: dict) -> None:
     late = secure_run["audits"][LATE]
-    [run] = late["runs"]
+    [run] = late["runs"]  # one experiment, every message of it (queries included) filed under its name
+    assert run["experiment"] == secure_run["experiment"]
     assert any(r["reason"].startswith(f"site policy: {LATE} runs only apps it approved") for r in run["refusals"])
     assert late["refused_apps"] and run["sent"].get("train", 0) >= 1
+    # At the site, the gate's refusal is a one-line refusal, not Flower's crash report.
+    log = secure_run["late_log"]
+    assert "refused: site policy" in log and "Exit Code: 800" not in log and "raised an exception" not in log
+    # At the coordinator, the refusal names no folder of the site's.
+    recorded = (secure_run["out"] / "run.json").read_text() + (secure_run["out"] / "log.txt").read_text()
+    assert str(secure_run["states"]) not in recorded and "approved-apps.json" not in recorded
     site_a = secure_run["audits"]["site-a"]["runs"][0]
     assert site_a["sent"]["train"] == 2 and site_a["rounds"] == [1, 2]
     assert site_a["parameters_sent"] > 0 and site_a["bytes_sent"] > 0

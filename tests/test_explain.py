@@ -139,7 +139,9 @@ def _values(record: object) -> list[object]:
     return out
 
 
-def _evaluate(small_consortium: Path, monkeypatch: pytest.MonkeyPatch, node_config: dict) -> tuple:
+def _evaluate(small_consortium: Path, monkeypatch: pytest.MonkeyPatch, node_config: dict, state_dir: Path,
+              run: str = "explain-test") -> tuple:
+    """The final evaluation of run `run` with explanations, at one site with its own privacy folder."""
     from flwr.app import ArrayRecord, Context, Message, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -149,38 +151,45 @@ def _evaluate(small_consortium: Path, monkeypatch: pytest.MonkeyPatch, node_conf
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
     exp = load_config(ROOT / "configs" / "demo.yaml")
+    exp.name = run
     torch.manual_seed(3)
     state = initial_state(exp)
-    msg = Message(RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(state),
-                              protocol.CONFIG_RECORD: round_config(exp, 1, split="test", explain=True)}),
+    config = round_config(exp, exp.federation.rounds, split="test", explain=True)
+    msg = Message(RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(state), protocol.CONFIG_RECORD: config}),
                   dst_node_id=1, message_type="evaluate")
     msg.content[protocol.CONFIG_RECORD][protocol.EXPLAIN_STEPS] = 8
-    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(small_consortium / SITE), **node_config},
+    msg.content[protocol.CONFIG_RECORD][protocol.SERVER_ROUND] = exp.federation.rounds  # set by Flower's strategy
+    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(small_consortium / SITE),
+                                                    "privacy-state-dir": str(state_dir), **node_config},
                   state=RecordDict(), run_config={})
     reply = make_client_app()(msg, ctx)
     assert not reply.has_error(), reply.error
     return reply, exp, state
 
 
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "dp"])
 def test_an_explaining_site_sends_no_image_report_id_or_per_patient_value(
-        small_consortium: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        small_consortium: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, exact: bool) -> None:
     from shared_model.architectures import build_model, load_site_inputs, make_dataset
     from shared_model.contract import load_site
     from shared_model.training import predict
 
-    reply, exp, state = _evaluate(small_consortium, monkeypatch, {})
+    reply, exp, state = _evaluate(small_consortium, monkeypatch, {"exact-evaluation": exact}, tmp_path)
     content = reply.content
     # Only the metrics and the site's name/policy: no arrays (no image, no attribution map), no other record.
     assert set(content.keys()) == {protocol.METRICS_RECORD, protocol.SITE_RECORD}
     metrics, site = content[protocol.METRICS_RECORD], content[protocol.SITE_RECORD]
-    assert set(dict(site)) == {protocol.SITE_NAME, protocol.SITE_POLICY, protocol.SITE_SPLIT}
+    assert set(dict(site)) - {protocol.EVAL_WITHHELD} == {protocol.SITE_NAME, protocol.SITE_POLICY,
+                                                           protocol.SITE_SPLIT}
+    assert (protocol.EVAL_DP_SIGMA in metrics) == (not exact) == (protocol.EXPLAIN_DP_SIGMA in metrics)
     explanation = protocol.decode_explanation(metrics)
     groups = feature_groups(exp.preprocess.inputs)
     assert explanation is not None and len(explanation["shares"]) == len(groups)
     assert sum(explanation["shares"]) == pytest.approx(1.0) and explanation["n"] >= MIN_AGGREGATE_PATIENTS
     # Every explanation list has a length fixed by the protocol (groups, bins), never by the patient count.
     for key, value in dict(metrics).items():
-        if key.startswith("explain-") and key != protocol.EXPLAIN_N:
+        if key.startswith("explain-") and key not in (protocol.EXPLAIN_N, protocol.EXPLAIN_DP_EPSILON,
+                                                      protocol.EXPLAIN_DP_SIGMA):
             assert len(value) in {len(groups), 4, 3}, key
 
     # What the site knows per patient, none of which may appear in the reply.
@@ -201,14 +210,25 @@ def test_an_explaining_site_sends_no_image_report_id_or_per_patient_value(
         assert not np.isclose(floats, score, rtol=0, atol=1e-7).any(), score
     ages = [float(p.clinical["age"]) for p in record.patients if p.clinical.get("age") is not None]
     assert not np.isin(np.array(ages), floats).any()
-    # The counts are aggregates of exactly the evaluated patients.
-    capsule = explanation["capsule"]
-    assert sum(capsule["n"]) <= metrics[protocol.EVAL_N] and sum(explanation["third"]["n"]) <= metrics[protocol.EVAL_N]
-    for n, expected in zip(capsule["n"], capsule["expected"], strict=True):
-        assert (expected is None) == (n < MIN_AGGREGATE_PATIENTS)
+    # A cell over fewer patients than the site's min-cell-count is suppressed whole: no count, no sum.
+    for location in ("capsule", "third"):
+        cells = explanation[location]
+        for n, obs, pred, expected in zip(cells["n"], cells["observed"], cells["predicted"], cells["expected"],
+                                          strict=True):
+            if n == protocol.SUPPRESSED_CELL:
+                assert obs == pred == protocol.SUPPRESSED_CELL and expected is None
+            else:
+                assert n >= MIN_AGGREGATE_PATIENTS and 0 <= obs <= n and 0 <= pred <= n and expected is not None
+    if exact:  # exact counts are aggregates of exactly the evaluated patients
+        assert sum(n for n in explanation["capsule"]["n"] if n > 0) <= metrics[protocol.EVAL_N]
+
+    # The site explains a run's final model once: a second request in the same run is answered without it.
+    again, _, _ = _evaluate(small_consortium, monkeypatch, {"exact-evaluation": exact}, tmp_path)
+    assert protocol.EXPLAIN_N not in dict(again.content[protocol.METRICS_RECORD])
+    assert "already explained run 'explain-test'" in again.content[protocol.SITE_RECORD][protocol.EXPLAIN_WITHHELD]
 
     # A site whose policy says share-explanations=false sends none of it, and says why.
-    reply, _, _ = _evaluate(small_consortium, monkeypatch, {"share-explanations": False})
+    reply, _, _ = _evaluate(small_consortium, monkeypatch, {"share-explanations": False}, tmp_path, run="other")
     assert not [k for k in dict(reply.content[protocol.METRICS_RECORD]) if k.startswith("explain-")]
     assert "share-explanations=false" in reply.content[protocol.SITE_RECORD][protocol.EXPLAIN_WITHHELD]
 

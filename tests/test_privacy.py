@@ -134,7 +134,8 @@ def test_sampling_plan_is_what_opacus_runs(n: int, batch: int) -> None:
 
 def test_site_dp_sgd_persists_replays_and_refuses(tmp_path: Path) -> None:
     """Round 1 here, round 2 in another process, an identical retry of round 2 here (replayed, not counted),
-    then a site budget that round 3 would exceed: refused with the site, budget, spent and cost."""
+    then a site budget that round 3 would exceed: refused with the site, the budget and the round's cost, but
+    not the lifetime epsilon of its patients, which stays on the site."""
     data = patient_tensors(24)
     settings = settings_for(tmp_path)
     pcfg = privacy_cfg()
@@ -191,9 +192,10 @@ print(json.dumps(metrics))
     with pytest.raises(PatientBudgetExceeded) as err:
         train_round(settings_for(tmp_path, budget=budget), data, state2, 3, pcfg=pcfg)
     text = str(err.value)
-    for part in ("'a'", f"lifetime max-patient-epsilon {budget:g}", f"spent epsilon {m2c['dp-epsilon']:.4f}",
-                 "would take them to", "round 3", "llnm-site privacy --data"):
+    for part in ("'a'", f"lifetime max-patient-epsilon {budget:g}", "would take the lifetime epsilon of its patients",
+                 "round 3", f"{steps} DP-SGD steps"):
         assert part in text, (part, text)
+    assert f"{m2c['dp-epsilon']:.4f}" not in text and f"{after:.4f}" not in text
     refusals = json.loads(ledger_file(tmp_path, 24).read_text())["refusals"]
     assert refusals[-1]["round"] == 3 and refusals[-1]["budget"] == budget
     assert refusals[-1]["rule"] == "max-patient-epsilon"
@@ -331,7 +333,7 @@ def sim_config(tmp: Path, consortium: Path, budget_c: float) -> Path:
     exp["train"].update({"batch_size": 8, "lr": 0.001})
     exp["federation"].update({"rounds": 2, "min_sites": 2, "eval_bootstrap": 0, "final_eval_split": None,
                               "round_timeout_s": 600})
-    exp["simulation"] = {"cpus_per_site": 1, "site_node_config": {"site-c": {"max-patient-epsilon": budget_c}}}
+    exp["simulation"].update({"cpus_per_site": 1, "site_node_config": {"site-c": {"max-patient-epsilon": budget_c}}})
     exp["privacy"] = {
         "patient": {"enabled": True, "noise_multiplier": PATIENT_Z, "max_grad_norm": 1.0, "delta": DELTA},
         "site": {"enabled": True, "clipping": "server-fixed", "noise_multiplier": SITE_Z, "clipping_norm": SITE_CLIP,
@@ -660,12 +662,17 @@ def test_history_lock_released_on_every_exit(tmp_path: Path) -> None:
     data = patient_tensors(8)
     kw = dict(site_name="a", run_id="lock", settings=settings, privacy_cfg=privacy_cfg(),
               train_patient_ids=ids(len(data)), batch_size=4, local_epochs=1, total_rounds=2, server_round=1)
+    from fl_client.privacy.history import lock_path
+
     session = PatientDPSession.open(**kw)
-    path = ledger_file(tmp_path, len(data))
-    assert Path(f"{path}.lock").is_file() and not any(settings.data_path.iterdir())  # beside the history
-    with pytest.raises(PrivacyStateError, match="another training of this site holds") as err:
+    path = lock_path(tmp_path / "privacy-state", "a")
+    assert path.is_file() and not any(settings.data_path.iterdir())  # beside the history, one per site
+    with pytest.raises(PrivacyStateError, match="another training or evaluation of site 'a' holds") as err:
         PatientDPSession.open(**kw, lock_timeout=0.2)
     assert str(path) in str(err.value)
+    # The lock is the site's, not the ledger's: a training on other patients of the site waits for it too.
+    with pytest.raises(PrivacyStateError, match="holds its privacy records"):
+        PatientDPSession.open(**{**kw, "train_patient_ids": ids(9)}, lock_timeout=0.2)
     cfg = TrainConfig(batch_size=4, local_epochs=1, seed=1, device="cpu", lr=1e-3)
     with pytest.raises(RuntimeError, match="DP-SGD was opened for 8"), session:
         # Training fails inside (the loader does not match the plan): the session releases its lock.
@@ -678,9 +685,9 @@ def test_history_lock_released_on_every_exit(tmp_path: Path) -> None:
 
 
 def test_lifetime_ledger_composes_runs_changed_patients_and_old_files(tmp_path: Path) -> None:
-    """One ledger per (site, training patients); a site whose patients changed composes every earlier ledger that
-    shares a patient, and a version-1 per-run file of the site, into its lifetime epsilon; `llnm-site privacy`
-    reports the same."""
+    """One ledger per (site, training patients); a site whose patients changed composes every other ledger of the
+    site, whatever patients it shares, and a version-1 per-run file of the site, into its lifetime epsilon;
+    `llnm-site privacy` reports the same. No train reply carries that lifetime figure."""
     from fl_client.cmd_privacy import summarize
 
     settings = settings_for(tmp_path)
@@ -691,18 +698,16 @@ def test_lifetime_ledger_composes_runs_changed_patients_and_old_files(tmp_path: 
     legacy = {"format": "llnm-fl patient DP-SGD accountant history", "version": 1, "site": "a", "run_id": "old",
               "accountant": "rdp", "delta": DELTA, "secret": "0" * 64,
               "rounds": {"1": {"attempts": [{"history": [[1.2, 0.5, 4]], "steps": 4}]}}}
-    (tmp_path / "privacy-state" / "a-legacy.json").write_text(json.dumps(legacy))
     from fl_client.privacy.history import _slug
 
-    (tmp_path / "privacy-state" / "a-legacy.json").rename(tmp_path / "privacy-state" / f"{_slug('a')}__old.json")
+    (tmp_path / "privacy-state" / f"{_slug('a')}__old.json").write_text(json.dumps(legacy))
     # Two more patients: a new ledger, sharing 12 patients with the first.
     m2, _ = train_round(settings, patient_tensors(14), state, 1, pcfg=privacy_cfg(), rounds=1, run="second")
     q1, s1 = opacus_sampling(12, 8)
     q2, s2 = opacus_sampling(14, 8)
     assert close(m2["dp-epsilon"], dp_sgd_epsilon(q2, 1.2, s2, DELTA))  # this run only
+    assert not [k for k in (*m1, *m2) if "lifetime" in k or "budget" in k]
     expected = epsilon_for([(1.2, q1, s1), (1.2, 0.5, 4), (1.2, q2, s2)], DELTA, "rdp")
-    assert m2["dp-lifetime-epsilon"] == pytest.approx(expected, rel=1e-9)
-    assert m2["dp-lifetime-runs"] == 3 and m1["dp-lifetime-runs"] == 1
     assert len(list((tmp_path / "privacy-state").glob("a-*__data-*.json"))) == 2
     summary = summarize(SiteSettings(data_path=settings.data_path, name="a", cache_dir=None, device="cpu",
                                      max_patient_epsilon=None, privacy_state_dir=tmp_path / "privacy-state"),
@@ -710,3 +715,27 @@ def test_lifetime_ledger_composes_runs_changed_patients_and_old_files(tmp_path: 
     assert summary["lifetime_epsilon"] == pytest.approx(expected, rel=1e-9)
     assert {r["run_id"] for r in summary["runs"]} == {"first", "old", "second"}
     assert summary["remaining_epsilon"] == pytest.approx(10.0 - expected)
+
+
+def test_lifetime_composition_does_not_depend_on_one_patient(tmp_path: Path) -> None:
+    """The audit's one-patient bit: an old ledger of 12 patients, and a new set of 12 other patients with or
+    without one returning patient. Whether the returning patient is there changes neither what the reply says
+    nor the site's lifetime composition, nor whether it refuses: every ledger of the site is composed."""
+    torch.manual_seed(4)
+    state = trainable_state(LLNMNet(TINY))
+    outcomes = []
+    for returning in (False, True):
+        tmp = tmp_path / f"returning-{returning}"
+        tmp.mkdir()
+        settings = settings_for(tmp)
+        train_round(settings, patient_tensors(12), state, 1, pcfg=privacy_cfg(), rounds=1, run="old-run")
+        new_ids = [f"Q{i:04d}" for i in range(12)] + (["P0003"] if returning else [])
+        session = PatientDPSession.open(site_name="a", run_id="new-run", settings=settings,
+                                        privacy_cfg=privacy_cfg(),
+                                        train_patient_ids=new_ids, batch_size=8, local_epochs=1, total_rounds=1,
+                                        server_round=1)
+        lifetime_before = session.spent()
+        session.close()
+        outcomes.append(lifetime_before)
+    # Without the returning patient the old run is composed all the same.
+    assert outcomes[0] == outcomes[1] > 0

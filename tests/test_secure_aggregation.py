@@ -91,8 +91,37 @@ def test_a_site_sends_its_scaled_update_never_its_model() -> None:
     assert fitres.num_examples == 1
     assert fitres.metrics[protocol.SITE_NAME] == "site-a" and fitres.metrics[protocol.NUM_EXAMPLES] == 25
     far = {k: v + 100 for k, v in g.items()}
-    with pytest.raises(SecureAggregationRefusal, match=r"beyond federation\.secagg\.clipping_range 8"):
+    with pytest.raises(SecureAggregationRefusal, match=r"does not fit federation\.secagg\.clipping_range 8") as err:
         _train_for_fitres(_fitins_message(g, config), None, _site_train(far, 25))
+    # The coordinator chooses the range that triggers the refusal: the text carries no value of the update.
+    peak = max(float(np.max(np.abs((far[k] - g[k]) * 25 / 50))) for k in g)
+    assert not any(token in str(err.value) for token in (f"{peak:.3g}", f"{peak:g}", "50"))
+
+
+def test_a_site_that_requires_secure_aggregation_trains_only_in_secure_rounds() -> None:
+    """require-secure-aggregation: a plain train message is refused; the same site trains inside a SecAgg+
+    round, which only this module's path can mark (a message cannot)."""
+    from fl_client.policy import SitePolicyRefusal, check_train_policy
+    from fl_client.secure_aggregation import _train_for_fitres, inside_secure_round
+    from fl_client.settings import SiteSettings
+    from shared_model.config import PatientDPConfig
+
+    settings = SiteSettings(data_path=Path("."), name="site-a", cache_dir=None, device="cpu",
+                            max_patient_epsilon=None, privacy_state_dir=None, require_secure_aggregation=True)
+    with pytest.raises(SitePolicyRefusal, match="require-secure-aggregation=true trains only inside"):
+        check_train_policy(settings, "site-a", 1, PatientDPConfig(), secure_round=inside_secure_round())
+    seen = []
+    inner = _site_train({"w": np.zeros((2, 2), np.float32)}, 4)
+
+    def handler(msg, ctx):
+        seen.append(inside_secure_round())
+        check_train_policy(settings, "site-a", 1, PatientDPConfig(), secure_round=inside_secure_round())
+        return inner(msg, ctx)
+
+    config = {protocol.SECAGG_WEIGHT_KEY: protocol.UNIT_WEIGHT, protocol.SECAGG_WEIGHT_SCALE: 1.0,
+              protocol.SECAGG_CLIPPING_RANGE: 8.0, protocol.SERVER_ROUND: 1}
+    _train_for_fitres(_fitins_message({"w": np.zeros((2, 2), np.float32)}, config), None, handler)
+    assert seen == [True] and inside_secure_round() is False
 
 
 def test_under_site_dp_a_site_clips_before_it_masks() -> None:

@@ -22,7 +22,9 @@ import pytest
 import yaml
 from processes import demo_experiment
 
-from fl_client.client_app import SitePolicyRefusal, _check_eval_policy, _check_train_policy
+from fl_client.policy import SitePolicyRefusal
+from fl_client.policy import check_eval_policy as _check_eval_policy
+from fl_client.policy import check_train_policy as _check_train_policy
 from fl_client.settings import SiteSettings, SiteSettingsError, declared_patient_count
 from shared_model.config import PatientDPConfig
 
@@ -55,6 +57,19 @@ def test_policy_defaults_and_values(tmp_path: Path) -> None:
     assert s.policy()["max-histogram-bins"] == 20 and s.policy()["eval-splits"] == "val,test"
 
 
+def test_a_dp_floor_implies_require_patient_dp(tmp_path: Path) -> None:
+    """A site that sets a budget, a run cap or a noise floor means DP to be on: a round without it would spend
+    no epsilon the floor bounds and send the exact loss, steps and count."""
+    for key, value in (("max-patient-epsilon", 6), ("max-run-epsilon", 3), ("min-noise-multiplier", 0.7)):
+        s = settings_for(tmp_path, **{key: value})
+        assert s.require_patient_dp is True, key
+        with pytest.raises(SitePolicyRefusal, match="require-patient-dp=true needs patient-level DP"):
+            _check_train_policy(s, "site-a", 1, DP_OFF)
+    defaults = settings_for(tmp_path)
+    assert (defaults.eval_epsilon, defaults.max_eval_epsilon, defaults.exact_evaluation, defaults.min_cell_count,
+            defaults.require_secure_aggregation) == (1.0, 10.0, False, 5, False)
+
+
 def test_public_patient_count_from_node_config_else_site_yaml(tmp_path: Path) -> None:
     assert declared_patient_count(settings_for(tmp_path)) == (None, "not declared")
     (tmp_path / "site.yaml").write_text("name: site-x\npublic_patient_count: 2100\n")
@@ -79,6 +94,18 @@ def test_public_patient_count_from_node_config_else_site_yaml(tmp_path: Path) ->
     ({"public-patient-count": 2.5}, r"public-patient-count=2\.5: expected a positive integer"),
     ({"max-histogram-bins": 15}, r"max-histogram-bins=15: expected an even integer >= 2"),
     ({"max-patient-epsilon": "lots"}, r"max-patient-epsilon='lots': expected a positive number"),
+    ({"max-run-epsilon": -2}, r"max-run-epsilon=-2: expected a positive number"),
+    ({"min-noise-multiplier": "none"}, r"min-noise-multiplier='none': expected a positive number"),
+    ({"eval-epsilon": 0.0}, r"eval-epsilon=0\.0: expected a positive number"),
+    ({"max-eval-epsilon": "inf"}, r"max-eval-epsilon='inf': expected a positive number"),
+    ({"min-cell-count": 2.5}, r"min-cell-count=2\.5: expected a positive integer"),
+    ({"exact-evaluation": "sometimes"}, r"exact-evaluation='sometimes': expected true or false"),
+    ({"require-secure-aggregation": 0}, r"require-secure-aggregation=0: expected true or false"),
+    # A DP floor implies require-patient-dp: an explicit false beside it is a contradiction, named.
+    ({"max-patient-epsilon": 6, "require-patient-dp": False},
+     r"max-patient-epsilon bound\(s\) patient-level DP-SGD, but node config require-patient-dp is false"),
+    ({"min-noise-multiplier": 0.8, "max-run-epsilon": 3, "require-patient-dp": "false"},
+     r"max-run-epsilon, node config min-noise-multiplier bound"),
 ])
 def test_bad_policy_names_the_key_and_value(tmp_path: Path, node_config: dict, expected: str) -> None:
     with pytest.raises(SiteSettingsError, match=expected):
@@ -137,6 +164,19 @@ def test_refusals_name_the_site_the_rule_and_the_value(tmp_path: Path) -> None:
         _check_train_policy(limits, "site-d", 3, DP_ON)
     with pytest.raises(SitePolicyRefusal, match=r"max-clipping-norm=1 .* max_grad_norm=2\. The coordinator"):
         _check_train_policy(limits, "site-d", 3, DP_ON.model_copy(update={"delta": 1e-7, "max_grad_norm": 2.0}))
+    # The floor under the coordinator's DP settings, and secure aggregation.
+    floor = settings_for(tmp_path, **{"max-run-epsilon": 3, "min-noise-multiplier": 0.8,
+                                      "require-secure-aggregation": True})
+    targeted = PatientDPConfig(enabled=True, target_epsilon=3.0)
+    with pytest.raises(SitePolicyRefusal, match="require-secure-aggregation=true trains only inside"):
+        _check_train_policy(floor, "site-e", 1, targeted)
+    _check_train_policy(floor, "site-e", 1, targeted, secure_round=True)
+    with pytest.raises(SitePolicyRefusal, match=r"max-run-epsilon=3 .* target_epsilon=500"):
+        _check_train_policy(floor, "site-e", 2, targeted.model_copy(update={"target_epsilon": 500.0}),
+                            secure_round=True)
+    with pytest.raises(SitePolicyRefusal, match=r"min-noise-multiplier=0\.8 .* noise_multiplier is 0\.02"):
+        _check_train_policy(floor, "site-e", 2, PatientDPConfig(enabled=True, noise_multiplier=0.02),
+                            secure_round=True)
 
 
 # ---- a federated run with two sites' policies (Flower simulation) --------------------------------------
@@ -152,9 +192,9 @@ def policy_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path)
     exp["data"] = {"root": str(small_consortium), "sites": POLICY_SITES}
     exp["federation"].update({"rounds": 1, "min_sites": 2, "eval_bootstrap": 0, "eval_split": "val",
                               "final_eval_split": "test", "round_timeout_s": 600})
-    exp["simulation"] = {"cpus_per_site": 1, "site_node_config": {"site-a": {"require-patient-dp": True},
-                                                                  "site-b": {"eval-splits": "test"},
-                                                                  "site-c": {"max-histogram-bins": 20}}}
+    exp["simulation"].update({"cpus_per_site": 1, "site_node_config": {"site-a": {"require-patient-dp": True},
+                                                                       "site-b": {"eval-splits": "test"},
+                                                                       "site-c": {"max-histogram-bins": 20}}})
     exp.pop("privacy", None)
     config = tmp / "policy.yaml"
     config.write_text(yaml.safe_dump(exp))

@@ -1,4 +1,4 @@
-"""Where each patient's nodule is (capsule distance, lobe third) and the counts by location bin.
+"""Where each patient's nodule is (capsule distance, lobe third), for the counts by location bin.
 
 The capsule distance of a patient is the smallest calibrated distance (mm) over its views; a patient without
 a calibrated one is left out of the capsule bins. The third is read from the longitudinal view's nodule
@@ -7,16 +7,13 @@ position along the gland (cranial end first, by sonographic convention on screen
 
 from __future__ import annotations
 
-import math
-from typing import Any
-
 import numpy as np
 
 from shared_model.data import SiteTensors
-from shared_model.explanation import CAPSULE_BIN_EDGES_MM, LOBE_THIRDS, LOCATION_FIELDS, MIN_AGGREGATE_PATIENTS
+from shared_model.explanation import CAPSULE_BIN_EDGES_MM, LOBE_THIRDS
 from shared_model.inputs import InputsConfig
 
-__all__ = ["location_counts", "patient_locations"]
+__all__ = ["capsule_bin", "patient_locations"]
 
 LONGITUDINAL_VIEW = 1
 
@@ -53,26 +50,3 @@ def capsule_bin(capsule_mm: np.ndarray) -> np.ndarray:
     out[known] = np.clip(np.searchsorted(CAPSULE_BIN_EDGES_MM, capsule_mm[known], side="right") - 1, 0,
                          len(CAPSULE_BIN_EDGES_MM) - 2)
     return out
-
-
-def _counts(bins: np.ndarray, k: int, y: np.ndarray, score: np.ndarray, threshold: float) -> dict[str, list[Any]]:
-    out: dict[str, list[Any]] = {f: [] for f in LOCATION_FIELDS}
-    for b in range(k):
-        sel = (bins == b) & (y >= 0)
-        out["n"].append(int(sel.sum()))
-        out["observed"].append(int((y[sel] == 1).sum()))
-        out["predicted"].append(int((score[sel] >= threshold).sum()))
-        # A sum over too few patients would be (nearly) their own scores: counts only.
-        out["expected"].append(float(score[sel].sum()) if sel.sum() >= MIN_AGGREGATE_PATIENTS else math.nan)
-    return out
-
-
-def location_counts(tensors: SiteTensors, inputs: InputsConfig, y: np.ndarray, score: np.ndarray, *,
-                    threshold: float = 0.5) -> dict[str, Any]:
-    """Per capsule-distance bin and per third: labelled patients, observed and predicted positives, and the
-    sum of the predicted probabilities. Empty without images (no masks, no location)."""
-    if not inputs.images:
-        return {}
-    capsule, third = patient_locations(tensors, inputs)
-    return {"capsule": _counts(capsule_bin(capsule), len(CAPSULE_BIN_EDGES_MM) - 1, y, score, threshold),
-            "third": _counts(third, len(LOBE_THIRDS), y, score, threshold)}

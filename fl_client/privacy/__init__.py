@@ -6,8 +6,11 @@ DP-SGD (Opacus: per-patient gradients, per-patient clipping, Gaussian noise, Poi
 accountant's history, and refuses to train once its own budget would be exceeded.
 
 * `plan`: the round's DP-SGD plan (sampling rate, steps, noise multiplier) exactly as Opacus runs it;
-* `history`: the site's lifetime privacy ledger (every release of every run), on the site's disk;
+* `history`: the site's lifetime privacy ledger (every DP-SGD release of every run), on the site's disk;
+* `site_record`: every run the site took part in (with or without DP), the run's pinned DP terms, and the
+  evaluation releases;
 * `session`: `PatientDPSession`, one round's budget check, Opacus wiring and persisted release;
+* `evaluation`: differentially private evaluate replies, charged to the site's evaluation budget;
 * `clipping_mod`: Flower's client-side clipping mods for site-level DP, when the coordinator asks for them.
 """
 
@@ -30,7 +33,7 @@ from fl_client.privacy.plan import (
     opacus_sampling,
     patient_dp_config,
 )
-from fl_client.privacy.session import BUDGET_RTOL, PatientBudgetExceeded, PatientDPSession
+from fl_client.privacy.session import BUDGET_RTOL, PatientBudgetExceeded, PatientDPSession, ReleaseWithheld
 from shared_model.protocol import DP_METRIC_KEYS
 
 __all__ = [
@@ -41,6 +44,7 @@ __all__ = [
     "PatientBudgetExceeded",
     "PatientDPSession",
     "PrivacyStateError",
+    "ReleaseWithheld",
     "SiteLedger",
     "calibrate_noise",
     "default_state_dir",

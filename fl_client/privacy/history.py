@@ -6,19 +6,22 @@ the ledger is keyed by the site's identity, its name and a fingerprint of the pa
 releases. Runs are sections inside the ledger, for reporting.
 
 * One JSON file per (site name, data id) in ``privacy-state-dir`` from the node config, else
-  ``$LLNM_PRIVACY_DIR``, else ``~/.local/share/llnm-fl/privacy``. Two unrelated consortia that both call a
-  site ``site-a`` on one machine have different patients, hence different ledgers.
-* When a site's patients change (new patients, a new split), its data id changes and a new ledger starts,
-  but the releases of every older ledger of the same site that shares at least one patient (by salted-free
-  digests of the patient ids, kept only on the site's disk) are composed into the new one's lifetime epsilon:
-  the bound then holds for every patient, whatever ledger they first appeared in. Version-1 files (one per
-  site and run, from before the lifetime ledger) of the same site are composed the same way.
+  ``$LLNM_PRIVACY_DIR``, else ``privacy/`` in the site's state folder (``$LLNM_SITE_STATE_DIR``, else
+  ``~/.local/share/llnm-fl``).
+* When a site's patients change (new patients, a new split), its data id changes and a new ledger starts, and
+  **every** other ledger of the same site in the folder is composed into its epsilon, whatever patients they
+  share. Composing only the ledgers that share a patient would make the epsilon a site reports, and whether it
+  refuses a round, depend on whether one returning patient is present: one bit about that patient, sent
+  without noise. Composing all of them over-counts for patients who were never in the older sets, which is
+  safe. (So two unrelated consortia that both call a site ``site-a`` on one machine should keep separate
+  privacy folders.) Version-1 files (one per site and run, from before the lifetime ledger) are composed too.
 * Every release (an "attempt" of a run's round) is recorded with a fingerprint of everything that determines
   it and with the seeds' secret: noise and Poisson sampling draw from generators seeded from a random secret
   kept in this file, never from the run's seed, which the coordinator knows.
-* The file is locked (an exclusive inter-process lock on ``<ledger>.lock``, `history_lock`) from the moment a
-  round's DP session reads it until it has saved it, so two trainings of one site at once cannot both start
-  from the same history and lose a release: the second waits and then reads the first one's release.
+* One exclusive inter-process lock per site (``<site>.lock`` in the folder, `site_lock`) covers every ledger of
+  the site and its record (`fl_client.privacy.site_record`), from the moment a round reads them until it has
+  saved them: two trainings or evaluations of one site at once, on the same patients or not, cannot both start
+  from the same history and lose a release; the second waits and then reads the first one's release.
 """
 
 from __future__ import annotations
@@ -56,12 +59,15 @@ class PrivacyStateError(RuntimeError):
 
 
 def default_state_dir(settings: SiteSettings | None = None) -> Path:
-    """Node config ``privacy-state-dir``, else ``$LLNM_PRIVACY_DIR``, else ``~/.local/share/llnm-fl/privacy``."""
+    """Node config ``privacy-state-dir``, else ``$LLNM_PRIVACY_DIR``, else ``privacy/`` in the site's state folder
+    (``$LLNM_SITE_STATE_DIR``, else ``~/.local/share/llnm-fl``), where `llnm-site join --state-dir` puts it."""
+    from fl_client.site_state import state_root
+
     if settings is not None and settings.privacy_state_dir is not None:
         return Path(settings.privacy_state_dir)
     if os.environ.get(ENV_STATE_DIR):
         return Path(os.environ[ENV_STATE_DIR])
-    return Path.home() / ".local" / "share" / "llnm-fl" / "privacy"
+    return state_root() / "privacy"
 
 
 def _slug(text: str) -> str:
@@ -84,26 +90,27 @@ def ledger_path(state_dir: Path, site_name: str, data: str) -> Path:
     return Path(state_dir) / f"{_slug(site_name)}__data-{data}.json"
 
 
-def lock_path(path: Path) -> Path:
-    """The lock file of a ledger: beside it, in the privacy state folder (never in the site folder)."""
-    return Path(path).with_name(Path(path).name + ".lock")
+def lock_path(state_dir: Path, site_name: str) -> Path:
+    """The site's lock file: in the privacy state folder (never in the site folder), one for all its ledgers."""
+    return Path(state_dir) / f"{_slug(site_name)}.lock"
 
 
-def history_lock(path: Path, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
-    """Acquire the exclusive inter-process lock of the ledger `path` and return it (release() frees it).
+def site_lock(state_dir: Path, site_name: str, timeout: float = LOCK_TIMEOUT_S) -> FileLock:
+    """Acquire the site's exclusive inter-process privacy lock and return it (release() frees it).
 
-    Waits up to `timeout` seconds for another training of this site; raises `PrivacyStateError` after that.
+    Waits up to `timeout` seconds for another training or evaluation of this site; raises `PrivacyStateError`
+    after that.
     """
-    path = Path(path)
+    path = lock_path(state_dir, site_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path(path)), timeout=timeout)
+    lock = FileLock(str(path), timeout=timeout)
     try:
         lock.acquire()
     except Timeout:
         raise PrivacyStateError(
-            f"{path}: another training of this site holds the privacy ledger (lock {lock_path(path)}) and did "
-            f"not release it within {timeout:g} s; two trainings of one site must not overlap: stop the other "
-            "one (a stale SuperNode or ClientApp) and retry"
+            f"another training or evaluation of site {site_name!r} holds its privacy records (lock {path}) and "
+            f"did not release them within {timeout:g} s; two trainings of one site must not overlap: stop the "
+            "other one (a stale SuperNode or ClientApp) and retry"
         ) from None
     return lock
 
@@ -115,11 +122,10 @@ def now() -> str:
 
 @dataclass(frozen=True)
 class RelatedLedger:
-    """Another ledger of the same site that shares patients with this one: its releases count here too."""
+    """Another ledger of the same site (other training patients, or a version-1 file): its releases count here."""
 
     path: Path
     releases: list[dict[str, Any]]
-    shared_patients: int | None  # None: a version-1 file, which records no patients (assumed to share all)
 
 
 class SiteLedger:
@@ -159,7 +165,7 @@ class SiteLedger:
                 "releases": [],
                 "refusals": [],
             })
-        ledger.related = find_related(path.parent, site_name, set(digests), exclude=path)
+        ledger.related = find_related(path.parent, site_name, exclude=path)
         return ledger
 
     def _validate(self, *, site_name: str, data: str) -> None:
@@ -278,24 +284,10 @@ def site_ledgers(state_dir: Path, site_name: str) -> list[tuple[Path, dict[str, 
     return out
 
 
-def find_related(state_dir: Path, site_name: str, patients: set[str], *, exclude: Path | None = None
-                 ) -> list[RelatedLedger]:
-    """Other ledgers of `site_name` in `state_dir` whose releases may have touched any of `patients`.
-
-    Lifetime ledgers of the same site count when they share a patient digest; version-1 per-run files of
-    the same site (which record no patients) always count.
-    """
-    out: list[RelatedLedger] = []
-    for path, data, releases in site_ledgers(state_dir, site_name):
-        if exclude is not None and path.resolve() == Path(exclude).resolve():
-            continue
-        if data.get("format") == LEGACY_FORMAT:
-            out.append(RelatedLedger(path, releases, None))
-        else:
-            shared = len(patients & set(data.get("patients") or []))
-            if shared:
-                out.append(RelatedLedger(path, releases, shared))
-    return out
+def find_related(state_dir: Path, site_name: str, *, exclude: Path | None = None) -> list[RelatedLedger]:
+    """Every other ledger of `site_name` in `state_dir`, whatever patients it holds (see the module docstring)."""
+    return [RelatedLedger(path, releases) for path, _data, releases in site_ledgers(state_dir, site_name)
+            if exclude is None or path.resolve() != Path(exclude).resolve()]
 
 
 def _legacy_releases(path: Path, data: dict[str, Any]) -> list[dict[str, Any]]:

@@ -14,17 +14,23 @@ the configuration.
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from shared_model import protocol
 from shared_model.config import PatientDPConfig
+from shared_model.dp_accounting import (
+    HistoryEntry,
+    calibrate_noise,
+    epsilon_for,
+    merge_history,
+    opacus_sampling,
+)
 
-HistoryEntry = tuple[float, float, int]  # Opacus accountant history: (noise_multiplier, sample_rate, steps)
+__all__ = ["DPPlan", "HistoryEntry", "calibrate_noise", "epsilon_for", "make_plan", "merge_history",
+           "opacus_sampling", "patient_dp_config"]
 
 
 def patient_dp_config(privacy_cfg: PatientDPConfig | Mapping[str, Any]) -> PatientDPConfig:
@@ -38,66 +44,6 @@ def patient_dp_config(privacy_cfg: PatientDPConfig | Mapping[str, Any]) -> Patie
     if (cfg.target_epsilon is None) == (cfg.noise_multiplier is None):
         raise ValueError(f"{protocol.PRIVACY_CONFIG}: exactly one of target_epsilon or noise_multiplier must be set")
     return cfg
-
-
-def opacus_sampling(public_count: int, batch_size: int) -> tuple[float, int]:
-    """``(sample rate, steps per epoch)`` of Poisson sampling for a public patient count and batch size.
-
-    ``K = ceil(N / min(B, N))`` batches; Opacus' `DPDataLoader` with sample rate ``1 / K`` runs
-    ``int(1 / sample_rate)`` steps (one fewer for some K because of float rounding, e.g. 93), and
-    `PrivacyEngine.make_private` accounts ``q = 1 / len(dp_loader)``; so the plan takes ``q = 1 / steps``,
-    the rate that is both sampled and accounted.
-    """
-    if public_count <= 0:
-        raise ValueError(f"public patient count must be positive, got {public_count}; DP-SGD needs patients")
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    batches = math.ceil(public_count / min(batch_size, public_count))
-    steps = int(1 / (1 / batches))
-    return 1 / steps, steps
-
-
-def merge_history(entries: Iterable[Sequence[float]]) -> list[HistoryEntry]:
-    """Canonical accountant history: steps of identical (noise, rate) pairs summed, first-seen order.
-
-    Composition of Gaussian mechanisms does not depend on their order, so this is the same guarantee in
-    fewer entries (Opacus itself only merges consecutive entries).
-    """
-    out: dict[tuple[float, float], int] = {}
-    for z, q, steps in entries:
-        key = (float(z), float(q))
-        out[key] = out.get(key, 0) + int(steps)
-    return [(z, q, n) for (z, q), n in out.items() if n > 0]
-
-
-def epsilon_for(history: Sequence[Sequence[float]], delta: float, accountant: str) -> float:
-    """Epsilon at `delta` of a history, by Opacus' accountant of the given kind (0 for no history)."""
-    entries = tuple(merge_history(history))
-    return _epsilon_cached(entries, float(delta), accountant) if entries else 0.0
-
-
-@functools.lru_cache(maxsize=256)
-def _epsilon_cached(entries: tuple[HistoryEntry, ...], delta: float, accountant: str) -> float:
-    # The budget check before a round and the report after it ask for the same history: compute it once.
-    from opacus.accountants import create_accountant
-
-    acct = create_accountant(mechanism=accountant)
-    acct.history = list(entries)
-    return float(acct.get_epsilon(delta=delta))
-
-
-def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
-    """Noise multiplier reaching `target_epsilon` after `steps` Poisson-sampled steps (Opacus' search)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    try:
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant))
-    except ValueError as exc:
-        raise ValueError(
-            f"privacy.patient.target_epsilon={target_epsilon} cannot be reached with delta={delta}, "
-            f"sample rate {sample_rate:.4g} and {steps} steps: {exc}"
-        ) from None
 
 
 @dataclass(frozen=True)
@@ -151,7 +97,10 @@ def make_plan(privacy_cfg: PatientDPConfig | Mapping[str, Any], *, public_count:
         if calibrated is not None and key in calibrated:
             noise = float(calibrated[key])
         else:
-            noise = calibrate_noise(target, delta, q, steps_planned, accountant)
+            try:
+                noise = calibrate_noise(target, delta, q, steps_planned, accountant)
+            except ValueError as exc:
+                raise ValueError(f"privacy.patient.{exc}") from None
             if calibrated is not None:
                 calibrated[key] = noise
     return DPPlan(public_count=int(public_count), count_source=count_source,

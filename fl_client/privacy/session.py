@@ -11,15 +11,27 @@ How a round goes (`PatientDPSession`):
   accountant's history restored, so Opacus' own accountant continues the composition.
 * `finish(result)` checks that Opacus accounted exactly the planned steps, records the release in the ledger
   (atomic write) and returns the numeric ``dp-*`` metrics of the train reply.
-* The ledger stays locked (`fl_client.privacy.history.history_lock`) from `open` until the session has
-  saved it or failed: `finish`, a refusal and `close()` (also `with session:`) release it. A second training
-  of the same site waits for the first and then re-reads the ledger, so it sees and counts its release.
+* The site's privacy records stay locked (`fl_client.privacy.history.site_lock`) from `open` until the session
+  has saved them or failed: `finish`, a refusal and `close()` (also `with session:`) release the lock. A second
+  training of the same site waits for the first and then re-reads the ledger, so it sees and counts its release.
 
-Every release of a round (an "attempt") is recorded with a fingerprint of everything that determines it
-(incoming global model, training data, optimiser settings, seeds, DP plan). A round that is retried with
-identical inputs (a coordinator resuming after a crash) re-runs with the same site-secret noise and sampling
-seeds, so it reproduces the release already accounted bit for bit and costs nothing more; a retry with
-different inputs is a new release with fresh seeds and is counted.
+The site's floor under the coordinator's settings is enforced here, where the plan is known: the run's DP terms
+are pinned when the site first trains in the run (a later round with another target, noise, delta, clipping
+norm or accountant is refused), the calibrated noise multiplier must reach ``min-noise-multiplier``, and the
+run's epsilon must stay within ``max-run-epsilon`` as well as the coordinator's target; the lifetime epsilon
+of the site's patients (every ledger of the site, `fl_client.privacy.history`) must stay within
+``max-patient-epsilon``. The lifetime figure stays on the site: a train reply carries the run's epsilon and
+the mechanism that produced it, so that the coordinator can recompute it.
+
+Every release of a round (an "attempt") is recorded with a fingerprint of everything that determines it: the
+whole round config the coordinator sent, the incoming global model, which parameters are trained, the
+training data, the optimiser settings, the CPU threads and the DP plan. A round retried with identical inputs
+(a coordinator resuming after a crash) re-runs with the same site-secret noise and sampling seeds and must
+reproduce the release already accounted bit for bit: it then costs nothing more. If it does not (anything not
+covered by the fingerprint changed, or the hardware is not deterministic), the result is **withheld**: it was
+made with noise already used, so sending it would reveal the difference of two releases that share their
+noise, which no accountant covers. A retry with different inputs is a new release with fresh seeds and is
+counted.
 """
 
 from __future__ import annotations
@@ -34,14 +46,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_client.policy import SitePolicyRefusal, noise_floor_refusal
 from fl_client.privacy.history import (
     LOCK_TIMEOUT_S,
     SiteLedger,
     data_id,
     default_state_dir,
-    history_lock,
     ledger_path,
     patient_digests,
+    site_lock,
 )
 from fl_client.privacy.history import now as now_text
 from fl_client.privacy.plan import (
@@ -52,6 +65,8 @@ from fl_client.privacy.plan import (
     merge_history,
     patient_dp_config,
 )
+from fl_client.privacy.site_record import RUN_TERMS, SiteRecord
+from fl_client.settings import MAX_RUN_EPSILON
 from shared_model import protocol
 from shared_model.contract import coarse_count
 
@@ -77,6 +92,10 @@ DERIVED_COUNT_SOURCE = ("derived from the data: the training patients rounded up
 
 class PatientBudgetExceeded(RuntimeError):
     """Training this round would take the run past its target, or the site past its lifetime budget."""
+
+
+class ReleaseWithheld(RuntimeError):
+    """A replayed round did not reproduce its accounted release; the result is never sent."""
 
 
 @dataclass
@@ -105,7 +124,8 @@ class PatientDPSession:
 
     def __init__(self, *, site_name: str, run_id: str, server_round: int, plan: DPPlan, ledger: SiteLedger,
                  site_budget: float | None, site_delta: float, n_train: int, data_path: Path | None,
-                 lock: BaseFileLock | None = None) -> None:
+                 lock: BaseFileLock | None = None, record: SiteRecord | None = None,
+                 run_cap: float | None = None, round_config: Mapping[str, Any] | None = None) -> None:
         self.site_name = site_name
         self.run_id = run_id
         self.server_round = server_round
@@ -115,6 +135,9 @@ class PatientDPSession:
         self.site_delta = site_delta
         self.n_train = n_train
         self.data_path = data_path
+        self.record = record
+        self.run_cap = run_cap
+        self.round_config = dict(round_config or {})
         self._release: _Release | None = None
         self._engine: Any = None
         self._module: nn.Module | None = None
@@ -126,13 +149,15 @@ class PatientDPSession:
     def open(cls, *, site_name: str, run_id: str, settings: SiteSettings,
              privacy_cfg: PatientDPConfig | Mapping[str, Any], train_patient_ids: Sequence[str], batch_size: int,
              local_epochs: int, total_rounds: int, server_round: int,
+             round_config: Mapping[str, Any] | None = None,
              lock_timeout: float = LOCK_TIMEOUT_S) -> PatientDPSession:
         """Plan the round, lock and load the site's ledger and refuse the round if it would exceed a budget.
 
         `privacy_cfg` is the round's `PatientDPConfig` (a plain mapping is validated with it);
-        `train_patient_ids` are the ids of the patients DP-SGD trains on (they pick the ledger). The ledger
-        stays locked until `finish`, a refusal or `close()`; another training of this site holding it is
-        waited for up to `lock_timeout` seconds (then `PrivacyStateError`).
+        `train_patient_ids` are the ids of the patients DP-SGD trains on (they pick the ledger); `round_config`
+        is the whole round config the coordinator sent (it enters the release's fingerprint). The site's
+        records stay locked until `finish`, a refusal or `close()`; another training of this site holding them
+        is waited for up to `lock_timeout` seconds (then `PrivacyStateError`).
         """
         n_train = len(train_patient_ids)
         if n_train <= 0:
@@ -149,13 +174,21 @@ class PatientDPSession:
         count, count_source = public_count(settings, n_train)
         digests = patient_digests(train_patient_ids)
         path = ledger_path(state_dir, site_name, data_id(digests))
-        # Read the ledger only under its lock, held until this session has saved it (or failed).
-        lock = history_lock(path, lock_timeout)
+        # Read the site's records only under its lock, held until this session has saved them (or failed).
+        lock = site_lock(state_dir, site_name, lock_timeout)
         try:
             ledger = SiteLedger.load_or_create(path, site_name=site_name, patients=digests)
+            record = SiteRecord.load_or_create(state_dir, site_name)
+            _check_run_terms(record, cfg, site_name, run_id, server_round)
             plan = make_plan(cfg, public_count=count, count_source=count_source, batch_size=batch_size,
                              local_epochs=local_epochs, total_rounds=total_rounds,
                              calibrated=ledger.data["calibrated"])
+            floor = getattr(settings, "min_noise_multiplier", None) if settings is not None else None
+            if floor is not None and plan.noise_multiplier < floor:
+                raise SitePolicyRefusal(noise_floor_refusal(
+                    settings, site_name, server_round, plan.noise_multiplier,
+                    f"the noise multiplier calibrated for the run's target_epsilon {plan.target_epsilon:g} over "
+                    f"{plan.steps_planned} steps"))
         except BaseException:
             lock.release()
             raise
@@ -165,7 +198,8 @@ class PatientDPSession:
         site_delta = float(getattr(settings, "patient_delta", plan.delta)) if settings is not None else plan.delta
         session = cls(site_name=site_name, run_id=run_id, server_round=server_round, plan=plan, ledger=ledger,
                       site_budget=site_budget, site_delta=site_delta, n_train=n_train, data_path=data_path,
-                      lock=lock)
+                      lock=lock, record=record, round_config=round_config,
+                      run_cap=getattr(settings, "max_run_epsilon", None) if settings is not None else None)
         if count_source == DERIVED_COUNT_SOURCE:
             log.warning("site %s: no public-patient-count declared; DP-SGD uses %d (%s)", site_name, count,
                         count_source)
@@ -205,26 +239,36 @@ class PatientDPSession:
         return run, life
 
     def _check_budget(self, entry: HistoryEntry, exclude: dict[str, Any] | None = None) -> tuple[float, float]:
-        """(run, lifetime) epsilon after adding `entry`; refuses (and records it) if either is over budget."""
+        """(run, lifetime) epsilon after adding `entry`; refuses (and records it) if either is over budget.
+
+        The refusal sent to the coordinator names the rule and the run's figures, never the lifetime epsilon of
+        the site's patients (which stays on the site, in its log and ledger)."""
         p = self.plan
         run_before, life_before = self.epsilons(exclude=exclude)
         run_after, life_after = self.epsilons([entry], exclude=exclude)
         cost = (f"this round ({entry[2]} DP-SGD steps, noise multiplier {entry[0]:.4f}, sample rate {entry[1]:.4g})")
         where = f"site {self.site_name!r} refuses round {self.server_round} of run {self.run_id!r}"
-        message = None
+        message = local = None
         if self.site_budget is not None and life_after > self.site_budget * (1 + BUDGET_RTOL):
-            runs = self.ledger.run_ids()
             message = (
-                f"{protocol.REFUSAL_MARKER} reached: {where}. Its patients have spent epsilon {life_before:.4f} over "
-                f"their lifetime ({len(runs)} run(s); delta {self.site_delta:g}, {p.accountant} accountant) and "
-                f"{cost} would take them to {life_after:.4f}, above the site's lifetime max-patient-epsilon "
-                f"{self.site_budget:g}. This site trains in no further round that costs privacy; the coordinator "
-                "goes on without it while min_sites remain. Next steps: the site operator can see the ledger with "
-                "`llnm-site privacy --data SITE_DIR`; only the site can raise its lifetime budget "
+                f"{protocol.REFUSAL_MARKER} reached: {where}. {cost[0].upper() + cost[1:]} would take the lifetime "
+                f"epsilon of its patients above the site's lifetime max-patient-epsilon {self.site_budget:g} (delta "
+                f"{self.site_delta:g}). This site trains in no further round that costs privacy; the coordinator "
+                "goes on without it while min_sites remain. Only the site can raise its lifetime budget "
                 "(--max-patient-epsilon), and only if its privacy policy allows."
             )
+            local = (f"lifetime epsilon {life_before:.4f} over {len(self.ledger.run_ids())} run(s) would reach "
+                     f"{life_after:.4f}; see `llnm-site privacy`")
             rule, value, budget, spent, after = "max-patient-epsilon", self.site_budget, self.site_budget, \
                 life_before, life_after
+        elif self.run_cap is not None and run_after > self.run_cap * (1 + BUDGET_RTOL):
+            message = (
+                f"{protocol.REFUSAL_MARKER} reached: {where}. The run has spent epsilon {run_before:.4f} at this site "
+                f"(delta {p.delta:g}, {p.accountant} accountant) and {cost} would reach {run_after:.4f}, above the "
+                f"site's {MAX_RUN_EPSILON} {self.run_cap:g}. The coordinator can start a run with fewer rounds or a "
+                f"smaller target; the run goes on without this site while min_sites remain."
+            )
+            rule, value, budget, spent, after = MAX_RUN_EPSILON, self.run_cap, self.run_cap, run_before, run_after
         elif p.target_epsilon is not None and run_after > p.target_epsilon * (1 + BUDGET_RTOL):
             message = (
                 f"{protocol.REFUSAL_MARKER} reached: {where}. The run has spent epsilon {run_before:.4f} at this site "
@@ -245,7 +289,7 @@ class PatientDPSession:
             self.ledger.save()
         finally:
             self.close()
-        log.warning(message)
+        log.warning("%s%s", message, f" ({local})" if local else "")
         raise PatientBudgetExceeded(message)
 
     # ---- training ------------------------------------------------------------------------------
@@ -267,9 +311,15 @@ class PatientDPSession:
 
         h = hashlib.blake2b(digest_size=32)
         h.update(json.dumps(asdict(self.plan), sort_keys=True).encode())
+        # Everything the coordinator sent: every model, training and loss setting, dropout, the FedProx term,
+        # the rounds per pass, the transport; whatever a later version adds to the round config.
+        h.update(json.dumps(self.round_config, sort_keys=True, default=repr).encode())
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         h.update(json.dumps(groups, sort_keys=True, default=str).encode())
-        h.update(f"seed={torch.initial_seed()};batch={loader.batch_size};device={_device_of(model)}".encode())
+        h.update(f"seed={torch.initial_seed()};batch={loader.batch_size};device={_device_of(model)};"
+                 f"threads={torch.get_num_threads()};train={model.training}".encode())
+        # Which parameters DP-SGD trains (privacy.patient.trainable): the rest keep the global model's values.
+        h.update(json.dumps([name for name, p in model.named_parameters() if p.requires_grad]).encode())
         for name, tensor in sorted(model.state_dict().items()):
             h.update(name.encode())
             _update_tensor(h, tensor)
@@ -361,21 +411,16 @@ class PatientDPSession:
         if release.replay_of is not None:
             same = (release.replay_of.get("result_sha256") == result_sha
                     and merge_history(release.replay_of["history"]) == added)
-            if same:
-                replayed = True
-                release.replay_of["replays"] = int(release.replay_of.get("replays", 0)) + 1
-            else:
-                log.warning("site %s round %d: a retry with identical inputs gave a different model (nondeterministic "
-                            "computation); it is accounted as one more release", self.site_name, self.server_round)
+            if not same:
+                self._withhold(release)
+            replayed = True
+            release.replay_of["replays"] = int(release.replay_of.get("replays", 0)) + 1
         if not replayed:
-            if release.replay_of is not None:
-                # Not covered by the earlier check, which assumed a free replay.
-                self._check_budget(p.entry())
             self.ledger.add_release({
                 "run_id": self.run_id,
                 "round": self.server_round,
                 "attempt": len(self.ledger.attempts(self.run_id, self.server_round)),
-                "fingerprint": release.fingerprint if release.replay_of is None else f"{release.fingerprint}+rerun",
+                "fingerprint": release.fingerprint,
                 "result_sha256": result_sha,
                 "history": [list(e) for e in added],
                 "steps": steps_added,
@@ -392,7 +437,12 @@ class PatientDPSession:
         run_eps, life_eps = self.epsilons()
         if not replayed:
             self.ledger.data["releases"][-1].update(epsilon_run_after=run_eps, epsilon_lifetime_after=life_eps)
+        if self.record is not None:
+            self.record.pin_terms(self.run_id, _terms(p))
+            self.record.note_dp_round(self.run_id, self.server_round)
         self.ledger.save()
+        if self.record is not None:
+            self.record.save()
         self.close()
         run_hist = self.ledger.history(run_id=self.run_id)
         metrics = {
@@ -403,19 +453,38 @@ class PatientDPSession:
             protocol.DP_MAX_GRAD_NORM: float(p.max_grad_norm),
             protocol.DP_STEPS_ROUND: int(steps_added),
             protocol.DP_STEPS_TOTAL: int(sum(n for _, _, n in run_hist)),
-            protocol.DP_BUDGET_EPSILON: float(self.site_budget) if self.site_budget is not None else math.nan,
             protocol.DP_REPLAYED: int(replayed),
             protocol.DP_ATTEMPTS_ROUND: len(self.ledger.attempts(self.run_id, self.server_round)),
             protocol.DP_HISTORY_SEGMENTS: len(run_hist),
-            protocol.DP_LIFETIME_EPSILON: float(life_eps),
-            protocol.DP_LIFETIME_DELTA: float(self.site_delta),
-            protocol.DP_LIFETIME_RUNS: len(self.ledger.run_ids()),
+            # The run's composition at this site, so the coordinator can recompute dp-epsilon from it.
+            protocol.DP_HISTORY_NOISE: [float(z) for z, _, _ in run_hist],
+            protocol.DP_HISTORY_RATE: [float(q) for _, q, _ in run_hist],
+            protocol.DP_HISTORY_STEPS: [int(n) for _, _, n in run_hist],
         }
         assert tuple(metrics) == protocol.DP_METRIC_KEYS
         log.info("site %s round %d: DP-SGD done, run epsilon %.4f at delta %g, lifetime epsilon %.4f at delta %g "
                  "(budget %s)", self.site_name, self.server_round, run_eps, p.delta, life_eps, self.site_delta,
                  "none" if self.site_budget is None else f"{self.site_budget:g}")
         return metrics
+
+    def _withhold(self, release: _Release) -> None:
+        """A replay that did not reproduce its release: record it, send nothing (`ReleaseWithheld`)."""
+        assert release.replay_of is not None
+        self.ledger.data.setdefault("withheld", []).append({
+            "run_id": self.run_id, "round": self.server_round, "attempt": release.attempt,
+            "fingerprint": release.fingerprint, "at": now_text()})
+        try:
+            self.ledger.save()
+        finally:
+            self.close()
+        message = (f"{protocol.POLICY_REFUSAL_MARKER}: site {self.site_name!r} withholds round {self.server_round} "
+                   f"of run {self.run_id!r}: a retry with the inputs of an accounted release reused that release's "
+                   "noise but did not reproduce it bit for bit (the computation is not deterministic here, or an "
+                   "input the site does not fingerprint changed), so sending it would reveal more than the release "
+                   "already counted. Nothing was sent or charged. The coordinator can start a new run; the site "
+                   "operator can keep the CPU threads and device of the SuperNode fixed between retries.")
+        log.warning(message)
+        raise ReleaseWithheld(message)
 
     def _cleanup(self) -> None:
         # Remove Opacus' hooks and per-sample gradient buffers from the model the ClientApp sends back.
@@ -427,6 +496,30 @@ class PatientDPSession:
     def spent(self) -> float:
         """Lifetime epsilon of this site's patients so far, at the site's delta (from the ledger)."""
         return self.epsilons()[1]
+
+
+def _terms(plan: DPPlan) -> dict[str, Any]:
+    return {"target_epsilon": plan.target_epsilon, "noise_multiplier": None if plan.target_epsilon is not None
+            else plan.noise_multiplier, "delta": plan.delta, "max_grad_norm": plan.max_grad_norm,
+            "accountant": plan.accountant}
+
+
+def _check_run_terms(record: SiteRecord, cfg: PatientDPConfig, site_name: str, run_id: str,
+                     server_round: int) -> None:
+    """Refuse a round whose DP terms differ from those the site already trained this run under."""
+    pinned = record.pinned_terms(run_id)
+    if pinned is None:
+        return
+    now_terms = {"target_epsilon": cfg.target_epsilon, "noise_multiplier": cfg.noise_multiplier,
+                 "delta": cfg.delta, "max_grad_norm": cfg.max_grad_norm, "accountant": cfg.accountant}
+    changed = [k for k in RUN_TERMS if now_terms[k] != pinned.get(k)]
+    if changed:
+        pairs = ", ".join(f"{k} {pinned.get(k)} -> {now_terms[k]}" for k in changed)
+        raise SitePolicyRefusal(
+            f"{protocol.POLICY_REFUSAL_MARKER}: site {site_name!r} refuses round {server_round} training: the DP "
+            f"terms of run {run_id!r} are fixed once the site has trained in it, and this round changes them "
+            f"({pairs}). The coordinator can resume the run with its original privacy.patient settings, or start "
+            "a new run, which the site accounts against its lifetime budget.")
 
 
 def _device_of(model: nn.Module) -> Any:

@@ -35,13 +35,24 @@ def policy_sentence(data: dict[str, Any]) -> str | None:
 
     def words(p: dict[str, Any]) -> str:
         parts = ["requires patient DP" if p.get("require-patient-dp") else "patient DP optional"]
+        if p.get("require-secure-aggregation"):
+            parts.append("requires secure aggregation")
         if p.get("max-patient-epsilon") is not None:
             parts.append(f"lifetime max-patient-epsilon {float(p['max-patient-epsilon']):g}")
+        if p.get("max-run-epsilon") is not None:
+            parts.append(f"max-run-epsilon {float(p['max-run-epsilon']):g}")
+        if p.get("min-noise-multiplier") is not None:
+            parts.append(f"noise multiplier >= {float(p['min-noise-multiplier']):g}")
         parts.append(f"delta <= {float(p.get('patient-delta', 1e-5)):g}")
         if p.get("max-clipping-norm") is not None:
             parts.append(f"clipping norm <= {float(p['max-clipping-norm']):g}")
         parts.append(f"evaluates on {p.get('eval-splits', 'val,test')}")
-        parts.append(f"histograms <= {p.get('max-histogram-bins', 100)} bins")
+        if p.get("exact-evaluation"):
+            parts.append(f"exact evaluation (val/test patients not protected), histograms <= "
+                         f"{p.get('max-histogram-bins', 100)} bins")
+        elif p.get("eval-epsilon") is not None:
+            parts.append(f"DP evaluation at epsilon {float(p['eval-epsilon']):g} per reply, lifetime "
+                         f"max-eval-epsilon {float(p.get('max-eval-epsilon') or 0):g}")
         return ", ".join(parts)
 
     return "site policies (each site's own node config, enforced by the site): " + "; ".join(
@@ -51,35 +62,36 @@ def policy_sentence(data: dict[str, Any]) -> str | None:
 def _patient_sentence(rounds: list[dict[str, Any]], pat: dict[str, Any]) -> str:
     last: dict[str, dict[str, Any]] = {}
     refused: set[str] = set()
+    rejected: dict[str, str] = {}
     for entry in rounds:
         for name, rec in entry.get("sites", {}).items():
             if rec.get("status") == "trained":
                 last[name] = rec
             elif rec.get("status") == "refused":
                 refused.add(name)
+            elif rec.get("status") == "rejected":
+                rejected[name] = f"round {entry.get('round')}: {rec.get('reason')}"
+    rejected_text = "".join(f"; REJECTED {name}'s update ({why}), not aggregated"
+                            for name, why in sorted(rejected.items()))
     delta = pat.get("delta")
     if not last:
         target = pat.get("target_epsilon")
         return (f"patient-level DP-SGD is configured at every site (delta {delta:g}"
-                + (f", target epsilon {target:g}" if target else "") + ") but no site has reported training yet")
+                + (f", target epsilon {target:g}" if target else "") + ") but no site has reported training yet"
+                + rejected_text)
     worst = max(rec["epsilon"] for rec in last.values())
     noises = sorted({round(rec["noise_multiplier"], 4) for rec in last.values()})
     noise = f"{noises[0]:g}" if len(noises) == 1 else f"{noises[0]:g} to {noises[-1]:g}"
     per_site = ", ".join(f"{name} {rec['epsilon']:.3f}" for name, rec in sorted(last.items()))
     stops = "; ".join(f"{name} stopped at its own budget" for name in sorted(refused))
-    lifetime = ", ".join(
-        f"{name} {rec['lifetime_epsilon']:.3f} ({rec.get('lifetime_runs', 1)} run(s))"
-        for name, rec in sorted(last.items()) if rec.get("lifetime_epsilon") is not None
-    )
-    deltas = sorted({rec.get("lifetime_delta") for rec in last.values() if rec.get("lifetime_delta") is not None})
-    at = f"delta {deltas[0]:g}" if len(deltas) == 1 else "each site's own delta"
     return (
         f"patient-level ({worst:.3f}, {delta:g})-DP at every site after {len(rounds)} round(s): each hospital "
         f"trained with DP-SGD (Opacus, Poisson sampling, per-patient clipping norm {pat.get('max_grad_norm'):g}, "
         f"noise multiplier {noise}, {str(pat.get('accountant')).upper()} accountant) and has spent epsilon "
-        f"{per_site}" + (f" ({stops})" if stops else "")
-        + (f"; lifetime epsilon (every run on their patients, at {at}): {lifetime}" if lifetime else "")
-        + "; adjacency: add or remove one patient, with sampling and weights from each site's public patient count"
+        f"{per_site} in this run" + (f" ({stops})" if stops else "")
+        + " (each recomputed by the coordinator from the mechanism the site reported); adjacency: add or remove one "
+          "patient, with sampling and weights from each site's public patient count; each site keeps its patients' "
+          "lifetime epsilon over every run on its own disk (`llnm-site privacy`)" + rejected_text
     )
 
 

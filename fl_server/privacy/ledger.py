@@ -80,8 +80,9 @@ class PrivacyLedger:
                 "unit": "patient",
                 "adjacency": ("add or remove one patient at one site; the sample rate, steps and FedAvg weight "
                               "come from the site's public patient count, never its exact count"),
-                "lifetime": ("each site also composes every run that touched its patients and refuses a round "
-                             "that would pass its own max-patient-epsilon"),
+                "lifetime": ("each site also composes every run that touched its patients, on its own disk, and "
+                             "refuses a round that would pass its own max-patient-epsilon; that lifetime figure "
+                             "stays at the site"),
             },
             "site": {
                 "enabled": site.enabled,
@@ -251,6 +252,11 @@ class PrivacyLedger:
             names.update(entry.get("sites", {}))
         return sorted(names)
 
+    def _rounds_trained(self, name: str, before: int) -> int:
+        """Rounds before `before` in which this run accepted a DP-SGD update of site `name`."""
+        return sum(1 for e in self.data["rounds"] if e["round"] < before and e.get("complete")
+                   and (e.get("sites", {}).get(name) or {}).get("status") == "trained")
+
     def _last_site_entry(self, name: str) -> dict[str, Any] | None:
         for entry in reversed(self.data["rounds"]):
             rec = entry.get("sites", {}).get(name)
@@ -275,7 +281,7 @@ class PrivacyLedger:
                 sites[name] = {"status": "trained", "mechanism": None, "policy": reply_policy(reply)}
                 continue
             assert exp is not None
-            problem, rec = dp_reply_record(reply, exp.privacy.patient)
+            problem, rec = dp_reply_record(reply, exp.privacy.patient, exp.train, self._rounds_trained(name, rnd))
             if problem is not None:
                 failures.append({"site": name, "node_id": reply.metadata.src_node_id, "phase": "train",
                                  "reason": f"reply rejected by the privacy check: {problem}"})
@@ -295,17 +301,13 @@ class PrivacyLedger:
             last = self._last_site_entry(fail["site"])
             rec = {"status": "refused" if refusal else "failed", "reason": refusal or fail.get("reason")}
             if patient_on:
-                spent = spent_in_refusal(refusal) if refusal else None
-                run_spent = spent[1] if spent is not None and spent[0] == "run" else None
+                run_spent = spent_in_refusal(refusal) if refusal else None
                 rec.update({"mechanism": "dp-sgd",
                             "epsilon": run_spent if run_spent is not None else (last or {}).get("epsilon"),
-                            "lifetime_epsilon": (spent[1] if spent is not None and spent[0] == "lifetime"
-                                                 else (last or {}).get("lifetime_epsilon")),
-                            "steps_total": (last or {}).get("steps_total"),
-                            "budget_epsilon": (last or {}).get("budget_epsilon")})
+                            "steps_total": (last or {}).get("steps_total")})
                 if refusal is None and last is not None:
                     rec["note"] = ("no reply: the site may have trained, so its epsilon is at least this value "
-                                   "(its own lifetime ledger is authoritative)")
+                                   "(its own ledger is authoritative)")
             sites[fail["site"]] = rec
             if refusal:
                 log.warning("round %d: %s", rnd, refusal)
