@@ -739,3 +739,88 @@ def test_lifetime_composition_does_not_depend_on_one_patient(tmp_path: Path) -> 
         outcomes.append(lifetime_before)
     # Without the returning patient the old run is composed all the same.
     assert outcomes[0] == outcomes[1] > 0
+
+
+def test_a_replay_that_does_not_reproduce_its_release_is_withheld(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A retry with the fingerprint of an accounted release reuses its noise; if the result differs (the
+    computation is not deterministic, or an input the fingerprint misses changed), it is withheld: not sent,
+    not charged, recorded."""
+    import fl_client.privacy.session as session_mod
+    from fl_client.privacy import ReleaseWithheld
+
+    settings = settings_for(tmp_path)
+    data = patient_tensors(16)
+    torch.manual_seed(0)
+    state = trainable_state(LLNMNet(TINY))
+    train_round(settings, data, state, 1, pcfg=privacy_cfg())
+    monkeypatch.setattr(session_mod, "_state_digest", lambda model: "0" * 64)
+    with pytest.raises(ReleaseWithheld, match=r"withholds round 1 .* reused that release's noise"):
+        train_round(settings, data, state, 1, pcfg=privacy_cfg())
+    ledger = json.loads(ledger_file(tmp_path, 16).read_text())
+    assert len(run_releases(ledger, "unit-run", 1)) == 1 and ledger["withheld"][0]["attempt"] == 0
+
+
+def test_the_fingerprint_covers_the_trainable_mask_and_the_round_config(tmp_path: Path) -> None:
+    """The same round retried with another `privacy.patient.trainable` (or any other round-config value) is not a
+    replay: a new attempt with fresh seeds."""
+    from shared_model.architectures import restrict_trainable
+
+    settings = settings_for(tmp_path)
+    data = patient_tensors(16)
+    torch.manual_seed(0)
+    state = trainable_state(LLNMNet(TINY))
+
+    def attempt(trainable: str, config: dict) -> dict:
+        model = LLNMNet(TINY)
+        model.load_state_dict(state)
+        restrict_trainable(model, trainable)  # type: ignore[arg-type]
+        session = PatientDPSession.open(site_name="a", run_id="mask", settings=settings, privacy_cfg=privacy_cfg(),
+                                        train_patient_ids=ids(16), batch_size=8, local_epochs=1, total_rounds=3,
+                                        server_round=1, round_config=config)
+        cfg = TrainConfig(batch_size=8, local_epochs=1, seed=5, device="cpu", lr=1e-3)
+        return session.finish(train_local(model, data, cfg, global_state=state, hooks=session.hooks()))
+
+    base = {"run-id": "mask", "server-round": 1, "proximal-mu": 0.0}
+    assert attempt("all", base)["dp-attempts-round"] == 1
+    assert attempt("all", base)["dp-replayed"] == 1  # identical: a replay
+    heads = attempt("heads", base)
+    assert heads["dp-replayed"] == 0 and heads["dp-attempts-round"] == 2
+    changed = attempt("all", {**base, "proximal-mu": 0.01})
+    assert changed["dp-replayed"] == 0 and changed["dp-attempts-round"] == 3
+
+
+def test_site_privacy_never_reads_a_missing_record_as_epsilon_zero(tmp_path: Path) -> None:
+    """`llnm-site privacy`: a privacy folder that does not exist is an error, one with no record of the site a loud
+    warning (neither says epsilon 0); runs without DP are listed with the patients they left unprotected; and
+    --state-dir finds the records where join put them."""
+    from fl_client.privacy.site_record import note_exact_evaluation, note_unprotected_round
+
+    site = tmp_path / "site-a"
+    site.mkdir()
+
+    def privacy(*args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "llnm-site"), "privacy", "--data", str(site), *map(str, args)],
+                              capture_output=True, text=True, timeout=120)
+
+    typo = privacy("--privacy-state-dir", tmp_path / "nonexistent" / "typo")
+    assert typo.returncode == 2 and "does not exist" in typo.stderr and "NOT zero" in typo.stderr
+    assert "epsilon 0" not in typo.stdout
+    state = tmp_path / "state"
+    (state / "privacy").mkdir(parents=True)
+    empty = privacy("--state-dir", state)
+    assert empty.returncode == 1 and "holds no record of site 'site-a'" in empty.stderr
+
+    settings = SiteSettings(data_path=site, name=None, cache_dir=None, device="cpu", max_patient_epsilon=None,
+                            privacy_state_dir=state / "privacy")
+    for rnd in (1, 2):
+        note_unprotected_round(settings, "site-a", "plain-run", rnd, 120, "d" * 16)
+    note_exact_evaluation(settings, "site-a", "plain-run", 2, "val", 30)
+    listed = privacy("--state-dir", state)
+    assert listed.returncode == 0, listed.stderr
+    assert "run plain-run trained without DP in round(s) 1, 2: its 120 training patients are NOT protected" \
+        in listed.stdout
+    assert "round 2 evaluated val exactly: its 30 patients are NOT protected" in listed.stdout
+    summary = json.loads(privacy("--state-dir", state, "--json").stdout)
+    (run,) = summary["runs"]
+    assert run["unprotected_rounds"] == [1, 2] and run["epsilon"] is None
