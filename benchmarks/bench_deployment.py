@@ -114,7 +114,7 @@ def main() -> int:
             procs.append(start([BIN / "llnm-site", "join", "--kit", prov / "kits" / site, "--key",
                                 session / "keys" / f"{site}.key", "--data", data / site, "--state-dir",
                                 session / "state" / site, "--clientappio-port", free_port(), "--threads", 1,
-                                "--cache-dir", cache], session / f"{site}.log"))
+                                "--cache-dir", cache, "--exact-evaluation"], session / f"{site}.log"))
         deadline = time.monotonic() + 300
         while (session / "superlink.log").read_text().count("Activated node_id") < len(sites):
             if time.monotonic() > deadline:

@@ -123,7 +123,8 @@ def sites_killed(args: argparse.Namespace) -> dict:
                        capture_output=True)
         procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
                                   "--data", str(site), "--state-dir", str(state), "--skip-check",
-                                  "--clientappio-port", str(free_port())], tmp / f"join-{site.name}-{attempt}.log")
+                                  "--clientappio-port", str(free_port()), "--exact-evaluation"],
+                                 tmp / f"join-{site.name}-{attempt}.log")
 
     t0 = time.perf_counter()
     run = tmp / "run"

@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         attempts[site.name] = attempts.get(site.name, 0) + 1
         procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", f"127.0.0.1:{port}", "--insecure",
                                   "--data", str(site), "--state-dir", str(state), "--skip-check", "--threads", "1",
-                                  "--cache-dir", str(tmp / "cache"), "--clientappio-port", str(free_port())],
+                                  "--cache-dir", str(tmp / "cache"), "--clientappio-port", str(free_port()),
+                                  "--exact-evaluation"],
                                  tmp / f"join-{site.name}-{attempts[site.name]}.log")
 
     run_dir = tmp / "run"

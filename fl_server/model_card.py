@@ -53,8 +53,19 @@ def _limitations(cfg: ExperimentConfig, report: dict[str, Any], synthetic: bool)
     if not (cfg.privacy.patient.enabled or cfg.privacy.site.enabled):
         out.append("Trained without differential privacy: the model updates the sites sent carry no formal "
                    "guarantee against what they reveal about single patients.")
-    out.append("Evaluation metrics, score histograms, population counts and explanation aggregates are exact "
-               "aggregates outside any differential-privacy guarantee (docs/privacy.md).")
+    final_sites = (report.get("final") or {}).get("sites") or {}
+    noisy = {s: m["dp"] for s, m in final_sites.items() if isinstance(m.get("dp"), dict)}
+    exact = sorted(set(final_sites) - set(noisy))
+    if noisy:
+        eps = ", ".join(f"{s} {d['epsilon']:g}" for s, d in sorted(noisy.items()))
+        out.append(f"Differentially private evaluation at {', '.join(sorted(noisy))} (epsilon per reply: {eps}): "
+                   "their counts, metrics and curves come from noisy score histograms (docs/privacy.md, "
+                   "\"Evaluation under the site's control\"); their population counts and risk-stage metrics are "
+                   "not sent.")
+    if exact:
+        out.append(f"Exact evaluation at {', '.join(exact)} (the sites' exact-evaluation): their metrics, score "
+                   "histograms, population counts and explanation aggregates carry no differential-privacy "
+                   "guarantee for their validation and test patients (docs/privacy.md).")
     out.append("Each site's metrics are on its own held-out split of the same hospitals it trained with; no "
                "external site was held out.")
     return out

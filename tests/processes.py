@@ -180,7 +180,8 @@ class Loopback:
         self.procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", self.address, "--insecure",
                                        "--data", str(site), "--state-dir", str(self.state(site.name)),
                                        "--skip-check", "--threads", "1", "--clientappio-port", str(free_port()),
-                                       *extra], self.tmp / (log or f"join-{site.name}.log"))
+                                       # Synthetic patients: exact evaluation, so the scenarios compare exact metrics.
+                                       "--exact-evaluation", *extra], self.tmp / (log or f"join-{site.name}.log"))
         return self.procs[site.name]
 
     def run(self, config: Path, out: Path, log: str = "run.log") -> subprocess.Popen:
