@@ -5,7 +5,8 @@ the ServerApp, and so every message a site receives, but not the site's node con
 module gives them the site as it runs in a deployment: a fresh Python process loads the app the FAB names
 (`fl_client.client_app:app`, as Flower's `flwr-clientapp` does), builds each message's `Context` from the
 site's node config, calls the app, and writes back the reply exactly as the app returned it (error, metric
-and config records, arrays). The site keeps nothing in memory that matters between messages: its policy is
+and config records, arrays); an exception becomes the error reply and the log entry `flwr-clientapp` makes of
+it. The site keeps nothing in memory that matters between messages: its policy is
 its node config, and its privacy records are on its disk, where the next process finds them.
 
 Run by `deliver(...)`; as a script: ``python tests/site_process.py WORKDIR`` (WORKDIR holds ``job.json`` and
@@ -107,7 +108,12 @@ def _main(workdir: Path) -> int:
         message = Message(content, dst_node_id=1, message_type=spec["type"])
         context = Context(run_id=1, node_id=1, node_config=dict(spec["node_config"]), state=RecordDict(),
                           run_config={})
-        reply = app(message=message, context=context)
+        try:
+            reply = app(message=message, context=context)
+        except Exception as ex:  # what flwr-clientapp does with an exception: log it as a crash, send its text
+            logging.getLogger("flwr").error("ClientApp raised an exception", exc_info=ex)
+            replies.append({"error": str(type(ex)) + ":<'" + str(ex) + "'>"})
+            continue
         if reply.has_error():
             replies.append({"error": str(reply.error.reason)})
             continue

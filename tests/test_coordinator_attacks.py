@@ -126,8 +126,8 @@ def read_out_messages(site: Path, node_config: dict[str, Any]) -> list[dict[str,
              "node_config": node_config} for age in AGES]
 
 
-def test_a_crafted_model_reads_out_exact_replies_but_not_dp_ones(attacks: dict[str, Any], small_consortium: Path,
-                                                                 tmp_path: Path) -> None:
+def test_a_crafted_model_reads_out_exact_replies_but_not_dp_ones(attacks: dict[str, Any],
+                                                                 small_consortium: Path) -> None:
     """The audit's read-out: one message per age, each with a model that scores 1 only at that age, reads every
     validation patient's age and label off exact replies (a site that opted out of DP evaluation). Against the
     default DP replies the same attack recovers no more than the reconstruction bound of the site's accounted
@@ -136,6 +136,25 @@ def test_a_crafted_model_reads_out_exact_replies_but_not_dp_ones(attacks: dict[s
 
     site = small_consortium / "site-a"
     truth = [(int(p["age"]), int(p["llnm"])) for p in patients(site) if p["split"] == "val"]
+    dp = attacks["read-out dp"]
+    # Reconstruction bound (Balle et al. 2022): against an (eps, delta)-DP release, an adversary recovers a target
+    # drawn from a prior with largest mass kappa with probability at most e^eps kappa + delta. The prior here is
+    # the consortium's own (age, label) frequencies; eps is what the site's policy allows (its evaluation
+    # budget); the assertion allows the binomial 99.9% quantile of that.
+    everyone = [(int(p["age"]), int(p["llnm"])) for s in sorted(small_consortium.glob("site-*"))
+                for p in patients(s)]
+    kappa = max(everyone.count(v) for v in set(everyone)) / len(everyone)
+    p_bound = min(1.0, math.exp(READ_OUT_BUDGET) * kappa + 1e-5)
+    recovered = reconstruct(read_out(dp), truth)
+    assert recovered <= binom.ppf(0.999, len(truth), p_bound) < len(truth), (recovered, p_bound)
+    # The site stopped answering at its budget, and charged every reply it sent.
+    answered = [r for r in dp.replies if r.error is None]
+    sigma = gaussian_sigma(READ_OUT_PER_REPLY, 1e-5)
+    spent = epsilon_for([(sigma, 1.0, 1)] * len(answered), 1e-5, "rdp")
+    assert 0 < len(answered) < len(AGES) and spent <= READ_OUT_BUDGET
+    assert all("max-eval-epsilon=2" in e for e in refusals(dp)), refusals(dp)[:1]
+    assert all(r.metrics[protocol.EVAL_DP_SIGMA] == pytest.approx(sigma) for r in answered)
+    assert all(r.metrics[protocol.HIST_N_BINS] <= 10 for r in answered)
     exact = attacks["read-out exact"]
     assert not refusals(exact)
     assert reconstruct(read_out(exact), truth) == len(truth) >= 5  # every patient, exactly
@@ -145,24 +164,6 @@ def test_a_crafted_model_reads_out_exact_replies_but_not_dp_ones(attacks: dict[s
     summary = json.loads(listed.stdout)
     (run,) = summary["runs"]
     assert run["run_id"] == "read-out" and len(run["exact_evaluations"]) == len(AGES)
-
-    dp = attacks["read-out dp"]
-    answered = [r for r in dp.replies if r.error is None]
-    sigma = gaussian_sigma(READ_OUT_PER_REPLY, 1e-5)
-    spent = epsilon_for([(sigma, 1.0, 1)] * len(answered), 1e-5, "rdp")
-    assert 0 < len(answered) < len(AGES) and spent <= READ_OUT_BUDGET
-    assert all("max-eval-epsilon=2" in e for e in refusals(dp)), refusals(dp)[:1]
-    assert all(r.metrics[protocol.EVAL_DP_SIGMA] == pytest.approx(sigma) for r in answered)
-    assert all(r.metrics[protocol.HIST_N_BINS] <= 10 for r in answered)
-    # Reconstruction bound (Balle et al. 2022): against an (eps, delta)-DP release, an adversary recovers a target
-    # drawn from a prior with largest mass kappa with probability at most e^eps kappa + delta. The prior here is
-    # the consortium's own (age, label) frequencies; the assertion allows the binomial 99.9% quantile of that.
-    everyone = [(int(p["age"]), int(p["llnm"])) for s in sorted(small_consortium.glob("site-*"))
-                for p in patients(s)]
-    kappa = max(everyone.count(v) for v in set(everyone)) / len(everyone)
-    p_bound = min(1.0, math.exp(spent) * kappa + 1e-5)
-    recovered = reconstruct(read_out(dp), truth)
-    assert recovered <= binom.ppf(0.999, len(truth), p_bound) < len(truth), (recovered, p_bound)
     assert "Traceback" not in attacks["log"] and "refused a evaluate message: site policy" in attacks["log"]
 
 
@@ -383,7 +384,12 @@ def _reply(metrics: dict[str, Any]) -> Any:
 
 def honest_metrics(z: float, q: float, steps: int, total: int, *, epsilon: float | None = None,
                    public: int = 80) -> dict[str, Any]:
-    return {protocol.NUM_EXAMPLES: public, protocol.UNIT_WEIGHT: 1,
+    eps = epsilon if epsilon is not None else epsilon_for([(z, q, total)], 1e-5, "rdp")
+    # A site that fakes its claim sends every key a coordinator might check, consistent with the claim (the
+    # lifetime figures of earlier versions included).
+    old_keys = {"dp-budget-epsilon": math.nan, "dp-lifetime-epsilon": eps, "dp-lifetime-delta": 1e-5,
+                "dp-lifetime-runs": 1}
+    return {**old_keys, protocol.NUM_EXAMPLES: public, protocol.UNIT_WEIGHT: 1,
             protocol.DP_EPSILON: epsilon if epsilon is not None else epsilon_for([(z, q, total)], 1e-5, "rdp"),
             protocol.DP_DELTA: 1e-5, protocol.DP_NOISE_MULTIPLIER: z, protocol.DP_SAMPLE_RATE: q,
             protocol.DP_MAX_GRAD_NORM: 1.0, protocol.DP_STEPS_ROUND: steps, protocol.DP_STEPS_TOTAL: total,
@@ -401,8 +407,7 @@ def test_the_coordinator_recomputes_every_reported_epsilon() -> None:
     from shared_model.dp_accounting import opacus_sampling
 
     fake_cfg = PatientDPConfig(enabled=True, noise_multiplier=0.01)
-    problem, _ = dp_reply_record(_reply(honest_metrics(0.01, 1.0, 1000, 1000, epsilon=0.5, public=8)), fake_cfg,
-                                 TrainConfig(batch_size=8, local_epochs=1000))
+    problem, _ = dp_reply_record(_reply(honest_metrics(0.01, 1.0, 1000, 1000, epsilon=0.5, public=8)), fake_cfg)
     assert problem is not None and "does not follow from the mechanism" in problem
     assert epsilon_for([(0.01, 1.0, 1000)], 1e-5, "rdp") > 1e6
 
