@@ -824,3 +824,16 @@ def test_site_privacy_never_reads_a_missing_record_as_epsilon_zero(tmp_path: Pat
     summary = json.loads(privacy("--state-dir", state, "--json").stdout)
     (run,) = summary["runs"]
     assert run["unprotected_rounds"] == [1, 2] and run["epsilon"] is None
+
+
+def test_a_calibrated_noise_below_the_sites_floor_is_refused(tmp_path: Path) -> None:
+    """min-noise-multiplier holds for a noise the site calibrates from the coordinator's target, too."""
+    from fl_client.policy import SitePolicyRefusal
+
+    settings = settings_for(tmp_path)
+    settings.min_noise_multiplier = 5.0
+    kw = dict(site_name="a", run_id="floor", settings=settings, train_patient_ids=ids(16), batch_size=8,
+              local_epochs=1, total_rounds=2, server_round=1)
+    with pytest.raises(SitePolicyRefusal, match=r"min-noise-multiplier=5 .* calibrated for the run's target_epsilon 3"):
+        PatientDPSession.open(**kw, privacy_cfg=privacy_cfg(noise_multiplier=None, target_epsilon=3.0))
+    PatientDPSession.open(**kw, privacy_cfg=privacy_cfg(noise_multiplier=None, target_epsilon=0.5)).close()  # z 8.3

@@ -185,10 +185,11 @@ class PatientDPSession:
                              calibrated=ledger.data["calibrated"])
             floor = getattr(settings, "min_noise_multiplier", None) if settings is not None else None
             if floor is not None and plan.noise_multiplier < floor:
-                raise SitePolicyRefusal(noise_floor_refusal(
-                    settings, site_name, server_round, plan.noise_multiplier,
-                    f"the noise multiplier calibrated for the run's target_epsilon {plan.target_epsilon:g} over "
-                    f"{plan.steps_planned} steps"))
+                source = ("the round config's noise_multiplier" if plan.target_epsilon is None else
+                          f"the noise multiplier calibrated for the run's target_epsilon {plan.target_epsilon:g} "
+                          f"over {plan.steps_planned} steps")
+                raise SitePolicyRefusal(noise_floor_refusal(settings, site_name, server_round,
+                                                            plan.noise_multiplier, source))
         except BaseException:
             lock.release()
             raise
