@@ -100,7 +100,7 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
         noisy = {}
         for name, (auc, _, (neg, pos)) in exact.items():
             n_neg, n_pos = noisy_counts(neg, sigma), noisy_counts(pos, sigma)
-            noisy[name] = as_histogram(n_neg, n_pos)
+            noisy[name] = as_histogram(n_neg, n_pos, noisy=True)
             with_ci = d < ci_draws
             m = histogram_metrics(n_neg, n_pos, sigma=sigma, n_bootstrap=200 if with_ci else 0)
             site_values[name].append(m["auc"] if m["auc"] is not None else math.nan)
@@ -123,11 +123,33 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
                                            pooled_values, [], []).get("useful"))}
 
 
+def markdown_table(results: dict[str, Any], epsilon: float, bins: int) -> str:
+    """The docs' table for one (epsilon, bins): per consortium and split, the pooled and per-site figures."""
+    rows = ["| consortium, split | patients | exact AUC [95% CI] | DP AUC RMSE | DP interval width (coverage) | "
+            "useful (rule) |", "|---|---|---|---|---|---|"]
+    for label, entry in results["consortia"].items():
+        for res in entry["results"]:
+            if res["epsilon"] != epsilon or res["bins"] != bins:
+                continue
+            for name, m in [("pooled", res["pooled"]), *sorted(res["sites"].items())]:
+                if m.get("exact_auc") is None:
+                    continue
+                lo, hi = m["exact_ci"]
+                width = m.get("dp_ci_width_mean")
+                cover = m.get("dp_ci_coverage_of_exact")
+                rows.append(f"| {label} {res['split']}, {name} | {m['n']} | {m['exact_auc']:.3f} [{lo:.3f}, "
+                            f"{hi:.3f}] | {m['rmse']:.3f} | "
+                            + (f"{width:.3f} ({cover:.0%})" if width is not None else "-")
+                            + f" | {'yes' if m.get('useful') else 'no'} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a checkpoint or run directory, as `llnm-site evaluate` takes it")
-    p.add_argument("--data", required=True, type=Path, help="the consortium folder (one site folder each)")
-    p.add_argument("--label", required=True, help="the name of this consortium's entry in the JSON")
+    p.add_argument("--model", help="a checkpoint or run directory, as `llnm-site evaluate` takes it")
+    p.add_argument("--data", type=Path, help="the consortium folder (one site folder each)")
+    p.add_argument("--label", help="the name of this consortium's entry in the JSON")
+    p.add_argument("--table", metavar="EPSILON,BINS", help="print the docs' table from --out for one setting and stop")
     p.add_argument("--splits", default="val,test")
     p.add_argument("--epsilons", default="0.5,1,2")
     p.add_argument("--bins", default="4,10,20,100")
@@ -136,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tune", action="store_true", help="this consortium chooses the bins (a tuning consortium)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "dp_evaluation.json")
     args = p.parse_args(argv)
+    if args.table:
+        eps, bins = args.table.split(",")
+        print(markdown_table(json.loads(args.out.read_text()), float(eps), int(bins)))
+        return 0
+    if not (args.model and args.data and args.label):
+        p.error("--model, --data and --label are required (or --table)")
     started = time.time()
     entry: dict[str, Any] = {**provenance(), "data": str(args.data), "model": str(args.model),
                              "role": "tuning (chooses the bins)" if args.tune else "held out (bins fixed before)",

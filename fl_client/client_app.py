@@ -266,8 +266,9 @@ def _dp_metrics(settings: SiteSettings, y: Any, s: Any, sigma: float, dp: dict[s
     neg, pos = dense_histogram(y, s, n_bins)
     neg, pos = noisy_counts(neg, sigma), noisy_counts(pos, sigma)
     m = histogram_metrics(neg, pos, sigma=sigma)
-    metrics = protocol.encode_eval_metrics(m, n=int(neg.sum() + pos.sum()), n_pos=int(pos.sum()),
-                                           histogram=as_histogram(neg, pos))
+    # The counts sent are the noisy class totals (clipped at zero); the histogram keeps its noisy cells as they are.
+    metrics = protocol.encode_eval_metrics(m, n=max(int(neg.sum()), 0) + max(int(pos.sum()), 0),
+                                           n_pos=max(int(pos.sum()), 0), histogram=as_histogram(neg, pos))
     metrics.update({protocol.EVAL_DP_EPSILON: float(dp["epsilon"]), protocol.EVAL_DP_DELTA: settings.patient_delta,
                     protocol.EVAL_DP_SIGMA: float(sigma)})
     return metrics

@@ -34,8 +34,9 @@ def histogram_curves(hist: dict[str, Any]) -> dict[str, Any]:
     from shared_model.metrics import dense_counts
 
     k = int(hist["n_bins"])
-    pos = dense_counts(hist, "pos", k, "score histogram").astype(float)
-    neg = dense_counts(hist, "neg", k, "score histogram").astype(float)
+    # A DP histogram's noisy counts may be negative: a curve shows them clipped at zero.
+    pos = np.clip(dense_counts(hist, "pos", k, "score histogram").astype(float), 0, None)
+    neg = np.clip(dense_counts(hist, "neg", k, "score histogram").astype(float), 0, None)
     n_pos, n_neg = pos.sum(), neg.sum()
     # Threshold at edge j/k: predicted positive when score >= j/k, i.e. bins j..k-1.
     tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])

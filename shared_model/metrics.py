@@ -432,7 +432,11 @@ def score_histogram(
 
 def dense_counts(hist: Mapping[str, Any], name: str, n_bins: int, where: str) -> np.ndarray:
     """Dense per-bin counts of one class (``name``: ``pos`` or ``neg``) of one site's `score_histogram`, validating
-    what the site sent; ``where`` names the histogram in errors."""
+    what the site sent; ``where`` names the histogram in errors.
+
+    A differentially private histogram (``"noisy": True``) holds each count plus Gaussian noise, rounded: a count
+    may then be negative, and is kept so (clipping every cell at zero would add a positive bias to every empty
+    bin, and to every sum of them)."""
     try:
         bins = np.asarray(hist[f"{name}_bins"])
         counts = np.asarray(hist[f"{name}_counts"])
@@ -452,7 +456,7 @@ def dense_counts(hist: Mapping[str, Any], name: str, n_bins: int, where: str) ->
     counts = counts.astype(np.int64)
     if bins.size and (bins.min() < 0 or bins.max() >= n_bins):
         raise ValueError(f"{where}: {name}_bins must lie in 0..{n_bins - 1}")
-    if counts.size and counts.min() < 0:
+    if counts.size and counts.min() < 0 and not hist.get("noisy"):
         raise ValueError(f"{where}: {name}_counts must not be negative")
     dense = np.zeros(n_bins, dtype=np.int64)
     np.add.at(dense, bins, counts)
@@ -465,6 +469,10 @@ def metrics_from_histograms(hists: Sequence[Mapping[str, Any]], threshold: float
     How exact it is (proved in docs/metrics.md, checked in tests):
 
     Histograms of different resolutions are merged on the greatest common divisor of their bin counts.
+
+    Differentially private histograms (``"noisy": True``, `fl_client.privacy.evaluation`) are summed as they are,
+    negative cells included, so the pooled counts are unbiased; the metrics are then estimates: the confusion
+    counts are clipped at zero, the AUC to [0, 1], and ``auc_max_abs_error`` is None (``noisy`` says so).
 
     * Threshold metrics (accuracy, sensitivity, specificity, PPV, NPV, F1, tp/fp/tn/fn) are **exactly** those
       of the pooled patients, because the threshold must be a bin edge (0.5 and every multiple of 0.01 are
@@ -502,16 +510,23 @@ def metrics_from_histograms(hists: Sequence[Mapping[str, Any]], threshold: float
             f"threshold {t!r} is not a bin edge below 1 of a {n_bins}-bin histogram (edges are k/{n_bins}); "
             "threshold metrics would not be exact"
         )
-    tp, fn = int(pos[m:].sum()), int(pos[:m].sum())
-    fp, tn = int(neg[m:].sum()), int(neg[:m].sum())
+    noisy = any(bool(h.get("noisy")) for h in hists)
+    tp, fn = max(int(pos[m:].sum()), 0), max(int(pos[:m].sum()), 0)
+    fp, tn = max(int(neg[m:].sum()), 0), max(int(neg[:m].sum()), 0)
     n_pos, n_neg = tp + fn, fp + tn
     n = n_pos + n_neg
 
     auc = auc_err = None
     if n_pos and n_neg:
         twice_u, _, _ = _binned_auc(pos, neg)
-        auc = float(twice_u) / (2.0 * n_pos * n_neg)
-        auc_err = float(np.dot(pos, neg)) / (2.0 * n_pos * n_neg)
+        if noisy:
+            # With noise, the AUC's own denominator is the product of the noisy class totals.
+            tot_pos, tot_neg = float(pos.sum()), float(neg.sum())
+            if tot_pos > 0 and tot_neg > 0:
+                auc = min(max(float(twice_u) / (2.0 * tot_pos * tot_neg), 0.0), 1.0)
+        else:
+            auc = float(twice_u) / (2.0 * n_pos * n_neg)
+            auc_err = float(np.dot(pos, neg)) / (2.0 * n_pos * n_neg)
     result: dict[str, Any] = {
         "n": n,
         "n_pos": n_pos,
@@ -522,6 +537,8 @@ def metrics_from_histograms(hists: Sequence[Mapping[str, Any]], threshold: float
     }
     result.update(_threshold_metrics(tp, fp, tn, fn))
     result.update(tp=tp, fp=fp, tn=tn, fn=fn, n_sites=len(hists), n_bins=n_bins)
+    if noisy:
+        result["noisy"] = True
     return result
 
 

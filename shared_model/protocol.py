@@ -225,6 +225,8 @@ def decode_eval_metrics(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict
             else:
                 occupied = [i for i, c in enumerate(counts) if c]
                 histogram[f"{name}_bins"], histogram[f"{name}_counts"] = occupied, [counts[i] for i in occupied]
+        if EVAL_DP_SIGMA in record:
+            histogram["noisy"] = True  # noisy counts, negative ones included (shared_model.metrics.dense_counts)
     except KeyError as exc:
         raise ProtocolError(f"evaluate reply: metrics record lacks {exc.args[0]!r}") from None
     return site, histogram

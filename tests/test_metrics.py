@@ -593,3 +593,29 @@ def test_an_evaluate_reply_carries_the_histogram_dense_whatever_the_site_size() 
     bad = {**record, protocol.HIST_POS_COUNTS: [1, 2]}
     with pytest.raises(protocol.ProtocolError, match="hist-pos-counts has 2 counts for 20 bins"):
         protocol.decode_eval_metrics(bad)
+
+
+def test_noisy_histograms_pool_unbiased_and_keep_negative_cells() -> None:
+    """DP evaluation replies carry noisy counts, negative ones included (clipping each cell at zero would add a
+    positive bias to every empty bin and every pooled sum): pooled over many draws the noisy AUC centres on the
+    exact one, and a histogram not marked noisy still refuses a negative count."""
+    from fl_client.privacy.evaluation import as_histogram, dense_histogram, histogram_metrics, noisy_counts
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 4000)
+    s = np.clip(rng.normal(0.35 + 0.3 * y, 0.18), 0, 1)
+    neg, pos = dense_histogram(y, s, 10)
+    exact = metrics_from_histograms([as_histogram(neg, pos)])["auc"]
+    aucs = []
+    for _ in range(60):
+        hists = [as_histogram(noisy_counts(n, 4.0), noisy_counts(p, 4.0), noisy=True)
+                 for n, p in ((neg // 4, pos // 4),) * 4]
+        pooled = metrics_from_histograms(hists)
+        assert pooled["noisy"] is True and pooled["auc_max_abs_error"] is None
+        aucs.append(pooled["auc"])
+    assert abs(np.mean(aucs) - exact) < 0.01 and np.std(aucs) < 0.03
+    one = histogram_metrics(noisy_counts(neg, 4.0), noisy_counts(pos, 4.0), sigma=4.0, n_bootstrap=100)
+    assert one["auc_ci_low"] <= one["auc"] <= one["auc_ci_high"]
+    with pytest.raises(ValueError, match="must not be negative"):
+        metrics_from_histograms([{"n_bins": 2, "pos_bins": [0], "pos_counts": [-1], "neg_bins": [1],
+                                  "neg_counts": [3]}])

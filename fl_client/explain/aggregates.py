@@ -75,7 +75,7 @@ def _cells(bins: np.ndarray, k: int, labelled: np.ndarray, y: np.ndarray, score:
     observed = np.array([(y[s] == 1).sum() for s in sel], dtype=np.float64)
     predicted = np.array([(score[s] >= threshold).sum() for s in sel], dtype=np.float64)
     expected = np.array([score[s].sum() for s in sel], dtype=np.float64)
-    n_out, obs_out, pred_out = (noisy_counts(v, noise) for v in (n, observed, predicted))
+    n_out, obs_out, pred_out = (noisy_counts(v, noise, clip=True) for v in (n, observed, predicted))
     if noise > 0:
         from fl_client.privacy.evaluation import gaussian_noise
 

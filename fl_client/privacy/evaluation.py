@@ -10,8 +10,10 @@ is a release of the Gaussian mechanism:
   one count by one, so the vector of counts has L2 sensitivity 1, whatever model the coordinator sent.
 * **The noise.** Each count gets independent Gaussian noise of standard deviation ``sigma``, calibrated so
   that one reply is (``eval-epsilon``, ``patient-delta``)-DP (`shared_model.dp_accounting.gaussian_sigma`),
-  drawn from the operating system's random source (`random.SystemRandom`), then rounded to an integer and
-  clipped at zero. Rounding and clipping are post-processing.
+  drawn from the operating system's random source (`random.SystemRandom`), then rounded to an integer
+  (post-processing). A count may come out negative and is sent so: clipping every cell at zero would add a
+  positive bias to every empty bin, and to every pooled sum of them (`shared_model.metrics` reads such a
+  histogram as noisy).
 * **Everything else is computed from the noisy histogram** (post-processing): the counts, AUC, threshold
   metrics, Brier score and ECE (at the bins' centres), and the AUC's interval by a parametric bootstrap that
   redraws the patients from the noisy histogram and the noise from ``sigma``. The risk-stage metrics and the
@@ -65,12 +67,13 @@ def gaussian_noise(shape: int | tuple[int, ...], sigma: float) -> np.ndarray:
     return values.reshape(shape)
 
 
-def noisy_counts(counts: np.ndarray, sigma: float) -> np.ndarray:
-    """Counts plus Gaussian noise, rounded to integers and clipped at zero (post-processing)."""
+def noisy_counts(counts: np.ndarray, sigma: float, *, clip: bool = False) -> np.ndarray:
+    """Counts plus Gaussian noise, rounded to integers (post-processing); clipped at zero where `clip`."""
     counts = np.asarray(counts, dtype=np.float64)
-    if sigma <= 0:
-        return counts.round().astype(np.int64)
-    return np.clip(np.rint(counts + gaussian_noise(counts.shape, sigma)), 0, None).astype(np.int64)
+    if sigma > 0:
+        counts = counts + gaussian_noise(counts.shape, sigma)
+    out = np.rint(counts)
+    return (np.clip(out, 0, None) if clip else out).astype(np.int64)
 
 
 def dense_histogram(y: np.ndarray, score: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,12 +85,14 @@ def dense_histogram(y: np.ndarray, score: np.ndarray, n_bins: int) -> tuple[np.n
     return neg.astype(np.int64), pos.astype(np.int64)
 
 
-def as_histogram(neg: np.ndarray, pos: np.ndarray) -> dict[str, Any]:
-    """Dense counts in `shared_model.metrics.score_histogram`'s (sparse) layout."""
+def as_histogram(neg: np.ndarray, pos: np.ndarray, *, noisy: bool = False) -> dict[str, Any]:
+    """Dense counts in `shared_model.metrics.score_histogram`'s (sparse) layout; `noisy` marks DP counts."""
     out: dict[str, Any] = {"n_bins": len(neg)}
     for name, dense in (("neg", neg), ("pos", pos)):
         occupied = [int(i) for i in np.flatnonzero(dense)]
         out[f"{name}_bins"], out[f"{name}_counts"] = occupied, [int(dense[i]) for i in occupied]
+    if noisy:
+        out["noisy"] = True
     return out
 
 
@@ -95,47 +100,54 @@ def histogram_metrics(neg: np.ndarray, pos: np.ndarray, *, sigma: float, n_boots
                       ci: float = 0.95) -> dict[str, Any]:
     """Every `protocol.EVAL_METRIC_KEYS` value from a (noisy) histogram alone: post-processing of the release.
 
-    Brier score and ECE take each bin's centre as its patients' score. The AUC interval is a parametric
-    bootstrap: patients redrawn from the histogram, then the same Gaussian noise (`sigma`) added, rounded and
-    clipped as the site does, so it covers the sampling of patients and the noise.
+    The AUC and threshold metrics are `shared_model.metrics.metrics_from_histograms`' estimates from the noisy
+    counts. Brier score and ECE take each bin's centre as its patients' score, over the counts clipped at zero.
+    The AUC interval is a parametric bootstrap: patients redrawn from the (clipped) histogram, then the same
+    Gaussian noise (`sigma`) added and rounded as the site does, so it covers the sampling of patients and the
+    noise.
     """
     from shared_model.metrics import metrics_from_histograms
 
     n_bins = len(neg)
-    pooled = metrics_from_histograms([as_histogram(neg, pos)])
+    pooled = metrics_from_histograms([as_histogram(neg, pos, noisy=sigma > 0)])
     centres = (np.arange(n_bins) + 0.5) / n_bins
-    n = int(neg.sum() + pos.sum())
+    c_neg, c_pos = np.clip(neg, 0, None), np.clip(pos, 0, None)
+    n = int(c_neg.sum() + c_pos.sum())
     out = {k: pooled.get(k) for k in ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")}
     if n:
-        out["brier"] = float(((centres ** 2) * neg + ((1 - centres) ** 2) * pos).sum() / n)
+        out["brier"] = float(((centres ** 2) * c_neg + ((1 - centres) ** 2) * c_pos).sum() / n)
         # ECE over the histogram's own bins: |observed rate - bin centre|, weighted by the bin's patients.
-        totals = neg + pos
+        totals = c_neg + c_pos
         occupied = totals > 0
-        out["ece"] = float((np.abs(pos[occupied] / totals[occupied] - centres[occupied]) * totals[occupied]).sum()
-                           / n)
+        out["ece"] = float((np.abs(c_pos[occupied] / totals[occupied] - centres[occupied])
+                            * totals[occupied]).sum() / n)
     else:
         out["brier"] = out["ece"] = None
     out["auc_ci_low"] = out["auc_ci_high"] = None
     if out["auc"] is not None and n_bootstrap:
         rng = np.random.default_rng(_SYSTEM_RANDOM.getrandbits(64))
-        probs = np.concatenate([neg, pos]).astype(np.float64) / n
+        probs = np.concatenate([c_neg, c_pos]).astype(np.float64) / n
         draws = []
         for _ in range(n_bootstrap):
             counts = rng.multinomial(n, probs).astype(np.float64)
             if sigma > 0:
-                counts = np.clip(np.rint(counts + rng.normal(0.0, sigma, counts.shape)), 0, None)
-            b_neg, b_pos = counts[:n_bins], counts[n_bins:]
-            if b_neg.sum() and b_pos.sum():
-                draws.append(_binned_auc(b_neg, b_pos))
+                counts = np.rint(counts + rng.normal(0.0, sigma, counts.shape))
+            auc = _binned_auc(counts[:n_bins], counts[n_bins:])
+            if auc is not None:
+                draws.append(auc)
         if draws:
             lo, hi = np.quantile(draws, [(1 - ci) / 2, (1 + ci) / 2])
             out["auc_ci_low"], out["auc_ci_high"] = float(lo), float(hi)
     return out
 
 
-def _binned_auc(neg: np.ndarray, pos: np.ndarray) -> float:
+def _binned_auc(neg: np.ndarray, pos: np.ndarray) -> float | None:
+    """The AUC of (noisy) per-bin counts, ties counting 1/2, clipped to [0, 1]; None without both classes."""
+    tot_pos, tot_neg = float(pos.sum()), float(neg.sum())
+    if tot_pos <= 0 or tot_neg <= 0:
+        return None
     below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
-    return float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
+    return min(max(float((pos * (below + 0.5 * neg)).sum() / (tot_pos * tot_neg)), 0.0), 1.0)
 
 
 class EvaluationBudgetSpent(RuntimeError):
