@@ -96,11 +96,18 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
     site_widths: dict[str, list[float]] = {n: [] for n in preds}
     site_cover: dict[str, list[bool]] = {n: [] for n in preds}
     pooled_values: list[float] = []
+    # The alternative estimator, for the record: every noisy cell clipped at zero before anything is computed.
+    clipped_site: dict[str, list[float]] = {n: [] for n in preds}
+    clipped_pooled: list[float] = []
     for d in range(draws):
         noisy = {}
+        clipped = {}
         for name, (auc, _, (neg, pos)) in exact.items():
             n_neg, n_pos = noisy_counts(neg, sigma), noisy_counts(pos, sigma)
             noisy[name] = as_histogram(n_neg, n_pos, noisy=True)
+            clipped[name] = as_histogram(np.clip(n_neg, 0, None), np.clip(n_pos, 0, None))
+            c = metrics_from_histograms([clipped[name]])["auc"]
+            clipped_site[name].append(c if c is not None else math.nan)
             with_ci = d < ci_draws
             m = histogram_metrics(n_neg, n_pos, sigma=sigma, n_bootstrap=200 if with_ci else 0)
             site_values[name].append(m["auc"] if m["auc"] is not None else math.nan)
@@ -109,15 +116,19 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
                 site_cover[name].append(m["auc_ci_low"] <= auc <= m["auc_ci_high"])
         pooled = metrics_from_histograms(list(noisy.values()))
         pooled_values.append(pooled["auc"] if pooled["auc"] is not None else math.nan)
+        c = metrics_from_histograms(list(clipped.values()))["auc"]
+        clipped_pooled.append(c if c is not None else math.nan)
     sites = {}
     for name, (y, _s) in preds.items():
         auc, ci, _ = exact[name]
         sites[name] = {"n": len(y), "n_pos": int(y.sum()),
-                       **_summary(auc, ci, site_values[name], site_widths[name], site_cover[name])}
+                       **_summary(auc, ci, site_values[name], site_widths[name], site_cover[name]),
+                       "rmse_if_clipped": _summary(auc, ci, clipped_site[name], [], []).get("rmse")}
     return {"epsilon": epsilon, "delta": delta, "sigma": sigma, "bins": bins, "sites": sites,
             "pooled": {"n": len(all_y), **_summary(pooled_m["auc"], (pooled_m["auc_ci_low"],
                                                                            pooled_m["auc_ci_high"]),
-                                                       pooled_values, [], [])},
+                                                       pooled_values, [], []),
+                       "rmse_if_clipped": _summary(pooled_m["auc"], (None, None), clipped_pooled, [], []).get("rmse")},
             "useful_sites": sorted(n for n, v in sites.items() if v.get("useful")),
             "pooled_useful": bool(_summary(pooled_m["auc"], (pooled_m["auc_ci_low"], pooled_m["auc_ci_high"]),
                                            pooled_values, [], []).get("useful"))}

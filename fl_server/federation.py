@@ -119,6 +119,7 @@ class Federation:
         self.known_sites: set[str] = set()
         self.ledger = None
         self.tracker = None
+        self.run_id = exp.name  # the run's identity at the sites, from its run directory once it runs
 
     # ---- helpers -------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -163,7 +164,7 @@ class Federation:
             return
         self.roster.note_registered(self.grid.get_nodes())
         # The experiment's name travels with the query too, so that a site's audit log files it under the run.
-        ask = ConfigRecord({protocol.QUERY_ASK: protocol.ASK_SITE_NAME, protocol.RUN_ID: self.exp.name})
+        ask = ConfigRecord({protocol.QUERY_ASK: protocol.ASK_SITE_NAME, protocol.RUN_ID: self.run_id})
         msgs = [Message(RecordDict({protocol.CONFIG_RECORD: ask}), dst_node_id=n, message_type="query")
                 for n in new]
         refused = False
@@ -240,7 +241,7 @@ class Federation:
         from shared_model.metrics import metrics_from_histograms
 
         nodes = list(self.grid.get_node_ids())
-        config = round_config(self.exp, server_round, split=split, explain=explain)
+        config = round_config(self.exp, server_round, split=split, explain=explain, run_id=self.run_id)
         msgs = self._for_accepted(strategy.configure_evaluate(server_round, arrays, config, self.grid))
         skipped = [m for m in msgs if m.metadata.dst_node_id in (skip_nodes or set())]
         msgs = [m for m in msgs if m.metadata.dst_node_id not in (skip_nodes or set())]
@@ -279,6 +280,7 @@ class Federation:
     def run(self) -> dict[str, Any]:
         """Rounds from the last complete one on, then the final evaluation; returns metrics.json's content."""
         fed = self.exp.federation
+        self.run_id = self.rd.run_uid()
         start_round = self.rd.last_complete_round() + 1
         self.rd.truncate_to(start_round - 1)
         nodes = self.wait_for_sites()
@@ -350,7 +352,8 @@ class Federation:
         nodes = self.wait_for_sites(rnd)
         if self.ledger is not None:
             self.ledger.before_round(rnd, strategy)
-        msgs = self._for_accepted(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd), self.grid))
+        msgs = self._for_accepted(strategy.configure_train(rnd, arrays, round_config(self.exp, rnd, run_id=self.run_id),
+                                                           self.grid))
         secure_info: dict[str, Any] | None = None
         t_train = time.perf_counter()
         if fed.secure_aggregation:
@@ -375,7 +378,7 @@ class Federation:
 
             reference = {k: v.numpy() for k, v in arrays.items()}
             outcome.replies, rejected = screen_updates(
-                outcome.replies, reference, run_id=self.exp.name, server_round=rnd,
+                outcome.replies, reference, run_id=self.run_id, server_round=rnd,
                 name_of=lambda r: self._name(r.metadata.src_node_id), max_norm=fed.max_update_norm,
                 max_norm_ratio=fed.max_update_norm_ratio, transport=fed.update_transport)
             for failure in rejected:

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import sys
 import time
@@ -149,7 +150,12 @@ class RunDirectory:
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
         atomic_write_text(self.config_path, config.to_yaml())
-        atomic_write_json(self.run_info_path, run_info)
+        # The run's identity at the sites (`run-id` of every message): the experiment's name made unique, so that a
+        # fresh run under a reused name is a new run at every site (its own DP terms, its own explanation) while a
+        # resumed run keeps its id.
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        atomic_write_json(self.run_info_path, {"run_uid": f"{config.name}-{stamp}-{secrets.token_hex(3)}",
+                                               **run_info})
         atomic_write_json(self.metrics_path, {"run": config.name, "rounds": [], "best_round": None})
 
     def exists(self) -> bool:
@@ -179,6 +185,10 @@ class RunDirectory:
         if not self.run_info_path.is_file():
             return {}
         return json.loads(self.run_info_path.read_text(encoding="utf-8"))
+
+    def run_uid(self) -> str:
+        """The run's identity at the sites (see `create`); a run made before it existed keeps its name."""
+        return str(self.run_info().get("run_uid") or self.load_config().name)
 
     def update_run_info(self, **changes: Any) -> None:
         info = self.run_info()

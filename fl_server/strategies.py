@@ -80,15 +80,16 @@ def restore_strategy_state(strategy: Strategy, arrays: dict[str, np.ndarray]) ->
 
 
 def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None = None,
-                 explain: bool = False) -> ConfigRecord:
-    """What a site needs for one round, in the round's ConfigRecord."""
+                 explain: bool = False, run_id: str | None = None) -> ConfigRecord:
+    """What a site needs for one round, in the round's ConfigRecord; `run_id` is the run's identity at the
+    sites (`RunDirectory.run_uid`; default the experiment's name)."""
     from shared_model.training import scheduled_lr
 
     total = int(exp.federation.rounds)
     train = exp.train.model_copy(update={
         "lr": scheduled_lr(exp.train, min(max(server_round, 1), total) - 1, total)})
     values: dict[str, Any] = {
-        protocol.RUN_ID: exp.name,
+        protocol.RUN_ID: run_id or exp.name,
         protocol.TOTAL_ROUNDS: total,
         protocol.MODEL_CONFIG: exp.architecture().to_json(),
         protocol.PREPROCESS_CONFIG: exp.preprocess.to_json(),

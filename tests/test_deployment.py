@@ -626,7 +626,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path,
     finally:
         dep.close()
     return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
-            "scans": scans, "sites": dep.sites, "experiment": yaml.safe_load(config.read_text())["name"],
+            "scans": scans, "sites": dep.sites, "experiment": json.loads((out / "run.json").read_text())["run_uid"],
             "app_sha256": app_bundle["sha256"], "late_log": (tmp / f"{LATE}.log").read_text(),
             "states": dep.states, "logs": dep.logs()}
 

@@ -89,8 +89,13 @@ def ledger_file(tmp: Path, n: int, site: str = "a") -> Path:
     return ledger_path(tmp / "privacy-state", site, data_id(patient_digests(ids(n))))
 
 
+def is_run(run_id: str, name: str) -> bool:
+    """A run of experiment `name`: its id at the sites is the name, made unique by its run directory."""
+    return run_id == name or run_id.startswith(f"{name}-")
+
+
 def run_releases(ledger: dict, run: str, rnd: int | None = None) -> list[dict]:
-    return [r for r in ledger["releases"] if r["run_id"] == run and (rnd is None or r["round"] == rnd)]
+    return [r for r in ledger["releases"] if is_run(r["run_id"], run) and (rnd is None or r["round"] == rnd)]
 
 
 def settings_for(tmp: Path, *, budget: float | None = None) -> SiteSettings:
@@ -392,10 +397,7 @@ def check_patient_epsilons(ledger: dict) -> None:
             if rec.get("epsilon") is not None:
                 assert rec["epsilon"] >= previous.get(name, 0.0), (name, entry["round"])
                 previous[name] = rec["epsilon"]
-                if rec.get("lifetime_epsilon") is not None:
-                    assert rec["lifetime_epsilon"] >= rec["epsilon"] * (1 - 1e-9)
-                    if rec.get("budget_epsilon") is not None:
-                        assert rec["lifetime_epsilon"] <= rec["budget_epsilon"]
+            assert "lifetime_epsilon" not in rec  # that figure stays at the site
 
 
 def check_server_epsilons(ledger: dict, first_release: int = 1) -> None:
@@ -421,7 +423,7 @@ def test_dp_run_ledger_matches_dp_accounting(dp_run: dict) -> None:
     assert "privacy: site-level (" in dp_run["stdout"]
     st = subprocess.run([str(BIN / "llnm-server"), "status", str(dp_run["out"])], capture_output=True, text=True)
     assert st.returncode == 0 and "privacy: patient-level (" in st.stdout and "privacy: site-level (" in st.stdout
-    assert f"site-c: patient DP optional, lifetime max-patient-epsilon {dp_run['budget']:g}" in st.stdout
+    assert f"site-c: requires patient DP, lifetime max-patient-epsilon {dp_run['budget']:g}" in st.stdout
     assert "adjacency: add or remove one patient" in st.stdout
     assert "public patient count" in ledger["patient"]["adjacency"]
     # Each site's lifetime ledger survived its ClientApp processes, on the site's side.
@@ -437,9 +439,9 @@ def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> Non
     r1, r2 = (e["sites"]["site-c"] for e in ledger["rounds"])
     assert r1["status"] == "trained" and close(r1["epsilon"], dp_run["one_round"])
     assert r2["status"] == "refused" and r2["epsilon"] == pytest.approx(r1["epsilon"], abs=1e-4)
-    assert r1["epsilon"] <= dp_run["budget"] == r1["budget_epsilon"]
+    assert r1["epsilon"] <= dp_run["budget"] == r1["policy"]["max-patient-epsilon"]
     assert f"max-patient-epsilon {dp_run['budget']:g}" in r2["reason"] and "site 'site-c'" in r2["reason"]
-    assert r2["lifetime_epsilon"] == pytest.approx(r1["lifetime_epsilon"], abs=1e-4)
+    assert "lifetime_epsilon" not in r2 and f"{dp_run['one_round']:.4f}" not in r2["reason"]
     metrics = json.loads((out / "metrics.json").read_text())
     round2 = metrics["rounds"][1]
     assert round2["participants"] == ["site-a", "site-b"]
@@ -447,7 +449,8 @@ def test_site_over_its_own_budget_stops_and_others_continue(dp_run: dict) -> Non
     assert failure["reason"].startswith("patient-level privacy budget reached: site 'site-c' refuses round 2")
     log_text = (out / "log.txt").read_text()
     assert "patient-level privacy budget reached: site 'site-c' refuses round 2" in log_text
-    assert "would take them to" in log_text and f"max-patient-epsilon {dp_run['budget']:g}" in log_text
+    assert "would take the lifetime epsilon of its patients" in log_text
+    assert f"max-patient-epsilon {dp_run['budget']:g}" in log_text
     # The report's ledger table: every round, the refusal, each site's epsilons and the site-level one.
     from fl_server.report import build_report, render_html
 
@@ -474,7 +477,7 @@ def test_dp_train_replies_carry_only_what_the_guarantee_covers(dp_run: dict) -> 
     assert len(entries) == 5  # three sites in round 1, two in round 2
     for rnd, name, m in entries:
         assert not not_covered & set(m), (rnd, name, sorted(m))
-        assert m["unit-weight"] == 1 and "dp-epsilon" in m and "dp-lifetime-epsilon" in m
+        assert m["unit-weight"] == 1 and "dp-epsilon" in m and "dp-lifetime-epsilon" not in m
         assert set(m) == {"num-examples", "unit-weight", *protocol.DP_METRIC_KEYS}, sorted(m)
         assert m["num-examples"] == dp_run["public_counts"][name], (name, m["num-examples"])
     assert "round 2/2" in dp_run["stdout"]
@@ -503,39 +506,42 @@ def second_run(dp_run: dict, small_consortium: Path) -> dict:
 def test_a_second_run_continues_the_lifetime_epsilon(dp_run: dict, second_run: dict, small_consortium: Path
                                                      ) -> None:
     """The lifetime budget belongs to the site, not to the coordinator's run name: a new run's epsilon starts at
-    zero but the site's lifetime epsilon continues, and site-c, whose lifetime budget run 1 used up, refuses."""
-    first = dp_run["ledger"]["rounds"][-1]["sites"]
+    zero but the site's lifetime epsilon continues (at the site: the replies carry the run's epsilon only), and
+    site-c, whose lifetime budget run 1 used up, refuses."""
     (entry,) = second_run["ledger"]["rounds"]
     for site in ("site-a", "site-b"):
-        rec, before = entry["sites"][site], first[site]
-        assert rec["status"] == "trained" and rec["lifetime_runs"] == 2
+        rec = entry["sites"][site]
+        assert rec["status"] == "trained" and "lifetime_epsilon" not in rec
         assert close(rec["epsilon"], dp_sgd_epsilon(rec["sample_rate"], PATIENT_Z, rec["steps_round"], DELTA))
-        # Three rounds in all (two of run 1, one of run 2), composed at the site's delta.
-        lifetime = dp_sgd_epsilon(rec["sample_rate"], PATIENT_Z, before["steps_total"] + rec["steps_round"], DELTA)
-        assert close(rec["lifetime_epsilon"], lifetime) and rec["lifetime_epsilon"] > before["lifetime_epsilon"]
     refused = entry["sites"]["site-c"]
     assert refused["status"] == "refused", refused
-    assert "lifetime max-patient-epsilon" in refused["reason"] and "run 'dp-second-run'" in refused["reason"]
-    assert refused["lifetime_epsilon"] == pytest.approx(dp_run["one_round"], abs=1e-4)
-    # The site operator's view of the same ledger.
+    assert "lifetime max-patient-epsilon" in refused["reason"] and "run 'dp-second-run-" in refused["reason"]
+    # The site operator's view of the same ledger: three rounds in all at site-a and site-b (two of run 1, one of
+    # run 2), composed at the site's delta.
     for site, runs in (("site-a", {"dp-ledger-test": 2, "dp-second-run": 1}), ("site-c", {"dp-ledger-test": 1})):
         res = subprocess.run([str(BIN / "llnm-site"), "privacy", "--data", str(small_consortium / site),
                               "--privacy-state-dir", str(dp_run["privacy_dir"]), "--json"],
                              capture_output=True, text=True, timeout=120)
         assert res.returncode == 0, res.stderr
         summary = json.loads(res.stdout)
-        assert {r["run_id"]: r["rounds"] for r in summary["runs"]} == runs
+        names = ("dp-ledger-test", "dp-second-run")
+        got = {next(n for n in names if is_run(r["run_id"], n)): r["dp_rounds"] for r in summary["runs"]
+               if r["dp_rounds"]}
+        assert got == runs
+        # Every run is listed, the refused one too (the site evaluated in it).
+        assert {next(n for n in names if is_run(r["run_id"], n)) for r in summary["runs"]} == set(names)
         assert summary["delta"] == DELTA and summary["unit"] == "patient"
-        last = entry["sites"][site]
-        assert summary["lifetime_epsilon"] == pytest.approx(last["lifetime_epsilon"], abs=1e-4)  # text: 4 d.p.
+        rec = entry["sites"][site] if site != "site-c" else dp_run["ledger"]["rounds"][0]["sites"][site]
+        steps = rec["steps_round"] * sum(runs.values())
+        assert close(summary["lifetime_epsilon"], dp_sgd_epsilon(rec["sample_rate"], PATIENT_Z, steps, DELTA))
         if site == "site-c":
             assert summary["max_patient_epsilon"] == dp_run["budget"]
             assert summary["remaining_epsilon"] == pytest.approx(dp_run["budget"] - dp_run["one_round"], abs=1e-4)
-            assert summary["refusals"][-1]["run_id"] == "dp-second-run"
+            assert is_run(summary["refusals"][-1]["run_id"], "dp-second-run")
     text = subprocess.run([str(BIN / "llnm-site"), "privacy", "--data", str(small_consortium / "site-c"),
                            "--privacy-state-dir", str(dp_run["privacy_dir"])], capture_output=True, text=True,
                           timeout=120).stdout
-    assert "Lifetime epsilon of this site's patients" in text and "Refused: run dp-second-run" in text
+    assert "Training patients: lifetime epsilon" in text and "Refused: run dp-second-run-" in text
 
 
 @pytest.mark.slow
