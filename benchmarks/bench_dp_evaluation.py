@@ -9,6 +9,8 @@ compared with the exact evaluation of the same patients:
 * per site and pooled: the exact AUC with its 95% bootstrap interval; over the noise draws the DP AUC's mean,
   bias, RMSE and 95th-percentile absolute error, the DP reply's interval width and how often it covers the exact
   AUC;
+* the estimators: a site's AUC from its noisy counts clipped at zero, the pooled AUC from the sites' unclipped
+  noisy counts; the other choice of each is recorded beside it (``rmse_if_unclipped``, ``rmse_if_clipped``);
 * the rule, fixed before the run: DP evaluation keeps a site's (or the pooled) evaluation **useful** when the RMSE
   its noise adds is at most half the half-width of the exact interval (so the total uncertainty grows by at most
   about 12%).
@@ -96,8 +98,9 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
     site_widths: dict[str, list[float]] = {n: [] for n in preds}
     site_cover: dict[str, list[bool]] = {n: [] for n in preds}
     pooled_values: list[float] = []
-    # The alternative estimator, for the record: every noisy cell clipped at zero before anything is computed.
-    clipped_site: dict[str, list[float]] = {n: [] for n in preds}
+    # The alternative estimators, for the record: one site's AUC from its unclipped noisy counts, the pooled AUC
+    # from the sites' counts clipped at zero (the shipped ones are the other way round).
+    unclipped_site: dict[str, list[float]] = {n: [] for n in preds}
     clipped_pooled: list[float] = []
     for d in range(draws):
         noisy = {}
@@ -106,8 +109,8 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
             n_neg, n_pos = noisy_counts(neg, sigma), noisy_counts(pos, sigma)
             noisy[name] = as_histogram(n_neg, n_pos, noisy=True)
             clipped[name] = as_histogram(np.clip(n_neg, 0, None), np.clip(n_pos, 0, None))
-            c = metrics_from_histograms([clipped[name]])["auc"]
-            clipped_site[name].append(c if c is not None else math.nan)
+            u = metrics_from_histograms([noisy[name]])["auc"]
+            unclipped_site[name].append(u if u is not None else math.nan)
             with_ci = d < ci_draws
             m = histogram_metrics(n_neg, n_pos, sigma=sigma, n_bootstrap=200 if with_ci else 0)
             site_values[name].append(m["auc"] if m["auc"] is not None else math.nan)
@@ -123,7 +126,7 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
         auc, ci, _ = exact[name]
         sites[name] = {"n": len(y), "n_pos": int(y.sum()),
                        **_summary(auc, ci, site_values[name], site_widths[name], site_cover[name]),
-                       "rmse_if_clipped": _summary(auc, ci, clipped_site[name], [], []).get("rmse")}
+                       "rmse_if_unclipped": _summary(auc, ci, unclipped_site[name], [], []).get("rmse")}
     return {"epsilon": epsilon, "delta": delta, "sigma": sigma, "bins": bins, "sites": sites,
             "pooled": {"n": len(all_y), **_summary(pooled_m["auc"], (pooled_m["auc_ci_low"],
                                                                            pooled_m["auc_ci_high"]),

@@ -126,6 +126,24 @@ def test_a_site_under_patient_dp_refuses_rounds_of_part_passes(small_consortium:
         _handle_train(msg, ctx, None)
 
 
+def test_every_run_has_its_own_identity_at_the_sites(tmp_path: Path) -> None:
+    """Two runs of one experiment name are two runs at the sites (their own DP terms, their own explanation); a
+    resumed run keeps its identity. The round config carries it as run-id."""
+    from fl_server.run_dir import RunDirectory
+    from fl_server.strategies import round_config
+    from shared_model import protocol
+
+    exp = load_config(ROOT / "configs" / "demo.yaml")
+    first, second = RunDirectory(tmp_path / "a"), RunDirectory(tmp_path / "b")
+    first.create(exp, {"mode": "test"})
+    second.create(exp, {"mode": "test"})
+    uid = first.run_uid()
+    assert uid.startswith("demo-") and uid != second.run_uid()
+    first.update_run_info(status="stopped")
+    assert RunDirectory(tmp_path / "a").run_uid() == uid
+    assert round_config(exp, 1, run_id=uid)[protocol.RUN_ID] == uid
+
+
 def test_best_round_compares_rounds_over_the_same_sites() -> None:
     """The issue's case: 4 sites in round 1, 3 later. Pooled AUCs over different sites are not compared."""
     from fl_server.run_dir import best_round_choice
