@@ -218,7 +218,6 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
         explanation = site_explanation(model, subset, pre_cfg.inputs, preds["llnm"].astype(int), preds["score"],
                                        steps=int(config.get(protocol.EXPLAIN_STEPS, 32)), sigma=sigma,
                                        min_cell=settings.min_cell_count)
-        _note_explained(settings, name, run_id)
         metrics.update(protocol.encode_explanation(explanation))
         if sigma > 0:
             from fl_client.privacy.evaluation import EXPLANATION_SENSITIVITY
@@ -290,11 +289,12 @@ def _population(subset: Any) -> dict[str, Any]:
 
 def _explanation_withheld(settings: SiteSettings, name: str, run_id: str, server_round: int,
                           config: Any) -> str | None:
-    """Why this site sends no explanation aggregates for this message (None when it sends them).
+    """Why this site sends no explanation aggregates for this message (None when it sends them: the run's one
+    explanation is then claimed).
 
     A site explains a run's final model once: only on the last round's evaluation, and never twice in a run,
     so a coordinator cannot collect explanations of models of its choosing."""
-    from fl_client.privacy.site_record import explained_at
+    from fl_client.privacy.site_record import claim_explanation
 
     model_cfg = protocol.read_schema(config, protocol.MODEL_CONFIG, ModelConfig)
     if not settings.share_explanations:
@@ -305,15 +305,9 @@ def _explanation_withheld(settings: SiteSettings, name: str, run_id: str, server
     if server_round < total:
         return (f"{protocol.POLICY_REFUSAL_MARKER}: the site explains only the run's final model (round {total}), "
                 f"not round {server_round}")
-    if explained_at(settings, name, run_id):
+    if claim_explanation(settings, name, run_id):
         return f"{protocol.POLICY_REFUSAL_MARKER}: the site has already explained run {run_id!r}'s final model"
     return None
-
-
-def _note_explained(settings: SiteSettings, name: str, run_id: str) -> None:
-    from fl_client.privacy.site_record import note_explained
-
-    note_explained(settings, name, run_id)
 
 
 def _handle_query(msg: Message, context: Context, site_dirs: list[str] | None,

@@ -173,12 +173,11 @@ def note_exact_evaluation(settings: SiteSettings, site_name: str, run_id: str, s
         record.note_exact_evaluation(run_id, server_round, split, patients)
 
 
-def explained_at(settings: SiteSettings, site_name: str, run_id: str) -> str | None:
-    """When the site explained run `run_id`'s final model (None if it has not)."""
+def claim_explanation(settings: SiteSettings, site_name: str, run_id: str) -> str | None:
+    """Claim run `run_id`'s one explanation (check and mark under the site's lock, so that two evaluations at once
+    cannot both explain): None when claimed now, else when it was claimed before."""
     with locked_record(settings, site_name) as record:
-        return record.explained(run_id)
-
-
-def note_explained(settings: SiteSettings, site_name: str, run_id: str) -> None:
-    with locked_record(settings, site_name) as record:
-        record.note_explained(run_id)
+        before = record.explained(run_id)
+        if before is None:
+            record.note_explained(run_id)
+        return before
