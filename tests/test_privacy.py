@@ -518,12 +518,11 @@ def test_a_second_run_continues_the_lifetime_epsilon(dp_run: dict, second_run: d
     assert "lifetime max-patient-epsilon" in refused["reason"] and "run 'dp-second-run-" in refused["reason"]
     # The site operator's view of the same ledger: three rounds in all at site-a and site-b (two of run 1, one of
     # run 2), composed at the site's delta.
+    from fl_client.cmd_privacy import summarize
+
     for site, runs in (("site-a", {"dp-ledger-test": 2, "dp-second-run": 1}), ("site-c", {"dp-ledger-test": 1})):
-        res = subprocess.run([str(BIN / "llnm-site"), "privacy", "--data", str(small_consortium / site),
-                              "--privacy-state-dir", str(dp_run["privacy_dir"]), "--json"],
-                             capture_output=True, text=True, timeout=120)
-        assert res.returncode == 0, res.stderr
-        summary = json.loads(res.stdout)
+        summary = summarize(SiteSettings(data_path=small_consortium / site, name=None, cache_dir=None, device="cpu",
+                                         max_patient_epsilon=None, privacy_state_dir=dp_run["privacy_dir"]))
         names = ("dp-ledger-test", "dp-second-run")
         got = {next(n for n in names if is_run(r["run_id"], n)): r["dp_rounds"] for r in summary["runs"]
                if r["dp_rounds"]}
