@@ -132,13 +132,24 @@ def margins(model: Any, canaries: Any) -> torch.Tensor:
     return (2 * canaries.llnm - 1) * logit
 
 
+def markdown_table(result: dict[str, Any]) -> str:
+    """The docs' table of an audit (`--out`'s JSON)."""
+    rows = ["| setting | claimed epsilon (delta 1e-5) | correct guesses | membership AUC | epsilon lower bound | "
+            "passes |", "|---|---|---|---|---|---|"]
+    for r in result["results"]:
+        claimed = "-" if r["claimed_epsilon"] is None else f"{r['claimed_epsilon']:.3f}"
+        rows.append(f"| {r['setting']} | {claimed} | {r['correct']} / {r['guesses']} | {r['membership_auc']:.3f} | "
+                    f"{r['epsilon_lower_bound']:.2f} | {'yes' if r['passes'] else 'NO'} |")
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fl_server.config import load_config
     from shared_model.architectures import load_site_inputs
     from shared_model.public_features import _FIELDS, PublicFeatures
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", type=Path, required=True, help="a consortium folder")
+    p.add_argument("--data", type=Path, help="a consortium folder")
     p.add_argument("--site", default="site-a", help="the audited site")
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "demo-dp.yaml")
     p.add_argument("--canaries", type=int, default=1000)
@@ -146,7 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epsilons", default="1,3,8,none")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "privacy_audit.json")
+    p.add_argument("--table", action="store_true", help="print the docs' table from --out and stop")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())))
+        return 0
+    if args.data is None:
+        p.error("--data is required (or --table)")
     started = time.time()
     torch.set_num_threads(1)
     exp = load_config(args.config)
