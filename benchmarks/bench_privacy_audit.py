@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.data is None:
         p.error("--data is required (or --table)")
     started = time.time()
+    made = provenance()  # the code as it starts, before anything can change the tree
     torch.set_num_threads(1)
     exp = load_config(args.config)
     model_cfg = exp.architecture()
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         print(f"{entry['setting']}: {correct}/{2 * k} correct, membership AUC {entry['membership_auc']:.3f}, "
               f"epsilon lower bound {lower:.3f}" + (f" (claimed {claimed:.3f})" if claimed else ""), flush=True)
-    out = {**provenance(), "description": __doc__.split("\n\n")[0], "rule": RULE,
+    out = {**made, "description": __doc__.split("\n\n")[0], "rule": RULE,
            "setup": {"data": str(args.data), "site": args.site, "config": str(args.config.relative_to(ROOT)),
                      "real_training_patients": len(features), "canaries": args.canaries,
                      "canaries_in": int(coins.sum()), "public_count": public_count,
