@@ -136,7 +136,8 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         from fl_client.privacy.site_record import note_unprotected_round
 
         # Recorded before the reply leaves: these patients are not protected by this run.
-        note_unprotected_round(settings, name, run_id, server_round, int(result.num_examples),
+        # The whole training split: with rounds per pass a round trains a part, and over a pass every patient.
+        note_unprotected_round(settings, name, run_id, server_round, len(train_tensors.patient_ids),
                                data_id(patient_digests(train_tensors.patient_ids)))
 
     metrics: dict[str, Any] = {

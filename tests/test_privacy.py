@@ -823,9 +823,10 @@ def test_site_privacy_never_reads_a_missing_record_as_epsilon_zero(tmp_path: Pat
     note_exact_evaluation(settings, "site-a", "plain-run", 2, "val", 30)
     listed = privacy("--state-dir", state)
     assert listed.returncode == 0, listed.stderr
-    assert "run plain-run trained without DP in round(s) 1, 2: its 120 training patients are NOT protected" \
+    assert "run plain-run trained without DP in 2 round(s) (1-2): its 120 training patients are NOT protected" \
         in listed.stdout
-    assert "round 2 evaluated val exactly: its 30 patients are NOT protected" in listed.stdout
+    assert "run plain-run evaluated val exactly in 1 repl(ies) (round(s) 2): its 30 val patients are NOT" \
+        in listed.stdout
     summary = json.loads(privacy("--state-dir", state, "--json").stdout)
     (run,) = summary["runs"]
     assert run["unprotected_rounds"] == [1, 2] and run["epsilon"] is None
