@@ -34,7 +34,9 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # Dirty: a tracked file other than a result differs from the commit (results are what runs write).
+        "dirty": any(not line[3:].startswith("benchmarks/results/")
+                     for line in (_git("status", "--porcelain", "--untracked-files=no") or "").splitlines()),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in ["python", *argv]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
