@@ -16,11 +16,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _git(*args: str) -> str | None:
+    """Git's output (not stripped: `status --porcelain` lines start with a space), None if git fails."""
     try:
         done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
-    return done.stdout.strip() if done.returncode == 0 else None
+    return done.stdout if done.returncode == 0 else None
 
 
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def provenance(argv: list[str] | None = None) -> dict[str, Any]:
         argv[0] = str(script.relative_to(ROOT))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": (_git("rev-parse", "HEAD") or "").strip() or None,
         # Dirty: a tracked file other than a result differs from the commit (results are what runs write).
         "dirty": any(not line[3:].startswith("benchmarks/results/")
                      for line in (_git("status", "--porcelain", "--untracked-files=no") or "").splitlines()),
