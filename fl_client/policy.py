@@ -57,27 +57,18 @@ def check_train_policy(settings: SiteSettings, name: str, server_round: int, pri
         )
     if not privacy.enabled:
         return
-    if privacy.delta > settings.patient_delta:
-        raise SitePolicyRefusal(
-            f"{head} {PATIENT_DELTA}={settings.patient_delta:g} is the largest delta it accepts, but the round config "
-            f"has {protocol.PRIVACY_CONFIG} delta={privacy.delta:g}. The coordinator can set privacy.patient.delta "
-            f"to {settings.patient_delta:g} or less, or the site operator can raise --{PATIENT_DELTA}."
-        )
-    if settings.max_clipping_norm is not None and privacy.max_grad_norm > settings.max_clipping_norm:
-        raise SitePolicyRefusal(
-            f"{head} {MAX_CLIPPING_NORM}={settings.max_clipping_norm:g} is the largest per-patient clipping norm it "
-            f"accepts, but the round config has {protocol.PRIVACY_CONFIG} max_grad_norm={privacy.max_grad_norm:g}. "
-            f"The coordinator can set privacy.patient.max_grad_norm to {settings.max_clipping_norm:g} or less, or "
-            f"the site operator can raise --{MAX_CLIPPING_NORM}."
-        )
-    if (settings.max_run_epsilon is not None and privacy.target_epsilon is not None
-            and privacy.target_epsilon > settings.max_run_epsilon):
-        raise SitePolicyRefusal(
-            f"{head} {MAX_RUN_EPSILON}={settings.max_run_epsilon:g} is the largest epsilon one run may spend on its "
-            f"patients, but the round config has {protocol.PRIVACY_CONFIG} target_epsilon="
-            f"{privacy.target_epsilon:g}. The coordinator can set privacy.patient.target_epsilon to "
-            f"{settings.max_run_epsilon:g} or less, or the site operator can raise --{MAX_RUN_EPSILON}."
-        )
+    for key, limit, field, value, what in (
+            (PATIENT_DELTA, settings.patient_delta, "delta", privacy.delta, "delta"),
+            (MAX_CLIPPING_NORM, settings.max_clipping_norm, "max_grad_norm", privacy.max_grad_norm,
+             "per-patient clipping norm"),
+            (MAX_RUN_EPSILON, settings.max_run_epsilon, "target_epsilon", privacy.target_epsilon,
+             "epsilon per run")):
+        if limit is not None and value is not None and value > limit:
+            raise SitePolicyRefusal(
+                f"{head} {key}={limit:g} is the largest {what} it accepts, but the round config has "
+                f"{protocol.PRIVACY_CONFIG} {field}={value:g}. The coordinator can set privacy.patient.{field} to "
+                f"{limit:g} or less, or the site operator can raise --{key}."
+            )
     if (settings.min_noise_multiplier is not None and privacy.noise_multiplier is not None
             and privacy.noise_multiplier < settings.min_noise_multiplier):
         raise SitePolicyRefusal(noise_floor_refusal(settings, name, server_round, privacy.noise_multiplier,

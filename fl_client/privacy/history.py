@@ -149,7 +149,7 @@ class SiteLedger:
         digests = sorted(patients)
         data_fp = data_id(digests)
         if path.is_file():
-            data = _read_json(path)
+            data = read_state_json(path)
             ledger = cls(path, data)
             ledger._validate(site_name=site_name, data=data_fp)
         else:
@@ -233,16 +233,17 @@ class SiteLedger:
         atomic_write_json(self.path, self.data, indent=2)
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_state_json(path: Path, what: str = "the site's privacy ledger") -> dict[str, Any]:
+    """A privacy state file (`what` names it in errors); unreadable is an error, never a reset."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PrivacyStateError(
-            f"{path}: the site's privacy ledger cannot be read ({exc}); it records the privacy already spent, "
-            "so it is never silently reset: restore it from a backup"
+            f"{path}: {what} cannot be read ({exc}); it records the privacy already spent, so it is never "
+            "silently reset: restore it from a backup"
         ) from None
     if not isinstance(data, dict):
-        raise PrivacyStateError(f"{path}: the site's privacy ledger is not a JSON object")
+        raise PrivacyStateError(f"{path}: {what} is not a JSON object")
     return data
 
 
@@ -271,7 +272,7 @@ def site_ledgers(state_dir: Path, site_name: str) -> list[tuple[Path, dict[str, 
         return []
     out: list[tuple[Path, dict[str, Any], list[dict[str, Any]]]] = []
     for path in sorted(state_dir.glob(f"{_slug(site_name)}__*.json")):
-        data = _read_json(path)
+        data = read_state_json(path)
         if data.get("site") != site_name:
             continue
         if data.get("format") == STATE_FORMAT:

@@ -21,13 +21,12 @@ under the site's lock (`fl_client.privacy.history.site_lock`). Nothing in it lea
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_client.privacy.history import PrivacyStateError, _slug, default_state_dir, now, site_lock
+from fl_client.privacy.history import PrivacyStateError, _slug, default_state_dir, now, read_state_json, site_lock
 from shared_model.dp_accounting import HistoryEntry, check_history
 from shared_model.fileio import atomic_write_json
 
@@ -57,14 +56,8 @@ class SiteRecord:
         if not path.is_file():
             return cls(path, {"format": RECORD_FORMAT, "version": RECORD_VERSION, "site": site_name,
                               "created_at": now(), "runs": {}, "evaluations": [], "refusals": []})
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PrivacyStateError(
-                f"{path}: the site's privacy record cannot be read ({exc}); it records the evaluation epsilon "
-                "already spent and the runs that left patients unprotected, so it is never silently reset: "
-                "restore it from a backup") from None
-        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or data.get("version") != RECORD_VERSION:
+        data = read_state_json(path, "the site's privacy record")
+        if data.get("format") != RECORD_FORMAT or data.get("version") != RECORD_VERSION:
             raise PrivacyStateError(f"{path}: not a version-{RECORD_VERSION} {RECORD_FORMAT!r} file")
         if data.get("site") != site_name:
             raise PrivacyStateError(f"{path}: field 'site' is {data.get('site')!r}, expected {site_name!r}")
