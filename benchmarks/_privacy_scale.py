@@ -83,8 +83,9 @@ def _run(exp: Any, data: Path, workdir: Path) -> tuple[Any, dict[str, Any], bool
 
 def _test_scores(exp: Any, rd: Any, metrics: dict[str, Any], sites: list[Path]) -> dict[str, np.ndarray]:
     """Per-patient test scores of the run's selected model at every site (keys: site/patient_id)."""
-    from shared_model.architectures import build_model, load_site_inputs, make_dataset
-    from shared_model.training import predict
+    from shared_model.model.architectures import build_model
+    from shared_model.model.training import predict
+    from shared_model.sitedata.model_inputs import load_site_inputs, make_dataset
 
     rnd = int((metrics.get("final") or {}).get("round") or metrics.get("best_round") or exp.federation.rounds)
     model = build_model(exp.architecture())
@@ -139,8 +140,8 @@ def _ledger_summary(rd: Any) -> dict[str, Any]:
 
 def run(args: Any) -> int:
     from fl_research.simulation import discover_sites
-    from shared_model.architectures import build_model
     from shared_model.environment import use_offline_environment
+    from shared_model.model.architectures import build_model
 
     use_offline_environment()
     data = Path(args.data).resolve()

@@ -53,8 +53,8 @@ def instruction_bytes(state: dict) -> int:
 def paper_sizes() -> dict:
     import torch
 
-    from shared_model.config import ModelConfig
-    from shared_model.modeling import LLNMNet
+    from shared_model.model.configuration import ModelConfig
+    from shared_model.model.modeling import LLNMNet
 
     torch.manual_seed(0)
     model = LLNMNet(ModelConfig.preset("paper"))
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             stop(proc)
 
     from fl_client.sent_messages import read_message
-    from shared_model.checkpoint import model_from_checkpoint
+    from shared_model.model.checkpoint import model_from_checkpoint
 
     model, _ = model_from_checkpoint(run_dir / "checkpoints" / f"round-{args.rounds:04d}.safetensors")
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}

@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def decode(folder: Path, repeat: int) -> dict:
-    from shared_model.imaging import read_image
+    from shared_model.sitedata.imaging import read_image
 
     files = []
     for path in sorted(folder.glob("*.dcm")):
@@ -61,7 +61,7 @@ def decode(folder: Path, repeat: int) -> dict:
 
 def preprocess(tmp: Path, patients: int, image_size: int) -> dict:
     from fl_server.config import load_config
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.sitedata.cache import build_site_tensors
 
     data = tmp / "synth"
     subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "1", "--patients", str(patients),
@@ -90,9 +90,10 @@ def warm_loading(tmp: Path, patients: int, repeat: int) -> dict:
     from fl_client.client_app import make_client_app
     from fl_server.config import load_config, parse_set_options
     from fl_server.strategies import initial_state, round_config
-    from shared_model import contract_rows, protocol
-    from shared_model.contract import load_site
-    from shared_model.site_cache import build_site_tensors
+    from shared_model import protocol
+    from shared_model.sitedata import rows as contract_rows
+    from shared_model.sitedata.cache import build_site_tensors
+    from shared_model.sitedata.contract import load_site
 
     data = tmp / "warm"
     subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "1", "--patients", str(patients),

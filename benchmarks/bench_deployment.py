@@ -105,7 +105,7 @@ def main() -> int:
             cli(BIN / "llnm-site", "check", data / site)
         # Sites build their preprocessing caches before joining, so that no round of either run pays for it.
         from fl_server.config import load_config
-        from shared_model.site_cache import build_site_tensors
+        from shared_model.sitedata.cache import build_site_tensors
 
         pre = load_config(ROOT / "configs" / "demo.yaml").preprocess
         for site in sites:

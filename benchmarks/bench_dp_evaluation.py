@@ -84,7 +84,7 @@ def measure(preds: dict[str, tuple[np.ndarray, np.ndarray]], *, epsilon: float, 
     """The DP mechanism `draws` times on every site's exact scores (see the module docstring)."""
     from fl_client.privacy.evaluation import as_histogram, dense_histogram, histogram_metrics, noisy_counts
     from shared_model.dp_accounting import gaussian_sigma
-    from shared_model.metrics import binary_metrics, metrics_from_histograms
+    from shared_model.evaluation.metrics import binary_metrics, metrics_from_histograms
 
     sigma = gaussian_sigma(epsilon, delta)
     exact: dict[str, Any] = {}

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_explain.py --data data/paper-2100 --out runs/bench-explain-2100
 
 Runs `llnm-server simulate` with `evaluation.explain: true`, so that every site returns only its explanation
-aggregates with the final test evaluation (shared_model.explanation), then compares what the coordinator
+aggregates with the final test evaluation (shared_model.evaluation.explanation), then compares what the coordinator
 received with the generator's truth files (`truth/<site>.csv`, which no site or server ever reads):
 
 * **capsule-distance curve**: per bin (0-1, 1-2.5, 2.5-5, >5 mm) the observed LLNM rate the sites counted,

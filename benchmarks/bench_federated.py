@@ -34,8 +34,8 @@ from _results import merge_side_by_side  # noqa: E402
 
 
 def model_bytes(exp) -> dict:
-    from shared_model.modeling import LLNMNet
-    from shared_model.text_encoder import TextEncoderConfig, load_text_encoder
+    from shared_model.model.modeling import LLNMNet
+    from shared_model.model.text_encoder import TextEncoderConfig, load_text_encoder
 
     model = LLNMNet(exp.architecture())
     trainable = sum(t.numel() * t.element_size() for t in model.state_dict().values())

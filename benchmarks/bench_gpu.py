@@ -6,7 +6,7 @@ and under DP-SGD (Opacus, fp32, as sites run it), through the project's own trai
 
 The inputs are synthetic tensors of the model's shapes (two 224x224 views, report token states, per-view
 scalars), so nothing but the model and the loop is measured. Each mode runs `--warmup` steps, then `--steps`
-timed steps of `--batch` patients through `shared_model.training.train_local`. DP-SGD wraps it with Opacus'
+timed steps of `--batch` patients through `shared_model.model.training.train_local`. DP-SGD wraps it with Opacus'
 `PrivacyEngine.make_private` (noise 1.0, clipping 1.0, fixed-size batches): the ratio dp/plain is per-step
 throughput at fp32, which is what a site pays for DP. Writes `--out` (default benchmarks/results/gpu.json; with
 `--cpu`, benchmarks/results/gpu-cpu.json).
@@ -28,9 +28,10 @@ from torch.utils.data import TensorDataset
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared_model.config import ModelConfig, TrainConfig  # noqa: E402
-from shared_model.modeling import LLNMNet  # noqa: E402
-from shared_model.training import TrainHooks, train_local  # noqa: E402
+from shared_model.config import TrainConfig  # noqa: E402
+from shared_model.model.configuration import ModelConfig  # noqa: E402
+from shared_model.model.modeling import LLNMNet  # noqa: E402
+from shared_model.model.training import TrainHooks, train_local  # noqa: E402
 
 
 def synthetic(cfg: ModelConfig, n: int, seed: int = 0) -> TensorDataset:

@@ -38,11 +38,11 @@ from _results import merge_side_by_side  # noqa: E402
 
 from fl_research.baseline import train_reference  # noqa: E402
 from fl_server.config import load_config, parse_set_options  # noqa: E402
-from shared_model.data import CLINICAL_FEATURES, LLNMDataset, SiteTensors  # noqa: E402
-from shared_model.metrics import binary_metrics  # noqa: E402
-from shared_model.modeling import LLNMNet, ModelConfig, count_parameters  # noqa: E402
-from shared_model.site_cache import build_site_tensors  # noqa: E402
-from shared_model.training import predict  # noqa: E402
+from shared_model.evaluation.metrics import binary_metrics  # noqa: E402
+from shared_model.model.modeling import LLNMNet, ModelConfig, count_parameters  # noqa: E402
+from shared_model.model.training import predict  # noqa: E402
+from shared_model.sitedata.cache import build_site_tensors  # noqa: E402
+from shared_model.sitedata.tensors import CLINICAL_FEATURES, LLNMDataset, SiteTensors  # noqa: E402
 
 # Per-view scalars by modality: age and sex are clinical; the others are measured on the image and its masks.
 _IMAGE_SCALARS = [CLINICAL_FEATURES.index(n) for n in CLINICAL_FEATURES if n not in ("age", "sex")]

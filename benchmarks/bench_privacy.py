@@ -156,10 +156,10 @@ def step_times(exp: Any, site_dir: Path, *, repeats: int, workdir: Path) -> dict
 
     from fl_client.privacy import PatientDPSession
     from fl_client.settings import SiteSettings
-    from shared_model.data import LLNMDataset
-    from shared_model.modeling import LLNMNet
-    from shared_model.site_cache import build_site_tensors
-    from shared_model.training import train_local
+    from shared_model.model.modeling import LLNMNet
+    from shared_model.model.training import train_local
+    from shared_model.sitedata.cache import build_site_tensors
+    from shared_model.sitedata.tensors import LLNMDataset
 
     pre = exp.preprocess
     tensors = build_site_tensors(site_dir, pre, cache_dir=exp.data.cache_dir, progress=False)

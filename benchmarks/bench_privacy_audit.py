@@ -69,7 +69,7 @@ def epsilon_lower_bound(correct: int, guesses: int, alpha: float = 0.05) -> floa
 
 def make_canaries(real: Any, m: int, seed: int) -> Any:
     """m canary patients in the site's feature layout: random directions at the real features' scale."""
-    from shared_model.public_features import PublicFeatures
+    from shared_model.sitedata.public_features import PublicFeatures
 
     g = torch.Generator().manual_seed(seed)
     img_scale = float(real.image[real.view_mask > 0].norm(dim=-1).mean())
@@ -89,9 +89,10 @@ def train_site(features: Any, model_cfg: Any, train_cfg: Any, *, rounds: int, ta
     """The site's run: `rounds` rounds of local training on `features`, DP-SGD at `target` (None: no DP)."""
     from fl_client.privacy import PatientDPSession
     from fl_client.settings import SiteSettings
-    from shared_model.architectures import build_model, make_dataset
     from shared_model.config import PatientDPConfig
-    from shared_model.training import train_local, trainable_state
+    from shared_model.model.architectures import build_model
+    from shared_model.model.training import train_local, trainable_state
+    from shared_model.sitedata.model_inputs import make_dataset
 
     torch.manual_seed(seed)
     model = build_model(model_cfg)
@@ -145,8 +146,8 @@ def markdown_table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from fl_server.config import load_config
-    from shared_model.architectures import load_site_inputs
-    from shared_model.public_features import _FIELDS, PublicFeatures
+    from shared_model.sitedata.model_inputs import load_site_inputs
+    from shared_model.sitedata.public_features import _FIELDS, PublicFeatures
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, help="a consortium folder")

@@ -99,8 +99,8 @@ def import_sites(dataset: str, k: int, work: Path) -> Path:
 
 def patient_groups(dataset: str) -> dict[str, tuple[int, str]]:
     """patient id -> (label, group) for the labelled patients, as the importer sees them."""
-    from fl_client.importers.ddti import read_ddti
-    from fl_client.importers.uci_dtc import read_uci_dtc
+    from fl_research.importers.ddti import read_ddti
+    from fl_research.importers.uci_dtc import read_uci_dtc
 
     reader = read_uci_dtc if dataset == "uci-dtc" else read_ddti
     result = reader(DATASETS[dataset]["source"])

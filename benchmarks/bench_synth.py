@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared_model.synthetic import generate_consortium  # noqa: E402
+from fl_research.synthetic import generate_consortium  # noqa: E402
 
 TARGET_CAPSULE_RATE = 0.72
 

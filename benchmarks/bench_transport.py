@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                            "rounds": len(metrics["rounds"])}
         print(transport, json.dumps({k: v for k, v in runs[transport].items() if k != "per_site_test_auc"}))
 
-    from shared_model.checkpoint import load_checkpoint
-    from shared_model.update_codec import encode_update
+    from shared_model.model.checkpoint import load_checkpoint
+    from shared_model.protocol.update_codec import encode_update
 
     last = runs["float32"]["rounds"]
     a, _ = load_checkpoint(Path(runs["float32"]["out"]) / "checkpoints" / f"round-{last:04d}.safetensors")

@@ -8,7 +8,7 @@ from shared_model.cli_support import Command, dispatch
 
 COMMANDS: dict[str, Command] = {
     "check": Command("fl_client.cmd_check", "Validate a site folder against the data contract (never modifies it)."),
-    "import": Command("fl_client.cmd_import",
+    "import": Command("fl_research.cmd_import",
                       "Import a public data set (uci-dtc, ddti) as simulated site folders that pass check."),
     "inspect": Command("fl_client.cmd_inspect",
                        "Print what an ultrasound image file holds (frames, photometric, calibration) as JSON."),

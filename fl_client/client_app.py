@@ -2,12 +2,12 @@
 
 Each round a SuperNode starts a fresh ClientApp process, so everything expensive lives on the site's
 disk: the preprocessed tensors (DICOM decoded, masks turned into feature channels, reports through the
-frozen text encoder) are cached by `shared_model.site_cache.build_site_tensors`, the frozen public features of
-the DP design by `shared_model.public_features`, and the site's lifetime privacy ledger by `fl_client.privacy`.
+frozen text encoder) are cached by `shared_model.sitedata.cache.build_site_tensors`, the frozen public features of
+the DP design by `shared_model.sitedata.public_features`, and the site's lifetime privacy ledger by `fl_client.privacy`.
 What leaves the site: the updated model parameters (the frozen text encoder never travels), aggregate metrics
 (counts, losses, metrics, and a score histogram of at most the site's `max-histogram-bins` bins for pooled
 evaluation; with `evaluation.explain`, in the final evaluation, the explanation aggregates of
-`shared_model.explanation` unless the site's `share-explanations` is false) and the site's privacy policy.
+`shared_model.evaluation.explanation` unless the site's `share-explanations` is false) and the site's privacy policy.
 Under patient-level DP a train reply carries only the update, the
 DP parameters and the run's epsilon, and the site's public patient count as FedAvg weight. An evaluate reply is
 differentially private unless the site answers exactly (`fl_client.privacy.evaluation`). No patient identifier,
@@ -31,7 +31,8 @@ from flwr.clientapp import ClientApp
 from fl_client.policy import SitePolicyRefusal, check_eval_policy, check_train_policy, refusal_reply
 from fl_client.settings import SHARE_EXPLANATIONS, SiteSettings, site_name
 from shared_model import protocol
-from shared_model.config import ModelConfig, PatientDPConfig, PreprocessConfig, TrainConfig
+from shared_model.config import PatientDPConfig, PreprocessConfig, TrainConfig
+from shared_model.model.configuration import ModelConfig
 
 log = logging.getLogger("llnm.client")
 
@@ -48,7 +49,8 @@ def _site_record(settings: SiteSettings, name: str, **extra: str) -> ConfigRecor
 
 def _load_round_inputs(msg: Message, settings: SiteSettings):
     """Model, the site's inputs (tensors, or public features for the feature head) and the round's config."""
-    from shared_model.architectures import build_model, load_site_inputs
+    from shared_model.model.architectures import build_model
+    from shared_model.sitedata.model_inputs import load_site_inputs
 
     config = msg.content[protocol.CONFIG_RECORD]
     model_cfg = protocol.read_schema(config, protocol.MODEL_CONFIG, ModelConfig)
@@ -64,8 +66,9 @@ def _load_round_inputs(msg: Message, settings: SiteSettings):
 def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
                   defaults: dict[str, Any] | None = None) -> Message:
     from fl_client.secure_aggregation import inside_secure_round
-    from shared_model.architectures import make_dataset, restrict_trainable
-    from shared_model.training import round_part, train_local, trainable_state
+    from shared_model.model.architectures import restrict_trainable
+    from shared_model.model.training import round_part, train_local, trainable_state
+    from shared_model.sitedata.model_inputs import make_dataset
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
     settings.apply_threads()
@@ -167,8 +170,8 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
 
 def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None,
                      defaults: dict[str, Any] | None = None) -> Message:
-    from shared_model.architectures import make_dataset
-    from shared_model.training import predict
+    from shared_model.model.training import predict
+    from shared_model.sitedata.model_inputs import make_dataset
 
     settings = SiteSettings.from_context(context, site_dirs, defaults)
     settings.apply_threads()
@@ -238,7 +241,7 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
 def _exact_metrics(settings: SiteSettings, preds: dict[str, Any], subset: Any, y: Any, s: Any, n_boot: int,
                    server_round: int) -> dict[str, Any]:
     """An exact reply (the site's exact-evaluation): metrics, histogram, population and risk-stage values."""
-    from shared_model.metrics import binary_metrics, score_histogram
+    from shared_model.evaluation.metrics import binary_metrics, score_histogram
 
     m = binary_metrics(y, s, n_bootstrap=n_boot, seed=server_round)
     # The score histogram at the resolution the site's policy allows (max-histogram-bins, default 100).
@@ -246,7 +249,7 @@ def _exact_metrics(settings: SiteSettings, preds: dict[str, Any], subset: Any, y
     metrics = protocol.encode_eval_metrics(m, n=len(y), n_pos=int(y.sum()), histogram=histogram)
     metrics.update(_population(subset))
     if "stage_prob" in preds:
-        from shared_model.stage_metrics import stage_metrics
+        from shared_model.evaluation.stage import stage_metrics
 
         metrics.update(protocol.encode_stage_metrics(stage_metrics(preds["stage"], preds["stage_prob"])))
     return metrics

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return EXIT_NO_SITE
 
-    from shared_model.site_check import check_site  # imported late: keeps `llnm-site --help` fast
+    from shared_model.sitedata.check import check_site  # imported late: keeps `llnm-site --help` fast
 
     inputs = None
     if args.experiment is not None:

@@ -33,12 +33,12 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
     import numpy as np
     from sklearn.metrics import confusion_matrix
 
-    from shared_model.architectures import load_site_inputs, make_dataset
-    from shared_model.checkpoint import model_from_checkpoint
-    from shared_model.metrics import binary_metrics, calibration_curve_data, decision_curve
-    from shared_model.modeling import ModelConfig
-    from shared_model.preprocessing import PreprocessConfig
-    from shared_model.training import predict
+    from shared_model.evaluation.metrics import binary_metrics, calibration_curve_data, decision_curve
+    from shared_model.model.checkpoint import model_from_checkpoint
+    from shared_model.model.modeling import ModelConfig
+    from shared_model.model.training import predict
+    from shared_model.sitedata.model_inputs import load_site_inputs, make_dataset
+    from shared_model.sitedata.preprocessing import PreprocessConfig
 
     model, meta = model_from_checkpoint(model_path)
     model_cfg = ModelConfig.from_dict(meta["model_config"])

@@ -41,8 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _report_units(site_dir: Path, pre: Any, ids: list[str]) -> dict[str, list[str]]:
     """What each report token of the model stands for: the report's segments, or its word pieces."""
-    from shared_model.contract import load_site
-    from shared_model.text_encoder import split_report, verify_encoder_files
+    from shared_model.model.text_encoder import split_report, verify_encoder_files
+    from shared_model.sitedata.contract import load_site
 
     site = load_site(site_dir, inputs=pre.inputs)
     texts = {}
@@ -100,11 +100,12 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
     from fl_client.explain.gradcam import gradcam_pp
     from fl_client.explain.location import capsule_bin, patient_locations
     from fl_client.explain.rollout import attention_rollout
-    from shared_model.architectures import load_site_inputs, make_dataset
-    from shared_model.checkpoint import model_from_checkpoint
-    from shared_model.config import ModelConfig, PreprocessConfig
-    from shared_model.explanation import CAPSULE_BIN_LABELS, LOBE_THIRDS, feature_groups
-    from shared_model.training import predict
+    from shared_model.config import PreprocessConfig
+    from shared_model.evaluation.explanation import CAPSULE_BIN_LABELS, LOBE_THIRDS, feature_groups
+    from shared_model.model.checkpoint import model_from_checkpoint
+    from shared_model.model.configuration import ModelConfig
+    from shared_model.model.training import predict
+    from shared_model.sitedata.model_inputs import load_site_inputs, make_dataset
 
     site, out = Path(site_dir).resolve(), Path(out_dir).resolve()
     if out == site or out.is_relative_to(site):

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the file's description as indented JSON; on an unusable file print the reason and return 2."""
-    from shared_model.imaging import ImageReadError, inspect_file
+    from shared_model.sitedata.imaging import ImageReadError, inspect_file
 
     try:
         info = inspect_file(args.file, frame=args.frame)

@@ -200,8 +200,8 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
     """Secure by default: a kit (or a CA certificate) and the site's key; plain HTTP only on loopback."""
     from fl_client.site_state import check_outside, state_root
     from shared_model.config import ConfigError
-    from shared_model.connection_check import is_loopback, split_address
-    from shared_model.site_kit import check_site_private_key, load_kit
+    from shared_model.protocol.connection_check import is_loopback, split_address
+    from shared_model.protocol.site_kit import check_site_private_key, load_kit
 
     superlink, ca, name = args.superlink, args.root_certificates, args.name
     if args.kit:
@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if not args.skip_check and not args.print_command:
-        from shared_model.site_check import check_site
+        from shared_model.sitedata.check import check_site
 
         report = check_site(site, deep=False)
         if not report.usable:
@@ -327,7 +327,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_command:
         return 0
     if not args.skip_probe:
-        from shared_model.connection_check import probe_superlink
+        from shared_model.protocol.connection_check import probe_superlink
 
         probe = probe_superlink(plan.superlink, ca_file=Path(plan.root_certificates) if plan.root_certificates
                                 else None)

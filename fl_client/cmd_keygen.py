@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shared_model.site_kit import make_site_key, public_key_fingerprint
+    from shared_model.protocol.site_kit import make_site_key, public_key_fingerprint
 
     private_path, public_path = args.out / f"{args.name}.key", args.out / f"{args.name}.pub"
     for path in (private_path, public_path):

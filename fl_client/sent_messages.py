@@ -143,9 +143,9 @@ class Needle:
 def site_needles(site_dir: Path, cache_dir: Path | None = None) -> tuple[list[str], list[Needle]]:
     """(the table's patient ids, the byte strings that must never leave: report segments, pixel windows,
     cached tensor windows)."""
-    from shared_model.contract import load_site
-    from shared_model.imaging import read_image
-    from shared_model.text_encoder import split_report
+    from shared_model.model.text_encoder import split_report
+    from shared_model.sitedata.contract import load_site
+    from shared_model.sitedata.imaging import read_image
 
     site = load_site(site_dir)
     ids = sorted({p.patient_id for p in site.patients} | _table_ids(site.root))
@@ -203,8 +203,8 @@ def _cache_needles(site_name: str, cache_dir: Path | None) -> Iterable[Needle]:
     """Windows of every patient's preprocessed image and report tensors in the site's cache files."""
     import torch
 
-    from shared_model.data import SiteTensors
-    from shared_model.site_cache import default_cache_dir
+    from shared_model.sitedata.cache import default_cache_dir
+    from shared_model.sitedata.tensors import SiteTensors
 
     folder = default_cache_dir(cache_dir)
     for path in sorted(folder.glob(f"{site_name}-*.pt")):

@@ -1,5 +1,5 @@
 """The site side of `federation.update_transport: float16`: a ClientApp mod that sends the update as float16
-differences from the model the round sent (shared_model/update_codec.py).
+differences from the model the round sent (shared_model/protocol/update_codec.py).
 
 It is the outermost train mod, so it encodes exactly what would otherwise leave: the update after the
 client-side DP clipping mod (post-processing of a released value costs no privacy).
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from flwr.app import Array, ArrayRecord, Context, Message
 
 from shared_model import protocol
-from shared_model.update_codec import ENCODING_FLOAT16_DELTA, encode_update
+from shared_model.protocol.update_codec import ENCODING_FLOAT16_DELTA, encode_update
 
 
 def update_transport_mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:

@@ -28,15 +28,15 @@ log = logging.getLogger("llnm.baseline")
 
 
 def _load_all(exp: ExperimentConfig, sites: list[Path], progress: bool = True):
-    from shared_model.architectures import load_site_inputs
+    from shared_model.sitedata.model_inputs import load_site_inputs
 
     pre, arch = exp.preprocess, exp.architecture()
     return {p.name: load_site_inputs(p, pre, arch, cache_dir=exp.data.cache_dir, progress=progress) for p in sites}
 
 
 def _scores(model, tensors, split: str, device: str) -> tuple[np.ndarray, np.ndarray]:
-    from shared_model.architectures import make_dataset
-    from shared_model.training import predict
+    from shared_model.model.training import predict
+    from shared_model.sitedata.model_inputs import make_dataset
 
     preds = predict(model, make_dataset(tensors.subset(split)), device=device)
     keep = preds["llnm"] >= 0
@@ -53,9 +53,10 @@ def train_reference(exp: ExperimentConfig, train_sets: list, val_sets: list, epo
     import torch
     from torch.utils.data import ConcatDataset
 
-    from shared_model.architectures import build_model, make_dataset
-    from shared_model.metrics import binary_metrics
-    from shared_model.training import predict, scheduled_lr, train_local
+    from shared_model.evaluation.metrics import binary_metrics
+    from shared_model.model.architectures import build_model
+    from shared_model.model.training import predict, scheduled_lr, train_local
+    from shared_model.sitedata.model_inputs import make_dataset
 
     torch.manual_seed(exp.train.seed)
     model = build_model(exp.architecture())
@@ -113,7 +114,7 @@ def run_baseline(exp: ExperimentConfig, mode: str, run_dir: Path, data_root: str
 
 
 def _run(exp: ExperimentConfig, mode: str, run_dir: Path, sites: list[Path], progress: bool) -> dict[str, Any]:
-    from shared_model.metrics import binary_metrics
+    from shared_model.evaluation.metrics import binary_metrics
 
     epochs = exp.baseline.epochs or exp.data_epochs()
     tensors = _load_all(exp, sites, progress)

@@ -2,7 +2,7 @@
 
 Why a command: baselines, federated runs and published results (e.g. the LLNM-Net Source Data) end up as
 tables of per-patient scores; this turns any such table into the metrics of
-`shared_model.metrics.binary_metrics` (JSON, one entry per group), so all of them are compared with one
+`shared_model.evaluation.metrics.binary_metrics` (JSON, one entry per group), so all of them are compared with one
 implementation.
 
 The CSV is read with the `csv` module rather than pandas so that every problem is reported with its exact file
@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from shared_model.metrics import decision_curve, metrics_table
+from shared_model.evaluation.metrics import decision_curve, metrics_table
 
 PROG = "llnm-server evaluate-predictions"
 # How many offending rows an error or warning quotes before summarising the rest as a count.

@@ -16,7 +16,7 @@ from typing import Any
 from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.run_dir import RunDirectory
 from shared_model.environment import use_offline_environment
-from shared_model.site_cache import default_cache_dir
+from shared_model.sitedata.cache import default_cache_dir
 
 log = logging.getLogger("llnm.server")
 

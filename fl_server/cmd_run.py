@@ -32,7 +32,7 @@ def launch(rd: RunDirectory, conn: object) -> int:
     assert isinstance(conn, ControlConnection)
     from pathlib import Path
 
-    from shared_model.connection_check import probe_superlink
+    from shared_model.protocol.connection_check import probe_superlink
 
     probe = probe_superlink(conn.address, ca_file=Path(conn.root_certificates) if conn.root_certificates else None)
     advice = {"down": "start it first (`llnm-server start --provision DIR`) or check --superlink",

@@ -21,14 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from shared_model.config import (
-    ConfigError,
-    ModelConfig,
-    PatientDPConfig,
-    PreprocessConfig,
-    TrainConfig,
-    format_validation_error,
-)
+from shared_model.config import ConfigError, PatientDPConfig, PreprocessConfig, TrainConfig, format_validation_error
+from shared_model.model.configuration import ModelConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "parse_set_options"]
 
@@ -112,7 +106,7 @@ class FederationSection(_Strict):
     max_update_norm: float | None = Field(default=None, gt=0.0)
     max_update_norm_ratio: float | None = Field(default=10.0, gt=1.0)
     # How sites upload their update: float32 weights, or float16 differences from the round's model (half the
-    # bytes; shared_model/update_codec.py). Not with secure aggregation.
+    # bytes; shared_model/protocol/update_codec.py). Not with secure aggregation.
     update_transport: Literal["float32", "float16"] = "float32"
     # Train rounds with Flower's SecAgg+: the coordinator sees only the masked sum of the sites' updates.
     secure_aggregation: bool = False
@@ -123,7 +117,7 @@ class FederationSection(_Strict):
 class EvaluationSection(_Strict):
     """What the final evaluation asks of the sites beyond metrics."""
 
-    # Each site also returns explanation aggregates (shared_model.explanation): integrated-gradients
+    # Each site also returns explanation aggregates (shared_model.evaluation.explanation): integrated-gradients
     # feature-group shares and LLNM counts by capsule-distance bin and lobe third. Never a per-patient value;
     # a site whose policy says share-explanations=false sends none.
     explain: bool = False

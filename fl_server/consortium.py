@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from shared_model.config import ConfigError, format_validation_error
-from shared_model.connection_check import split_address
+from shared_model.protocol.connection_check import split_address
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 

@@ -95,7 +95,7 @@ def register_site(provision_dir: Path, name: str, public_key_file: Path, *,
                   superlink: str | None = None) -> dict[str, Any]:
     from fl_server.consortium import load_consortium
     from fl_server.provisioning import CONSORTIUM_FILE
-    from shared_model.site_kit import load_site_public_key
+    from shared_model.protocol.site_kit import load_site_public_key
 
     require_provisioned(provision_dir)
     consortium = load_consortium(provision_dir / CONSORTIUM_FILE)

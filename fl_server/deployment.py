@@ -23,8 +23,8 @@ from typing import Any
 
 from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.run_dir import RunDirectory
-from shared_model.connection_check import is_loopback, split_address
 from shared_model.environment import offline_environment
+from shared_model.protocol.connection_check import is_loopback, split_address
 
 # Flower refuses a FAB above this size (flwr.common.constant.FAB_MAX_SIZE).
 FAB_MAX_BYTES = 10 * 1024 * 1024

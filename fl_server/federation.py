@@ -238,7 +238,7 @@ class Federation:
         """Every connected site evaluates the global model on its `split`; per-site metrics plus pooled
         metrics merged exactly from the sites' score histograms (see `Evaluation`). `skip_nodes` (sites that
         just failed to answer in training) are not waited for a second time in the same round."""
-        from shared_model.metrics import metrics_from_histograms
+        from shared_model.evaluation.metrics import metrics_from_histograms
 
         nodes = list(self.grid.get_node_ids())
         config = round_config(self.exp, server_round, split=split, explain=explain, run_id=self.run_id)
@@ -437,7 +437,7 @@ class Federation:
                                  "sites": ev.sites, "pooled": ev.pooled, "failures": ev.failures,
                                  "histograms": ev.histograms}
         if explain:
-            from shared_model.explanation import combine_site_explanations
+            from shared_model.evaluation.explanation import combine_site_explanations
 
             final["explanations"] = {**combine_site_explanations(ev.explanations, self.exp.preprocess.inputs),
                                      "withheld": ev.withheld}

@@ -33,7 +33,7 @@ def _rounds_detail(t: dict) -> str:
 
 
 def _sha256(path: Path) -> str | None:
-    from shared_model.encoder_files import sha256_file
+    from shared_model.model.encoder_files import sha256_file
 
     return sha256_file(path) if path.is_file() else None
 
@@ -73,8 +73,8 @@ def _limitations(cfg: ExperimentConfig, report: dict[str, Any], synthetic: bool)
 
 def model_card_data(rd: RunDirectory, cfg: ExperimentConfig, report: dict[str, Any]) -> dict[str, Any]:
     """The card's content (also kept in report.json under `model_card`)."""
-    from shared_model.architectures import build_model
-    from shared_model.modeling import count_parameters
+    from shared_model.model.architectures import build_model
+    from shared_model.model.modeling import count_parameters
 
     final = report.get("final") or {}
     arch = cfg.architecture()
@@ -85,7 +85,7 @@ def model_card_data(rd: RunDirectory, cfg: ExperimentConfig, report: dict[str, A
         weights = text.sha256 or _sha256(text.resolved_path() / "model.safetensors")
         encoders["text encoder (model.safetensors)"] = weights
     if arch.architecture == "feature-head":
-        from shared_model.public_features import BACKBONE_SHA256
+        from shared_model.model.backbone import BACKBONE_SHA256
 
         encoders["image backbone (EfficientNet-Lite0)"] = BACKBONE_SHA256
     sites = final.get("sites") or {}

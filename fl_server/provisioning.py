@@ -29,7 +29,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fl_server.consortium import ConsortiumConfig
 from shared_model.config import ConfigError
-from shared_model.site_kit import KIT_FILE, certificate_sha256
+from shared_model.protocol.site_kit import KIT_FILE, certificate_sha256
 
 CA_CERT = Path("ca/ca.crt")
 CA_KEY = Path("ca/ca.key")

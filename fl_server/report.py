@@ -5,7 +5,7 @@ final evaluation and the sites' final score histograms), `privacy.json` (the led
 site is contacted. The figures are drawn with matplotlib and embedded as PNG data URIs, so the page opens
 offline and can be mailed as one file.
 
-From a site's score histogram (`shared_model.metrics.score_histogram`: per-class counts on equal bins of
+From a site's score histogram (`shared_model.evaluation.metrics.score_histogram`: per-class counts on equal bins of
 [0, 1]) the per-site curves are exact at the bin edges: the ROC curve and the decision curve (net benefit) take
 each edge as a threshold, and the calibration curve compares each bin's observed LLNM rate with its mid-point
 (the true mean score inside a bin is within half a bin width of it).
@@ -31,7 +31,7 @@ CALIBRATION_BINS = 10
 
 def histogram_curves(hist: dict[str, Any]) -> dict[str, Any]:
     """ROC, calibration and decision-curve points of one site's score histogram."""
-    from shared_model.metrics import dense_counts
+    from shared_model.evaluation.metrics import dense_counts
 
     k = int(hist["n_bins"])
     # A DP histogram's noisy counts may be negative: a curve shows them clipped at zero.

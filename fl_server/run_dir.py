@@ -255,7 +255,7 @@ class RunDirectory:
         return self.checkpoints / f"server-state-{rnd:04d}.json"
 
     def save_checkpoint(self, rnd: int, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
-        from shared_model.checkpoint import save_checkpoint
+        from shared_model.model.checkpoint import save_checkpoint
 
         return save_checkpoint(self.checkpoint_file(rnd), state, {"round": rnd, **meta})
 
@@ -267,7 +267,7 @@ class RunDirectory:
 
     def load_checkpoint(self, rnd: int) -> dict[str, torch.Tensor]:
         """Round `rnd`'s global weights; a damaged file (its SHA-256 not the side-car's) raises CheckpointError."""
-        from shared_model.checkpoint import load_checkpoint
+        from shared_model.model.checkpoint import load_checkpoint
 
         return load_checkpoint(self.checkpoint_file(rnd))[0]
 

@@ -17,7 +17,7 @@ from shared_model import protocol
 
 def initial_state(exp: ExperimentConfig) -> dict[str, torch.Tensor]:
     """The round-0 global model, reproducible from the run's seed."""
-    from shared_model.architectures import build_model
+    from shared_model.model.architectures import build_model
 
     torch.manual_seed(exp.train.seed)
     model = build_model(exp.architecture())
@@ -83,7 +83,7 @@ def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None 
                  explain: bool = False, run_id: str | None = None) -> ConfigRecord:
     """What a site needs for one round, in the round's ConfigRecord; `run_id` is the run's identity at the
     sites (`RunDirectory.run_uid`; default the experiment's name)."""
-    from shared_model.training import scheduled_lr
+    from shared_model.model.training import scheduled_lr
 
     total = int(exp.federation.rounds)
     train = exp.train.model_copy(update={

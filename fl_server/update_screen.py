@@ -65,7 +65,7 @@ def _decode(reply: Message, reference: dict[str, np.ndarray], transport: str) ->
     """Turn a float16-difference update back into float32 weights in place; the problem, if it cannot be."""
     from flwr.app import Array, ArrayRecord
 
-    from shared_model.update_codec import ENCODING_FLOAT16_DELTA, decode_update, reply_encoding
+    from shared_model.protocol.update_codec import ENCODING_FLOAT16_DELTA, decode_update, reply_encoding
 
     encoding = reply_encoding(reply.content.get(protocol.SITE_RECORD, {}))
     wanted = ENCODING_FLOAT16_DELTA if transport == "float16" else "float32"
@@ -88,7 +88,8 @@ def screen_updates(replies: list[Message], reference: dict[str, np.ndarray], *, 
     """(accepted replies, one failure record per rejected reply). `reference` is the round's global model.
 
     With `transport` float16 each update arrives as float16 differences and is first turned back into float32
-    weights (shared_model/update_codec.py); a reply in another encoding than the round asked for is rejected."""
+    weights (shared_model/protocol/update_codec.py); a reply in another encoding than the round asked for is
+    rejected."""
     accepted: list[tuple[Message, float]] = []
     rejected: list[dict[str, Any]] = []
 

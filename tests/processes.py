@@ -101,7 +101,7 @@ def rounds_of(run_dir: Path) -> list[int]:
 
 def prebuild_caches(sites: list[Path], config: Path) -> None:
     """Sites build their preprocessing cache once before joining (as `llnm-site check`/join would)."""
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.sitedata.cache import build_site_tensors
 
     pre = load_config(config).preprocess
     for site in sites:

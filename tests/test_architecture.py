@@ -1,5 +1,6 @@
-"""The layering rules of docs/architecture.md, checked on the source: who may import whom, no import
-cycles, every message key defined once (shared_model/protocol.py) and one schema per configuration concern."""
+"""The layering rules of docs/architecture.md, checked on the source: who may import whom (imports inside
+`TYPE_CHECKING` blocks and functions included), no import cycles, every message key defined once
+(shared_model/protocol/__init__.py) and one schema per configuration concern."""
 
 from __future__ import annotations
 
@@ -24,19 +25,14 @@ def _sources() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
-def _is_type_checking_block(node: ast.AST) -> bool:
-    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-
-
 def _imports(path: Path, module: str) -> list[tuple[str, int]]:
-    """Every project module imported anywhere in the file (function bodies too), except under TYPE_CHECKING."""
+    """Every project module imported anywhere in the file: function bodies and `TYPE_CHECKING` blocks too (a
+    type's import is a dependency like any other: a rule or a cycle it breaks is broken)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     is_package = path.name == "__init__.py"
     out: list[tuple[str, int]] = []
 
     def visit(node: ast.AST) -> None:
-        if _is_type_checking_block(node):
-            return
         if isinstance(node, ast.Import):
             out.extend((alias.name, node.lineno) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -76,6 +72,39 @@ def test_shared_model_knows_no_role() -> None:
                  for module, path in _sources().items() if module.startswith("shared_model")
                  for name, line in _imports(path, module) if name.split(".")[0] != "shared_model"]
     assert not offenders, offenders
+
+
+def test_the_coordinator_never_imports_the_site_data_package() -> None:
+    """The coordinator never reads patient files: nothing in fl_server imports shared_model.sitedata."""
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                 for module, path in _sources().items() if module.startswith("fl_server")
+                 for name, line in _imports(path, module) if name.startswith("shared_model.sitedata")]
+    assert not offenders, offenders
+
+
+def test_the_model_and_evaluation_code_read_no_site_files() -> None:
+    """What both roles run of LLNM-Net, its evaluation, the protocol and the schemas imports nothing of the
+    site-data package."""
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                 for module, path in _sources().items()
+                 if module.startswith(("shared_model.model", "shared_model.evaluation", "shared_model.protocol",
+                                       "shared_model.config"))
+                 for name, line in _imports(path, module) if name.startswith("shared_model.sitedata")]
+    assert not offenders, offenders
+
+
+def test_nothing_in_the_approved_app_imports_research_code() -> None:
+    """The app hospitals approve (pyproject's fab-include) holds and imports no research code."""
+    import tomllib
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["fab-include"]
+    assert not [p for p in include if p.startswith("fl_research")], include
+    app = ("fl_client", "fl_server", "shared_model")
+    offenders = [f"{path.relative_to(ROOT)}:{line} imports {name}"
+                 for module, path in _sources().items() if module.startswith(app)
+                 for name, line in _imports(path, module) if name.split(".")[0] == "fl_research"]
+    assert not offenders, offenders
+    assert not (ROOT / "shared_model" / "synthetic").exists() and not (ROOT / "fl_client" / "importers").exists()
 
 
 def test_sites_never_import_the_coordinator() -> None:
@@ -149,7 +178,7 @@ def test_experiment_sections_are_the_shared_schemas() -> None:
     assert ExperimentConfig().train.lr == config.TrainConfig().lr
     lr_spellings = [str(p.relative_to(ROOT)) for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
                     if "3e-4" in p.read_text(encoding="utf-8")]
-    assert lr_spellings == ["shared_model/config.py"]
+    assert lr_spellings == ["shared_model/config/schemas.py"]
 
 
 @pytest.mark.parametrize("schema", ["ModelConfig", "PreprocessConfig", "TrainConfig", "PatientDPConfig"])
@@ -157,13 +186,14 @@ def test_round_config_carries_the_schemas_and_the_site_reads_them_back(schema: s
     from fl_server.config import parse_config
     from fl_server.strategies import round_config
     from shared_model import config, protocol
+    from shared_model.model.configuration import ModelConfig
 
     exp = parse_config({"privacy": {"patient": {"enabled": True, "target_epsilon": 3.0}},
                         "federation": {"strategy": "fedprox", "rounds": 4}})
     record = round_config(exp, 2)
     key = {"ModelConfig": protocol.MODEL_CONFIG, "PreprocessConfig": protocol.PREPROCESS_CONFIG,
            "TrainConfig": protocol.TRAIN_CONFIG, "PatientDPConfig": protocol.PRIVACY_CONFIG}[schema]
-    got = protocol.read_schema(record, key, getattr(config, schema))
+    got = protocol.read_schema(record, key, ModelConfig if schema == "ModelConfig" else getattr(config, schema))
     want = {"ModelConfig": exp.architecture(), "PreprocessConfig": exp.preprocess,
             "TrainConfig": exp.train, "PatientDPConfig": exp.privacy.patient}[schema]
     if schema == "TrainConfig":  # the round's own learning rate (the schedule), nothing else changes
@@ -178,8 +208,10 @@ def test_a_bad_round_config_is_refused_naming_the_key() -> None:
 
     with pytest.raises(protocol.ProtocolError, match=r"(?s)round config 'train-config'.*lr : unknown key"):
         protocol.read_schema({protocol.TRAIN_CONFIG: '{"lr ": 0.1}'}, protocol.TRAIN_CONFIG, config.TrainConfig)
+    from shared_model.model.configuration import ModelConfig
+
     with pytest.raises(protocol.ProtocolError, match="round config: no 'model-config'"):
-        protocol.read_schema({}, protocol.MODEL_CONFIG, config.ModelConfig)
+        protocol.read_schema({}, protocol.MODEL_CONFIG, ModelConfig)
 
 
 def test_evaluation_metrics_round_trip_through_the_message_encoding() -> None:
@@ -188,7 +220,7 @@ def test_evaluation_metrics_round_trip_through_the_message_encoding() -> None:
     import numpy as np
 
     from shared_model import protocol
-    from shared_model.metrics import score_histogram
+    from shared_model.evaluation.metrics import score_histogram
 
     y = np.array([0, 1, 1, 0, 1])
     s = np.array([0.1, 0.8, 0.6, 0.3, 0.9])

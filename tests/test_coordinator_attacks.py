@@ -35,16 +35,17 @@ import torch
 from site_process import SiteRun, deliver
 
 from shared_model import protocol
-from shared_model.config import ModelConfig, PatientDPConfig, PreprocessConfig, TrainConfig
+from shared_model.config import PatientDPConfig, PreprocessConfig, TrainConfig
+from shared_model.config.inputs import InputsConfig
 from shared_model.dp_accounting import epsilon_for, gaussian_sigma
-from shared_model.inputs import InputsConfig
+from shared_model.model.configuration import ModelConfig
 
 BIN = Path(sys.executable).parent
 INPUTS = InputsConfig(images=False, reports=False)
 PRE = PreprocessConfig(inputs=INPUTS)
 HEAD = ModelConfig.preset("tiny", architecture="feature-head", images=False, reports=False, feature_centring="none",
                           num_clinical=len(INPUTS.token_levels), clinical_levels=INPUTS.token_levels)
-AGE_CENTER, AGE_SCALE = 45.0, 15.0  # the paper's age token (shared_model.inputs.PAPER_CLINICAL)
+AGE_CENTER, AGE_SCALE = 45.0, 15.0  # the paper's age token (shared_model.config.inputs.PAPER_CLINICAL)
 AGES = range(18, 91)
 
 
@@ -59,7 +60,7 @@ def round_config(run: str, rnd: int, total: int, *, privacy: PatientDPConfig | N
 
 
 def head_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    from shared_model.architectures import build_model
+    from shared_model.model.architectures import build_model
 
     torch.manual_seed(seed)
     return {k: v.clone() for k, v in build_model(HEAD).state_dict().items()}
@@ -303,8 +304,8 @@ def returning_messages(source: Path, base: Path) -> list[dict[str, Any]]:
     old, new = set(train[: len(train) // 2]), set(train[len(train) // 2:])
     returning = sorted(old)[0]
     # Run 2 alone costs epsilon_for of its steps (the public count is the site's, rounded): the budget is 1.2x that.
-    from shared_model.contract import coarse_count
     from shared_model.dp_accounting import opacus_sampling
+    from shared_model.sitedata.contract import coarse_count
 
     q, steps = opacus_sampling(coarse_count(len(new) + 1), 8)
     budget = round(1.2 * epsilon_for([(1.0, q, steps)], 1e-5, "rdp"), 4)

@@ -39,7 +39,7 @@ from processes import (
 from fl_server.config import ConfigError
 from fl_server.consortium import ConsortiumConfig, load_consortium
 from fl_server.provisioning import CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY, provision
-from shared_model.site_kit import load_kit, load_site_public_key, make_site_key
+from shared_model.protocol.site_kit import load_kit, load_site_public_key, make_site_key
 
 
 def consortium(sites: list[str], address: str = "127.0.0.1:9093", **extra: object) -> ConsortiumConfig:
@@ -267,7 +267,7 @@ class _TLSServer:
 
 
 def test_transport_mismatch_is_named_before_the_supernode_starts(tmp_path: Path) -> None:
-    from shared_model.connection_check import probe_superlink
+    from shared_model.protocol.connection_check import probe_superlink
 
     out = tmp_path / "prov"
     provision(consortium(["site-a"]), out)

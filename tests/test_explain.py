@@ -19,20 +19,20 @@ from processes import BIN, ROOT, tree_digest
 
 from fl_server.config import ConfigError, load_config, parse_config
 from shared_model import protocol
-from shared_model.explanation import (
+from shared_model.config.inputs import InputsConfig
+from shared_model.evaluation.explanation import (
     CAPSULE_BIN_LABELS,
     MIN_AGGREGATE_PATIENTS,
     combine_site_explanations,
     feature_groups,
 )
-from shared_model.inputs import InputsConfig
 
 SITE = "site-a"
 
 
 # ---- pure parts ---------------------------------------------------------------------------------------
 def test_feature_groups_follow_the_inputs_and_map_onto_the_papers_four() -> None:
-    from shared_model.explanation import paper_group_of
+    from shared_model.evaluation.explanation import paper_group_of
 
     inputs = InputsConfig()
     groups = feature_groups(inputs)
@@ -76,7 +76,7 @@ def test_site_explanations_combine_weighted_by_patients_and_sum_counts() -> None
 
 
 def test_explanation_and_stage_values_survive_the_message_encoding() -> None:
-    from shared_model.stage_metrics import stage_metrics
+    from shared_model.evaluation.stage import stage_metrics
 
     expl = {"n": 12, "shares": [0.5, 0.5], "capsule": {"n": [1, 2, 3, 6], "observed": [1, 1, 0, 2],
                                                         "predicted": [0, 1, 1, 1],
@@ -106,9 +106,9 @@ def test_rollout_and_gradcam_on_a_tiny_model() -> None:
     for a missing view."""
     from fl_client.explain.gradcam import gradcam_pp
     from fl_client.explain.rollout import attention_rollout
-    from shared_model.config import ModelConfig
-    from shared_model.data import SiteTensors
-    from shared_model.modeling import LLNMNet
+    from shared_model.model.configuration import ModelConfig
+    from shared_model.model.modeling import LLNMNet
+    from shared_model.sitedata.tensors import SiteTensors
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", image_size=32, patch_size=8, text_max_length=6, num_clinical=3, text_dim=16)
@@ -170,9 +170,10 @@ def _evaluate(small_consortium: Path, monkeypatch: pytest.MonkeyPatch, node_conf
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "dp"])
 def test_an_explaining_site_sends_no_image_report_id_or_per_patient_value(
         small_consortium: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, exact: bool) -> None:
-    from shared_model.architectures import build_model, load_site_inputs, make_dataset
-    from shared_model.contract import load_site
-    from shared_model.training import predict
+    from shared_model.model.architectures import build_model
+    from shared_model.model.training import predict
+    from shared_model.sitedata.contract import load_site
+    from shared_model.sitedata.model_inputs import load_site_inputs, make_dataset
 
     reply, exp, state = _evaluate(small_consortium, monkeypatch, {"exact-evaluation": exact}, tmp_path)
     content = reply.content
@@ -241,7 +242,7 @@ def test_an_explaining_site_sends_no_image_report_id_or_per_patient_value(
 def test_site_explain_command_writes_its_own_folder_only(small_consortium: Path, tmp_path: Path) -> None:
     """`llnm-site explain`: Grad-CAM++ figures, ranked report segments and shares, outside the site's folder."""
     from fl_server.strategies import initial_state
-    from shared_model.checkpoint import save_checkpoint
+    from shared_model.model.checkpoint import save_checkpoint
 
     exp = load_config(ROOT / "configs" / "demo.yaml")
     torch.manual_seed(5)

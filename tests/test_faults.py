@@ -96,7 +96,7 @@ def test_a_sites_own_evaluation_names_the_rows_it_left_out(tmp_path, capsys) -> 
     from fl_client import cmd_evaluate
     from fl_server.config import parse_config
     from fl_server.strategies import initial_state
-    from shared_model.checkpoint import save_checkpoint
+    from shared_model.model.checkpoint import save_checkpoint
 
     rows = _rows(12)
     site = _clinical_site(tmp_path / "site", [*rows, rows[3]])
@@ -184,7 +184,7 @@ def test_a_site_that_dropped_mid_round_is_one_failure(tmp_path) -> None:
 def _tiny_checkpoint(tmp_path):
     from fl_server.config import parse_config
     from fl_server.strategies import initial_state
-    from shared_model.checkpoint import save_checkpoint
+    from shared_model.model.checkpoint import save_checkpoint
 
     exp = parse_config({"model": {"preset": "tiny"}})
     meta = {"round": 1, "model_config": exp.architecture().to_dict(), "preprocess_config": exp.preprocess.to_dict()}
@@ -192,7 +192,7 @@ def _tiny_checkpoint(tmp_path):
 
 
 def _expect_refused(path, *words: str, named=None) -> str:
-    from shared_model.checkpoint import CheckpointError, model_from_checkpoint
+    from shared_model.model.checkpoint import CheckpointError, model_from_checkpoint
 
     with pytest.raises(CheckpointError) as err:
         model_from_checkpoint(path)
@@ -209,7 +209,7 @@ def test_a_damaged_or_foreign_checkpoint_is_refused_by_name(tmp_path) -> None:
     import hashlib
     import json
 
-    from shared_model.checkpoint import model_from_checkpoint
+    from shared_model.model.checkpoint import model_from_checkpoint
 
     path, exp = _tiny_checkpoint(tmp_path)
     data = path.read_bytes()
@@ -296,8 +296,8 @@ def test_a_full_disk_while_building_the_cache_is_a_clear_error_and_never_a_half_
 
     from fl_server.config import load_config
     from fl_server.strategies import initial_state
-    from shared_model.checkpoint import save_checkpoint
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.model.checkpoint import save_checkpoint
+    from shared_model.sitedata.cache import build_site_tensors
 
     site = first_patients(small_consortium / "site-a", tmp_path / "site-a", 6)
     before = tree_digest(site)
@@ -324,7 +324,7 @@ def test_a_full_disk_while_building_the_cache_is_a_clear_error_and_never_a_half_
     built = build_site_tensors(site, exp.preprocess, cache_dir=cache, progress=False)
     (path,) = cache.glob("site-a-*.pt")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING, logger="shared_model.site_cache"):
+    with caplog.at_level(logging.WARNING, logger="shared_model.sitedata.cache"):
         again = build_site_tensors(site, exp.preprocess, cache_dir=cache, progress=False)
     assert f"cache file {path} is unreadable" in caplog.text and "rebuilding it" in caplog.text
     assert again.patient_ids == built.patient_ids and torch.equal(again.image, built.image)
@@ -394,7 +394,7 @@ def test_the_superlink_and_serverapp_killed_mid_round_then_resumed(tmp_path, sma
     assert [r["round"] for r in metrics["rounds"]] == [1, 2, 3]
     assert all(set(r["participants"]) == set(names) for r in metrics["rounds"]), metrics["rounds"]
     if not dp:
-        from shared_model.checkpoint import load_checkpoint
+        from shared_model.model.checkpoint import load_checkpoint
 
         resumed_model, _ = load_checkpoint(run_dir / "checkpoints" / "round-0003.safetensors")
         reference_model, _ = load_checkpoint(tmp_path / "reference" / "checkpoints" / "round-0003.safetensors")
@@ -517,7 +517,7 @@ def test_fewer_sites_than_the_quorum_stop_the_run_and_keep_the_last_round(tmp_pa
     from processes import BIN, ROOT, Loopback, fault_config, prebuild_caches, record_fault, rounds_of, stop
     from test_privacy import DELTA, PATIENT_Z, check_patient_epsilons
 
-    from shared_model.checkpoint import model_from_checkpoint
+    from shared_model.model.checkpoint import model_from_checkpoint
 
     names = ["site-a", "site-b", "site-c"]
     sites = [small_consortium / n for n in names]

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from shared_model.architectures import build_model, make_dataset, restrict_trainable
-from shared_model.config import ModelConfig
-from shared_model.feature_head import FEATURE_NORM, FeatureHeadNet, _normalise
-from shared_model.public_features import BACKBONE_SHA256, IMAGE_DIM, ImageBackbone, backbone_path
+from shared_model.model.architectures import build_model, restrict_trainable
+from shared_model.model.backbone import BACKBONE_SHA256, IMAGE_DIM, ImageBackbone, backbone_path
+from shared_model.model.configuration import ModelConfig
+from shared_model.model.feature_head import FEATURE_NORM, FeatureHeadNet, _normalise
+from shared_model.sitedata.model_inputs import make_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -96,7 +97,7 @@ def test_dp_sgd_trains_only_the_restricted_subset(tmp_path: Path) -> None:
     import test_privacy as tp
 
     from fl_client.privacy import PatientDPSession
-    from shared_model.training import TrainConfig, train_local, trainable_state
+    from shared_model.model.training import TrainConfig, train_local, trainable_state
 
     data = tp.patient_tensors(16)
     model = build_model(tp.TINY)
@@ -113,7 +114,7 @@ def test_dp_sgd_trains_only_the_restricted_subset(tmp_path: Path) -> None:
 
 
 def test_feature_dataset_matches_the_models_batch_layout() -> None:
-    from shared_model.public_features import PublicFeatures
+    from shared_model.sitedata.public_features import PublicFeatures
 
     b = feature_batch(3)
     feats = PublicFeatures("s", ["p1", "p2", "p3"], ["train", "test", "train"], *b)
@@ -126,7 +127,7 @@ def test_feature_dataset_matches_the_models_batch_layout() -> None:
 def test_centring_uses_validation_patients_only() -> None:
     """The site's centring vector comes from its validation patients, so a training patient's centred inputs
     depend on that patient alone (what DP-SGD's per-patient analysis needs)."""
-    from shared_model.public_features import PublicFeatures
+    from shared_model.sitedata.public_features import PublicFeatures
 
     b = feature_batch(6)
     splits = ["train", "train", "val", "val", "test", "train"]
@@ -148,7 +149,7 @@ def test_centring_uses_validation_patients_only() -> None:
 @pytest.mark.slow
 def test_public_features_of_a_real_site_are_cached(small_consortium: Path, tmp_path: Path) -> None:
     from fl_server.config import load_config
-    from shared_model import public_features as pf
+    from shared_model.sitedata import public_features as pf
 
     exp = load_config(ROOT / "configs" / "demo.yaml")
     cache = tmp_path / "cache"

@@ -65,7 +65,7 @@ def test_bad_config_names_the_key(tmp_path: Path, patch: dict, expected: str) ->
 
 def test_cosine_schedule_reaches_sites_through_the_round_config(tmp_path: Path) -> None:
     from fl_server.strategies import round_config
-    from shared_model.training import TrainConfig, scheduled_lr
+    from shared_model.model.training import TrainConfig, scheduled_lr
 
     exp = load_config(write_config(tmp_path, train={"lr": 0.002, "lr_schedule": "cosine", "lr_min_ratio": 0.1},
                                    federation={"rounds": 5}))
@@ -82,7 +82,7 @@ def test_rounds_per_epoch_splits_each_pass_into_disjoint_parts(tmp_path: Path) -
     round number; k rounds cover the training split exactly once, and the baseline trains the same passes."""
     from fl_server.strategies import round_config
     from shared_model import protocol
-    from shared_model.training import round_part
+    from shared_model.model.training import round_part
 
     exp = load_config(write_config(tmp_path, federation={"rounds": 12, "rounds_per_epoch": 4}))
     assert exp.data_epochs() == 3

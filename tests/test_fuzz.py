@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from processes import tree_digest
 
 from fl_server.config import ConfigError, load_config, parse_config
-from shared_model.contract import load_site
-from shared_model.imaging.common import ImageReadError
-from shared_model.imaging.masks import read_mask
-from shared_model.imaging.reader import read_image
+from shared_model.sitedata.contract import load_site
+from shared_model.sitedata.imaging.common import ImageReadError
+from shared_model.sitedata.imaging.masks import read_mask
+from shared_model.sitedata.imaging.reader import read_image
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SHARED_DICOM = Path(__file__).resolve().parents[2] / "shared" / "data" / "us_dicom"

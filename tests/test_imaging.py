@@ -1,4 +1,4 @@
-"""Tests for shared_model.imaging on real ultrasound DICOM (../shared, pydicom's own test files) and on
+"""Tests for shared_model.sitedata.imaging on real ultrasound DICOM (../shared, pydicom's own test files) and on
 PNG/JPEG/DICOM files written here with PIL and pydicom.
 
 The expected calibrations come from ../shared/data/us_dicom/README.md and are also re-derived from the raw
@@ -33,7 +33,7 @@ from pydicom.uid import (
 )
 
 from fl_client import cmd_inspect
-from shared_model.imaging import (
+from shared_model.sitedata.imaging import (
     ImageReadError,
     UltrasoundImage,
     inspect_file,

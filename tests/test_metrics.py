@@ -1,4 +1,4 @@
-"""Tests of shared_model.metrics and `llnm-server evaluate-predictions`.
+"""Tests of shared_model.evaluation.metrics and `llnm-server evaluate-predictions`.
 
 The reference values come from three independent places: hand computation on small arrays, scikit-learn on the
 same data (or the same bootstrap resamples), and the LLNM-Net paper's Fig. 3a table reproduced from its
@@ -22,7 +22,7 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
 from fl_research import cmd_evaluate_predictions
-from shared_model.metrics import (
+from shared_model.evaluation.metrics import (
     _resample_stats,
     binary_metrics,
     calibration_curve_data,
@@ -575,7 +575,7 @@ def test_an_evaluate_reply_carries_the_histogram_dense_whatever_the_site_size() 
     the same lengths, and the server reads back exactly the sparse histogram the site computed (replies of
     earlier versions, sparse, are still read)."""
     from shared_model import protocol
-    from shared_model.metrics import score_histogram
+    from shared_model.evaluation.metrics import score_histogram
 
     rng = np.random.default_rng(0)
     lengths = set()

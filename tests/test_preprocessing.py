@@ -21,14 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
-from shared_model.data import (
-    CAPSULE_SCALE_MM,
-    CLINICAL_FEATURES,
-    SIZE_REF_MM,
-    LLNMDataset,
-    SiteTensors,
-)
-from shared_model.preprocessing import (
+from shared_model.sitedata.cache import build_site_tensors, default_cache_dir
+from shared_model.sitedata.preprocessing import (
     LOCATION_THYROID_VALUE,
     MARGIN_BAND_FLOOR,
     PreprocessConfig,
@@ -39,7 +33,13 @@ from shared_model.preprocessing import (
     preprocess_view,
     site_intensity_range,
 )
-from shared_model.site_cache import build_site_tensors, default_cache_dir
+from shared_model.sitedata.tensors import (
+    CAPSULE_SCALE_MM,
+    CLINICAL_FEATURES,
+    SIZE_REF_MM,
+    LLNMDataset,
+    SiteTensors,
+)
 
 
 def _square_thyroid(size: int = 61, lo: int = 10, hi: int = 51) -> np.ndarray:
@@ -330,7 +330,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
 
 
 def _events(caplog: pytest.LogCaptureFixture) -> list[str]:
-    return [getattr(r, "llnm_event", "") for r in caplog.records if r.name == "shared_model.site_cache"]
+    return [getattr(r, "llnm_event", "") for r in caplog.records if r.name == "shared_model.sitedata.cache"]
 
 
 def _write_png_site(root: Path, n: int = 4) -> None:
@@ -393,7 +393,7 @@ def test_bad_records_are_skipped_loudly_and_missing_parts_marked(tmp_path, caplo
 
     _rewrite_table(site, edit)
     cfg = PreprocessConfig(image_size=32)
-    with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
+    with caplog.at_level(logging.INFO, logger="shared_model.sitedata.cache"):
         tensors = build_site_tensors(site, cfg, cache_dir=tmp_path / "cache", progress=False)
     assert tensors.patient_ids == ["H000", "H002"]
     messages = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
@@ -422,7 +422,8 @@ def test_bad_records_are_skipped_loudly_and_missing_parts_marked(tmp_path, caplo
 
 
 def test_a_model_with_other_scalars_is_refused_by_name() -> None:
-    from shared_model.config import InputsConfig, ModelConfig
+    from shared_model.config import InputsConfig
+    from shared_model.model.configuration import ModelConfig
 
     inputs = InputsConfig()
     ModelConfig.preset("tiny").check_inputs(inputs, "checkpoint new.safetensors")
@@ -605,7 +606,7 @@ def test_synthetic_site_tensors_follow_the_contract(synth_build, caplog) -> None
     assert list(synth_build["cache"].glob(f"{SYNTH_SITE}-*.pt"))
 
     # Second call: a cache hit that decodes nothing and loads no encoder, far faster than the build.
-    with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
+    with caplog.at_level(logging.INFO, logger="shared_model.sitedata.cache"):
         started = time.perf_counter()
         again = build_site_tensors(site, synth_build["cfg"], cache_dir=synth_build["cache"], progress=False)
         hit_seconds = time.perf_counter() - started
@@ -637,7 +638,7 @@ def test_cache_keys_follow_content_and_config(synth_build, tmp_path, caplog) -> 
 
     def build(site_cfg: PreprocessConfig = cfg) -> tuple[SiteTensors, list[str]]:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="shared_model.site_cache"):
+        with caplog.at_level(logging.INFO, logger="shared_model.sitedata.cache"):
             result = build_site_tensors(moved, site_cfg, cache_dir=cache, progress=False)
         return result, _events(caplog)
 

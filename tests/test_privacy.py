@@ -31,8 +31,8 @@ from fl_client.privacy import (
 )
 from fl_client.privacy.history import data_id, ledger_path, patient_digests
 from fl_client.settings import SiteSettings
-from shared_model.modeling import LLNMNet, ModelConfig
-from shared_model.training import TrainConfig, train_local, trainable_state
+from shared_model.model.modeling import LLNMNet, ModelConfig
+from shared_model.model.training import TrainConfig, train_local, trainable_state
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -352,7 +352,7 @@ def sim_config(tmp: Path, consortium: Path, budget_c: float) -> Path:
 def site_c_budget(config: dict, consortium: Path) -> tuple[float, float]:
     """Site c's budget: above what one round costs it, below two; also the one-round epsilon."""
     from fl_server.config import parse_config
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.sitedata.cache import build_site_tensors
 
     exp = parse_config(config)
     pre = exp.preprocess
@@ -623,8 +623,8 @@ torch.set_num_threads(1)
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import test_privacy as t
-from shared_model.modeling import LLNMNet
-from shared_model.training import trainable_state
+from shared_model.model.modeling import LLNMNet
+from shared_model.model.training import trainable_state
 tmp, me = Path({tmp!r}), sys.argv[1]
 data = t.patient_tensors(16)
 torch.manual_seed(int(me))  # each process its own global model: two distinct releases of round 1
@@ -769,7 +769,7 @@ def test_a_replay_that_does_not_reproduce_its_release_is_withheld(tmp_path: Path
 def test_the_fingerprint_covers_the_trainable_mask_and_the_round_config(tmp_path: Path) -> None:
     """The same round retried with another `privacy.patient.trainable` (or any other round-config value) is not a
     replay: a new attempt with fresh seeds."""
-    from shared_model.architectures import restrict_trainable
+    from shared_model.model.architectures import restrict_trainable
 
     settings = settings_for(tmp_path)
     data = patient_tensors(16)

@@ -17,9 +17,10 @@ import torch
 import yaml
 from PIL import Image
 
-from shared_model.config import ConfigError, ModelConfig, PreprocessConfig
-from shared_model.contract import load_site
-from shared_model.inputs import ClinicalVariable, InputsConfig
+from shared_model.config import ConfigError, PreprocessConfig
+from shared_model.config.inputs import ClinicalVariable, InputsConfig
+from shared_model.model.configuration import ModelConfig
+from shared_model.sitedata.contract import load_site
 from tests.conftest import BIN, ROOT, shared_dir
 
 UCI = shared_dir() / "data" / "uci_dtc"
@@ -146,14 +147,14 @@ def test_an_experiment_needing_what_a_site_lacks_is_refused_by_site_yaml(tmp_pat
     fields = {p.field for p in site.problems if p.file == "site.yaml" and p.level == "error"}
     assert {"inputs.images", "inputs.reports", "inputs.sex"} <= fields
     with pytest.raises(ValueError, match="does not provide the experiment's inputs"):
-        from shared_model.site_cache import build_site_tensors
+        from shared_model.sitedata.cache import build_site_tensors
 
         build_site_tensors(root, PreprocessConfig(), cache_dir=tmp_path / "cache", progress=False)
 
 
 def test_clinical_only_tensors_hold_no_image_and_load_no_encoder(tmp_path: Path, monkeypatch) -> None:
-    from shared_model import text_encoder
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.model import text_encoder
+    from shared_model.sitedata.cache import build_site_tensors
 
     def refuse(*_a, **_k):
         raise AssertionError("the text encoder must not be loaded without reports")
@@ -176,7 +177,7 @@ def test_clinical_only_tensors_hold_no_image_and_load_no_encoder(tmp_path: Path,
 def test_absent_modalities_build_no_pathway_and_every_parameter_learns(images: bool, reports: bool) -> None:
     from opacus import GradSampleModule
 
-    from shared_model.modeling import LLNMNet, llnm_loss
+    from shared_model.model.modeling import LLNMNet, llnm_loss
 
     inputs = InputsConfig.from_dict({**CLINICAL_ONLY, "images": images, "reports": reports})
     cfg = ModelConfig.preset("tiny", images=images, reports=reports, num_clinical=len(inputs.token_levels),
@@ -203,7 +204,7 @@ def test_absent_modalities_build_no_pathway_and_every_parameter_learns(images: b
 
 
 def test_categorical_tokens_are_one_hot_in_the_model() -> None:
-    from shared_model.modeling import LLNMNet
+    from shared_model.model.modeling import LLNMNet
 
     cfg = ModelConfig.preset("tiny", images=False, reports=False, num_clinical=1, clinical_levels=[4])
     model = LLNMNet(cfg).eval()
@@ -219,8 +220,8 @@ def test_categorical_tokens_are_one_hot_in_the_model() -> None:
 
 
 def test_the_real_data_configs_declare_what_the_importers_write() -> None:
-    from fl_client.importers.ddti import ddti_inputs
-    from fl_client.importers.uci_dtc import uci_inputs
+    from fl_research.importers.ddti import ddti_inputs
+    from fl_research.importers.uci_dtc import uci_inputs
     from fl_server.config import load_config
 
     uci = load_config(ROOT / "configs" / "uci-dtc.yaml")
@@ -317,7 +318,7 @@ def ddti_sites(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 @needs_ddti
 def test_ddti_import_draws_masks_marks_the_unknown_and_counts_what_it_cannot_express(ddti_sites) -> None:
-    from shared_model.site_check import check_site
+    from shared_model.sitedata.check import check_site
 
     out, printed = ddti_sites
     assert "classes: TI-RADS 2-3 52, TI-RADS 4a-5 246, unlabelled 92" in printed
@@ -344,7 +345,7 @@ def test_ddti_import_draws_masks_marks_the_unknown_and_counts_what_it_cannot_exp
 @needs_ddti
 def test_ddti_tensors_keep_location_and_capsule_distance_unknown(ddti_sites, tmp_path: Path) -> None:
     from fl_server.config import load_config
-    from shared_model.site_cache import build_site_tensors
+    from shared_model.sitedata.cache import build_site_tensors
 
     pre = load_config(ROOT / "configs" / "ddti.yaml").preprocess
     tensors = build_site_tensors(ddti_sites[0] / "ddti-2", pre, cache_dir=tmp_path / "cache", progress=False)

@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 
 from fl_client.cli import main as llnm_site_main
-from shared_model.contract import REQUIRED_COLUMNS, load_site
-from shared_model.site_check import check_site
+from shared_model.sitedata.check import check_site
+from shared_model.sitedata.contract import REQUIRED_COLUMNS, load_site
 
 BIN = Path(sys.executable).parent
 SITES = [f"site-{letter}" for letter in "abcdefg"]

@@ -25,16 +25,16 @@ import yaml
 from conftest import CONSORTIUM_PATIENTS, CONSORTIUM_SEED, CONSORTIUM_SITES
 from scipy import ndimage
 
-from shared_model.synthetic import (
+from fl_research.synthetic import (
     SITE_PROFILES,
     expected_risk,
     generate_consortium,
     sample_patients,
     site_sizes,
 )
-from shared_model.synthetic.cli import main as synth_main
-from shared_model.synthetic.generator import CONTRACT_COLUMNS, DEFAULT_IMAGE_SIZE, TRUTH_COLUMNS
-from shared_model.synthetic.risk_model import (
+from fl_research.synthetic.cli import main as synth_main
+from fl_research.synthetic.generator import CONTRACT_COLUMNS, DEFAULT_IMAGE_SIZE, TRUTH_COLUMNS
+from fl_research.synthetic.risk_model import (
     CLINICAL_FEATURES,
     FEATURES,
     LONG_VIEW_FEATURES,
@@ -132,7 +132,7 @@ def test_missing_modalities_occur_but_are_rare(consortium) -> None:
 
 
 def test_every_dicom_decodes_with_the_right_calibration(consortium) -> None:
-    imaging = pytest.importorskip("shared_model.imaging")
+    imaging = pytest.importorskip("shared_model.sitedata.imaging")
     out, summary = consortium
     seen_syntaxes, seen_photometric, negative_dx, extra_regions = set(), set(), set(), set()
     for site in SITES:
@@ -238,7 +238,7 @@ def test_masks_encode_capsule_distance_size_shape_and_third(consortium) -> None:
 
 
 def test_echogenicity_is_visible_relative_to_parenchyma(consortium) -> None:
-    imaging = pytest.importorskip("shared_model.imaging")
+    imaging = pytest.importorskip("shared_model.sitedata.imaging")
     out, _ = consortium
     contrast: dict[str, list[float]] = {}
     for site in ("site-a", "site-b", "site-g"):
@@ -498,7 +498,7 @@ def test_site_sizes_spread_and_minimum() -> None:
 def test_paper_layout_puts_three_quarters_in_two_development_hospitals() -> None:
     """`llnm-synth --profile paper`: 29,615 of the paper's 39,451 patients are in its two development hospitals;
     the layout scales with --patients and keeps the pooled prevalence near the paper's 52%."""
-    from shared_model.synthetic.profiles import PAPER_PATIENTS, PAPER_PROPORTIONS, SITE_PROFILES, layout_proportions
+    from fl_research.synthetic.profiles import PAPER_PATIENTS, PAPER_PROPORTIONS, SITE_PROFILES, layout_proportions
 
     sizes = site_sizes(PAPER_PATIENTS, 7, proportions=PAPER_PROPORTIONS)
     assert sum(sizes) == PAPER_PATIENTS and abs(sum(sizes[:2]) - 29_615) < 0.01 * PAPER_PATIENTS
@@ -516,8 +516,8 @@ def test_more_than_seven_sites_are_seeded_variants_with_drawn_sizes() -> None:
     largest, and the same seed gives the same consortium."""
     import math
 
-    from shared_model.synthetic.profiles import SITE_PROPORTIONS, site_sizes
-    from shared_model.synthetic.variants import (
+    from fl_research.synthetic.profiles import SITE_PROPORTIONS, site_sizes
+    from fl_research.synthetic.variants import (
         consortium_profiles,
         consortium_proportions,
         dialect_of,

@@ -7,7 +7,7 @@ Two uses, one set of computations:
   rollout ranks highest (`rollout`) and each patient's integrated-gradients feature-group shares
   (`attribution`, with captum);
 * in a federation with `evaluation.explain: true`, the final evaluation makes the site return
-  `site_explanation`'s aggregates only (`shared_model.explanation`): the mean group shares and the location
+  `site_explanation`'s aggregates only (`shared_model.evaluation.explanation`): the mean group shares and the location
   counts. Nothing per patient leaves the site.
 """
 

@@ -22,10 +22,15 @@ from fl_client.explain.attribution import group_totals, shares
 from fl_client.explain.location import capsule_bin, patient_locations
 from fl_client.privacy.evaluation import EXPLANATION_SENSITIVITY, noisy_counts
 from shared_model import protocol
-from shared_model.data import SiteTensors
-from shared_model.explanation import CAPSULE_BIN_EDGES_MM, LOBE_THIRDS, MIN_AGGREGATE_PATIENTS, feature_groups
-from shared_model.inputs import InputsConfig
-from shared_model.modeling import LLNMNet
+from shared_model.config.inputs import InputsConfig
+from shared_model.evaluation.explanation import (
+    CAPSULE_BIN_EDGES_MM,
+    LOBE_THIRDS,
+    MIN_AGGREGATE_PATIENTS,
+    feature_groups,
+)
+from shared_model.model.modeling import LLNMNet
+from shared_model.sitedata.tensors import SiteTensors
 
 __all__ = ["site_explanation"]
 

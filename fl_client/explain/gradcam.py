@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from shared_model.data import SiteTensors
-from shared_model.modeling import LLNMNet
+from shared_model.model.modeling import LLNMNet
+from shared_model.sitedata.tensors import SiteTensors
 
 __all__ = ["gradcam_pp"]
 

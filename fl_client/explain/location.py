@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared_model.data import SiteTensors
-from shared_model.explanation import CAPSULE_BIN_EDGES_MM, LOBE_THIRDS
-from shared_model.inputs import InputsConfig
+from shared_model.config.inputs import InputsConfig
+from shared_model.evaluation.explanation import CAPSULE_BIN_EDGES_MM, LOBE_THIRDS
+from shared_model.sitedata.tensors import SiteTensors
 
 __all__ = ["capsule_bin", "patient_locations"]
 
@@ -38,7 +38,7 @@ def patient_locations(tensors: SiteTensors, inputs: InputsConfig) -> tuple[np.nd
         j = names.index("nodule_position")
         value = tensors.clinical[:, LONGITUDINAL_VIEW, j].double().numpy()
         known = tensors.clinical_mask[:, LONGITUDINAL_VIEW, j].numpy() > 0.5
-        position = (value + 1.0) / 2.0  # the scalar is 2p - 1 (shared_model.data)
+        position = (value + 1.0) / 2.0  # the scalar is 2p - 1 (shared_model.sitedata.tensors)
         third[known] = np.clip((position[known] * 3).astype(int), 0, len(LOBE_THIRDS) - 1)
     return capsule, third
 

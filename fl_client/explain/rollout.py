@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from shared_model.data import SiteTensors
-from shared_model.modeling import LLNMNet
+from shared_model.model.modeling import LLNMNet
+from shared_model.sitedata.tensors import SiteTensors
 
 __all__ = ["attention_rollout"]
 

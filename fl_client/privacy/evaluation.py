@@ -12,7 +12,7 @@ is a release of the Gaussian mechanism:
   that one reply is (``eval-epsilon``, ``patient-delta``)-DP (`shared_model.dp_accounting.gaussian_sigma`),
   drawn from the operating system's random source (`random.SystemRandom`), then rounded to an integer
   (post-processing). A count may come out negative and is sent so: clipping every cell at zero would add a
-  positive bias to every empty bin, and to every pooled sum of them (`shared_model.metrics` reads such a
+  positive bias to every empty bin, and to every pooled sum of them (`shared_model.evaluation.metrics` reads such a
   histogram as noisy).
 * **Everything else is computed from the noisy histogram** (post-processing): the counts, AUC, threshold
   metrics, Brier score and ECE (at the bins' centres), and the AUC's interval by a parametric bootstrap that
@@ -86,7 +86,7 @@ def dense_histogram(y: np.ndarray, score: np.ndarray, n_bins: int) -> tuple[np.n
 
 
 def as_histogram(neg: np.ndarray, pos: np.ndarray, *, noisy: bool = False) -> dict[str, Any]:
-    """Dense counts in `shared_model.metrics.score_histogram`'s (sparse) layout; `noisy` marks DP counts."""
+    """Dense counts in `shared_model.evaluation.metrics.score_histogram`'s (sparse) layout; `noisy` marks DP counts."""
     out: dict[str, Any] = {"n_bins": len(neg)}
     for name, dense in (("neg", neg), ("pos", pos)):
         occupied = [int(i) for i in np.flatnonzero(dense)]
@@ -108,7 +108,7 @@ def histogram_metrics(neg: np.ndarray, pos: np.ndarray, *, sigma: float, n_boots
     redrawn from the histogram, then the same Gaussian noise (`sigma`) added, rounded and clipped as here, so it
     covers the sampling of patients and the noise.
     """
-    from shared_model.metrics import metrics_from_histograms
+    from shared_model.evaluation.metrics import metrics_from_histograms
 
     n_bins = len(neg)
     c_neg, c_pos = np.clip(neg, 0, None), np.clip(pos, 0, None)

@@ -7,7 +7,7 @@ How a round goes (`PatientDPSession`):
   (`fl_client.privacy.history`) and refuses the round (a clear `PatientBudgetExceeded`, which becomes the
   ClientApp's error reply) if it would take the run past the coordinator's target epsilon, or the site's
   patients past the site's own lifetime budget (``max-patient-epsilon``, at the site's ``patient-delta``).
-* `hooks()` plugs `opacus.PrivacyEngine.make_private` into `shared_model.training.train_local`, with the
+* `hooks()` plugs `opacus.PrivacyEngine.make_private` into `shared_model.model.training.train_local`, with the
   accountant's history restored, so Opacus' own accountant continues the composition.
 * `finish(result)` checks that Opacus accounted exactly the planned steps, records the release in the ledger
   (atomic write) and returns the numeric ``dp-*`` metrics of the train reply.
@@ -68,7 +68,7 @@ from fl_client.privacy.plan import (
 from fl_client.privacy.site_record import RUN_TERMS, SiteRecord
 from fl_client.settings import MAX_RUN_EPSILON
 from shared_model import protocol
-from shared_model.contract import coarse_count
+from shared_model.sitedata.contract import coarse_count
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
@@ -78,7 +78,7 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
     from fl_client.settings import SiteSettings
     from shared_model.config import PatientDPConfig
-    from shared_model.training import TrainHooks, TrainResult
+    from shared_model.model.training import TrainHooks, TrainResult
 
 log = logging.getLogger("llnm.client.privacy")
 
@@ -296,7 +296,7 @@ class PatientDPSession:
     # ---- training ------------------------------------------------------------------------------
     def hooks(self) -> TrainHooks:
         """`train_local` hooks that make the model, optimiser and loader private with Opacus."""
-        from shared_model.training import TrainHooks
+        from shared_model.model.training import TrainHooks
 
         # Two notices every round would otherwise print at every site: Opacus' reminder that its secure
         # RNG is off (docs/privacy.md explains the generators used instead) and PyTorch's note that the

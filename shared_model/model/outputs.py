@@ -1,0 +1,16 @@
+"""What the networks return (LLNM-Net and the feature head alike), and what the loss takes."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+__all__ = ["ModelOutput"]
+
+
+class ModelOutput(NamedTuple):
+    """Per-view outputs: ``llnm_logits [B, V]``, ``stage_logits [B, V, num_stages]`` (None without head)."""
+
+    llnm_logits: Tensor
+    stage_logits: Tensor | None
