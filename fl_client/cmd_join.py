@@ -162,7 +162,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--root-certificates", help="CA certificate of a TLS SuperLink (instead of --kit)")
     p.add_argument("--insecure", action="store_true",
                    help="plain HTTP without node authentication: a loopback development SuperLink only")
-    p.add_argument("--clientappio-port", type=int, help="local port of the SuperNode's ClientApp API")
+    p.add_argument("--clientappio-port", type=int,
+                   help="local port of the SuperNode's Runtime API for its ClientApp processes (default: 9094 if "
+                        "free, else a free port; several SuperNodes on one machine each need their own)")
     p.add_argument("--skip-check", action="store_true", help="do not validate the site folder first")
     p.add_argument("--skip-probe", action="store_true",
                    help="do not check the SuperLink's transport (TLS or plain) before starting")
@@ -242,6 +244,52 @@ def plan_join(args: argparse.Namespace) -> JoinPlan:
                     name or _default_name(Path(args.data)), state)
 
 
+#: Flower's default port for the SuperNode's local Runtime API (where each ClientApp process fetches its message).
+DEFAULT_LOCAL_PORT = 9094
+
+
+class PortTaken(ValueError):
+    """The local port the SuperNode needs is in use."""
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def local_port(args: argparse.Namespace) -> int:
+    """The SuperNode's local Runtime API port: `--clientappio-port`, which must be free, else Flower's 9094 if
+    free, else a free one (several SuperNodes on one machine each need their own; chosen once per join)."""
+    import socket
+
+    chosen = getattr(args, "_local_port", None)
+    if chosen is not None:
+        return int(chosen)
+    if args.clientappio_port:
+        if not _free(args.clientappio_port):
+            raise PortTaken(f"--clientappio-port {args.clientappio_port} is taken on this machine (another "
+                            "SuperNode, or another program): choose a free one, or leave the flag out and join picks "
+                            "one")
+        chosen = int(args.clientappio_port)
+    elif _free(DEFAULT_LOCAL_PORT):
+        chosen = DEFAULT_LOCAL_PORT
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            chosen = int(s.getsockname()[1])
+        print(f"note: port {DEFAULT_LOCAL_PORT} (the SuperNode's local Runtime API) is taken on this machine, most "
+              f"likely by another SuperNode; this one uses {chosen} (--clientappio-port sets it)", file=sys.stderr)
+    args._local_port = chosen
+    return chosen
+
+
 def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
     site = Path(args.data).resolve()
     node_config: dict[str, object] = {"data-path": str(site)}
@@ -284,8 +332,7 @@ def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
         cmd.append("--insecure")
     if plan.auth_key:
         cmd += ["--auth-supernode-private-key", plan.auth_key]
-    if args.clientappio_port:
-        cmd += ["--port", str(args.clientappio_port)]
+    cmd += ["--port", str(local_port(args))]
     cmd += ["--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
     return cmd
 
@@ -306,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         plan = plan_join(args)
+        local_port(args)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -419,9 +467,15 @@ def _run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) 
         signal.signal(sig, forward)
     restarts = refusals = 0
     while True:
-        rc, refused = _supernode_once(cmd, env, current)
+        rc, refused, clash = _supernode_once(cmd, env, current)
         if asked:
             return 0
+        if clash:
+            port = cmd[cmd.index("--port") + 1] if "--port" in cmd else str(DEFAULT_LOCAL_PORT)
+            print(f"error: flower-supernode could not open its local Runtime API port {port}: the address is "
+                  "already in use (another SuperNode or program on this machine took it). Join again with a free "
+                  "--clientappio-port, or without the flag to let join pick one", file=sys.stderr)
+            return rc or 1
         if refused:
             refusals += 1
             # Right after a SuperLink restart its registrations are being restored: a refusal then is worth
@@ -445,14 +499,17 @@ def _run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) 
             return 0
 
 
-def _supernode_once(cmd: list[str], env: dict[str, str], current: list[subprocess.Popen]) -> tuple[int, bool]:
-    """One flower-supernode process to its end: (exit status, whether the SuperLink refused to activate it)."""
+def _supernode_once(cmd: list[str], env: dict[str, str], current: list[subprocess.Popen]
+                    ) -> tuple[int, bool, bool]:
+    """One flower-supernode process to its end: (exit status, whether the SuperLink refused to activate it,
+    whether its local port was taken)."""
     import threading
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             errors="replace")
     current.append(proc)
     refused: list[bool] = []
+    clash: list[bool] = []
     stream = proc.stdout
     assert stream is not None
 
@@ -462,6 +519,8 @@ def _supernode_once(cmd: list[str], env: dict[str, str], current: list[subproces
             sys.stdout.flush()
             if "Failed to activate SuperNode" in line:
                 refused.append(True)
+            if "address already in use" in line.lower():
+                clash.append(True)
 
     # A reader thread, not a loop until EOF: Flower's helper processes inherit the pipe and may outlive the
     # SuperNode by a few seconds.
@@ -469,4 +528,4 @@ def _supernode_once(cmd: list[str], env: dict[str, str], current: list[subproces
     reader.start()
     rc = proc.wait()
     reader.join(timeout=5)
-    return rc, bool(refused)
+    return rc, bool(refused), bool(clash)

@@ -218,7 +218,6 @@ def provision(cfg: ConsortiumConfig, out: Path, *, ca_cert: Path | None = None,
             "format": "llnm-fl site kit", "version": 1, "consortium": cfg.name, "site": site,
             "superlink": cfg.superlink.address, "ca_certificate": "ca.crt", "ca_sha256": ca_sha,
         }, indent=2) + "\n").encode(), report)
-        _write_if_changed(kit / "node-config.toml", node_config_template(site).encode(), report)
         _write_if_changed(kit / "README.md", kit_instructions(cfg, site, ca_sha).encode(), report)
     _write_if_changed(out / CONSORTIUM_FILE, _consortium_yaml(cfg).encode(), report)
     return report
@@ -252,41 +251,30 @@ def _consortium_yaml(cfg: ConsortiumConfig) -> str:
         yaml.safe_dump(cfg.model_dump(), sort_keys=False)
 
 
-def node_config_template(site: str) -> str:
-    return f"""# Node config of {site}: the keys `llnm-site join` sets from its flags. Only for running a raw
-# `flower-supernode --node-config "$(cat node-config.toml | grep -v '^#' | tr '\\n' ' ')"`; with
-# `llnm-site join` give the same values as flags (llnm-site join --help).
-site-name = "{site}"
-data-path = "/absolute/path/to/{site}"   # the site folder (docs/site-data.md); nothing is written into it
-# The site's own privacy policy (docs/privacy.md): the coordinator cannot change these.
-patient-delta = 1e-05
-max-histogram-bins = 100
-eval-splits = "val,test"
-# require-patient-dp = true
-# max-patient-epsilon = 8.0
-# max-clipping-norm = 2.0
-# public-patient-count = 1500
-"""
-
-
 def kit_instructions(cfg: ConsortiumConfig, site: str, ca_sha: str) -> str:
     return f"""# Joining the {cfg.name} consortium as `{site}`
 
-This kit holds nothing secret: the CA certificate (`ca.crt`), the SuperLink address
-(`{cfg.superlink.address}`, also in `kit.json`) and a node-config template.
+This kit holds nothing secret: the CA certificate (`ca.crt`) and the SuperLink address
+(`{cfg.superlink.address}`, also in `kit.json`). The commands below assume llnm-fl's virtual environment is
+active (`source .venv/bin/activate`); docs/operator.md has every step with its checks.
 
 1. Check that `ca.crt` is the one your coordinator announced (SHA-256 of the certificate, DER):
    `{ca_sha}`
 2. Make this site's key pair on the hospital's machine (the private key never leaves it):
-   `llnm-site keygen --out keys/`
+   `llnm-site keygen --out keys/ --name {site}`
 3. Send **only** `keys/{site}.pub` to the coordinator, who registers it under the name `{site}`:
-   `llnm-server register-site --name {site} --public-key {site}.pub`
+   `llnm-server register-site --provision CONSORTIUM_DIR --name {site} --public-key {site}.pub`
 4. Check your data: `llnm-site check /path/to/{site}`
 5. Approve the app the coordinator will run (its hash comes from `llnm-server app-hash`; compare it
-   with the FAB if you are sent one): `llnm-site approve HASH`
-6. Join: `llnm-site join --kit {'<this folder>'} --key keys/{site}.key --data /path/to/{site}`
+   with the FAB if you are sent one): `llnm-site approve HASH --state-dir /var/lib/llnm`
+6. Join, with your own privacy policy (docs/privacy.md, "The recommended site policy"); `--print-command`
+   prints the raw `flower-supernode` command with its node config instead:
 
-Keep `keys/{site}.key` secret. If it leaks, ask the coordinator to `llnm-server revoke-site {site}`,
-make a new pair and register again. What each round sends is recorded in the site's audit log:
-`llnm-site audit`.
+       llnm-site join --kit . --key keys/{site}.key --data /path/to/{site} --state-dir /var/lib/llnm \\
+           --max-patient-epsilon 10 --max-run-epsilon 3 --min-noise-multiplier 0.5
+
+Keep `keys/{site}.key` secret. If it leaks, ask the coordinator to
+`llnm-server revoke-site --provision CONSORTIUM_DIR {site}`, make a new pair and register again. What each
+round received and sent is in the site's audit log: `llnm-site audit --state-dir /var/lib/llnm`; what every run
+cost its patients: `llnm-site privacy --data /path/to/{site} --state-dir /var/lib/llnm`.
 """

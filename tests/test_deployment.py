@@ -74,6 +74,34 @@ def test_provision_makes_a_ca_a_superlink_certificate_and_kits(tmp_path: Path) -
     assert not any("key" in p.name for p in (out / "kits" / "site-a").iterdir()), "a kit holds no secrets"
 
 
+def test_every_command_in_a_kit_readme_is_accepted_as_written(tmp_path: Path) -> None:
+    """The kit's README is what a hospital follows first: each `llnm-site` / `llnm-server` command in it (inline
+    or in a block, continuation lines joined) parses with the real command-line tools, and names the site's
+    own key file."""
+    import re
+    import shlex
+
+    from fl_client.cli import COMMANDS as SITE
+    from fl_server.cli import COMMANDS as SERVER
+    from shared_model.cli_support import build_parser
+
+    out = tmp_path / "prov"
+    provision(consortium(["site-a"]), out)
+    text = (out / "kits" / "site-a" / "README.md").read_text().replace("\\\n", " ")
+    commands = re.findall(r"`(llnm-(?:site|server) [^`]+)`", text)
+    commands += [line.strip() for line in text.splitlines() if line.strip().startswith(("llnm-site ", "llnm-server "))]
+    assert len(commands) >= 7, commands
+    for command in commands:
+        words = shlex.split(command.replace("HASH", "a" * 64))
+        tables = {"llnm-site": SITE, "llnm-server": SERVER}
+        parser = build_parser(words[0], "", tables[words[0]], only=words[1])
+        try:
+            parser.parse_args(words[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"the kit's command does not parse: {command}") from exc
+    assert "keygen --out keys/ --name site-a" in text and "keys/site-a.key" in text
+
+
 def test_adding_a_site_keeps_every_existing_credential(tmp_path: Path) -> None:
     out = tmp_path / "prov"
     provision(consortium(["site-a"]), out)

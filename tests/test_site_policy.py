@@ -247,3 +247,23 @@ def test_score_histograms_are_capped_by_each_sites_policy(policy_run: dict) -> N
     assert pooled["n_bins"] == 20 and pooled["auc_max_abs_error"] is not None
     (round1,) = policy_run["metrics"]["rounds"]
     assert round1["pooled"]["n_bins"] == 20  # site-a (100 bins) and site-c (20 bins) evaluated val
+
+
+def test_join_picks_a_free_local_port_or_names_the_taken_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several SuperNodes on one machine each need their own local Runtime API port: join takes Flower's 9094
+    when it is free, another free one when it is not (and says so), and refuses a taken --clientappio-port."""
+    import argparse
+    import socket
+
+    from fl_client import cmd_join
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(cmd_join.PortTaken, match=f"--clientappio-port {busy} is taken"):
+            cmd_join.local_port(argparse.Namespace(clientappio_port=busy))
+        monkeypatch.setattr(cmd_join, "DEFAULT_LOCAL_PORT", busy)
+        args = argparse.Namespace(clientappio_port=None)
+        chosen = cmd_join.local_port(args)
+        assert chosen != busy and cmd_join.local_port(args) == chosen  # chosen once per join
