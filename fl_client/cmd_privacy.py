@@ -164,7 +164,7 @@ def summarize(settings: SiteSettings, *, budget: float | None = None, delta: flo
 
 
 def format_summary(s: dict[str, Any]) -> list[str]:
-    from shared_model.text_table import format_table
+    from shared_model.text_table import format_rounds, format_table
 
     lines = [f"Site {s['site']}: privacy records in {s['state_dir']}"]
     if s["runs"]:
@@ -172,21 +172,21 @@ def format_summary(s: dict[str, Any]) -> list[str]:
             return "-" if v is None else f"{v:.4f}"
 
         rows = [[r["run_id"], r["dp_rounds"], eps(r["epsilon"]), eps(r["epsilon_at_site_delta"]),
-                 rounds_text(r["unprotected_rounds"]), r["dp_evaluations"], eps(r["eval_epsilon"]),
+                 format_rounds(r["unprotected_rounds"]), r["dp_evaluations"], eps(r["eval_epsilon"]),
                  len(r["exact_evaluations"]) or "-", r["last"] or "?"] for r in s["runs"]]
         lines += format_table(["run", "DP rounds", "epsilon", f"at {s['delta']:g}", "rounds without DP",
                                "DP evals", "eval epsilon", "exact evals", "last"], rows, indent=2)
         for r in s["runs"]:
             if r["unprotected_rounds"]:
                 lines.append(f"  ! run {r['run_id']} trained without DP in {len(r['unprotected_rounds'])} round(s) "
-                             f"({rounds_text(r['unprotected_rounds'])}): its "
+                             f"({format_rounds(r['unprotected_rounds'])}): its "
                              f"{r['unprotected_training_patients']} training patients are NOT protected by that run.")
             by_split: dict[str, list[dict[str, Any]]] = {}
             for e in r["exact_evaluations"]:
                 by_split.setdefault(e["split"], []).append(e)
             for split, evals in by_split.items():
                 lines.append(f"  ! run {r['run_id']} evaluated {split} exactly in {len(evals)} repl(ies) (round(s) "
-                             f"{rounds_text([e['round'] for e in evals])}): its "
+                             f"{format_rounds([e['round'] for e in evals])}): its "
                              f"{max(e['patients'] for e in evals)} {split} patients are NOT protected by them.")
     lines.append(f"  Training patients: lifetime epsilon {s['lifetime_epsilon']:.4f} at delta {s['delta']:g} "
                  f"({s['accountant'].upper()} accountant, {s['releases']} DP-SGD release(s); unit: patient, "
@@ -214,18 +214,6 @@ def format_summary(s: dict[str, Any]) -> list[str]:
     if len(s["ledgers"]) > 1:
         lines.append(f"  {len(s['ledgers'])} DP-SGD ledgers (the site's training patients changed); all are composed.")
     return lines
-
-
-def rounds_text(rounds: list[int]) -> str:
-    """Rounds as ranges: [1, 2, 3, 5] -> "1-3, 5" ("-" for none)."""
-    values = sorted(set(int(r) for r in rounds))
-    parts: list[str] = []
-    for value in values:
-        if parts and value == int(parts[-1].split("-")[-1]) + 1:
-            parts[-1] = f"{parts[-1].split('-')[0]}-{value}"
-        else:
-            parts.append(str(value))
-    return ", ".join(parts) or "-"
 
 
 def run(args: argparse.Namespace) -> int:

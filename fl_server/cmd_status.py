@@ -1,5 +1,6 @@
-"""`llnm-server status RUN_DIR`: rounds done, the best round, the last round's and the final evaluation's per-site
-metrics, and the privacy guarantee."""
+"""`llnm-server status RUN_DIR`: rounds done, the best round, why a stopped run stopped, which site trained,
+refused or failed in which rounds (and why), the last round's and the final evaluation's per-site metrics, and
+the privacy guarantee."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import json
 import sys
 
+from fl_server.participation import participation, participation_lines
 from fl_server.run_dir import RunDirectory
 
 
@@ -33,6 +35,8 @@ def status_dict(rd: RunDirectory) -> dict:
         "app_sha256": info.get("app_sha256"),
         "rejected_nodes": info.get("rejected_nodes", []),
         "best_round": metrics.get("best_round"),
+        "stopped": {k: info.get(k) for k in ("stopped_at_round", "error", "stopped_by") if info.get(k)},
+        "sites": {site: rec.to_dict() for site, rec in participation(metrics, info).items()},
         "last_round": last,
         "final": metrics.get("final"),
         "privacy": [],
@@ -42,6 +46,12 @@ def status_dict(rd: RunDirectory) -> dict:
 
         out["privacy"] = PrivacyLedger.load(rd).guarantee_sentences()
     return out
+
+
+def participation_from_dicts(sites: dict) -> dict:
+    from fl_server.participation import SiteParticipation
+
+    return {name: SiteParticipation(**rec) for name, rec in sites.items()}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,8 +64,16 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(s, indent=2))
         return 0
     secure = ", secure aggregation" if s["secure_aggregation"] else ""
+    best = f"best round {s['best_round']}" if s["best_round"] is not None else "no round evaluated yet"
     print(f"run {s['run']} ({s['mode']}, {s['strategy']}{secure}): {s['status']}, "
-          f"{s['rounds_completed']}/{s['rounds_planned']} rounds complete; best round {s['best_round']}")
+          f"{s['rounds_completed']}/{s['rounds_planned']} rounds complete; {best}")
+    stopped = s["stopped"]
+    if s["status"] != "completed" and stopped:
+        where = f" at round {stopped['stopped_at_round']}" if stopped.get("stopped_at_round") else ""
+        why = stopped.get("error") or stopped.get("stopped_by") or "no reason recorded"
+        print(f"stopped{where}: {why}")
+    for line in participation_lines(participation_from_dicts(s["sites"])):
+        print(f"site {line}")
     if s["app_sha256"]:
         print(f"app: {s['app_sha256']} (what every site must have approved)")
     for node in s["rejected_nodes"]:

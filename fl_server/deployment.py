@@ -237,6 +237,7 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection,
     RUN_DIR/app first, and its hash recorded in run.json (`app_sha256`): what the sites must have approved."""
     home = write_flwr_home(rd, conn)
     app = rd.path / "app"
+    rd.begin_attempt()  # this submission's outcome is its own, never the previous attempt's
     rd.update_run_info(app_sha256=stage_app(app))
     run_config = rd.path / "flwr-run-config.toml"
     # TOML basic strings accept JSON string escapes, so json.dumps yields valid TOML values.

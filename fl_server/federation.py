@@ -48,11 +48,15 @@ def quorum_message(rnd: int, trained: int, min_sites: int, failures: list[dict[s
     A site that refused under its own privacy budget or policy will refuse a resumed round too, so resuming is
     only suggested when some failures were something else (a crash, a timeout, an unreachable site).
     """
+    unapproved = sorted({f["site"] for f in failures if "runs only apps it approved" in str(f.get("reason", ""))})
     refused = sorted({f["site"] for f in failures if str(f.get("reason", "")).startswith(
-        (protocol.REFUSAL_MARKER, protocol.POLICY_REFUSAL_MARKER))})
-    other = sorted({f["site"] for f in failures} - set(refused))
+        (protocol.REFUSAL_MARKER, protocol.POLICY_REFUSAL_MARKER))} - set(unapproved))
+    other = sorted({f["site"] for f in failures} - set(refused) - set(unapproved))
     text = (f"round {rnd}: {trained} site(s) trained, fewer than min_sites={min_sites}; "
             f"failures: {json.dumps(failures)}.")
+    if unapproved:
+        text += (f" {', '.join(unapproved)} have not approved this app yet: once they have (`llnm-site approve "
+                 f"HASH`, the hash `llnm-server app-hash` prints), `llnm-server resume {run_path}` goes on.")
     if refused:
         text += (f" {', '.join(refused)} refused under their own privacy budget or policy (their messages say "
                  "which rule); resuming this run cannot change that: start a new experiment that fits their "
@@ -79,6 +83,10 @@ def describe_error(code: int, reason: str) -> str:
     meaning = _FLOWER_ERRORS.get(int(code))
     text = " ".join(str(reason).split())
     return f"{meaning} (Flower: {text})" if meaning else f"error: {text}"
+
+
+#: How often a phase still waiting for sites says so on the console.
+PROGRESS_EVERY_S = 60.0
 
 
 class QuorumNotMet(RuntimeError):
@@ -198,10 +206,20 @@ class Federation:
         ids = list(self.grid.push_messages(messages))
         node_of = dict(zip(ids, dst, strict=True))
         pending = set(ids)
-        deadline = time.monotonic() + fed.round_timeout_s
+        started = time.monotonic()
+        deadline = started + fed.round_timeout_s
+        next_note = started + PROGRESS_EVERY_S
         ok: list[Message] = []
         failures: list[dict[str, Any]] = []
         while pending and time.monotonic() < deadline:
+            if time.monotonic() >= next_note:
+                # A phase can take minutes (a final evaluation with explanations, a first round at a large site):
+                # say how far it is, so that a quiet console is never mistaken for a hang.
+                waiting = sorted(self._name(node_of[m]) for m in pending)
+                self.say(f"[llnm] {phase}: {len(ok) + len(failures)} of {len(ids)} site(s) answered after "
+                         f"{time.monotonic() - started:.0f} s; waiting for {', '.join(waiting)} (timeout "
+                         f"{fed.round_timeout_s:.0f} s)")
+                next_note += PROGRESS_EVERY_S
             for r in self.grid.pull_messages(list(pending)):
                 mid = r.metadata.reply_to_message_id
                 if mid not in pending:
@@ -281,6 +299,7 @@ class Federation:
         """Rounds from the last complete one on, then the final evaluation; returns metrics.json's content."""
         fed = self.exp.federation
         self.run_id = self.rd.run_uid()
+        self.rd.begin_attempt()
         start_round = self.rd.last_complete_round() + 1
         self.rd.truncate_to(start_round - 1)
         nodes = self.wait_for_sites()
@@ -430,6 +449,9 @@ class Federation:
             final_round = int(best)
             arrays = ArrayRecord(self.rd.load_checkpoint(final_round))
         explain = self.exp.evaluation.explain
+        self.say(f"[llnm] final {fed.final_eval_split} evaluation of the round-{final_round} model ({fed.final_model}) "
+                 "at every site" + (": each site also explains it (integrated gradients over its patients; this can "
+                                    "take minutes)" if explain else ""))
         ev = self.evaluate(strategy, fed.rounds, arrays, fed.final_eval_split, explain=explain)
         # The sites' score histograms (what they sent, at the resolution their policy allows) are kept for the
         # final model only: per-site ROC, calibration and decision curves are drawn from them.

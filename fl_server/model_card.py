@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_server.config import ExperimentConfig
+from fl_server.participation import SiteParticipation, participation_lines
 from fl_server.run_dir import RunDirectory
 
 __all__ = ["model_card_data", "render_model_card"]
@@ -28,8 +29,9 @@ def _rounds_detail(t: dict) -> str:
     parts = t.get("rounds_per_epoch") or 1
     if parts == 1:
         return f" of {t['local_epochs']} local epoch(s)"
-    return (f", each on 1/{parts} of every site's training data ({t.get('data_epochs')} passes over the data "
-            f"in all)")
+    passes = t.get("data_epochs")
+    return (f", each on 1/{parts} of every site's training data ({passes} pass{'es' if passes != 1 else ''} over "
+            "the data in all)")
 
 
 def _sha256(path: Path) -> str | None:
@@ -107,6 +109,7 @@ def model_card_data(rd: RunDirectory, cfg: ExperimentConfig, report: dict[str, A
             "risk_stage_head": arch.num_stages > 0,
             "secure_aggregation": cfg.federation.secure_aggregation,
             "sites": report.get("sites"),
+            "participation": report.get("participation") or {},
         },
         "performance": {"split": final.get("split"), "sites": sites, "pooled": final.get("pooled"),
                         "worst_site": worst, "worst_auc": aucs.get(worst) if worst else None},
@@ -115,6 +118,18 @@ def model_card_data(rd: RunDirectory, cfg: ExperimentConfig, report: dict[str, A
         "hashes": {"checkpoint": str(checkpoint.name) if checkpoint else None,
                    "checkpoint_sha256": _sha256(checkpoint) if checkpoint else None, "encoders": encoders},
     }
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _inputs_text(inputs: dict[str, Any]) -> str:
+    """The model's inputs in words: "two ultrasound views, the report, clinical age, sex"."""
+    parts = (["the ultrasound views"] if inputs["images"] else ["no images"]) + \
+        (["the report"] if inputs["reports"] else ["no report"])
+    clinical = ", ".join(inputs["clinical"])
+    return ", ".join(parts) + (f", clinical {clinical}" if clinical else ", no clinical variable")
 
 
 def _f(value: Any, pct: bool = False) -> str:
@@ -126,6 +141,9 @@ def _f(value: Any, pct: bool = False) -> str:
 def render_model_card(run: str, card: dict[str, Any]) -> str:
     """The card as Markdown."""
     t = card["training"]
+    parts = {site: SiteParticipation(**rec) for site, rec in t.get("participation", {}).items()}
+    trained = [site for site, p in parts.items() if p.trained] if parts else list(t["sites"] or [])
+    not_training = participation_lines(parts, only_problems=True)
     lines = [f"# Model card: {run}", "", "## Intended use", "", card["intended_use"], "",
              "## Population (the final evaluation split at each site)", "",
              "| site | patients | LLNM | prevalence | transverse views | longitudinal views | thyroid masks "
@@ -138,13 +156,13 @@ def render_model_card(run: str, card: dict[str, Any]) -> str:
                      f"{_f(views[0])} | {_f(views[1])} | {_f(masks[0])}/{_f(masks[1])} | {_f(cal[0])}/{_f(cal[1])} "
                      f"| {_f(p.get('reports'))} |")
     lines += ["", "## Training", "",
-              f"- {t['strategy']} over {len(t['sites'] or [])} sites ({', '.join(t['sites'] or [])}), {t['rounds']} "
-              f"rounds{_rounds_detail(t)}, batch {t['batch_size']}, learning rate {t['lr']} "
+              f"- {t['strategy']} over {len(trained)} site(s) that trained ({', '.join(trained) or 'none'}), "
+              f"{t['rounds']} rounds{_rounds_detail(t)}, batch {t['batch_size']}, learning rate {t['lr']} "
               f"({t['lr_schedule']}); the final model is round {t['final_round']} ({t['final_model']}).",
+              *(f"- {line}." for line in not_training),
               f"- Model preset `{t['model_preset']}`, {t['trainable_parameters']:,} trainable parameters; inputs: "
-              f"images {t['inputs']['images']}, reports {t['inputs']['reports']}, clinical "
-              f"{', '.join(t['inputs']['clinical']) or 'none'}; risk-stage head: {t['risk_stage_head']}.",
-              f"- Secure aggregation: {t['secure_aggregation']}.", "",
+              f"{_inputs_text(t['inputs'])}; risk-stage head: {_yes(t['risk_stage_head'])}.",
+              f"- Secure aggregation: {_yes(t['secure_aggregation'])}.", "",
               f"## Performance ({card['performance']['split']} split, threshold 0.5)", "",
               "| site | n | AUC (95% CI) | sensitivity | specificity | Brier |", "|---|---|---|---|---|---|"]
     perf = card["performance"]

@@ -119,6 +119,9 @@ def build_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
                                 **(m.get("population") or {})} for s, m in final_sites.items()}
     report["risk_stage"] = {s: m["risk_stage"] for s, m in final_sites.items() if m.get("risk_stage")}
     report["explanations"] = final.get("explanations")
+    from fl_server.participation import participation
+
+    report["participation"] = {site: rec.to_dict() for site, rec in participation(metrics, rd.run_info()).items()}
     from fl_server.model_card import model_card_data
 
     report["model_card"] = model_card_data(rd, cfg, report)

@@ -190,6 +190,20 @@ class RunDirectory:
         """The run's identity at the sites (see `create`); a run made before it existed keeps its name."""
         return str(self.run_info().get("run_uid") or self.load_config().name)
 
+    #: What one attempt at the run leaves in run.json when it stops: moved aside when the next attempt starts,
+    #: so that a resumed run never reports the previous attempt's error or failures as its own.
+    ATTEMPT_FIELDS = ("error", "failures", "stopped_at_round", "trained_sites", "stopped_by", "stopped_at")
+
+    def begin_attempt(self) -> None:
+        """A run (or a resume) starts: the previous attempt's outcome moves to ``previous_attempts``."""
+        info = self.run_info()
+        ended = {k: info.pop(k) for k in self.ATTEMPT_FIELDS if k in info}
+        if ended:
+            ended["status"] = info.get("status")
+            info.setdefault("previous_attempts", []).append(ended)
+        info["status"] = "running"
+        atomic_write_json(self.run_info_path, info)
+
     def update_run_info(self, **changes: Any) -> None:
         info = self.run_info()
         info.update(changes)

@@ -26,3 +26,14 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, ind
     out = io.StringIO()
     Console(file=out, width=_WIDTH, no_color=True, highlight=False, emoji=False, markup=False).print(table)
     return [(" " * indent + line).rstrip() for line in out.getvalue().splitlines()]
+
+
+def format_rounds(rounds: list[int]) -> str:
+    """Round numbers as ranges: [1, 2, 3, 5] -> "1-3, 5" ("-" for none)."""
+    parts: list[list[int]] = []
+    for r in sorted(set(int(x) for x in rounds)):
+        if parts and r == parts[-1][-1] + 1:
+            parts[-1].append(r)
+        else:
+            parts.append([r])
+    return ", ".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts) or "-"

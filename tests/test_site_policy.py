@@ -222,6 +222,16 @@ def test_a_site_requiring_patient_dp_refuses_and_the_run_goes_on(policy_run: dic
     assert all("train-loss" in m for m in round1["train"].values())
     st = subprocess.run([str(BIN / "llnm-server"), "status", str(out), "--json"], capture_output=True, text=True)
     assert st.returncode == 0 and json.loads(st.stdout)["status"] == "completed", st.stderr
+    # Status and the model card say, from the same records, who trained and who refused, and why.
+    st = subprocess.run([str(BIN / "llnm-server"), "status", str(out)], capture_output=True, text=True)
+    assert "site site-a: trained in no round, refused round(s) 1 (site policy: site 'site-a'" in st.stdout, st.stdout
+    assert "site site-b: trained in round(s) 1" in st.stdout and "None" not in st.stdout
+    from fl_server.model_card import render_model_card
+    from fl_server.report import build_report
+
+    card = render_model_card("site-policy-test", build_report(out)["model_card"])
+    assert "over 2 site(s) that trained (site-b, site-c)" in card and "site-a: trained in no round" in card
+    assert "True" not in card and "None" not in card.split("## Hashes")[0]
 
 
 @pytest.mark.slow
