@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,6 +104,7 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
     from shared_model.model.checkpoint import model_from_checkpoint
     from shared_model.model.configuration import ModelConfig
     from shared_model.model.training import predict
+    from shared_model.naming import safe_filename
     from shared_model.sitedata.model_inputs import load_site_inputs, make_dataset
 
     site, out = Path(site_dir).resolve(), Path(out_dir).resolve()
@@ -164,7 +164,7 @@ def explain_site(model_path: str, site_dir: str, out_dir: str, *, split: str = "
             ranked = sorted(range(min(len(text_units), len(rel))), key=lambda k: -rel[k])[:top]
             entry["report_top"] = [{"text": text_units[k], "attention": round(float(rel[k]), 4)} for k in ranked]
         if views:
-            name = re.sub(r"[^A-Za-z0-9._-]", "_", pid) + ".png"
+            name = safe_filename(pid) + ".png"
             _figure(out / "figures" / name, pid, picked.image[i].numpy(), picked.view_mask[i].numpy(),
                     [c[i] for c in cams], [rollout[i]["views"][v]["image"] for v in range(views)])
             entry["figure"] = f"figures/{name}"

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from shared_model.fileio import atomic_write
+from shared_model.naming import safe_filename
 
 ENV_KEEP_SENT = "LLNM_KEEP_SENT"
 SENT_DIR = "sent"
@@ -47,8 +48,7 @@ _LENGTH = struct.Struct(">Q")
 
 
 def sent_folder(root: Path, site: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site) or "site"
-    return root / SENT_DIR / safe
+    return root / SENT_DIR / safe_filename(site, fallback="site")
 
 
 def keep_sent(root: Path, site: str, context: dict[str, Any], reply: Any) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def keep_sent(root: Path, site: str, context: dict[str, Any], reply: Any) -> dic
 
     blobs = [obj.deflate() for obj in get_all_nested_objects(reply).values()]  # children first, message last
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
-    kind = re.sub(r"[^A-Za-z0-9._-]", "_", str(context.get("message_type", "reply")))
+    kind = safe_filename(str(context.get("message_type", "reply")))
     name = f"{stamp}-{kind}-r{context.get('round', 'x')}.bin"
     path = sent_folder(root, site) / f"run-{context.get('run_id', 'x')}" / name
 

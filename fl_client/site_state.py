@@ -23,6 +23,7 @@ from typing import Any
 from filelock import FileLock
 
 from shared_model.fileio import atomic_write_json
+from shared_model.naming import safe_filename
 
 ENV_STATE_DIR = "LLNM_SITE_STATE_DIR"
 ENV_SITE_NAME = "LLNM_SITE_NAME"
@@ -109,8 +110,7 @@ def withdraw(root: Path, digest: str) -> bool:
 # ---- audit log -------------------------------------------------------------------------------------------
 
 def audit_path(root: Path, site: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site) or "site"
-    return root / AUDIT_DIR / f"{safe}.jsonl"
+    return root / AUDIT_DIR / f"{safe_filename(site, fallback='site')}.jsonl"
 
 
 def append_audit(path: Path, entry: dict[str, Any]) -> None:

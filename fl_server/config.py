@@ -19,19 +19,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
-from shared_model.config import ConfigError, PatientDPConfig, PreprocessConfig, TrainConfig, format_validation_error
+from shared_model.config import (
+    ConfigError,
+    PatientDPConfig,
+    PreprocessConfig,
+    Schema,
+    TrainConfig,
+    format_validation_error,
+)
 from shared_model.model.configuration import ModelConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "parse_set_options"]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataSection(_Strict):
+class DataSection(Schema):
     # A folder of site folders (what `llnm-synth` writes); used by `simulate` and `baseline` only.
     # In a deployment each site's data path is set on its own SuperNode and never seen here.
     root: str | None = None
@@ -39,12 +42,12 @@ class DataSection(_Strict):
     cache_dir: str | None = None
 
 
-class ModelSection(_Strict):
+class ModelSection(Schema):
     preset: Literal["tiny", "paper", "feature-head"] = "tiny"
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
-class FedAdamSection(_Strict):
+class FedAdamSection(Schema):
     eta: float = Field(default=1e-2, gt=0.0)
     eta_l: float = Field(default=1e-2, gt=0.0)
     beta_1: float = Field(default=0.9, ge=0.0, lt=1.0)
@@ -52,7 +55,7 @@ class FedAdamSection(_Strict):
     tau: float = Field(default=1e-3, gt=0.0)
 
 
-class SuperLinkSection(_Strict):
+class SuperLinkSection(Schema):
     host: str = "127.0.0.1"
     port: int = Field(default=9093, ge=1, le=65535)
     # Secure by default: TLS and registered SuperNodes from a provisioning folder (`llnm-server provision`).
@@ -62,7 +65,7 @@ class SuperLinkSection(_Strict):
     database: str | None = None
 
 
-class SecureAggregationSection(_Strict):
+class SecureAggregationSection(Schema):
     """Flower's SecAgg+ (`SecAggPlusWorkflow`) for the train rounds when federation.secure_aggregation is on."""
 
     # Shares of each site's secrets: a fraction of the sampled sites or a count (Flower's num_shares).
@@ -79,7 +82,7 @@ class SecureAggregationSection(_Strict):
     weight_scale: float = Field(default=100.0, gt=0)
 
 
-class FederationSection(_Strict):
+class FederationSection(Schema):
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     rounds: int = Field(default=10, ge=1, le=10000)
     # Rounds per pass over the data: with k > 1 each round trains every site on one of k disjoint parts of its
@@ -114,7 +117,7 @@ class FederationSection(_Strict):
     superlink: SuperLinkSection = Field(default_factory=SuperLinkSection)
 
 
-class EvaluationSection(_Strict):
+class EvaluationSection(Schema):
     """What the final evaluation asks of the sites beyond metrics."""
 
     # Each site also returns explanation aggregates (shared_model.evaluation.explanation): integrated-gradients
@@ -124,7 +127,7 @@ class EvaluationSection(_Strict):
     explain_steps: int = Field(default=32, ge=4, le=512)  # integrated-gradients steps
 
 
-class TrackingSection(_Strict):
+class TrackingSection(Schema):
     """Experiment tracking (fl_server.tracking): per-site metrics and privacy spent, every round."""
 
     backend: Literal["tensorboard", "none"] = "tensorboard"
@@ -132,7 +135,7 @@ class TrackingSection(_Strict):
     log_dir: str | None = None
 
 
-class SimulationSection(_Strict):
+class SimulationSection(Schema):
     cpus_per_site: float = Field(default=1.0, gt=0.0)
     gpus_per_site: float = Field(default=0.0, ge=0.0)
     # Node config of every simulated site (what each hospital's own `llnm-site join` flags would set in a
@@ -143,7 +146,7 @@ class SimulationSection(_Strict):
     site_node_config: dict[str, dict[str, str | int | float | bool]] = Field(default_factory=dict)
 
 
-class BaselineSection(_Strict):
+class BaselineSection(Schema):
     """Centralised reference training (`llnm-server baseline`)."""
 
     # None: train.local_epochs x federation.rounds / federation.rounds_per_epoch, the passes over each site's data
@@ -153,7 +156,7 @@ class BaselineSection(_Strict):
     select_on_val: bool = True
 
 
-class SiteDPSection(_Strict):
+class SiteDPSection(Schema):
     """Site-level DP at the server (Flower's DP strategy wrappers)."""
 
     enabled: bool = False
@@ -166,12 +169,12 @@ class SiteDPSection(_Strict):
     target_clipped_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
 
 
-class PrivacySection(_Strict):
+class PrivacySection(Schema):
     patient: PatientDPConfig = Field(default_factory=PatientDPConfig)
     site: SiteDPSection = Field(default_factory=SiteDPSection)
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(Schema):
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9._-]{1,80}$")
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)

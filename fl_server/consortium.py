@@ -15,19 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from shared_model.config import ConfigError, format_validation_error
+from shared_model.config import ConfigError, Schema, format_validation_error
+from shared_model.naming import SITE_NAME_PATTERN, SITE_NAME_RULE
 from shared_model.protocol.connection_check import split_address
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+NAME_PATTERN = r"^" + SITE_NAME_PATTERN.pattern + "$"  # the consortium is named like a site
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ConsortiumSuperLink(_Strict):
+class ConsortiumSuperLink(Schema):
     address: str = Field(description="HOST:PORT the hospitals (and the coordinator's tools) dial")
     # Host names and IP addresses written into the SuperLink certificate's subjectAltName. The address's host
     # is always added; so are localhost and 127.0.0.1, which the coordinator's own tools use on the SuperLink
@@ -54,7 +51,7 @@ class ConsortiumSuperLink(_Strict):
         return split_address(self.address)[1]
 
 
-class ConsortiumConfig(_Strict):
+class ConsortiumConfig(Schema):
     name: str = Field(pattern=NAME_PATTERN)
     superlink: ConsortiumSuperLink
     sites: list[str] = Field(min_length=1)
@@ -63,11 +60,9 @@ class ConsortiumConfig(_Strict):
     @field_validator("sites")
     @classmethod
     def _sites(cls, v: list[str]) -> list[str]:
-        import re
-
-        bad = [s for s in v if not re.match(NAME_PATTERN, s)]
+        bad = [s for s in v if not SITE_NAME_PATTERN.fullmatch(s)]
         if bad:
-            raise ValueError(f"site names must match {NAME_PATTERN}: {bad}")
+            raise ValueError(f"site names must be {SITE_NAME_RULE}: {bad}")
         dup = sorted({s for s in v if v.count(s) > 1})
         if dup:
             raise ValueError(f"site names are listed twice: {dup}")

@@ -41,6 +41,7 @@ from filelock import FileLock, Timeout
 
 from fl_client.privacy.plan import HistoryEntry, merge_history
 from shared_model.fileio import atomic_write_json
+from shared_model.naming import safe_filename
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     from fl_client.settings import SiteSettings
@@ -71,8 +72,8 @@ def default_state_dir(settings: SiteSettings | None = None) -> Path:
 
 
 def _slug(text: str) -> str:
-    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in text)[:60]
-    return f"{safe}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    """A site's name in its privacy files: the safe name, cut, and a digest (two names never share a file)."""
+    return f"{safe_filename(text)[:60]}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def patient_digests(patient_ids: Iterable[str]) -> list[str]:

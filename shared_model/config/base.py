@@ -34,7 +34,8 @@ class ConfigError(ValueError):
 
 
 class Schema(BaseModel):
-    """Base of every configuration schema: unknown keys are errors; dict/JSON round trips."""
+    """Base of every configuration schema (the shared ones, the coordinator's experiment and consortium files):
+    unknown keys are errors, NaN and infinity are refused; dict/JSON round trips."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

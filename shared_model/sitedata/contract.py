@@ -13,13 +13,13 @@ The contract's constants and records live in `shared_model.sitedata.records` and
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import yaml
 
 from shared_model.config.base import ConfigError
 from shared_model.config.inputs import InputsConfig
+from shared_model.naming import SITE_NAME_PATTERN, check_site_name
 from shared_model.sitedata.records import (
     IDENTITY_COLUMNS,
     IMAGE_COLUMNS,
@@ -74,7 +74,6 @@ __all__ = [
 ]
 
 SITE_FILE = "site.yaml"
-SITE_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SITE_YAML_KEYS = ("name", "description", "contact", "public_patient_count", "inputs", "import")
 
 
@@ -161,14 +160,10 @@ def _read_site_yaml(site: Site) -> None:
             )
     if "name" in data:
         name = data["name"]
-        if not isinstance(name, str) or not SITE_NAME_PATTERN.fullmatch(name):
-            error(
-                f"site name {name!r} must be 1-64 characters from A-Z a-z 0-9 . _ - "
-                "(it names the site in every metric, log and run folder)",
-                "name",
-            )
-        else:
-            site.name = name
+        try:
+            site.name = check_site_name(name)
+        except ValueError as exc:
+            error(f"{exc} (it names the site in every metric, log and run folder)", "name")
     description = data.get("description")
     if description is not None:
         site.description = str(description)
