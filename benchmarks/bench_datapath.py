@@ -88,6 +88,7 @@ def warm_loading(tmp: Path, patients: int, repeat: int) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
     from fl_client.client_app import make_client_app
+    from fl_client.settings import CACHE_DIR, DATA_PATH
     from fl_server.config import load_config, parse_set_options
     from fl_server.strategies import initial_state, round_config
     from shared_model import protocol
@@ -106,7 +107,7 @@ def warm_loading(tmp: Path, patients: int, repeat: int) -> dict:
     for attr in ("_task_id", "_run_id", "_node_id"):  # a Message outside a running app needs an identity
         setattr(TaskIdentity, attr, 1)
     app, state = make_client_app(), initial_state(exp)
-    ctx = Context(run_id=1, node_id=1, node_config={"data-path": str(site), "cache-dir": str(cache)},
+    ctx = Context(run_id=1, node_id=1, node_config={DATA_PATH: str(site), CACHE_DIR: str(cache)},
                   state=RecordDict(), run_config={})
 
     def train_message() -> None:

@@ -29,7 +29,6 @@ unprotected; min-cell-count for explanation cells). docs/privacy.md has the reco
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import shutil
@@ -62,10 +61,12 @@ from fl_client.settings import (
     REQUIRE_PATIENT_DP,
     REQUIRE_SECURE_AGGREGATION,
     SHARE_EXPLANATIONS,
+    SiteSettings,
     SiteSettingsError,
     parse_eval_splits,
     parse_histogram_bins,
     parse_positive,
+    render_node_config,
 )
 
 
@@ -179,14 +180,6 @@ def floor_flags(args: argparse.Namespace) -> list[str]:
     return [f"--{k}" for k in DP_FLOOR_KEYS if getattr(args, k.replace("-", "_"), None) is not None]
 
 
-def toml_value(v: object) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    return json.dumps(str(v))
-
-
 @dataclass(frozen=True)
 class JoinPlan:
     """Where and how this site connects, resolved from the kit and the flags."""
@@ -290,39 +283,27 @@ def local_port(args: argparse.Namespace) -> int:
     return chosen
 
 
-def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
-    site = Path(args.data).resolve()
-    node_config: dict[str, object] = {"data-path": str(site)}
-    node_config["site-name"] = plan.name
-    if args.cache_dir:
-        node_config["cache-dir"] = str(Path(args.cache_dir).resolve())
-    if args.device != "auto":
-        node_config["device"] = args.device
-    if args.max_patient_epsilon is not None:
-        node_config[MAX_PATIENT_EPSILON] = float(args.max_patient_epsilon)
-    node_config[PATIENT_DELTA] = float(args.patient_delta)
-    if args.max_clipping_norm is not None:
-        node_config[MAX_CLIPPING_NORM] = float(args.max_clipping_norm)
-    if args.public_patient_count is not None:
-        node_config[PUBLIC_PATIENT_COUNT] = int(args.public_patient_count)
-    node_config[MAX_HISTOGRAM_BINS] = int(args.max_histogram_bins)
-    # Always named, so that `llnm-site privacy --state-dir` finds exactly what the ClientApp writes.
+def site_settings(args: argparse.Namespace, plan: JoinPlan) -> SiteSettings:
+    """The site's settings as its flags give them (what the SuperNode's node config will hold)."""
+    # The privacy folder is always named, so that `llnm-site privacy --state-dir` finds what the ClientApp writes.
     privacy = Path(args.privacy_state_dir) if args.privacy_state_dir else plan.state_dir / "privacy"
-    node_config["privacy-state-dir"] = str(privacy.resolve())
-    if args.threads:
-        node_config["threads"] = int(args.threads)
-    if args.max_run_epsilon is not None:
-        node_config[MAX_RUN_EPSILON] = float(args.max_run_epsilon)
-    if args.min_noise_multiplier is not None:
-        node_config[MIN_NOISE_MULTIPLIER] = float(args.min_noise_multiplier)
-    node_config[REQUIRE_PATIENT_DP] = bool(args.require_patient_dp) or bool(floor_flags(args))
-    node_config[REQUIRE_SECURE_AGGREGATION] = bool(args.require_secure_aggregation)
-    node_config[SHARE_EXPLANATIONS] = bool(args.share_explanations)
-    node_config[EVAL_SPLITS] = str(args.eval_splits)
-    node_config[EXACT_EVALUATION] = bool(args.exact_evaluation)
-    node_config[EVAL_EPSILON] = float(args.eval_epsilon)
-    node_config[MAX_EVAL_EPSILON] = float(args.max_eval_epsilon)
-    node_config[MIN_CELL_COUNT] = int(args.min_cell_count)
+    return SiteSettings(
+        data_path=Path(args.data).resolve(), name=plan.name,
+        cache_dir=Path(args.cache_dir).resolve() if args.cache_dir else None, device=args.device,
+        max_patient_epsilon=args.max_patient_epsilon, privacy_state_dir=privacy.resolve(),
+        threads=int(args.threads) if args.threads else None,
+        require_patient_dp=bool(args.require_patient_dp) or bool(floor_flags(args)),
+        eval_splits=tuple(str(args.eval_splits).split(",")), patient_delta=float(args.patient_delta),
+        max_clipping_norm=args.max_clipping_norm, public_patient_count=args.public_patient_count,
+        max_histogram_bins=int(args.max_histogram_bins), share_explanations=bool(args.share_explanations),
+        max_run_epsilon=args.max_run_epsilon, min_noise_multiplier=args.min_noise_multiplier,
+        require_secure_aggregation=bool(args.require_secure_aggregation), eval_epsilon=float(args.eval_epsilon),
+        max_eval_epsilon=float(args.max_eval_epsilon), exact_evaluation=bool(args.exact_evaluation),
+        min_cell_count=int(args.min_cell_count))
+
+
+def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
+    node_config = site_settings(args, plan).to_node_config()
     exe = Path(sys.executable).parent / "flower-supernode"
     cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
            "--superlink", plan.superlink]
@@ -333,7 +314,7 @@ def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
     if plan.auth_key:
         cmd += ["--auth-supernode-private-key", plan.auth_key]
     cmd += ["--port", str(local_port(args))]
-    cmd += ["--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
+    cmd += ["--node-config", render_node_config(node_config)]
     return cmd
 
 

@@ -1,7 +1,9 @@
 """A site's own settings: what its operator put in the SuperNode's node config, never the coordinator.
 
-`llnm-site join` writes them into `--node-config`; in simulation `make_client_app` passes defaults and
-per-site values in their place. Everything that runs at a site reads them from here.
+This module owns the node-config keys: `SiteSettings.from_context` reads them, and `SiteSettings.to_node_config`
+with `render_node_config` writes them (`llnm-site join`'s `--node-config`), its exact inverse. In simulation
+`make_client_app` passes defaults and per-site values in their place. Everything that runs at a site reads them
+from here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,15 @@ from typing import Any
 
 from flwr.app import Context
 
+# Where the site is (node-config keys `llnm-site join` sets from its flags).
+DATA_PATH = "data-path"
+SITE_NAME = "site-name"
+CACHE_DIR = "cache-dir"
+DEVICE = "device"
+PRIVACY_STATE_DIR = "privacy-state-dir"
+THREADS = "threads"
+#: Simulation only: per-site node config keyed by site folder name (a deployment's SuperNodes each have their own).
+SITE_NODE_CONFIG = "site-node-config"
 # The site's policy (node-config keys; `llnm-site join` flags of the same names). The site enforces them on
 # every message, whatever the coordinator's round config says.
 REQUIRE_PATIENT_DP = "require-patient-dp"
@@ -154,8 +165,8 @@ class SiteSettings:
     def from_context(cls, context: Context, site_dirs: list[str] | None,
                      defaults: dict[str, Any] | None = None) -> SiteSettings:
         cfg = {**(defaults or {}), **dict(context.node_config)}
-        if "data-path" in cfg:
-            data_path = Path(str(cfg["data-path"]))
+        if DATA_PATH in cfg:
+            data_path = Path(str(cfg[DATA_PATH]))
         elif site_dirs is not None and "partition-id" in cfg:
             data_path = Path(site_dirs[int(cfg["partition-id"])])
         else:
@@ -167,7 +178,7 @@ class SiteSettings:
             raise RuntimeError(f"data-path {data_path}: not a folder")
         # Simulation only: per-site node config (e.g. one hospital's own max-patient-epsilon), keyed by
         # site folder name, standing in for what each SuperNode's --node-config would set.
-        per_site = cfg.pop("site-node-config", None) or {}
+        per_site = cfg.pop(SITE_NODE_CONFIG, None) or {}
         cfg = {**cfg, **dict(per_site.get(data_path.name, {}))}
 
         def opt_path(key: str) -> Path | None:
@@ -182,13 +193,13 @@ class SiteSettings:
         check_dp_floor(floor, require_dp, "node config ")
         return cls(
             data_path=data_path,
-            name=str(cfg["site-name"]) if cfg.get("site-name") else None,
-            cache_dir=opt_path("cache-dir") or (Path(os.environ["LLNM_CACHE_DIR"])
-                                                if os.environ.get("LLNM_CACHE_DIR") else None),
-            device=str(cfg.get("device", "auto")),
+            name=str(cfg[SITE_NAME]) if cfg.get(SITE_NAME) else None,
+            cache_dir=opt_path(CACHE_DIR) or (Path(os.environ["LLNM_CACHE_DIR"])
+                                              if os.environ.get("LLNM_CACHE_DIR") else None),
+            device=str(cfg.get(DEVICE, "auto")),
             max_patient_epsilon=opt_positive(MAX_PATIENT_EPSILON),
-            privacy_state_dir=opt_path("privacy-state-dir"),
-            threads=int(cfg["threads"]) if cfg.get("threads") not in (None, "", 0) else None,
+            privacy_state_dir=opt_path(PRIVACY_STATE_DIR),
+            threads=int(cfg[THREADS]) if cfg.get(THREADS) not in (None, "", 0) else None,
             require_patient_dp=require_dp,
             eval_splits=parse_eval_splits(cfg.get(EVAL_SPLITS, ",".join(DEFAULT_EVAL_SPLITS))),
             patient_delta=float(parse_positive(PATIENT_DELTA, cfg.get(PATIENT_DELTA, DEFAULT_PATIENT_DELTA),
@@ -207,6 +218,25 @@ class SiteSettings:
             exact_evaluation=parse_bool(EXACT_EVALUATION, cfg.get(EXACT_EVALUATION, False)),
             min_cell_count=int(parse_positive(MIN_CELL_COUNT, cfg.get(MIN_CELL_COUNT, DEFAULT_MIN_CELL_COUNT), int)),
         )
+
+    def to_node_config(self) -> dict[str, Any]:
+        """The node config that `from_context` reads back as these settings (its inverse): every key set,
+        the optional ones only when they have a value."""
+        out: dict[str, Any] = {DATA_PATH: str(self.data_path)}
+        if self.name:
+            out[SITE_NAME] = self.name
+        if self.cache_dir is not None:
+            out[CACHE_DIR] = str(self.cache_dir)
+        if self.device != "auto":
+            out[DEVICE] = self.device
+        if self.privacy_state_dir is not None:
+            out[PRIVACY_STATE_DIR] = str(self.privacy_state_dir)
+        if self.threads:
+            out[THREADS] = int(self.threads)
+        policy = {k: v for k, v in self.policy().items() if v is not None}
+        if self.exact_evaluation:  # the policy shows no evaluation epsilon then; the node config keeps them
+            policy[EVAL_EPSILON], policy[MAX_EVAL_EPSILON] = self.eval_epsilon, self.max_eval_epsilon
+        return {**out, **policy}
 
     def policy(self) -> dict[str, Any]:
         """The site's privacy policy as its node-config keys (what `llnm-site privacy` and replies show)."""
@@ -234,6 +264,22 @@ class SiteSettings:
             import torch
 
             torch.set_num_threads(self.threads)
+
+
+def toml_value(value: object) -> str:
+    """A node-config value as TOML (what Flower's `--node-config` parses)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    import json
+
+    return json.dumps(str(value))
+
+
+def render_node_config(values: dict[str, Any]) -> str:
+    """`--node-config`'s one argument: space-separated TOML ``key=value`` pairs."""
+    return " ".join(f"{key}={toml_value(value)}" for key, value in values.items())
 
 
 def _site_yaml(settings: SiteSettings) -> dict[str, Any]:

@@ -50,6 +50,7 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
     from flwr.simulation import run_simulation
 
     from fl_client.client_app import make_client_app
+    from fl_client.settings import CACHE_DIR, SITE_NODE_CONFIG, THREADS
     from fl_server.server_app import make_server_app
 
     if resume and not data_root:
@@ -82,10 +83,10 @@ def simulate(exp: ExperimentConfig, run_dir: RunDirectory, *, data_root: str | P
             server_app=make_server_app(exp, run_dir),
             # Each virtual site trains with as many torch threads as CPUs Ray reserved for it, so the
             # sites that run side by side do not oversubscribe the cores.
-            client_app=make_client_app([str(p) for p in sites], {"cache-dir": cache_dir,
-                                                                 "threads": max(1, int(sim.cpus_per_site)),
+            client_app=make_client_app([str(p) for p in sites], {CACHE_DIR: cache_dir,
+                                                                 THREADS: max(1, int(sim.cpus_per_site)),
                                                                  **sim.node_config,
-                                                                 "site-node-config": sim.site_node_config}),
+                                                                 SITE_NODE_CONFIG: sim.site_node_config}),
             num_supernodes=len(sites),
             backend_config=backend_config,
         )

@@ -277,3 +277,21 @@ def test_join_picks_a_free_local_port_or_names_the_taken_one(monkeypatch: pytest
         args = argparse.Namespace(clientappio_port=None)
         chosen = cmd_join.local_port(args)
         assert chosen != busy and cmd_join.local_port(args) == chosen  # chosen once per join
+
+
+def test_node_config_rendering_is_the_inverse_of_reading_it(tmp_path: Path) -> None:
+    """settings.py owns the node-config keys: what `to_node_config` writes (and `render_node_config` puts on
+    join's command line, as TOML) reads back as the same settings."""
+    from fl_client.settings import render_node_config
+
+    original = settings_for(tmp_path, **{"site-name": "site-q", "cache-dir": str(tmp_path / "c"), "threads": 2,
+                                         "max-patient-epsilon": 6.0, "max-run-epsilon": 3.0, "eval-splits": "test",
+                                         "min-noise-multiplier": 0.5, "exact-evaluation": True, "eval-epsilon": 2.0,
+                                         "min-cell-count": 7, "require-secure-aggregation": True,
+                                         "public-patient-count": 300, "max-histogram-bins": 20})
+    written = original.to_node_config()
+    back = SiteSettings.from_context(SimpleNamespace(node_config=written), None)
+    assert back == original
+    parsed = tomllib.loads("\n".join(re.findall(r'([\w-]+=(?:"(?:[^"\\]|\\.)*"|\S+))',
+                                                render_node_config(written))))
+    assert SiteSettings.from_context(SimpleNamespace(node_config=parsed), None) == original
