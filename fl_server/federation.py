@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from fl_server.strategies import (
     strategy_state,
 )
 from shared_model import protocol
+from shared_model.numbers import none_if_nan
 
 log = logging.getLogger("llnm.server")
 
@@ -289,7 +289,7 @@ class Federation:
             if explain and protocol.EXPLAIN_WITHHELD in site_record:
                 withheld[name] = str(site_record[protocol.EXPLAIN_WITHHELD])
         pooled = metrics_from_histograms(list(hists.values())) if hists else {}
-        pooled = {k: _none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
+        pooled = {k: none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
         failures = outcome.failures + self.offline_sites(nodes, "evaluate", outcome.failures)
         return Evaluation(dict(sorted(sites.items())), pooled, failures, dict(sorted(hists.items())),
                           dict(sorted(explanations.items())), withheld)
@@ -389,7 +389,7 @@ class Federation:
             self.site_names.setdefault(r.metadata.src_node_id, name)
             self.known_sites.add(name)
             m = r.content[protocol.METRICS_RECORD]
-            train_sites[name] = {k: (_none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
+            train_sites[name] = {k: (none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
         if self.ledger is not None:
             outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
         if not fed.secure_aggregation:
@@ -522,12 +522,6 @@ class Federation:
                    else f"trained by {len(entry['participants'])} site(s), not evaluated (federation.eval_every)")
         self.say(f"[llnm] round {entry['round']}/{self.exp.federation.rounds} ({entry['seconds']:.0f} s) "
                  + metrics + (f" | failed: {fails}" if fails else ""))
-
-
-def _none_if_nan(v: Any) -> Any:
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    return v
 
 
 def _fmt(v: Any) -> str:

@@ -22,46 +22,9 @@ import numpy as np
 
 from fl_server.report_figures import figures
 from fl_server.run_dir import RunDirectory
+from shared_model.evaluation.curves import histogram_curves
 
-__all__ = ["build_report", "histogram_curves", "render_html", "write_report"]
-
-#: Calibration bins drawn from a histogram (its bins are merged into this many, when finer).
-CALIBRATION_BINS = 10
-
-
-def histogram_curves(hist: dict[str, Any]) -> dict[str, Any]:
-    """ROC, calibration and decision-curve points of one site's score histogram."""
-    from shared_model.evaluation.metrics import dense_counts
-
-    k = int(hist["n_bins"])
-    # A DP histogram's noisy counts may be negative: a curve shows them clipped at zero.
-    pos = np.clip(dense_counts(hist, "pos", k, "score histogram").astype(float), 0, None)
-    neg = np.clip(dense_counts(hist, "neg", k, "score histogram").astype(float), 0, None)
-    n_pos, n_neg = pos.sum(), neg.sum()
-    # Threshold at edge j/k: predicted positive when score >= j/k, i.e. bins j..k-1.
-    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])
-    fp = np.concatenate([np.cumsum(neg[::-1])[::-1], [0.0]])
-    thresholds = np.arange(k + 1) / k
-    roc = {"fpr": (fp / n_neg).tolist() if n_neg else None, "tpr": (tp / n_pos).tolist() if n_pos else None}
-    merge = k // CALIBRATION_BINS if k % CALIBRATION_BINS == 0 and k >= CALIBRATION_BINS else 1
-    m = k // merge
-    cal_pos = pos.reshape(m, merge).sum(axis=1)
-    cal_all = cal_pos + neg.reshape(m, merge).sum(axis=1)
-    calibration = {
-        "mid_predicted": ((np.arange(m) + 0.5) / m).tolist(),
-        "observed_rate": [float(p / a) if a else None for p, a in zip(cal_pos, cal_all, strict=True)],
-        "counts": cal_all.astype(int).tolist(),
-    }
-    n = n_pos + n_neg
-    decision = []
-    for j in range(1, k):
-        pt = thresholds[j]
-        odds = pt / (1 - pt)
-        decision.append({"threshold": float(pt),
-                         "net_benefit_model": float(tp[j] / n - fp[j] / n * odds) if n else None,
-                         "net_benefit_all": float(n_pos / n - n_neg / n * odds) if n else None})
-    return {"roc": roc, "calibration": calibration, "decision": decision, "n": int(n), "n_pos": int(n_pos)}
-
+__all__ = ["build_report", "render_html", "write_report"]
 
 def _baseline(path: Path) -> dict[str, Any]:
     """A run to compare with: a baseline run (`mode`, `sites`, `pooled`) or another federated run (`final`)."""

@@ -17,19 +17,13 @@ On resume the writer purges the events of the rounds being redone, so a chart ne
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from shared_model import protocol
+from shared_model.numbers import finite_or_none
 
 __all__ = ["RoundTracker", "open_tracker"]
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(float(value)) else None
 
 
 class RoundTracker:
@@ -42,7 +36,7 @@ class RoundTracker:
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)
 
     def _scalar(self, tag: str, value: Any, step: int) -> None:
-        number = _number(value)
+        number = finite_or_none(value)
         if number is not None:
             self.writer.add_scalar(tag, number, step)
 

@@ -126,3 +126,17 @@ def test_mutated_real_dicoms_read_or_fail_with_an_image_read_error(tmp_path_fact
         assert source.name in str(exc)
     else:
         assert image.pixels.ndim == 2 and image.pixels.size > 0
+
+
+@pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason="../shared/data/us_dicom (real ultrasound DICOMs) is absent")
+def test_a_dicom_element_with_an_unknown_vr_is_an_image_read_error(tmp_path: Path) -> None:
+    """pydicom parses elements lazily: a corrupt VR surfaces at the first access, not at dcmread."""
+    source = SHARED_DICOM / "orthanc_Issue16_hp_mf34_jpegbaseline_doppler_region.dcm"
+    if not source.is_file():
+        pytest.skip(f"{source} is absent")
+    raw = bytearray(source.read_bytes()[:430])
+    raw[427] = 0  # the second byte of the VR of (0008,0016): 'U\x00' is no VR
+    path = tmp_path / source.name
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ImageReadError, match=source.name):
+        read_image(path)

@@ -22,8 +22,8 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score
 
 from fl_research import cmd_evaluate_predictions
+from shared_model.evaluation.binary import _resample_stats
 from shared_model.evaluation.metrics import (
-    _resample_stats,
     binary_metrics,
     calibration_curve_data,
     decision_curve,

@@ -14,6 +14,7 @@ from flwr.app import Message
 from shared_model import protocol
 from shared_model.config import PatientDPConfig, TrainConfig
 from shared_model.dp_accounting import check_history, opacus_sampling, reported_epsilon_problem
+from shared_model.numbers import finite_or_none
 
 # Relative slack when checking a site's reported epsilon against the run's target (float noise only).
 EPS_RTOL = 1e-6
@@ -88,13 +89,13 @@ def dp_reply_record(reply: Message, pat: PatientDPConfig, train: TrainConfig | N
         "status": "trained",
         "mechanism": "dp-sgd",
         "accountant": f"opacus-{pat.accountant}",
-        "sample_rate": _finite(m[protocol.DP_SAMPLE_RATE]),
-        "noise_multiplier": _finite(m[protocol.DP_NOISE_MULTIPLIER]),
-        "max_grad_norm": _finite(m[protocol.DP_MAX_GRAD_NORM]),
+        "sample_rate": finite_or_none(m[protocol.DP_SAMPLE_RATE]),
+        "noise_multiplier": finite_or_none(m[protocol.DP_NOISE_MULTIPLIER]),
+        "max_grad_norm": finite_or_none(m[protocol.DP_MAX_GRAD_NORM]),
         "steps_round": _int(m[protocol.DP_STEPS_ROUND]),
         "steps_total": _int(m[protocol.DP_STEPS_TOTAL]),
-        "delta": _finite(m[protocol.DP_DELTA]),
-        "epsilon": _finite(m[protocol.DP_EPSILON]),
+        "delta": finite_or_none(m[protocol.DP_DELTA]),
+        "epsilon": finite_or_none(m[protocol.DP_EPSILON]),
         "replayed": bool(m[protocol.DP_REPLAYED]),
         "attempts_round": _int(m[protocol.DP_ATTEMPTS_ROUND]),
         "history_segments": _int(m[protocol.DP_HISTORY_SEGMENTS]),
@@ -169,11 +170,4 @@ def _int(v: Any) -> int | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or v != int(v):
         return None
     return int(v)
-
-
-def _finite(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
 

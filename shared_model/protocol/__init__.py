@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 from shared_model.config import ConfigError, Schema, parse_json
+from shared_model.numbers import none_if_nan
 
 # ---- record names ----------------------------------------------------------------------------------
 ARRAYS_RECORD = "arrays"
@@ -208,7 +209,7 @@ def decode_eval_metrics(record: Mapping[str, Any]) -> tuple[dict[str, Any], dict
 
     A DP reply's metrics carry ``dp``: its epsilon, delta and noise standard deviation."""
     try:
-        site = {k: _none_if_nan(record[k]) for k in EVAL_METRIC_KEYS if k in record}
+        site = {k: none_if_nan(record[k]) for k in EVAL_METRIC_KEYS if k in record}
         site[EVAL_N] = int(record[EVAL_N])
         site[EVAL_N_POS] = int(record[EVAL_N_POS])
         if EVAL_DP_SIGMA in record:
@@ -266,7 +267,7 @@ def decode_explanation(record: Mapping[str, Any]) -> dict[str, Any] | None:
         out: dict[str, Any] = {"n": int(record[EXPLAIN_N]), "shares": [float(x) for x in record[EXPLAIN_SHARES]]}
         for location in EXPLAIN_LOCATION:
             if explain_key(location, "n") in record:
-                out[location] = {f: [_none_if_nan(x) for x in record[explain_key(location, f)]]
+                out[location] = {f: [none_if_nan(x) for x in record[explain_key(location, f)]]
                                  for f in LOCATION_FIELDS}
     except KeyError as exc:
         raise ProtocolError(f"evaluate reply: explanation lacks {exc.args[0]!r}") from None
@@ -293,12 +294,8 @@ def decode_stage_metrics(record: Mapping[str, Any]) -> dict[str, Any] | None:
     """Inverse of :func:`encode_stage_metrics` (None without a risk-stage head)."""
     if STAGE_N not in record:
         return None
-    return {"n": int(record[STAGE_N]), "auc": [_none_if_nan(float(v)) for v in record[STAGE_AUC]],
-            "auc_macro": _none_if_nan(float(record[STAGE_AUC_MACRO]))}
-
-
-def _none_if_nan(value: Any) -> Any:
-    return None if isinstance(value, float) and math.isnan(value) else value
+    return {"n": int(record[STAGE_N]), "auc": [none_if_nan(float(v)) for v in record[STAGE_AUC]],
+            "auc_macro": none_if_nan(float(record[STAGE_AUC_MACRO]))}
 
 
 SchemaT = TypeVar("SchemaT", bound=Schema)

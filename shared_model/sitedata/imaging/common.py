@@ -81,6 +81,18 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _frame_choice(frame: FrameSpec, path: Path) -> str | int:
+    """The frame argument checked on its own (``ValueError`` when malformed), before any file is opened."""
+    if isinstance(frame, str) and frame.strip().startswith("-") and frame.strip()[1:].isdigit():
+        frame = int(frame)
+    if isinstance(frame, numbers.Integral) and not isinstance(frame, bool) and frame < 0:
+        return int(frame)  # an index, just not one that exists
+    try:
+        return parse_frame(frame)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def _resolve_frame(frame: FrameSpec, frames: int, path: Path) -> int:
     """Turn a frame choice into a 0-based index.
 
@@ -88,15 +100,7 @@ def _resolve_frame(frame: FrameSpec, frames: int, path: Path) -> int:
     later of the two central frames; for 65 frames, frame 32). An integer (or a string of digits, as given on
     the command line) is a 0-based index and must exist in the file: a wrong index is an error, never clamped.
     """
-    if isinstance(frame, str) and frame.strip().startswith("-") and frame.strip()[1:].isdigit():
-        frame = int(frame)
-    if isinstance(frame, numbers.Integral) and not isinstance(frame, bool) and frame < 0:
-        choice: str | int = int(frame)  # an index, just not one that exists
-    else:
-        try:
-            choice = parse_frame(frame)
-        except ValueError as exc:
-            raise ValueError(f"{path}: {exc}") from None
+    choice = _frame_choice(frame, path)
     if choice == "first":
         return 0
     if choice == "middle":

@@ -6,7 +6,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared_model.sitedata.imaging.common import FrameSpec, UltrasoundImage, _check_spacing, _sniff
+from shared_model.sitedata.imaging.common import (
+    FrameSpec,
+    ImageReadError,
+    UltrasoundImage,
+    _check_spacing,
+    _describe,
+    _frame_choice,
+    _sniff,
+)
 from shared_model.sitedata.imaging.dicom import _read_dicom, _read_dicom_image
 from shared_model.sitedata.imaging.pil import _read_pil_image
 
@@ -42,8 +50,17 @@ def _read_with_header(
     """:func:`read_image` plus the DICOM dataset it came from (None for PNG/JPEG), read only once."""
     path = Path(path)
     table_spacing = _check_spacing(table_spacing_mm, path, "table_spacing_mm")
+    _frame_choice(frame, path)
     kind = _sniff(path)
     if kind in ("png", "jpeg"):
         return _read_pil_image(path, kind, frame, table_spacing), None
     ds = _read_dicom(path)
-    return _read_dicom_image(path, ds, frame, table_spacing, region_hint), ds
+    try:
+        return _read_dicom_image(path, ds, frame, table_spacing, region_hint), ds
+    except ImageReadError:
+        raise
+    except Exception as exc:
+        # pydicom parses elements lazily, so a corrupt element surfaces at first access, wherever that is.
+        raise ImageReadError(
+            f"{path}: a DICOM element cannot be parsed ({_describe(exc)}); the file is corrupt"
+        ) from exc
