@@ -34,8 +34,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, app_hash, free_port, start, stop
 from _messages import object_bytes
+
+from fl_research.loopback import BIN, ROOT, app_hash, free_port, start, stop
 
 sys.path.insert(0, str(ROOT))
 

@@ -33,7 +33,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, free_port, start, stop
+from fl_research.loopback import BIN, ROOT, free_port, start, stop
 
 sys.path.insert(0, str(ROOT))
 

@@ -35,7 +35,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, app_hash, free_port, rounds_of, start, stop
+from fl_research.loopback import BIN, ROOT, app_hash, free_port, round_records, start, stop
 
 
 def wait_until(condition, what: str, timeout: float) -> None:
@@ -137,11 +137,11 @@ def sites_killed(args: argparse.Namespace) -> dict:
             join(site, 1)
         procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run),
                               "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp / "run.log")
-        wait_until(lambda: len(rounds_of(run)) >= 1, "round 1", 900)
+        wait_until(lambda: len(round_records(run)) >= 1, "round 1", 900)
         for site in victims:
             stop(procs.pop(site.name), signal.SIGKILL)
             events.append({"after_round": 1, "event": "killed", "site": site.name, "t": time.perf_counter() - t0})
-        wait_until(lambda: len(rounds_of(run)) >= 2, "round 2 without the killed sites", 900)
+        wait_until(lambda: len(round_records(run)) >= 2, "round 2 without the killed sites", 900)
         for site in victims:
             join(site, 2)
             events.append({"after_round": 2, "event": "rejoined", "site": site.name, "t": time.perf_counter() - t0})
@@ -150,7 +150,7 @@ def sites_killed(args: argparse.Namespace) -> dict:
         for proc in procs.values():
             stop(proc)
     seconds = time.perf_counter() - t0
-    rounds = rounds_of(run)
+    rounds = round_records(run)
     names = {s.name for s in sites}
     killed = {s.name for s in victims}
     per_round = [{"round": r["round"], "participants": r["participants"],

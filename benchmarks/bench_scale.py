@@ -29,7 +29,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, process_tree
+from fl_research.loopback import BIN, ROOT, process_tree
 
 
 def pss_mib(pid: int) -> float:

@@ -34,7 +34,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _loopback import BIN, ROOT, app_hash, cmdline, free_port, process_tree, rounds_of, start, stop
+from fl_research.loopback import BIN, ROOT, app_hash, cmdline, free_port, process_tree, round_records, start, stop
 
 # ---- /proc ------------------------------------------------------------------------------------------------
 
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--superlink", f"127.0.0.1:{port}", "--insecure"], tmp / "run.log")
         seen = 0
         while procs["run"].poll() is None:
-            done = [r["round"] for r in rounds_of(run_dir)]
+            done = [r["round"] for r in round_records(run_dir)]
             if len(done) == seen:
                 time.sleep(1.0)
                 continue
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for proc in procs.values():
             stop(proc)
-    metrics = rounds_of(run_dir)
+    metrics = round_records(run_dir)
     rounds = [r["round"] for r in metrics]
     growth, leaks = analyse(samples)
     result = {

@@ -32,7 +32,6 @@ import argparse
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +67,7 @@ from fl_client.settings import (
     parse_positive,
     render_node_config,
 )
+from shared_model.supervisor import Supervisor
 
 
 def _eval_splits(value: str) -> str:
@@ -433,80 +433,47 @@ def _run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) 
     the SuperNode stops without being asked to (the SuperLink restarted, the network dropped), start it again
     after a growing pause, saying why; a refusal of the site's key ends it with what to do. Ctrl-C/SIGTERM are
     passed on and end it."""
-    import signal
-    import time
-
-    asked: list[int] = []
-    current: list[subprocess.Popen] = []
-
-    def forward(signum: int, _frame: object) -> None:
-        asked.append(signum)
-        if current and current[-1].poll() is None:
-            current[-1].send_signal(signum)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, forward)
-    restarts = refusals = 0
-    while True:
-        rc, refused, clash = _supernode_once(cmd, env, current)
-        if asked:
-            return 0
-        if clash:
-            port = cmd[cmd.index("--port") + 1] if "--port" in cmd else str(DEFAULT_LOCAL_PORT)
-            print(f"error: flower-supernode could not open its local Runtime API port {port}: the address is "
-                  "already in use (another SuperNode or program on this machine took it). Join again with a free "
-                  "--clientappio-port, or without the flag to let join pick one", file=sys.stderr)
-            return rc or 1
-        if refused:
-            refusals += 1
-            # Right after a SuperLink restart its registrations are being restored: a refusal then is worth
-            # a few more tries. A refusal at the very first start is final.
-            if restarts == 0 or refusals > 3:
-                print(f"error: flower-supernode exited (status {rc}): {REFUSED_HINT}", file=sys.stderr)
+    with Supervisor() as supervisor:
+        restarts = refusals = 0
+        while True:
+            watch = _SupernodeWatch()
+            rc = supervisor.run(cmd, env, on_line=watch)
+            if supervisor.stop_asked:
+                return 0
+            if watch.port_taken:
+                port = cmd[cmd.index("--port") + 1] if "--port" in cmd else str(DEFAULT_LOCAL_PORT)
+                print(f"error: flower-supernode could not open its local Runtime API port {port}: the address is "
+                      "already in use (another SuperNode or program on this machine took it). Join again with a "
+                      "free --clientappio-port, or without the flag to let join pick one", file=sys.stderr)
                 return rc or 1
-        if restarts >= max_restarts:
-            print(f"error: flower-supernode exited (status {rc}) {restarts + 1} times: {ENDED_HINT}",
-                  file=sys.stderr)
-            return rc or 1
-        restarts += 1
-        pause = min(60, 2 ** restarts)
-        print(f"[llnm-site] flower-supernode stopped without being asked to (status {rc}): the SuperLink "
-              f"restarted or the connection dropped. Starting it again in {pause} s (restart {restarts} of at most "
-              f"{max_restarts}; Ctrl-C to stop).", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + pause
-        while time.monotonic() < deadline and not asked:
-            time.sleep(0.2)
-        if asked:
-            return 0
+            if watch.refused:
+                refusals += 1
+                # Right after a SuperLink restart its registrations are being restored: a refusal then is worth
+                # a few more tries. A refusal at the very first start is final.
+                if restarts == 0 or refusals > 3:
+                    print(f"error: flower-supernode exited (status {rc}): {REFUSED_HINT}", file=sys.stderr)
+                    return rc or 1
+            if restarts >= max_restarts:
+                print(f"error: flower-supernode exited (status {rc}) {restarts + 1} times: {ENDED_HINT}",
+                      file=sys.stderr)
+                return rc or 1
+            restarts += 1
+            pause = min(60, 2 ** restarts)
+            print(f"[llnm-site] flower-supernode stopped without being asked to (status {rc}): the SuperLink "
+                  f"restarted or the connection dropped. Starting it again in {pause} s (restart {restarts} of at "
+                  f"most {max_restarts}; Ctrl-C to stop).", file=sys.stderr, flush=True)
+            if not supervisor.sleep(pause):
+                return 0
 
 
-def _supernode_once(cmd: list[str], env: dict[str, str], current: list[subprocess.Popen]
-                    ) -> tuple[int, bool, bool]:
-    """One flower-supernode process to its end: (exit status, whether the SuperLink refused to activate it,
-    whether its local port was taken)."""
-    import threading
+class _SupernodeWatch:
+    """What flower-supernode's output says about why it ended."""
 
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            errors="replace")
-    current.append(proc)
-    refused: list[bool] = []
-    clash: list[bool] = []
-    stream = proc.stdout
-    assert stream is not None
+    def __init__(self) -> None:
+        self.refused = self.port_taken = False
 
-    def relay() -> None:
-        for line in stream:
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            if "Failed to activate SuperNode" in line:
-                refused.append(True)
-            if "address already in use" in line.lower():
-                clash.append(True)
-
-    # A reader thread, not a loop until EOF: Flower's helper processes inherit the pipe and may outlive the
-    # SuperNode by a few seconds.
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    rc = proc.wait()
-    reader.join(timeout=5)
-    return rc, bool(refused), bool(clash)
+    def __call__(self, line: str) -> None:
+        if "Failed to activate SuperNode" in line:
+            self.refused = True
+        if "address already in use" in line.lower():
+            self.port_taken = True

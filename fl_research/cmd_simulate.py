@@ -19,27 +19,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="if --out already holds this run, continue it from its last complete round")
 
 
-def _stop_on_sigterm() -> None:
+def _end_the_engine(signum: int) -> None:
     """`llnm-server stop` sends SIGTERM: end the simulation engine's processes with this one, so that no Ray
     worker trains on. The run directory's lock goes with the process, and `resume` continues the run."""
     import os
-    import signal
 
-    def on_term(signum: int, _frame: object) -> None:
-        try:
-            import ray
+    try:
+        import ray
 
-            ray.shutdown()
-        finally:
-            os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+        ray.shutdown()
+    finally:
+        os._exit(128 + signum)
 
 
 def run(args: argparse.Namespace) -> int:
+    import signal
+
+    from shared_model.supervisor import Supervisor
+
+    with Supervisor(on_stop=_end_the_engine, signals=(signal.SIGTERM,)):
+        return _simulate(args)
+
+
+def _simulate(args: argparse.Namespace) -> int:
     from fl_research.simulation import simulate
 
-    _stop_on_sigterm()
     try:
         rd = RunDirectory(args.out)
         exp, resuming = experiment_for(rd, resume=args.resume, config=args.config, overrides=args.set)

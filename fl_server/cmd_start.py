@@ -67,32 +67,30 @@ def run(args: argparse.Namespace) -> int:
 
 def _supervise(cmd: list[str], env: dict[str, str], provision_dir: Path, port: int) -> int:
     """Run the SuperLink in the foreground, register the consortium's sites once it listens, pass on signals."""
-    import signal
     import socket
-    import subprocess
     import time
 
     from fl_server.control import restore_registrations
+    from shared_model.supervisor import Supervisor
 
-    proc = subprocess.Popen(cmd, env=env)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda signum, _frame: proc.send_signal(signum))
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.3)
-    if proc.poll() is None:
-        try:
-            # The certificate always names 127.0.0.1, so the coordinator's tools reach it locally.
-            restored = restore_registrations(provision_dir, f"127.0.0.1:{port}")
-        except ConfigError as exc:
-            print(f"error: registering the consortium's sites again failed: {exc}", file=sys.stderr)
-        else:
-            if restored:
-                print(f"[llnm] registered again: {', '.join(restored)}", flush=True)
-    return proc.wait()
+    with Supervisor() as supervisor:
+        proc = supervisor.start(cmd, env)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not supervisor.stop_asked:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.3)
+        if proc.poll() is None and not supervisor.stop_asked:
+            try:
+                # The certificate always names 127.0.0.1, so the coordinator's tools reach it locally.
+                restored = restore_registrations(provision_dir, f"127.0.0.1:{port}")
+            except ConfigError as exc:
+                print(f"error: registering the consortium's sites again failed: {exc}", file=sys.stderr)
+            else:
+                if restored:
+                    print(f"[llnm] registered again: {', '.join(restored)}", flush=True)
+        return supervisor.wait()
 
 
 def _path_with_venv() -> str:

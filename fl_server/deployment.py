@@ -25,6 +25,7 @@ from fl_server.config import ConfigError, ExperimentConfig
 from fl_server.run_dir import RunDirectory
 from shared_model.environment import offline_environment
 from shared_model.protocol.connection_check import is_loopback, split_address
+from shared_model.supervisor import Supervisor
 
 # Flower refuses a FAB above this size (flwr.common.constant.FAB_MAX_SIZE).
 FAB_MAX_BYTES = 10 * 1024 * 1024
@@ -250,28 +251,19 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection,
     cmd = [flwr_binary("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
     if stream:
         cmd.append("--stream")
-    proc = subprocess.Popen(cmd, env=env)
+    supervisor = Supervisor(on_stop=lambda signum: _stop_submitted_run(rd, signum, supervisor))
+    with supervisor:
+        return supervisor.run(cmd, env)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        # Ctrl-C or a kill of `llnm-server run` stops the experiment itself, not only this client: the
-        # ServerApp on the SuperLink would otherwise train on, and `flwr run` stay behind.
-        _, what = stop_deployment_run(rd, rd.run_info())
-        print(f"[llnm] {signal.Signals(signum).name}: stopping the run on the SuperLink: {what}", flush=True)
-        rd.update_run_info(status="stopped", stopped_by=f"{signal.Signals(signum).name} to llnm-server run",
-                           error=f"stopped by {signal.Signals(signum).name}")
-        if proc.poll() is None:
-            proc.terminate()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                return proc.wait()
-            except KeyboardInterrupt:  # a second Ctrl-C while the handler ran
-                continue
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _stop_submitted_run(rd: RunDirectory, signum: int, supervisor: Supervisor) -> None:
+    """Ctrl-C or a kill of `llnm-server run` stops the experiment itself, not only this client: the ServerApp
+    on the SuperLink would otherwise train on, and `flwr run` stay behind."""
+    name = signal.Signals(signum).name
+    _, what = stop_deployment_run(rd, rd.run_info())
+    print(f"[llnm] {name}: stopping the run on the SuperLink: {what}", flush=True)
+    rd.update_run_info(status="stopped", stopped_by=f"{name} to llnm-server run", error=f"stopped by {name}")
+    supervisor.terminate()
 
 
 def stop_deployment_run(rd: RunDirectory, info: dict[str, Any]) -> tuple[bool, str]:

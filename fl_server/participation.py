@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fl_server.records import MetricsFile, RunInfo
 from shared_model import protocol
 from shared_model.text_table import format_rounds
 
@@ -27,7 +28,7 @@ def _is_refusal(reason: str) -> bool:
     return reason.startswith((protocol.REFUSAL_MARKER, protocol.POLICY_REFUSAL_MARKER))
 
 
-def participation(metrics: dict[str, Any], run_info: dict[str, Any] | None = None) -> dict[str, SiteParticipation]:
+def participation(metrics: MetricsFile, run_info: RunInfo | None = None) -> dict[str, SiteParticipation]:
     """Per site, the training rounds it took part in, refused and failed, from metrics.json's rounds (and, for a
     round that stopped the run before it was recorded, run.json's failures)."""
     out: dict[str, SiteParticipation] = {}

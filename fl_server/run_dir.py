@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fl_server.config import ConfigError, ExperimentConfig, load_config, parse_config, parse_set_options
+from fl_server.records import FinalRecord, MetricsFile, RoundRecord, RunInfo
 from shared_model.fileio import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -140,7 +141,7 @@ class RunDirectory:
         return self.checkpoints / f"round-{rnd:04d}.safetensors"
 
     # ---- creation ------------------------------------------------------------------------------
-    def create(self, config: ExperimentConfig, run_info: dict[str, Any]) -> None:
+    def create(self, config: ExperimentConfig, run_info: RunInfo) -> None:
         """Start a new run; refuses to reuse a folder that already holds a run (use resume)."""
         if self.metrics_path.exists() or self.config_path.exists():
             raise ConfigError(
@@ -181,7 +182,7 @@ class RunDirectory:
             raise NothingToResume(f"{self.path}: all {rounds} rounds are complete; nothing to resume")
         return exp
 
-    def run_info(self) -> dict[str, Any]:
+    def run_info(self) -> RunInfo:
         if not self.run_info_path.is_file():
             return {}
         return json.loads(self.run_info_path.read_text(encoding="utf-8"))
@@ -210,7 +211,7 @@ class RunDirectory:
         atomic_write_json(self.run_info_path, info)
 
     # ---- metrics -------------------------------------------------------------------------------
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> MetricsFile:
         if not self.metrics_path.is_file():
             return {"rounds": [], "best_round": None}
         return json.loads(self.metrics_path.read_text(encoding="utf-8"))
@@ -244,7 +245,7 @@ class RunDirectory:
             if int(f.stem.split("-")[-1]) > rnd:
                 f.unlink()
 
-    def append_round(self, entry: dict[str, Any]) -> dict[str, Any]:
+    def append_round(self, entry: RoundRecord) -> MetricsFile:
         m = self.metrics()
         rounds = [r for r in m.get("rounds", []) if r["round"] != entry["round"]]
         rounds.append(entry)
@@ -259,7 +260,7 @@ class RunDirectory:
                 **choice, "checkpoint": self.checkpoint_file(choice["round"]).name})
         return m
 
-    def set_final(self, final: dict[str, Any]) -> None:
+    def set_final(self, final: FinalRecord) -> None:
         m = self.metrics()
         m["final"] = final
         atomic_write_json(self.metrics_path, m)
@@ -314,7 +315,7 @@ class PlainFormatter(logging.Formatter):
         return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
-def best_round_choice(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
+def best_round_choice(rounds: list[RoundRecord]) -> dict[str, Any] | None:
     """The round whose global model is best on validation, compared over the same sites.
 
     A pooled AUC depends on which sites evaluated: a round that three sites evaluated and one that four did
@@ -328,7 +329,7 @@ def best_round_choice(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not scored:
         return None
 
-    def with_auc(r: dict[str, Any]) -> frozenset[str]:
+    def with_auc(r: RoundRecord) -> frozenset[str]:
         return frozenset(s for s, m in (r.get("sites") or {}).items() if m.get("auc") is not None)
 
     sets = [with_auc(r) for r in scored]
@@ -339,7 +340,7 @@ def best_round_choice(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
                 "sites": sorted(sets[0])}
     common = frozenset.intersection(*sets)
     if common:
-        def mean_auc(r: dict[str, Any]) -> float:
+        def mean_auc(r: RoundRecord) -> float:
             sites = r["sites"]
             n = sum(sites[s].get("n") or 1 for s in common)
             return sum((sites[s].get("n") or 1) * sites[s]["auc"] for s in common) / n
@@ -354,7 +355,7 @@ def best_round_choice(rounds: list[dict[str, Any]]) -> dict[str, Any] | None:
             "criterion": f"pooled {split} AUC among the rounds the most sites evaluated (no site evaluated all)"}
 
 
-def _best_round(rounds: list[dict[str, Any]]) -> int | None:
+def _best_round(rounds: list[RoundRecord]) -> int | None:
     choice = best_round_choice(rounds)
     return None if choice is None else int(choice["round"])
 

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fl_server.records import FinalRecord, RoundRecord
 from shared_model import protocol
 from shared_model.numbers import finite_or_none
 
@@ -40,7 +41,7 @@ class RoundTracker:
         if number is not None:
             self.writer.add_scalar(tag, number, step)
 
-    def log_round(self, entry: dict[str, Any], privacy: dict[str, Any] | None = None) -> None:
+    def log_round(self, entry: RoundRecord, privacy: dict[str, Any] | None = None) -> None:
         step, split = int(entry["round"]), entry.get("split", "val")
         for site, m in [*entry.get("sites", {}).items(), ("pooled", entry.get("pooled") or {})]:
             for key in ("auc", "brier", "ece"):
@@ -52,7 +53,7 @@ class RoundTracker:
             self._scalar("site_dp_epsilon/consortium", (privacy.get("server") or {}).get("epsilon"), step)
         self.writer.flush()
 
-    def log_final(self, final: dict[str, Any]) -> None:
+    def log_final(self, final: FinalRecord) -> None:
         step = int(final["round"])
         for site, m in [*final.get("sites", {}).items(), ("pooled", final.get("pooled") or {})]:
             self._scalar(f"final_auc/{site}", m.get("auc"), step)

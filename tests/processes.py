@@ -1,22 +1,21 @@
-"""Helpers for tests that run real processes (SuperLink, SuperNodes, `llnm-server run`) and federations."""
+"""Helpers for tests that run federations: the demo experiment as the tests configure it, checks of round
+records, folder digests. Starting and watching the real processes is `fl_research.loopback`, shared with the
+benchmarks (re-exported here)."""
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import yaml
 
+from fl_research.loopback import BIN, ROOT, Loopback, free_port, rounds_of, start, stop, wait_for_port
 from fl_server.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+__all__ = ["BIN", "METRIC_KEYS", "ROOT", "Loopback", "assert_round_metrics", "demo_experiment", "fault_config",
+           "first_patients", "free_port", "prebuild_caches", "record_fault", "rounds_of", "start", "stop",
+           "tree_digest", "wait_for_port", "write_config"]
 METRIC_KEYS = {"auc", "accuracy", "sensitivity", "specificity", "n"}
 
 
@@ -53,50 +52,6 @@ def fault_config(tmp_path: Path, name: str, federation: dict, privacy: dict | No
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(exp))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    fh = open(log, "w")  # noqa: SIM115 - closed when the process is reaped
-    return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
-
-
-def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=20)
-
-
-def rounds_of(run_dir: Path) -> list[int]:
-    m = run_dir / "metrics.json"
-    if not m.is_file():
-        return []
-    try:
-        return [r["round"] for r in json.loads(m.read_text())["rounds"]]
-    except (json.JSONDecodeError, KeyError):
-        return []
 
 
 def prebuild_caches(sites: list[Path], config: Path) -> None:
@@ -152,66 +107,3 @@ def record_fault(name: str, figures: dict) -> None:
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
         (Path(folder) / f"{name}.json").write_text(json.dumps(figures, indent=2, default=str) + "\n")
-
-
-class Loopback:
-    """A development SuperLink on loopback (no TLS) with real `llnm-site join` processes, for fault tests.
-
-    Every site approves the app `llnm-server app-hash` prints and keeps its state under TMP/state/SITE; logs go to
-    TMP/*.log (shown when a wait times out). `close()` stops every process it started (thawing frozen ones)."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp, self.port = tmp, free_port()
-        self.procs: dict[str, subprocess.Popen] = {}
-        done = subprocess.run([str(BIN / "llnm-server"), "app-hash", "--json"], capture_output=True, text=True,
-                              check=True, cwd=ROOT)
-        self.app_hash = json.loads(done.stdout)["sha256"]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start_superlink(self, log: str = "superlink.log") -> None:
-        self.procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
-                                         "--port", str(self.port)], self.tmp / log)
-        wait_for_port(self.port)
-
-    def state(self, site: str) -> Path:
-        return self.tmp / "state" / site
-
-    def join(self, site: Path, *extra: str, log: str | None = None) -> subprocess.Popen:
-        subprocess.run([str(BIN / "llnm-site"), "approve", self.app_hash, "--state-dir", str(self.state(site.name))],
-                       check=True, capture_output=True)
-        self.procs[site.name] = start([str(BIN / "llnm-site"), "join", "--superlink", self.address, "--insecure",
-                                       "--data", str(site), "--state-dir", str(self.state(site.name)),
-                                       "--skip-check", "--threads", "1", "--clientappio-port", str(free_port()),
-                                       # Synthetic patients: exact evaluation, so the scenarios compare exact metrics.
-                                       "--exact-evaluation", *extra], self.tmp / (log or f"join-{site.name}.log"))
-        return self.procs[site.name]
-
-    def run(self, config: Path, out: Path, log: str = "run.log") -> subprocess.Popen:
-        self.procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(out),
-                                   "--superlink", self.address, "--insecure"], self.tmp / log)
-        return self.procs["run"]
-
-    def audit(self, site: str) -> list[dict]:
-        log = self.state(site) / "audit" / f"{site}.jsonl"
-        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
-
-    def wait(self, condition, what: str, timeout: float = 600) -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
-                                 for p in sorted(self.tmp.glob("*.log")))
-                raise AssertionError(f"timed out waiting for {what}\n{logs}")
-            time.sleep(0.3)
-
-    def close(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    continue
-            stop(proc)

@@ -119,7 +119,7 @@ def test_a_sites_own_evaluation_names_the_rows_it_left_out(tmp_path, capsys) -> 
 def test_a_flower_error_reads_as_what_happened_to_the_site() -> None:
     from flwr.common.constant import ErrorCode
 
-    from fl_server.federation import describe_error
+    from fl_server.site_channel import describe_error
 
     text = describe_error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable — The destination node failed")
     assert text.startswith("unreachable: its SuperNode stopped sending heartbeats") and "(Flower: Error: Node" in text
@@ -170,14 +170,14 @@ def test_a_site_comes_back_by_itself_after_the_superlink_restarts(tmp_path, smal
 def test_a_site_that_dropped_mid_round_is_one_failure(tmp_path) -> None:
     """A SuperNode killed mid-round is unreachable (Flower's error) and also no longer connected: one failure."""
     from fl_server.config import parse_config
-    from fl_server.federation import Federation
-    from fl_server.run_dir import RunDirectory
+    from fl_server.site_channel import SiteChannel
 
-    fed = Federation(grid=None, exp=parse_config({}), run_dir=RunDirectory(tmp_path), echo=False)
-    fed.known_sites = {"site-a", "site-b", "site-c"}
-    fed.site_names = {1: "site-a", 2: "site-b"}
+    sites = SiteChannel(grid=None, exp=parse_config({}), run_path=tmp_path, run_id="r", say=print,
+                        on_refused=print)
+    sites.known_sites = {"site-a", "site-b", "site-c"}
+    sites.site_names = {1: "site-a", 2: "site-b"}
     dropped = [{"site": "site-b", "node_id": 2, "phase": "train", "reason": "unreachable: ..."}]
-    offline = fed.offline_sites([1], "train", dropped)
+    offline = sites.offline_sites([1], "train", dropped)
     assert [f["site"] for f in offline] == ["site-c"] and offline[0]["reason"] == "offline (not connected)"
 
 
