@@ -64,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                                   root_certificates=args.root_certificates, insecure=args.insecure)
         if not resuming:
             rd.create(exp, {"mode": "deployment", "superlink": conn.address, "status": "created",
-                            "root_certificates": conn.root_certificates, "insecure": conn.insecure})
+                            "root_certificates": conn.root_certificates, "insecure": conn.insecure,
+                            "provision_dir": conn.provision_dir})
     except (NothingToResume, ConfigError) as exc:
         return start_error_exit_code(exc)
     return launch(rd, conn)

@@ -74,7 +74,9 @@ def _supervise(cmd: list[str], env: dict[str, str], provision_dir: Path, port: i
     from shared_model.supervisor import Supervisor
 
     with Supervisor() as supervisor:
-        proc = supervisor.start(cmd, env)
+        from fl_server.superlink_events import RefusalWatch
+
+        proc = supervisor.start(cmd, env, on_line=RefusalWatch(provision_dir))
         deadline = time.monotonic() + 120
         while proc.poll() is None and time.monotonic() < deadline and not supervisor.stop_asked:
             with socket.socket() as s:

@@ -34,6 +34,7 @@ def status_dict(rd: RunDirectory) -> dict:
         "secure_aggregation": cfg.federation.secure_aggregation,
         "app_sha256": info.get("app_sha256"),
         "rejected_nodes": info.get("rejected_nodes", []),
+        "refused_connections": _refused_connections(info),
         "best_round": metrics.get("best_round"),
         "stopped": {k: info.get(k) for k in ("stopped_at_round", "error", "stopped_by") if info.get(k)},
         "sites": {site: rec.to_dict() for site, rec in participation(metrics, info).items()},
@@ -46,6 +47,16 @@ def status_dict(rd: RunDirectory) -> dict:
 
         out["privacy"] = PrivacyLedger.load(rd).guarantee_sentences()
     return out
+
+
+def _refused_connections(info: dict) -> list[dict]:
+    """Keys the SuperLink refused while this run was going: recorded in run.json when `llnm-server run` ended,
+    read live from the provisioning folder while it runs."""
+    from fl_server.superlink_events import read_refusals, summarise_refusals
+
+    if info.get("status") == "running" and info.get("provision_dir"):
+        return summarise_refusals(read_refusals(info["provision_dir"], since=info.get("attempt_started_at")))
+    return list(info.get("refused_connections", []))
 
 
 def participation_from_dicts(sites: dict) -> dict:
@@ -78,6 +89,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"app: {s['app_sha256']} (what every site must have approved)")
     for node in s["rejected_nodes"]:
         print(f"refused node: {node['reason']}")
+    from fl_server.superlink_events import refusal_lines
+
+    for line in refusal_lines(s["refused_connections"]):
+        print(line)
     last, final = s["last_round"], s["final"]
     if last:
         _print_entry(f"round {last['round']} ({last['split']}):", last)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_server.config import ConfigError, ExperimentConfig
+from fl_server.control import now_iso
 from fl_server.run_dir import RunDirectory
 from shared_model.environment import offline_environment
 from shared_model.protocol.connection_check import is_loopback, split_address
@@ -188,6 +189,7 @@ class ControlConnection:
     address: str
     root_certificates: str | None
     insecure: bool
+    provision_dir: str | None = None  # where `llnm-server start` records the connections the SuperLink refused
 
 
 def control_connection(exp: ExperimentConfig, *, superlink: str | None = None, provision_dir: str | None = None,
@@ -220,7 +222,8 @@ def control_connection(exp: ExperimentConfig, *, superlink: str | None = None, p
                           "--root-certificates CA.crt (--insecure only for a loopback development SuperLink)")
     if not Path(root_certificates).is_file():
         raise ConfigError(f"{root_certificates}: CA certificate not found")
-    return ControlConnection(address, str(Path(root_certificates).resolve()), False)
+    return ControlConnection(address, str(Path(root_certificates).resolve()), False,
+                             str(Path(provision_dir).resolve()) if provision_dir else None)
 
 
 def write_flwr_home(rd: RunDirectory, conn: ControlConnection) -> Path:
@@ -252,8 +255,24 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection,
     if stream:
         cmd.append("--stream")
     supervisor = Supervisor(on_stop=lambda signum: _stop_submitted_run(rd, signum, supervisor))
-    with supervisor:
-        return supervisor.run(cmd, env)
+    started = now_iso()
+    try:
+        with supervisor:
+            return supervisor.run(cmd, env)
+    finally:
+        _record_refused_connections(rd, conn, started)
+
+
+def _record_refused_connections(rd: RunDirectory, conn: ControlConnection, since: str) -> None:
+    """The SuperLink's refusals of unregistered or revoked keys during this attempt, into run.json."""
+    if not conn.provision_dir:
+        return
+    from fl_server.superlink_events import read_refusals, summarise_refusals
+
+    summary = summarise_refusals(read_refusals(conn.provision_dir, since=since))
+    if summary:
+        previous = rd.run_info().get("refused_connections", [])
+        rd.update_run_info(refused_connections=[*previous, *summary])
 
 
 def _stop_submitted_run(rd: RunDirectory, signum: int, supervisor: Supervisor) -> None:

@@ -71,6 +71,7 @@ class RunInfo(TypedDict, total=False):
     data_root: str
     sites: list[str]
     status: str  # "created", "running", "completed", "stopped" or "failed"
+    attempt_started_at: str  # UTC, ISO 8601: when the latest attempt (the run, or its latest resume) started
     rounds_completed: int
     stopped_at_round: int
     stopped_by: str
@@ -81,3 +82,5 @@ class RunInfo(TypedDict, total=False):
     previous_attempts: list[dict[str, Any]]
     app_sha256: str
     flwr_run_id: int
+    provision_dir: str | None
+    refused_connections: list[dict[str, Any]]  # `superlink_events.summarise_refusals`, per attempt

@@ -19,6 +19,7 @@ last complete round and drops anything a crash left half-written.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import os
@@ -203,6 +204,7 @@ class RunDirectory:
             ended["status"] = info.get("status")
             info.setdefault("previous_attempts", []).append(ended)
         info["status"] = "running"
+        info["attempt_started_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         atomic_write_json(self.run_info_path, info)
 
     def update_run_info(self, **changes: Any) -> None:

@@ -699,6 +699,51 @@ def test_intruders_are_refused_and_never_merged(secure_run: dict) -> None:
     assert "refused node" in (out / "log.txt").read_text()
     status = run_cli(BIN / "llnm-server", "status", out)
     assert "refused node: node" in status.stdout and "app: " in status.stdout
+    # The SuperLink's refusals of the unregistered and the revoked key are in the run's records and in status.
+    refused = {(r["site"], r["revoked"]) for r in run_info["refused_connections"]}
+    assert refused == {(None, False), (REVOKED, True)}, run_info["refused_connections"]
+    assert "refused connection: an unregistered key (SHA256:" in status.stdout
+    assert f"refused connection: the revoked key of {REVOKED}" in status.stdout
+
+
+# A line of flower-superlink 1.42's log for a SuperNode whose key is not registered (copied from a real run).
+REFUSED_LINE = (
+    "\x1b[91mERROR \x1b[0m:     [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode with "
+    "public key: b'-----BEGIN PUBLIC KEY-----\\n{body}\\n-----END PUBLIC KEY-----\\n', exception: No SuperNode "
+    "found with the given public key.")
+
+
+def test_the_superlinks_refusals_are_recorded_with_the_site_they_belonged_to(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    from fl_server.control import SiteRegistry
+    from fl_server.superlink_events import RefusalWatch, read_refusals, refusal_lines, summarise_refusals
+    from shared_model.protocol.site_kit import make_site_key, public_key_fingerprint
+
+    def pem_body(openssh: bytes) -> str:
+        key = serialization.load_ssh_public_key(openssh)
+        pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+        return "\\n".join(pem.strip().splitlines()[1:-1])
+
+    (_, revoked_pub), (_, stranger_pub) = make_site_key(), make_site_key()
+    registry = SiteRegistry(tmp_path)
+    registry.sites["site-x"] = {"public_key": revoked_pub.decode(), "fingerprint": public_key_fingerprint(revoked_pub),
+                                "revoked_at": "2026-01-01T00:00:00+00:00"}
+    registry.save()
+    watch = RefusalWatch(tmp_path)
+    for line in ("INFO :      [Fleet.ActivateNode] Activated node_id=1",
+                 REFUSED_LINE.format(body=pem_body(stranger_pub)), REFUSED_LINE.format(body=pem_body(revoked_pub)),
+                 REFUSED_LINE.format(body=pem_body(stranger_pub))):
+        watch(line)
+    events = read_refusals(tmp_path)
+    assert [e["site"] for e in events] == [None, "site-x", None]
+    summary = summarise_refusals(events)
+    assert [(s["site"], s["revoked"], s["attempts"]) for s in summary] == [(None, False, 2), ("site-x", True, 1)]
+    assert summary[0]["key"] == public_key_fingerprint(stranger_pub)
+    lines = refusal_lines(summary)
+    assert lines[0].startswith("refused connection: an unregistered key (SHA256:") and "tried 2 times" in lines[0]
+    assert lines[1].startswith("refused connection: the revoked key of site-x")
+    assert read_refusals(tmp_path, since="2999-01-01") == []
 
 
 @pytest.mark.slow
