@@ -11,25 +11,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-
-def _as_list(value: object) -> list:
-    return value if isinstance(value, list) else ([value] if value else [])
+from _provenance import carry_earlier
 
 
-def merge_side_by_side(out: Path, results: dict[str, Any], key: str, order: list[str]) -> dict[str, Any]:
+def merge_side_by_side(out: Path, results: dict[str, Any], key: str, order: list[str],
+                       made: dict[str, Any]) -> dict[str, Any]:
     """Merge `results[key]` (name -> entry) with the entries of the same settings already in `out`.
 
-    `out` is read only now, at the end of a run, so that runs started together all end up in it. Entries of
-    this run win over older ones of the same name; the commands of every run that contributed are listed
-    under "commands" (a list in `results`; an older file's single "command" is read too); entries are ordered
-    by `order`, then any others. Returns the previous file's contents when they were merged (so a caller can
-    combine other figures, e.g. a peak), else an empty dict.
+    `out` is read only now, at the end of a run, so that runs started together all end up in it. Every entry of
+    this run records `made` (this run's `provenance()`, taken when it started) as its own "provenance"; an entry
+    kept from `out` keeps the provenance it has, and one without (measured before entries recorded theirs) stays
+    without, the older file's record of it kept as "earlier_provenance" (`_provenance.carry_earlier`). The
+    file's top-level "provenance", which `write_result` sets, is the run that wrote it last. Entries of this run
+    win over older ones of the same name; entries are ordered by `order`, then any others. Returns the previous
+    file's contents when they were merged (so a caller can combine other figures, e.g. a peak), else an empty
+    dict.
     """
     previous = json.loads(out.read_text()) if out.is_file() else {}
+    for entry in results[key].values():
+        entry["provenance"] = made
     merged: dict[str, Any] = {}
     if previous.get("settings") == results["settings"]:
-        results[key] = {k: v for k, v in previous.get(key, {}).items() if k not in results[key]} | results[key]
-        results["commands"] = [*_as_list(previous.get("commands", previous.get("command"))), *results["commands"]]
+        kept = {k: v for k, v in previous.get(key, {}).items() if k not in results[key]}
+        results[key] = kept | results[key]
+        carry_earlier(results, previous, kept.values())
         merged = previous
     results[key] = {k: results[key][k] for k in order if k in results[key]} | results[key]
     return merged

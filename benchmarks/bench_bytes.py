@@ -35,6 +35,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _messages import object_bytes
+from _provenance import provenance, write_result
 
 from fl_research.loopback import BIN, ROOT, app_hash, free_port, start, stop
 
@@ -80,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-paper", action="store_true", help="skip the paper preset's sizes")
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "bytes.json"))
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     tmp = Path(tempfile.mkdtemp(prefix="llnm-bytes-"))
     data = tmp / "data"
     subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", str(args.sites), "--patients",
@@ -158,10 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                  "train_reply_carries_only_model_tensors": trainable_only},
         "paper": None if args.no_paper else paper_sizes(),
         "compression": "none offered yet: updates travel as float32",
-        "logs": str(tmp), "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
+        "logs": str(tmp),
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.result, result, made)
     print(json.dumps({k: v for k, v in result.items() if k != "logs"}, indent=2))
     return 0
 

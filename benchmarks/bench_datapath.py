@@ -38,6 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import provenance, write_result  # noqa: E402
 
 
 def decode(folder: Path, repeat: int) -> dict:
@@ -188,8 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds-from", help="a folder with run/ and state/<site>/audit/ (bench_soak.py's)")
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "datapath.json"))
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     tmp = Path(tempfile.mkdtemp(prefix="llnm-datapath-"))
-    result: dict = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d")}
+    result: dict = {}
     if Path(args.dicoms).is_dir():
         result["decode"] = decode(Path(args.dicoms), args.repeat)
     else:
@@ -199,8 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     result["clientapp_start"] = clientapp_start(3)
     if args.rounds_from:
         result["rounds"] = rounds(Path(args.rounds_from))
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.result, result, made)
     print(json.dumps({k: v for k, v in result.items() if k != "decode"}, indent=2))
     if "files" in result["decode"]:
         for f in result["decode"]["files"]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import provenance, write_result
 
 from fl_research.loopback import BIN, ROOT, free_port, start, stop
 
@@ -69,6 +70,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=ROOT / "data" / "bench-deployment")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "deployment.json")
     args = p.parse_args()
+    made = provenance()  # the code as it starts, before anything can change the tree
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     work = args.workdir.resolve()
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -163,10 +165,8 @@ def main() -> int:
 
     result = {
         "benchmark": "deployment",
-        "command": " ".join(["benchmarks/bench_deployment.py", *sys.argv[1:]]),
         "settings": {"sites": len(sites), "patients": args.patients, "seed": args.seed, "rounds": args.rounds,
                      "preset": base["model"]["preset"], "transport": "TLS + SuperNode authentication, loopback"},
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "runs": runs,
         "secure_vs_plain": {
             "train_seconds_ratio": round(mean(secure["train_seconds"]) / mean(plain["train_seconds"]), 2),
@@ -180,8 +180,7 @@ def main() -> int:
                  "SecAgg+ round sends a masked int64 vector of the same length plus key shares, in four train "
                  "messages per site (setup, share keys, masked vector, unmask), each a fresh ClientApp process."),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(args.out, result, made)
     print(json.dumps(result["secure_vs_plain"]))
     print(f"wrote {args.out}")
     return 0

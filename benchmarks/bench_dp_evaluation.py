@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import provenance  # noqa: E402
+from _provenance import carry_earlier, provenance, write_result  # noqa: E402
 
 RULE = ("useful: the RMSE that the DP noise adds to the AUC is at most half the half-width of the exact 95% "
         "bootstrap interval (the total uncertainty grows by at most ~12%); fixed before the first run")
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.model and args.data and args.label):
         p.error("--model, --data and --label are required (or --table)")
     started = time.time()
-    entry: dict[str, Any] = {**provenance(), "data": str(args.data), "model": str(args.model),
+    made = provenance()  # the code as it starts, before anything can change the tree
+    entry: dict[str, Any] = {"provenance": made, "data": str(args.data), "model": str(args.model),
                              "role": "tuning (chooses the bins)" if args.tune else "held out (bins fixed before)",
                              "rule": RULE, "results": []}
     for split in args.splits.split(","):
@@ -193,11 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                       f"rmse {pooled.get('rmse', float('nan')):.4f}; useful sites {len(res['useful_sites'])}/"
                       f"{len(res['sites'])}", flush=True)
     entry["seconds"] = round(time.time() - started, 1)
+    # The other consortia's entries are kept, each with its own provenance.
     out = json.loads(args.out.read_text()) if args.out.is_file() else {"consortia": {}}
     out["description"] = __doc__.split("\n\n")[0]
     out["consortia"][args.label] = entry
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    carry_earlier(out, out, out["consortia"].values())
+    write_result(args.out, out, made, default=float)
     print(f"wrote {args.out}")
     return 0
 

@@ -34,7 +34,10 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 BIN = Path(sys.executable).parent
+
+from _provenance import provenance, write_result  # noqa: E402
 
 EDGES = (0.0, 1.0, 2.5, 5.0, np.inf)
 THIRDS = ("upper", "middle", "lower")
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {data} has no truth/ folder: generate a synthetic consortium with llnm-synth first "
               "(make demo writes data/consortium)", file=sys.stderr)
         return 2
+    made = provenance()  # the code as it starts, before anything can change the tree
     cmd = [str(BIN / "llnm-server"), "simulate", "--config", args.config, "--data", str(data), "--out", str(out),
            "--set", "evaluation.explain=true"]
     for s in args.set:
@@ -119,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "method": expl["method"]},
         "withheld": expl.get("withheld"),
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.result, result, made)
     print(json.dumps({k: result[k] for k in ("step_at_2_5mm", "feature_group_shares")}, indent=2))
     for row in capsule:
         print(row)

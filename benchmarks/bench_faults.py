@@ -35,6 +35,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _provenance import carry_earlier, provenance, write_result
+
 from fl_research.loopback import BIN, ROOT, app_hash, free_port, round_records, start, stop
 
 
@@ -75,15 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", choices=["sites-killed", "tier"], help="run one part (default: both)")
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "faults.json"))
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     previous = json.loads(Path(args.result).read_text()) if Path(args.result).is_file() else {}
-    scenarios = dict(previous.get("scenarios", {}))
+    scenarios = dict(previous.get("scenarios", {}))  # those not run now are kept, with their own provenance
     ok = True
     if args.only in (None, "tier"):
-        scenarios.update(run_tier())
+        scenarios.update({name: {**figures, "provenance": made} for name, figures in run_tier().items()})
         ok = all(scenarios[name]["passed"] for name in TIER)
     if args.only in (None, "sites-killed"):
         killed = sites_killed(args)
-        scenarios["sites-killed"] = killed
+        scenarios["sites-killed"] = {**killed, "provenance": made}
         ok = ok and killed["passed"]
     result = {
         "scenarios": scenarios,
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "bad_input_kinds": "40, docs/site-data.md (each a test)",
         },
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    carry_earlier(result, previous, scenarios.values())
+    write_result(args.result, result, made, default=str)
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {args.result}")
     return 0 if ok else 1

@@ -27,6 +27,9 @@ from torch.utils.data import TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import provenance, write_result  # noqa: E402
 
 from shared_model.config import TrainConfig  # noqa: E402
 from shared_model.model.configuration import ModelConfig  # noqa: E402
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no CUDA device is visible to torch "
               f"{torch.__version__} (a CPU build?); run with --cpu to check the script", file=sys.stderr)
         return 2
+    made = provenance()  # the code as it starts, before anything can change the tree
     device = "cpu" if args.cpu else "cuda"
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("gpu-cpu.json" if args.cpu else "gpu.json"))
     cfg = ModelConfig.preset(args.preset)
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "preset": args.preset,
         "parameters": sum(p.numel() for p in LLNMNet(cfg).parameters()),
         "image_size": cfg.image_size,
+        # The device, torch and CUDA are part of the figures: kept here as well as in "provenance".
         "device": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
@@ -133,11 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_over_fp32": (round(by_mode["plain-bf16"]["samples_per_second"]
                                  / by_mode["plain-fp32"]["samples_per_second"], 4)
                            if {"plain-bf16", "plain-fp32"} <= set(by_mode) else None),
-        "command": " ".join(sys.argv),
-        "date": time.strftime("%Y-%m-%d"),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(out, result, made)
     print(f"wrote {out}")
     return 0
 

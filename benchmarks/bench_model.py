@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import resource
 import subprocess
 import sys
@@ -33,7 +32,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _provenance import provenance, write_result  # noqa: E402
 from _results import merge_side_by_side  # noqa: E402
 
 from fl_research.baseline import train_reference  # noqa: E402
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model.json"))
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("llnm").setLevel(logging.INFO)  # one line per epoch from train_reference
@@ -137,10 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     cache_seconds = time.perf_counter() - t0
 
     results: dict = {
-        "commands": ["python benchmarks/bench_model.py " + " ".join(argv if argv is not None else sys.argv[1:])],
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": {"cpu_count": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "device": "cpu"},
+        # Part of the throughput figures (the rest of the machine is in "provenance").
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
         "consortium": {"dir": str(data), "patients": sum(len(t) for t in tensors.values()),
                        "seed": consortium.get("seed")},
         "bayes_auc": _bayes(consortium),
@@ -163,11 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     # same consortium, epochs and options are kept.
     results["settings"] = {"data": str(data.resolve()), "config": str(Path(args.config).resolve()),
                            "epochs": args.epochs, "set": list(args.set or [])}
-    previous = merge_side_by_side(out, results, "runs", list(MODALITIES))
+    previous = merge_side_by_side(out, results, "runs", list(MODALITIES), made)
     if previous:
         results["peak_rss_mb"] = max(results["peak_rss_mb"], previous.get("peak_rss_mb", 0.0))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(out, results, made)
     print(json.dumps({k: v for k, v in results.items() if k != "runs"}, indent=2))
     for name, r in results["runs"].items():
         print(f"{name:>9}: pooled test AUC {r['pooled_test_auc']:.3f}  ({r['train_patients_per_second']} patients/s)")

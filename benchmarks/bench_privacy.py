@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -31,6 +30,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import carry_earlier, provenance, write_result  # noqa: E402
 
 
 def _versions() -> dict[str, str]:
@@ -232,13 +234,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-time-only", action="store_true",
                    help="keep the simulations already in --out and only (re)measure the step times")
     args = p.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     if args.profile == "paper":
-        sys.path.insert(0, str(Path(__file__).parent))
         from _privacy_scale import run as run_paper_scale
 
         if args.out == p.get_default("out"):
             args.out = str(ROOT / "benchmarks" / "results" / "privacy_paper_scale.json")
-        return run_paper_scale(args)
+        return run_paper_scale(args, made)
 
     from fl_research.simulation import discover_sites
     from fl_server.config import load_config
@@ -261,9 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         settings.append((f"site-noise-{tok}", None, float(tok)))
 
     results: dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "started": stamp,
-        "versions": _versions(),
+        "versions": _versions(),  # beyond "provenance": the libraries and threads the figures depend on
         "base_config": str(Path(args.config).resolve()),
         "data": str(data),
         "sites": [s.name for s in sites],
@@ -274,8 +274,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.step_time_only:
+        # The simulations already in --out are kept, each setting with its own provenance (or, measured before
+        # settings recorded theirs, the older file's, carried as "earlier_provenance"); the step times measured
+        # now record this run's.
         previous = json.loads(out.read_text())
-        previous.setdefault("step_time_commands", []).append(results["command"])
+        for ad_hoc in ("command", "started", "step_time_commands"):  # an older file's, now in "provenance"
+            previous.pop(ad_hoc, None)
+        carry_earlier(previous, previous, previous.get("settings", {}).values())
         results = previous
         settings = []
     for label, eps, noise in settings:
@@ -289,15 +294,16 @@ def main(argv: list[str] | None = None) -> int:
             runs.append(res)
             print(f"[bench] {label} (seed {seed}): pooled test AUC {res.get('pooled_test_auc')} "
                   f"({res.get('seconds', 0):.0f} s)", flush=True)
-            results["settings"][label] = _summarise(runs, eps, noise)
-            out.write_text(json.dumps(results, indent=2) + "\n")
+            results["settings"][label] = _summarise(runs, eps, noise) | {"provenance": made}
+            write_result(out, results, made)
 
     if results["settings"] and not args.step_time_only:
         _costs(results)
     print("[bench] timing local training steps ...", flush=True)
-    results["step_time"] = step_times(base, sites[0], repeats=args.step_repeats, workdir=workdir)
+    results["step_time"] = step_times(base, sites[0], repeats=args.step_repeats, workdir=workdir) | {
+        "provenance": made}
     results["finished"] = time.strftime("%Y%m%d-%H%M%S")
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(out, results, made)
     print(markdown_table(results))
     print(f"[bench] results: {out.resolve()}")
     return 0

@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _provenance import provenance  # noqa: E402
+from _provenance import provenance, write_result  # noqa: E402
 
 RULE = ("pass: in every DP setting the measured lower bound is below the claimed epsilon; without DP the lower "
         "bound is above 0 (the attack sees the leak); fixed before the run")
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(entry)
         print(f"{entry['setting']}: {correct}/{2 * k} correct, membership AUC {entry['membership_auc']:.3f}, "
               f"epsilon lower bound {lower:.3f}" + (f" (claimed {claimed:.3f})" if claimed else ""), flush=True)
-    out = {**made, "description": __doc__.split("\n\n")[0], "rule": RULE,
+    out = {"description": __doc__.split("\n\n")[0], "rule": RULE,
            "setup": {"data": str(args.data), "site": args.site, "config": str(args.config.relative_to(ROOT)),
                      "real_training_patients": len(features), "canaries": args.canaries,
                      "canaries_in": int(coins.sum()), "public_count": public_count,
@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                      "analysis": "one-run auditing, (eps, 0) binomial tail at 95% confidence"},
            "results": results, "passes": all(r["passes"] for r in results),
            "seconds": round(time.time() - started, 1)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1, default=float) + "\n")
+    write_result(args.out, out, made, default=float)
     print(f"wrote {args.out}: {'PASS' if out['passes'] else 'FAIL'}")
     return 0 if out["passes"] else 1
 

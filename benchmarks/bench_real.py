@@ -32,7 +32,6 @@ import csv
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -42,8 +41,11 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 BIN = Path(sys.executable).parent
 SHARED = ROOT.parent / "shared" / "data"
+
+from _provenance import carry_earlier, provenance, write_result  # noqa: E402
 
 #: Data sets: source folder, experiment config, importer name, site counts, and the methods run on them.
 DATASETS: dict[str, dict[str, Any]] = {
@@ -317,16 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         print(markdown_table(json.loads(args.out.read_text())))
         return 0
+    made = provenance()  # the code as it starts, before anything can change the tree
 
     import torch
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.environ.setdefault("LLNM_CACHE_DIR", str(args.work / "cache"))
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    # Data sets and methods not run now are kept with their own provenance; the file's, as it was, is what made
+    # those that record none (see carry_earlier).
+    previous = {k: results[k] for k in ("provenance", "earlier_provenance") if k in results}
+    for ad_hoc in ("command", "machine"):  # an older file's, now in "provenance"
+        results.pop(ad_hoc, None)
     results.update({
         "benchmark": "bench_real",
-        "command": "benchmarks/bench_real.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
         "cv": {"repeats": args.repeats, "folds": args.folds, "seed": args.seed,
                "interval": "95% corrected resampled t (Nadeau & Bengio 2003) over the folds",
                "val": "20% of each fold's training part (model selection); scikit-learn fits on train + val"},
@@ -348,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         entry.setdefault("methods", {})
         for method in chosen:
             entry["methods"][method["name"]] = {"kind": method["kind"], "sites": method["k"],
-                                                "settings": method["sets"], "auc": [], "seconds": 0.0}
+                                                "settings": method["sets"], "auc": [], "seconds": 0.0,
+                                                "provenance": made}
         for index, fold in enumerate(folds):
             for method in chosen:
                 name, kind, k = method["name"], method["kind"], method["k"]
@@ -370,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{dataset} fold {index + 1}/{len(folds)} {name}: AUC {auc:.3f} ({seconds:.0f} s)", flush=True)
             summarise(entry, folds[: index + 1])
             results["datasets"][dataset] = entry
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=2) + "\n")
+            carry_earlier(results, previous, (m for d in results["datasets"].values() for m in d["methods"].values()))
+            write_result(args.out, results, made)
         for name, record in entry["methods"].items():
             ci = record.get("ci95")
             shown = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"

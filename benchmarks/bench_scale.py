@@ -29,6 +29,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _provenance import provenance, write_result
+
 from fl_research.loopback import BIN, ROOT, process_tree
 
 
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--memory-limit-gib", type=float, default=24.0)
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "scale.json"))
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     tmp = Path(tempfile.mkdtemp(prefix="llnm-scale-"))
     runs = []
     for n in (int(s) for s in args.sizes.split(",")):
@@ -127,14 +130,13 @@ def main(argv: list[str] | None = None) -> int:
                                            if base and r["sites"] > 7 else None)
         r["within_limit"] = r["peak_memory_gib"] <= args.memory_limit_gib and r["exit_status"] == 0
     result = {
-        "machine": {"cpus": os.cpu_count(), "memory_gib": round(os.sysconf("SC_PAGE_SIZE")
-                                                                 * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)},
+        # Beside "provenance": the memory the limit is judged against.
+        "machine_memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "settings": {k: getattr(args, k) for k in ("patients_per_site", "rounds", "image_size", "seed", "config",
                                                    "memory_limit_gib")},
-        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"), "runs": runs,
+        "runs": runs,
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.result, result, made)
     print(f"wrote {args.result}")
     return 0 if all(r["within_limit"] for r in runs) else 1
 

@@ -34,6 +34,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _provenance import provenance, write_result
+
 from fl_research.loopback import BIN, ROOT, app_hash, cmdline, free_port, process_tree, round_records, start, stop
 
 # ---- /proc ------------------------------------------------------------------------------------------------
@@ -66,6 +68,17 @@ def slope(values: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, values, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+#: The leak rule, fixed before the run it judges and recorded in its result. A watched process leaks when, from the
+#: second quarter of the rounds to the last (medians), its open files grow by more than FD_SLACK or its resident
+#: memory by more than RSS_RATIO times plus RSS_SLACK_MIB. The first quarter is left out (see `analyse`).
+FD_SLACK = 4
+RSS_RATIO = 1.05
+RSS_SLACK_MIB = 10
+LEAK_RULE = (f"leak: last-quarter median open files > second-quarter median + {FD_SLACK}, or last-quarter median "
+             f"RSS > {RSS_RATIO} x second-quarter median + {RSS_SLACK_MIB} MiB (per watched process); the first "
+             "quarter of the rounds is left out")
+
+
 def analyse(samples: list[dict]) -> tuple[dict, dict]:
     """Per watched process: memory and open files in the second quarter of the rounds against the last quarter
     (medians), the slope over the second half, and the processes whose figures grew (a leak).
@@ -90,8 +103,8 @@ def analyse(samples: list[dict]) -> tuple[dict, dict]:
             "samples": len(series),
         }
     leaks = {k: g for k, g in growth.items()
-             if g["fds_last_quarter"] > g["fds_second_quarter"] + 4
-             or g["rss_mib_last_quarter"] > 1.05 * g["rss_mib_second_quarter"] + 10}
+             if g["fds_last_quarter"] > g["fds_second_quarter"] + FD_SLACK
+             or g["rss_mib_last_quarter"] > RSS_RATIO * g["rss_mib_second_quarter"] + RSS_SLACK_MIB}
     return growth, leaks
 
 
@@ -107,11 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reanalyse", action="store_true",
                     help="recompute growth and leaks from the samples already in --result (no new run)")
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     if args.reanalyse:
+        # The samples are the stored run's, so is its "provenance"; the code that recomputed the analysis is
+        # recorded beside it.
         result = json.loads(Path(args.result).read_text())
         result["growth"], result["leaks"] = analyse(result["samples"])
         result["checks"]["no_leak"] = not result["leaks"]
-        Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        # A rule other than the one the run was judged by is recorded as such: a reanalysis never passes for it.
+        if result.get("leak_rule") != LEAK_RULE:
+            result["reanalysed_with_another_rule"] = {"run_rule": result.get("leak_rule"), "applied_rule": LEAK_RULE}
+        result["reanalysed"] = made
+        write_result(args.result, result, None)
         report(result)
         return 0 if all(result["checks"].values()) and result["exit_status"] == 0 else 1
     rng = random.Random(args.seed)
@@ -212,13 +232,12 @@ def main(argv: list[str] | None = None) -> int:
                 any(e["site"] in m.get("aggregated", {}) for m in metrics if m["round"] > e["after_round"] + 1)
                 for e in events if e["event"] == "rejoined"),
         },
-        "growth": growth, "leaks": leaks,
+        "leak_rule": LEAK_RULE, "growth": growth, "leaks": leaks,
         "participants_per_round": [len(m.get("aggregated", m.get("participants", []))) for m in metrics],
         "samples": samples,
         "logs": str(tmp),
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.result, result, made)
     report(result)
     print(f"wrote {args.result}")
     return 0 if all(result["checks"].values()) and rc == 0 else 1

@@ -15,9 +15,7 @@ per-modality best AUCs (all patients and test split). Results go to benchmarks/r
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import resource
 import shutil
 import sys
@@ -31,6 +29,9 @@ from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _provenance import provenance, write_result  # noqa: E402
 
 from fl_research.synthetic import generate_consortium  # noqa: E402
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "synth.json"))
     args = p.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
 
     tmp = None
     if args.keep:
@@ -170,12 +172,6 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
 
     results = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": {
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-        },
         "arguments": {
             "patients": args.patients,
             "seed": args.seed,
@@ -204,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     path = Path(args.results)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_result(path, results, made)
     t = truth
     print(
         f"[bench] {args.patients} patients in {wall:.0f} s ({results['patients_per_second']}/s), "

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _messages import object_bytes  # noqa: E402
+from _provenance import provenance, write_result  # noqa: E402
 
 
 def reply_bytes(arrays: dict) -> int:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "consortium"))
     ap.add_argument("--result", default=str(ROOT / "benchmarks" / "results" / "transport.json"))
     args = ap.parse_args(argv)
+    made = provenance()  # the code as it starts, before anything can change the tree
     tmp = Path(tempfile.mkdtemp(prefix="llnm-transport-"))
     runs = {}
     for transport in ("float32", "float16"):
@@ -76,10 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             - runs["float32"]["pooled_test_auc"], 4)),
         "final_model_max_abs_difference": max(float((a[k] - b[k]).abs().max()) for k in a),
         "train_reply_bytes": {"float32": reply_bytes(local), "float16": reply_bytes(encode_update(local, global_))},
-        "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d"),
     }
-    Path(args.result).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.result).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.result, result, made)
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
     return 0
 
