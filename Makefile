@@ -3,6 +3,8 @@
 #   make test   set up .venv, run the test suite (the slow end-to-end runs included, as CI does; not the faults tier)
 #   make test-fast   the same without the tests marked slow (real federations): a quick check while editing
 #   make test-faults the real-process fault scenarios (SuperLink killed mid-round, a stalled site), minutes each
+#   make docs   regenerate the generated pages (docs/config.md: every configuration key; docs/results.md and the
+#               README's results table: every figure of benchmarks/results/)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -18,7 +20,7 @@ export TRANSFORMERS_OFFLINE := 1
 # fresh-clone `make test`, for modules the suite mostly never imports.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: demo test test-fast test-faults lint venv clean bench
+.PHONY: demo test test-fast test-faults lint venv clean bench docs
 
 venv: $(STAMP)
 
@@ -45,6 +47,11 @@ test-faults: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# One line per generator, each rewriting its page under docs/ (tests/test_docs.py checks that they are current).
+docs: $(STAMP)
+	$(BIN)/python docs/make_config_reference.py
+	$(BIN)/python docs/make_results_page.py
 
 clean:
 	rm -rf $(VENV) runs data .pytest_cache .ruff_cache

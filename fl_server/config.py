@@ -35,33 +35,58 @@ __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "pa
 
 
 class DataSection(Schema):
-    # A folder of site folders (what `llnm-synth` writes); used by `simulate` and `baseline` only.
-    # In a deployment each site's data path is set on its own SuperNode and never seen here.
+    """The sites' data for the research commands (`simulate`, `baseline`) only: in a deployment each site's data
+    path is set on its own SuperNode and never seen here."""
+
+    # A folder of site folders (what `llnm-synth` writes); `--data` overrides it.
     root: str | None = None
+    # Which site folders under root take part (folder names); None: every folder that holds a patients.csv.
     sites: list[str] | None = None
+    # Where preprocessed site tensors are cached; None: $LLNM_CACHE_DIR if set, else ~/.cache/llnm-fl.
     cache_dir: str | None = None
 
 
 class ModelSection(Schema):
+    """The model's architecture: a named `ModelConfig` preset and the fields that change it."""
+
+    # tiny (CPU-sized LLNM-Net), paper (the paper's dimensions) or feature-head (a small head on frozen public
+    # features, what DP-SGD trains well): `ModelConfig.PRESETS`.
     preset: Literal["tiny", "paper", "feature-head"] = "tiny"
+    # `ModelConfig` fields that replace the preset's values; the sizes, pathways and clinical tokens that
+    # preprocessing fixes are filled in from the preprocess section unless given here (`architecture()`).
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
 class FedAdamSection(Schema):
+    """Flower's FedAdam server optimiser (federation.strategy: fedadam)."""
+
+    # Server-side learning rate: the step the coordinator takes along the Adam-scaled mean update.
     eta: float = Field(default=1e-2, gt=0.0)
+    # Flower's client-side learning rate, shown in Flower's log only: the sites train with train.lr.
     eta_l: float = Field(default=1e-2, gt=0.0)
+    # Decay of the running mean of the updates (Adam's momentum).
     beta_1: float = Field(default=0.9, ge=0.0, lt=1.0)
+    # Decay of the running mean of the squared updates (Adam's second moment).
     beta_2: float = Field(default=0.99, ge=0.0, lt=1.0)
+    # Added to the square root of the second moment: the larger, the less adaptive the per-parameter steps.
     tau: float = Field(default=1e-3, gt=0.0)
 
 
 class SuperLinkSection(Schema):
+    """Where the coordinator's SuperLink runs (`llnm-server start`) and where `llnm-server run` reaches it."""
+
+    # Without a provisioning folder: the interface `llnm-server start` listens on and the host `llnm-server run`
+    # connects to (0.0.0.0: this machine). With one, the consortium file's superlink.listen and address apply.
     host: str = "127.0.0.1"
+    # The SuperLink's port, used like host (with a provisioning folder, the port of the consortium's address).
     port: int = Field(default=9093, ge=1, le=65535)
     # Secure by default: TLS and registered SuperNodes from a provisioning folder (`llnm-server provision`).
     # Plain HTTP (insecure: true) is accepted for a loopback development SuperLink only.
     insecure: bool = False
+    # The provisioning folder of `llnm-server provision` (CA, SuperLink certificate, consortium file), used by
+    # `start` and `run` when no --provision is given.
     provision_dir: str | None = None
+    # SQLite file for the SuperLink's state (`flower-superlink --database`); None keeps it in memory.
     database: str | None = None
 
 
@@ -73,9 +98,11 @@ class SecureAggregationSection(Schema):
     # Shares needed to reconstruct (fraction of num_shares, or a count): fewer surviving sites abort the round.
     reconstruction_threshold: float | int = Field(default=0.6, gt=0)
     # Every coordinate of a site's scaled update must lie within +-clipping_range (else the site refuses the
-    # round rather than let the quantizer clip it silently); quantization_range levels over that interval.
+    # round rather than let the quantizer clip it silently).
     clipping_range: float = Field(default=8.0, gt=0)
+    # Integer levels the quantizer maps [-clipping_range, clipping_range] onto (Flower's quantization_range).
     quantization_range: int = Field(default=2**22, ge=2**8, le=2**28)
+    # The masks' range: masked values and their sum are taken modulo modulus_range (Flower's modulus_range).
     modulus_range: int = Field(default=2**32, ge=2**16, le=2**62)
     # A site's update is multiplied by weight / weight_scale before masking (FedAvg's sample weights, at a
     # magnitude the quantizer resolves); the coordinator divides it out of the sum.
@@ -83,30 +110,49 @@ class SecureAggregationSection(Schema):
 
 
 class FederationSection(Schema):
+    """The federated rounds: aggregation, quorum, timeouts, evaluation and how updates travel."""
+
+    # How the coordinator combines the sites' updates: Flower's FedAvg, FedProx (FedAvg, the sites' training
+    # pulled towards the round's global model: proximal_mu) or FedAdam (an Adam step on the server: fedadam).
     strategy: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    # Federated rounds the run makes (each: train at every site, aggregate, evaluate when eval_every says).
     rounds: int = Field(default=10, ge=1, le=10000)
     # Rounds per pass over the data: with k > 1 each round trains every site on one of k disjoint parts of its
     # training split (a new partition every k rounds), so k rounds make train.local_epochs epochs. Averaging
     # more often at the same compute is what brought FedAvg level with pooled training
     # (benchmarks/results/federated.json). Not with patient-level DP-SGD.
     rounds_per_epoch: int = Field(default=1, ge=1, le=64)
+    # Quorum: a round starts once this many sites are connected, and the run stops (resumable) when fewer
+    # reply to a round.
     min_sites: int = Field(default=2, ge=1)
+    # How long the coordinator waits for the sites' replies in each phase of a round; a site that has not
+    # replied by then counts as failed for that round.
     round_timeout_s: float = Field(default=1800.0, gt=0.0)
+    # How long the coordinator waits, before a round, for min_sites sites to be connected; then the run stops
+    # (resumable).
     connect_timeout_s: float = Field(default=600.0, gt=0.0)
+    # The split the sites evaluate the global model on during the rounds.
     eval_split: Literal["val", "test"] = "val"
     # Evaluate the global model every k-th round (and always after the last): every evaluation costs each site
     # a pass over its split. Rounds without one have no metrics and cannot be chosen as the best round.
     eval_every: int = Field(default=1, ge=1)
+    # The split of the final evaluation after the last round; None: no final evaluation.
     final_eval_split: Literal["val", "test"] | None = "test"
     # Which global model the final evaluation uses: the round with the best pooled validation AUC
     # (model selection on validation, as the baselines do) or simply the last round.
     final_model: Literal["best", "last"] = "best"
+    # Weight mu of FedProx's proximal term mu/2 * ||w - w_global||^2 (each site steps towards the round's global
+    # model after every optimiser step); fedprox only.
     proximal_mu: float = Field(default=0.01, ge=0.0)
     fedadam: FedAdamSection = Field(default_factory=FedAdamSection)
+    # Bootstrap resamples behind the confidence intervals of exactly evaluated metrics (0: no intervals); also
+    # what `llnm-server baseline` uses.
     eval_bootstrap: int = Field(default=200, ge=0, le=100000)
     # Train replies screened before aggregation (fl_server/update_screen.py): an update longer than this
-    # (absolute; None: no absolute bound) or than this many times the round's median update norm is rejected.
+    # (absolute; None: no absolute bound) is rejected.
     max_update_norm: float | None = Field(default=None, gt=0.0)
+    # A train reply whose update is longer than this many times the round's median update norm is rejected
+    # (with three replies or more; None: no relative bound).
     max_update_norm_ratio: float | None = Field(default=10.0, gt=1.0)
     # How sites upload their update: float32 weights, or float16 differences from the round's model (half the
     # bytes; shared_model/protocol/update_codec.py). Not with secure aggregation.
@@ -130,13 +176,18 @@ class EvaluationSection(Schema):
 class TrackingSection(Schema):
     """Experiment tracking (fl_server.tracking): per-site metrics and privacy spent, every round."""
 
+    # tensorboard: event files in log_dir, written every round; none: no tracking.
     backend: Literal["tensorboard", "none"] = "tensorboard"
     # Where the event files go; default RUN_DIR/tensorboard. Open with `tensorboard --logdir DIR`.
     log_dir: str | None = None
 
 
 class SimulationSection(Schema):
+    """Flower's simulation engine (`llnm-server simulate`): one virtual SuperNode per site folder."""
+
+    # CPU cores Ray reserves for each simulated site; rounded down (at least 1), also its torch thread count.
     cpus_per_site: float = Field(default=1.0, gt=0.0)
+    # GPUs Ray reserves for each simulated site (a fraction lets sites share one GPU; 0: none reserved).
     gpus_per_site: float = Field(default=0.0, ge=0.0)
     # Node config of every simulated site (what each hospital's own `llnm-site join` flags would set in a
     # deployment), e.g. {"exact-evaluation": true} for synthetic patients; site_node_config overrides it per site.
@@ -159,22 +210,39 @@ class BaselineSection(Schema):
 class SiteDPSection(Schema):
     """Site-level DP at the server (Flower's DP strategy wrappers)."""
 
+    # Clip each site's whole model update and add Gaussian noise to their average (fl_server/privacy), so that
+    # the global model hides any one hospital's contribution.
     enabled: bool = False
+    # Who clips (the coordinator, or each site before sending: client-*, required with secure aggregation) and
+    # whether the clipping norm is fixed or adapted each round (adaptive: no accountant, so no max_epsilon).
     clipping: Literal["server-fixed", "client-fixed", "server-adaptive", "client-adaptive"] = "server-fixed"
+    # z: the average of K sites' updates gets Gaussian noise of standard deviation z * clipping_norm / K.
     noise_multiplier: float = Field(default=1.0, gt=0.0)
+    # C: the norm each site's update is clipped to (with adaptive clipping, the initial norm).
     clipping_norm: float = Field(default=1.0, gt=0.0)
+    # The delta of the site-level (epsilon, delta) guarantee that Flower's accountant reports (fixed clipping).
     delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    # Fixed clipping: the run stops before a round would take the site-level epsilon above this; None: no limit.
     max_epsilon: float | None = Field(default=None, gt=0.0)
+    # Adaptive clipping: standard deviation of the noise on the count of clipped updates; None: Flower's default
+    # (the number of sites / 20).
     clipped_count_stddev: float | None = Field(default=None, gt=0.0)
+    # Adaptive clipping: the quantile of the sites' update norms that the clipping norm is adapted towards.
     target_clipped_quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
 
 
 class PrivacySection(Schema):
+    """Differential privacy: per patient at every site (DP-SGD) and per site at the coordinator."""
+
     patient: PatientDPConfig = Field(default_factory=PatientDPConfig)
     site: SiteDPSection = Field(default_factory=SiteDPSection)
 
 
 class ExperimentConfig(Schema):
+    """One experiment: what `llnm-server simulate`, `run` and `baseline` read from `--config FILE`."""
+
+    # The experiment's name: the start of the run's identity that the sites see and log, and the run's name in
+    # its records and report.
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9._-]{1,80}$")
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)

@@ -25,6 +25,8 @@ NAME_PATTERN = r"^" + SITE_NAME_PATTERN.pattern + "$"  # the consortium is named
 
 
 class ConsortiumSuperLink(Schema):
+    """The SuperLink: the address the hospitals dial and the names its TLS certificate is valid for."""
+
     address: str = Field(description="HOST:PORT the hospitals (and the coordinator's tools) dial")
     # Host names and IP addresses written into the SuperLink certificate's subjectAltName. The address's host
     # is always added; so are localhost and 127.0.0.1, which the coordinator's own tools use on the SuperLink
@@ -52,10 +54,15 @@ class ConsortiumSuperLink(Schema):
 
 
 class ConsortiumConfig(Schema):
-    name: str = Field(pattern=NAME_PATTERN)
+    """A consortium: who the hospitals are and where they reach the SuperLink (`llnm-server provision`)."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="the consortium's name (written like a site name): the "
+                      "name of its certificate authority and of the consortium in every site kit")
     superlink: ConsortiumSuperLink
-    sites: list[str] = Field(min_length=1)
-    certificate_days: int = Field(default=825, ge=1, le=3650)
+    sites: list[str] = Field(min_length=1, description="the hospitals' site names: each gets an onboarding kit; "
+                             "a hospital added later is added here and provisioned again")
+    certificate_days: int = Field(default=825, ge=1, le=3650, description="validity in days of the certificates "
+                                  "`llnm-server provision` makes (the consortium's CA and the SuperLink's)")
 
     @field_validator("sites")
     @classmethod

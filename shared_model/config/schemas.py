@@ -246,26 +246,37 @@ class TrainConfig(Schema):
 
     WHAT: ClassVar[str] = "training config"
 
+    # Learning rate of the local optimiser (the first epoch's or round's under a cosine lr_schedule).
     lr: Float = Field(3e-4, gt=0.0, le=100.0)
+    # Weight decay of the optimiser (decoupled for AdamW).
     weight_decay: Float = Field(0.01, ge=0.0, le=1.0)
     # AdamW (the default), or SGD with momentum: under DP-SGD, Adam's per-coordinate scaling also scales up the
     # noise of coordinates with little signal; the small DP head trains better with momentum SGD.
     optimizer: Literal["adamw", "sgd"] = "adamw"
+    # Momentum of SGD (optimizer: sgd only).
     momentum: Float = Field(0.9, ge=0.0, lt=1.0)
+    # Epochs of local training per round over the site's training split (over the round's part of it when
+    # federation.rounds_per_epoch > 1).
     local_epochs: Int = Field(1, ge=1, le=1000)
+    # Patients per training batch (under DP-SGD's Poisson sampling, an expected size).
     batch_size: Int = Field(32, ge=1, le=4096)
+    # The run's seed: the round-0 model's initialisation and every site's per-round training seed derive from it.
     seed: Int = 0
+    # Where training runs: auto (CUDA when available, else CPU), cpu, cuda or cuda:N; a site whose own device
+    # setting (`llnm-site join --device`) is not auto uses that instead.
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # Mixed precision (bf16 autocast) is used on CUDA only, and never under DP-SGD: Opacus computes
     # per-sample gradients from the hooked activations and we keep those in fp32.
     amp: bool = True
     # Gradient-norm clipping of non-private training (DP-SGD clips per sample instead).
     max_grad_norm: Float | None = Field(1.0, gt=0.0)
+    # Weight of the risk-stage cross-entropy in each patient's loss (LLNM BCE + stage_loss_weight * stage CE).
     stage_loss_weight: Float = Field(0.5, ge=0.0)
     # Learning-rate schedule across a run's epochs (baselines) or rounds (federations), applied by the caller
     # through `shared_model.model.training.scheduled_lr`: "constant", or "cosine" from `lr` down to
     # `lr * lr_min_ratio` at the last one. A federation sends each round's rate in the round config.
     lr_schedule: Literal["constant", "cosine"] = "constant"
+    # Under the cosine schedule, the last epoch's or round's learning rate as a fraction of lr.
     lr_min_ratio: Float = Field(0.05, ge=0.0, le=1.0)
 
 
@@ -279,11 +290,19 @@ class PatientDPConfig(Schema):
 
     WHAT: ClassVar[str] = "patient DP config"
 
+    #: Train with DP-SGD at every site: per-patient gradient clipping, Gaussian noise and Poisson sampling.
     enabled: bool = False
+    #: The epsilon per patient the whole run may spend: the noise multiplier is calibrated for every local step
+    #: planned (rounds x local epochs x steps per epoch). Exactly one of target_epsilon and noise_multiplier.
     target_epsilon: Float | None = Field(None, gt=0.0)
+    #: The delta of the per-patient (epsilon, delta) guarantee.
     delta: Float = Field(1e-5, gt=0.0, lt=1.0)
+    #: A fixed noise multiplier (noise standard deviation / max_grad_norm) instead of a target_epsilon.
     noise_multiplier: Float | None = Field(None, gt=0.0)
+    #: The norm every patient's gradient is clipped to.
     max_grad_norm: Float = Field(1.0, gt=0.0)
+    #: The privacy accountant that calibrates the noise and reports the epsilon spent: rdp (Renyi DP) or prv
+    #: (privacy random variables).
     accountant: Literal["rdp", "prv"] = "rdp"
     #: What DP-SGD trains (`shared_model.model.architectures.restrict_trainable`): all, heads, heads-norms-biases.
     #: The smallest model, a head on frozen public features, is `model.preset: feature-head`.

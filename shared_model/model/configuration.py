@@ -40,7 +40,8 @@ class ModelConfig(Schema):
         images / reports: whether the image / report pathway exists (``preprocess.inputs``); without images
             there are no image tokens and the bidirectional blocks become self-attention blocks.
         alpha: weight of cross-modal attention in the bidirectional blocks (paper 1.0; 0 disables it).
-        dropout / attention_dropout: the released code uses 0.3 / 0.2 for the paper-sized model.
+        dropout / attention_dropout: dropout rate of the embeddings, blocks, MLPs and heads / of the attention
+            weights; the released code uses 0.3 / 0.2 for the paper-sized model.
         num_stages: classes of the risk-stage head (3), or 0 for no stage head.
         head_hidden: hidden width of the two-layer MLP heads.
         text_top_layers: trainable copies of the text encoder's top layers owned by the model (0 = the
