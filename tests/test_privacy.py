@@ -759,7 +759,7 @@ def test_a_replay_that_does_not_reproduce_its_release_is_withheld(tmp_path: Path
     torch.manual_seed(0)
     state = trainable_state(LLNMNet(TINY))
     train_round(settings, data, state, 1, pcfg=privacy_cfg())
-    monkeypatch.setattr(session_mod, "_state_digest", lambda model: "0" * 64)
+    monkeypatch.setattr(session_mod, "state_digest", lambda model: "0" * 64)
     with pytest.raises(ReleaseWithheld, match=r"withholds round 1 .* reused that release's noise"):
         train_round(settings, data, state, 1, pcfg=privacy_cfg())
     ledger = json.loads(ledger_file(tmp_path, 16).read_text())

@@ -9,13 +9,16 @@ accountant's history, and refuses to train once its own budget would be exceeded
 * `history`: the site's lifetime privacy ledger (every DP-SGD release of every run), on the site's disk;
 * `site_record`: every run the site took part in (with or without DP), the run's pinned DP terms, and the
   evaluation releases;
-* `session`: `PatientDPSession`, one round's budget check, Opacus wiring and persisted release;
+* `session`: `PatientDPSession`, one round: plan, lock, Opacus wiring and the persisted release;
+* `budget`: the limits a round must fit (lifetime, run cap, target) and the run's pinned DP terms;
+* `release`: what makes a release the same release (fingerprint, replay, withholding) and what it sends;
 * `evaluation`: differentially private evaluate replies, charged to the site's evaluation budget;
 * `clipping_mod`: Flower's client-side clipping mods for site-level DP, when the coordinator asks for them.
 """
 
 from __future__ import annotations
 
+from fl_client.privacy.budget import BUDGET_RTOL, PatientBudgetExceeded
 from fl_client.privacy.clipping_mod import site_dp_clipping_mod
 from fl_client.privacy.history import (
     ENV_STATE_DIR,
@@ -33,7 +36,8 @@ from fl_client.privacy.plan import (
     opacus_sampling,
     patient_dp_config,
 )
-from fl_client.privacy.session import BUDGET_RTOL, PatientBudgetExceeded, PatientDPSession, ReleaseWithheld
+from fl_client.privacy.release import ReleaseWithheld
+from fl_client.privacy.session import PatientDPSession
 from shared_model.protocol import DP_METRIC_KEYS
 
 __all__ = [

@@ -31,22 +31,27 @@ reproduce the release already accounted bit for bit: it then costs nothing more.
 covered by the fingerprint changed, or the hardware is not deterministic), the result is **withheld**: it was
 made with noise already used, so sending it would reveal the difference of two releases that share their
 noise, which no accountant covers. A retry with different inputs is a new release with fresh seeds and is
-counted.
+counted. The limits themselves are `fl_client.privacy.budget`; the fingerprint, the replay check and the reply's
+``dp-*`` metrics are `fl_client.privacy.release`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_client.policy import SitePolicyRefusal, noise_floor_refusal
+from fl_client.privacy.budget import (
+    Limits,
+    PatientBudgetExceeded,
+    budget_refusal,
+    check_run_terms,
+    run_terms,
+)
 from fl_client.privacy.history import (
     LOCK_TIMEOUT_S,
     SiteLedger,
@@ -65,9 +70,17 @@ from fl_client.privacy.plan import (
     merge_history,
     patient_dp_config,
 )
-from fl_client.privacy.site_record import RUN_TERMS, SiteRecord
-from fl_client.settings import MAX_RUN_EPSILON
-from shared_model import protocol
+from fl_client.privacy.release import (
+    Release,
+    ReleaseWithheld,
+    device_of,
+    history_minus,
+    release_fingerprint,
+    release_metrics,
+    state_digest,
+    withheld_message,
+)
+from fl_client.privacy.site_record import SiteRecord
 from shared_model.sitedata.contract import coarse_count
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
@@ -82,30 +95,9 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 
 log = logging.getLogger("llnm.client.privacy")
 
-# Relative slack on budget comparisons: the calibrated plan ends at (not above) the target, and the same
-# Opacus accountant recomputes it, so only float noise needs room.
-BUDGET_RTOL = 1e-9
 DERIVED_COUNT_SOURCE = ("derived from the data: the training patients rounded up to two significant digits "
                         "(the rounded count is published and not covered by the guarantee; declare "
                         "public-patient-count to make it exact)")
-
-
-class PatientBudgetExceeded(RuntimeError):
-    """Training this round would take the run past its target, or the site past its lifetime budget."""
-
-
-class ReleaseWithheld(RuntimeError):
-    """A replayed round did not reproduce its accounted release; the result is never sent."""
-
-
-@dataclass
-class _Release:
-    """The release being made in this process."""
-
-    attempt: int
-    replay_of: dict[str, Any] | None
-    prior: list[HistoryEntry]
-    fingerprint: str
 
 
 def public_count(settings: SiteSettings | None, n_train: int) -> tuple[int, str]:
@@ -138,7 +130,7 @@ class PatientDPSession:
         self.record = record
         self.run_cap = run_cap
         self.round_config = dict(round_config or {})
-        self._release: _Release | None = None
+        self._release: Release | None = None
         self._engine: Any = None
         self._module: nn.Module | None = None
         self._wrapped: Any = None
@@ -179,7 +171,7 @@ class PatientDPSession:
         try:
             ledger = SiteLedger.load_or_create(path, site_name=site_name, patients=digests)
             record = SiteRecord.load_or_create(state_dir, site_name)
-            _check_run_terms(record, cfg, site_name, run_id, server_round)
+            check_run_terms(record, cfg, site_name, run_id, server_round)
             plan = make_plan(cfg, public_count=count, count_source=count_source, batch_size=batch_size,
                              local_epochs=local_epochs, total_rounds=total_rounds,
                              calibrated=ledger.data["calibrated"])
@@ -240,58 +232,23 @@ class PatientDPSession:
         return run, life
 
     def _check_budget(self, entry: HistoryEntry, exclude: dict[str, Any] | None = None) -> tuple[float, float]:
-        """(run, lifetime) epsilon after adding `entry`; refuses (and records it) if either is over budget.
-
-        The refusal sent to the coordinator names the rule and the run's figures, never the lifetime epsilon of
-        the site's patients (which stays on the site, in its log and ledger)."""
-        p = self.plan
+        """(run, lifetime) epsilon after adding `entry`; refuses (and records it) if a limit would be passed."""
         run_before, life_before = self.epsilons(exclude=exclude)
         run_after, life_after = self.epsilons([entry], exclude=exclude)
-        cost = (f"this round ({entry[2]} DP-SGD steps, noise multiplier {entry[0]:.4f}, sample rate {entry[1]:.4g})")
-        where = f"site {self.site_name!r} refuses round {self.server_round} of run {self.run_id!r}"
-        message = local = None
-        if self.site_budget is not None and life_after > self.site_budget * (1 + BUDGET_RTOL):
-            message = (
-                f"{protocol.REFUSAL_MARKER} reached: {where}. {cost[0].upper() + cost[1:]} would take the lifetime "
-                f"epsilon of its patients above the site's lifetime max-patient-epsilon {self.site_budget:g} (delta "
-                f"{self.site_delta:g}). This site trains in no further round that costs privacy; the coordinator "
-                "goes on without it while min_sites remain. Only the site can raise its lifetime budget "
-                "(--max-patient-epsilon), and only if its privacy policy allows."
-            )
-            local = (f"lifetime epsilon {life_before:.4f} over {len(self.ledger.run_ids())} run(s) would reach "
-                     f"{life_after:.4f}; see `llnm-site privacy`")
-            rule, value, budget, spent, after = "max-patient-epsilon", self.site_budget, self.site_budget, \
-                life_before, life_after
-        elif self.run_cap is not None and run_after > self.run_cap * (1 + BUDGET_RTOL):
-            message = (
-                f"{protocol.REFUSAL_MARKER} reached: {where}. The run has spent epsilon {run_before:.4f} at this site "
-                f"(delta {p.delta:g}, {p.accountant} accountant) and {cost} would reach {run_after:.4f}, above the "
-                f"site's {MAX_RUN_EPSILON} {self.run_cap:g}. The coordinator can start a run with fewer rounds or a "
-                f"smaller target; the run goes on without this site while min_sites remain."
-            )
-            rule, value, budget, spent, after = MAX_RUN_EPSILON, self.run_cap, self.run_cap, run_before, run_after
-        elif p.target_epsilon is not None and run_after > p.target_epsilon * (1 + BUDGET_RTOL):
-            message = (
-                f"{protocol.REFUSAL_MARKER} reached: {where}. The run has spent epsilon {run_before:.4f} at this site "
-                f"(delta {p.delta:g}, {p.accountant} accountant) and {cost} would reach {run_after:.4f}, above the "
-                f"coordinator's privacy.patient.target_epsilon {p.target_epsilon:g} for this run. This happens when "
-                "a round is retried with changed inputs (a changed experiment resumed under the same run name, or "
-                "a site restarted mid-round): each retry is a new release. The coordinator can resume with the "
-                "unchanged experiment (identical retries replay at no cost) or start a new run, which this site "
-                "accounts against its lifetime budget; the run goes on without this site while min_sites remain."
-            )
-            rule, value, budget, spent, after = "target_epsilon", p.target_epsilon, p.target_epsilon, \
-                run_before, run_after
-        if message is None:
+        limits = Limits(self.site_name, self.run_id, self.server_round, self.site_budget, self.site_delta,
+                        self.run_cap, len(self.ledger.run_ids()))
+        refusal = budget_refusal(limits, self.plan, entry, (run_before, run_after), (life_before, life_after))
+        if refusal is None:
             return run_after, life_after
-        self.ledger.add_refusal({"run_id": self.run_id, "round": self.server_round, "rule": rule, "value": value,
-                                 "spent": spent, "would_reach": after, "budget": budget})
+        self.ledger.add_refusal({"run_id": self.run_id, "round": self.server_round, "rule": refusal.rule,
+                                 "value": refusal.value, "spent": refusal.spent, "would_reach": refusal.would_reach,
+                                 "budget": refusal.value})
         try:
             self.ledger.save()
         finally:
             self.close()
-        log.warning("%s%s", message, f" ({local})" if local else "")
-        raise PatientBudgetExceeded(message)
+        log.warning("%s%s", refusal.message, f" ({refusal.local})" if refusal.local else "")
+        raise PatientBudgetExceeded(refusal.message)
 
     # ---- training ------------------------------------------------------------------------------
     def hooks(self) -> TrainHooks:
@@ -306,31 +263,6 @@ class PatientDPSession:
                                 "respect to module outputs since no inputs require gradients", category=UserWarning)
         return TrainHooks(make_private=self._make_private)
 
-    def _fingerprint(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader) -> str:
-        """Digest of everything that determines this round's release except the site-secret seeds."""
-        import torch
-
-        h = hashlib.blake2b(digest_size=32)
-        h.update(json.dumps(asdict(self.plan), sort_keys=True).encode())
-        # Everything the coordinator sent: every model, training and loss setting, dropout, the FedProx term,
-        # the rounds per pass, the transport; whatever a later version adds to the round config.
-        h.update(json.dumps(self.round_config, sort_keys=True, default=repr).encode())
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        h.update(json.dumps(groups, sort_keys=True, default=str).encode())
-        h.update(f"seed={torch.initial_seed()};batch={loader.batch_size};device={_device_of(model)};"
-                 f"threads={torch.get_num_threads()};train={model.training}".encode())
-        # Which parameters DP-SGD trains (privacy.patient.trainable): the rest keep the global model's values.
-        h.update(json.dumps([name for name, p in model.named_parameters() if p.requires_grad]).encode())
-        for name, tensor in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            _update_tensor(h, tensor)
-        dataset = loader.dataset
-        h.update(f"n={len(dataset)}".encode())  # type: ignore[arg-type]
-        for i in range(len(dataset)):  # type: ignore[arg-type]
-            for tensor in dataset[i]:
-                _update_tensor(h, tensor)
-        return h.hexdigest()
-
     def _make_private(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader
                       ) -> tuple[Any, Any, Any]:
         import torch
@@ -341,13 +273,13 @@ class PatientDPSession:
         if len(loader.dataset) != self.n_train:  # type: ignore[arg-type]
             raise RuntimeError(f"DP-SGD was opened for {self.n_train} training patients but the loader has "
                                f"{len(loader.dataset)}")  # type: ignore[arg-type]
-        fingerprint = self._fingerprint(model, optimizer, loader)
+        fingerprint = release_fingerprint(self.plan, self.round_config, model, optimizer, loader)
         attempts = self.ledger.attempts(self.run_id, self.server_round)
         match = next((a for a in attempts if a.get("fingerprint") == fingerprint), None)
         if match is not None:
             # Same inputs as a release already accounted: run it again with the same seeds.
             prior = self.ledger.history(exclude=match)
-            release = _Release(attempt=int(match.get("attempt", attempts.index(match))), replay_of=match,
+            release = Release(attempt=int(match.get("attempt", attempts.index(match))), replay_of=match,
                                prior=prior, fingerprint=fingerprint)
             log.info("site %s round %d: identical retry of a release already accounted; replaying it",
                      self.site_name, self.server_round)
@@ -355,10 +287,10 @@ class PatientDPSession:
             if attempts:
                 # A retry with different inputs is a new release on top of the one already made.
                 self._check_budget(p.entry())
-            release = _Release(attempt=len(attempts), replay_of=None, prior=self.ledger.history(),
+            release = Release(attempt=len(attempts), replay_of=None, prior=self.ledger.history(),
                                fingerprint=fingerprint)
         noise_seed, sampling_seed = self.ledger.seeds(self.run_id, self.server_round, release.attempt)
-        device = _device_of(model)
+        device = device_of(model)
         noise_gen = torch.Generator(device=device).manual_seed(noise_seed)
         sampling_gen = torch.Generator().manual_seed(sampling_seed)
         # Poisson sampling at the plan's public rate, with a generator the coordinator cannot predict.
@@ -400,14 +332,14 @@ class PatientDPSession:
         p = self.plan
         release = self._release
         after_hist = merge_history(self._engine.accountant.history)
-        added = _history_minus(after_hist, release.prior)
+        added = history_minus(after_hist, release.prior)
         steps_added = sum(n for _, _, n in added)
         if steps_added != p.steps_round or int(result.steps) != p.steps_round:
             raise RuntimeError(
                 f"site {self.site_name!r} round {self.server_round}: Opacus accounted {steps_added} DP-SGD steps and "
                 f"train_local made {result.steps}, but {p.steps_round} were planned; the release is withheld"
             )
-        result_sha = _state_digest(self._module)
+        result_sha = state_digest(self._module)
         replayed = False
         if release.replay_of is not None:
             same = (release.replay_of.get("result_sha256") == result_sha
@@ -439,36 +371,20 @@ class PatientDPSession:
         if not replayed:
             self.ledger.data["releases"][-1].update(epsilon_run_after=run_eps, epsilon_lifetime_after=life_eps)
         if self.record is not None:
-            self.record.pin_terms(self.run_id, _terms(p))
+            self.record.pin_terms(self.run_id, run_terms(p))
             self.record.note_dp_round(self.run_id, self.server_round)
         self.ledger.save()
         if self.record is not None:
             self.record.save()
         self.close()
-        run_hist = self.ledger.history(run_id=self.run_id)
-        metrics = {
-            protocol.DP_EPSILON: float(run_eps),
-            protocol.DP_DELTA: float(p.delta),
-            protocol.DP_NOISE_MULTIPLIER: float(p.noise_multiplier),
-            protocol.DP_SAMPLE_RATE: float(p.sample_rate),
-            protocol.DP_MAX_GRAD_NORM: float(p.max_grad_norm),
-            protocol.DP_STEPS_ROUND: int(steps_added),
-            protocol.DP_STEPS_TOTAL: int(sum(n for _, _, n in run_hist)),
-            protocol.DP_REPLAYED: int(replayed),
-            protocol.DP_ATTEMPTS_ROUND: len(self.ledger.attempts(self.run_id, self.server_round)),
-            protocol.DP_HISTORY_SEGMENTS: len(run_hist),
-            # The run's composition at this site, so the coordinator can recompute dp-epsilon from it.
-            protocol.DP_HISTORY_NOISE: [float(z) for z, _, _ in run_hist],
-            protocol.DP_HISTORY_RATE: [float(q) for _, q, _ in run_hist],
-            protocol.DP_HISTORY_STEPS: [int(n) for _, _, n in run_hist],
-        }
-        assert tuple(metrics) == protocol.DP_METRIC_KEYS
+        metrics = release_metrics(p, run_eps, steps_added, self.ledger.history(run_id=self.run_id), replayed,
+                                  len(self.ledger.attempts(self.run_id, self.server_round)))
         log.info("site %s round %d: DP-SGD done, run epsilon %.4f at delta %g, lifetime epsilon %.4f at delta %g "
                  "(budget %s)", self.site_name, self.server_round, run_eps, p.delta, life_eps, self.site_delta,
                  "none" if self.site_budget is None else f"{self.site_budget:g}")
         return metrics
 
-    def _withhold(self, release: _Release) -> None:
+    def _withhold(self, release: Release) -> None:
         """A replay that did not reproduce its release: record it, send nothing (`ReleaseWithheld`)."""
         assert release.replay_of is not None
         self.ledger.data.setdefault("withheld", []).append({
@@ -478,12 +394,7 @@ class PatientDPSession:
             self.ledger.save()
         finally:
             self.close()
-        message = (f"{protocol.POLICY_REFUSAL_MARKER}: site {self.site_name!r} withholds round {self.server_round} "
-                   f"of run {self.run_id!r}: a retry with the inputs of an accounted release reused that release's "
-                   "noise but did not reproduce it bit for bit (the computation is not deterministic here, or an "
-                   "input the site does not fingerprint changed), so sending it would reveal more than the release "
-                   "already counted. Nothing was sent or charged. The coordinator can start a new run; the site "
-                   "operator can keep the CPU threads and device of the SuperNode fixed between retries.")
+        message = withheld_message(self.site_name, self.run_id, self.server_round)
         log.warning(message)
         raise ReleaseWithheld(message)
 
@@ -497,70 +408,3 @@ class PatientDPSession:
     def spent(self) -> float:
         """Lifetime epsilon of this site's patients so far, at the site's delta (from the ledger)."""
         return self.epsilons()[1]
-
-
-def _terms(plan: DPPlan) -> dict[str, Any]:
-    return {"target_epsilon": plan.target_epsilon, "noise_multiplier": None if plan.target_epsilon is not None
-            else plan.noise_multiplier, "delta": plan.delta, "max_grad_norm": plan.max_grad_norm,
-            "accountant": plan.accountant}
-
-
-def _check_run_terms(record: SiteRecord, cfg: PatientDPConfig, site_name: str, run_id: str,
-                     server_round: int) -> None:
-    """Refuse a round whose DP terms differ from those the site already trained this run under."""
-    pinned = record.pinned_terms(run_id)
-    if pinned is None:
-        return
-    now_terms = {"target_epsilon": cfg.target_epsilon, "noise_multiplier": cfg.noise_multiplier,
-                 "delta": cfg.delta, "max_grad_norm": cfg.max_grad_norm, "accountant": cfg.accountant}
-    changed = [k for k in RUN_TERMS if now_terms[k] != pinned.get(k)]
-    if changed:
-        pairs = ", ".join(f"{k} {pinned.get(k)} -> {now_terms[k]}" for k in changed)
-        raise SitePolicyRefusal(
-            f"{protocol.POLICY_REFUSAL_MARKER}: site {site_name!r} refuses round {server_round} training: the DP "
-            f"terms of run {run_id!r} are fixed once the site has trained in it, and this round changes them "
-            f"({pairs}). The coordinator can resume the run with its original privacy.patient settings, or start "
-            "a new run, which the site accounts against its lifetime budget.")
-
-
-def _device_of(model: nn.Module) -> Any:
-    import torch
-
-    for param in model.parameters():
-        return param.device
-    return torch.device("cpu")
-
-
-def _update_tensor(h: Any, tensor: Any) -> None:
-    import torch
-
-    if isinstance(tensor, torch.Tensor):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    else:
-        h.update(repr(tensor).encode())
-
-
-def _state_digest(model: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        _update_tensor(h, tensor)
-    return h.hexdigest()
-
-
-def _history_minus(after: list[HistoryEntry], before: list[HistoryEntry]) -> list[HistoryEntry]:
-    """Entries `after` has beyond `before` (both canonical); raises if `before` is not contained in `after`."""
-    remaining = {(z, q): n for z, q, n in before}
-    out: list[HistoryEntry] = []
-    for z, q, n in after:
-        extra = n - remaining.pop((z, q), 0)
-        if extra < 0:
-            raise RuntimeError("the accountant history shrank during training")
-        if extra:
-            out.append((z, q, extra))
-    if any(n > 0 for n in remaining.values()):
-        raise RuntimeError("the accountant lost part of the restored history during training")
-    return out
-
