@@ -12,31 +12,27 @@ start, and in docs/deployment.md) is:
 
 `--insecure` (plain HTTP, no node authentication) is for a loopback development SuperLink only.
 
-Node-config keys read by the ClientApp: data-path, site-name, cache-dir, device ("auto"/"cpu"/"cuda"),
-privacy-state-dir, threads, and the site's privacy policy (docs/privacy.md): require-patient-dp (true:
-train only when the round's patient-level DP is on), max-patient-epsilon (the lifetime budget of the site's
-patients over every run), patient-delta (the site's delta, the largest a run may use), max-clipping-norm,
-public-patient-count (the training-patient count the site declares public; DP-SGD is parameterised by it),
-eval-splits (the splits the site evaluates on, among val,test; never train), max-histogram-bins (the
-finest score histogram an evaluate reply carries, default 100), share-explanations (false: never send the
-explanation aggregates a final evaluation with evaluation.explain asks for), the floor under the coordinator's
-DP-SGD settings (max-run-epsilon, min-noise-multiplier; with max-patient-epsilon each implies
-require-patient-dp), require-secure-aggregation, and the evaluation replies' privacy (eval-epsilon per reply,
-max-eval-epsilon over the site's lifetime, or exact-evaluation, which leaves validation and test patients
-unprotected; min-cell-count for explanation cells). docs/privacy.md has the recommended policy.
+The node-config keys (the site's data, caches and privacy policy) are defined once, in `fl_client.settings`;
+docs/privacy.md has the recommended policy. What join will start is worked out by `fl_client.join_plan`, and
+`fl_client.supernode_runner` keeps the SuperNode running.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
-import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from fl_client.join_plan import (
+    floor_flags,
+    local_port,
+    pasteable_command,
+    plan_join,
+    supernode_command,
+    supernode_environment,
+    warn_if_nothing_approved,
+)
 from fl_client.settings import (
     DEFAULT_EVAL_EPSILON,
     DEFAULT_EVAL_SPLITS,
@@ -44,7 +40,6 @@ from fl_client.settings import (
     DEFAULT_MAX_HISTOGRAM_BINS,
     DEFAULT_MIN_CELL_COUNT,
     DEFAULT_PATIENT_DELTA,
-    DP_FLOOR_KEYS,
     EVAL_EPSILON,
     EVAL_SPLITS,
     EXACT_EVALUATION,
@@ -60,14 +55,12 @@ from fl_client.settings import (
     REQUIRE_PATIENT_DP,
     REQUIRE_SECURE_AGGREGATION,
     SHARE_EXPLANATIONS,
-    SiteSettings,
     SiteSettingsError,
     parse_eval_splits,
     parse_histogram_bins,
     parse_positive,
-    render_node_config,
 )
-from shared_model.supervisor import Supervisor
+from fl_client.supernode_runner import run_supernode
 
 
 def _eval_splits(value: str) -> str:
@@ -175,156 +168,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "restart (default 20; 0: never)")
 
 
-def floor_flags(args: argparse.Namespace) -> list[str]:
-    """The DP-floor flags given (each implies --require-patient-dp)."""
-    return [f"--{k}" for k in DP_FLOOR_KEYS if getattr(args, k.replace("-", "_"), None) is not None]
-
-
-@dataclass(frozen=True)
-class JoinPlan:
-    """Where and how this site connects, resolved from the kit and the flags."""
-
-    superlink: str
-    root_certificates: str | None
-    auth_key: str | None
-    name: str
-    state_dir: Path
-
-
-def plan_join(args: argparse.Namespace) -> JoinPlan:
-    """Secure by default: a kit (or a CA certificate) and the site's key; plain HTTP only on loopback."""
-    from fl_client.site_state import check_outside, state_root
-    from shared_model.config import ConfigError
-    from shared_model.protocol.connection_check import is_loopback, split_address
-    from shared_model.protocol.site_kit import check_site_private_key, load_kit
-
-    superlink, ca, name = args.superlink, args.root_certificates, args.name
-    if args.kit:
-        kit = load_kit(args.kit)
-        if args.name and args.name != kit.site:
-            raise ConfigError(f"--name {args.name} differs from the kit's site {kit.site!r}: the coordinator "
-                              f"registered this site's key as {kit.site!r}, and a SuperNode claiming another name "
-                              "is refused")
-        superlink, name = superlink or kit.superlink, kit.site
-        if ca and Path(ca).resolve() != kit.ca_cert:
-            raise ConfigError("--root-certificates and --kit name different CA certificates; use the kit's")
-        ca = str(kit.ca_cert)
-    if not superlink:
-        raise ConfigError("give --kit DIR (from the coordinator) or --superlink HOST:PORT")
-    try:
-        host, _ = split_address(superlink)
-    except ValueError as exc:
-        raise ConfigError(f"--superlink {exc}") from None
-    if args.insecure:
-        if ca or args.auth_key:
-            raise ConfigError("--insecure cannot be combined with --kit, --root-certificates or --key: node "
-                              "authentication needs TLS")
-        if not is_loopback(host):
-            raise ConfigError(f"--insecure joins in plain HTTP without node authentication, for a loopback "
-                              f"development SuperLink only; {host} is not loopback. Join with the consortium's "
-                              "kit: --kit DIR --key FILE")
-    elif not ca:
-        raise ConfigError("a SuperNode connects with TLS: give --kit DIR (or --root-certificates CA.crt) and --key "
-                          "FILE; --insecure only for a loopback development SuperLink")
-    elif not args.auth_key:
-        raise ConfigError("--key FILE is required with TLS: the consortium's SuperLink admits only SuperNodes whose "
-                          "key was registered (make one with `llnm-site keygen`, send the .pub to the coordinator)")
-    if args.auth_key:
-        check_site_private_key(Path(args.auth_key))
-    state = state_root(args.state_dir)
-    check_outside(state, Path(args.data))
-    return JoinPlan(superlink, ca, str(Path(args.auth_key).resolve()) if args.auth_key else None,
-                    name or _default_name(Path(args.data)), state)
-
-
-#: Flower's default port for the SuperNode's local Runtime API (where each ClientApp process fetches its message).
-DEFAULT_LOCAL_PORT = 9094
-
-
-class PortTaken(ValueError):
-    """The local port the SuperNode needs is in use."""
-
-
-def _free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def local_port(args: argparse.Namespace) -> int:
-    """The SuperNode's local Runtime API port: `--clientappio-port`, which must be free, else Flower's 9094 if
-    free, else a free one (several SuperNodes on one machine each need their own; chosen once per join)."""
-    import socket
-
-    chosen = getattr(args, "_local_port", None)
-    if chosen is not None:
-        return int(chosen)
-    if args.clientappio_port:
-        if not _free(args.clientappio_port):
-            raise PortTaken(f"--clientappio-port {args.clientappio_port} is taken on this machine (another "
-                            "SuperNode, or another program): choose a free one, or leave the flag out and join picks "
-                            "one")
-        chosen = int(args.clientappio_port)
-    elif _free(DEFAULT_LOCAL_PORT):
-        chosen = DEFAULT_LOCAL_PORT
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            chosen = int(s.getsockname()[1])
-        print(f"note: port {DEFAULT_LOCAL_PORT} (the SuperNode's local Runtime API) is taken on this machine, most "
-              f"likely by another SuperNode; this one uses {chosen} (--clientappio-port sets it)", file=sys.stderr)
-    args._local_port = chosen
-    return chosen
-
-
-def site_settings(args: argparse.Namespace, plan: JoinPlan) -> SiteSettings:
-    """The site's settings as its flags give them (what the SuperNode's node config will hold)."""
-    # The privacy folder is always named, so that `llnm-site privacy --state-dir` finds what the ClientApp writes.
-    privacy = Path(args.privacy_state_dir) if args.privacy_state_dir else plan.state_dir / "privacy"
-    return SiteSettings(
-        data_path=Path(args.data).resolve(), name=plan.name,
-        cache_dir=Path(args.cache_dir).resolve() if args.cache_dir else None, device=args.device,
-        max_patient_epsilon=args.max_patient_epsilon, privacy_state_dir=privacy.resolve(),
-        threads=int(args.threads) if args.threads else None,
-        require_patient_dp=bool(args.require_patient_dp) or bool(floor_flags(args)),
-        eval_splits=tuple(str(args.eval_splits).split(",")), patient_delta=float(args.patient_delta),
-        max_clipping_norm=args.max_clipping_norm, public_patient_count=args.public_patient_count,
-        max_histogram_bins=int(args.max_histogram_bins), share_explanations=bool(args.share_explanations),
-        max_run_epsilon=args.max_run_epsilon, min_noise_multiplier=args.min_noise_multiplier,
-        require_secure_aggregation=bool(args.require_secure_aggregation), eval_epsilon=float(args.eval_epsilon),
-        max_eval_epsilon=float(args.max_eval_epsilon), exact_evaluation=bool(args.exact_evaluation),
-        min_cell_count=int(args.min_cell_count))
-
-
-def supernode_command(args: argparse.Namespace, plan: JoinPlan) -> list[str]:
-    node_config = site_settings(args, plan).to_node_config()
-    exe = Path(sys.executable).parent / "flower-supernode"
-    cmd = [str(exe) if exe.exists() else (shutil.which("flower-supernode") or "flower-supernode"),
-           "--superlink", plan.superlink]
-    if plan.root_certificates:
-        cmd += ["--root-certificates", plan.root_certificates]
-    else:
-        cmd.append("--insecure")
-    if plan.auth_key:
-        cmd += ["--auth-supernode-private-key", plan.auth_key]
-    cmd += ["--port", str(local_port(args))]
-    cmd += ["--node-config", render_node_config(node_config)]
-    return cmd
-
-
-REFUSED_HINT = ("the SuperLink refused this SuperNode ('Failed to activate SuperNode'): this site's key is not "
-                "registered there, or was revoked. Send the .pub made by `llnm-site keygen` to the coordinator "
-                "(`llnm-server register-site`)")
-ENDED_HINT = ("the SuperNode kept stopping without being asked to: the SuperLink ended its session (its key may have "
-              "been revoked; ask the coordinator) or is down. Run `llnm-site join` again once it is back")
-
-
 def run(args: argparse.Namespace) -> int:
     from shared_model.config import ConfigError
 
@@ -351,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     if floors and not args.require_patient_dp:
         print(f"note: {', '.join(floors)} implies --{REQUIRE_PATIENT_DP}: rounds without patient-level DP are "
               "refused", file=sys.stderr)
-    env = _environment(args, plan)
+    env = supernode_environment(args, plan)
     print(pasteable_command(env, cmd), flush=True)
     if args.print_command:
         return 0
@@ -372,108 +215,5 @@ def run(args: argparse.Namespace) -> int:
             return 2
         if probe.kind == "down":
             print(f"warning: {text}", file=sys.stderr)
-    _warn_if_nothing_approved(plan)
-    return _run_supernode(cmd, env, max_restarts=args.max_restarts)
-
-
-def _environment(args: argparse.Namespace, plan: JoinPlan) -> dict[str, str]:
-    """The SuperNode's environment: the site's gate first on PATH (it stands in for flwr-clientapp), and the
-    state folder and site name the gate records under."""
-    from fl_client.app_gate import write_launcher
-    from fl_client.sent_messages import ENV_KEEP_SENT
-    from fl_client.site_state import ENV_SITE_NAME, ENV_STATE_DIR
-    from shared_model.environment import offline_environment
-
-    gate_bin = plan.state_dir / "bin"
-    if not args.print_command:
-        write_launcher(gate_bin)
-    path = os.pathsep.join([str(gate_bin), str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    keep = {ENV_KEEP_SENT: "1"} if getattr(args, "keep_sent", False) else {}
-    return offline_environment(PATH=path, **{ENV_STATE_DIR: str(plan.state_dir),
-                                             ENV_SITE_NAME: plan.name}, **keep)
-
-
-def pasteable_command(env: dict[str, str], cmd: list[str]) -> str:
-    """The command as one line a shell runs as is: every variable it needs that differs from this environment
-    (the site's state folder and name, the offline switches), the PATH with the app gate first, then the
-    quoted command."""
-    changed = {k: v for k, v in env.items() if k != "PATH" and os.environ.get(k) != v}
-    assignments = [f"{k}={shlex.quote(v)}" for k, v in sorted(changed.items())]
-    gate = env["PATH"].split(os.pathsep)[0]
-    return " ".join(["env", *assignments, f'PATH={shlex.quote(gate)}:"$PATH"', shlex.join(cmd)])
-
-
-def _default_name(site: Path) -> str:
-    """site.yaml's `name`, else the folder name (what the ClientApp would report without --name)."""
-    import yaml
-
-    try:
-        meta = yaml.safe_load((site / "site.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
-        meta = None
-    name = meta.get("name") if isinstance(meta, dict) else None
-    return str(name) if name else site.resolve().name
-
-
-def _warn_if_nothing_approved(plan: JoinPlan) -> None:
-    from fl_client.site_state import SiteStateError, approvals_path, load_approvals
-
-    try:
-        approved = load_approvals(plan.state_dir)
-    except SiteStateError as exc:
-        print(f"warning: {exc}", file=sys.stderr)
-        return
-    if not approved:
-        print(f"warning: no app is approved in {approvals_path(plan.state_dir)}: every message will be refused "
-              "until you approve the coordinator's app (llnm-site approve HASH)", file=sys.stderr)
-
-
-def _run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) -> int:
-    """Run flower-supernode in the foreground (its output relayed) and keep the site in the federation: when
-    the SuperNode stops without being asked to (the SuperLink restarted, the network dropped), start it again
-    after a growing pause, saying why; a refusal of the site's key ends it with what to do. Ctrl-C/SIGTERM are
-    passed on and end it."""
-    with Supervisor() as supervisor:
-        restarts = refusals = 0
-        while True:
-            watch = _SupernodeWatch()
-            rc = supervisor.run(cmd, env, on_line=watch)
-            if supervisor.stop_asked:
-                return 0
-            if watch.port_taken:
-                port = cmd[cmd.index("--port") + 1] if "--port" in cmd else str(DEFAULT_LOCAL_PORT)
-                print(f"error: flower-supernode could not open its local Runtime API port {port}: the address is "
-                      "already in use (another SuperNode or program on this machine took it). Join again with a "
-                      "free --clientappio-port, or without the flag to let join pick one", file=sys.stderr)
-                return rc or 1
-            if watch.refused:
-                refusals += 1
-                # Right after a SuperLink restart its registrations are being restored: a refusal then is worth
-                # a few more tries. A refusal at the very first start is final.
-                if restarts == 0 or refusals > 3:
-                    print(f"error: flower-supernode exited (status {rc}): {REFUSED_HINT}", file=sys.stderr)
-                    return rc or 1
-            if restarts >= max_restarts:
-                print(f"error: flower-supernode exited (status {rc}) {restarts + 1} times: {ENDED_HINT}",
-                      file=sys.stderr)
-                return rc or 1
-            restarts += 1
-            pause = min(60, 2 ** restarts)
-            print(f"[llnm-site] flower-supernode stopped without being asked to (status {rc}): the SuperLink "
-                  f"restarted or the connection dropped. Starting it again in {pause} s (restart {restarts} of at "
-                  f"most {max_restarts}; Ctrl-C to stop).", file=sys.stderr, flush=True)
-            if not supervisor.sleep(pause):
-                return 0
-
-
-class _SupernodeWatch:
-    """What flower-supernode's output says about why it ended."""
-
-    def __init__(self) -> None:
-        self.refused = self.port_taken = False
-
-    def __call__(self, line: str) -> None:
-        if "Failed to activate SuperNode" in line:
-            self.refused = True
-        if "address already in use" in line.lower():
-            self.port_taken = True
+    warn_if_nothing_approved(plan)
+    return run_supernode(cmd, env, max_restarts=args.max_restarts)

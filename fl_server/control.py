@@ -10,7 +10,6 @@ SuperLink starts (its in-memory state forgets them at every stop).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import subprocess
 import tempfile
@@ -20,11 +19,10 @@ from typing import Any
 from filelock import FileLock
 
 from fl_server.provisioning import CA_CERT, FLWR_HOME, REGISTRY, write_flwr_connection
+from fl_server.records import timestamp
+from fl_server.site_registry import SiteRegistry
 from shared_model.config import ConfigError
 from shared_model.environment import offline_environment
-from shared_model.fileio import atomic_write_json
-
-REGISTRY_FORMAT = "llnm-fl site registry"
 
 
 def _flwr() -> str:
@@ -58,37 +56,6 @@ def flwr_json(provision_dir: Path, args: list[str], *, superlink: str | None = N
         reason = str(answer.get("error-message") or proc.stderr.strip() or text or f"exit code {proc.returncode}")
         raise ConfigError(f"flwr {' '.join(args)}: {reason.strip()}")
     return answer
-
-
-class SiteRegistry:
-    """`registry.json`: site name -> public key, its fingerprint, Flower node id, registered/revoked times."""
-
-    def __init__(self, provision_dir: Path) -> None:
-        self.path = provision_dir / REGISTRY
-        self.data: dict[str, Any] = {"format": REGISTRY_FORMAT, "sites": {}}
-        if self.path.is_file():
-            try:
-                self.data = json.loads(self.path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{self.path}: not valid JSON ({exc})") from None
-
-    @property
-    def sites(self) -> dict[str, dict[str, Any]]:
-        return self.data.setdefault("sites", {})
-
-    def active(self, name: str) -> dict[str, Any] | None:
-        entry = self.sites.get(name)
-        return entry if entry and not entry.get("revoked_at") else None
-
-    def names(self) -> list[str]:
-        return sorted(n for n in self.sites if self.active(n))
-
-    def save(self) -> None:
-        atomic_write_json(self.path, self.data, indent=2)
-
-
-def now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def register_site(provision_dir: Path, name: str, public_key_file: Path, *,
@@ -130,7 +97,7 @@ def _register(provision_dir: Path, name: str, line: bytes, fingerprint: str, pub
         pub.write_bytes(line + b"\n")
         answer = flwr_json(provision_dir, ["supernode", "register", str(pub), "--name", name], superlink=superlink)
     entry = {"public_key": line.decode(), "fingerprint": fingerprint, "node_id": int(answer["node-id"]),
-             "registered_at": now_iso(), "revoked_at": None}
+             "registered_at": timestamp(), "revoked_at": None}
     registry.sites[name] = entry
     registry.save()
     return entry
@@ -149,7 +116,7 @@ def _revoke(provision_dir: Path, name: str, superlink: str | None) -> dict[str, 
         known = registry.names()
         raise ConfigError(f"site {name!r} is not registered" + (f" (registered: {', '.join(known)})" if known else ""))
     flwr_json(provision_dir, ["supernode", "unregister", str(entry["node_id"])], superlink=superlink)
-    entry["revoked_at"] = now_iso()
+    entry["revoked_at"] = timestamp()
     registry.save()
     return entry
 

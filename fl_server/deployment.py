@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_server.config import ConfigError, ExperimentConfig
-from fl_server.control import now_iso
+from fl_server.records import timestamp
 from fl_server.run_dir import RunDirectory
 from shared_model.environment import offline_environment
 from shared_model.protocol.connection_check import is_loopback, split_address
@@ -255,7 +255,7 @@ def submit_run(exp: ExperimentConfig, rd: RunDirectory, conn: ControlConnection,
     if stream:
         cmd.append("--stream")
     supervisor = Supervisor(on_stop=lambda signum: _stop_submitted_run(rd, signum, supervisor))
-    started = now_iso()
+    started = timestamp()
     try:
         with supervisor:
             return supervisor.run(cmd, env)

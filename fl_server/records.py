@@ -4,9 +4,10 @@ so they are TypedDicts: the type checker knows their fields and the files stay p
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, NotRequired, TypedDict
 
-__all__ = ["Failure", "FinalRecord", "MetricsFile", "RoundRecord", "RunInfo", "SiteMetrics"]
+__all__ = ["Failure", "FinalRecord", "MetricsFile", "RoundRecord", "RunInfo", "SiteMetrics", "timestamp"]
 
 #: One site's evaluation metrics as metrics.json holds them (`shared_model.protocol.decode_eval_metrics`).
 SiteMetrics = dict[str, Any]
@@ -84,3 +85,8 @@ class RunInfo(TypedDict, total=False):
     flwr_run_id: int
     provision_dir: str | None
     refused_connections: list[dict[str, Any]]  # `superlink_events.summarise_refusals`, per attempt
+
+
+def timestamp() -> str:
+    """The time a record is written: UTC, ISO 8601, whole seconds (so that records compare as strings)."""
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -19,7 +19,6 @@ last complete round and drops anything a crash left half-written.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
@@ -36,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fl_server.config import ConfigError, ExperimentConfig, load_config, parse_config, parse_set_options
-from fl_server.records import FinalRecord, MetricsFile, RoundRecord, RunInfo
+from fl_server.records import FinalRecord, MetricsFile, RoundRecord, RunInfo, timestamp
 from shared_model.fileio import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -204,7 +203,7 @@ class RunDirectory:
             ended["status"] = info.get("status")
             info.setdefault("previous_attempts", []).append(ended)
         info["status"] = "running"
-        info["attempt_started_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        info["attempt_started_at"] = timestamp()
         atomic_write_json(self.run_info_path, info)
 
     def update_run_info(self, **changes: Any) -> None:

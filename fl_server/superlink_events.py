@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fl_server.control import SiteRegistry, now_iso
+from fl_server.records import timestamp
+from fl_server.site_registry import SiteRegistry
 
 __all__ = ["EVENTS_FILE", "RefusalWatch", "read_refusals", "refusal_lines", "summarise_refusals"]
 
@@ -54,7 +55,7 @@ class RefusalWatch:
             return
         code, pem, why = found.groups()
         key = _fingerprint(pem)
-        event: dict[str, Any] = {"time": now_iso(), "kind": "refused-activation", "flower_error": int(code),
+        event: dict[str, Any] = {"time": timestamp(), "kind": "refused-activation", "flower_error": int(code),
                                  "key": key, "reason": (why or "").strip() or None}
         event.update(self._known_as(key))
         with self.path.open("a", encoding="utf-8") as fh:

@@ -149,7 +149,7 @@ def _protocol_values() -> dict[str, str]:
 
 # Node-config keys that a site operator sets (`llnm-site join --node-config`), not message keys, that happen
 # to share a spelling with one.
-NODE_CONFIG_FILES = {"fl_client/settings.py", "fl_client/cmd_join.py"}
+NODE_CONFIG_FILES = {"fl_client/settings.py", "fl_client/cmd_join.py", "fl_client/join_plan.py"}
 
 
 def test_every_message_key_is_defined_only_in_the_protocol_module() -> None:

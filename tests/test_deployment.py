@@ -232,7 +232,7 @@ def _join_args(tmp_path: Path, **kw: object) -> Namespace:
 
 
 def test_join_needs_tls_and_a_key_and_keeps_the_kits_name(tmp_path: Path) -> None:
-    from fl_client.cmd_join import plan_join
+    from fl_client.join_plan import plan_join
     from fl_client.site_state import SiteStateError
 
     with pytest.raises(ConfigError, match="connects with TLS"):
@@ -716,7 +716,7 @@ REFUSED_LINE = (
 def test_the_superlinks_refusals_are_recorded_with_the_site_they_belonged_to(tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
 
-    from fl_server.control import SiteRegistry
+    from fl_server.site_registry import SiteRegistry
     from fl_server.superlink_events import RefusalWatch, read_refusals, refusal_lines, summarise_refusals
     from shared_model.protocol.site_kit import make_site_key, public_key_fingerprint
 

@@ -265,18 +265,18 @@ def test_join_picks_a_free_local_port_or_names_the_taken_one(monkeypatch: pytest
     import argparse
     import socket
 
-    from fl_client import cmd_join
+    from fl_client import join_plan
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        with pytest.raises(cmd_join.PortTaken, match=f"--clientappio-port {busy} is taken"):
-            cmd_join.local_port(argparse.Namespace(clientappio_port=busy))
-        monkeypatch.setattr(cmd_join, "DEFAULT_LOCAL_PORT", busy)
+        with pytest.raises(join_plan.PortTaken, match=f"--clientappio-port {busy} is taken"):
+            join_plan.local_port(argparse.Namespace(clientappio_port=busy))
+        monkeypatch.setattr(join_plan, "DEFAULT_LOCAL_PORT", busy)
         args = argparse.Namespace(clientappio_port=None)
-        chosen = cmd_join.local_port(args)
-        assert chosen != busy and cmd_join.local_port(args) == chosen  # chosen once per join
+        chosen = join_plan.local_port(args)
+        assert chosen != busy and join_plan.local_port(args) == chosen  # chosen once per join
 
 
 def test_node_config_rendering_is_the_inverse_of_reading_it(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from fl_client import cmd_join
+from fl_client import supernode_runner
 from shared_model.supervisor import Supervisor
 
 PY = sys.executable
@@ -63,7 +63,7 @@ def test_on_stop_replaces_passing_the_signal_on() -> None:
 def test_join_stops_at_once_and_names_the_port_when_it_is_taken(capsys: pytest.CaptureFixture) -> None:
     cmd = _child("import sys; print('OSError: [Errno 98] Address already in use'); sys.exit(1)")
     started = time.monotonic()
-    rc = cmd_join._run_supernode([*cmd, "--port", "9321"], dict(os.environ), max_restarts=3)
+    rc = supernode_runner.run_supernode([*cmd, "--port", "9321"], dict(os.environ), max_restarts=3)
     err = capsys.readouterr().err
     assert rc == 1 and time.monotonic() - started < 10
     assert "local Runtime API port 9321" in err and "already in use" in err and "Starting it again" not in err
@@ -71,15 +71,15 @@ def test_join_stops_at_once_and_names_the_port_when_it_is_taken(capsys: pytest.C
 
 def test_join_stops_when_the_superlink_refuses_the_key_at_first_start(capsys: pytest.CaptureFixture) -> None:
     cmd = _child("import sys; print('ERROR : Failed to activate SuperNode'); sys.exit(1)")
-    assert cmd_join._run_supernode(cmd, dict(os.environ), max_restarts=3) == 1
+    assert supernode_runner.run_supernode(cmd, dict(os.environ), max_restarts=3) == 1
     err = capsys.readouterr().err
-    assert cmd_join.REFUSED_HINT in err and "Starting it again" not in err
+    assert supernode_runner.REFUSED_HINT in err and "Starting it again" not in err
 
 
 def test_join_starts_a_supernode_that_dropped_again_after_a_pause(capsys: pytest.CaptureFixture) -> None:
     cmd = _child("import sys; print('connection dropped'); sys.exit(1)")
     started = time.monotonic()
-    assert cmd_join._run_supernode(cmd, dict(os.environ), max_restarts=1) == 1
+    assert supernode_runner.run_supernode(cmd, dict(os.environ), max_restarts=1) == 1
     err = capsys.readouterr().err
     assert "Starting it again in 2 s (restart 1 of at most 1" in err
     assert "exited (status 1) 2 times" in err and time.monotonic() - started >= 2
