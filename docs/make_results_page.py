@@ -106,6 +106,12 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
                  headline="patient-level DP at epsilon 3, 9,836 synthetic patients: AUC, cost against no DP"
                  if e == 3 else None)
           for e in (1, 3, 8)],
+        *[Figure(f"the same at epsilon 3 on {label}: cost (95% CI)", name,
+                 (("settings", "epsilon-3", "cost_vs_reference", "mean_cost"),
+                  ("settings", "epsilon-3", "cost_vs_reference", "ci95")), lambda c, i: f"{c:.3f} {ci(i)}")
+          for name, label in (("privacy_scale_curve_consortium.json", "the 700-patient demo consortium"),
+                              ("privacy_scale_curve_paper-2100.json", "2,100 patients, the paper's proportions"),
+                              ("privacy_scale_curve_paper-4900.json", "4,900 patients, the paper's proportions"))],
     ]),
     ("Evaluation replies under DP and the privacy audit", "Sites answer evaluations with DP by default. The RMSE "
      "that the noise adds to an AUC on a held-out 9,836-patient consortium (10 bins, chosen on another "
@@ -137,6 +143,7 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
                              ("llnm-net-federated-K3", "the same, federated across 3 sites"),
                              ("llnm-net-federated-K7", "the same, federated across 7 sites"),
                              ("llnm-net-local-K3", "the same, local-only at 3 sites"),
+                             ("llnm-net-local-K7", "the same, local-only at 7 sites"),
                              ("feature-head-federated-dp-eps3-K3", "feature head, federated, DP epsilon 3"))],
         Figure("UCI DTC: federated (3 sites) minus logistic regression, paired", "real.json",
                (("datasets", "uci-dtc", "paired_differences", "llnm-net-federated-K3 - sklearn-logistic-regression",
@@ -147,7 +154,10 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
                  (("datasets", "ddti", "methods", key, "mean"), ("datasets", "ddti", "methods", key, "ci95")), auc_ci)
           for key, label in (("feature-head-federated-K3", "feature head, federated across 3 sites"),
                              ("feature-head-pooled", "feature head, pooled"),
-                             ("feature-head-local-K3", "feature head, local-only"))],
+                             ("feature-head-local-K3", "feature head, local-only"),
+                             ("tiny-federated-K3", "`tiny` from scratch, federated across 3 sites"),
+                             ("tiny-pooled", "`tiny` from scratch, pooled"),
+                             ("feature-head-federated-dp-eps3-K3", "feature head, federated, DP epsilon 3"))],
     ]),
     ("Explanations", "Integrated gradients and LLNM counts computed at each site of the demo consortium and summed "
      "at the coordinator ([explanations.md](explanations.md)).", [
@@ -159,6 +169,10 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
                "1.6%)", "explain.json",
                (("feature_group_shares", "this_model_paper_groups"),),
                lambda g: " / ".join(f"{g[k]:.1%}" for k in ("location", "morphology", "report", "demographics"))),
+        Figure("the same step on a 2,100-patient consortium: sites' counts / generator / model",
+               "explain-paper-2100.json",
+               (("step_at_2_5mm", "observed_by_sites"), ("step_at_2_5mm", "generator_probability"),
+                ("step_at_2_5mm", "model_mean_probability")), lambda o, g, m: f"{o:+.3f} / {g:+.3f} / {m:+.3f}"),
     ]),
     ("Deployment, faults and scale", "Real processes on loopback: SuperLink, SuperNodes over TLS "
      "([deployment.md](deployment.md), [federation.md](federation.md)).", [
@@ -167,6 +181,12 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
                                    ("secure_vs_plain", "site_train_bytes_ratio")),
                lambda t, b: f"{t:.2f}x time, {b:.2f}x bytes",
                headline="SecAgg+ on a real 7-site TLS deployment: train-phase time against plain"),
+        Figure("SecAgg+ against plain: SuperLink traffic ratio", "deployment.json",
+               (("secure_vs_plain", "superlink_bytes_ratio"),), lambda v: f"{v:.2f}x"),
+        Figure("a SuperLink killed mid-round and resumed, DP off: largest difference from an uninterrupted run's "
+               "final model (largest weight)", "faults.json",
+               (("scenarios", "superlink-killed-dp-off", "final_model_max_abs_difference"),
+                ("scenarios", "superlink-killed-dp-off", "largest_weight")), lambda d, w: f"{d:.1e} ({w:.2f})"),
         Figure("fault scenarios survived / failed; completed rounds lost", "faults.json",
                (("summary", "faults_survived"), ("summary", "faults_failed"), ("summary", "records_lost")),
                lambda ok, bad, lost: f"{len(ok)} / {len(bad)}; {lost} lost"),
@@ -176,12 +196,15 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
         Figure("soak: SuperLink resident memory per round over the second half", "soak.json",
                (("growth", "superlink", "rss_mib_per_round_second_half"),), mib,
                headline="50-round soak with random kills: SuperLink memory growth per round"),
-        Figure("100 simulated sites, 3 rounds of `tiny`: peak memory", "scale.json",
-               (("runs", {"sites": 100}, "peak_memory_gib"),), lambda v: f"{v:.2f} GiB"),
+        Figure("soak: ServerApp resident memory per round over the second half", "soak.json",
+               (("growth", "serverapp", "rss_mib_per_round_second_half"),), mib),
+        *[Figure(f"{n} simulated sites, 3 rounds of `tiny`: peak memory; steady round time", "scale.json",
+                 (("runs", {"sites": n}, "peak_memory_gib"), ("runs", {"sites": n}, "steady_round_seconds")),
+                 lambda v, t: f"{v:.2f} GiB; {t:.1f} s") for n in (7, 25, 50, 100)],
         Figure("float16 update transport: train reply bytes float32 / float16; test AUC difference",
                "transport.json", (("train_reply_bytes", "float32"), ("train_reply_bytes", "float16"),
-                                  ("auc_difference_float16_minus_float32",)),
-               lambda a, b, d: f"{a:,} / {b:,}; {d:+.3f}"),
+                                  ("auc_difference_float16_minus_float32",), ("final_model_max_abs_difference",)),
+               lambda a, b, d, m: f"{a:,} / {b:,}; {d:+.3f} (largest weight difference {m:.1e})"),
     ]),
     ("Machines", "What a site's machine needs: one training step of the paper-size model on the CPU, batch 2 "
      "([model.md](model.md)).", [
