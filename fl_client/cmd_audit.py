@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         if run["privacy"]:
             print("  privacy reported: " + ", ".join(f"{k} {v:g}" for k, v in sorted(run["privacy"].items())))
         for r in run["refusals"]:
-            print(f"  REFUSED ({r['by']}) {r['kind']} round {r['round']} at {r['time']}: {r['reason']}")
+            where = f" round {r['round']}" if r["round"] is not None else ""
+            print(f"  REFUSED ({r['by']}) {r['kind']}{where} at {r['time']}: {r['reason']}")
     if summary["malformed_lines"]:
         print(f"warning: lines {summary['malformed_lines']} of {summary['file']} are not JSON", file=sys.stderr)
     return 0

@@ -77,6 +77,23 @@ def evaluate_site(model_path: str, site_dir: str, *, split: str = "test", thresh
     return result, subset, preds
 
 
+def summary_line(result: dict) -> str:
+    """The headline of an evaluation, for the person who ran it (the JSON holds the rest)."""
+    from shared_model.numbers import finite_or_none
+
+    m = result["metrics"]
+
+    def num(key: str) -> str:
+        v = finite_or_none(m.get(key))
+        return "-" if v is None else f"{v:.3f}"
+
+    ci = f" [{num('auc_ci_low')}, {num('auc_ci_high')}]" if finite_or_none(m.get("auc_ci_low")) is not None else ""
+    model = f"the round-{result['round']} model" if result.get("round") is not None else "the model"
+    return (f"{result['site']}, {result['split']} split, {model}: {m.get('n', 0)} "
+            f"patient(s), {m.get('n_pos', 0)} with LLNM; AUC {num('auc')}{ci}, sensitivity {num('sensitivity')}, "
+            f"specificity {num('specificity')} at threshold {m.get('threshold')}")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         result, subset, preds = evaluate_site(args.model, args.data, split=args.split, threshold=args.threshold,
@@ -95,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n", encoding="utf-8")
+        print(summary_line(result))
         print(f"wrote {args.out}")
     else:
         print(text)

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fl_client.join_plan import (
+    any_free_port,
     floor_flags,
     local_port,
     pasteable_command,
@@ -216,4 +217,5 @@ def run(args: argparse.Namespace) -> int:
         if probe.kind == "down":
             print(f"warning: {text}", file=sys.stderr)
     warn_if_nothing_approved(plan)
-    return run_supernode(cmd, env, max_restarts=args.max_restarts)
+    return run_supernode(cmd, env, max_restarts=args.max_restarts,
+                         repick_port=None if args.clientappio_port else any_free_port)

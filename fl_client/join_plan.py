@@ -15,8 +15,9 @@ from pathlib import Path
 
 from fl_client.settings import DP_FLOOR_KEYS, SiteSettings, render_node_config
 
-__all__ = ["DEFAULT_LOCAL_PORT", "JoinPlan", "PortTaken", "floor_flags", "local_port", "pasteable_command",
-           "plan_join", "site_settings", "supernode_command", "supernode_environment", "warn_if_nothing_approved"]
+__all__ = ["DEFAULT_LOCAL_PORT", "JoinPlan", "PortTaken", "any_free_port", "floor_flags", "local_port",
+           "pasteable_command", "plan_join", "site_settings", "supernode_command", "supernode_environment",
+           "warn_if_nothing_approved"]
 
 
 def floor_flags(args: argparse.Namespace) -> list[str]:
@@ -104,8 +105,6 @@ def _free(port: int) -> bool:
 def local_port(args: argparse.Namespace) -> int:
     """The SuperNode's local Runtime API port: `--clientappio-port`, which must be free, else Flower's 9094 if
     free, else a free one (several SuperNodes on one machine each need their own; chosen once per join)."""
-    import socket
-
     chosen = getattr(args, "_local_port", None)
     if chosen is not None:
         return int(chosen)
@@ -118,13 +117,20 @@ def local_port(args: argparse.Namespace) -> int:
     elif _free(DEFAULT_LOCAL_PORT):
         chosen = DEFAULT_LOCAL_PORT
     else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            chosen = int(s.getsockname()[1])
+        chosen = any_free_port()
         print(f"note: port {DEFAULT_LOCAL_PORT} (the SuperNode's local Runtime API) is taken on this machine, most "
               f"likely by another SuperNode; this one uses {chosen} (--clientappio-port sets it)", file=sys.stderr)
     args._local_port = chosen
     return chosen
+
+
+def any_free_port() -> int:
+    """A port the operating system reports free on loopback now (another program may still take it first)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def site_settings(args: argparse.Namespace, plan: JoinPlan) -> SiteSettings:

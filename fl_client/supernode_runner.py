@@ -1,10 +1,13 @@
 """Keeping a site's SuperNode running: `run_supernode` starts `flower-supernode` under the one process supervisor,
 relays its output, starts it again when it stops without being asked to (the SuperLink restarted, the network
-dropped), and stops with what to do when the SuperLink refuses the site's key or its local port is taken."""
+dropped), moves to another free local port when the one join chose was taken meanwhile (several sites joining
+at once on one machine), and stops with what to do when the SuperLink refuses the site's key or a port the
+operator named is taken."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from fl_client.join_plan import DEFAULT_LOCAL_PORT
 from shared_model.supervisor import Supervisor
@@ -18,13 +21,20 @@ ENDED_HINT = ("the SuperNode kept stopping without being asked to: the SuperLink
               "been revoked; ask the coordinator) or is down. Run `llnm-site join` again once it is back")
 
 
-def run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) -> int:
+#: How often a SuperNode moves on to another free local port before join gives up.
+MAX_PORT_MOVES = 5
+
+
+def run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20,
+                  repick_port: Callable[[], int] | None = None) -> int:
     """Run flower-supernode in the foreground (its output relayed) and keep the site in the federation: when
     the SuperNode stops without being asked to (the SuperLink restarted, the network dropped), start it again
-    after a growing pause, saying why; a refusal of the site's key ends it with what to do. Ctrl-C/SIGTERM are
-    passed on and end it."""
+    after a growing pause, saying why; a refusal of the site's key ends it with what to do. When its local port
+    was taken between join's check and the SuperNode's start, `repick_port` (given when join chose the port,
+    not the operator) names another and it starts again at once. Ctrl-C/SIGTERM are passed on and end it."""
+    cmd = list(cmd)
     with Supervisor() as supervisor:
-        restarts = refusals = 0
+        restarts = refusals = moves = 0
         while True:
             watch = _SupernodeWatch()
             rc = supervisor.run(cmd, env, on_line=watch)
@@ -32,6 +42,13 @@ def run_supernode(cmd: list[str], env: dict[str, str], max_restarts: int = 20) -
                 return 0
             if watch.port_taken:
                 port = cmd[cmd.index("--port") + 1] if "--port" in cmd else str(DEFAULT_LOCAL_PORT)
+                if repick_port is not None and moves < MAX_PORT_MOVES and "--port" in cmd:
+                    moves += 1
+                    cmd[cmd.index("--port") + 1] = str(repick_port())
+                    print(f"[llnm-site] port {port} (the SuperNode's local Runtime API) was taken by another program "
+                          f"after join chose it; starting the SuperNode again on port {cmd[cmd.index('--port') + 1]}",
+                          file=sys.stderr, flush=True)
+                    continue
                 print(f"error: flower-supernode could not open its local Runtime API port {port}: the address is "
                       "already in use (another SuperNode or program on this machine took it). Join again with a "
                       "free --clientappio-port, or without the flag to let join pick one", file=sys.stderr)

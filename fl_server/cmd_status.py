@@ -1,6 +1,7 @@
 """`llnm-server status RUN_DIR`: rounds done, the best round, why a stopped run stopped, which site trained,
 refused or failed in which rounds (and why), the last round's and the final evaluation's per-site metrics, and
-the privacy guarantee."""
+the privacy guarantee. `llnm-server status --provision DIR`: which sites are registered and connected now
+(`fl_server.consortium_status`); with both, the consortium first."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from fl_server.run_dir import RunDirectory
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("run_dir", metavar="RUN_DIR", nargs="?", help="a run directory (`llnm-server run --out`)")
+    p.add_argument("--provision", metavar="DIR", help="the provisioning folder: list the consortium's sites, whether "
+                   "each is registered and connected to the SuperLink now, and the connections it refused")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of text")
 
 
@@ -66,13 +69,33 @@ def participation_from_dicts(sites: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.run_dir is None and args.provision is None:
+        print("error: give a run directory (llnm-server status RUN_DIR), the provisioning folder (llnm-server status "
+              "--provision DIR), or both", file=sys.stderr)
+        return 2
+    consortium = None
+    if args.provision is not None:
+        from fl_server.consortium_status import consortium_lines, consortium_status
+        from shared_model.config import ConfigError
+
+        try:
+            consortium = consortium_status(args.provision)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        if not args.json:
+            print("\n".join(consortium_lines(consortium)))
+    if args.run_dir is None:
+        if args.json:
+            print(json.dumps(consortium, indent=2))
+        return 0
     rd = RunDirectory(args.run_dir)
     if not rd.exists():
         print(f"error: {rd.path}: not a run directory (no config.yaml)", file=sys.stderr)
         return 2
     s = status_dict(rd)
     if args.json:
-        print(json.dumps(s, indent=2))
+        print(json.dumps(s if consortium is None else {**s, "consortium": consortium}, indent=2))
         return 0
     secure = ", secure aggregation" if s["secure_aggregation"] else ""
     best = f"best round {s['best_round']}" if s["best_round"] is not None else "no round evaluated yet"
@@ -112,6 +135,11 @@ def _print_entry(title: str, entry: dict) -> None:
     """A round's (or the final evaluation's) metrics table and its failures."""
     print(title)
     _print_metrics_table(entry)
+    noisy = sorted(name for name, m in entry["sites"].items() if m.get("dp"))
+    if noisy:
+        print(f"  noisy: {', '.join(noisy)} answered with differentially private counts (n too is noisy; the "
+              "pooled row adds them up, and '-' marks a metric the noise left undefined, e.g. a class with no "
+              "patients left); docs/privacy.md, \"Evaluation under the site's control\"")
     for fail in entry.get("failures", []):
         print(f"  failed: {fail['site']} ({fail['phase']}): {fail['reason']}")
 

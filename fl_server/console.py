@@ -3,13 +3,16 @@ round stopped the run (with what can be done next). Text only; the records are `
 
 from __future__ import annotations
 
-import json
+import re
 from typing import Any
 
 from fl_server.records import Failure, RoundRecord
 from shared_model import protocol
 
 __all__ = ["explanation_lines", "quorum_message", "round_line", "site_line"]
+
+#: The app hash in a site's refusal of an app it has not approved (`fl_client.app_gate`).
+_UNAPPROVED_APP = re.compile(r"app ([0-9a-f]{64}) is not approved")
 
 
 def quorum_message(rnd: int, trained: int, min_sites: int, failures: list[Failure], run_path: object) -> str:
@@ -22,11 +25,15 @@ def quorum_message(rnd: int, trained: int, min_sites: int, failures: list[Failur
     refused = sorted({f["site"] for f in failures if str(f.get("reason", "")).startswith(
         (protocol.REFUSAL_MARKER, protocol.POLICY_REFUSAL_MARKER))} - set(unapproved))
     other = sorted({f["site"] for f in failures} - set(refused) - set(unapproved))
-    text = (f"round {rnd}: {trained} site(s) trained, fewer than min_sites={min_sites}; "
-            f"failures: {json.dumps(failures)}.")
+    text = f"round {rnd}: {trained} site(s) trained, fewer than min_sites={min_sites}."
+    listed = [f"{f['site']} ({f['phase']}): {f['reason']}" for f in failures if f["site"] not in unapproved]
+    if listed:
+        text += f" Failures: {'; '.join(listed)}."
     if unapproved:
-        text += (f" {', '.join(unapproved)} have not approved this app yet: once they have (`llnm-site approve "
-                 f"HASH`, the hash `llnm-server app-hash` prints), `llnm-server resume {run_path}` goes on.")
+        apps = sorted({m.group(1) for f in failures if (m := _UNAPPROVED_APP.search(str(f.get("reason", ""))))})
+        text += (f" {', '.join(unapproved)} have not approved this app yet (app {', '.join(apps) or 'unknown'}): "
+                 "once they have (`llnm-site approve HASH`, the hash `llnm-server app-hash` prints), "
+                 f"`llnm-server resume {run_path}` goes on.")
     if refused:
         text += (f" {', '.join(refused)} refused under their own privacy budget or policy (their messages say "
                  "which rule); resuming this run cannot change that: start a new experiment that fits their "

@@ -15,12 +15,13 @@ from rich.table import Table
 _WIDTH = 400
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, indent: int = 0) -> list[str]:
-    """`header` and `rows` as aligned lines: the first column left-aligned, the others right-aligned, two
-    spaces between columns, `indent` spaces before the first."""
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]], *, indent: int = 0,
+                 text_columns: int = 1) -> list[str]:
+    """`header` and `rows` as aligned lines: the first `text_columns` columns left-aligned, the others (numbers)
+    right-aligned, two spaces between columns, `indent` spaces before the first."""
     table = Table(box=None, padding=(0, 0, 0, 2), pad_edge=False, show_edge=False, show_header=True)
     for i, name in enumerate(header):
-        table.add_column(str(name), justify="left" if i == 0 else "right", no_wrap=True)
+        table.add_column(str(name), justify="left" if i < text_columns else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
     out = io.StringIO()

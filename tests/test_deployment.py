@@ -643,6 +643,9 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path,
             small_consortium / "site-c", "--state-dir", tmp / "plain-state", timeout=60)
         rc = run.wait(timeout=1200)
         assert rc == 0, dep.logs()
+        # The coordinator's view of who is connected, while every SuperNode is still up.
+        consortium = {fmt: run_cli(BIN / "llnm-server", "status", "--provision", dep.prov, *flags)
+                      for fmt, flags in (("json", ["--json"]), ("text", []))}
         audits = {s.name: json.loads(run_cli(BIN / "llnm-site", "audit", "--json", "--state-dir",
                                              dep.states / s.name).stdout) for s in dep.sites}
         # One scan per site, two at a time (each decodes its site's images again).
@@ -656,7 +659,7 @@ def secure_run(tmp_path_factory: pytest.TempPathFactory, small_consortium: Path,
     return {"out": out, "names": {s.name for s in dep.sites}, "intruders": intruders, "audits": audits,
             "scans": scans, "sites": dep.sites, "experiment": json.loads((out / "run.json").read_text())["run_uid"],
             "app_sha256": app_bundle["sha256"], "late_log": (tmp / f"{LATE}.log").read_text(),
-            "states": dep.states, "logs": dep.logs()}
+            "states": dep.states, "logs": dep.logs(), "consortium": consortium}
 
 
 @pytest.mark.slow
@@ -704,6 +707,36 @@ def test_intruders_are_refused_and_never_merged(secure_run: dict) -> None:
     assert refused == {(None, False), (REVOKED, True)}, run_info["refused_connections"]
     assert "refused connection: an unregistered key (SHA256:" in status.stdout
     assert f"refused connection: the revoked key of {REVOKED}" in status.stdout
+
+
+def test_the_consortium_status_says_when_the_superlink_is_down_and_who_is_not_registered(tmp_path: Path) -> None:
+    cfg = tmp_path / "consortium.yaml"
+    cfg.write_text(yaml.safe_dump(consortium(["site-a", "site-b"], address=f"127.0.0.1:{free_port()}").model_dump()))
+    assert run_cli(BIN / "llnm-server", "provision", "--config", cfg, "--out", tmp_path / "prov").returncode == 0
+    done = run_cli(BIN / "llnm-server", "status", "--provision", tmp_path / "prov")
+    assert done.returncode == 0, done.stderr
+    assert "2 site(s), 0 registered\n" in done.stdout and "is `llnm-server start` running?" in done.stdout
+    assert done.stdout.count("not registered: waiting for its public key") == 2
+    neither = run_cli(BIN / "llnm-server", "status")
+    assert neither.returncode == 2 and "give a run directory" in neither.stderr
+
+
+@pytest.mark.slow
+def test_the_coordinator_sees_which_sites_are_registered_and_connected(secure_run: dict) -> None:
+    """`llnm-server status --provision DIR` asks the SuperLink which registered nodes are online and names them:
+    the joined sites online, the revoked one revoked, and the refused connections listed."""
+    text, answer = secure_run["consortium"]["text"], secure_run["consortium"]["json"]
+    assert answer.returncode == 0 and text.returncode == 0, answer.stderr + text.stderr
+    status = json.loads(answer.stdout)
+    assert status["superlink_error"] is None
+    for name in secure_run["names"]:
+        assert status["sites"][name]["registered"], status["sites"][name]
+        assert status["sites"][name]["connection"].startswith("online since"), status["sites"][name]
+    assert status["sites"][REVOKED]["connection"].startswith("revoked")
+    assert {r["site"] for r in status["refused_connections"]} == {None, REVOKED}
+    online = len(secure_run["names"]) + 1  # and the spoofer, online under its own registered key
+    assert f"{len(status['sites'])} site(s), {len(status['sites']) - 1} registered, {online} online" in text.stdout
+    assert f"refused connection: the revoked key of {REVOKED}" in text.stdout
 
 
 # A line of flower-superlink 1.42's log for a SuperNode whose key is not registered (copied from a real run).

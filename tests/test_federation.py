@@ -453,3 +453,20 @@ def test_baseline_command_writes_per_site_metrics_and_an_epoch_log(tmp_path: Pat
         assert len(log_lines) == 2 * len(metrics["train"])
         assert all("val AUC" in line for line in log_lines)
         assert f"{'pooled' if mode == 'pooled' else 'local ' + sorted(sites)[0]} epoch 2/2" in res.stderr
+
+
+def test_a_stopped_round_names_each_failure_once_and_the_unapproved_app() -> None:
+    """The quorum message is read by a person: one clause per failure (no JSON), and the sites that have not
+    approved the app named together with the app's hash and what to do."""
+    from fl_server.console import quorum_message
+
+    app = "ce973f3e951d0284e427bca78d9574ff1a287d5c4cf4d565733159155c1cef32"
+    failures = [{"site": s, "node_id": 1, "phase": "train",
+                 "reason": f"site policy: {s} runs only apps it approved; app {app} is not approved. The site can "
+                           f"review it and run `llnm-site approve {app}`"} for s in ("site-b", "site-a")]
+    failures.append({"site": "site-c", "node_id": 2, "phase": "train", "reason": "no reply within 900 s"})
+    text = quorum_message(1, 0, 3, failures, "runs/exp1")
+    assert text.startswith("round 1: 0 site(s) trained, fewer than min_sites=3. Failures: site-c (train): no reply")
+    assert f"site-a, site-b have not approved this app yet (app {app})" in text
+    assert text.count(app) == 1 and "{" not in text
+    assert "Fix site-c and run `llnm-server resume runs/exp1`" in text

@@ -69,6 +69,40 @@ def test_join_stops_at_once_and_names_the_port_when_it_is_taken(capsys: pytest.C
     assert "local Runtime API port 9321" in err and "already in use" in err and "Starting it again" not in err
 
 
+def test_join_moves_to_another_port_when_the_one_it_chose_was_taken_meanwhile(capsys: pytest.CaptureFixture) -> None:
+    """Several sites joining at once on one machine all find 9094 free, and all but one lose it. A port join
+    chose itself is then replaced by a free one at once; the child here binds its --port as flower-supernode
+    does and, once bound, asks the supervisor to stop, as Ctrl-C would."""
+    import socket
+
+    from fl_client.join_plan import any_free_port
+
+    code = ("import os, signal, socket, sys, time\n"
+            "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
+            "s = socket.socket()\n"
+            "try:\n    s.bind(('127.0.0.1', port))\n"
+            "except OSError:\n    print('ERROR: [Errno 98] address already in use', flush=True); sys.exit(1)\n"
+            "print('bound', port, flush=True)\n"
+            "os.kill(os.getppid(), signal.SIGTERM)\n"
+            "time.sleep(30)\n")
+    picked: list[int] = []
+
+    def repick() -> int:
+        picked.append(any_free_port())
+        return picked[-1]
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc = supernode_runner.run_supernode([*_child(code), "--port", str(port)], dict(os.environ), max_restarts=3,
+                                            repick_port=repick)
+        seen = capsys.readouterr()
+    assert rc == 0 and len(picked) == 1 and picked[0] != port
+    assert f"bound {picked[0]}" in seen.out
+    assert f"port {port} (the SuperNode's local Runtime API) was taken" in seen.err and "error:" not in seen.err
+
+
 def test_join_stops_when_the_superlink_refuses_the_key_at_first_start(capsys: pytest.CaptureFixture) -> None:
     cmd = _child("import sys; print('ERROR : Failed to activate SuperNode'); sys.exit(1)")
     assert supernode_runner.run_supernode(cmd, dict(os.environ), max_restarts=3) == 1
