@@ -27,7 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -37,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _messages import object_bytes
 from _provenance import provenance, write_result
 
-from fl_research.loopback import BIN, ROOT, app_hash, free_port, start, stop
+from fl_research.loopback import BIN, ROOT, app_hash, free_port, start, stop, wait_for_port
 
 sys.path.insert(0, str(ROOT))
 
@@ -100,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
                                     "--port", str(port)], tmp / "superlink.log")
-        time.sleep(3)
+        wait_for_port(port, timeout=180)  # a fixed pause loses this race on a busy machine
         for site in sites:
             state = tmp / "state" / site.name
             subprocess.run([str(BIN / "llnm-site"), "approve", bundle_hash, "--state-dir", str(state)], check=True,

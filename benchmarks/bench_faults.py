@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import carry_earlier, provenance, write_result
 
-from fl_research.loopback import BIN, ROOT, app_hash, free_port, round_records, start, stop
+from fl_research.loopback import BIN, ROOT, app_hash, free_port, round_records, start, stop, wait_for_port
 
 
 def wait_until(condition, what: str, timeout: float) -> None:
@@ -135,7 +135,7 @@ def sites_killed(args: argparse.Namespace) -> dict:
     try:
         procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1", "--port",
                                     str(port)], tmp / "superlink.log")
-        time.sleep(3)
+        wait_for_port(port, timeout=180)  # a fixed pause loses this race on a busy machine
         for site in sites:
             join(site, 1)
         procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run),

@@ -36,7 +36,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import provenance, write_result
 
-from fl_research.loopback import BIN, ROOT, app_hash, cmdline, free_port, process_tree, round_records, start, stop
+from fl_research.loopback import (
+    BIN,
+    ROOT,
+    app_hash,
+    cmdline,
+    free_port,
+    process_tree,
+    round_records,
+    start,
+    stop,
+    wait_for_port,
+)
 
 # ---- /proc ------------------------------------------------------------------------------------------------
 
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs["superlink"] = start([str(BIN / "llnm-server"), "start", "--insecure", "--host", "127.0.0.1",
                                     "--port", str(port)], tmp / "superlink.log")
-        time.sleep(3)
+        # A fixed pause lost this race on a busy machine: `run` then found nothing listening and stopped.
+        wait_for_port(port, timeout=180)
         for site in sites:
             join(site)
         procs["run"] = start([str(BIN / "llnm-server"), "run", "--config", str(config), "--out", str(run_dir),
