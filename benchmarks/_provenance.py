@@ -26,14 +26,21 @@ def _git(*args: str) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def _portable(arg: str) -> str:
+    """A path inside the checkout, relative to it (also after `--flag=`): the command reads the same wherever the
+    checkout is, and docs/results.md does not change with it."""
+    flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+    path = Path(value)
+    if path.is_absolute() and (path == ROOT or ROOT in path.parents):
+        value = str(path.relative_to(ROOT)) or "."
+    return f"{flag}{eq}{value}"
+
+
 def provenance(argv: list[str] | None = None) -> dict[str, Any]:
     """The commit (and whether tracked files differed from it), the UTC date, the command and the machine."""
     import torch
 
-    argv = list(sys.argv if argv is None else argv)
-    script = Path(argv[0])
-    if script.is_absolute() and ROOT in script.parents:
-        argv[0] = str(script.relative_to(ROOT))
+    argv = [_portable(a) for a in (sys.argv if argv is None else argv)]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     status = _git("status", "--porcelain", "--untracked-files=no")
     return {

@@ -262,8 +262,9 @@ def command_of(prov: dict[str, Any] | None) -> str:
     if not cmd:
         return "not recorded"
     cmds = cmd if isinstance(cmd, list) else [cmd]
-    # Paths inside the checkout are shown relative to it: the page reads the same on every machine.
-    return "<br>".join(f"`{' '.join(str(c).replace(str(ROOT) + '/', '').split())}`" for c in cmds)
+    # Benchmarks record paths inside the checkout relative to it (benchmarks/_provenance.py), so that the page reads
+    # the same in every checkout; it shows the command as recorded.
+    return "<br>".join(f"`{' '.join(str(c).split())}`" for c in cmds)
 
 
 def labels(doc: dict[str, Any]) -> list[str]:

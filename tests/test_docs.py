@@ -48,6 +48,44 @@ def test_the_results_page_and_the_readmes_table_are_current():
         "the README's results table differs from benchmarks/results: run `make docs` and commit README.md")
 
 
+def test_recorded_commands_name_paths_inside_the_checkout_relative_to_it():
+    """The results page shows each command as recorded, so a recorded path into one machine's checkout would make
+    the page differ in every other checkout (and the test above fail there)."""
+    import json
+    import re
+
+    inside = re.compile(r"/(\.venv|benchmarks|configs|docs|fl_\w+|shared_model)/")
+
+    def commands(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "command":
+                    yield from (value if isinstance(value, list) else [value])
+                else:
+                    yield from commands(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from commands(item)
+
+    bad = [(f.name, c) for f in sorted((ROOT / "benchmarks" / "results").glob("*.json"))
+           for c in commands(json.loads(f.read_text())) if isinstance(c, str)
+           and any(a.startswith("/") and inside.search(a) for a in c.replace("=", " ").split())]
+    assert not bad, bad
+
+
+def test_a_provenance_records_paths_inside_the_checkout_relative_to_it():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _provenance
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    made = _provenance.provenance([str(ROOT / "benchmarks" / "bench_x.py"), "--data", str(ROOT / "data" / "c"),
+                                   f"--out={ROOT / 'benchmarks' / 'results' / 'x.json'}", "/elsewhere/y"])
+    assert made["command"] == "python benchmarks/bench_x.py --data data/c --out=benchmarks/results/x.json /elsewhere/y"
+
+
 def test_a_figure_names_the_run_that_measured_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An entry's own provenance wins; an entry kept from an older run that recorded none gets the file's
     earlier_provenance; a stale file or one measured on its tuning data labels the figure."""
