@@ -126,7 +126,9 @@ def test_a_flower_error_reads_as_what_happened_to_the_site() -> None:
     assert describe_error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom\n  trace") == "error: boom trace"
 
 
-@pytest.mark.slow
+# A real-process fault scenario (make test-faults); `make test` keeps join's restart rule through
+# tests/test_supervisor.py's child processes.
+@pytest.mark.faults
 def test_a_site_comes_back_by_itself_after_the_superlink_restarts(tmp_path, small_consortium) -> None:
     """A real SuperLink (loopback development mode) restarted under a joined site: `llnm-site join` starts its
     SuperNode again, says why, and the new SuperLink sees the site again."""
