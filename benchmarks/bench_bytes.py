@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
                  "upstream_per_site": upstream,
                  "train_reply_carries_only_model_tensors": trainable_only},
         "paper": None if args.no_paper else paper_sizes(),
-        "compression": "none offered yet: updates travel as float32",
+        "compression": {
+            "this_run": exp["federation"].get("update_transport", "float32"),
+            "offered": "federation.update_transport: float16 halves the bytes of every update (refused with secure "
+                       "aggregation); its size and its effect on the model: benchmarks/results/transport.json",
+        },
         "logs": str(tmp),
     }
     write_result(args.result, result, made)
