@@ -22,14 +22,11 @@ import torch
 from PIL import Image
 
 from shared_model.sitedata.cache import build_site_tensors, default_cache_dir
+from shared_model.sitedata.geometry import capsule_distance, capsule_distance_map, location_map, nodule_position
 from shared_model.sitedata.preprocessing import (
     LOCATION_THYROID_VALUE,
     MARGIN_BAND_FLOOR,
     PreprocessConfig,
-    capsule_distance,
-    capsule_distance_map,
-    location_map,
-    nodule_position,
     preprocess_view,
     site_intensity_range,
 )
