@@ -13,9 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
-import stat
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from shared_model.config.inputs import InputsConfig
 from shared_model.sitedata.records import (
@@ -37,6 +35,7 @@ from shared_model.sitedata.records import (
     describe_utf8_error,
     required_columns,
 )
+from shared_model.sitedata.table_paths import TableFiles, parse_paths
 
 
 class _RowChecker:
@@ -105,7 +104,7 @@ def _read_patients(site: Site) -> None:
         return
 
     seen: dict[str, tuple[int, str]] = {}  # patient_id -> (row, split) of its first valid-looking row
-    files = _TableFiles(site.root)
+    files = TableFiles(site.root)
     row = 1
     while True:
         try:
@@ -188,7 +187,7 @@ def _parse_row(
     values: dict[str, str],
     row: int,
     seen: dict[str, tuple[int, str]],
-    files: _TableFiles,
+    files: TableFiles,
     absent: frozenset[str],
 ) -> PatientRecord | None:
     """Judge one row; the record, or None when the row has an error (its problems are then recorded).
@@ -207,7 +206,7 @@ def _parse_row(
     split = _parse_split(values["split"], check)
     _check_unique_patient(patient_id, split, row, seen, check)
     columns = (("report",) if inputs.reports else ()) + (IMAGE_COLUMNS if inputs.images else ())
-    paths = dict.fromkeys(PATH_COLUMNS, None) | _parse_paths(files, values, columns, row, check)
+    paths = dict.fromkeys(PATH_COLUMNS, None) | parse_paths(files, values, columns, row, check)
     if inputs.images:
         views = {view: _parse_view(values, paths, view, check) for view in VIEWS}
     else:
@@ -297,55 +296,6 @@ def _check_unique_patient(
         check.error("patient_id", f"{patient_id} is duplicated (first at row {first_row}); row left out")
 
 
-class _TableFiles:
-    """The files a table lists: where each really is, and which row first listed it.
-
-    A site lists thousands of files in a few folders, and resolving each file's full path costs a system call
-    per path component (this was most of a warm-cache round's data loading). Here each folder is resolved once
-    and each file takes one `lstat`; a file that is itself a symbolic link, is missing or is not a regular file
-    goes the full way (`_inside`, `exists`, `is_file`), so what is accepted and every message are unchanged.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root  # resolved
-        self.first_listed: dict[Path, tuple[int, str]] = {}  # real file -> (row, column) that first listed it
-        self._folders: dict[Path, Path] = {}
-
-    def real_regular_file(self, path: Path) -> Path | None:
-        """`path`'s real location when it is a regular file, not a link, in a folder that resolves inside the
-        site; None when it needs the full checks."""
-        try:
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                return None
-            folder = self._folders.get(path.parent)
-            if folder is None:
-                folder = self._folders[path.parent] = path.parent.resolve()
-        except (OSError, RuntimeError):
-            return None
-        real = folder / path.name
-        return real if real.is_relative_to(self.root) else None
-
-
-def _parse_paths(
-    files: _TableFiles, values: dict[str, str], columns: tuple[str, ...], row: int, check: _RowChecker
-) -> dict[str, Path | None]:
-    """The row's path `columns`, checked; a file listed before (in any row) is warned about."""
-    paths: dict[str, Path | None] = {}
-    for column in columns:
-        found = _parse_path(files, values[column], column, check)
-        paths[column] = found[0] if found else None
-        if found is None:
-            continue
-        # One file listed twice is almost always a copy-paste slip in the table (two patients, one image).
-        first = files.first_listed.setdefault(found[1], (row, column))
-        if first != (row, column):
-            check.warning(
-                column,
-                f"{values[column]!r} is also listed at row {first[0]} ({first[1]}): same file used twice",
-            )
-    return paths
-
-
 def _parse_view(
     values: dict[str, str], paths: dict[str, Path | None], view: str, check: _RowChecker
 ) -> ViewFiles:
@@ -408,51 +358,6 @@ def _parse_spacing(values: dict[str, str], view: str, check: _RowChecker) -> tup
     if pair[0] is None or pair[1] is None:
         return None
     return (pair[0], pair[1])
-
-
-def _parse_path(files: _TableFiles, text: str, column: str, check: _RowChecker) -> tuple[Path, Path] | None:
-    """A table path as (the path in the site folder, its real location), refusing anything that is not a file
-    inside the site folder.
-
-    Absolute paths and `..` escapes are refused before the file system is touched at all; symbolic links are
-    followed only to confirm they stay inside the site.
-    """
-    root = files.root
-    if not text:
-        return None
-    if "\\" in text:
-        check.error(
-            column,
-            f"{text!r} uses backslashes: write paths with forward slashes, relative to the site folder",
-        )
-        return None
-    if PurePosixPath(text).is_absolute() or PureWindowsPath(text).drive:
-        check.error(column, f"{text!r} is an absolute path: paths must be relative to the site folder")
-        return None
-    if "\x00" in text:
-        check.error(column, f"{text!r} contains a NUL character")
-        return None
-    normal = os.path.normpath(text)
-    if normal == ".." or normal.startswith("../"):
-        check.error(column, f"{text!r} leads outside the site folder")
-        return None
-    if normal == ".":
-        check.error(column, f"{text!r} is the site folder itself, not a file")
-        return None
-    path = root / normal
-    real = files.real_regular_file(path)
-    if real is not None:
-        return path, real
-    if not _inside(path, root):
-        check.error(column, f"{text!r} is a symbolic link leading outside the site folder")
-        return None
-    if not path.exists():
-        check.error(column, f"{text!r} does not exist")
-        return None
-    if not path.is_file():
-        check.error(column, f"{text!r} is not a regular file")
-        return None
-    return path, path.resolve()
 
 
 def _to_float(text: str) -> float | None:
