@@ -25,7 +25,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fl_client.join_plan import (
-    any_free_port,
     floor_flags,
     local_port,
     pasteable_command,
@@ -217,5 +216,7 @@ def run(args: argparse.Namespace) -> int:
         if probe.kind == "down":
             print(f"warning: {text}", file=sys.stderr)
     warn_if_nothing_approved(plan)
+    from shared_model.protocol.connection_check import free_local_port
+
     return run_supernode(cmd, env, max_restarts=args.max_restarts,
-                         repick_port=None if args.clientappio_port else any_free_port)
+                         repick_port=None if args.clientappio_port else free_local_port)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fl_client.settings import DP_FLOOR_KEYS, SiteSettings, render_node_config
 
-__all__ = ["DEFAULT_LOCAL_PORT", "JoinPlan", "PortTaken", "any_free_port", "floor_flags", "local_port",
+__all__ = ["DEFAULT_LOCAL_PORT", "JoinPlan", "PortTaken", "floor_flags", "local_port",
            "pasteable_command", "plan_join", "site_settings", "supernode_command", "supernode_environment",
            "warn_if_nothing_approved"]
 
@@ -117,20 +117,14 @@ def local_port(args: argparse.Namespace) -> int:
     elif _free(DEFAULT_LOCAL_PORT):
         chosen = DEFAULT_LOCAL_PORT
     else:
-        chosen = any_free_port()
+        from shared_model.protocol.connection_check import free_local_port
+
+        chosen = free_local_port()
         print(f"note: port {DEFAULT_LOCAL_PORT} (the SuperNode's local Runtime API) is taken on this machine, most "
               f"likely by another SuperNode; this one uses {chosen} (--clientappio-port sets it)", file=sys.stderr)
     args._local_port = chosen
     return chosen
 
-
-def any_free_port() -> int:
-    """A port the operating system reports free on loopback now (another program may still take it first)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def site_settings(args: argparse.Namespace, plan: JoinPlan) -> SiteSettings:

@@ -17,14 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared_model.protocol.connection_check import free_local_port as free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_port(port: int, timeout: float = 60.0) -> None:

@@ -75,7 +75,7 @@ def test_join_moves_to_another_port_when_the_one_it_chose_was_taken_meanwhile(ca
     does and, once bound, asks the supervisor to stop, as Ctrl-C would."""
     import socket
 
-    from fl_client.join_plan import any_free_port
+    from shared_model.protocol.connection_check import free_local_port
 
     code = ("import os, signal, socket, sys, time\n"
             "port = int(sys.argv[sys.argv.index('--port') + 1])\n"
@@ -88,7 +88,7 @@ def test_join_moves_to_another_port_when_the_one_it_chose_was_taken_meanwhile(ca
     picked: list[int] = []
 
     def repick() -> int:
-        picked.append(any_free_port())
+        picked.append(free_local_port())
         return picked[-1]
 
     with socket.socket() as taken:

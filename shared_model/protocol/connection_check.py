@@ -50,6 +50,13 @@ def split_address(address: str) -> tuple[str, int]:
     return host, number
 
 
+def free_local_port() -> int:
+    """A TCP port the operating system reports free on loopback now (another program may still take it first)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def is_loopback(host: str) -> bool:
     """True for localhost and loopback IPs; `0.0.0.0` and every other address are not."""
     if host.lower() == "localhost":
