@@ -8,7 +8,7 @@ import sys
 import time
 
 from .generator import DEFAULT_IMAGE_SIZE, DEFAULT_PATIENTS, generate_consortium
-from .profiles import LAYOUTS, PAPER_PATIENTS
+from .profiles import LAYOUTS, PAPER_PATIENTS, PAPER_SIZED_PROFILES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,16 +28,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--profile",
         choices=sorted(LAYOUTS),
         default="default",
-        help="site-size layout: 'default' (two large development hospitals, five smaller external ones, "
-        "for the demo) or 'paper' (the paper's proportions: the two development hospitals hold 75%% of all "
-        f"patients, the five external ones 25%%; --patients defaults to the paper's {PAPER_PATIENTS:,})",
+        help="'default' (two large development hospitals, five smaller external ones, for the demo), 'paper' "
+        "(the paper's proportions: the two development hospitals hold 75%% of all patients, the five external "
+        "ones 25%%) or 'paper-calibrated' (the paper's proportions, a risk function whose own attribution "
+        "matches the paper's feature shares, and briefer reports); with either paper profile --patients "
+        f"defaults to the paper's {PAPER_PATIENTS:,}",
     )
     parser.add_argument(
         "--patients",
         type=int,
         default=None,
         help=f"TOTAL number of patients over all sites; the layout is scaled to it "
-        f"(default {DEFAULT_PATIENTS}, or {PAPER_PATIENTS} with --profile paper; at least 8 per site)",
+        f"(default {DEFAULT_PATIENTS}, or {PAPER_PATIENTS} with a paper profile; at least 8 per site)",
     )
     parser.add_argument(
         "--seed",
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llnm-synth`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     if args.patients is None:
-        args.patients = PAPER_PATIENTS if args.profile == "paper" else DEFAULT_PATIENTS
+        args.patients = PAPER_PATIENTS if args.profile in PAPER_SIZED_PROFILES else DEFAULT_PATIENTS
     started = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             f"  pooled prevalence {pooled['prevalence']:.3f}; AUC bayes {auc['bayes']} image {auc['image']} "
             f"report {auc['report']} clinical {auc['clinical']}"
         )
+        truth = summary["truth_shares"]["pooled"]["all"]
+        paper = summary["truth_shares"]["paper"]
+        print("  generator's feature-group shares (paper's): "
+              + ", ".join(f"{g} {100 * v:.1f}% ({100 * paper[g]:.1f}%)" for g, v in truth.items()))
     return 0
 
 

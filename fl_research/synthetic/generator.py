@@ -32,15 +32,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from shared_model.evaluation.explanation import PAPER_FEATURE_SHARES
 from shared_model.sitedata.contract import coarse_count
 
 from .profiles import MIN_PATIENTS_PER_SITE, SiteProfile, site_sizes
 from .render import frame_layout
 from .risk_model import (
     CLINICAL_FEATURES,
-    DEFAULT_MODEL,
     FEATURES,
     LONG_VIEW_FEATURES,
+    RISK_MODELS,
     THIRDS,
     TRANS_VIEW_FEATURES,
     RiskModel,
@@ -48,6 +49,14 @@ from .risk_model import (
     label_patients,
     sample_features,
     site_intercept,
+)
+from .truth_attribution import (
+    IG_STEPS,
+    PAPER_GROUP_OF_FEATURE,
+    PAPER_GROUPS,
+    feature_attributions,
+    group_shares,
+    site_intercepts,
 )
 from .variants import MAX_SITES, consortium_profiles, consortium_proportions, patient_prefix
 from .worker import PatientJob, render_patient
@@ -305,24 +314,27 @@ def generate_consortium(
     image_size: int = DEFAULT_IMAGE_SIZE,
     workers: int | None = None,
     overwrite: bool = False,
-    model: RiskModel = DEFAULT_MODEL,
+    model: RiskModel | None = None,
     layout: str = "default",
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic consortium of ``sites`` sites and ``patients`` patients in total; return its summary.
 
-    ``layout`` names the site-size layout (``llnm-synth --profile``): ``default`` or ``paper`` (two
-    development hospitals with 75% of the patients, as in the paper; see ``profiles.LAYOUTS``).
+    ``layout`` names the profile (``llnm-synth --profile``): ``default``, ``paper`` (two development hospitals
+    with 75% of the patients, as in the paper; see ``profiles.LAYOUTS``) or ``paper-calibrated`` (the paper's
+    layout, a risk function whose own attribution matches the paper's feature shares, and briefer reports).
+    ``model`` overrides the profile's risk function (``risk_model.RISK_MODELS``).
     The summary is also written to ``out_dir/consortium.json``, last, so its presence marks a complete
     output. ``workers`` (default: CPU count) only changes speed, never the files.
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     _validate(sites, patients, seed, image_size, workers)
     proportions = consortium_proportions(layout, sites, seed)
+    model = RISK_MODELS[layout] if model is None else model
     out = Path(out_dir)
     _prepare_output(out, overwrite)
     started = time.perf_counter()
-    profiles = consortium_profiles(sites, seed)
+    profiles = consortium_profiles(sites, seed, layout)
     sizes = site_sizes(patients, sites, proportions=proportions)
     tables: list[pd.DataFrame] = []
     jobs: list[PatientJob] = []
@@ -426,10 +438,31 @@ def generate_consortium(
             "effects": _effects(pooled),
         },
     }
+    summary["truth_shares"] = _truth_shares(pooled, {p.name: p for p in profiles}, model)
     summary["bayes_auc"], summary["modality_auc"] = _auc_digest(summary)
     (out / "consortium.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     summary["_wall_seconds"] = round(time.perf_counter() - started, 2)  # returned only, not written
     return summary
+
+
+def _truth_shares(pooled: pd.DataFrame, profiles: dict[str, SiteProfile], model: RiskModel) -> dict[str, Any]:
+    """The generator's own feature-group shares (`truth_attribution`), beside the paper's."""
+    attributions = feature_attributions(pooled, site_intercepts(pooled, profiles, model), model)
+
+    def shares(mask: pd.Series) -> dict[str, float] | None:
+        part = attributions[mask.to_numpy()]
+        return {k: round(v, 4) for k, v in group_shares(part).items()} if len(part) else None
+
+    test = pooled["split"] == "test"
+    return {
+        "method": "integrated gradients of the true LLNM probability from the consortium's mean input "
+        f"({IG_STEPS}-point midpoint rule); a group's share of each patient's total |attribution|, averaged "
+        "over patients",
+        "groups": {g: sorted(f for f, h in PAPER_GROUP_OF_FEATURE.items() if h == g) for g in PAPER_GROUPS},
+        "paper": dict(PAPER_FEATURE_SHARES),
+        "pooled": {"all": shares(pooled["split"].notna()), "test": shares(test)},
+        "sites": {name: shares(pooled["site"] == name) for name in profiles},
+    }
 
 
 def _auc_digest(summary: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

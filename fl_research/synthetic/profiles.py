@@ -8,7 +8,7 @@ DICOM encoding quirks and reporting habits.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 #: Share of the consortium's patients per site. Two large development hospitals and five smaller external
@@ -20,8 +20,23 @@ SITE_PROPORTIONS: tuple[float, ...] = (0.30, 0.22, 0.15, 0.11, 0.09, 0.07, 0.06)
 #: prevalences below the pooled LLNM prevalence comes out near the paper's 52%.
 PAPER_PROPORTIONS: tuple[float, ...] = (0.43, 0.32, 0.07, 0.06, 0.05, 0.04, 0.03)
 
-#: Site-size layouts by ``--profile`` name.
-LAYOUTS: dict[str, tuple[float, ...]] = {"default": SITE_PROPORTIONS, "paper": PAPER_PROPORTIONS}
+#: Site-size layouts by ``--profile`` name. ``paper-calibrated`` has the paper's layout; what else it changes
+#: is its risk function (``risk_model.RISK_MODELS``) and its reports (:data:`REPORT_MENTION_SCALE`).
+LAYOUTS: dict[str, tuple[float, ...]] = {
+    "default": SITE_PROPORTIONS,
+    "paper": PAPER_PROPORTIONS,
+    "paper-calibrated": PAPER_PROPORTIONS,
+}
+
+#: Profiles whose reports say less than the sites' own habits: every finding's mention probability is multiplied
+#: by this factor. Preoperative reports describe a nodule briefly and never measure its distance to the capsule;
+#: halving the mentions keeps the report from restating what the images show, so that a model has to read
+#: morphology and location from the images, as the paper's attribution says LLNM-Net does. The report-only
+#: lymph-node finding is always written when present, whatever the factor.
+REPORT_MENTION_SCALE: dict[str, float] = {"paper-calibrated": 0.5}
+
+#: Profiles whose ``--patients`` defaults to the paper's cohort size.
+PAPER_SIZED_PROFILES: frozenset[str] = frozenset({"paper", "paper-calibrated"})
 
 #: The paper's total number of patients: the default ``--patients`` of ``--profile paper``.
 PAPER_PATIENTS = 39_451
@@ -435,6 +450,16 @@ def site_profiles(n_sites: int) -> tuple[SiteProfile, ...]:
     if not 1 <= n_sites <= len(SITE_PROFILES):
         raise ValueError(f"--sites must be between 1 and {len(SITE_PROFILES)}, got {n_sites}")
     return SITE_PROFILES[:n_sites]
+
+
+def with_mention_scale(profile: SiteProfile, factor: float) -> SiteProfile:
+    """The site as it reports under a profile that mentions findings ``factor`` times as often."""
+    if factor == 1.0:
+        return profile
+    if not 0.0 <= factor <= 1.0:
+        raise ValueError(f"a report mention factor must be within [0, 1], got {factor}")
+    mention = {k: round(v * factor, 6) for k, v in profile.report.mention.items()}
+    return replace(profile, report=replace(profile.report, mention=mention))
 
 
 def layout_proportions(profile: str) -> tuple[float, ...]:

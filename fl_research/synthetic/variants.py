@@ -17,7 +17,7 @@ import dataclasses
 
 import numpy as np
 
-from .profiles import SITE_PROFILES, SiteProfile, layout_proportions
+from .profiles import REPORT_MENTION_SCALE, SITE_PROFILES, SiteProfile, layout_proportions, with_mention_scale
 
 #: Most sites a consortium may have (three-digit site names).
 MAX_SITES = 999
@@ -25,14 +25,16 @@ MAX_SITES = 999
 SIZE_SIGMA = 0.8
 
 
-def consortium_profiles(n_sites: int, seed: int) -> tuple[SiteProfile, ...]:
-    """The ``n_sites`` site profiles: the seven hospitals, then seeded variants of them."""
+def consortium_profiles(n_sites: int, seed: int, profile: str = "default") -> tuple[SiteProfile, ...]:
+    """The ``n_sites`` site profiles: the seven hospitals, then seeded variants of them, as ``--profile``
+    ``profile`` has them report."""
     if not 1 <= n_sites <= MAX_SITES:
         raise ValueError(f"--sites must be between 1 and {MAX_SITES}, got {n_sites}")
     base = SITE_PROFILES[: min(n_sites, len(SITE_PROFILES))]
     extra = tuple(_variant(k, SITE_PROFILES[(k - 1) % len(SITE_PROFILES)], seed)
                   for k in range(len(SITE_PROFILES) + 1, n_sites + 1))
-    return base + extra
+    factor = REPORT_MENTION_SCALE.get(profile, 1.0)
+    return tuple(with_mention_scale(p, factor) for p in base + extra)
 
 
 def consortium_proportions(layout: str, n_sites: int, seed: int) -> tuple[float, ...]:
