@@ -1,9 +1,14 @@
 """Pooled vs federated (FedAvg; optionally local-only and FedProx) training, on several synthetic consortia.
 
-    .venv/bin/python benchmarks/bench_federated.py --seeds 1,2,3 --methods pooled,fedavg
+    .venv/bin/python benchmarks/bench_federated.py --evaluation-seeds 101,102,103 [--tuning-seeds 1,2,3] \
+        --methods pooled,fedavg
 
-Each seed is its own 7-site consortium of `--patients` patients (`llnm-synth --seed S`, generated into
-`--data-pattern` when absent). Every method gets the same number of passes over the data (the config's
+Each seed is its own 7-site consortium of `--patients` patients (`llnm-synth --profile P --seed S`, generated
+into `--data-pattern` when absent). The summary (the headline) is over the evaluation seeds only, which no
+design decision looked at (benchmarks/_seeds.py refuses any other); tuning seeds, on which the schedule was
+chosen, are measured and summarised apart. The JSON records both lists.
+
+Every method gets the same number of passes over the data (the config's
 federation.rounds x train.local_epochs / federation.rounds_per_epoch: the epochs of the pooled and local-only
 baselines), the same model, optimiser, training seed and data, and the same model selection (the epoch or
 evaluated round with the best validation AUC). The summary is the pooled test AUC gap, pooled minus FedAvg,
@@ -33,6 +38,7 @@ BIN = Path(sys.executable).parent
 
 from _provenance import provenance, write_result  # noqa: E402
 from _results import merge_side_by_side  # noqa: E402
+from _seeds import DEFAULT_EVALUATION_SEEDS, check_protocol, parse_seeds  # noqa: E402
 
 
 def model_bytes(exp) -> dict:
@@ -91,18 +97,10 @@ def run_method(method: str, exp, config: Path, data: Path, work: Path, sets: lis
                                          "upload_if_full_model": comm["full_model_bytes"]}}
 
 
-#: The consortium seeds on which the federated schedule was designed (see `summarise`).
-TUNING_SEEDS = (1, 2, 3)
-
-
-def summarise(results: dict) -> None:
+def _gap_summary(by_seed: dict[str, dict]) -> dict:
     """Per seed: pooled minus FedAvg test AUC; their mean, sample standard deviation and range."""
     import statistics
 
-    by_seed: dict[str, dict] = {}
-    for key, entry in sorted(results["runs"].items()):
-        seed, method = key.split("/")
-        by_seed.setdefault(seed, {})[method] = entry
     gaps: dict[str, float] = {}
     for seed, m in by_seed.items():
         if "pooled" in m and "fedavg" in m:
@@ -120,30 +118,35 @@ def summarise(results: dict) -> None:
                     "min_gap": min(values), "max_gap": max(values),
                     "goal": "mean gap <= 0.01 and no seed above 0.03",
                     "goal_met": statistics.fmean(values) <= 0.01 and max(values) <= 0.03}
-    tuned = sorted(int(seed.split("-")[1]) for seed in gaps if int(seed.split("-")[1]) in TUNING_SEEDS)
-    if tuned:
-        # The schedule (federation.rounds_per_epoch and the demo's rounds) was chosen on these consortia's gaps:
-        # a headline from them is measured on its tuning data; the held-out seeds are the others.
-        results["tuning"] = {"tuning_seeds": list(TUNING_SEEDS), "seeds_in_summary": sorted(
-            int(seed.split("-")[1]) for seed in gaps),
-            "what_was_tuned": "federation.rounds_per_epoch and the demo's schedule",
-            "label": "measured on its tuning data" if len(tuned) == len(gaps) else
-            "partly measured on its tuning data (seeds " + ", ".join(map(str, tuned)) + ")"}
-    else:
-        results.pop("tuning", None)
-    results["summary"] = summary
+    return summary
+
+
+def summarise(results: dict) -> None:
+    """The headline over the evaluation seeds, the tuning seeds' summary apart, and the printed table."""
+    by_seed: dict[str, dict] = {}
+    for key, entry in sorted(results["runs"].items()):
+        seed, method = key.split("/")
+        by_seed.setdefault(seed, {})[method] = entry
+    roles = {seed: results["seeds"].get(seed, {}).get("role", "tuning") for seed in by_seed}
+    summary = _gap_summary({s: m for s, m in by_seed.items() if roles[s] == "evaluation"})
+    tuning = _gap_summary({s: m for s, m in by_seed.items() if roles[s] != "evaluation"})
+    results["summary"] = summary | {"seeds_role": "evaluation"}
+    results["tuning"] = (tuning | {"seeds_role": "tuning", "label": "measured on its tuning data"}
+                         if tuning.get("gap_pooled_minus_fedavg") else None)
+    gaps = summary.get("gap_pooled_minus_fedavg", {}) | tuning.get("gap_pooled_minus_fedavg", {})
     shown = [m for m in METHODS if any(m in v for v in by_seed.values())]
-    lines = [f"{'seed':<8}{'bayes':>8}" + "".join(f"{m[:12]:>13}" for m in shown) + f"{'gap':>9}"]
+    lines = [f"{'seed':<10}{'role':<12}{'bayes':>8}" + "".join(f"{m[:12]:>13}" for m in shown) + f"{'gap':>9}"]
     for seed, m in by_seed.items():
-        row = f"{seed:<8}{results['seeds'][seed]['bayes_test_auc']['pooled']:>8.3f}"
+        row = f"{seed:<10}{roles[seed]:<12}{results['seeds'][seed]['bayes_test_auc']['pooled']:>8.3f}"
         for name in shown:
             e = m.get(name)
             row += f"{e['pooled_test_auc']:>13.3f}" if e else f"{'-':>13}"
         row += f"{gaps[seed]:>+9.3f}" if seed in gaps else f"{'-':>9}"
         lines.append(row)
-    if gaps:
-        lines.append(f"mean gap {summary['mean_gap']:+.3f}, sd {summary['sd_gap'] or 0:.3f}, "
-                     f"range {summary['min_gap']:+.3f} to {summary['max_gap']:+.3f}")
+    for name, part in (("evaluation seeds (headline)", summary), ("tuning seeds", tuning)):
+        if part.get("gap_pooled_minus_fedavg"):
+            lines.append(f"{name}: mean gap {part['mean_gap']:+.3f}, sd {part['sd_gap'] or 0:.3f}, "
+                         f"range {part['min_gap']:+.3f} to {part['max_gap']:+.3f}")
     results["table"] = lines
 
 
@@ -152,8 +155,15 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=2100)
-    ap.add_argument("--seeds", default="1,2,3", help="consortium seeds (llnm-synth --seed), comma-separated")
-    ap.add_argument("--data-pattern", default=str(ROOT / "data" / "fed-{patients}-s{seed}"))
+    ap.add_argument("--tuning-seeds", default="",
+                    help="consortium seeds (llnm-synth --seed) the schedule may have been chosen on, comma-separated; "
+                         "summarised apart from the headline")
+    ap.add_argument("--evaluation-seeds", default=",".join(map(str, DEFAULT_EVALUATION_SEEDS)),
+                    help="consortium seeds no design decision looked at: the headline (benchmarks/_seeds.py)")
+    ap.add_argument("--profile", default="default", help="llnm-synth --profile of the consortia")
+    ap.add_argument("--data-pattern", default=str(ROOT / "data" / "fed-{patients}-s{seed}"),
+                    help="where each seed's consortium is; {profile} may be used (default: the default profile's "
+                         "folders; another profile gets data/fed-{profile}-{patients}-s{seed})")
     ap.add_argument("--proximal-mu", type=float, default=0.01)
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -168,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     args = ap.parse_args(argv)
     made = provenance()  # the code as it starts, before anything can change the tree
+    try:
+        tuning = parse_seeds(args.tuning_seeds, "--tuning-seeds")
+        evaluation = parse_seeds(args.evaluation_seeds, "--evaluation-seeds")
+        protocol = check_protocol(tuning, evaluation, minimum=0)
+    except ValueError as exc:
+        print(f"bench_federated: error: {exc}", file=sys.stderr)
+        return 2
+    if args.profile != "default" and args.data_pattern == ap.get_default("data_pattern"):
+        args.data_pattern = str(ROOT / "data" / "fed-{profile}-{patients}-s{seed}")
 
     config = Path(args.config)
     exp = load_config(config, parse_set_options(args.set))
@@ -175,17 +194,18 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"patients": args.patients, "config": str(config.resolve()), "rounds": fed.rounds,
                 "rounds_per_epoch": fed.rounds_per_epoch, "local_epochs": exp.train.local_epochs,
                 "data_epochs": exp.data_epochs(), "eval_every": fed.eval_every, "train_seed": exp.train.seed,
-                "proximal_mu": args.proximal_mu, "set": list(args.set)}
+                "proximal_mu": args.proximal_mu, "set": list(args.set), "profile": args.profile}
     comm = model_bytes(exp)
     entries: dict = {}
     bayes: dict = {}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        data = Path(args.data_pattern.format(patients=args.patients, seed=seed))
+    for seed in tuning + evaluation:
+        data = Path(args.data_pattern.format(patients=args.patients, seed=seed, profile=args.profile))
         if not (data / "consortium.json").is_file():
             subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "7", "--patients",
-                            str(args.patients), "--seed", str(seed)], check=True)
+                            str(args.patients), "--seed", str(seed), "--profile", args.profile], check=True)
         consortium = json.loads((data / "consortium.json").read_text())
-        bayes[f"seed-{seed}"] = {"consortium": str(data), "bayes_test_auc": {
+        bayes[f"seed-{seed}"] = {"consortium": str(data), "role": "tuning" if seed in tuning else "evaluation",
+                                 "bayes_test_auc": {
             name: s["auc"]["test"]["bayes"] for name, s in consortium["sites"].items()}
             | {"pooled": consortium["pooled"]["auc"]["test"]["bayes"]}}
         work = Path(args.work) / f"seed-{seed}" / time.strftime("%Y%m%d-%H%M%S")
@@ -198,10 +218,14 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
 
     out = Path(args.out)
-    results: dict = {"settings": settings, "communication": comm, "runs": entries}
+    results: dict = {"settings": settings, "communication": comm, "runs": entries, "protocol": protocol}
     # Read --out only now, so that invocations running side by side all end up in it.
     previous = merge_side_by_side(out, results, "runs", [], made)
     results["seeds"] = previous.get("seeds", {}) | bayes
+    # the protocol of everything in the file, this invocation's seeds and those kept from earlier ones
+    roles = {int(k.split("-")[1]): v.get("role", "tuning") for k, v in results["seeds"].items()}
+    protocol |= {"tuning_seeds": sorted(s for s, r in roles.items() if r != "evaluation"),
+                 "evaluation_seeds": sorted(s for s, r in roles.items() if r == "evaluation")}
     summarise(results)
     write_result(out, results, made)
     print("\n".join(results["table"]))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _provenance import carry_earlier, provenance, write_result  # noqa: E402
+from _seeds import DEFAULT_EVALUATION_SEEDS  # noqa: E402
 
 
 def _versions() -> dict[str, str]:
@@ -221,11 +222,27 @@ def main(argv: list[str] | None = None) -> int:
                    help="runs per setting, with train.seed = the config's seed + 0, 1, ... (costs are paired by seed)")
     p.add_argument("--step-repeats", type=int, default=3, help="timed repeats of the step-time comparison")
     p.add_argument("--workdir", help="where the run directories go (default: a temporary folder)")
-    p.add_argument("--profile", choices=["demo", "paper"], default="demo",
-                   help="'paper': the paper-scale benchmark on a `llnm-synth --profile paper` consortium (--data), "
-                        "written to benchmarks/results/privacy_paper_scale.json (benchmarks/_privacy_scale.py)")
+    p.add_argument("--profile", choices=["demo", "paper", "heldout"], default="demo",
+                   help="'paper': the paper-scale benchmark on one `llnm-synth --profile paper` consortium (--data), "
+                        "written to benchmarks/results/privacy_paper_scale.json (benchmarks/_privacy_scale.py); "
+                        "'heldout': the same on consortia of --tuning-seeds and --evaluation-seeds, the headline "
+                        "from the evaluation seeds only, written to benchmarks/results/privacy_heldout.json "
+                        "(benchmarks/_privacy_heldout.py)")
+    p.add_argument("--tuning-seeds", default="",
+                   help="heldout: consortium seeds a design may have been chosen on (reported apart)")
+    p.add_argument("--evaluation-seeds", default=",".join(map(str, DEFAULT_EVALUATION_SEEDS)),
+                   help="heldout: consortium seeds no design decision looked at (the headline); "
+                        "benchmarks/_seeds.py refuses any other")
+    p.add_argument("--patients", type=int, default=9836, help="heldout: patients per consortium")
+    p.add_argument("--consortium-profile", default="paper", help="heldout: llnm-synth --profile of the consortia")
+    p.add_argument("--data-pattern", default=str(ROOT / "data" / "{profile}-{patients}-s{seed}"),
+                   help="heldout: where each seed's consortium is (generated when absent)")
+    p.add_argument("--dp-configs", default=str(ROOT / "configs" / "demo-dp.yaml"),
+                   help="heldout: the DP designs, comma-separated config files")
     p.add_argument("--epsilons", default="1,3,8", help="paper profile: patient-level target epsilons of the DP design")
-    p.add_argument("--seeds", type=int, default=3, help="paper profile: runs (noise seeds) per epsilon")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="paper / heldout: runs (noise seeds) per epsilon (default 3 for paper, 1 per consortium "
+                        "for heldout)")
     p.add_argument("--full-config", default=str(ROOT / "configs" / "demo.yaml"),
                    help="paper profile: the full model, a non-private candidate")
     p.add_argument("--dp-config", default=str(ROOT / "configs" / "demo-dp.yaml"),
@@ -235,9 +252,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep the simulations already in --out and only (re)measure the step times")
     args = p.parse_args(argv)
     made = provenance()  # the code as it starts, before anything can change the tree
+    if args.profile == "heldout":
+        from _privacy_heldout import run as run_heldout
+
+        if args.out == p.get_default("out"):
+            args.out = str(ROOT / "benchmarks" / "results" / "privacy_heldout.json")
+        args.seeds = args.seeds or 1
+        try:
+            return run_heldout(args, made)
+        except ValueError as exc:
+            print(f"bench_privacy: error: {exc}", file=sys.stderr)
+            return 2
     if args.profile == "paper":
         from _privacy_scale import run as run_paper_scale
 
+        args.seeds = args.seeds or 3
         if args.out == p.get_default("out"):
             args.out = str(ROOT / "benchmarks" / "results" / "privacy_paper_scale.json")
         return run_paper_scale(args, made)

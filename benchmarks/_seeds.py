@@ -1,0 +1,66 @@
+"""Which synthetic consortia design decisions looked at, and which are kept for evaluation.
+
+A benchmark that compares designs takes ``--tuning-seeds`` (consortia a design may be chosen on; their results are
+reported apart and labelled) and ``--evaluation-seeds`` (consortia whose results are the headline). An evaluation
+seed that any design decision of this project has looked at is refused, naming the decision, so a headline can
+never be measured on its own tuning data. Every result file records both lists.
+
+A seed here is ``llnm-synth --seed``; a consortium is also defined by its profile and size, but the registry is by
+seed alone, the stricter rule: a seed looked at under one profile is not an evaluation seed under another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+#: Consortium seeds that design decisions looked at, with what was decided on them.
+LOOKED_AT: dict[int, str] = {
+    0: "the demo consortium (make demo) and the DP design of configs/demo-dp.yaml (data/paper-9836, seed 0)",
+    1: "the federated schedule (federation.rounds_per_epoch, the demo's rounds) and the model benchmarks",
+    2: "the federated schedule (federation.rounds_per_epoch, the demo's rounds)",
+    3: "the federated schedule (federation.rounds_per_epoch, the demo's rounds)",
+    11: "LLNM-Net's image pathway and schedule on the paper-calibrated profile",
+    12: "LLNM-Net's image pathway and schedule on the paper-calibrated profile",
+    2501: "the measurements issue 27 was filed on (9,836 patients, the model and DP gaps it reports)",
+}
+
+#: The seeds design work may use (a subset of LOOKED_AT) and the seeds kept for evaluation.
+DEFAULT_TUNING_SEEDS: tuple[int, ...] = (11, 12)
+DEFAULT_EVALUATION_SEEDS: tuple[int, ...] = (101, 102, 103)
+
+
+def parse_seeds(text: str, option: str) -> list[int]:
+    """``"1,2,3"`` as a list of distinct non-negative seeds; an error names the option."""
+    seeds: list[int] = []
+    for token in (t.strip() for t in text.split(",")):
+        if not token:
+            continue
+        if not token.isdigit():
+            raise ValueError(f"{option}: {token!r} is not a non-negative integer seed")
+        if int(token) in seeds:
+            raise ValueError(f"{option}: seed {token} is listed twice")
+        seeds.append(int(token))
+    return seeds
+
+
+def check_protocol(tuning: Iterable[int], evaluation: Iterable[int], *, minimum: int = 1) -> dict[str, object]:
+    """The seed protocol of one benchmark run, after refusing evaluation seeds that were looked at.
+
+    Raises ValueError when an evaluation seed is a tuning seed or is in :data:`LOOKED_AT`, or when there are fewer
+    than ``minimum`` evaluation seeds. Returns the record every result file carries.
+    """
+    tuning, evaluation = list(tuning), list(evaluation)
+    both = sorted(set(tuning) & set(evaluation))
+    if both:
+        raise ValueError(f"seed(s) {both} are both tuning and evaluation seeds")
+    seen = {s: LOOKED_AT[s] for s in evaluation if s in LOOKED_AT}
+    if seen:
+        named = "; ".join(f"{s}: {why}" for s, why in sorted(seen.items()))
+        raise ValueError(f"evaluation seed(s) {sorted(seen)} were looked at by design decisions ({named}); "
+                         "choose seeds no decision has seen (benchmarks/_seeds.py)")
+    if len(evaluation) < minimum:
+        raise ValueError(f"at least {minimum} evaluation seed(s) are needed, got {len(evaluation)}")
+    return {"tuning_seeds": tuning, "evaluation_seeds": evaluation,
+            "rule": "the headline is the mean over the evaluation seeds only; no design decision looked at them "
+                    "(benchmarks/_seeds.py lists the seeds that were looked at and why)",
+            "looked_at": {str(s): why for s, why in sorted(LOOKED_AT.items())}}
