@@ -18,9 +18,11 @@ def bench():
         import _privacy_heldout
         import _seeds
         import bench_federated
+        import bench_fidelity
         import bench_privacy
 
-        yield {"seeds": _seeds, "heldout": _privacy_heldout, "federated": bench_federated, "privacy": bench_privacy}
+        yield {"seeds": _seeds, "heldout": _privacy_heldout, "federated": bench_federated, "privacy": bench_privacy,
+               "fidelity": bench_fidelity}
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 
@@ -93,3 +95,27 @@ def test_federated_summary_is_over_evaluation_seeds_and_tuning_seeds_apart(bench
     assert results["tuning"]["gap_pooled_minus_fedavg"] == {"seed-1": 0.1}
     assert results["tuning"]["label"] == "measured on its tuning data"
     assert any("evaluation seeds (headline): mean gap +0.005" in line for line in results["table"])
+
+
+def _fidelity_entry(seed: int, role: str, fraction: float, step_ratio: float, share_gap: float,
+                    image_gap: float) -> dict:
+    shares = {"location": 0.4, "morphology": 0.3, "report": 0.25, "demographics": 0.05}
+    return {"seed": seed, "patients": 2100, "role": role, "image_only": {"gap_to_bound": image_gap},
+            "federated": {"fraction_of_bayes": fraction, "pooled_test_auc": 0.85 * fraction, "bayes_test_auc": 0.85,
+                          "location_step": {"ratio": step_ratio},
+                          "shares": {"max_abs_gap_to_generator": share_gap, "model": shares, "generator": shares}}}
+
+
+def test_fidelity_headline_is_over_evaluation_seeds_and_checks_every_target(bench) -> None:
+    fidelity = bench["fidelity"]
+    runs = {"2100/seed-11": _fidelity_entry(11, "tuning", 0.999, 1.0, 0.0, 0.0),
+            "2100/seed-101": _fidelity_entry(101, "evaluation", 0.99, 0.85, 0.08, 0.004),
+            "2100/seed-102": _fidelity_entry(102, "evaluation", 0.994, 0.75, 0.14, 0.012)}
+    head = fidelity.headline(runs, "evaluation")["2100"]
+    assert head["seeds"] == [101, 102]
+    assert head["fraction_of_bayes"] == pytest.approx(0.992) and head["location_step_ratio"] == pytest.approx(0.8)
+    assert head["met"] == {"fraction_of_bayes": True, "image_gap": True, "location_step_ratio": True,
+                           "shares": False}  # a mean share gap of 0.11 is more than 10 points
+    assert fidelity.headline(runs, "tuning")["2100"]["seeds"] == [11]
+    assert fidelity._verdict(runs["2100/seed-102"]) == {"fraction_of_bayes": True, "image_gap": False,
+                                                         "location_step_ratio": False, "shares": False}
