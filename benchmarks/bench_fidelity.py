@@ -14,9 +14,10 @@ and explanations on. Then, against the generator's truth (which no site or serve
   E[risk | what the images show]) on the same test split;
 * **location step**: the model's mean probability within 2.5 mm of the capsule minus beyond it (the sites'
   aggregates), over the generator's same step on the same test patients (`bench_explain.truth_by_bin`);
-* **feature-group shares**: the model's integrated-gradients shares in the paper's four groups against the
-  generator's own shares on the test split (`consortium.json` `truth_shares`, `fl_research.synthetic.truth_attribution`)
-  and against the paper's.
+* **feature-group shares**: the model's integrated-gradients shares in the paper's four groups, computed by the
+  generator's own definition (`shares_like_generator`: from the consortium's mean input, signed sums per group),
+  against the generator's shares on the test split (`consortium.json` `truth_shares`) and the paper's; the shares
+  the sites sent (their definition: zero baseline, sums of absolute attributions) are recorded beside them.
 
 The targets were fixed before the first run (issue 27, :data:`TARGETS`). The headline per consortium size is the
 mean over the evaluation seeds (benchmarks/_seeds.py refuses a seed a design decision looked at); tuning seeds are
@@ -73,6 +74,38 @@ def _truth_risk(data: Path, ids: np.ndarray) -> np.ndarray:
     return risk.loc[list(ids)].to_numpy(float)
 
 
+def shares_like_generator(exp: Any, rd: Any, rnd: int, sites: list[Path], steps: int = 32) -> dict[str, float]:
+    """The model's feature-group shares on the pooled test patients, by the generator's own definition
+    (`fl_research.synthetic.truth_attribution`): integrated gradients from the consortium's mean input, a group's
+    attribution the signed sum over its inputs, then shares of absolute values, averaged over patients.
+
+    The sites' explanations (which a hospital sends) use the zero baseline and sums of absolute attributions,
+    a definition that depends on no other patient; this one needs the consortium's mean patient, which only a
+    research comparison can use."""
+    import torch
+
+    from fl_client.explain.attribution import group_totals, shares
+    from shared_model.evaluation.explanation import feature_groups, paper_group_of
+    from shared_model.model.architectures import build_model
+    from shared_model.sitedata.model_inputs import load_site_inputs
+
+    model = build_model(exp.architecture())
+    model.load_state_dict(rd.load_checkpoint(rnd))
+    inputs = [load_site_inputs(site, exp.preprocess, exp.architecture(), cache_dir=exp.data.cache_dir)
+              for site in sites]
+    baseline = {key: torch.nanmean(torch.cat([getattr(t, attr).float() for t in inputs]), dim=0, keepdim=True)
+                for key, attr in (("image", "image"), ("text", "text"), ("clinical", "clinical"))}
+    totals = np.concatenate([group_totals(model, t.subset("test"), steps=steps, baseline=baseline,
+                                          signed_groups=True) for t in inputs])
+    per_patient, ok = shares(totals)
+    mean = per_patient[ok].mean(axis=0)
+    four: dict[str, float] = {}
+    for group, value in zip(feature_groups(exp.preprocess.inputs), mean, strict=True):
+        paper = paper_group_of(group, exp.preprocess.inputs)
+        four[paper] = four.get(paper, 0.0) + float(value)
+    return {g: round(v, 4) for g, v in four.items()}
+
+
 def federated(data: Path, config: str, work: Path, sets: list[str], n_boot: int) -> dict[str, Any]:
     """The shipped configuration trained federated, scored against the generator."""
     from bench_explain import recovered_step, truth_by_bin
@@ -102,7 +135,7 @@ def federated(data: Path, config: str, work: Path, sets: list[str], n_boot: int)
     generator_step = truth["step_2_5mm"]["generator_probability"]
     info = json.loads((data / "consortium.json").read_text())
     truth_shares = (info.get("truth_shares") or {}).get("pooled", {}).get("test")
-    model_shares = expl.get("paper_group_shares")
+    model_shares = shares_like_generator(exp, rd, scores["round"], discover_sites(data)) if truth_shares else None
     share_gap = (max(abs(model_shares[g] - truth_shares[g]) for g in truth_shares)
                  if model_shares and truth_shares else None)
     return {
@@ -116,7 +149,10 @@ def federated(data: Path, config: str, work: Path, sets: list[str], n_boot: int)
                           "ratio": round(model_step / generator_step, 4) if model_step is not None else None},
         "shares": {"model": model_shares, "generator": truth_shares, "paper": expl.get("paper_shares"),
                    "max_abs_gap_to_generator": round(share_gap, 4) if share_gap is not None else None,
-                   "model_groups": expl.get("shares")},
+                   "definition": "the generator's: integrated gradients from the consortium's mean input, signed "
+                                 "sums per group (shares_like_generator)",
+                   "sites_sent": {"paper_groups": expl.get("paper_group_shares"), "groups": expl.get("shares"),
+                                  "definition": "the sites' own: zero baseline, sums of absolute attributions"}},
     }
 
 

@@ -131,6 +131,45 @@ def test_rollout_and_gradcam_on_a_tiny_model() -> None:
     assert not cams[0].any() and cams[1:].any()
 
 
+def test_group_totals_by_the_generators_definition_are_complete_signed_group_sums() -> None:
+    """With a baseline and signed groups (the research comparison with the generator) a group's value is the
+    absolute signed sum of its inputs' attributions: never above the sites' sum of absolute attributions, and
+    together at least the probability change from the baseline (completeness); the baseline patient gets
+    nothing."""
+    from fl_client.explain.attribution import group_totals
+    from shared_model.model.configuration import ModelConfig
+    from shared_model.model.modeling import LLNMNet
+    from shared_model.sitedata.tensors import SiteTensors
+
+    torch.manual_seed(1)
+    cfg = ModelConfig.preset("tiny", image_size=32, patch_size=8, text_max_length=6, num_clinical=3, text_dim=16,
+                             dropout=0.0)
+    model = LLNMNet(cfg).eval()
+    n = 6
+    tensors = SiteTensors(site="s", patient_ids=[f"p{i}" for i in range(n)], splits=["test"] * n,
+                          image=torch.rand(n, 2, 3, 32, 32), view_mask=torch.ones(n, 2), text=torch.randn(n, 6, 16),
+                          text_mask=torch.ones(n, 6), clinical=torch.randn(n, 2, 3), clinical_mask=torch.ones(n, 2, 3),
+                          llnm=torch.ones(n), stage=torch.zeros(n, dtype=torch.long))
+    baseline = {"image": tensors.image.mean(0, keepdim=True), "text": tensors.text.mean(0, keepdim=True),
+                "clinical": tensors.clinical.mean(0, keepdim=True)}
+    signed = group_totals(model, tensors, steps=64, baseline=baseline, signed_groups=True)
+    absolute = group_totals(model, tensors, steps=64, baseline=baseline)
+    assert signed.shape == absolute.shape == (n, 3 + 1 + 3)
+    assert (signed <= absolute + 1e-6).all() and (signed < absolute - 1e-6).any()
+    at_base = SiteTensors(site="s", patient_ids=["b"], splits=["test"], image=baseline["image"],
+                          view_mask=torch.ones(1, 2), text=baseline["text"], text_mask=torch.ones(1, 6),
+                          clinical=baseline["clinical"], clinical_mask=torch.ones(1, 2, 3), llnm=torch.ones(1),
+                          stage=torch.zeros(1, dtype=torch.long))
+    assert np.abs(group_totals(model, at_base, steps=8, baseline=baseline, signed_groups=True)).max() < 1e-7
+    # completeness: the signed group sums add up to the change, so their absolute values bound it
+    with torch.no_grad():
+        def prob(t: SiteTensors) -> torch.Tensor:
+            out = model(t.image, t.view_mask, t.text, t.text_mask, t.clinical, t.clinical_mask)
+            return LLNMNet.patient_probability(out, t.view_mask)
+        change = (prob(tensors) - prob(at_base)).abs().numpy()
+    assert (signed.sum(axis=1) >= change - 1e-3).all()
+
+
 # ---- a real site answering a real evaluate message ------------------------------------------------------
 def _values(record: object) -> list[object]:
     out: list[object] = []

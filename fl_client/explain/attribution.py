@@ -27,8 +27,18 @@ def _attributed(model: LLNMNet) -> tuple[str, ...]:
     return names + (("clinical",) if c.num_clinical else ())
 
 
-def group_totals(model: LLNMNet, tensors: SiteTensors, *, steps: int = 32, batch_size: int = 16) -> np.ndarray:
-    """``[N, G]`` absolute attribution per patient and feature group (`explanation.feature_groups` order)."""
+def group_totals(model: LLNMNet, tensors: SiteTensors, *, steps: int = 32, batch_size: int = 16,
+                 baseline: dict[str, torch.Tensor] | None = None, signed_groups: bool = False) -> np.ndarray:
+    """``[N, G]`` absolute attribution per patient and feature group (`explanation.feature_groups` order).
+
+    What a site sends uses the defaults: the zero baseline, which depends on no patient (so one patient's data
+    moves only its own shares, as the noisy explanation's sensitivity assumes), and the sum of the absolute
+    attributions of a group's inputs. A research comparison with the generator's own attribution
+    (`fl_research.synthetic.truth_attribution`) uses its definition instead: ``baseline`` maps ``image``,
+    ``text`` and ``clinical`` to one patient's worth of baseline input (the mean patient), and with
+    ``signed_groups`` a group's attribution is the absolute value of the signed sum over its inputs (its
+    contribution to the probability, by completeness), as the generator attributes a feature.
+    """
     from captum.attr import IntegratedGradients
 
     model.eval()
@@ -50,16 +60,22 @@ def group_totals(model: LLNMNet, tensors: SiteTensors, *, steps: int = 32, batch
                                                      "clinical_mask")}
         inputs = tuple(batch[k] for k in names)
         extra = tuple(batch[k] for k in ("image", "view_mask", "text", "text_mask", "clinical", "clinical_mask"))
-        attr = ig.attribute(inputs, baselines=tuple(torch.zeros_like(x) for x in inputs),
+        bases = tuple(torch.zeros_like(x) if baseline is None else baseline[k].to(x.dtype).expand_as(x)
+                      for k, x in zip(names, inputs, strict=True))
+        attr = ig.attribute(inputs, baselines=bases,
                             additional_forward_args=extra, n_steps=steps, internal_batch_size=batch_size * 4)
         attr = dict(zip(names, attr, strict=True))
+        if not signed_groups:
+            attr = {k: v.abs() for k, v in attr.items()}
         parts: list[torch.Tensor] = []
         if "image" in attr:  # [B, V, 3, S, S] -> one column per channel
-            parts.append(attr["image"].abs().sum(dim=(1, 3, 4)))
+            parts.append(attr["image"].sum(dim=(1, 3, 4)))
         if "text" in attr:  # [B, L, D] -> one column
-            parts.append(attr["text"].abs().sum(dim=(1, 2))[:, None])
+            parts.append(attr["text"].sum(dim=(1, 2))[:, None])
         if "clinical" in attr:  # [B, V, C] -> one column per scalar
-            parts.append(attr["clinical"].abs().sum(dim=1))
+            parts.append(attr["clinical"].sum(dim=1))
+        if signed_groups:
+            parts = [p.abs() for p in parts]
         rows.append(torch.cat(parts, dim=1).detach().double().numpy())
     width = sum(3 if k == "image" else 1 if k == "text" else model.config.num_clinical for k in names)
     return np.concatenate(rows) if rows else np.zeros((0, width))
