@@ -281,7 +281,7 @@ def _population(subset: Any) -> dict[str, Any]:
     """Counts over the evaluated split for the model card: views, thyroid masks, calibrations and reports."""
     extras = getattr(subset, "extras", None)
     if not extras or "location_present" not in extras:
-        return {}  # the feature head's public features carry no per-view files
+        return {}  # public features (feature head, public tokens) carry no per-view files
     present = subset.view_mask > 0.5
     return {
         protocol.POP_VIEWS: [int(x) for x in present.sum(dim=0)],
@@ -303,8 +303,8 @@ def _explanation_withheld(settings: SiteSettings, name: str, run_id: str, server
     model_cfg = protocol.read_schema(config, protocol.MODEL_CONFIG, ModelConfig)
     if not settings.share_explanations:
         return f"{protocol.POLICY_REFUSAL_MARKER}: {SHARE_EXPLANATIONS}=false"
-    if model_cfg.architecture != "llnm-net":
-        return "explanations need the LLNM-Net transformer"
+    if model_cfg.architecture != "llnm-net" or model_cfg.image_features != "maps":
+        return "explanations need the LLNM-Net transformer on the image feature maps"
     total = int(config.get(protocol.TOTAL_ROUNDS, 0))
     if server_round < total:
         return (f"{protocol.POLICY_REFUSAL_MARKER}: the site explains only the run's final model (round {total}), "

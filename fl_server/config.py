@@ -49,9 +49,10 @@ class DataSection(Schema):
 class ModelSection(Schema):
     """The model's architecture: a named `ModelConfig` preset and the fields that change it."""
 
-    # tiny (CPU-sized LLNM-Net), paper (the paper's dimensions) or feature-head (a small head on frozen public
-    # features, what DP-SGD trains well): `ModelConfig.PRESETS`.
-    preset: Literal["tiny", "paper", "feature-head"] = "tiny"
+    # tiny (CPU-sized LLNM-Net), paper (the paper's dimensions), feature-head (a small head on frozen public
+    # features, what DP-SGD trains well) or dp-attention (a narrow LLNM-Net on frozen public tokens, the DP design
+    # that keeps the bidirectional attention): `ModelConfig.PRESETS`.
+    preset: Literal["tiny", "paper", "feature-head", "dp-attention"] = "tiny"
     # `ModelConfig` fields that replace the preset's values; the sizes, pathways and clinical tokens that
     # preprocessing fixes are filled in from the preprocess section unless given here (`architecture()`).
     overrides: dict[str, Any] = Field(default_factory=dict)
@@ -259,7 +260,10 @@ class ExperimentConfig(Schema):
     def architecture(self) -> ModelConfig:
         """The model's architecture: the preset, the overrides, and what preprocessing fixes."""
         overrides = dict(self.model.overrides)
-        overrides.setdefault("image_size", self.preprocess.image_size)
+        chosen = {**ModelConfig.PRESETS.get(self.model.preset, {}), **overrides}
+        # public tokens come on the model's own grid, not the preprocessed image size
+        if chosen.get("image_features") != "public-tokens":
+            overrides.setdefault("image_size", self.preprocess.image_size)
         overrides.setdefault("text_max_length", self.preprocess.text.num_positions)
         # The model holds the trainable top encoder layers; the site cache holds the frozen layers' output.
         overrides.setdefault("text_top_layers", self.preprocess.text.trainable_top_layers)
@@ -298,9 +302,11 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         cfg.architecture().check_inputs(cfg.preprocess.inputs, "model.overrides")
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"{source}: model: {exc}") from None
-    if cfg.evaluation.explain and cfg.architecture().architecture != "llnm-net":
-        raise ConfigError(f"{source}: evaluation.explain: explanations need the LLNM-Net transformer, but "
-                          f"model.preset is {cfg.model.preset!r}; set evaluation.explain: false")
+    if cfg.evaluation.explain and (cfg.architecture().architecture != "llnm-net"
+                                   or cfg.architecture().image_features != "maps"):
+        raise ConfigError(f"{source}: evaluation.explain: explanations need the LLNM-Net transformer on the "
+                          f"image feature maps, but model.preset is {cfg.model.preset!r}; set evaluation.explain: "
+                          "false")
     if cfg.evaluation.explain and not cfg.federation.final_eval_split:
         raise ConfigError(f"{source}: evaluation.explain: the sites explain the model in the final evaluation, "
                           "but federation.final_eval_split is null; set it to val or test")

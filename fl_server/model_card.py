@@ -86,7 +86,7 @@ def model_card_data(rd: RunDirectory, cfg: ExperimentConfig, report: dict[str, A
         text = cfg.preprocess.text
         weights = text.sha256 or _sha256(text.resolved_path() / "model.safetensors")
         encoders["text encoder (model.safetensors)"] = weights
-    if arch.architecture == "feature-head":
+    if arch.architecture == "feature-head" or arch.image_features == "public-tokens":
         from shared_model.model.backbone import BACKBONE_SHA256
 
         encoders["image backbone (EfficientNet-Lite0)"] = BACKBONE_SHA256

@@ -58,8 +58,8 @@ class ImageBackbone(torch.nn.Module):
         self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @torch.no_grad()
-    def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        """[B, 3, S, S] maps in [0, 1] -> [B, IMAGE_DIM] pooled features."""
+    def feature_map(self, maps: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] maps in [0, 1] -> [B, IMAGE_DIM, s, s], the last block's map (s = BACKBONE_INPUT / 32)."""
         x = torch.nn.functional.interpolate(maps, size=(BACKBONE_INPUT, BACKBONE_INPUT), mode="bilinear",
                                             align_corners=False)
         x = (x - self.mean) / self.std
@@ -67,4 +67,18 @@ class ImageBackbone(torch.nn.Module):
         x = net._swish(net._bn0(net._conv_stem(x)))
         for block in net._blocks:
             x = block(x)  # no drop-connect: eval mode, deterministic
-        return x.mean(dim=(2, 3))
+        return x
+
+    @torch.no_grad()
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        """[B, 3, S, S] maps in [0, 1] -> [B, IMAGE_DIM] pooled features."""
+        return self.feature_map(maps).mean(dim=(2, 3))
+
+    @torch.no_grad()
+    def tokens(self, maps: torch.Tensor, grid: int) -> torch.Tensor:
+        """[B, 3, S, S] maps -> [B, IMAGE_DIM, grid, grid]: the last block's map average-pooled to a grid, each
+        cell's vector standardised across its IMAGE_DIM values (a per-image operation, so a patient's tokens
+        depend on that patient alone)."""
+        x = torch.nn.functional.adaptive_avg_pool2d(self.feature_map(maps), grid)
+        centred = x - x.mean(dim=1, keepdim=True)
+        return centred / centred.pow(2).mean(dim=1, keepdim=True).add(1e-12).sqrt()

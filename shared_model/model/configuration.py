@@ -54,6 +54,11 @@ class ModelConfig(Schema):
         feature_hidden: hidden width of the feature head's scalar MLP.
         feature_centring: the feature head's inputs minus the site's mean feature over this split (``val``),
             or ``none`` (`shared_model.sitedata.public_features.PublicFeatures.centred`).
+        image_features: what the image pathway reads: ``maps`` (the three preprocessed feature maps, cut into
+            patches) or ``public-tokens`` (the frozen public EfficientNet-Lite0 feature map of each view pooled to
+            an ``image_size`` x ``image_size`` grid, ``in_channels`` = 320 wide, one token per cell with
+            ``patch_size`` 1; `shared_model.sitedata.public_features`): LLNM-Net's attention over features no
+            site trained, which DP-SGD can afford (the ``dp-attention`` preset).
     """
 
     WHAT: ClassVar[str] = "model config"
@@ -61,6 +66,7 @@ class ModelConfig(Schema):
     architecture: Literal["llnm-net", "feature-head"] = "llnm-net"
     feature_hidden: Int = Field(16, ge=1)
     feature_centring: Literal["val", "none"] = "val"
+    image_features: Literal["maps", "public-tokens"] = "maps"
 
     hidden_size: Int = Field(768, ge=1)
     num_heads: Int = Field(12, ge=1)
@@ -109,6 +115,14 @@ class ModelConfig(Schema):
         # A per-view head of about 900 parameters on frozen public features (EfficientNet-Lite0 ImageNet image
         # features, mean-pooled MiniLM report states, the per-view scalars): what DP-SGD trains well.
         "feature-head": {"architecture": "feature-head", "num_stages": 0},
+        # LLNM-Net itself, narrow, on frozen public tokens: each view's EfficientNet-Lite0 feature map pooled to
+        # 2 x 2 cells (4 image tokens of 320 values), the report's MiniLM segment states and the scalar tokens,
+        # fused by one bidirectional attention block of width 16: 17,649 parameters, every one trained by
+        # DP-SGD: the DP design that keeps the bidirectional attention (docs/privacy.md).
+        "dp-attention": {"image_features": "public-tokens", "in_channels": 320, "image_size": 2, "patch_size": 1,
+                         "hidden_size": 16, "num_heads": 2, "num_bidirectional_layers": 1, "num_self_layers": 0,
+                         "mlp_dim": 32, "head_hidden": 16, "num_stages": 0, "dropout": 0.0,
+                         "attention_dropout": 0.0, "init_std": 0.25},
     }
 
     @model_validator(mode="after")
@@ -119,6 +133,9 @@ class ModelConfig(Schema):
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.image_features == "public-tokens" and (self.architecture != "llnm-net" or self.patch_size != 1):
+            raise ValueError("image_features=public-tokens is LLNM-Net on one token per grid cell: it needs "
+                             f"architecture llnm-net and patch_size 1, got {self.architecture} and {self.patch_size}")
         if self.num_stages == 1:
             raise ValueError("num_stages must be 0 (no stage head) or >= 2, got 1")
         if self.clinical_levels is not None:

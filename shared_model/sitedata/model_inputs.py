@@ -1,6 +1,7 @@
-"""A site's patients as the model's inputs, for either architecture: the site's preprocessed tensors
-(`shared_model.sitedata.cache`) for ``llnm-net``, the frozen public features computed from them
-(`shared_model.sitedata.public_features`) for ``feature-head``; and the dataset over them."""
+"""A site's patients as the model's inputs, for every architecture: the site's preprocessed tensors
+(`shared_model.sitedata.cache`) for ``llnm-net`` on feature maps, the frozen public features computed from them
+(`shared_model.sitedata.public_features`) for ``feature-head`` (pooled) and for ``llnm-net`` on public tokens;
+and the dataset over them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def load_site_inputs(site_dir: str | Path, pre_cfg: PreprocessConfig, model_cfg:
 
         feats = site_public_features(site_dir, pre_cfg, cache_dir=cache_dir, progress=progress)
         return feats.centred(model_cfg.feature_centring) if model_cfg.feature_centring != "none" else feats
+    if model_cfg.image_features == "public-tokens":
+        from shared_model.sitedata.public_features import site_public_features
+
+        return site_public_features(site_dir, pre_cfg, cache_dir=cache_dir, progress=progress,
+                                    token_grid=model_cfg.image_size)
     from shared_model.sitedata.cache import build_site_tensors
 
     return build_site_tensors(site_dir, pre_cfg, cache_dir=cache_dir, progress=progress)

@@ -12,6 +12,12 @@ model"), so under DP a site trains only a small head (`shared_model.model.featur
 * the per-view scalars of the preprocessing (age, sex, shape ratio, echogenicity, capsule distance, size,
   position), unchanged.
 
+With a token grid g (the ``dp-attention`` LLNM-Net, ``ModelConfig.image_features = public-tokens``) the same
+sources are kept as tokens instead of pooled: each view's last-block map average-pooled to g x g cells, each
+cell's 320 values standardised (``image`` [N, 2, IMAGE_DIM, g, g], the layout of a feature map, so LLNM-Net's
+patch embedding with patch size 1 reads one token per cell), and the report's MiniLM segment states as the
+site tensors hold them (``text`` [N, L, D], ``text_mask`` [N, L]).
+
 Features are computed at the site, from its cached site tensors, and cached beside them (never in the site
 folder), keyed by the site tensors' content key, ``PUBLIC_FEATURES_VERSION`` and the backbone's hash, so a
 DP round loads a few megabytes instead of decoding images or running a network.
@@ -129,40 +135,48 @@ class FeatureDataset(Dataset):
         return tuple(t[index] for t in self.tensors)
 
 
-def compute_public_features(tensors: Any, *, backbone: ImageBackbone | None = None,
-                            batch_size: int = 64) -> PublicFeatures:
-    """`PublicFeatures` of a site's `SiteTensors` (the backbone runs on CPU or the tensors' device)."""
+def compute_public_features(tensors: Any, *, backbone: ImageBackbone | None = None, batch_size: int = 64,
+                            token_grid: int | None = None) -> PublicFeatures:
+    """`PublicFeatures` of a site's `SiteTensors` (the backbone runs on CPU or the tensors' device); pooled, or
+    as tokens on a ``token_grid`` x ``token_grid`` grid (module docstring)."""
     backbone = backbone or (ImageBackbone() if tensors.image.shape[-1] > 0 else None)
     n = len(tensors)
     images = tensors.image  # [N, 2, 3, S, S]; S = 0 where the inputs have no images
-    flat = images.reshape(n * images.shape[1], *images.shape[2:])
-    feats = [backbone(flat[i:i + batch_size].float()) for i in range(0, flat.shape[0], batch_size)
+    views = images.shape[1]
+    flat = images.reshape(n * views, *images.shape[2:])
+    shape = (IMAGE_DIM,) if token_grid is None else (IMAGE_DIM, token_grid, token_grid)
+    feats = [backbone(chunk) if token_grid is None else backbone.tokens(chunk, token_grid)
+             for chunk in (flat[i:i + batch_size].float() for i in range(0, flat.shape[0], batch_size))
              if images.shape[-1] > 0]
-    image = (torch.cat(feats) if feats else torch.zeros(flat.shape[0], IMAGE_DIM)).reshape(
-        n, images.shape[1], IMAGE_DIM)
-    image = image * tensors.view_mask.unsqueeze(-1)  # a missing view stays all zero
-    tm = tensors.text_mask.float()
-    count = tm.sum(dim=1, keepdim=True)
-    text = (tensors.text * tm.unsqueeze(-1)).sum(dim=1) / count.clamp(min=1.0)
-    present = (count > 0).float()
+    image = (torch.cat(feats) if feats else torch.zeros(flat.shape[0], *shape)).reshape(n, views, *shape)
+    image = image * tensors.view_mask.reshape(n, views, *([1] * len(shape)))  # a missing view stays all zero
+    if token_grid is None:
+        tm = tensors.text_mask.float()
+        count = tm.sum(dim=1, keepdim=True)
+        text = ((tensors.text * tm.unsqueeze(-1)).sum(dim=1) / count.clamp(min=1.0)).unsqueeze(1)
+        text_mask = (count > 0).float()
+    else:
+        text, text_mask = tensors.text.clone(), tensors.text_mask.clone()
     return PublicFeatures(
         site=tensors.site, patient_ids=list(tensors.patient_ids), splits=list(tensors.splits),
-        image=image.contiguous(), view_mask=tensors.view_mask.clone(), text=text.unsqueeze(1).contiguous(),
-        text_mask=present, clinical=tensors.clinical.clone(), clinical_mask=tensors.clinical_mask.clone(),
+        image=image.contiguous(), view_mask=tensors.view_mask.clone(), text=text.contiguous(),
+        text_mask=text_mask, clinical=tensors.clinical.clone(), clinical_mask=tensors.clinical_mask.clone(),
         llnm=tensors.llnm.clone(), stage=tensors.stage.clone(),
         meta={"site_tensors_key": tensors.meta.get("cache_key"), "version": PUBLIC_FEATURES_VERSION,
-              "backbone_sha256": BACKBONE_SHA256, "backbone_input": BACKBONE_INPUT},
+              "backbone_sha256": BACKBONE_SHA256, "backbone_input": BACKBONE_INPUT, "token_grid": token_grid},
     )
 
 
-def _features_path(cache_root: Path, site_name: str, tensors_key: str) -> Path:
-    digest = hashlib.sha256(f"{tensors_key}|{PUBLIC_FEATURES_VERSION}|{BACKBONE_SHA256}|{BACKBONE_INPUT}".encode()
-                            ).hexdigest()[:16]
+def _features_path(cache_root: Path, site_name: str, tensors_key: str, token_grid: int | None = None) -> Path:
+    key = f"{tensors_key}|{PUBLIC_FEATURES_VERSION}|{BACKBONE_SHA256}|{BACKBONE_INPUT}"
+    if token_grid is not None:  # pooled features keep the key they always had
+        key += f"|tokens{token_grid}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_root / f"{site_name}-public-{digest}.pt"
 
 
 def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_dir: str | Path | None = None,
-                         progress: bool = False) -> PublicFeatures:
+                         progress: bool = False, token_grid: int | None = None) -> PublicFeatures:
     """The site's public features, from the cache when they match its current site tensors, else computed.
 
     Reads no image while the site's cached tensors are valid (`site_cache.cached_content_key`); on a miss it
@@ -173,19 +187,19 @@ def site_public_features(site_dir: str | Path, cfg: PreprocessConfig, *, cache_d
     started = time.perf_counter()
     key, site_name, cache_root = cached_content_key(site_dir, cfg, cache_dir=cache_dir)
     if key is not None:
-        path = _features_path(cache_root, site_name, key)
+        path = _features_path(cache_root, site_name, key, token_grid)
         if path.is_file():
             try:
                 feats = PublicFeatures.load(path)
-                if feats.meta.get("site_tensors_key") == key:
+                if feats.meta.get("site_tensors_key") == key and feats.meta.get("token_grid") == token_grid:
                     logger.info("%s: public features from cache %s (%d patients, %.2f s)", site_name, path,
                                 len(feats), time.perf_counter() - started)
                     return feats
             except Exception as exc:  # a corrupt cache file is rebuilt, never trusted
                 logger.warning("public feature cache %s is unreadable (%s); recomputing", path, exc)
     tensors = build_site_tensors(site_dir, cfg, cache_dir=cache_dir, progress=progress)
-    feats = compute_public_features(tensors)
-    path = _features_path(cache_root, tensors.site, str(tensors.meta["cache_key"]))
+    feats = compute_public_features(tensors, token_grid=token_grid)
+    path = _features_path(cache_root, tensors.site, str(tensors.meta["cache_key"]), token_grid)
     write_cache(path, feats.save, tensors.site)
     logger.info("%s: public features computed for %d patients in %.1f s; cached at %s", tensors.site, len(feats),
                 time.perf_counter() - started, path)
