@@ -583,10 +583,16 @@ def test_one_dp_sgd_step_with_poisson_sampling(top_layers: int) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_per_sample_gradients_are_per_patient_gradients() -> None:
-    """Opacus' grad_sample row i must equal the gradient of patient i's own loss (both views together)."""
+@pytest.mark.parametrize("stem", ["linear", "conv"])
+def test_per_sample_gradients_are_per_patient_gradients(stem: str) -> None:
+    """Opacus' grad_sample row i must equal the gradient of patient i's own loss (both views together), with
+    either patch embedding."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", image_size=32, dropout=0.0)
+    cfg = ModelConfig.preset("tiny", image_size=32, dropout=0.0, patch_stem=stem)
+    if stem == "conv":
+        assert not unsupported_by_opacus(LLNMNet(cfg))
+        with pytest.raises(ValueError, match="patch_stem=conv needs an even patch_size"):
+            ModelConfig.preset("tiny", image_size=63, patch_size=7, patch_stem="conv")
     model = LLNMNet(cfg)
     batch = with_missing(make_batch(cfg, 4, seed=5))
     gsm = GradSampleModule(model, loss_reduction="mean")

@@ -59,6 +59,10 @@ class ModelConfig(Schema):
             an ``image_size`` x ``image_size`` grid, ``in_channels`` = 320 wide, one token per cell with
             ``patch_size`` 1; `shared_model.sitedata.public_features`): LLNM-Net's attention over features no
             site trained, which DP-SGD can afford (the ``dp-attention`` preset).
+        patch_stem: how image patches become tokens: ``linear`` (one patch-size convolution, the paper's ViT
+            embedding) or ``conv`` (`layers.ConvStem`: two 3x3 convolutions of ``stem_width`` and 2 x
+            ``stem_width`` channels ahead of the patches).
+        stem_width: channels of the convolutional stem's first layer.
     """
 
     WHAT: ClassVar[str] = "model config"
@@ -67,6 +71,8 @@ class ModelConfig(Schema):
     feature_hidden: Int = Field(16, ge=1)
     feature_centring: Literal["val", "none"] = "val"
     image_features: Literal["maps", "public-tokens"] = "maps"
+    patch_stem: Literal["linear", "conv"] = "linear"
+    stem_width: Int = Field(16, ge=1)
 
     hidden_size: Int = Field(768, ge=1)
     num_heads: Int = Field(12, ge=1)
@@ -133,6 +139,8 @@ class ModelConfig(Schema):
             raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.patch_stem == "conv" and (self.patch_size < 2 or self.patch_size % 2):
+            raise ValueError(f"patch_stem=conv needs an even patch_size >= 2, got {self.patch_size}")
         if self.image_features == "public-tokens" and (self.architecture != "llnm-net" or self.patch_size != 1):
             raise ValueError("image_features=public-tokens is LLNM-Net on one token per grid cell: it needs "
                              f"architecture llnm-net and patch_size 1, got {self.architecture} and {self.patch_size}")

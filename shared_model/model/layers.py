@@ -18,6 +18,7 @@ from shared_model.model.configuration import ModelConfig
 __all__ = [
     "MLP",
     "BidirectionalBlock",
+    "ConvStem",
     "Head",
     "LearnedPositions",
     "LearnedTokens",
@@ -27,6 +28,28 @@ __all__ = [
     "masked_attention",
 ]
 
+
+
+class ConvStem(nn.Module):
+    """Patch embedding through a small convolutional stem: two 3x3 convolutions (the second with stride 2), then
+    a patch-size / 2 convolution with that stride, giving the same ``[B, H, S/p, S/p]`` tokens as a single
+    patch-size convolution. Why: a linear patch embedding sees each patch's pixels as one flat vector, and a small
+    transformer trained on a few thousand nodules learns little fine texture from it (bright punctate
+    microcalcifications, cystic spaces, an irregular outline); a few convolutions ahead of the patches are the
+    usual remedy (Xiao et al. 2021, "Early convolutions help transformers see better"). Conv2d only, so Opacus
+    has exact per-sample gradients; no normalisation layer (no BatchNorm under DP-SGD)."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, width: int = 16) -> None:
+        super().__init__()
+        if patch_size < 2 or patch_size % 2:
+            raise ValueError(f"the convolutional stem needs an even patch_size >= 2, got {patch_size}")
+        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(width, 2 * width, kernel_size=3, stride=2, padding=1)
+        self.patchify = nn.Conv2d(2 * width, dim, kernel_size=patch_size // 2, stride=patch_size // 2)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.patchify(self.act(self.conv2(self.act(self.conv1(x)))))
 
 
 class LearnedPositions(nn.Module):

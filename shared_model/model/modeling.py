@@ -3,7 +3,8 @@
 Per ultrasound view, the network sees two token streams:
 
 * image: the three feature maps (texture, margin, location map) stacked as channels, cut into patches by a
-  Conv2d, plus learned positions;
+  Conv2d (or, with ``patch_stem: conv``, by a small convolutional stem ahead of the patches), plus learned
+  positions;
 * text: the frozen report encoder's hidden states projected to the model width, plus learned positions,
   followed by one "no report" slot and one token per per-view scalar, each from its own Linear(1, H): the
   paper's four clinical variables (age, sex, shape ratio, echogenicity; its Tokens_T(m+4)) and three
@@ -39,6 +40,7 @@ from shared_model.config import TextEncoderConfig
 from shared_model.model.configuration import ModelConfig
 from shared_model.model.layers import (
     BidirectionalBlock,
+    ConvStem,
     Head,
     LearnedPositions,
     LearnedTokens,
@@ -86,7 +88,8 @@ class LLNMNet(nn.Module):
         # A modality absent by design (ModelConfig.images / reports) gets no module at all: every parameter
         # must take part in the loss (Opacus), and nothing should travel that no site can train.
         if c.images:
-            self.patch_embed = nn.Conv2d(c.in_channels, h, kernel_size=c.patch_size, stride=c.patch_size)
+            self.patch_embed = (ConvStem(c.in_channels, h, c.patch_size, c.stem_width) if c.patch_stem == "conv" else
+                                nn.Conv2d(c.in_channels, h, kernel_size=c.patch_size, stride=c.patch_size))
             self.image_pos = LearnedPositions(c.num_patches, h)
             self.no_image = LearnedTokens(1, h)
             # No parameters: the image tokens after the last bidirectional block pass through it, so that a
