@@ -156,7 +156,7 @@ def run(args: Any, made: dict[str, Any]) -> int:
             "role": "tuning" if seed in tuning else "evaluation"}
         results = {"settings": settings, "protocol": protocol, "per_seed": per_seed,
                    "headline": headline(per_seed, evaluation),
-                   "tuning": headline(per_seed, tuning) if tuning else None}
+                   "tuning_seeds_summary": headline(per_seed, tuning) if tuning else None}
         write_result(out, results, made)
     print(json.dumps(results["headline"], indent=1))
     print(f"[bench] results: {out.resolve()}")

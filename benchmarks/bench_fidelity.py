@@ -275,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     results["protocol"] = protocol | {"tuning_seeds": sorted(s for s, r in roles.items() if r == "tuning"),
                                       "evaluation_seeds": sorted(s for s, r in roles.items() if r == "evaluation")}
     results["headline"] = headline(results["runs"], "evaluation")
-    results["tuning"] = headline(results["runs"], "tuning") or None
+    results["tuning_seeds_summary"] = headline(results["runs"], "tuning") or None
     write_result(args.out, results, made)
-    print(json.dumps({"headline": results["headline"], "tuning": results["tuning"]}, indent=1))
+    print(json.dumps({"headline": results["headline"], "tuning_seeds_summary": results["tuning_seeds_summary"]},
+                     indent=1))
     print(f"wrote {args.out}")
     return 0
 

@@ -83,7 +83,8 @@ def test_federated_summary_is_over_evaluation_seeds_and_tuning_seeds_apart(bench
     def entry(auc: float) -> dict:
         return {"pooled_test_auc": auc}
 
-    results = {"runs": {"seed-1/pooled": entry(0.80), "seed-1/fedavg": entry(0.70),
+    results = {"tuning": {"label": "an older file's"},
+               "runs": {"seed-1/pooled": entry(0.80), "seed-1/fedavg": entry(0.70),
                         "seed-101/pooled": entry(0.80), "seed-101/fedavg": entry(0.79),
                         "seed-102/pooled": entry(0.81), "seed-102/fedavg": entry(0.81)},
                "seeds": {"seed-1": {"role": "tuning", "bayes_test_auc": {"pooled": 0.85}},
@@ -92,8 +93,9 @@ def test_federated_summary_is_over_evaluation_seeds_and_tuning_seeds_apart(bench
     bench["federated"].summarise(results)
     assert results["summary"]["gap_pooled_minus_fedavg"] == {"seed-101": 0.01, "seed-102": 0.0}
     assert results["summary"]["mean_gap"] == pytest.approx(0.005) and results["summary"]["goal_met"] is True
-    assert results["tuning"]["gap_pooled_minus_fedavg"] == {"seed-1": 0.1}
-    assert results["tuning"]["label"] == "measured on its tuning data"
+    assert results["tuning_seeds_summary"]["gap_pooled_minus_fedavg"] == {"seed-1": 0.1}
+    assert results["tuning_seeds_summary"]["label"] == "measured on its tuning data"
+    assert "tuning" not in results  # that block labels a whole file as measured on its tuning data
     assert any("evaluation seeds (headline): mean gap +0.005" in line for line in results["table"])
 
 
