@@ -25,8 +25,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,22 +32,12 @@ from typing import Any
 from _privacy_scale import _config, _ledger_summary, _run
 from _provenance import write_result
 from _scoring import align, auc, paired_difference, score_test_split
-from _seeds import check_protocol, parse_seeds
+from _seeds import check_protocol, consortium_for_seed, parse_seeds
 
 #: The pass rule, fixed before the first held-out run (issue 27): the best DP design at epsilon 3.
 TARGET_EPSILON = 3.0
 MAX_COST_AT_EPSILON_3 = 0.02
 MIN_EVALUATION_SEEDS = 3
-
-
-def _consortium(pattern: str, profile: str, patients: int, seed: int) -> Path:
-    data = Path(pattern.format(profile=profile, patients=patients, seed=seed)).resolve()
-    if not (data / "consortium.json").is_file():
-        print(f"[bench] generating {data} ...", flush=True)
-        subprocess.run([str(Path(sys.executable).parent / "llnm-synth"), "--out", str(data), "--profile", profile,
-                        "--patients", str(patients), "--seed", str(seed), "--quiet",
-                        *(["--overwrite"] if data.exists() else [])], check=True)
-    return data
 
 
 def _one_consortium(args: Any, data: Path, dp_configs: list[str], epsilons: list[float],
@@ -151,7 +139,7 @@ def run(args: Any, made: dict[str, Any]) -> int:
     per_seed: dict[str, Any] = {}
     results: dict[str, Any] = {}
     for seed in tuning + evaluation:
-        data = _consortium(args.data_pattern, args.consortium_profile, args.patients, seed)
+        data = consortium_for_seed(args.data_pattern, args.consortium_profile, args.patients, seed)
         per_seed[f"seed-{seed}"] = _one_consortium(args, data, dp_configs, epsilons, noise_seeds) | {
             "role": "tuning" if seed in tuning else "evaluation"}
         results = {"settings": settings, "protocol": protocol, "per_seed": per_seed,

@@ -11,7 +11,11 @@ seed alone, the stricter rule: a seed looked at under one profile is not an eval
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
 from collections.abc import Iterable
+from pathlib import Path
 
 #: Consortium seeds that design decisions looked at, with what was decided on them.
 LOOKED_AT: dict[int, str] = {
@@ -64,3 +68,36 @@ def check_protocol(tuning: Iterable[int], evaluation: Iterable[int], *, minimum:
             "rule": "the headline is the mean over the evaluation seeds only; no design decision looked at them "
                     "(benchmarks/_seeds.py lists the seeds that were looked at and why)",
             "looked_at": {str(s): why for s, why in sorted(LOOKED_AT.items())}}
+
+
+def add_seed_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tuning-seeds`` and ``--evaluation-seeds``, as every benchmark of this protocol takes them."""
+    parser.add_argument("--tuning-seeds", default="",
+                        help="consortium seeds (llnm-synth --seed) a design may have been chosen on, comma-separated; "
+                             "measured and summarised apart from the headline")
+    parser.add_argument("--evaluation-seeds", default=",".join(map(str, DEFAULT_EVALUATION_SEEDS)),
+                        help="consortium seeds no design decision looked at: the headline (benchmarks/_seeds.py "
+                             "refuses any other)")
+
+
+def seeds_from_arguments(args: argparse.Namespace, program: str,
+                         minimum: int = 0) -> tuple[list[int], list[int], dict[str, object]] | None:
+    """(tuning, evaluation, protocol record) from the parsed arguments; None after printing the reason on stderr."""
+    try:
+        tuning = parse_seeds(args.tuning_seeds, "--tuning-seeds")
+        evaluation = parse_seeds(args.evaluation_seeds, "--evaluation-seeds")
+        return tuning, evaluation, check_protocol(tuning, evaluation, minimum=minimum)
+    except ValueError as exc:
+        print(f"{program}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def consortium_for_seed(pattern: str, profile: str, patients: int, seed: int) -> Path:
+    """The seed's consortium folder (``pattern`` with {profile}, {patients}, {seed}), generated when absent."""
+    data = Path(pattern.format(profile=profile, patients=patients, seed=seed)).resolve()
+    if not (data / "consortium.json").is_file():
+        print(f"[bench] generating {data} ...", flush=True)
+        subprocess.run([str(Path(sys.executable).parent / "llnm-synth"), "--out", str(data), "--sites", "7",
+                        "--profile", profile, "--patients", str(patients), "--seed", str(seed), "--quiet",
+                        *(["--overwrite"] if data.exists() else [])], check=True)
+    return data

@@ -38,7 +38,7 @@ BIN = Path(sys.executable).parent
 
 from _provenance import provenance, write_result  # noqa: E402
 from _results import merge_side_by_side  # noqa: E402
-from _seeds import DEFAULT_EVALUATION_SEEDS, check_protocol, parse_seeds  # noqa: E402
+from _seeds import add_seed_arguments, consortium_for_seed, seeds_from_arguments  # noqa: E402
 
 
 def model_bytes(exp) -> dict:
@@ -158,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=2100)
-    ap.add_argument("--tuning-seeds", default="",
-                    help="consortium seeds (llnm-synth --seed) the schedule may have been chosen on, comma-separated; "
-                         "summarised apart from the headline")
-    ap.add_argument("--evaluation-seeds", default=",".join(map(str, DEFAULT_EVALUATION_SEEDS)),
-                    help="consortium seeds no design decision looked at: the headline (benchmarks/_seeds.py)")
+    add_seed_arguments(ap)
     ap.add_argument("--profile", default="default", help="llnm-synth --profile of the consortia")
     ap.add_argument("--data-pattern", default=str(ROOT / "data" / "fed-{patients}-s{seed}"),
                     help="where each seed's consortium is; {profile} may be used (default: the default profile's "
@@ -181,13 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "federated.json"))
     args = ap.parse_args(argv)
     made = provenance()  # the code as it starts, before anything can change the tree
-    try:
-        tuning = parse_seeds(args.tuning_seeds, "--tuning-seeds")
-        evaluation = parse_seeds(args.evaluation_seeds, "--evaluation-seeds")
-        protocol = check_protocol(tuning, evaluation, minimum=0)
-    except ValueError as exc:
-        print(f"bench_federated: error: {exc}", file=sys.stderr)
+    seeds = seeds_from_arguments(args, "bench_federated")
+    if seeds is None:
         return 2
+    tuning, evaluation, protocol = seeds
     if args.profile != "default" and args.data_pattern == ap.get_default("data_pattern"):
         args.data_pattern = str(ROOT / "data" / "fed-{profile}-{patients}-s{seed}")
 
@@ -202,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     entries: dict = {}
     bayes: dict = {}
     for seed in tuning + evaluation:
-        data = Path(args.data_pattern.format(patients=args.patients, seed=seed, profile=args.profile))
-        if not (data / "consortium.json").is_file():
-            subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--sites", "7", "--patients",
-                            str(args.patients), "--seed", str(seed), "--profile", args.profile], check=True)
+        data = consortium_for_seed(args.data_pattern, args.profile, args.patients, seed)
         consortium = json.loads((data / "consortium.json").read_text())
         bayes[f"seed-{seed}"] = {"consortium": str(data), "role": "tuning" if seed in tuning else "evaluation",
                                  "bayes_test_auc": {

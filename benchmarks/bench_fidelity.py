@@ -47,21 +47,11 @@ BIN = Path(sys.executable).parent
 from _provenance import provenance, write_result  # noqa: E402
 from _results import merge_side_by_side  # noqa: E402
 from _scoring import auc, paired_difference, score_test_split  # noqa: E402
-from _seeds import DEFAULT_EVALUATION_SEEDS, check_protocol, parse_seeds  # noqa: E402
+from _seeds import add_seed_arguments, consortium_for_seed, seeds_from_arguments  # noqa: E402
 
 #: Fixed before the first run: what "learns what the data holds" means (issue 27).
 TARGETS = {"fraction_of_bayes_min": 0.99, "image_gap_max": 0.01, "location_step_ratio_min": 0.8,
            "share_gap_max": 0.10}
-
-
-def _consortium(pattern: str, profile: str, patients: int, seed: int) -> Path:
-    data = Path(pattern.format(profile=profile, patients=patients, seed=seed)).resolve()
-    if not (data / "consortium.json").is_file():
-        print(f"[bench] generating {data} ...", flush=True)
-        subprocess.run([str(BIN / "llnm-synth"), "--out", str(data), "--profile", profile, "--patients",
-                        str(patients), "--seed", str(seed), "--quiet", *(["--overwrite"] if data.exists() else [])],
-                       check=True)
-    return data
 
 
 def _truth_risk(data: Path, ids: np.ndarray) -> np.ndarray:
@@ -228,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--patients", type=int, default=2100)
     ap.add_argument("--profile", default="paper-calibrated", help="llnm-synth --profile of the consortia")
-    ap.add_argument("--tuning-seeds", default="", help="seeds a design may have been chosen on (reported apart)")
-    ap.add_argument("--evaluation-seeds", default=",".join(map(str, DEFAULT_EVALUATION_SEEDS)),
-                    help="seeds no design decision looked at: the headline (benchmarks/_seeds.py)")
+    add_seed_arguments(ap)
     ap.add_argument("--data-pattern", default=str(ROOT / "data" / "fid-{profile}-{patients}-s{seed}"))
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -242,16 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_fidelity.json"))
     args = ap.parse_args(argv)
     made = provenance()  # the code as it starts, before anything can change the tree
-    try:
-        tuning = parse_seeds(args.tuning_seeds, "--tuning-seeds")
-        evaluation = parse_seeds(args.evaluation_seeds, "--evaluation-seeds")
-        protocol = check_protocol(tuning, evaluation, minimum=0)
-    except ValueError as exc:
-        print(f"bench_fidelity: error: {exc}", file=sys.stderr)
+    seeds = seeds_from_arguments(args, "bench_fidelity")
+    if seeds is None:
         return 2
+    tuning, evaluation, protocol = seeds
     runs: dict[str, Any] = {}
     for seed in tuning + evaluation:
-        data = _consortium(args.data_pattern, args.profile, args.patients, seed)
+        data = consortium_for_seed(args.data_pattern, args.profile, args.patients, seed)
         work = Path(args.work) / f"{args.patients}-s{seed}" / time.strftime("%Y%m%d-%H%M%S")
         work.mkdir(parents=True, exist_ok=True)
         print(f"[bench] {data.name}: federated {Path(args.config).name} ...", flush=True)
