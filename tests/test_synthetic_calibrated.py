@@ -82,17 +82,25 @@ def test_calibrated_risk_function_keeps_the_paper_location_findings() -> None:
 
 
 def _tables_and_reports_digest(out: Path) -> str:
+    """sha256 over the patients tables, the reports and the truth (features, labels, splits, geometry), leaving
+    out the Monte Carlo modality bounds (`best_*`), whose last printed digit could depend on the machine's
+    floating-point summation order rather than on the generator."""
     digest = hashlib.sha256()
     for path in sorted(out.rglob("*")):
-        if path.is_file() and path.suffix in (".csv", ".txt"):
-            digest.update(path.relative_to(out).as_posix().encode())
+        if not path.is_file() or path.suffix not in (".csv", ".txt"):
+            continue
+        digest.update(path.relative_to(out).as_posix().encode())
+        if path.parent.name == "truth":
+            table = pd.read_csv(path, dtype=str, keep_default_na=False)
+            digest.update(table.drop(columns=[c for c in table if c.startswith("best_")]).to_csv(index=False).encode())
+        else:
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 @pytest.mark.parametrize(("profile", "expected"), [
-    ("default", "d1ec1c0700726bf65e7bbd63d94aafba831a6366efdce31a8482178c51f35659"),
-    ("paper", "4aa7b162bc21b28af434d27f80da5eb74185413f70bc57e5688b9a18505b3dc8"),
+    ("default", "3a1ccd3e9598438294a72f806334f8654642dfc475aa56fd57cbce1cb3497225"),
+    ("paper", "3353d3da338a945746a55ca4ccec16c97218efecc52674e69b233a2efef4c038"),
 ])
 def test_older_profiles_still_write_the_same_patients_truth_and_reports(tmp_path: Path, profile: str,
                                                                          expected: str) -> None:
