@@ -120,8 +120,8 @@ class FederationSection(Schema):
     rounds: int = Field(default=10, ge=1, le=10000)
     # Rounds per pass over the data: with k > 1 each round trains every site on one of k disjoint parts of its
     # training split (a new partition every k rounds), so k rounds make train.local_epochs epochs. Averaging
-    # more often at the same compute is what brought FedAvg level with pooled training
-    # (benchmarks/results/federated.json). Not with patient-level DP-SGD.
+    # more often at the same compute brings FedAvg closer to pooled training (the held-out gap is in
+    # benchmarks/results/federated.json). Not with patient-level DP-SGD.
     rounds_per_epoch: int = Field(default=1, ge=1, le=64)
     # Quorum: a round starts once this many sites are connected, and the run stops (resumable) when fewer
     # reply to a round.
