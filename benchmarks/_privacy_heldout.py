@@ -32,7 +32,7 @@ from typing import Any
 from _privacy_scale import _config, _ledger_summary, _run
 from _provenance import write_result
 from _scoring import align, auc, paired_difference, score_test_split
-from _seeds import check_protocol, consortium_for_seed, parse_seeds
+from _seeds import consortium_for_seed, seeds_from_arguments
 
 #: The pass rule, fixed before the first held-out run (issue 27): the best DP design at epsilon 3.
 TARGET_EPSILON = 3.0
@@ -124,9 +124,10 @@ def run(args: Any, made: dict[str, Any]) -> int:
     from shared_model.environment import use_offline_environment
 
     use_offline_environment()
-    tuning = parse_seeds(args.tuning_seeds, "--tuning-seeds")
-    evaluation = parse_seeds(args.evaluation_seeds, "--evaluation-seeds")
-    protocol = check_protocol(tuning, evaluation)
+    seeds = seeds_from_arguments(args, "bench_privacy", minimum=1)
+    if seeds is None:
+        return 2
+    tuning, evaluation, protocol = seeds
     if len(evaluation) < MIN_EVALUATION_SEEDS:
         print(f"[bench] note: {len(evaluation)} evaluation seed(s); the headline needs {MIN_EVALUATION_SEEDS}",
               flush=True)

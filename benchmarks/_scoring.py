@@ -14,8 +14,10 @@ from typing import Any
 import numpy as np
 
 
-def score_test_split(exp: Any, rd: Any, metrics: dict[str, Any], sites: list[Path]) -> dict[str, Any]:
-    """Per-patient test scores of the run's selected model at every site (ids are site/patient_id)."""
+def score_test_split(exp: Any, rd: Any, metrics: dict[str, Any], sites: list[Path],
+                     inputs: list[Any] | None = None) -> dict[str, Any]:
+    """Per-patient test scores of the run's selected model at every site (ids are site/patient_id); ``inputs``
+    are the sites' `load_site_inputs`, in the order of ``sites``, when the caller has them already."""
     from shared_model.model.architectures import build_model
     from shared_model.model.training import predict
     from shared_model.sitedata.model_inputs import load_site_inputs, make_dataset
@@ -24,8 +26,11 @@ def score_test_split(exp: Any, rd: Any, metrics: dict[str, Any], sites: list[Pat
     model = build_model(exp.architecture())
     model.load_state_dict(rd.load_checkpoint(rnd))
     ids, ys, ss = [], [], []
-    for site in sites:
-        test = load_site_inputs(site, exp.preprocess, exp.architecture(), cache_dir=exp.data.cache_dir).subset("test")
+    if inputs is None:
+        inputs = [load_site_inputs(site, exp.preprocess, exp.architecture(), cache_dir=exp.data.cache_dir)
+                  for site in sites]
+    for site, site_inputs in zip(sites, inputs, strict=True):
+        test = site_inputs.subset("test")
         preds = predict(model, make_dataset(test), device="cpu")
         keep = preds["llnm"] >= 0
         ids += [f"{site.name}/{pid}" for pid, k in zip(test.patient_ids, keep, strict=True) if k]

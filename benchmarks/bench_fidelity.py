@@ -64,25 +64,22 @@ def _truth_risk(data: Path, ids: np.ndarray) -> np.ndarray:
     return risk.loc[list(ids)].to_numpy(float)
 
 
-def shares_like_generator(exp: Any, rd: Any, rnd: int, sites: list[Path], steps: int = 32) -> dict[str, float]:
+def shares_like_generator(exp: Any, rd: Any, rnd: int, inputs: list[Any], steps: int = 32) -> dict[str, float]:
     """The model's feature-group shares on the pooled test patients, by the generator's own definition
     (`fl_research.synthetic.truth_attribution`): integrated gradients from the consortium's mean input, a group's
     attribution the signed sum over its inputs, then shares of absolute values, averaged over patients.
 
     The sites' explanations (which a hospital sends) use the zero baseline and sums of absolute attributions,
     a definition that depends on no other patient; this one needs the consortium's mean patient, which only a
-    research comparison can use."""
+    research comparison can use. ``inputs`` are every site's `load_site_inputs`."""
     import torch
 
     from fl_client.explain.attribution import group_totals, shares
     from shared_model.evaluation.explanation import feature_groups, paper_group_of
     from shared_model.model.architectures import build_model
-    from shared_model.sitedata.model_inputs import load_site_inputs
 
     model = build_model(exp.architecture())
     model.load_state_dict(rd.load_checkpoint(rnd))
-    inputs = [load_site_inputs(site, exp.preprocess, exp.architecture(), cache_dir=exp.data.cache_dir)
-              for site in sites]
     baseline = {key: torch.nanmean(torch.cat([getattr(t, attr).float() for t in inputs]), dim=0, keepdim=True)
                 for key, attr in (("image", "image"), ("text", "text"), ("clinical", "clinical"))}
     totals = np.concatenate([group_totals(model, t.subset("test"), steps=steps, baseline=baseline,
@@ -102,6 +99,7 @@ def federated(data: Path, config: str, work: Path, sets: list[str], n_boot: int)
 
     from fl_research.simulation import discover_sites
     from fl_server.run_dir import RunDirectory
+    from shared_model.sitedata.model_inputs import load_site_inputs
 
     out = work / "federated"
     cmd = [str(BIN / "llnm-server"), "simulate", "--config", config, "--data", str(data), "--out", str(out),
@@ -114,7 +112,10 @@ def federated(data: Path, config: str, work: Path, sets: list[str], n_boot: int)
     rd = RunDirectory(out)
     metrics = json.loads(rd.metrics_path.read_text())
     exp = rd.load_config()
-    scores = score_test_split(exp, rd, metrics, discover_sites(data))
+    sites = discover_sites(data)
+    inputs = [load_site_inputs(site, exp.preprocess, exp.architecture(), cache_dir=exp.data.cache_dir)
+              for site in sites]  # once, for the scores and the shares
+    scores = score_test_split(exp, rd, metrics, sites, inputs)
     risk = _truth_risk(data, scores["ids"])
     model_auc, bayes_auc = auc(scores["y"], scores["score"]), auc(scores["y"], risk)
     gap = paired_difference(scores["y"], risk, [scores["score"]], n_boot)
@@ -125,7 +126,7 @@ def federated(data: Path, config: str, work: Path, sets: list[str], n_boot: int)
     generator_step = truth["step_2_5mm"]["generator_probability"]
     info = json.loads((data / "consortium.json").read_text())
     truth_shares = (info.get("truth_shares") or {}).get("pooled", {}).get("test")
-    model_shares = shares_like_generator(exp, rd, scores["round"], discover_sites(data)) if truth_shares else None
+    model_shares = shares_like_generator(exp, rd, scores["round"], inputs) if truth_shares else None
     share_gap = (max(abs(model_shares[g] - truth_shares[g]) for g in truth_shares)
                  if model_shares and truth_shares else None)
     return {

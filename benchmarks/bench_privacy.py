@@ -258,11 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out == p.get_default("out"):
             args.out = str(ROOT / "benchmarks" / "results" / "privacy_heldout.json")
         args.seeds = args.seeds or 1
-        try:
-            return run_heldout(args, made)
-        except ValueError as exc:
-            print(f"bench_privacy: error: {exc}", file=sys.stderr)
-            return 2
+        return run_heldout(args, made)
     if args.profile == "paper":
         from _privacy_scale import run as run_paper_scale
 

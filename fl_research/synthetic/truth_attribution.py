@@ -162,5 +162,6 @@ def group_shares(attributions: pd.DataFrame, groups: Mapping[str, str] = PAPER_G
 
 
 def site_intercepts(patients: pd.DataFrame, profiles: Mapping[str, SiteProfile], model: RiskModel) -> np.ndarray:
-    """Each patient's site intercept, from a ``site`` column naming its profile."""
-    return np.array([site_intercept(profiles[s], model) for s in patients["site"]])
+    """Each patient's site intercept, from a ``site`` column naming its profile (one solve per site)."""
+    by_site = {name: site_intercept(profiles[name], model) for name in patients["site"].unique()}
+    return patients["site"].map(by_site).to_numpy(float)
