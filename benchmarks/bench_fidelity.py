@@ -19,6 +19,12 @@ and explanations on. Then, against the generator's truth (which no site or serve
   against the generator's shares on the test split (`consortium.json` `truth_shares`) and the paper's; the shares
   the sites sent (their definition: zero baseline, sums of absolute attributions) are recorded beside them.
 
+Beside them, what the training split can teach at all (`_findings_oracle`): a well-specified additive model handed
+the generator's own findings, fitted on the same training patients (``findings_oracle``: its fraction of Bayes and
+image gap, site-agnostic and site-aware), and the same reader's fraction of Bayes against consortium size on the
+patients llnm-synth would draw (``oracle_curve``, `--curve-sizes`). A model that falls as far short of the Bayes
+AUC as this reader is limited by its data, not by how it reads the images.
+
 The targets were fixed before the first run (issue 27, :data:`TARGETS`). The headline per consortium size is the
 mean over the evaluation seeds (benchmarks/_seeds.py refuses a seed a design decision looked at); tuning seeds are
 reported apart. Results of several invocations (sizes, seeds) with the same settings are merged into
@@ -44,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 BIN = Path(sys.executable).parent
 
+from _findings_oracle import findings_oracle, learning_curve  # noqa: E402
 from _provenance import provenance, write_result  # noqa: E402
 from _results import merge_side_by_side  # noqa: E402
 from _scoring import auc, paired_difference, score_test_split  # noqa: E402
@@ -201,6 +208,12 @@ def headline(runs: dict[str, dict[str, Any]], role: str) -> dict[str, Any]:
                "pooled_test_auc": mean([f["pooled_test_auc"] for f in fed]),
                "bayes_test_auc": mean([f["bayes_test_auc"] for f in fed]),
                "image_gap_to_bound": mean([(e.get("image_only") or {}).get("gap_to_bound") for e in entries]),
+               "oracle_fraction_of_bayes": mean([(e.get("findings_oracle") or {}).get("all", {})
+                                                 .get("fraction_of_bayes") for e in entries]),
+               "oracle_site_aware_fraction_of_bayes": mean([(e.get("findings_oracle") or {}).get("all+site", {})
+                                                            .get("fraction_of_bayes") for e in entries]),
+               "oracle_image_gap_to_bound": mean([(e.get("findings_oracle") or {}).get("image", {})
+                                                  .get("gap_to_bound") for e in entries]),
                "location_step_ratio": mean([f["location_step"]["ratio"] for f in fed]),
                "share_gap_to_generator": mean([f["shares"]["max_abs_gap_to_generator"] for f in fed]),
                "model_shares": {g: mean([(f["shares"]["model"] or {}).get(g) for f in fed])
@@ -227,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-image-only", action="store_true", help="no image-only baseline")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the image-only pooled baseline")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--curve-sizes", default="2100,4200,9836,39451",
+                    help="consortium sizes of the findings reader's learning curve (empty: none)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-fidelity"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_fidelity.json"))
     args = ap.parse_args(argv)
@@ -247,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_image_only:
             print(f"[bench] {data.name}: image-only pooled baseline ...", flush=True)
             entry["image_only"] = image_only(data, args.config, args.set, args.threads)
+        entry["findings_oracle"] = findings_oracle(data)
         entry["met"] = _verdict(entry)
         runs[f"{args.patients}/seed-{seed}"] = entry
         fed = entry["federated"]
@@ -260,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     roles = {e["seed"]: e["role"] for e in results["runs"].values()}
     results["protocol"] = protocol | {"tuning_seeds": sorted(s for s, r in roles.items() if r == "tuning"),
                                       "evaluation_seeds": sorted(s for s, r in roles.items() if r == "evaluation")}
+    sizes = [int(v) for v in args.curve_sizes.split(",") if v.strip()]
+    if sizes and evaluation:
+        results["oracle_curve"] = {"profile": args.profile, "seeds": evaluation,
+                                   "sizes": learning_curve(sizes, evaluation, args.profile)}
     results["headline"] = headline(results["runs"], "evaluation")
     results["tuning_seeds_summary"] = headline(results["runs"], "tuning") or None
     write_result(args.out, results, made)

@@ -339,6 +339,39 @@ def test_loss_weights_views_patients_and_labels() -> None:
     assert int(parts["staged"]) == 3
 
 
+def test_logit_fusion_trains_the_views_together() -> None:
+    """view_fusion "logit": the patient's logit is the mean of the present views' logits, the loss is its BCE (and
+    the stage CE of the mean stage logits), and the probability is its sigmoid; a missing view takes no part."""
+    from shared_model.model.loss import patient_probability, patient_stage_probability
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 9.0], [1.0, 3.0]], requires_grad=True)
+    stage_logits = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 3.0]]] * 3, requires_grad=True)
+    view_mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    llnm, stage = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([2, -1, -1])
+    fused = ModelOutput(logits, stage_logits, view_fusion="logit")
+    loss, parts = llnm_loss(fused, llnm, stage, view_mask, stage_weight=0.5)
+
+    def bce(x: float, y: float) -> float:
+        return math.log1p(math.exp(-x)) if y else math.log1p(math.exp(x))
+
+    mean_stage = torch.tensor([0.5, 0.0, 1.5])
+    ce = float(-torch.log_softmax(mean_stage, 0)[2])
+    expected = (bce(0.5, 1) + bce(0.5, 0) + bce(1.0, 1) + 0.5 * ce) / 3
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    assert parts["bce"].item() == pytest.approx((bce(0.5, 1) + bce(0.5, 0) + bce(1.0, 1)) / 3, rel=1e-5)
+    loss.backward()
+    assert logits.grad[1, 1] == 0 and logits.grad[2, 1] == 0
+    # Trained together: both views of patient 0 get the same gradient, that of their shared logit.
+    assert logits.grad[0, 0] == pytest.approx(logits.grad[0, 1].item())
+    prob = patient_probability(fused, view_mask)
+    assert prob.tolist() == pytest.approx([1 / (1 + math.exp(-0.5)), 1 / (1 + math.exp(-0.5)),
+                                           1 / (1 + math.exp(-1.0))], rel=1e-6)
+    averaged = patient_probability(ModelOutput(logits, stage_logits), view_mask)
+    assert averaged[0].item() == pytest.approx((1 / (1 + math.exp(-2)) + 1 / (1 + math.exp(1))) / 2, rel=1e-6)
+    stage_prob = patient_stage_probability(fused, view_mask)
+    assert stage_prob[0].tolist() == pytest.approx(torch.softmax(mean_stage, 0).tolist(), rel=1e-6)
+
+
 def test_select_device() -> None:
     assert select_device("cpu") == torch.device("cpu")
     assert select_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -583,14 +616,18 @@ def test_one_dp_sgd_step_with_poisson_sampling(top_layers: int) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("stem", ["linear", "conv"])
-def test_per_sample_gradients_are_per_patient_gradients(stem: str) -> None:
+@pytest.mark.parametrize(("stem", "scalars", "fusion"), [("linear", "linear", "probability"),
+                                                         ("conv", "linear", "probability"),
+                                                         ("linear", "mlp", "logit")])
+def test_per_sample_gradients_are_per_patient_gradients(stem: str, scalars: str, fusion: str) -> None:
     """Opacus' grad_sample row i must equal the gradient of patient i's own loss (both views together), with
-    either patch embedding."""
+    either patch embedding, either scalar embedding and either view fusion."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", image_size=32, dropout=0.0, patch_stem=stem)
-    if stem == "conv":
+    cfg = ModelConfig.preset("tiny", image_size=32, dropout=0.0, patch_stem=stem, scalar_embedding=scalars,
+                             view_fusion=fusion)
+    if stem == "conv" or scalars == "mlp":
         assert not unsupported_by_opacus(LLNMNet(cfg))
+    if stem == "conv":
         with pytest.raises(ValueError, match="patch_stem=conv needs an even patch_size"):
             ModelConfig.preset("tiny", image_size=63, patch_size=7, patch_stem="conv")
     model = LLNMNet(cfg)

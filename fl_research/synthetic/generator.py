@@ -305,6 +305,30 @@ def _validate(sites: int, patients: int, seed: int, image_size: int, workers: in
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
 
 
+def draw_patients(
+    *, sites: int, patients: int, seed: int, model: RiskModel, layout: str
+) -> tuple[list[SiteProfile], list[pd.DataFrame]]:
+    """Every site's patients before anything is rendered: features, label and stage, split, and which of the
+    report and the two views exist (`generate_consortium`'s draw, exactly; images and reports come after)."""
+    proportions = consortium_proportions(layout, sites, seed)
+    profiles = consortium_profiles(sites, seed, layout)
+    sizes = site_sizes(patients, sites, proportions=proportions)
+    tables: list[pd.DataFrame] = []
+    for si, (profile, n) in enumerate(zip(profiles, sizes, strict=True)):
+        rng = np.random.default_rng([seed, si, 0])
+        df = label_patients(sample_features(n, profile, rng, model), profile, rng, model)
+        prefix = patient_prefix(profile)
+        df.insert(0, "patient_id", [f"{prefix}{i + 1:05d}" for i in range(n)])
+        df["split"] = stratified_splits(df["llnm"].to_numpy(), rng)
+        df["has_report"] = rng.random(n) >= profile.missing_report_prob
+        missing_view = rng.random(n) < profile.missing_view_prob
+        which = rng.integers(0, 2, n)
+        df["has_trans"] = ~(missing_view & (which == 0))
+        df["has_long"] = ~(missing_view & (which == 1))
+        tables.append(df)
+    return profiles, tables
+
+
 def generate_consortium(
     out_dir: str | os.PathLike[str],
     *,
@@ -329,26 +353,13 @@ def generate_consortium(
     """
     workers = (os.cpu_count() or 1) if workers is None else workers
     _validate(sites, patients, seed, image_size, workers)
-    proportions = consortium_proportions(layout, sites, seed)
     model = RISK_MODELS[layout] if model is None else model
     out = Path(out_dir)
     _prepare_output(out, overwrite)
     started = time.perf_counter()
-    profiles = consortium_profiles(sites, seed, layout)
-    sizes = site_sizes(patients, sites, proportions=proportions)
-    tables: list[pd.DataFrame] = []
+    profiles, tables = draw_patients(sites=sites, patients=patients, seed=seed, model=model, layout=layout)
     jobs: list[PatientJob] = []
-    for si, (profile, n) in enumerate(zip(profiles, sizes, strict=True)):
-        rng = np.random.default_rng([seed, si, 0])
-        df = label_patients(sample_features(n, profile, rng, model), profile, rng, model)
-        prefix = patient_prefix(profile)
-        df.insert(0, "patient_id", [f"{prefix}{i + 1:05d}" for i in range(n)])
-        df["split"] = stratified_splits(df["llnm"].to_numpy(), rng)
-        df["has_report"] = rng.random(n) >= profile.missing_report_prob
-        missing_view = rng.random(n) < profile.missing_view_prob
-        which = rng.integers(0, 2, n)
-        df["has_trans"] = ~(missing_view & (which == 0))
-        df["has_long"] = ~(missing_view & (which == 1))
+    for si, (profile, df) in enumerate(zip(profiles, tables, strict=True)):
         site_dir = out / profile.name
         for sub in ("images", "masks", "reports"):
             (site_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -369,7 +380,6 @@ def generate_consortium(
                     bool(row["has_long"]),
                 )
             )
-        tables.append(df)
 
     rendered = {r["patient_id"]: r for r in _run_jobs(jobs, workers, progress)}
     (out / "truth").mkdir(exist_ok=True)
@@ -418,7 +428,7 @@ def generate_consortium(
         },
         "patients_note": "patients is the total over all sites, spread by site_proportions (min "
         f"{MIN_PATIENTS_PER_SITE} per site)",
-        "site_proportions": list(proportions[:sites]),
+        "site_proportions": list(consortium_proportions(layout, sites, seed)[:sites]),
         "risk_model": model.to_dict(),
         "modalities": {
             "image": sorted(TRANS_VIEW_FEATURES | LONG_VIEW_FEATURES),

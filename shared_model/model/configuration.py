@@ -63,6 +63,14 @@ class ModelConfig(Schema):
             embedding) or ``conv`` (`layers.ConvStem`: two 3x3 convolutions of ``stem_width`` and 2 x
             ``stem_width`` channels ahead of the patches).
         stem_width: channels of the convolutional stem's first layer.
+        scalar_embedding: how a numeric scalar becomes its token: ``linear`` (``Linear(1, H)``) or ``mlp``
+            (`layers.ScalarEmbedding`: a learned curve per number, ``scalar_width`` hidden units); categorical
+            tokens are always a ``Linear(k, H)`` of their one-hot code.
+        scalar_width: hidden units of each numeric scalar's MLP embedding.
+        view_fusion: how the two views make the patient's prediction: ``probability`` (the paper's: each view
+            trained to predict alone, the probabilities averaged) or ``logit`` (the views' logits averaged and
+            trained together, so that what only one view shows adds to what only the other shows;
+            `shared_model.model.loss`).
     """
 
     WHAT: ClassVar[str] = "model config"
@@ -73,6 +81,9 @@ class ModelConfig(Schema):
     image_features: Literal["maps", "public-tokens"] = "maps"
     patch_stem: Literal["linear", "conv"] = "linear"
     stem_width: Int = Field(16, ge=1)
+    scalar_embedding: Literal["linear", "mlp"] = "linear"
+    scalar_width: Int = Field(16, ge=1)
+    view_fusion: Literal["probability", "logit"] = "probability"
 
     hidden_size: Int = Field(768, ge=1)
     num_heads: Int = Field(12, ge=1)

@@ -78,4 +78,4 @@ class FeatureHeadNet(nn.Module):
                      for j, k in enumerate(self.levels)]
             scal = torch.cat([*parts, mask], dim=-1)  # [B, 2, width]
             logits = logits + self.scalar_out(torch.tanh(self.scalar_in(scal))).squeeze(-1)
-        return ModelOutput(llnm_logits=logits, stage_logits=None)
+        return ModelOutput(llnm_logits=logits, stage_logits=None, view_fusion=self.config.view_fusion)

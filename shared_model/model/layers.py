@@ -22,6 +22,7 @@ __all__ = [
     "Head",
     "LearnedPositions",
     "LearnedTokens",
+    "ScalarEmbedding",
     "SelfAttentionBlock",
     "TextTopLayers",
     "attention_probabilities",
@@ -50,6 +51,26 @@ class ConvStem(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.patchify(self.act(self.conv2(self.act(self.conv1(x)))))
+
+
+class ScalarEmbedding(nn.Module):
+    """One number to one token through a small MLP: ``Linear(1, width) -> GELU -> Linear(width, dim)``.
+
+    Why: a ``Linear(1, H)`` token is ``value * w + b``, a point on a line, and every non-linear response to the
+    number (the capsule distance's risk falls steeply within the first 2.5 mm, then flattens) must be built by the
+    attention and MLP blocks downstream, which a small model trained on a few thousand patients does poorly. An
+    MLP per scalar gives each number its own learned curve ahead of the fusion (Gorishniy et al. 2022, "On
+    embeddings for numerical features in tabular deep learning"). Linear layers only, so Opacus has exact
+    per-sample gradients."""
+
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.expand = nn.Linear(1, width)
+        self.project = nn.Linear(width, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(self.act(self.expand(x)))
 
 
 class LearnedPositions(nn.Module):

@@ -1,7 +1,17 @@
 """The LLNM-Net training loss, and which views stand for a patient (shared by the loss and the model's score).
 
 `llnm_loss` is the per-patient loss Opacus needs (``loss_reduction="mean"`` over the batch, every parameter kept in
-the graph); `view_weights` says which views a patient's loss and probability average over.
+the graph); `view_weights` says which views a patient's loss and probability average over, and
+`patient_probability` / `patient_stage_probability` make the patient's prediction from the views'.
+
+How views combine (``ModelOutput.view_fusion``, set from ``ModelConfig.view_fusion``):
+
+* ``probability`` (the paper's per-orientation average): every view is trained on its own to predict the label and
+  the patient's probability is the mean of the views' probabilities. Each view then learns what it alone shows,
+  and the mean of two such predictions is not the prediction from both: a transverse view shows the capsule
+  distance, a longitudinal one the lobe third, and averaging their probabilities dilutes each.
+* ``logit``: the patient's logit is the mean of the views' logits, and the loss is on it, so the views are trained
+  together and their evidence adds up on the log-odds scale, as independent findings do.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from torch import Tensor
 
 from shared_model.model.outputs import ModelOutput
 
-__all__ = ["llnm_loss", "view_weights"]
+__all__ = ["llnm_loss", "patient_probability", "patient_stage_probability", "view_weights"]
 
 
 def view_weights(view_mask: Tensor) -> Tensor:
@@ -30,6 +40,31 @@ def view_weights(view_mask: Tensor) -> Tensor:
     return torch.where(none, first, w)
 
 
+def _normalised_weights(view_mask: Tensor, device: torch.device) -> Tensor:
+    w = view_weights(view_mask).to(device)
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def patient_probability(out: ModelOutput, view_mask: Tensor) -> Tensor:
+    """Patient LLNM probability ``[B]`` over the present views (view 0 if none), fused as ``out.view_fusion`` says."""
+    logits = out.llnm_logits.float()
+    w = _normalised_weights(view_mask, logits.device)
+    if out.view_fusion == "logit":
+        return torch.sigmoid((logits * w).sum(dim=1))
+    return (torch.sigmoid(logits) * w).sum(dim=1)
+
+
+def patient_stage_probability(out: ModelOutput, view_mask: Tensor) -> Tensor | None:
+    """Patient risk-stage probabilities ``[B, num_stages]`` (None without the head), fused like the LLNM score."""
+    if out.stage_logits is None:
+        return None
+    logits = out.stage_logits.float()
+    w = _normalised_weights(view_mask, logits.device).unsqueeze(-1)
+    if out.view_fusion == "logit":
+        return torch.softmax((logits * w).sum(dim=1), dim=-1)
+    return (torch.softmax(logits, dim=-1) * w).sum(dim=1)
+
+
 def llnm_loss(
     out: ModelOutput,
     llnm: Tensor,
@@ -40,9 +75,10 @@ def llnm_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-patient loss averaged over the batch.
 
-    Patient i's loss is ``bce_i + stage_weight * ce_i``: the BCE-with-logits of each view averaged over the
-    patient's present views (the paper's per-orientation average), counted only if ``llnm_i >= 0``, and the
-    stage cross-entropy, likewise view-averaged, counted only if ``stage_i >= 0``.
+    Patient i's loss is ``bce_i + stage_weight * ce_i``, counted only if ``llnm_i >= 0`` (``stage_i >= 0``). With
+    ``out.view_fusion == "probability"`` they are the BCE-with-logits and the stage cross-entropy of each view,
+    averaged over the patient's present views (the paper's per-orientation average); with ``"logit"`` they are
+    the BCE and cross-entropy of the patient's fused logits (the mean of the present views' logits).
 
     ``normalize="batch"`` (default) divides the sum by B, the number of patients in the batch: this is the
     ``loss_reduction="mean"`` Opacus assumes, so each per-sample gradient is exactly the gradient of that
@@ -64,13 +100,17 @@ def llnm_loss(
         raise ValueError(
             f"llnm and stage must be [B] = [{b}], got {list(llnm.shape)} and {list(stage.shape)}"
         )
-    w = view_weights(view_mask).to(logits.device)
-    w = w / w.sum(dim=1, keepdim=True)
+    w = _normalised_weights(view_mask, logits.device)
+    fused = out.view_fusion == "logit"
 
     labelled = llnm >= 0
     target = torch.where(labelled, llnm.float(), torch.zeros_like(llnm, dtype=torch.float32))
-    bce_view = F.binary_cross_entropy_with_logits(logits, target[:, None].expand_as(logits), reduction="none")
-    bce = (bce_view * w).sum(dim=1) * labelled.float()
+    if fused:
+        bce = F.binary_cross_entropy_with_logits((logits * w).sum(dim=1), target, reduction="none")
+    else:
+        bce_view = F.binary_cross_entropy_with_logits(logits, target[:, None].expand_as(logits), reduction="none")
+        bce = (bce_view * w).sum(dim=1)
+    bce = bce * labelled.float()
     per_patient = bce
     keep_in_graph = 0.0 * logits.sum()
 
@@ -80,12 +120,16 @@ def llnm_loss(
         s_logits = out.stage_logits.float()
         k = s_logits.shape[-1]
         s_target = torch.where(staged, stage, torch.zeros_like(stage)).long()
-        ce_view = F.cross_entropy(
-            s_logits.reshape(-1, k),
-            s_target[:, None].expand(b, s_logits.shape[1]).reshape(-1),
-            reduction="none",
-        ).view(b, s_logits.shape[1])
-        ce = (ce_view * w).sum(dim=1) * staged.float()
+        if fused:
+            ce = F.cross_entropy((s_logits * w.unsqueeze(-1)).sum(dim=1), s_target, reduction="none")
+        else:
+            ce_view = F.cross_entropy(
+                s_logits.reshape(-1, k),
+                s_target[:, None].expand(b, s_logits.shape[1]).reshape(-1),
+                reduction="none",
+            ).view(b, s_logits.shape[1])
+            ce = (ce_view * w).sum(dim=1)
+        ce = ce * staged.float()
         per_patient = per_patient + stage_weight * ce
         keep_in_graph = keep_in_graph + 0.0 * s_logits.sum()
     else:

@@ -6,7 +6,8 @@ Per ultrasound view, the network sees two token streams:
   Conv2d (or, with ``patch_stem: conv``, by a small convolutional stem ahead of the patches), plus learned
   positions;
 * text: the frozen report encoder's hidden states projected to the model width, plus learned positions,
-  followed by one "no report" slot and one token per per-view scalar, each from its own Linear(1, H): the
+  followed by one "no report" slot and one token per per-view scalar, each from its own Linear(1, H) (or, with
+  ``scalar_embedding: mlp``, its own small MLP): the
   paper's four clinical variables (age, sex, shape ratio, echogenicity; its Tokens_T(m+4)) and three
   measurements of the nodule from its masks (capsule distance, size, position along the gland).
 
@@ -14,7 +15,8 @@ Per ultrasound view, the network sees two token streams:
 stream (the paper's eqs 4-10, pre-norm), then the concatenated tokens pass ``num_self_layers`` ordinary
 self-attention blocks, masked mean pooling and a Linear-GELU-Linear head giving one LLNM logit (and
 optionally 3 risk-stage logits). The same network runs once per view with batch B; the patient score is
-the mean of the per-view probabilities over the views that exist.
+the mean of the per-view probabilities over the views that exist (or, with ``view_fusion: logit``, the
+sigmoid of the mean of their logits; `shared_model.model.loss`).
 
 Design rules that come from DP-SGD (see docs/model.md):
 
@@ -44,10 +46,11 @@ from shared_model.model.layers import (
     Head,
     LearnedPositions,
     LearnedTokens,
+    ScalarEmbedding,
     SelfAttentionBlock,
     TextTopLayers,
 )
-from shared_model.model.loss import llnm_loss, view_weights
+from shared_model.model.loss import llnm_loss, patient_probability, view_weights
 from shared_model.model.outputs import ModelOutput
 
 __all__ = [
@@ -102,9 +105,11 @@ class LLNMNet(nn.Module):
             self.text_proj = nn.Linear(c.text_dim, h)
             self.text_pos = LearnedPositions(c.text_max_length, h)
             self.no_report = LearnedTokens(1, h)
-        # One token per scalar: Linear(1, H) of a number (or a two-level indicator), Linear(k, H) of a k-level
-        # one-hot code.
-        self.clinical_proj = nn.ModuleList(nn.Linear(max(k, 1), h) for k in c.token_levels)
+        # One token per scalar: Linear(1, H) (or with scalar_embedding "mlp" a ScalarEmbedding) of a number or a
+        # two-level indicator, Linear(k, H) of a k-level one-hot code.
+        self.clinical_proj = nn.ModuleList(
+            ScalarEmbedding(h, c.scalar_width) if c.scalar_embedding == "mlp" and not k else nn.Linear(max(k, 1), h)
+            for k in c.token_levels)
         self.clinical_missing = LearnedTokens(c.num_clinical, h) if c.num_clinical else None
         self.embed_drop = nn.Dropout(c.dropout)
         # Bidirectional blocks need two streams; with one (no images, or no reports and no clinical tokens)
@@ -123,7 +128,11 @@ class LLNMNet(nn.Module):
         # they entered ~10-50x smaller than the image tokens, and the tiny preset trained on the report
         # alone stayed near chance for epochs (train AUC 0.58 after 6 epochs on the benchmark consortium).
         for proj in ((self.text_proj,) if c.reports else ()) + tuple(self.clinical_proj):
-            nn.init.normal_(proj.weight, std=1 / math.sqrt(proj.in_features))
+            for linear in (proj.expand, proj.project) if isinstance(proj, ScalarEmbedding) else (proj,):
+                nn.init.normal_(linear.weight, std=1 / math.sqrt(linear.in_features))
+            if isinstance(proj, ScalarEmbedding):
+                # Kinks at -bias / weight: spread over the scalars' scaled range, not all at 0.
+                nn.init.normal_(proj.expand.bias, std=1.0)
         # Attached after initialisation so the pre-trained encoder weights are kept.
         self.text_top: TextTopLayers | None = None
         if c.text_top_layers > 0 and not c.reports:
@@ -241,6 +250,7 @@ class LLNMNet(nn.Module):
         return ModelOutput(
             llnm_logits=torch.stack(llnm, dim=1),
             stage_logits=torch.stack(stage, dim=1) if self.stage_head is not None else None,
+            view_fusion=self.config.view_fusion,
         )
 
     def _clinical_tokens(self, clinical: Tensor, known: Tensor) -> Tensor:
@@ -319,10 +329,8 @@ class LLNMNet(nn.Module):
 
     @staticmethod
     def patient_probability(out: ModelOutput, view_mask: Tensor) -> Tensor:
-        """Patient LLNM probability ``[B]``: mean per-view sigmoid over present views (view 0 if none)."""
-        w = view_weights(view_mask).to(out.llnm_logits.device)
-        p = torch.sigmoid(out.llnm_logits.float())
-        return (p * w).sum(dim=1) / w.sum(dim=1)
+        """Patient LLNM probability ``[B]`` over the present views (view 0 if none): `loss.patient_probability`."""
+        return patient_probability(out, view_mask)
 
 
 # --------------------------------------------------------------------------------------------------------

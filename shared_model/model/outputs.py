@@ -10,7 +10,9 @@ __all__ = ["ModelOutput"]
 
 
 class ModelOutput(NamedTuple):
-    """Per-view outputs: ``llnm_logits [B, V]``, ``stage_logits [B, V, num_stages]`` (None without head)."""
+    """Per-view outputs: ``llnm_logits [B, V]``, ``stage_logits [B, V, num_stages]`` (None without head), and how
+    the views make the patient's prediction (``ModelConfig.view_fusion``: ``probability`` or ``logit``)."""
 
     llnm_logits: Tensor
     stage_logits: Tensor | None
+    view_fusion: str = "probability"

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared_model.config import TrainConfig
-from shared_model.model.modeling import LLNMNet, llnm_loss, select_device, view_weights
+from shared_model.model.loss import patient_stage_probability
+from shared_model.model.modeling import LLNMNet, llnm_loss, select_device
 
 
 def scheduled_lr(cfg: TrainConfig, index: int, total: int) -> float:
@@ -228,11 +229,9 @@ def predict(model: LLNMNet, dataset: Dataset, *, batch_size: int = 64, device: s
         image, view_mask, text, text_mask, clinical, clinical_mask, llnm, stage = _to_device(batch, dev)
         out = model(image, view_mask, text, text_mask, clinical, clinical_mask)
         scores.append(LLNMNet.patient_probability(out, view_mask).float().cpu().numpy())
-        if out.stage_logits is not None:
-            probs = torch.softmax(out.stage_logits.float(), dim=-1)
-            w = view_weights(view_mask)
-            w = (w / w.sum(dim=1, keepdim=True)).unsqueeze(-1)
-            stage_probs.append((probs * w).sum(dim=1).cpu().numpy())
+        stage_prob = patient_stage_probability(out, view_mask)
+        if stage_prob is not None:
+            stage_probs.append(stage_prob.cpu().numpy())
         labels.append(llnm.cpu().numpy())
         stages.append(stage.cpu().numpy())
     result = {
