@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from .annotation import Annotation
 from .generator import DEFAULT_IMAGE_SIZE, DEFAULT_PATIENTS, generate_consortium
 from .profiles import LAYOUTS, PAPER_PATIENTS, PAPER_SIZED_PROFILES
 
@@ -64,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace an existing llnm-synth output in --out"
     )
+    parser.add_argument(
+        "--drawn-masks", type=float, default=1.0, metavar="FRACTION",
+        help="fraction of each annotating site's patients whose masks are drawn (default 1); the others' mask "
+        "cells stay empty and their masks go to OUT/truth/masks/SITE/ for scoring, as a hospital that drew only "
+        "some masks",
+    )
+    parser.add_argument(
+        "--drawn-masks-sites", default=None, metavar="SITE,SITE",
+        help="the sites that drew any masks (default: all); the others have none",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress messages")
     return parser
 
@@ -80,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
             rate = done / max(time.perf_counter() - started, 1e-9)
             print(f"llnm-synth: {done}/{total} patients rendered ({rate:.1f}/s)", file=sys.stderr, flush=True)
 
+    sites = None
+    if args.drawn_masks_sites is not None:
+        sites = tuple(name.strip() for name in args.drawn_masks_sites.split(",") if name.strip())
     try:
+        annotation = Annotation(fraction=args.drawn_masks, sites=sites)
         summary = generate_consortium(
             args.out,
             sites=args.sites,
@@ -91,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             layout=args.profile,
             progress=progress,
+            annotation=annotation,
         )
     except (ValueError, FileExistsError) as exc:
         print(f"llnm-synth: error: {exc}", file=sys.stderr)
@@ -111,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  pooled prevalence {pooled['prevalence']:.3f}; AUC bayes {auc['bayes']} image {auc['image']} "
             f"report {auc['report']} clinical {auc['clinical']}"
         )
+        drawn = summary["drawn_masks"]
+        if drawn["fraction"] != 1.0 or drawn["sites"] != "all":
+            print("  patients with drawn masks: " + ", ".join(f"{site} {n}" for site, n in
+                                                            drawn["patients_with_masks"].items())
+                  + f" (the others' masks are in {args.out}/truth/masks/)")
         truth = summary["truth_shares"]["pooled"]["all"]
         paper = summary["truth_shares"]["paper"]
         print("  generator's feature-group shares (paper's): "

@@ -35,6 +35,7 @@ import yaml
 from shared_model.evaluation.explanation import PAPER_FEATURE_SHARES
 from shared_model.sitedata.contract import coarse_count
 
+from .annotation import Annotation, drawn_patients, withhold_masks
 from .profiles import MIN_PATIENTS_PER_SITE, SiteProfile, site_sizes
 from .render import frame_layout
 from .risk_model import (
@@ -240,23 +241,17 @@ def _effects(df: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def _write_patients_csv(path: Path, df: pd.DataFrame) -> None:
+def _write_patients_csv(path: Path, df: pd.DataFrame, drawn: np.ndarray) -> None:
+    """The site table; a patient whose masks were not drawn (`drawn` False) has empty mask cells."""
     with path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(CONTRACT_COLUMNS)
-        for r in df.itertuples(index=False):
+        for r, has_masks in zip(df.itertuples(index=False), drawn, strict=True):
             pid = r.patient_id
             views = []
             for view, has in (("trans", r.has_trans), ("long", r.has_long)):
-                views += (
-                    [
-                        f"images/{pid}_{view}.dcm",
-                        f"masks/{pid}_{view}_nodule.png",
-                        f"masks/{pid}_{view}_thyroid.png",
-                    ]
-                    if has
-                    else ["", "", ""]
-                )
+                masks = [f"masks/{pid}_{view}_nodule.png", f"masks/{pid}_{view}_thyroid.png"]
+                views += [f"images/{pid}_{view}.dcm", *(masks if has_masks else ["", ""])] if has else ["", "", ""]
             writer.writerow(
                 [
                     pid,
@@ -341,13 +336,15 @@ def generate_consortium(
     model: RiskModel | None = None,
     layout: str = "default",
     progress: Callable[[int, int], None] | None = None,
+    annotation: Annotation | None = None,
 ) -> dict[str, Any]:
     """Write a synthetic consortium of ``sites`` sites and ``patients`` patients in total; return its summary.
 
     ``layout`` names the profile (``llnm-synth --profile``): ``default``, ``paper`` (two development hospitals
     with 75% of the patients, as in the paper; see ``profiles.LAYOUTS``) or ``paper-calibrated`` (the paper's
     layout, a risk function whose own attribution matches the paper's feature shares, and briefer reports).
-    ``model`` overrides the profile's risk function (``risk_model.RISK_MODELS``).
+    ``model`` overrides the profile's risk function (``risk_model.RISK_MODELS``). ``annotation`` says which patients
+    keep drawn masks in their site folder (default: all; `annotation.Annotation`).
     The summary is also written to ``out_dir/consortium.json``, last, so its presence marks a complete
     output. ``workers`` (default: CPU count) only changes speed, never the files.
     """
@@ -358,6 +355,8 @@ def generate_consortium(
     _prepare_output(out, overwrite)
     started = time.perf_counter()
     profiles, tables = draw_patients(sites=sites, patients=patients, seed=seed, model=model, layout=layout)
+    annotation = annotation or Annotation()
+    annotation.check_sites([p.name for p in profiles])
     jobs: list[PatientJob] = []
     for si, (profile, df) in enumerate(zip(profiles, tables, strict=True)):
         site_dir = out / profile.name
@@ -384,6 +383,7 @@ def generate_consortium(
     rendered = {r["patient_id"]: r for r in _run_jobs(jobs, workers, progress)}
     (out / "truth").mkdir(exist_ok=True)
     site_summaries: dict[str, Any] = {}
+    drawn_counts: dict[str, int] = {}
     scored: list[pd.DataFrame] = []
     for si, (profile, df) in enumerate(zip(profiles, tables, strict=True)):
         extra = pd.DataFrame([rendered[p] for p in df["patient_id"]])
@@ -394,7 +394,10 @@ def generate_consortium(
         for m in MODALITIES:
             df[f"best_{m}"] = expected_risk(df, seen[m], profile, mc_rng, model, draws=MC_DRAWS)
         site_dir = out / profile.name
-        _write_patients_csv(site_dir / "patients.csv", df)
+        drawn = drawn_patients(annotation, profile.name, len(df), seed, si)
+        withhold_masks(site_dir, out / "truth" / "masks" / profile.name, list(df["patient_id"]), drawn)
+        drawn_counts[profile.name] = int(drawn.sum())
+        _write_patients_csv(site_dir / "patients.csv", df, drawn)
         (site_dir / "site.yaml").write_text(
             yaml.safe_dump(
                 {
@@ -430,6 +433,7 @@ def generate_consortium(
         f"{MIN_PATIENTS_PER_SITE} per site)",
         "site_proportions": list(consortium_proportions(layout, sites, seed)[:sites]),
         "risk_model": model.to_dict(),
+        "drawn_masks": annotation.to_dict() | {"patients_with_masks": drawn_counts},
         "modalities": {
             "image": sorted(TRANS_VIEW_FEATURES | LONG_VIEW_FEATURES),
             "image_trans_view": sorted(TRANS_VIEW_FEATURES),
