@@ -14,11 +14,13 @@ from shared_model.config import TrainConfig
 from shared_model.config.base import ConfigError
 from shared_model.evaluation.segmentation import predicted_masks, score_view, summarise
 from shared_model.model.segmenter import STRUCTURES, SegmenterConfig, build_segmenter, segmentation_loss
-from shared_model.model.segmenter_training import predict_segmentation, train_segmenter
+from shared_model.model.segmenter_training import predict_frames, train_segmenter
 from shared_model.sitedata.segmentation_inputs import (
+    Sample,
     SegmentationView,
     letterbox,
     load_segmentation_inputs,
+    nodule_window,
 )
 
 SMALL = {"image_size": 32, "features": [4, 4, 8, 8, 16, 4]}
@@ -36,16 +38,26 @@ def test_config_presets_and_errors() -> None:
         SegmenterConfig.from_dict({"depth": 3})
 
 
-def test_letterbox_keeps_the_shape_and_maps_back() -> None:
+def test_windows_keep_the_shape_and_map_back() -> None:
     box = letterbox(200, 300, 64)
-    assert box.inner == (43, 64) and box.top == 10 and box.left == 0
+    assert (box.side, box.top, box.left) == (300, -50, 0)
     frame = np.zeros((200, 300), dtype=bool)
     frame[60:140, 100:220] = True  # a 80 x 120 rectangle
     canvas = box.to_canvas(frame, mask=True)
     assert canvas.shape == (64, 64) and canvas[:10].sum() == 0  # the padding stays empty
     back = box.to_frame(canvas) >= 0.5
-    inter, union = (back & frame).sum(), (back | frame).sum()
-    assert inter / union > 0.9
+    assert (back & frame).sum() / (back | frame).sum() > 0.9
+
+    nodule = np.zeros((200, 300), dtype=bool)
+    nodule[5:15, 280:296] = True  # 10 x 16 px near the frame's corner
+    window = nodule_window(nodule, 64)
+    assert window is not None and window.side == 32 and window.top < 0 < window.left
+    crop = window.to_canvas(nodule, mask=True)
+    assert crop.sum() == 4 * nodule.sum()  # twice the frame's resolution
+    assert crop.sum() > 50 * box.to_canvas(nodule, mask=True).sum()  # and far more pixels than in the letterbox
+    again = window.to_frame(crop) >= 0.5
+    assert (again & nodule).sum() / (again | nodule).sum() > 0.85
+    assert nodule_window(np.zeros((8, 8), dtype=bool), 64) is None
 
 
 def _disk_views(n: int, size: int = 32, seed: int = 0) -> list[SegmentationView]:
@@ -58,12 +70,13 @@ def _disk_views(n: int, size: int = 32, seed: int = 0) -> list[SegmentationView]
         thyroid = ((yy - cy) / 9) ** 2 + ((xx - cx) / 12) ** 2 <= 1
         nodule = (yy - cy) ** 2 + (xx - cx - 2) ** 2 <= rng.uniform(9, 20)
         image = np.where(thyroid, 0.7, 0.2) - 0.4 * nodule + rng.normal(0, 0.05, (size, size))
-        box = letterbox(size, size, size)
+        image = np.clip(image, 0, 1).astype(np.float32)
         views.append(SegmentationView(
             patient_id=f"P{i}", view="trans", split="train" if i < n - 4 else "test", row=i + 2,
-            image_path=Path(f"P{i}.png"), image=np.clip(image, 0, 1).astype(np.float32),
-            targets=np.stack([thyroid, nodule]).astype(np.float32), drawn=np.array([True, True]), box=box,
-            spacing_mm=(0.2, 0.2), frame_masks={"thyroid": thyroid, "nodule": nodule}))
+            image_path=Path(f"P{i}.png"),
+            whole=Sample(image, np.stack([thyroid, nodule]).astype(np.float32), np.array([True, True])),
+            window=letterbox(size, size, size), spacing_mm=(0.2, 0.2), frame=image,
+            frame_masks={"thyroid": thyroid, "nodule": nodule}))
     return views
 
 
@@ -77,8 +90,8 @@ def test_loss_counts_only_drawn_structures_and_gives_per_image_gradients() -> No
     model = build_segmenter(SegmenterConfig.from_dict(SMALL))
     assert ModuleValidator.validate(model, strict=False) == []
     views = _disk_views(3)
-    image = torch.stack([torch.from_numpy(v.image)[None] for v in views])
-    targets = torch.stack([torch.from_numpy(v.targets) for v in views])
+    image = torch.stack([torch.from_numpy(v.whole.image)[None] for v in views])
+    targets = torch.stack([torch.from_numpy(v.whole.targets) for v in views])
     drawn = torch.tensor([[1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
     logits = model(image)
     loss = segmentation_loss(logits, targets, drawn)
@@ -108,32 +121,33 @@ def test_training_learns_the_structures_and_scores_are_exact_for_a_perfect_predi
     model = build_segmenter(SegmenterConfig.from_dict(SMALL))
     train = [v for v in views if v.split == "train"]
     test = [v for v in views if v.split == "test"]
-    before = summarise([score_view(p, v) for p, v in zip(predict_segmentation(model, test, device="cpu"), test,
-                                                          strict=True)])
+    def scores(refine: bool) -> dict:
+        frames = predict_frames(model, test, refine=refine, device="cpu")
+        return summarise([score_view(p, v) for p, v in zip(frames, test, strict=True)])
+
+    before = scores(False)
     result = train_segmenter(model, train, TrainConfig(lr=1e-2, batch_size=8, local_epochs=15, device="cpu"))
     assert result.num_examples == 36 and result.steps == 15 * 5
-    after = summarise([score_view(p, v) for p, v in zip(predict_segmentation(model, test, device="cpu"), test,
-                                                         strict=True)])
+    after, refined = scores(False), scores(True)
     assert after["thyroid"]["dice"]["mean"] > max(0.85, before["thyroid"]["dice"]["mean"])
-    assert after["nodule"]["n"] == 4
+    assert refined["nodule"]["n"] == 4 and refined["nodule"]["dice"]["mean"] > 0.5
 
-    perfect = [np.stack([v.targets[i] for i in range(len(STRUCTURES))]) for v in test]
+    perfect = [{name: v.frame_masks[name].astype(np.float32) for name in STRUCTURES} for v in test]
     exact = [score_view(p, v) for p, v in zip(perfect, test, strict=True)]
     for s in exact:
         assert s["thyroid"]["dice"] == pytest.approx(1.0) and s["nodule"]["iou"] == pytest.approx(1.0)
         assert s["thyroid"]["hd95_mm"] == pytest.approx(0.0) and s["capsule_error_mm"] == pytest.approx(0.0)
-    empty = score_view(np.zeros_like(perfect[0]), test[0])
+    empty = score_view({name: np.zeros_like(m) for name, m in perfect[0].items()}, test[0])
     assert empty["nodule"]["dice"] == 0.0 and empty["nodule"]["hd95_mm"] is None and "capsule_error_mm" not in empty
     summary = summarise(exact)
     assert summary["capsule_error_mm"] == {"n": 4, "mean": 0.0, "mean_abs": 0.0, "within_1mm": 1.0}
 
 
 def test_two_nodules_predicted_keep_the_largest() -> None:
-    view = _disk_views(1)[0]
-    probs = np.zeros((2, 32, 32), dtype=np.float32)
-    probs[1, 2:4, 2:4] = 1.0
-    probs[1, 10:20, 10:20] = 1.0
-    assert predicted_masks(probs, view)["nodule"].sum() == 100
+    probs = {"thyroid": np.zeros((32, 32), dtype=np.float32), "nodule": np.zeros((32, 32), dtype=np.float32)}
+    probs["nodule"][2:4, 2:4] = 1.0
+    probs["nodule"][10:20, 10:20] = 1.0
+    assert predicted_masks(probs)["nodule"].sum() == 100
 
 
 def test_a_site_loads_with_drawn_counts_and_an_unreadable_image_is_reported_by_file_and_row(
@@ -145,10 +159,14 @@ def test_a_site_loads_with_drawn_counts_and_an_unreadable_image_is_reported_by_f
     n = len(inputs.views)
     assert inputs.drawn_counts() == {"thyroid": n, "nodule": n}
     first = inputs.views[0]
-    assert first.image.shape == (64, 64) and first.targets.shape == (2, 64, 64)
-    assert first.spacing_mm is not None and first.targets[1].sum() > 0
-    assert all(v.frame_masks for v in inputs.views if v.split != "train")
-    assert not any(v.frame_masks for v in inputs.views if v.split == "train")
+    assert first.whole.image.shape == (64, 64) and first.whole.targets.shape == (2, 64, 64)
+    assert first.spacing_mm is not None and first.whole.targets[1].sum() > 0
+    held_out = [v for v in inputs.views if v.split != "train"]
+    assert held_out and all(v.frame_masks and v.frame is not None and not v.crops for v in held_out)
+    for v in (v for v in inputs.views if v.split == "train"):
+        assert not v.frame_masks and v.frame is None and len(v.crops) == 2
+        # A nodule window shows the nodule filling a good part of the canvas, whatever its size in the frame.
+        assert all(0.03 < c.targets[1].mean() < 0.5 for c in v.crops)
 
     broken = first.image_path
     broken.write_bytes(broken.read_bytes()[:300])  # a truncated DICOM

@@ -1,10 +1,11 @@
 """How well a segmenter draws the thyroid and the nodule: per view, at the frame's own pixels, and per site.
 
-Per view and drawn structure (`score_view`): Dice and IoU of the prediction (probability >= 0.5, mapped from the
-canvas back onto the frame) against the drawn mask; the 95th-percentile Hausdorff distance in mm where the frame is
-calibrated (MONAI's, with the pixel spacing); and, where both structures are drawn, the capsule distance derived from
-the predicted masks minus the one from the drawn masks, in mm (`geometry.capsule_distance`: the distance that
-carries the paper's 2.5 mm finding). An empty prediction scores Dice 0, and has no Hausdorff or capsule distance.
+Per view and drawn structure (`score_view`): Dice and IoU of the prediction (probability >= 0.5 on the frame's
+pixels, `segmenter_training.predict_frames`) against the drawn mask; the 95th-percentile Hausdorff distance in mm
+where the frame is calibrated (MONAI's, with the pixel spacing); and, where both structures are drawn, the capsule
+distance derived from the predicted masks minus the one from the drawn masks, in mm (`geometry.capsule_distance`:
+the distance that carries the paper's 2.5 mm finding). An empty prediction scores Dice 0, and has no Hausdorff or
+capsule distance.
 
 `summarise` turns a site's views into aggregates that may leave the site: counts, means and medians per structure,
 never a per-view value.
@@ -25,21 +26,13 @@ from shared_model.sitedata.segmentation_inputs import SegmentationView
 __all__ = ["predicted_masks", "score_view", "summarise"]
 
 
-def predicted_masks(probabilities: np.ndarray, view: SegmentationView,
-                    largest_nodule: bool = True) -> dict[str, np.ndarray]:
-    """The predicted masks on the frame's pixels; with ``largest_nodule``, the nodule's largest connected
-    component only (one nodule per view, as the data contract has it)."""
-    from scipy import ndimage
+def predicted_masks(frame_probabilities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The predicted masks (probability >= 0.5 on the frame's pixels); the nodule is its largest connected component
+    only (one nodule per view, as the data contract has it)."""
+    from shared_model.model.segmenter_training import largest_component
 
-    out = {}
-    for i, name in enumerate(STRUCTURES):
-        mask = view.box.to_frame(probabilities[i]) >= 0.5
-        if name == "nodule" and largest_nodule and mask.any():
-            labels, count = ndimage.label(mask)
-            if count > 1:
-                sizes = ndimage.sum(mask, labels, range(1, count + 1))
-                mask = labels == (int(np.argmax(sizes)) + 1)
-        out[name] = mask
+    out = {name: frame_probabilities[name] >= 0.5 for name in STRUCTURES}
+    out["nodule"] = largest_component(out["nodule"])
     return out
 
 
@@ -66,10 +59,11 @@ def _hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: tuple[float, float
     return float(value.reshape(-1)[0])
 
 
-def score_view(probabilities: np.ndarray, view: SegmentationView) -> dict[str, Any]:
-    """Scores of one view against its drawn masks (`view.frame_masks`): per structure ``dice``, ``iou`` and
-    ``hd95_mm``, and ``capsule_error_mm``; a structure without a drawn mask is absent."""
-    pred = predicted_masks(probabilities, view)
+def score_view(frame_probabilities: dict[str, np.ndarray], view: SegmentationView) -> dict[str, Any]:
+    """Scores of one view's prediction (`segmenter_training.predict_frames`) against its drawn masks
+    (`view.frame_masks`): per structure ``dice``, ``iou`` and ``hd95_mm``, and ``capsule_error_mm``; a structure
+    without a drawn mask is absent."""
+    pred = predicted_masks(frame_probabilities)
     out: dict[str, Any] = {}
     for name in STRUCTURES:
         truth = view.frame_masks.get(name)

@@ -1,9 +1,14 @@
 """Local training and prediction of the segmenter on a site's views (`segmentation_inputs.SegmentationView`).
 
-The same `TrainConfig` as LLNM-Net's (learning rate, weight decay, batch size, epochs, seed, device, clipping). Only
-views with at least one drawn structure train, each on the structures drawn for it (`segmenter.segmentation_loss`).
-Augmentation is a horizontal flip (masks flip with the image; left and right lobes look alike) and a random gamma
-and contrast of the grey values, drawn from the epoch's seed so that a run is reproducible.
+The same `TrainConfig` as LLNM-Net's (learning rate, weight decay, batch size, epochs, seed, device, clipping). Every
+sample of a view (the whole frame and its nodule windows) with at least one drawn structure trains, on the
+structures drawn for it (`segmenter.segmentation_loss`). Augmentation is a horizontal flip (masks flip with the
+image; left and right lobes look alike) and a random gamma and contrast of the grey values, drawn from the epoch's
+seed so that a run is reproducible.
+
+Prediction (`predict_frames`) runs at two scales, as the training does: the whole frame gives the lobe and where the
+nodule is; a window around that nodule (`segmentation_inputs.nodule_window`) gives its outline, and the lobe's
+boundary near it, at the finer scale.
 """
 
 from __future__ import annotations
@@ -18,27 +23,27 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from shared_model.config import TrainConfig
-from shared_model.model.segmenter import segmentation_loss
+from shared_model.model.segmenter import STRUCTURES, segmentation_loss
 from shared_model.model.training import select_device
-from shared_model.sitedata.segmentation_inputs import SegmentationView
+from shared_model.sitedata.segmentation_inputs import Sample, SegmentationView, nodule_window
 
-__all__ = ["SegmentationDataset", "SegmenterTrainResult", "predict_segmentation", "train_segmenter"]
+__all__ = ["SegmentationDataset", "SegmenterTrainResult", "largest_component", "predict_frames", "train_segmenter"]
 
 
 class SegmentationDataset(Dataset):
-    """``(image [1, S, S], targets [C, S, S], drawn [C])`` per view; with ``augment``, flipped and re-contrasted
-    from a generator seeded by ``seed``."""
+    """``(image [1, S, S], targets [C, S, S], drawn [C])`` per sample; with ``augment``, flipped and
+    re-contrasted from a generator seeded by ``seed``."""
 
-    def __init__(self, views: Sequence[SegmentationView], augment: bool = False, seed: int = 0) -> None:
-        self.views = list(views)
+    def __init__(self, samples: Sequence[Sample], augment: bool = False, seed: int = 0) -> None:
+        self.samples = list(samples)
         self.augment = augment
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
-        return len(self.views)
+        return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        v = self.views[index]
+        v = self.samples[index]
         image, targets = v.image, v.targets
         if self.augment:
             if self.rng.random() < 0.5:
@@ -60,8 +65,9 @@ class SegmenterTrainResult:
 
 
 def train_segmenter(model: nn.Module, views: Sequence[SegmentationView], cfg: TrainConfig) -> SegmenterTrainResult:
-    """`cfg.local_epochs` epochs of AdamW (or SGD) over the views with something drawn; returns the mean loss."""
-    trainable = [v for v in views if v.drawn.any()]
+    """`cfg.local_epochs` epochs of AdamW (or SGD) over the samples with something drawn; returns the mean loss
+    (`num_examples` counts the views that trained)."""
+    trainable = [sample for v in views for sample in v.samples if sample.drawn.any()]
     device = select_device(cfg.device)
     model.to(device)
     model.train()
@@ -90,19 +96,58 @@ def train_segmenter(model: nn.Module, views: Sequence[SegmentationView], cfg: Tr
             seen += len(image)
             steps += 1
     model.eval()
-    return SegmenterTrainResult(loss=total / max(seen, 1), num_examples=len(trainable), steps=steps,
-                                seconds=time.perf_counter() - started)
+    return SegmenterTrainResult(loss=total / max(seen, 1), num_examples=sum(1 for v in views if v.drawn.any()),
+                                steps=steps, seconds=time.perf_counter() - started)
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a boolean mask (one nodule per view, as the data contract has it)."""
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = ndimage.sum(mask, labels, range(1, count + 1))
+    return labels == (int(np.argmax(sizes)) + 1)
 
 
 @torch.no_grad()
-def predict_segmentation(model: nn.Module, views: Sequence[SegmentationView], *, batch_size: int = 32,
-                         device: str = "auto") -> list[np.ndarray]:
-    """Per view, the structures' probabilities on the canvas, ``[C, S, S]`` float32."""
+def _canvas_probabilities(model: nn.Module, canvases: list[np.ndarray], batch_size: int,
+                          device: torch.device) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for start in range(0, len(canvases), batch_size):
+        batch = torch.stack([torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32))[None]
+                             for c in canvases[start : start + batch_size]]).to(device)
+        out.extend(torch.sigmoid(model(batch).float()).cpu().numpy())
+    return out
+
+
+def predict_frames(model: nn.Module, views: Sequence[SegmentationView], *, refine: bool = True,
+                   batch_size: int = 32, device: str = "auto") -> list[dict[str, np.ndarray]]:
+    """Per view, each structure's probability on the frame's own pixels: from the whole frame, and with ``refine``
+    from a window around the nodule the whole frame shows (its largest component), which replaces the whole
+    frame's probabilities inside that window. Views need their `frame` (views outside the training split)."""
     dev = select_device(device)
     model.to(dev)
     model.eval()
-    out: list[np.ndarray] = []
-    for start in range(0, len(views), batch_size):
-        batch = torch.stack([torch.from_numpy(v.image)[None] for v in views[start : start + batch_size]]).to(dev)
-        out.extend(torch.sigmoid(model(batch).float()).cpu().numpy())
-    return out
+    whole = _canvas_probabilities(model, [v.whole.image for v in views], batch_size, dev)
+    frames = [{name: v.window.to_frame(p[i]) for i, name in enumerate(STRUCTURES)} for v, p in zip(views, whole,
+                                                                                                   strict=True)]
+    if not refine:
+        return frames
+    windows, which = [], []
+    for index, (v, probs) in enumerate(zip(views, frames, strict=True)):
+        if v.frame is None:
+            raise ValueError(f"{v.image_path}: the view's frame was not kept (a training view): cannot refine")
+        coarse = probs["nodule"] >= 0.5
+        window = nodule_window(largest_component(coarse), v.window.size) if coarse.any() else None
+        if window is not None:
+            windows.append(window)
+            which.append(index)
+    crops = _canvas_probabilities(model, [w.to_canvas(views[i].frame.astype(np.float32), mask=False)
+                                          for w, i in zip(windows, which, strict=True)], batch_size, dev)
+    for window, index, probs in zip(windows, which, crops, strict=True):
+        inside = window.to_frame(np.ones((window.size, window.size), dtype=np.float32)) > 0.5
+        for i, name in enumerate(STRUCTURES):
+            frames[index][name] = np.where(inside, window.to_frame(probs[i]), frames[index][name])
+    return frames

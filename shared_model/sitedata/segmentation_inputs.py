@@ -1,10 +1,12 @@
 """A site's ultrasound views as segmenter inputs: letterboxed grey frames and, where drawn, their two masks.
 
 Every view with an image becomes one `SegmentationView`, whether or not its masks were drawn: a segmenter trains on
-the structures drawn (`SegmentationView.drawn`) and predicts for every view. The frame is letterboxed to ``S x S``
-(scaled so its longer side is S, centred, padded with 0) so that a nodule keeps its shape, and `Letterbox` maps a
-prediction back onto the frame's own pixels. Intensities are scaled per frame to the 0.5th-99.5th percentile of its
-non-zero pixels (the sector's black background and the site's brightness settings set nothing).
+the structures drawn (`SegmentationView.drawn`) and predicts for every view. The segmenter sees square windows of
+the frame on an ``S x S`` canvas (`Window`): the whole frame, letterboxed so that a nodule keeps its shape, and a
+window around the nodule, where a small nodule spans many canvas pixels (the paper likewise finds the nodule before
+it outlines it). `Window.to_frame` maps a prediction back onto the frame's own pixels. Intensities are scaled per
+frame to the 0.5th-99.5th percentile of its non-zero pixels (the sector's black background and the site's
+brightness settings set nothing).
 
 A view whose image or mask cannot be read is reported by file and row (`SegmentationInputs.problems`) and left out;
 the other views load. Nothing is written anywhere.
@@ -24,49 +26,82 @@ from shared_model.model.segmenter import STRUCTURES
 from shared_model.sitedata.contract import load_site
 from shared_model.sitedata.records import VIEWS, Site
 
-__all__ = ["Letterbox", "SegmentationInputs", "SegmentationView", "letterbox", "load_segmentation_inputs",
-           "normalise_frame"]
+__all__ = ["Sample", "SegmentationInputs", "SegmentationView", "Window", "letterbox", "load_segmentation_inputs",
+           "nodule_window", "normalise_frame", "sample_in"]
 
 
 @dataclass(frozen=True)
-class Letterbox:
-    """Where a ``rows x columns`` frame sits in the ``size x size`` canvas: scaled by `scale`, offset by
-    (`top`, `left`), the rest zero."""
+class Window:
+    """A square of `side` frame pixels with its top-left corner at (`top`, `left`) (it may reach past the frame,
+    which reads as 0), shown on a ``size x size`` canvas. The whole frame is one window (`letterbox`); a nodule's
+    neighbourhood is another (`nodule_window`)."""
 
     rows: int
     columns: int
     size: int
-    scale: float
+    side: int
     top: int
     left: int
 
     @property
-    def inner(self) -> tuple[int, int]:
-        """Rows and columns the frame covers in the canvas."""
-        return (max(1, round(self.rows * self.scale)), max(1, round(self.columns * self.scale)))
+    def scale(self) -> float:
+        """Canvas pixels per frame pixel."""
+        return self.size / self.side
+
+    def _overlap(self) -> tuple[slice, slice, slice, slice]:
+        """(frame rows, frame columns, window rows, window columns) where the window and the frame overlap."""
+        r0, c0 = max(self.top, 0), max(self.left, 0)
+        r1, c1 = min(self.top + self.side, self.rows), min(self.left + self.side, self.columns)
+        r1, c1 = max(r1, r0), max(c1, c0)
+        return (slice(r0, r1), slice(c0, c1),
+                slice(r0 - self.top, r1 - self.top), slice(c0 - self.left, c1 - self.left))
 
     def to_canvas(self, array: np.ndarray, *, mask: bool) -> np.ndarray:
-        """A frame-sized array on the canvas: area-averaged (a mask then thresholded at one half)."""
-        h, w = self.inner
-        src = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None, None]
-        small = F.interpolate(src, size=(h, w), mode="area")[0, 0].numpy()
-        canvas = np.zeros((self.size, self.size), dtype=np.float32)
-        canvas[self.top : self.top + h, self.left : self.left + w] = (small >= 0.5) if mask else small
-        return canvas
+        """The window of a frame-sized array, resized onto the canvas (a mask thresholded at one half)."""
+        fr, fc, wr, wc = self._overlap()
+        square = np.zeros((self.side, self.side), dtype=np.float32)
+        square[wr, wc] = array[fr, fc]
+        src = torch.from_numpy(square)[None, None]
+        mode = "area" if self.side >= self.size else "bilinear"
+        canvas = F.interpolate(src, size=(self.size, self.size), mode=mode,
+                               **({} if mode == "area" else {"align_corners": False}))[0, 0].numpy()
+        return (canvas >= 0.5).astype(np.float32) if mask else canvas
 
     def to_frame(self, canvas: np.ndarray) -> np.ndarray:
-        """A canvas-sized probability map back on the frame's pixels (bilinear), shape ``rows x columns``."""
-        h, w = self.inner
-        inner = torch.from_numpy(np.ascontiguousarray(canvas[self.top : self.top + h, self.left : self.left + w],
-                                                      dtype=np.float32))[None, None]
-        return F.interpolate(inner, size=(self.rows, self.columns), mode="bilinear", align_corners=False)[0, 0].numpy()
+        """A canvas-sized probability map back on the frame's pixels (bilinear), ``rows x columns``, 0 outside the
+        window."""
+        src = torch.from_numpy(np.ascontiguousarray(canvas, dtype=np.float32))[None, None]
+        square = F.interpolate(src, size=(self.side, self.side), mode="bilinear", align_corners=False)[0, 0].numpy()
+        out = np.zeros((self.rows, self.columns), dtype=np.float32)
+        fr, fc, wr, wc = self._overlap()
+        out[fr, fc] = square[wr, wc]
+        return out
 
 
-def letterbox(rows: int, columns: int, size: int) -> Letterbox:
-    """The letterbox of a ``rows x columns`` frame in a ``size x size`` canvas."""
-    scale = size / max(rows, columns)
-    h, w = max(1, round(rows * scale)), max(1, round(columns * scale))
-    return Letterbox(rows, columns, size, scale, (size - h) // 2, (size - w) // 2)
+def letterbox(rows: int, columns: int, size: int) -> Window:
+    """The whole ``rows x columns`` frame, centred in a square window of its longer side."""
+    side = max(rows, columns)
+    return Window(rows, columns, size, side, -((side - rows) // 2), -((side - columns) // 2))
+
+
+#: The nodule window: the nodule's larger extent plus this fraction of it on every side, and at least this many
+#: frame pixels across.
+NODULE_MARGIN = 0.5
+NODULE_MIN_SIDE = 32
+
+
+def nodule_window(mask: np.ndarray, size: int, *, margin: float = NODULE_MARGIN, shift: tuple[float, float] = (0, 0)
+                  ) -> Window | None:
+    """A square window around a nodule mask's bounding box (None for an empty mask); ``shift`` moves its centre by
+    that fraction of its side (training jitter)."""
+    if not mask.any():
+        return None
+    rows, cols = np.nonzero(mask)
+    extent = max(rows.max() - rows.min() + 1, cols.max() - cols.min() + 1)
+    side = max(int(np.ceil(extent * (1.0 + 2.0 * margin))), NODULE_MIN_SIDE)
+    centre_r = (rows.min() + rows.max()) / 2.0 + shift[0] * side
+    centre_c = (cols.min() + cols.max()) / 2.0 + shift[1] * side
+    return Window(mask.shape[0], mask.shape[1], size, side, round(centre_r - side / 2.0), round(centre_c - side / 2.0))
 
 
 def normalise_frame(pixels: np.ndarray) -> np.ndarray:
@@ -79,13 +114,23 @@ def normalise_frame(pixels: np.ndarray) -> np.ndarray:
 
 
 @dataclass
+class Sample:
+    """One training input of the segmenter: a canvas ``[S, S]``, its targets ``[C, S, S]`` and what is drawn."""
+
+    image: np.ndarray
+    targets: np.ndarray
+    drawn: np.ndarray
+
+
+@dataclass
 class SegmentationView:
     """One view of one patient as the segmenter sees it.
 
-    ``image`` is ``[S, S]``; ``targets`` ``[len(STRUCTURES), S, S]`` (zeros where not drawn); ``drawn`` says which
-    structures were drawn. ``frame_masks`` keeps the drawn masks at the frame's own resolution (for scoring in mm)
-    and is only filled for views outside the training split. ``spacing_mm`` is (row, column) mm per frame pixel,
-    None when uncalibrated.
+    ``whole`` is the letterboxed frame (`window`) with its targets (zeros where not drawn); ``crops`` are windows
+    around the drawn nodule, jittered, that teach the segmenter the nodule at a finer scale (training views only).
+    ``frame`` (the normalised frame) and ``frame_masks`` (the drawn masks at the frame's own pixels) are kept for
+    views outside the training split, to predict at two scales and to score in mm. ``spacing_mm`` is (row, column)
+    mm per frame pixel, None when uncalibrated.
     """
 
     patient_id: str
@@ -93,12 +138,20 @@ class SegmentationView:
     split: str
     row: int
     image_path: Path
-    image: np.ndarray
-    targets: np.ndarray
-    drawn: np.ndarray
-    box: Letterbox
+    whole: Sample
+    window: Window
     spacing_mm: tuple[float, float] | None
+    crops: list[Sample] = field(default_factory=list)
+    frame: np.ndarray | None = None
     frame_masks: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def drawn(self) -> np.ndarray:
+        return self.whole.drawn
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [self.whole, *self.crops]
 
 
 @dataclass
@@ -117,9 +170,29 @@ class SegmentationInputs:
         return {name: int(sum(bool(v.drawn[i]) for v in self.views)) for i, name in enumerate(STRUCTURES)}
 
 
+def sample_in(window: Window, frame: np.ndarray, masks: dict[str, np.ndarray | None]) -> Sample:
+    """The canvas of `window` over a normalised frame and its drawn masks."""
+    targets = np.zeros((len(STRUCTURES), window.size, window.size), dtype=np.float32)
+    drawn = np.zeros(len(STRUCTURES), dtype=bool)
+    for i, name in enumerate(STRUCTURES):
+        mask = masks.get(name)
+        if mask is not None:
+            targets[i] = window.to_canvas(mask, mask=True)
+            drawn[i] = True
+    return Sample(window.to_canvas(frame, mask=False), targets, drawn)
+
+
+#: Nodule crops per training view with a drawn nodule, and their jitter: the centre moves by up to this fraction
+#: of the window's side, and the margin is drawn from this range.
+CROPS_PER_VIEW = 2
+CROP_SHIFT = 0.15
+CROP_MARGIN = (0.3, 0.8)
+
+
 def load_segmentation_inputs(site_dir: str | Path, size: int, pre: PreprocessConfig | None = None,
-                             site: Site | None = None) -> SegmentationInputs:
-    """Every view of the site's valid patients, letterboxed to ``size``, with its drawn masks where they exist.
+                             site: Site | None = None, seed: int = 0) -> SegmentationInputs:
+    """Every view of the site's valid patients, letterboxed to ``size``, with its drawn masks where they exist, and
+    for training views with a drawn nodule `CROPS_PER_VIEW` jittered nodule windows (drawn from ``seed``).
 
     The site's table is read and checked as `llnm-site check` reads it (`load_site`); its row problems are left to
     that check. A view whose files fail to read is reported by file and row and skipped.
@@ -128,6 +201,7 @@ def load_segmentation_inputs(site_dir: str | Path, size: int, pre: PreprocessCon
 
     pre = pre or PreprocessConfig()
     site = site or load_site(site_dir)
+    rng = np.random.default_rng(seed)
     views: list[SegmentationView] = []
     problems: list[str] = []
     for patient in site.patients:
@@ -149,18 +223,20 @@ def load_segmentation_inputs(site_dir: str | Path, size: int, pre: PreprocessCon
             if nodule is not None and nodule.any():  # the drawn nodule picks the calibrated region, as in training
                 rows, cols = np.nonzero(nodule)
                 image = select_region(image, (float(rows.mean()), float(cols.mean())))
-            box = letterbox(shape[0], shape[1], size)
-            targets = np.zeros((len(STRUCTURES), size, size), dtype=np.float32)
-            drawn = np.zeros(len(STRUCTURES), dtype=bool)
-            for i, name in enumerate(STRUCTURES):
-                if masks[name] is not None:
-                    targets[i] = box.to_canvas(masks[name], mask=True)
-                    drawn[i] = True
+            frame = normalise_frame(image.pixels)
+            window = letterbox(shape[0], shape[1], size)
             item = SegmentationView(
                 patient_id=patient.patient_id, view=view, split=patient.split, row=patient.row,
-                image_path=files.image, image=box.to_canvas(normalise_frame(image.pixels), mask=False),
-                targets=targets, drawn=drawn, box=box, spacing_mm=image.spacing_mm)
+                image_path=files.image, whole=sample_in(window, frame, masks), window=window,
+                spacing_mm=image.spacing_mm)
+            if patient.split == "train" and nodule is not None and nodule.any():
+                for _ in range(CROPS_PER_VIEW):
+                    crop = nodule_window(nodule, size, margin=float(rng.uniform(*CROP_MARGIN)),
+                                         shift=tuple(rng.uniform(-CROP_SHIFT, CROP_SHIFT, 2)))
+                    assert crop is not None
+                    item.crops.append(sample_in(crop, frame, masks))
             if patient.split != "train":
+                item.frame = frame.astype(np.float16)
                 item.frame_masks = {name: m for name, m in masks.items() if m is not None}
             views.append(item)
     return SegmentationInputs(site.name, views, problems)
