@@ -20,6 +20,9 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("fl_client.cmd_evaluate", "Evaluate a global model checkpoint on this site's own patients."),
     "explain": Command("fl_client.cmd_explain",
                        "Explain a global model on this site's own patients (Grad-CAM++, attention, feature groups)."),
+    "segment": Command("fl_client.cmd_segment",
+                       "Predict nodule and thyroid masks for this site's views with a segmenter (never into the "
+                       "site folder)."),
     "privacy": Command("fl_client.cmd_privacy",
                        "Show this site's lifetime privacy ledger: runs, epsilon per run, lifetime epsilon, budget."),
 }

@@ -1,10 +1,11 @@
-"""Global-model checkpoints: a safetensors file of the LLNMNet state dict plus a JSON side-car.
+"""Global-model checkpoints: a safetensors file of the network's state dict plus a JSON side-car.
 
-The side-car (`round-NNNN.json` beside `round-NNNN.safetensors`) holds the model configuration and the
-preprocessing configuration the model was trained with, so a site can evaluate a checkpoint without the
-experiment file, and the SHA-256 of the weights file, so a file that was truncated, damaged or swapped after
-it was written is refused rather than used. Both sides use this module: the server writes checkpoints, a
-site reads them.
+The side-car (`round-NNNN.json` beside `round-NNNN.safetensors`) holds what the network is (``task``: ``llnm``, an
+LLNM-Net, the default, or ``segment``, a nodule and thyroid segmenter), its configuration (``model_config`` or
+``segmenter_config``) and the preprocessing configuration it was trained with, so a site can use a checkpoint
+without the experiment file, and the SHA-256 of the weights file, so a file that was truncated, damaged or swapped
+after it was written is refused rather than used. A checkpoint of one task handed to a command of the other is
+refused by name. Both sides use this module: the server writes checkpoints, a site reads them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from shared_model.fileio import atomic_write, atomic_write_json
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+#: What a checkpoint's network does (its side-car's ``task``), and the side-car key of its configuration.
+TASKS: dict[str, str] = {"llnm": "model_config", "segment": "segmenter_config"}
 
 
 def save_checkpoint(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
@@ -69,7 +74,10 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         raise CheckpointError(f"{side}: not valid JSON ({exc})") from None
     if not isinstance(meta, dict):
         raise CheckpointError(f"{side}: not a JSON object")
-    for key in ("model_config", "preprocess_config"):
+    task = meta.get("task", "llnm")
+    if task not in TASKS:
+        raise CheckpointError(f"{side}: unknown task {task!r} (known: {', '.join(TASKS)})")
+    for key in (TASKS[task], "preprocess_config"):
         if key not in meta:
             raise CheckpointError(f"{side}: missing '{key}'")
     data = path.read_bytes()
@@ -100,6 +108,9 @@ def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
 
     path = resolve_checkpoint(path)
     state, meta = load_checkpoint(path)
+    if meta.get("task", "llnm") != "llnm":
+        raise CheckpointError(f"{path}: a segmenter's checkpoint (task: {meta['task']}), not an LLNM-Net's: it "
+                              "predicts masks (llnm-site segment), not LLNM risk")
     try:
         model_cfg = ModelConfig.from_dict(meta["model_config"])
         pre = PreprocessConfig.from_dict(meta["preprocess_config"])
@@ -107,6 +118,35 @@ def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
         raise CheckpointError(f"{path.with_suffix('.json')}: configuration not usable ({exc})") from None
     model_cfg.check_inputs(pre.inputs, f"checkpoint {path}")
     model = build_model(model_cfg)
+    _check_weights(path, model, state, repr(model_cfg.architecture))
+    return model, meta
+
+
+def segmenter_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(the segmenter with the checkpoint's weights, side-car metadata).
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`; an LLNM-Net's checkpoint (refused by name); or weights that
+            are not those of the segmenter the side-car describes.
+    """
+    from shared_model.model.segmenter import SegmenterConfig, build_segmenter
+
+    path = resolve_checkpoint(path)
+    state, meta = load_checkpoint(path)
+    if meta.get("task", "llnm") != "segment":
+        raise CheckpointError(f"{path}: an LLNM-Net's checkpoint (task: llnm), not a segmenter's: it predicts LLNM "
+                              "risk; segmenting needs a checkpoint of a segmentation run (task: segment)")
+    try:
+        cfg = SegmenterConfig.from_dict(meta["segmenter_config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path.with_suffix('.json')}: configuration not usable ({exc})") from None
+    model = build_segmenter(cfg)
+    _check_weights(path, model, state, "segmenter")
+    return model, meta
+
+
+def _check_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Load `state` into `model`, or refuse naming the tensors missing, unexpected or of another shape."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -121,7 +161,5 @@ def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
             parts.append(f"{len(reshaped)} of another shape ({k}: {list(state[k].shape)}, the architecture's "
                          f"{list(expected[k].shape)})")
         raise CheckpointError(
-            f"{path}: its weights are not those of the {model_cfg.architecture!r} network its side-car "
-            f"describes: {'; '.join(parts)}")
+            f"{path}: its weights are not those of the {what} network its side-car describes: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)
-    return model, meta

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from shared_model.config import PreprocessConfig
 from shared_model.model.segmenter import STRUCTURES
 from shared_model.sitedata.contract import load_site
-from shared_model.sitedata.records import VIEWS, Site
+from shared_model.sitedata.records import VIEWS, PatientRecord, Site
 
 __all__ = ["Sample", "SegmentationInputs", "SegmentationView", "Window", "letterbox", "load_segmentation_inputs",
            "nodule_window", "normalise_frame", "sample_in"]
@@ -190,9 +190,12 @@ CROP_MARGIN = (0.3, 0.8)
 
 
 def load_segmentation_inputs(site_dir: str | Path, size: int, pre: PreprocessConfig | None = None,
-                             site: Site | None = None, seed: int = 0) -> SegmentationInputs:
-    """Every view of the site's valid patients, letterboxed to ``size``, with its drawn masks where they exist, and
-    for training views with a drawn nodule `CROPS_PER_VIEW` jittered nodule windows (drawn from ``seed``).
+                             site: Site | None = None, seed: int = 0, *, patients: list[PatientRecord] | None = None,
+                             for_prediction: bool = False) -> SegmentationInputs:
+    """Every view of the site's valid patients (or of `patients`), letterboxed to ``size``, with its drawn masks
+    where they exist, and for training views with a drawn nodule `CROPS_PER_VIEW` jittered nodule windows (drawn
+    from ``seed``). With ``for_prediction`` every view keeps its frame (to be segmented at two scales) and none gets
+    crops.
 
     The site's table is read and checked as `llnm-site check` reads it (`load_site`); its row problems are left to
     that check. A view whose files fail to read is reported by file and row and skipped.
@@ -204,7 +207,7 @@ def load_segmentation_inputs(site_dir: str | Path, size: int, pre: PreprocessCon
     rng = np.random.default_rng(seed)
     views: list[SegmentationView] = []
     problems: list[str] = []
-    for patient in site.patients:
+    for patient in site.patients if patients is None else patients:
         for view in VIEWS:
             files = patient.views[view]
             if files.image is None:
@@ -229,13 +232,13 @@ def load_segmentation_inputs(site_dir: str | Path, size: int, pre: PreprocessCon
                 patient_id=patient.patient_id, view=view, split=patient.split, row=patient.row,
                 image_path=files.image, whole=sample_in(window, frame, masks), window=window,
                 spacing_mm=image.spacing_mm)
-            if patient.split == "train" and nodule is not None and nodule.any():
+            if not for_prediction and patient.split == "train" and nodule is not None and nodule.any():
                 for _ in range(CROPS_PER_VIEW):
                     crop = nodule_window(nodule, size, margin=float(rng.uniform(*CROP_MARGIN)),
                                          shift=tuple(rng.uniform(-CROP_SHIFT, CROP_SHIFT, 2)))
                     assert crop is not None
                     item.crops.append(sample_in(crop, frame, masks))
-            if patient.split != "train":
+            if for_prediction or patient.split != "train":
                 item.frame = frame.astype(np.float16)
                 item.frame_masks = {name: m for name, m in masks.items() if m is not None}
             views.append(item)
