@@ -101,6 +101,18 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
         Figure("targets met (fraction of Bayes, image gap, step, shares)", "model_fidelity.json",
                (("headline", "2100", "met"),),
                lambda met: ", ".join(f"{k.replace('_', ' ')}: {'yes' if v else 'no'}" for k, v in met.items())),
+        Figure("what the training split can teach: a reader handed every finding, fitted on the same patients: "
+               "fraction of Bayes without / with the hospital as an input; its image gap", "model_fidelity.json",
+               (("headline", "2100", "oracle_fraction_of_bayes"),
+                ("headline", "2100", "oracle_site_aware_fraction_of_bayes"),
+                ("headline", "2100", "oracle_image_gap_to_bound")),
+               lambda a, b, g: f"{a:.3f} / {b:.3f}; {g:+.3f}",
+               headline="the same: a reader handed every finding, fitted on the same training patients: fraction "
+                        "of Bayes without / with the hospital as an input; its image gap"),
+        Figure("the same reader's fraction of Bayes by consortium size, without / with the hospital (mean of the "
+               "evaluation seeds)", "model_fidelity.json", (("oracle_curve", "sizes"),),
+               lambda sizes: "; ".join(f"{int(n):,}: {v['all']['fraction_of_bayes']:.3f} / "
+                                       f"{v['all+site']['fraction_of_bayes']:.3f}" for n, v in sizes.items())),
     ]),
     ("Federated against pooled training", "FedAvg of 7 simulated sites on the demo schedule (40 rounds of a "
      "quarter pass) against pooled training for the same 10 passes, on three synthetic consortia of 2,100 patients "
