@@ -12,16 +12,11 @@ import torch
 
 from shared_model.config import TrainConfig
 from shared_model.config.base import ConfigError
-from shared_model.evaluation.segmentation import predicted_masks, score_view, summarise
+from shared_model.evaluation.segmentation import predicted_masks, summarise
 from shared_model.model.segmenter import STRUCTURES, SegmenterConfig, build_segmenter, segmentation_loss
+from shared_model.model.segmenter_data import Sample, SegmentationView, letterbox, nodule_window
 from shared_model.model.segmenter_training import predict_frames, train_segmenter
-from shared_model.sitedata.segmentation_inputs import (
-    Sample,
-    SegmentationView,
-    letterbox,
-    load_segmentation_inputs,
-    nodule_window,
-)
+from shared_model.sitedata.segmentation_inputs import load_segmentation_inputs, score_view
 
 SMALL = {"image_size": 32, "features": [4, 4, 8, 8, 16, 4]}
 

@@ -1,11 +1,10 @@
 """How well a segmenter draws the thyroid and the nodule: per view, at the frame's own pixels, and per site.
 
-Per view and drawn structure (`score_view`): Dice and IoU of the prediction (probability >= 0.5 on the frame's
-pixels, `segmenter_training.predict_frames`) against the drawn mask; the 95th-percentile Hausdorff distance in mm
-where the frame is calibrated (MONAI's, with the pixel spacing); and, where both structures are drawn, the capsule
-distance derived from the predicted masks minus the one from the drawn masks, in mm (`geometry.capsule_distance`:
-the distance that carries the paper's 2.5 mm finding). An empty prediction scores Dice 0, and has no Hausdorff or
-capsule distance.
+Per view and drawn structure (`overlap_scores`): Dice and IoU of the prediction (probability >= 0.5 on the frame's
+pixels, `segmenter_training.predict_frames`; the nodule its largest component) against the drawn mask, and the
+95th-percentile Hausdorff distance in mm where the frame is calibrated (MONAI's, with the pixel spacing). An empty
+prediction scores Dice 0 and has no Hausdorff distance. The capsule-distance error needs the masks' geometry and is
+added at the site (`sitedata.segmentation_inputs.score_view`).
 
 `summarise` turns a site's views into aggregates that may leave the site: counts, means and medians per structure,
 never a per-view value.
@@ -20,17 +19,14 @@ from typing import Any
 import numpy as np
 
 from shared_model.model.segmenter import STRUCTURES
-from shared_model.sitedata.geometry import capsule_distance
-from shared_model.sitedata.segmentation_inputs import SegmentationView
+from shared_model.model.segmenter_data import largest_component
 
-__all__ = ["predicted_masks", "score_view", "summarise"]
+__all__ = ["overlap_scores", "predicted_masks", "summarise"]
 
 
 def predicted_masks(frame_probabilities: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The predicted masks (probability >= 0.5 on the frame's pixels); the nodule is its largest connected component
     only (one nodule per view, as the data contract has it)."""
-    from shared_model.model.segmenter_training import largest_component
-
     out = {name: frame_probabilities[name] >= 0.5 for name in STRUCTURES}
     out["nodule"] = largest_component(out["nodule"])
     return out
@@ -59,23 +55,18 @@ def _hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing_mm: tuple[float, float
     return float(value.reshape(-1)[0])
 
 
-def score_view(frame_probabilities: dict[str, np.ndarray], view: SegmentationView) -> dict[str, Any]:
-    """Scores of one view's prediction (`segmenter_training.predict_frames`) against its drawn masks
-    (`view.frame_masks`): per structure ``dice``, ``iou`` and ``hd95_mm``, and ``capsule_error_mm``; a structure
-    without a drawn mask is absent."""
-    pred = predicted_masks(frame_probabilities)
+def overlap_scores(pred: dict[str, np.ndarray], drawn: dict[str, np.ndarray],
+                   spacing_mm: tuple[float, float] | None) -> dict[str, Any]:
+    """Per structure with a non-empty drawn mask: ``dice``, ``iou`` and ``hd95_mm`` (None when uncalibrated or
+    either mask is empty) of the predicted mask against it."""
     out: dict[str, Any] = {}
     for name in STRUCTURES:
-        truth = view.frame_masks.get(name)
+        truth = drawn.get(name)
         if truth is None or not truth.any():
             continue
         dice, iou = _overlap(pred[name], truth)
         out[name] = {"dice": dice, "iou": iou,
-                     "hd95_mm": _hd95_mm(pred[name], truth, view.spacing_mm) if view.spacing_mm else None}
-    drawn = view.frame_masks
-    if (view.spacing_mm and "thyroid" in out and "nodule" in out and pred["nodule"].any() and pred["thyroid"].any()):
-        true_d = capsule_distance(drawn["thyroid"], drawn["nodule"], view.spacing_mm)
-        out["capsule_error_mm"] = capsule_distance(pred["thyroid"], pred["nodule"], view.spacing_mm) - true_d
+                     "hd95_mm": _hd95_mm(pred[name], truth, spacing_mm) if spacing_mm else None}
     return out
 
 

@@ -106,11 +106,7 @@ def model_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[str, 
     from shared_model.model.architectures import build_model
     from shared_model.model.configuration import ModelConfig
 
-    path = resolve_checkpoint(path)
-    state, meta = load_checkpoint(path)
-    if meta.get("task", "llnm") != "llnm":
-        raise CheckpointError(f"{path}: a segmenter's checkpoint (task: {meta['task']}), not an LLNM-Net's: it "
-                              "predicts masks (llnm-site segment), not LLNM risk")
+    path, state, meta = _checkpoint_of_task(path, "llnm")
     try:
         model_cfg = ModelConfig.from_dict(meta["model_config"])
         pre = PreprocessConfig.from_dict(meta["preprocess_config"])
@@ -131,11 +127,7 @@ def segmenter_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[s
     """
     from shared_model.model.segmenter import SegmenterConfig, build_segmenter
 
-    path = resolve_checkpoint(path)
-    state, meta = load_checkpoint(path)
-    if meta.get("task", "llnm") != "segment":
-        raise CheckpointError(f"{path}: an LLNM-Net's checkpoint (task: llnm), not a segmenter's: it predicts LLNM "
-                              "risk; segmenting needs a checkpoint of a segmentation run (task: segment)")
+    path, state, meta = _checkpoint_of_task(path, "segment")
     try:
         cfg = SegmenterConfig.from_dict(meta["segmenter_config"])
     except (TypeError, ValueError) as exc:
@@ -145,7 +137,26 @@ def segmenter_from_checkpoint(path: str | Path) -> tuple[torch.nn.Module, dict[s
     return model, meta
 
 
-def _check_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+#: Why a checkpoint of the other task is refused, by the task it is.
+_OTHER_TASK = {
+    "segment": "a segmenter's checkpoint (task: segment), not an LLNM-Net's: it predicts masks (llnm-site segment), "
+               "not LLNM risk",
+    "llnm": "an LLNM-Net's checkpoint (task: llnm), not a segmenter's: it predicts LLNM risk; segmenting needs a "
+            "checkpoint of a segmentation run (task: segment)",
+}
+
+
+def _checkpoint_of_task(path: str | Path, task: str) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]]:
+    """(file, state, side-car) of a checkpoint whose task is `task`; one of the other task is refused by name."""
+    path = resolve_checkpoint(path)
+    state, meta = load_checkpoint(path)
+    found = meta.get("task", "llnm")
+    if found != task:
+        raise CheckpointError(f"{path}: {_OTHER_TASK[found]}")
+    return path, state, meta
+
+
+def _check_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Tensor], network: str) -> None:
     """Load `state` into `model`, or refuse naming the tensors missing, unexpected or of another shape."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -161,5 +172,5 @@ def _check_weights(path: Path, model: torch.nn.Module, state: dict[str, torch.Te
             parts.append(f"{len(reshaped)} of another shape ({k}: {list(state[k].shape)}, the architecture's "
                          f"{list(expected[k].shape)})")
         raise CheckpointError(
-            f"{path}: its weights are not those of the {what} network its side-car describes: {'; '.join(parts)}")
+            f"{path}: its weights are not those of the {network} network its side-car describes: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)

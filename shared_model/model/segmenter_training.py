@@ -24,10 +24,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from shared_model.config import TrainConfig
 from shared_model.model.segmenter import STRUCTURES, segmentation_loss
-from shared_model.model.training import select_device
-from shared_model.sitedata.segmentation_inputs import Sample, SegmentationView, nodule_window
+from shared_model.model.segmenter_data import Sample, SegmentationView, largest_component, nodule_window
+from shared_model.model.training import make_optimizer, select_device
 
-__all__ = ["SegmentationDataset", "SegmenterTrainResult", "largest_component", "predict_frames", "train_segmenter"]
+__all__ = ["SegmentationDataset", "SegmenterTrainResult", "predict_frames", "train_segmenter"]
 
 
 class SegmentationDataset(Dataset):
@@ -74,11 +74,7 @@ def train_segmenter(model: nn.Module, views: Sequence[SegmentationView], cfg: Tr
     if not trainable:
         return SegmenterTrainResult(loss=float("nan"), num_examples=0, steps=0, seconds=0.0)
     params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                     weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(params, cfg)
     started = time.perf_counter()
     total, seen, steps = 0.0, 0, 0
     for epoch in range(cfg.local_epochs):
@@ -98,17 +94,6 @@ def train_segmenter(model: nn.Module, views: Sequence[SegmentationView], cfg: Tr
     model.eval()
     return SegmenterTrainResult(loss=total / max(seen, 1), num_examples=sum(1 for v in views if v.drawn.any()),
                                 steps=steps, seconds=time.perf_counter() - started)
-
-
-def largest_component(mask: np.ndarray) -> np.ndarray:
-    """The largest connected component of a boolean mask (one nodule per view, as the data contract has it)."""
-    from scipy import ndimage
-
-    labels, count = ndimage.label(mask)
-    if count <= 1:
-        return mask
-    sizes = ndimage.sum(mask, labels, range(1, count + 1))
-    return labels == (int(np.argmax(sizes)) + 1)
 
 
 @torch.no_grad()
