@@ -203,7 +203,10 @@ def headline(runs: dict[str, dict[str, Any]], role: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for size, entries in sorted(by_size.items(), key=lambda kv: int(kv[0])):
         fed = [e["federated"] for e in entries]
-        row = {"seeds": sorted(e["seed"] for e in entries),
+        # The runs that measured this row: theirs when they agree, else the latest (several commits are mixed).
+        made = sorted((e.get("provenance") or {} for e in entries), key=lambda p: str(p.get("date", "")))
+        row = {"provenance": made[-1], "provenance_agrees": all(m == made[-1] for m in made),
+               "seeds": sorted(e["seed"] for e in entries),
                "fraction_of_bayes": mean([f["fraction_of_bayes"] for f in fed]),
                "pooled_test_auc": mean([f["pooled_test_auc"] for f in fed]),
                "bayes_test_auc": mean([f["bayes_test_auc"] for f in fed]),
@@ -242,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--curve-sizes", default="2100,4200,9836,39451",
                     help="consortium sizes of the findings reader's learning curve (empty: none)")
+    ap.add_argument("--curve-only", action="store_true",
+                    help="train nothing: recompute the learning curve over the evaluation seeds --out records")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-fidelity"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "model_fidelity.json"))
     args = ap.parse_args(argv)
@@ -251,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tuning, evaluation, protocol = seeds
     runs: dict[str, Any] = {}
-    for seed in tuning + evaluation:
+    for seed in [] if args.curve_only else tuning + evaluation:
         data = consortium_for_seed(args.data_pattern, args.profile, args.patients, seed)
         work = Path(args.work) / f"{args.patients}-s{seed}" / time.strftime("%Y%m%d-%H%M%S")
         work.mkdir(parents=True, exist_ok=True)
@@ -277,9 +282,10 @@ def main(argv: list[str] | None = None) -> int:
     results["protocol"] = protocol | {"tuning_seeds": sorted(s for s, r in roles.items() if r == "tuning"),
                                       "evaluation_seeds": sorted(s for s, r in roles.items() if r == "evaluation")}
     sizes = [int(v) for v in args.curve_sizes.split(",") if v.strip()]
-    if sizes and evaluation:
-        results["oracle_curve"] = {"profile": args.profile, "seeds": evaluation,
-                                   "sizes": learning_curve(sizes, evaluation, args.profile)}
+    recorded = results["protocol"]["evaluation_seeds"]  # every evaluation seed in the file, not only this run's
+    if sizes and recorded:
+        results["oracle_curve"] = {"profile": args.profile, "seeds": recorded, "provenance": made,
+                                   "sizes": learning_curve(sizes, recorded, args.profile)}
     results["headline"] = headline(results["runs"], "evaluation")
     results["tuning_seeds_summary"] = headline(results["runs"], "tuning") or None
     write_result(args.out, results, made)
