@@ -109,6 +109,13 @@ SECTIONS: list[tuple[str, str, list[Figure]]] = [
                lambda a, b, g: f"{a:.3f} / {b:.3f}; {g:+.3f}",
                headline="the same: a reader handed every finding, fitted on the same training patients: fraction "
                         "of Bayes without / with the hospital as an input; its image gap"),
+        Figure("at 9,836 patients (the seeds run so far; image-only not run): pooled test AUC / Bayes AUC "
+               "(fraction of Bayes), the findings reader's fraction, the 2.5 mm step ratio", "model_fidelity.json",
+               (("headline", "9836", "pooled_test_auc"), ("headline", "9836", "bayes_test_auc"),
+                ("headline", "9836", "fraction_of_bayes"), ("headline", "9836", "oracle_fraction_of_bayes"),
+                ("headline", "9836", "location_step_ratio"), ("headline", "9836", "seeds")),
+               lambda a, b, f, o, r, seeds: f"{a:.3f} / {b:.3f} ({f:.3f}); reader {o:.3f}; step {r:.2f}; seed(s) "
+                                            f"{', '.join(map(str, seeds))} of the 3 the target needs"),
         Figure("the same reader's fraction of Bayes by consortium size, without / with the hospital (mean of the "
                "evaluation seeds)", "model_fidelity.json", (("oracle_curve", "sizes"),),
                lambda sizes: "; ".join(f"{int(n):,}: {v['all']['fraction_of_bayes']:.3f} / "
