@@ -43,14 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 BIN = Path(sys.executable).parent
 
-from _findings_oracle import findings_oracle, learning_curve  # noqa: E402
+from _findings_oracle import findings_oracle, learning_curve, read_truth  # noqa: E402
 from _provenance import provenance, write_result  # noqa: E402
 from _results import merge_side_by_side  # noqa: E402
 from _scoring import auc, paired_difference, score_test_split  # noqa: E402
@@ -62,12 +61,8 @@ TARGETS = {"fraction_of_bayes_min": 0.99, "image_gap_max": 0.01, "location_step_
 
 
 def _truth_risk(data: Path, ids: np.ndarray) -> np.ndarray:
-    frames = []
-    for path in sorted((data / "truth").glob("*.csv")):
-        df = pd.read_csv(path, usecols=["patient_id", "risk"])
-        df["id"] = path.stem + "/" + df["patient_id"]
-        frames.append(df)
-    risk = pd.concat(frames).set_index("id")["risk"]
+    truth = read_truth(data)
+    risk = truth.set_index(truth["site"] + "/" + truth["patient_id"])["risk"]
     return risk.loc[list(ids)].to_numpy(float)
 
 

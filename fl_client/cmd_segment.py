@@ -80,7 +80,7 @@ def segment_site(model_path: str, site_dir: str, *, out: str | None = None, cach
         "site": site.name, "data": str(site.root), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "segmenter": {"checkpoint": str(checkpoint), "sha256": sha, "round": meta.get("round"),
                       "config": cfg.to_dict(), "two_scales": refine},
-        "views": {}, "problems": [f"{p}" for p in site.problems if p.level == "error"], "unreadable": []}
+        "views": {}, "problems": [p.format() for p in site.problems if p.level == "error"], "unreadable": []}
     for start in range(0, len(site.patients), CHUNK_PATIENTS):
         chunk = site.patients[start : start + CHUNK_PATIENTS]
         inputs = load_segmentation_inputs(site.root, cfg.image_size, pre, site=site, patients=chunk,

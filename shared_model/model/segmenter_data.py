@@ -44,6 +44,13 @@ class Window:
         return (slice(r0, r1), slice(c0, c1),
                 slice(r0 - self.top, r1 - self.top), slice(c0 - self.left, c1 - self.left))
 
+    def covers(self) -> np.ndarray:
+        """The frame's pixels inside the window (boolean, ``rows x columns``)."""
+        fr, fc, _, _ = self._overlap()
+        out = np.zeros((self.rows, self.columns), dtype=bool)
+        out[fr, fc] = True
+        return out
+
     def to_canvas(self, array: np.ndarray, *, mask: bool) -> np.ndarray:
         """The window of a frame-sized array, resized onto the canvas (a mask thresholded at one half)."""
         fr, fc, wr, wc = self._overlap()

@@ -132,7 +132,7 @@ def predict_frames(model: nn.Module, views: Sequence[SegmentationView], *, refin
     crops = _canvas_probabilities(model, [w.to_canvas(views[i].frame.astype(np.float32), mask=False)
                                           for w, i in zip(windows, which, strict=True)], batch_size, dev)
     for window, index, probs in zip(windows, which, crops, strict=True):
-        inside = window.to_frame(np.ones((window.size, window.size), dtype=np.float32)) > 0.5
+        inside = window.covers()
         for i, name in enumerate(STRUCTURES):
             frames[index][name] = np.where(inside, window.to_frame(probs[i]), frames[index][name])
     return frames
