@@ -86,7 +86,13 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
             f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: the round "
             f"config splits each pass over the data across {protocol.EPOCH_PARTS}={parts} rounds, which "
             "patient-level DP-SGD does not account; the coordinator can set federation.rounds_per_epoch: 1")
-    model, tensors, global_state, config = _load_round_inputs(msg, settings)
+    task = _round_task(config)
+    if task == protocol.TASK_SEGMENT and privacy_cfg.enabled:
+        raise SitePolicyRefusal(
+            f"{protocol.POLICY_REFUSAL_MARKER}: site {name!r} refuses round {server_round} training: the round asks "
+            "for patient-level DP-SGD of the segmenter, which this site's software does not provide (a patient "
+            "contributes several samples the DP-SGD plan does not account); it will not train it without the "
+            "guarantee asked for")
     train_cfg = protocol.read_schema(config, protocol.TRAIN_CONFIG, TrainConfig)
     run_seed = int(train_cfg.seed)
     run_id = str(config.get(protocol.RUN_ID, context.run_id))
@@ -95,6 +101,14 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
         # A different seed every round and site, reproducible from the run's seed.
         "seed": run_seed * 1000003 + server_round * 101 + sum(map(ord, name)),
     })
+    echo = {protocol.SITE_RUN_ID: str(config.get(protocol.RUN_ID, "")), protocol.SITE_ROUND: str(server_round)}
+    if task == protocol.TASK_SEGMENT:
+        from fl_client.segment_task import train_segmenter_round
+
+        return train_segmenter_round(msg, settings, name, train_cfg=train_cfg, server_round=server_round,
+                                     run_id=run_id, parts=parts, run_seed=run_seed,
+                                     site_record=_site_record(settings, name, **echo))
+    model, tensors, global_state, config = _load_round_inputs(msg, settings)
     proximal_mu = float(config.get(protocol.PROXIMAL_MU, 0.0))
     train_tensors = tensors.subset("train")
     train_set = make_dataset(train_tensors)
@@ -162,10 +176,18 @@ def _handle_train(msg: Message, context: Context, site_dirs: list[str] | None,
     content = RecordDict({
         protocol.ARRAYS_RECORD: ArrayRecord(trainable_state(model)),
         protocol.METRICS_RECORD: MetricRecord(metrics),
-        protocol.SITE_RECORD: _site_record(settings, name, **{
-            protocol.SITE_RUN_ID: str(config.get(protocol.RUN_ID, "")), protocol.SITE_ROUND: str(server_round)}),
+        protocol.SITE_RECORD: _site_record(settings, name, **echo),
     })
     return Message(content, reply_to=msg)
+
+
+def _round_task(config: Any) -> str:
+    """What the round trains or evaluates (`protocol.TASK`; LLNM-Net when absent)."""
+    task = str(config.get(protocol.TASK, protocol.TASK_LLNM))
+    if task not in (protocol.TASK_LLNM, protocol.TASK_SEGMENT):
+        raise protocol.ProtocolError(f"round config: {protocol.TASK}={task!r} is not a task this site knows "
+                                     f"({protocol.TASK_LLNM}, {protocol.TASK_SEGMENT})")
+    return task
 
 
 def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None,
@@ -182,8 +204,16 @@ def _handle_evaluate(msg: Message, context: Context, site_dirs: list[str] | None
     server_round = int(config.get(protocol.SERVER_ROUND, 0))
     run_id = str(config.get(protocol.RUN_ID, context.run_id))
     check_eval_policy(settings, name, server_round, split)
-    explain_asked = bool(config.get(protocol.EXPLAIN, False))
     extra = {protocol.SITE_SPLIT: split}
+    if _round_task(config) == protocol.TASK_SEGMENT:
+        from fl_client.segment_task import evaluate_segmenter
+
+        metrics, seg_extra = evaluate_segmenter(msg, settings, name, split=split, server_round=server_round,
+                                                run_id=run_id)
+        return Message(RecordDict({protocol.METRICS_RECORD: MetricRecord(metrics),
+                                   protocol.SITE_RECORD: _site_record(settings, name, **extra, **seg_extra)}),
+                       reply_to=msg)
+    explain_asked = bool(config.get(protocol.EXPLAIN, False))
     withheld = _explanation_withheld(settings, name, run_id, server_round, config) if explain_asked else None
     explain = explain_asked and withheld is None
     sigma = 0.0

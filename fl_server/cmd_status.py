@@ -148,6 +148,10 @@ def _print_metrics_table(entry: dict) -> None:
     """The round's per-site metrics and the pooled ones, one row each."""
     from shared_model.text_table import format_table
 
+    if "dice" in (entry.get("pooled") or {}) or any("dice" in m for m in entry["sites"].values()):
+        print("\n".join(format_table(*segmentation_table(entry), indent=2)))
+        return
+
     def cell(m: dict, key: str) -> str:
         v = m.get(key)
         return f"{v:.3f}" if isinstance(v, (int, float)) else "-"
@@ -160,3 +164,26 @@ def _print_metrics_table(entry: dict) -> None:
              cell(m, "specificity")]
             for name, m in [*entry["sites"].items(), ("pooled", entry.get("pooled") or {})]]
     print("\n".join(format_table(["site", "n", "AUC", "95% CI", "acc", "sens", "spec"], rows, indent=2)))
+
+
+def segmentation_table(entry: dict) -> tuple[list[str], list[list[object]]]:
+    """(header, rows) of a segmentation round: per site and pooled, the views scored, each structure's mean Dice,
+    IoU and HD95 (mm), and the capsule-distance error (mean absolute, share within 1 mm)."""
+
+    def cell(value: object, unit: str = "") -> str:
+        return f"{value:.3f}{unit}" if isinstance(value, (int, float)) else "-"
+
+    header = ["site", "views"]
+    for s in ("thyroid", "nodule"):
+        header += [f"{s} Dice", "IoU", "HD95 mm"]
+    header += ["capsule |err| mm", "within 1 mm"]
+    rows: list[list[object]] = []
+    for name, m in [*entry["sites"].items(), ("pooled", entry.get("pooled") or {})]:
+        row: list[object] = [name, m.get("n", "-") if name != "pooled" else (m.get("thyroid") or {}).get("n", "-")]
+        for s in ("thyroid", "nodule"):
+            part = m.get(s) or {}
+            row += [cell(part.get("dice")), cell(part.get("iou")), cell(part.get("hd95_mm"))]
+        capsule = m.get("capsule_error_mm") or {}
+        row += [cell(capsule.get("mean_abs")), cell(capsule.get("within_1mm"))]
+        rows.append(row)
+    return header, rows

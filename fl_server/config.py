@@ -30,6 +30,7 @@ from shared_model.config import (
     format_validation_error,
 )
 from shared_model.model.configuration import ModelConfig
+from shared_model.model.segmenter import SegmenterConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "parse_set_options"]
 
@@ -55,6 +56,17 @@ class ModelSection(Schema):
     preset: Literal["tiny", "paper", "feature-head", "dp-attention"] = "tiny"
     # `ModelConfig` fields that replace the preset's values; the sizes, pathways and clinical tokens that
     # preprocessing fixes are filled in from the preprocess section unless given here (`architecture()`).
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class SegmenterSection(Schema):
+    """The nodule and thyroid segmenter that a `task: segment` experiment trains: a named `SegmenterConfig` preset
+    and the fields that change it."""
+
+    # unet-small (128 px, about 0.46M parameters, CPU-sized) or unet-256 (256 px, twice the widths, for a GPU):
+    # `SegmenterConfig.PRESETS`.
+    preset: Literal["unet-small", "unet-256"] = "unet-small"
+    # `SegmenterConfig` fields that replace the preset's values.
     overrides: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -245,6 +257,11 @@ class ExperimentConfig(Schema):
     # The experiment's name: the start of the run's identity that the sites see and log, and the run's name in
     # its records and report.
     name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9._-]{1,80}$")
+    # What the run trains: llnm (LLNM-Net, from the sites' images, masks, reports and clinical values) or segment
+    # (the nodule and thyroid segmenter of the `segmenter` section, on the views whose masks the sites have drawn;
+    # `llnm-site segment` then predicts the masks the others lack).
+    task: Literal["llnm", "segment"] = "llnm"
+    segmenter: SegmenterSection = Field(default_factory=SegmenterSection)
     data: DataSection = Field(default_factory=DataSection)
     model: ModelSection = Field(default_factory=ModelSection)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
@@ -275,6 +292,10 @@ class ExperimentConfig(Schema):
         overrides.setdefault("clinical_levels", inputs.token_levels)
         return ModelConfig.preset(self.model.preset, **overrides)
 
+    def segmenter_architecture(self) -> SegmenterConfig:
+        """The segmenter of a `task: segment` run: the preset with the overrides."""
+        return SegmenterConfig.preset(self.segmenter.preset, **self.segmenter.overrides)
+
     def data_epochs(self) -> int:
         """How many times the federation passes over each site's training data: what `baseline` trains for
         unless baseline.epochs says otherwise (equal compute)."""
@@ -302,7 +323,9 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
         cfg.architecture().check_inputs(cfg.preprocess.inputs, "model.overrides")
     except (ConfigError, ValueError) as exc:
         raise ConfigError(f"{source}: model: {exc}") from None
-    if cfg.evaluation.explain and (cfg.architecture().architecture != "llnm-net"
+    if cfg.task == "segment":
+        _check_segment_task(cfg, source)
+    elif cfg.evaluation.explain and (cfg.architecture().architecture != "llnm-net"
                                    or cfg.architecture().image_features != "maps"):
         raise ConfigError(f"{source}: evaluation.explain: explanations need the LLNM-Net transformer on the "
                           f"image feature maps, but model.preset is {cfg.model.preset!r}; set evaluation.explain: "
@@ -362,6 +385,23 @@ def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = No
             "can be enforced; use server-fixed or client-fixed clipping, or remove max_epsilon"
         )
     return cfg
+
+
+def _check_segment_task(cfg: ExperimentConfig, source: str) -> None:
+    """What a segmentation run cannot do (yet), said before anything runs."""
+    try:
+        cfg.segmenter_architecture()
+    except (ConfigError, ValueError) as exc:
+        raise ConfigError(f"{source}: segmenter: {exc}") from None
+    if cfg.evaluation.explain:
+        raise ConfigError(f"{source}: evaluation.explain: explanations are LLNM-Net's (feature-group shares of a "
+                          "risk); a task: segment run has none. Set evaluation.explain: false")
+    if cfg.privacy.patient.enabled:
+        raise ConfigError(
+            f"{source}: privacy.patient.enabled: patient-level DP-SGD is not available for task: segment. A patient "
+            "contributes several training samples (each view, whole and cropped around the nodule), which the "
+            "DP-SGD plan, sampling one item per patient, does not account. Train the segmenter without it (the "
+            "masks and pixels still never leave the sites), or with site-level DP (privacy.site)")
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:

@@ -9,7 +9,7 @@ from typing import Any
 from fl_server.records import Failure, RoundRecord
 from shared_model import protocol
 
-__all__ = ["explanation_lines", "quorum_message", "round_line", "site_line"]
+__all__ = ["explanation_lines", "quorum_message", "round_line", "segmentation_line", "site_line"]
 
 #: The app hash in a site's refusal of an app it has not approved (`fl_client.app_gate`).
 _UNAPPROVED_APP = re.compile(r"app ([0-9a-f]{64}) is not approved")
@@ -48,15 +48,33 @@ def _fmt(v: Any) -> str:
 
 
 def site_line(sites: dict[str, Any], pooled: dict[str, Any]) -> str:
-    """Each site's AUC and the pooled AUC, on one line."""
+    """Each site's AUC and the pooled AUC, on one line; in a segmentation run, each site's Dice of the thyroid and
+    the nodule and the pooled ones with the capsule-distance error."""
+    if "dice" in pooled or any("dice" in m for m in sites.values()):
+        return segmentation_line(sites, pooled)
     parts = [f"{name} {_fmt(m.get('auc'))}" for name, m in sites.items()]
     return "AUC " + ", ".join(parts) + f" | pooled {_fmt(pooled.get('auc'))}"
+
+
+def segmentation_line(sites: dict[str, Any], pooled: dict[str, Any]) -> str:
+    """Dice thyroid/nodule per site (views scored), pooled, and the pooled capsule-distance error."""
+
+    def pair(m: dict[str, Any]) -> str:
+        return "/".join(_fmt((m.get(s) or {}).get("dice")) for s in ("thyroid", "nodule"))
+
+    parts = [f"{name} {pair(m)} (n={m.get('n', 0)}{', DP' if 'dp' in m else ''})" for name, m in sites.items()]
+    capsule = pooled.get("capsule_error_mm") or {}
+    tail = (f" | capsule-distance error {_fmt(capsule.get('mean_abs'))} mm mean absolute, "
+            f"{_fmt(capsule.get('within_1mm'))} within 1 mm (n={capsule.get('n', 0)})" if capsule.get("n") else "")
+    return "Dice thyroid/nodule " + ", ".join(parts) + f" | pooled {pair(pooled)}" + tail
 
 
 def round_line(entry: RoundRecord, rounds: int) -> str:
     fails = "; ".join(f"{f['site']} {f['phase']}: {f['reason']}" for f in entry["failures"])
     metrics = (f"{entry['split']} " + site_line(entry["sites"], entry["pooled"]) if entry["sites"]
                else f"trained by {len(entry['participants'])} site(s), not evaluated (federation.eval_every)")
+    if entry.get("idle"):
+        metrics += f" | nothing to train at {', '.join(entry['idle'])}"
     return (f"[llnm] round {entry['round']}/{rounds} ({entry['seconds']:.0f} s) " + metrics
             + (f" | failed: {fails}" if fails else ""))
 

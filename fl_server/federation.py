@@ -89,7 +89,7 @@ class Federation:
         for r in outcome.replies:
             self.sites.site_names.setdefault(r.metadata.src_node_id, reply_site_name(r))
         failures = outcome.failures + self.sites.offline_sites(nodes, "evaluate", outcome.failures)
-        return read_evaluation(outcome.replies, failures, explain=explain)
+        return read_evaluation(outcome.replies, failures, explain=explain, task=self.exp.task)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> MetricsFile:
@@ -187,6 +187,11 @@ class Federation:
             self.sites.known_sites.add(name)
             m = r.content[protocol.METRICS_RECORD]
             train_sites[name] = {k: (none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
+        # A site that trained nothing (a segmentation round at a site without drawn masks) answered, and counts
+        # towards the quorum, but its unchanged model is neither screened nor averaged in.
+        idle = sorted(self._name(r.metadata.src_node_id) for r in outcome.replies
+                      if int(r.content[protocol.METRICS_RECORD].get(protocol.NUM_EXAMPLES, 1)) == 0)
+        outcome.replies = [r for r in outcome.replies if self._name(r.metadata.src_node_id) not in idle]
         if self.ledger is not None:
             outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
         if not fed.secure_aggregation:
@@ -200,9 +205,15 @@ class Federation:
             for failure in rejected:
                 self.say(f"[llnm] round {rnd}: {failure['site']}: {failure['reason']}")
             failures += rejected
-        if len(outcome.replies) < fed.min_sites:
+        if len(outcome.replies) + len(idle) < fed.min_sites:
             self._record_failed_round(rnd, failures, train_sites)
-            raise QuorumNotMet(quorum_message(rnd, len(outcome.replies), fed.min_sites, failures, self.rd.path))
+            raise QuorumNotMet(quorum_message(rnd, len(outcome.replies) + len(idle), fed.min_sites, failures,
+                                              self.rd.path))
+        if not outcome.replies:
+            self._record_failed_round(rnd, failures, train_sites)
+            raise QuorumNotMet(f"round {rnd}: no site had anything to train on ({', '.join(idle)} replied with 0 "
+                               "examples)" + (": no site has drawn masks in its training split"
+                                              if self.exp.task == "segment" else ""))
         # Which instruction each aggregated update answers: a reply can only be one to this round's messages.
         aggregated = {self._name(r.metadata.src_node_id): str(r.metadata.reply_to_message_id)
                       for r in outcome.replies}
@@ -226,7 +237,8 @@ class Federation:
             "pooled": ev.pooled,
             "train": dict(sorted(train_sites.items())),
             "failures": failures + ev.failures,
-            "participants": sorted(train_sites),
+            "participants": sorted(set(train_sites) - set(idle)),
+            "idle": idle,
             "aggregated": dict(sorted(aggregated.items())),
             "seconds": round(time.perf_counter() - t0, 3),
             "train_seconds": train_seconds,
@@ -272,8 +284,11 @@ class Federation:
     def _save_round(self, rnd: int, arrays: ArrayRecord, strategy: Strategy, entry: RoundRecord) -> None:
         rd = self.rd
         state = arrays.to_torch_state_dict()
+        network = ({"task": "segment", "segmenter_config": self.exp.segmenter_architecture().to_dict()}
+                   if self.exp.task == "segment"
+                   else {"task": "llnm", "model_config": self.exp.architecture().to_dict()})
         rd.save_checkpoint(rnd, state, {
-            "model_config": self.exp.architecture().to_dict(),
+            **network,
             "preprocess_config": self.exp.preprocess.to_dict(),
             "experiment": self.exp.name,
             "split": entry["split"],

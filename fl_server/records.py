@@ -32,6 +32,7 @@ class RoundRecord(TypedDict):
     train: dict[str, dict[str, Any]]  # the training metrics each site sent
     failures: list[Failure]
     participants: list[str]  # the sites whose update was aggregated
+    idle: NotRequired[list[str]]  # sites that replied with nothing trained (no drawn masks in a segmentation round)
     aggregated: dict[str, str]  # site -> the id of the instruction its aggregated update answers
     seconds: float
     train_seconds: float

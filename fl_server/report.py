@@ -266,9 +266,21 @@ def write_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
     from fl_server.model_card import render_model_card
     from shared_model.fileio import atomic_write_json, atomic_write_text
 
-    report = build_report(run_dir, compare)
     run = Path(run_dir)
-    atomic_write_text(run / "model_card.md", render_model_card(report["run"], report["model_card"]))
+    rd = RunDirectory(run)
+    if rd.metrics_path.is_file() and rd.load_config().task == "segment":
+        from fl_server.segmentation_report import (
+            build_segmentation_report,
+            render_segmentation_card,
+            render_segmentation_html,
+        )
+
+        report = build_segmentation_report(rd, rd.load_config(), dict(rd.metrics()), compare)
+        card, page = render_segmentation_card(report["run"], report["model_card"]), render_segmentation_html(report)
+    else:
+        report = build_report(run_dir, compare)
+        card, page = render_model_card(report["run"], report["model_card"]), render_html(report)
+    atomic_write_text(run / "model_card.md", card)
     atomic_write_json(run / "report.json", report)
-    atomic_write_text(run / "report.html", render_html(report))
+    atomic_write_text(run / "report.html", page)
     return run / "report.json", run / "report.html"

@@ -35,9 +35,14 @@ class Evaluation:
         return cls({}, {}, [], {}, {}, {})
 
 
-def read_evaluation(replies: list[Message], failures: list[Failure], *, explain: bool) -> Evaluation:
-    """Decode the sites' replies; pooled metrics come from their histograms alone, never from patient rows."""
+def read_evaluation(replies: list[Message], failures: list[Failure], *, explain: bool,
+                    task: str = protocol.TASK_LLNM) -> Evaluation:
+    """Decode the sites' replies; pooled metrics come from their histograms (or a segmentation round's sums) alone,
+    never from patient rows."""
     from shared_model.evaluation.metrics import metrics_from_histograms
+
+    if task == protocol.TASK_SEGMENT:
+        return _read_segmentation(replies, failures)
 
     sites: dict[str, Any] = {}
     hists: dict[str, Any] = {}
@@ -63,3 +68,21 @@ def read_evaluation(replies: list[Message], failures: list[Failure], *, explain:
     pooled = {k: none_if_nan(v) if isinstance(v, float) else v for k, v in pooled.items()}
     return Evaluation(dict(sorted(sites.items())), pooled, failures, dict(sorted(hists.items())),
                       dict(sorted(explanations.items())), withheld)
+
+
+def _read_segmentation(replies: list[Message], failures: list[Failure]) -> Evaluation:
+    """A segmentation round's replies: each site's summary, and the pooled one from the sums of all sites (noisy
+    sums added as they are when any site answered with DP)."""
+    from shared_model.protocol import segmentation_metrics
+
+    sites: dict[str, Any] = {}
+    sums: list[dict[str, float]] = []
+    for r in replies:
+        name = reply_site_name(r)
+        sites[name], site_sums = segmentation_metrics.decode(r.content[protocol.METRICS_RECORD])
+        sums.append(site_sums)
+    noisy = any("dp" in m for m in sites.values())
+    pooled = segmentation_metrics.pool(sums, noisy=noisy)
+    if pooled and noisy:
+        pooled["noisy"] = True
+    return Evaluation(dict(sorted(sites.items())), pooled, failures, {}, {}, {})

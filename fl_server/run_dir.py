@@ -319,41 +319,45 @@ class PlainFormatter(logging.Formatter):
 def best_round_choice(rounds: list[RoundRecord]) -> dict[str, Any] | None:
     """The round whose global model is best on validation, compared over the same sites.
 
-    A pooled AUC depends on which sites evaluated: a round that three sites evaluated and one that four did
-    are not measured on the same patients. So: when every round with a pooled AUC was evaluated by the same
-    sites, the highest pooled AUC wins. Otherwise each round is scored on the patient-weighted mean of the
-    per-site AUCs of the sites that have one in every such round (the common sites, whose validation patients
-    do not change); with no common site, the rounds evaluated by the most sites are compared on their pooled
-    AUC. Ties go to the earlier round. Returns ``{"round", "criterion", "value", "sites"}`` or None.
+    The score is the AUC (LLNM-Net) or, in a segmentation run, the mean Dice of the two structures. A pooled score
+    depends on which sites evaluated: a round that three sites evaluated and one that four did are not measured on
+    the same patients. So: when every round with a pooled score was evaluated by the same sites, the highest pooled
+    score wins. Otherwise each round is scored on the weighted mean (patients, or views) of the per-site scores of
+    the sites that have one in every such round (the common sites, whose validation patients do not change); with
+    no common site, the rounds evaluated by the most sites are compared on their pooled score. Ties go to the
+    earlier round. Returns ``{"round", "criterion", "value", "sites"}`` or None.
     """
-    scored = [r for r in rounds if (r.get("pooled") or {}).get("auc") is not None]
+    key = "dice" if any("dice" in (r.get("pooled") or {}) for r in rounds) else "auc"
+    label = {"dice": "mean Dice", "auc": "AUC"}[key]
+    scored = [r for r in rounds if (r.get("pooled") or {}).get(key) is not None]
     if not scored:
         return None
 
-    def with_auc(r: RoundRecord) -> frozenset[str]:
-        return frozenset(s for s, m in (r.get("sites") or {}).items() if m.get("auc") is not None)
+    def with_score(r: RoundRecord) -> frozenset[str]:
+        return frozenset(s for s, m in (r.get("sites") or {}).items() if m.get(key) is not None)
 
-    sets = [with_auc(r) for r in scored]
+    sets = [with_score(r) for r in scored]
     split = scored[0].get("split", "val")
     if len(set(sets)) == 1:
-        best = max(scored, key=lambda r: (r["pooled"]["auc"], -r["round"]))
-        return {"round": best["round"], "criterion": f"pooled {split} AUC", "value": best["pooled"]["auc"],
+        best = max(scored, key=lambda r: (r["pooled"][key], -r["round"]))
+        return {"round": best["round"], "criterion": f"pooled {split} {label}", "value": best["pooled"][key],
                 "sites": sorted(sets[0])}
     common = frozenset.intersection(*sets)
     if common:
-        def mean_auc(r: RoundRecord) -> float:
+        def mean_score(r: RoundRecord) -> float:
             sites = r["sites"]
             n = sum(sites[s].get("n") or 1 for s in common)
-            return sum((sites[s].get("n") or 1) * sites[s]["auc"] for s in common) / n
+            return sum((sites[s].get("n") or 1) * sites[s][key] for s in common) / n
 
-        best = max(scored, key=lambda r: (mean_auc(r), -r["round"]))
-        return {"round": best["round"], "value": mean_auc(best), "sites": sorted(common),
-                "criterion": f"patient-weighted mean {split} AUC of the sites that evaluated every round"}
+        best = max(scored, key=lambda r: (mean_score(r), -r["round"]))
+        return {"round": best["round"], "value": mean_score(best), "sites": sorted(common),
+                "criterion": f"{'view' if key == 'dice' else 'patient'}-weighted mean {split} {label} of the sites "
+                             "that evaluated every round"}
     most = max(len(x) for x in sets)
     widest = [r for r, x in zip(scored, sets, strict=True) if len(x) == most]
-    best = max(widest, key=lambda r: (r["pooled"]["auc"], -r["round"]))
-    return {"round": best["round"], "value": best["pooled"]["auc"], "sites": sorted(with_auc(best)),
-            "criterion": f"pooled {split} AUC among the rounds the most sites evaluated (no site evaluated all)"}
+    best = max(widest, key=lambda r: (r["pooled"][key], -r["round"]))
+    return {"round": best["round"], "value": best["pooled"][key], "sites": sorted(with_score(best)),
+            "criterion": f"pooled {split} {label} among the rounds the most sites evaluated (no site evaluated all)"}
 
 
 def _best_round(rounds: list[RoundRecord]) -> int | None:

@@ -16,11 +16,17 @@ from shared_model import protocol
 
 
 def initial_state(exp: ExperimentConfig) -> dict[str, torch.Tensor]:
-    """The round-0 global model, reproducible from the run's seed."""
-    from shared_model.model.architectures import build_model
-
+    """The round-0 global model (LLNM-Net, or the segmenter of a `task: segment` run), reproducible from the
+    run's seed."""
     torch.manual_seed(exp.train.seed)
-    model = build_model(exp.architecture())
+    if exp.task == "segment":
+        from shared_model.model.segmenter import build_segmenter
+
+        model = build_segmenter(exp.segmenter_architecture())
+    else:
+        from shared_model.model.architectures import build_model
+
+        model = build_model(exp.architecture())
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
@@ -90,14 +96,18 @@ def round_config(exp: ExperimentConfig, server_round: int, *, split: str | None 
         "lr": scheduled_lr(exp.train, min(max(server_round, 1), total) - 1, total)})
     values: dict[str, Any] = {
         protocol.RUN_ID: run_id or exp.name,
+        protocol.TASK: exp.task,
         protocol.TOTAL_ROUNDS: total,
-        protocol.MODEL_CONFIG: exp.architecture().to_json(),
         protocol.PREPROCESS_CONFIG: exp.preprocess.to_json(),
         protocol.TRAIN_CONFIG: train.to_json(),
         protocol.PRIVACY_CONFIG: exp.privacy.patient.to_json(),
         protocol.EVAL_SPLIT: split or exp.federation.eval_split,
         protocol.EVAL_BOOTSTRAP: int(exp.federation.eval_bootstrap),
     }
+    if exp.task == "segment":
+        values[protocol.SEGMENTER_CONFIG] = exp.segmenter_architecture().to_json()
+    else:
+        values[protocol.MODEL_CONFIG] = exp.architecture().to_json()
     if exp.federation.strategy == "fedprox":
         values[protocol.PROXIMAL_MU] = float(exp.federation.proximal_mu)
     if exp.federation.rounds_per_epoch > 1:

@@ -28,6 +28,11 @@ is a release of the Gaussian mechanism:
   and predicted positives and probability sum have L2 norm at most ``EXPLANATION_SENSITIVITY``, so the noise is
   ``sigma * EXPLANATION_SENSITIVITY`` (`fl_client.explain.aggregates`).
 
+* **Segmentation** (a `task: segment` round): the release is the vector of sums over the scored views of
+  `shared_model.protocol.segmentation_metrics`. One view adds a vector of ``len(SUM_KEYS)`` values, each at most
+  1 in absolute value, and a patient has at most two views, so one patient changes it by at most
+  ``SEGMENTATION_SENSITIVITY`` in L2 and each sum gets noise ``sigma * SEGMENTATION_SENSITIVITY``.
+
 A site can opt out with ``exact-evaluation`` (its replies are then exact and its validation and test patients
 unprotected; its record and `llnm-site privacy` say so).
 """
@@ -45,6 +50,7 @@ from fl_client.privacy.site_record import locked_record
 from fl_client.settings import EXACT_EVALUATION, MAX_EVAL_EPSILON, SiteSettings
 from shared_model import protocol
 from shared_model.dp_accounting import epsilon_for, gaussian_sigma
+from shared_model.protocol import segmentation_metrics
 
 #: Bins of a DP evaluate reply's histogram (at most the site's max-histogram-bins). Each bin's count carries
 #: noise of the same size, so fewer bins mean less noise on every curve; 10 keeps 0.5 and every 0.1 an edge.
@@ -54,6 +60,9 @@ DP_EVAL_BINS = 10
 #: patient count (shares are non-negative and sum to 1), 2 for each location's bin (count, observed, predicted,
 #: probability, each at most 1), for the capsule-distance and the lobe-third bins.
 EXPLANATION_SENSITIVITY = math.sqrt(2.0 + 4.0 + 4.0)
+#: L2 bound of one patient's contribution to a segmentation reply's sums: two views, each a vector of
+#: `segmentation_metrics.SUM_KEYS` values bounded by 1 in absolute value.
+SEGMENTATION_SENSITIVITY = 2.0 * math.sqrt(len(segmentation_metrics.SUM_KEYS))
 #: Parametric-bootstrap draws for the AUC interval of a DP reply.
 DP_BOOTSTRAP = 200
 
@@ -74,6 +83,17 @@ def noisy_counts(counts: np.ndarray, sigma: float, *, clip: bool = False) -> np.
         counts = counts + gaussian_noise(counts.shape, sigma)
     out = np.rint(counts)
     return (np.clip(out, 0, None) if clip else out).astype(np.int64)
+
+
+def noisy_segmentation_sums(scores: Sequence[dict[str, Any]], sigma: float) -> tuple[np.ndarray, float]:
+    """(the noisy sums of a segmentation reply, the standard deviation of the noise on each): the views' sums plus
+    Gaussian noise of ``sigma * SEGMENTATION_SENSITIVITY``, `sigma` being the site's noise for a sensitivity-1
+    release at its evaluation epsilon."""
+    length = len(segmentation_metrics.SUM_KEYS)
+    sums = (np.sum([segmentation_metrics.view_vector(s) for s in scores], axis=0) if scores
+            else np.zeros(length))
+    noise_sd = float(sigma) * SEGMENTATION_SENSITIVITY
+    return sums + gaussian_noise(length, noise_sd), noise_sd
 
 
 def dense_histogram(y: np.ndarray, score: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:

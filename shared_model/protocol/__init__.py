@@ -52,6 +52,12 @@ ASK_SITE_NAME = "site-name"
 
 # ---- the round config (ConfigRecord `config` of train / evaluate messages) ----------------------------
 RUN_ID = "run-id"
+# What the round trains and evaluates: "llnm" (LLNM-Net, the default when absent) or "segment" (the nodule and thyroid
+# segmenter; its evaluate replies are `shared_model.protocol.segmentation_metrics`).
+TASK = "task"
+TASK_LLNM = "llnm"
+TASK_SEGMENT = "segment"
+SEGMENTER_CONFIG = "segmenter-config"  # task segment: JSON of shared_model.model.segmenter.SegmenterConfig
 # Train messages: "float16" asks for float16 differences from the sent model (absent: float32 weights).
 UPDATE_TRANSPORT = "update-transport"
 SERVER_ROUND = "server-round"  # set by Flower's strategies in configure_train / configure_evaluate
