@@ -41,10 +41,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="cine frame to decode: first, middle (default), last or a 0-based index (as in training)",
     )
     parser.add_argument(
+        "--masks", choices=["drawn", "predicted", "drawn-else-predicted"],
+        help="show where each view's masks would come from under this preprocess.masks (default: the "
+        "--experiment's, else the drawn ones only); predicted masks are those `llnm-site segment` wrote",
+    )
+    parser.add_argument("--segmenter-sha256", metavar="HASH",
+                        help="the segmenter whose predicted masks --masks uses (what llnm-site segment prints)")
+    parser.add_argument("--cache-dir", help="the site's cache folder, where llnm-site segment wrote its masks "
+                        "(default $LLNM_CACHE_DIR or ~/.cache/llnm-fl)")
+    parser.add_argument(
         "--experiment", type=Path, metavar="CONFIG.yaml",
         help="judge the table against this experiment's preprocess.inputs (what its rounds would ask of the "
         "site) instead of the site's own declaration in site.yaml",
     )
+
+
+def _mask_config(args: argparse.Namespace):
+    """The preprocessing whose mask source to show: --masks with --segmenter-sha256, else the experiment's
+    preprocess section; None when the masks are the drawn ones."""
+    import yaml
+
+    from shared_model.config import PreprocessConfig
+
+    if args.masks is not None:
+        return PreprocessConfig.from_dict({"masks": args.masks, "segmenter_sha256": args.segmenter_sha256},
+                                          source="--masks/--segmenter-sha256")
+    if args.experiment is None:
+        return None
+    data = yaml.safe_load(args.experiment.read_text(encoding="utf-8")) or {}
+    section = (data.get("preprocess") or {}) if isinstance(data, dict) else {}
+    cfg = PreprocessConfig.from_dict(section, source=f"{args.experiment}: preprocess")
+    return None if cfg.masks == "drawn" else cfg
+
+
+def _mask_source_report(site_dir: Path, cfg, cache_dir: str | None) -> dict:
+    """Per patient and view where each structure's mask comes from, and the counts."""
+    from collections import Counter
+
+    from shared_model.sitedata.cache import check_cache_dir, default_cache_dir
+    from shared_model.sitedata.contract import load_site
+    from shared_model.sitedata.mask_source import mask_sources
+
+    site = load_site(site_dir, cfg.inputs)
+    sources = mask_sources(site, cfg, check_cache_dir(default_cache_dir(cache_dir), site.root))
+    counts = Counter(f"{view} {structure} {source}" for views in sources.values()
+                     for view, row in views.items() for structure, source in row.items())
+    return {"masks": cfg.masks, "segmenter_sha256": cfg.segmenter_sha256, "counts": dict(sorted(counts.items())),
+            "patients": sources}
+
+
+def _mask_source_lines(found: dict) -> list[str]:
+    from shared_model.sitedata.records import VIEWS
+    from shared_model.text_table import format_table
+
+    rows = []
+    for view in VIEWS:
+        for structure in ("thyroid", "nodule"):
+            rows.append([f"{view} {structure}"] + [found["counts"].get(f"{view} {structure} {source}", 0)
+                                                   for source in ("drawn", "predicted", "missing")])
+    return [f"\nmask sources (preprocess.masks: {found['masks']}, segmenter {found['segmenter_sha256'][:12]}...):",
+            *format_table(["mask", "drawn", "predicted", "missing"], rows)]
 
 
 def _experiment_inputs(path: Path):
@@ -85,8 +141,21 @@ def run(args: argparse.Namespace) -> int:
             print(f"llnm-site check: {exc}", file=sys.stderr)
             return EXIT_NO_SITE
     report = check_site(site_dir, deep=not args.quick, frame=args.frame, inputs=inputs)
+    sources = None
+    try:
+        cfg = _mask_config(args)
+        if cfg is not None:
+            sources = _mask_source_report(site_dir, cfg, args.cache_dir)
+    except (ValueError, OSError) as exc:  # ConfigError is a ValueError
+        print(f"llnm-site check: mask sources: {exc}", file=sys.stderr)
+        return EXIT_ERRORS
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        data = report.to_dict()
+        if sources is not None:
+            data["mask_sources"] = sources
+        print(json.dumps(data, indent=2, ensure_ascii=False))
     else:
         print(report.format_text())
+        if sources is not None:
+            print("\n".join(_mask_source_lines(sources)))
     return EXIT_USABLE if report.usable else EXIT_ERRORS

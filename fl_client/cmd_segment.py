@@ -33,13 +33,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--single-scale", action="store_true", help="no nodule window: the whole frame only")
 
 
-def predicted_masks_dir(cache_dir: str | Path | None, site_name: str, segmenter_sha256: str) -> Path:
-    """Where a site's masks predicted by one segmenter live by default."""
-    from shared_model.sitedata.cache import default_cache_dir
-
-    return default_cache_dir(cache_dir) / "predicted-masks" / f"{site_name}-{segmenter_sha256[:12]}"
-
-
 def _save_mask(path: Path, mask: Any, sha256: str) -> None:
     import numpy as np
     from PIL import Image
@@ -61,7 +54,9 @@ def segment_site(model_path: str, site_dir: str, *, out: str | None = None, cach
     from shared_model.model.checkpoint import resolve_checkpoint, segmenter_from_checkpoint
     from shared_model.model.segmenter import SegmenterConfig
     from shared_model.model.segmenter_training import predict_frames
+    from shared_model.sitedata.cache import check_cache_dir, default_cache_dir
     from shared_model.sitedata.contract import load_site
+    from shared_model.sitedata.mask_source import MANIFEST, predicted_masks_dir
     from shared_model.sitedata.segmentation_inputs import load_segmentation_inputs
 
     checkpoint = resolve_checkpoint(model_path)
@@ -70,11 +65,13 @@ def segment_site(model_path: str, site_dir: str, *, out: str | None = None, cach
     pre = PreprocessConfig.from_dict(meta["preprocess_config"])
     sha = str(meta["sha256"])
     site = load_site(site_dir)
-    target = Path(out) if out else predicted_masks_dir(cache_dir, site.name, sha)
-    resolved = target.expanduser().resolve()
-    if resolved == site.root or site.root in resolved.parents:
-        raise ValueError(f"{resolved} is inside the site folder {site.root}: llnm-fl never writes into a site "
-                         "folder; choose another --out")
+    if out:
+        resolved = Path(out).expanduser().resolve()
+        if resolved == site.root or site.root in resolved.parents:
+            raise ValueError(f"{resolved} is inside the site folder {site.root}: llnm-fl never writes into a site "
+                             "folder; choose another --out")
+    else:
+        resolved = predicted_masks_dir(check_cache_dir(default_cache_dir(cache_dir), site.root), site.name, sha)
     (resolved / "masks").mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {
         "site": site.name, "data": str(site.root), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -99,7 +96,7 @@ def segment_site(model_path: str, site_dir: str, *, out: str | None = None, cach
     manifest["counts"] = {"patients": len(manifest["views"]), "views": len(entries),
                           "nodule_found": sum(e["nodule_found"] for e in entries),
                           "unreadable": len(manifest["unreadable"])}
-    atomic_write_json(resolved / "manifest.json", manifest, indent=2)
+    atomic_write_json(resolved / MANIFEST, manifest, indent=2)
     manifest["out"] = str(resolved)
     return manifest
 

@@ -179,6 +179,11 @@ class PreprocessConfig(Schema):
         text: the frozen report encoder (its weight hash and token length are part of the fingerprint).
         inputs: which modalities and clinical variables exist (`shared_model.config.inputs`); the defaults are the
             paper's (two views, the report, age and sex).
+        masks: where the thyroid and nodule masks come from: ``drawn`` (the site table's, the default),
+            ``predicted`` (the masks `llnm-site segment` predicted with the segmenter ``segmenter_sha256``, for
+            every view) or ``drawn-else-predicted`` (a drawn mask where the table has one, else the predicted one).
+        segmenter_sha256: the SHA-256 of the segmenter's weights file whose predicted masks are used (what
+            `llnm-site segment` prints); required unless ``masks`` is ``drawn``. Part of the cache key.
     """
 
     WHAT: ClassVar[str] = "preprocessing config"
@@ -195,6 +200,22 @@ class PreprocessConfig(Schema):
     range_samples_per_view: Int = Field(20000, ge=1)
     text: TextEncoderConfig = Field(default_factory=TextEncoderConfig)
     inputs: InputsConfig = Field(default_factory=InputsConfig)
+    masks: Literal["drawn", "predicted", "drawn-else-predicted"] = "drawn"
+    segmenter_sha256: str | None = None
+
+    @field_validator("segmenter_sha256")
+    @classmethod
+    def _segmenter_hash(cls, v: str | None) -> str | None:
+        if v is not None and not _HEX64.match(v.lower()):
+            raise ValueError(f"segmenter_sha256 must be 64 hex digits (what llnm-site segment prints), got {v!r}")
+        return None if v is None else v.lower()
+
+    @model_validator(mode="after")
+    def _masks_need_a_segmenter(self) -> PreprocessConfig:
+        if self.masks != "drawn" and self.segmenter_sha256 is None:
+            raise ValueError(f"masks: {self.masks} needs segmenter_sha256, the hash of the segmenter whose predicted "
+                             "masks to use (llnm-site segment prints it)")
+        return self
 
     @field_validator("frame", mode="before")
     @classmethod
@@ -227,6 +248,9 @@ class PreprocessConfig(Schema):
         """
         data = self.to_dict()
         data["text"] = self.text.cache_key()
+        if self.masks == "drawn":
+            # Drawn masks are what every cache was built from before mask sources existed: same key, no rebuild.
+            del data["masks"], data["segmenter_sha256"]
         payload = json.dumps(
             {"preprocessing_version": PREPROCESSING_VERSION, "config": data},
             sort_keys=True,

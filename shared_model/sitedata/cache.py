@@ -31,9 +31,11 @@ from shared_model.config import PREPROCESSING_VERSION, PreprocessConfig
 from shared_model.fileio import atomic_write_json
 from shared_model.sitedata.build import build_tensors, skipped_rows
 from shared_model.sitedata.contract import PATIENTS_FILE, SITE_FILE, Site, load_site
+from shared_model.sitedata.mask_source import with_mask_source
 from shared_model.sitedata.tensors import SiteTensors
 
-__all__ = ["CacheWriteError", "build_site_tensors", "default_cache_dir", "site_content_key", "write_cache"]
+__all__ = ["CacheWriteError", "build_site_tensors", "check_cache_dir", "default_cache_dir", "site_content_key",
+           "write_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +104,9 @@ def build_site_tensors(
         shown = "; ".join(errors[:10]) + (f"; ... ({len(errors) - 10} more)" if len(errors) > 10 else "")
         raise ValueError(f"site {site.root} has no usable patient rows: {shown or 'patients.csv is empty'}")
 
-    cache_root = _check_cache_dir(default_cache_dir(cache_dir), site.root)
+    cache_root = check_cache_dir(default_cache_dir(cache_dir), site.root)
     cache_root.mkdir(parents=True, exist_ok=True)
+    site = with_mask_source(site, cfg, cache_root)
     files = _site_files(site)
     fingerprint = cfg.fingerprint()
     stat_key = _stat_key(site, fingerprint, files)
@@ -160,7 +163,8 @@ def cached_content_key(site_dir: str | Path, cfg: PreprocessConfig, *, cache_dir
     tensors (e.g. `shared_model.sitedata.public_features`) are keyed by it.
     """
     site = load_site(site_dir, cfg.inputs)
-    cache_root = _check_cache_dir(default_cache_dir(cache_dir), site.root)
+    cache_root = check_cache_dir(default_cache_dir(cache_dir), site.root)
+    site = with_mask_source(site, cfg, cache_root)
     stat_file = cache_root / f"{site.name}-{_stat_key(site, cfg.fingerprint(), _site_files(site))[:24]}.statkey.json"
     try:
         return str(json.loads(stat_file.read_text(encoding="utf-8"))["content_key"]), site.name, cache_root
@@ -229,7 +233,8 @@ def _stat_key(site: Site, fingerprint: str, files: list[Path]) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
-def _check_cache_dir(cache_dir: Path, site_root: Path) -> Path:
+def check_cache_dir(cache_dir: Path, site_root: Path) -> Path:
+    """`cache_dir` resolved; refused (ValueError) when it is the site folder or inside it."""
     resolved = cache_dir.expanduser().resolve()
     if resolved == site_root or site_root in resolved.parents:
         raise ValueError(
