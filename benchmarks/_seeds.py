@@ -23,6 +23,7 @@ LOOKED_AT: dict[int, str] = {
     1: "the federated schedule (federation.rounds_per_epoch, the demo's rounds) and the model benchmarks",
     2: "the federated schedule (federation.rounds_per_epoch, the demo's rounds)",
     3: "the federated schedule (federation.rounds_per_epoch, the demo's rounds)",
+    7: "the demo consortium of make demo (seed 7): the segmenter's settings (configs/segment.yaml) were explored on it",
     11: "LLNM-Net's image pathway and schedule on the paper-calibrated profile",
     12: "LLNM-Net's image pathway and schedule on the paper-calibrated profile",
     2501: "the measurements issue 27 was filed on (9,836 patients, the model and DP gaps it reports)",
