@@ -13,6 +13,10 @@ A round's messages (Message API, one `RecordDict` each):
 * site -> coordinator, `evaluate` reply: `metrics` (evaluation metrics and the score histogram) and `site`;
 * coordinator -> site, `query`: `config` with `ask: site-name`; the reply holds the `site` record only.
 
+The round config's `task` says what the round trains and evaluates: LLNM-Net (`llnm`, also when absent) or the
+nodule and thyroid segmenter (`segment`: `segmenter-config` instead of `model-config`; the evaluate reply's metrics
+are the sums of `shared_model.protocol.segmentation_metrics`; a site that trained nothing replies `num-examples` 0).
+
 With secure aggregation (`federation.secure_aggregation`) a train round is Flower's SecAgg+ exchange on the
 legacy FitIns/FitRes layout instead (four `train` messages per site; `fl_server.secure_aggregation` and
 `fl_client.secure_aggregation`): the FitIns carries the global model as an ordered list of arrays and the
