@@ -319,7 +319,7 @@ class PlainFormatter(logging.Formatter):
 def best_round_choice(rounds: list[RoundRecord]) -> dict[str, Any] | None:
     """The round whose global model is best on validation, compared over the same sites.
 
-    The score is the AUC (LLNM-Net) or, in a segmentation run, the mean Dice of the two structures. A pooled score
+    The score is the AUC (LLNM-Net) or, in a segmentation run, the mean Dice of the structures measured. A pooled score
     depends on which sites evaluated: a round that three sites evaluated and one that four did are not measured on
     the same patients. So: when every round with a pooled score was evaluated by the same sites, the highest pooled
     score wins. Otherwise each round is scored on the weighted mean (patients, or views) of the per-site scores of

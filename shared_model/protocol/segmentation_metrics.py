@@ -115,9 +115,10 @@ def _summary(sums: Mapping[str, float], *, noisy: bool) -> dict[str, Any]:
         "mean": bounded(_ratio(sums["seg-capsule-sum"], n, CAPSULE_CAP_MM), -CAPSULE_CAP_MM, CAPSULE_CAP_MM),
         "mean_abs": bounded(_ratio(sums["seg-capsule-abs-sum"], n, CAPSULE_CAP_MM), 0, CAPSULE_CAP_MM),
         "within_1mm": bounded(_ratio(sums["seg-capsule-within-1mm"], n), 0, 1)}
-    dice = [out[s]["dice"] for s in STRUCTURES]
-    # The model-selection criterion: the mean of the structures' mean Dice (None unless both are measured).
-    out["dice"] = None if any(d is None for d in dice) else float(np.mean(dice))
+    dice = [out[s]["dice"] for s in STRUCTURES if out[s]["dice"] is not None]
+    # The model-selection criterion: the mean of the measured structures' mean Dice (a data set may outline the
+    # nodule only).
+    out["dice"] = float(np.mean(dice)) if dice else None
     return out
 
 
