@@ -274,7 +274,9 @@ def one_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     if not args.federated_only:
         pooled_model, pooled_info = centralised(annotated, exp, passes)
         methods["pooled"] = {**pooled_info, "sites": {n: score(pooled_model, v, args.bootstrap)
-                                                      for n, v in views.items()}}
+                                                      for n, v in views.items()},
+                             "all_sites": score(pooled_model, [v for vs in views.values() for v in vs],
+                                                args.bootstrap)}
         local: dict[str, Any] = {}
         for site in sites:
             if site in annotated:
@@ -314,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--federated-only", action="store_true", help="no pooled and local-only baselines")
     ap.add_argument("--end-to-end", action="store_true", help="also LLNM-Net on predicted against drawn masks")
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--summarise-only", action="store_true", help="recompute the headline of the stored runs")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench-segmentation"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "segmentation.json"))
     args = ap.parse_args(argv)
@@ -329,15 +332,63 @@ def main(argv: list[str] | None = None) -> int:
                                        "site on its test patients (true masks, drawn or withheld); |pooled test AUC "
                                        "on predicted masks - on drawn masks| <= 0.01 per evaluation seed"},
                    "protocol": protocol})
-    runs = result.setdefault("runs", {})
+    if args.summarise_only:
+        result["headline"] = headline(result.get("runs", {}))
+        write_result(out, result, None)
+        print(json.dumps(result["headline"], indent=1))
+        return 0
     for role, seeds in (("tuning", tuning), ("evaluation", evaluation)):
         for seed in seeds:
             print(f"[bench] seed {seed} ({role})", flush=True)
-            runs[str(seed)] = {**one_seed(args, seed), "role": role, "provenance": made}
+            entry = {**one_seed(args, seed), "role": role, "provenance": made}
+            # Read again before writing: another run may have added its seeds meanwhile.
+            result = {**(json.loads(out.read_text()) if out.is_file() else {}), **{k: result[k] for k in
+                                                                                 ("targets", "protocol")}}
+            result.setdefault("runs", {})[str(seed)] = entry
+            result["headline"] = headline(result["runs"])
             write_result(out, result, made)
-    print(json.dumps({s: {"worst": r["worst_site_federated_dice"], "e2e": (r.get("end_to_end") or {}).get("met")}
-                      for s, r in runs.items()}, indent=1))
+    print(json.dumps(result.get("headline"), indent=1))
     return 0
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return round(float(np.mean(kept)), 4) if kept else None
+
+
+def _view_weighted(method: dict[str, Any] | None, structure: str) -> float | None:
+    """A method's mean Dice over every site's test views: its site means weighted by their views."""
+    if not method:
+        return None
+    parts = [(m[structure]["dice"]["n_views"], m[structure]["dice"]["mean"]) for m in method["sites"].values()
+             if m.get(structure) and m[structure]["dice"]["mean"] is not None]
+    views = sum(n for n, _ in parts)
+    return sum(n * d for n, d in parts) / views if views else None
+
+
+def headline(runs: dict[str, Any]) -> dict[str, Any]:
+    """Means over the evaluation seeds: the worst site's federated Dice, every method's Dice over all sites' test
+    views, and the end-to-end AUCs; whether each rule is met on every seed."""
+    seeds = sorted(s for s, r in runs.items() if r.get("role") == "evaluation")
+    if not seeds:
+        return {}
+    picked = [runs[s] for s in seeds]
+    out: dict[str, Any] = {"seeds": [int(s) for s in seeds]}
+    out["federated_worst_site_dice"] = {s: _mean([r["worst_site_federated_dice"][s] for r in picked])
+                                        for s in STRUCTURES}
+    for method in ("federated", "pooled"):
+        out[f"{method}_all_sites_dice"] = {s: _mean([_view_weighted(r["methods"].get(method), s) for r in picked])
+                                           for s in STRUCTURES}
+    out["federated_capsule_error_mm_mean_abs"] = _mean([r["methods"]["federated"]["all_sites"]
+                                                        ["capsule_error_mm"]["mean_abs"] for r in picked])
+    out["dice_target_met_every_seed"] = all(all(r["met"].values()) for r in picked)
+    e2e = [r["end_to_end"] for r in picked if r.get("end_to_end")]
+    if e2e:
+        out["end_to_end"] = {"auc_predicted_masks": _mean([e["auc_predicted_masks"] for e in e2e]),
+                             "auc_drawn_masks": _mean([e["auc_drawn_masks"] for e in e2e]),
+                             "per_seed_difference": [e["difference_drawn_minus_predicted"]["mean"] for e in e2e],
+                             "met_every_seed": all(e["met"] for e in e2e), "seeds_run": len(e2e)}
+    return out
 
 
 if __name__ == "__main__":

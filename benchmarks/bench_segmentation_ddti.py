@@ -1,5 +1,5 @@
 """Nodule segmentation on real ultrasound (DDTI), federated across K = 3 and 7 simulated sites, against pooled and
-local-only training on the same split. Writes the ``ddti`` entry of benchmarks/results/segmentation.json.
+local-only training on the same split. Writes benchmarks/results/segmentation_ddti.json.
 
 DDTI (read from ../shared/data/ddti, imported with `llnm-site import ddti`) outlines the nodule only: the thyroid
 channel is not trained and not scored, and the images are uncalibrated (no HD95 in mm, no capsule distance). One
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench-segmentation-ddti")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "segmentation.json"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "segmentation_ddti.json"))
     args = ap.parse_args(argv)
     made = provenance(argv)
     if not SOURCE.is_dir():
@@ -182,17 +182,14 @@ def main(argv: list[str] | None = None) -> int:
             for probs, view in zip(predict_frames(model, vs), vs, strict=True):
                 dice.setdefault(view.patient_id, []).append(float(score_view(probs, view)["nodule"]["dice"]))
         methods[f"local-only-K{k}"] = {"dice": _bootstrap(dice, args.bootstrap), "sites": local_dice}
-    out = Path(args.out)
-    result = json.loads(out.read_text()) if out.is_file() else {}
-    result["ddti"] = {
+    result = {
         "split": {"seed": args.seed, "cases": {s: sum(1 for v in split.values() if v == s)
                                               for s in ("train", "val", "test")},
                   "test_images_outlined": len(every)},
         "config": args.config, "passes": passes, "methods": methods,
         "references": {"pooled_floor_from_the_issue": 0.708, "trivial_baselines": [0.42, 0.46],
-                       "published_range": [0.76, 0.84], "aim_pooled": 0.80, "aim_federated_gap": 0.02},
-        "provenance": made}
-    write_result(out, result, made)
+                       "published_range": [0.76, 0.84], "aim_pooled": 0.80, "aim_federated_gap": 0.02}}
+    write_result(args.out, result, made)
     print(json.dumps({m: v["dice"]["mean"] for m, v in methods.items()}, indent=1))
     return 0
 
