@@ -9,7 +9,9 @@ metric is one chart with a line per site:
 * ``train_loss`` per site (absent under patient-level DP, where sites do not send it);
 * ``dp_epsilon`` (this run) per site, and ``site_dp_epsilon/consortium``, whenever privacy is on: the same
   numbers as privacy.json (a site's lifetime epsilon stays at the site);
-* ``final_auc`` per site at the final model's round, and the explanation shares as text.
+* ``final_auc`` per site at the final model's round, and the explanation shares as text;
+* in a segmentation run, ``<split>_dice_<structure>`` and ``<split>_capsule_error_mm_abs`` per site and pooled
+  (``final_`` for the final model).
 
 On resume the writer purges the events of the rounds being redone, so a chart never shows a round twice.
 """
@@ -41,11 +43,18 @@ class RoundTracker:
         if number is not None:
             self.writer.add_scalar(tag, number, step)
 
+    def _segmentation(self, prefix: str, site: str, m: dict[str, Any], step: int) -> None:
+        """A segmentation round's Dice per structure and capsule-distance error (nothing for LLNM-Net's)."""
+        for structure in ("thyroid", "nodule"):
+            self._scalar(f"{prefix}dice_{structure}/{site}", (m.get(structure) or {}).get("dice"), step)
+        self._scalar(f"{prefix}capsule_error_mm_abs/{site}", (m.get("capsule_error_mm") or {}).get("mean_abs"), step)
+
     def log_round(self, entry: RoundRecord, privacy: dict[str, Any] | None = None) -> None:
         step, split = int(entry["round"]), entry.get("split", "val")
         for site, m in [*entry.get("sites", {}).items(), ("pooled", entry.get("pooled") or {})]:
             for key in ("auc", "brier", "ece"):
                 self._scalar(f"{split}_{key}/{site}", m.get(key), step)
+            self._segmentation(f"{split}_", site, m, step)
         for site, m in entry.get("train", {}).items():
             self._scalar(f"train_loss/{site}", m.get(protocol.TRAIN_LOSS), step)
             self._scalar(f"dp_epsilon/{site}", m.get(protocol.DP_EPSILON), step)
@@ -57,6 +66,7 @@ class RoundTracker:
         step = int(final["round"])
         for site, m in [*final.get("sites", {}).items(), ("pooled", final.get("pooled") or {})]:
             self._scalar(f"final_auc/{site}", m.get("auc"), step)
+            self._segmentation("final_", site, m, step)
         expl = final.get("explanations")
         if expl and expl.get("shares"):
             self.writer.add_text("explanations/feature_group_shares",

@@ -160,6 +160,7 @@ def test_a_federated_segmentation_run_then_predicted_masks_feed_llnm_net(partial
     assert final["sites"]["site-c"]["n"] == 0 and final["sites"]["site-c"]["dice"] is None
     assert final["pooled"]["thyroid"]["n"] == sum(final["sites"][s]["thyroid"]["n"] for s in ("site-a", "site-b"))
     assert metrics["best_round_rule"]["criterion"] == "pooled val mean Dice"
+    assert list((out / "tensorboard").glob("events.*")), "the Dice curves are tracked"
     sidecar = json.loads(next((out / "checkpoints").glob("round-0002.json")).read_text())
     assert sidecar["task"] == "segment" and sidecar["segmenter_config"]["image_size"] == 32
     report = subprocess.run([str(BIN / "llnm-server"), "report", str(out)], capture_output=True, text=True, timeout=120)
