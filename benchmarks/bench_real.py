@@ -129,6 +129,20 @@ def make_folds(groups: dict[str, tuple[int, str]], repeats: int, folds: int, see
     return out
 
 
+def link_site_files(site: Path, dest: Path, skip: tuple[str, ...]) -> Path:
+    """Every file of `site` but those named in `skip`, hard-linked (copied where links fail) under `dest`."""
+    for path in site.rglob("*"):
+        if path.is_file() and path.name not in skip:
+            link = dest / path.relative_to(site)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, link)
+            except OSError:
+                shutil.copyfile(path, link)
+    dest.mkdir(parents=True, exist_ok=True)
+    return dest
+
+
 def write_fold(base: Path, target: Path, fold: dict[str, Any]) -> Path:
     """The base sites with this fold's splits (labelled patients only); files hard-linked, never rewritten."""
     import yaml
@@ -138,16 +152,7 @@ def write_fold(base: Path, target: Path, fold: dict[str, Any]) -> Path:
     if target.exists():
         shutil.rmtree(target)
     for site in sorted(p for p in base.iterdir() if (p / "patients.csv").is_file()):
-        dest = target / site.name
-        for path in site.rglob("*"):
-            if path.is_file() and path.name not in ("patients.csv", "site.yaml"):
-                link = dest / path.relative_to(site)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(path, link)
-                except OSError:
-                    shutil.copyfile(path, link)
-        dest.mkdir(parents=True, exist_ok=True)
+        dest = link_site_files(site, target / site.name, skip=("patients.csv", "site.yaml"))
         with (site / "patients.csv").open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             columns = list(reader.fieldnames or [])

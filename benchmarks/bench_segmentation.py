@@ -187,6 +187,13 @@ def centralised(sites: list[Path], exp: Any, passes: int) -> tuple[Any, dict[str
                    "seconds": round(time.perf_counter() - started, 1)}
 
 
+def simulate_once(cmd: list[str], out: Path) -> None:
+    """Run `llnm-server simulate` unless `out` holds the completed run already (resume an interrupted one)."""
+    info = out / "run.json"
+    if not info.is_file() or json.loads(info.read_text()).get("status") != "completed":
+        subprocess.run(cmd + (["--resume"] if out.exists() else []), check=True)
+
+
 def federated(data: Path, config: str, work: Path, sets: list[str]) -> tuple[Any, dict[str, Any]]:
     from shared_model.model.checkpoint import resolve_checkpoint, segmenter_from_checkpoint
 
@@ -195,8 +202,7 @@ def federated(data: Path, config: str, work: Path, sets: list[str]) -> tuple[Any
     for s in sets:
         cmd += ["--set", s]
     started = time.perf_counter()
-    if not (out / "metrics.json").is_file() or json.loads((out / "run.json").read_text()).get("status") != "completed":
-        subprocess.run(cmd + (["--resume"] if out.exists() else []), check=True)
+    simulate_once(cmd, out)
     checkpoint = resolve_checkpoint(out)
     model, meta = segmenter_from_checkpoint(checkpoint)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -232,8 +238,7 @@ def end_to_end(partial: Path, drawn: Path, sha_model: tuple[str, str], work: Pat
         for s in sets:
             cmd += ["--set", s]
         started = time.perf_counter()
-        if not (out / "run.json").is_file() or json.loads((out / "run.json").read_text()).get("status") != "completed":
-            subprocess.run(cmd + (["--resume"] if out.exists() else []), check=True)
+        simulate_once(cmd, out)
         rd = RunDirectory(out)
         metrics = json.loads(rd.metrics_path.read_text())
         exp = rd.load_config()

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -38,7 +37,8 @@ BIN = Path(sys.executable).parent
 SOURCE = ROOT.parent / "shared" / "data" / "ddti"
 
 from _provenance import provenance, write_result  # noqa: E402
-from bench_segmentation import _bootstrap, centralised  # noqa: E402
+from bench_real import link_site_files  # noqa: E402
+from bench_segmentation import _bootstrap, centralised, simulate_once  # noqa: E402
 
 
 def import_sites(k: int, work: Path) -> Path:
@@ -70,15 +70,7 @@ def write_split(base: Path, target: Path, split: dict[str, str]) -> Path:
     if target.exists():
         shutil.rmtree(target)
     for site in sorted(p for p in base.iterdir() if (p / "patients.csv").is_file()):
-        dest = target / site.name
-        for path in site.rglob("*"):
-            if path.is_file() and path.name != "patients.csv":
-                link = dest / path.relative_to(site)
-                link.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.link(path, link)
-                except OSError:
-                    shutil.copyfile(path, link)
+        dest = link_site_files(site, target / site.name, skip=("patients.csv",))
         with (site / "patients.csv").open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
             columns, rows = list(reader.fieldnames or []), list(reader)
@@ -127,8 +119,7 @@ def federated(data: Path, config: str, out: Path, k: int, sets: list[str]) -> tu
     for s in sets:
         cmd += ["--set", s]
     started = time.perf_counter()
-    if not (out / "run.json").is_file() or json.loads((out / "run.json").read_text()).get("status") != "completed":
-        subprocess.run(cmd + (["--resume"] if out.exists() else []), check=True)
+    simulate_once(cmd, out)
     model, _ = segmenter_from_checkpoint(resolve_checkpoint(out))
     metrics = json.loads((out / "metrics.json").read_text())
     return model, {"run_dir": str(out), "best_round": metrics.get("best_round"),
