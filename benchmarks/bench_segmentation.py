@@ -135,11 +135,10 @@ def score(model: Any, views: list[Any], n_boot: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------- training
 def drawn_training_views(site_dir: Path, size: int, pre: Any, seed: int) -> list[Any]:
     from shared_model.sitedata.contract import load_site
-    from shared_model.sitedata.segmentation_inputs import load_segmentation_inputs
+    from shared_model.sitedata.segmentation_inputs import has_drawn_mask, load_segmentation_inputs
 
     site = load_site(site_dir)
-    patients = [p for p in site.patients if p.split == "train" and any(
-        f.image is not None and (f.nodule_mask is not None or f.thyroid_mask is not None) for f in p.views.values())]
+    patients = [p for p in site.patients if p.split == "train" and has_drawn_mask(p)]
     return load_segmentation_inputs(site_dir, size, pre, site=site, patients=patients, seed=seed).views
 
 

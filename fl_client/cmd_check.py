@@ -59,8 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _mask_config(args: argparse.Namespace):
     """The preprocessing whose mask source to show: --masks with --segmenter-sha256, else the experiment's
     preprocess section; None when the masks are the drawn ones."""
-    import yaml
-
     from shared_model.config import PreprocessConfig
 
     if args.masks is not None:
@@ -68,9 +66,7 @@ def _mask_config(args: argparse.Namespace):
                                           source="--masks/--segmenter-sha256")
     if args.experiment is None:
         return None
-    data = yaml.safe_load(args.experiment.read_text(encoding="utf-8")) or {}
-    section = (data.get("preprocess") or {}) if isinstance(data, dict) else {}
-    cfg = PreprocessConfig.from_dict(section, source=f"{args.experiment}: preprocess")
+    cfg = PreprocessConfig.from_dict(_experiment_preprocess(args.experiment), source=f"{args.experiment}: preprocess")
     return None if cfg.masks == "drawn" else cfg
 
 
@@ -103,17 +99,24 @@ def _mask_source_lines(found: dict) -> list[str]:
             *format_table(["mask", "drawn", "predicted", "missing"], rows)]
 
 
-def _experiment_inputs(path: Path):
-    """The `preprocess.inputs` of an experiment file (the defaults when it declares none)."""
+def _experiment_preprocess(path: Path) -> dict:
+    """The `preprocess` section of an experiment file ({} when it has none); unreadable YAML is a ConfigError."""
     import yaml
 
-    from shared_model.config import ConfigError, InputsConfig
+    from shared_model.config import ConfigError
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot be read as YAML: {exc}") from None
-    section = (data.get("preprocess") or {}).get("inputs") if isinstance(data, dict) else None
+    return (data.get("preprocess") or {}) if isinstance(data, dict) else {}
+
+
+def _experiment_inputs(path: Path):
+    """The `preprocess.inputs` of an experiment file (the defaults when it declares none)."""
+    from shared_model.config import InputsConfig
+
+    section = _experiment_preprocess(path).get("inputs")
     return InputsConfig.from_dict(section or {}, source=f"{path}: preprocess.inputs")
 
 

@@ -54,7 +54,7 @@ def segment_site(model_path: str, site_dir: str, *, out: str | None = None, cach
     from shared_model.model.checkpoint import resolve_checkpoint, segmenter_from_checkpoint
     from shared_model.model.segmenter import SegmenterConfig
     from shared_model.model.segmenter_training import predict_frames
-    from shared_model.sitedata.cache import check_cache_dir, default_cache_dir
+    from shared_model.sitedata.cache import check_cache_dir, check_outside_site, default_cache_dir
     from shared_model.sitedata.contract import load_site
     from shared_model.sitedata.mask_source import MANIFEST, predicted_masks_dir
     from shared_model.sitedata.segmentation_inputs import load_segmentation_inputs
@@ -66,10 +66,7 @@ def segment_site(model_path: str, site_dir: str, *, out: str | None = None, cach
     sha = str(meta["sha256"])
     site = load_site(site_dir)
     if out:
-        resolved = Path(out).expanduser().resolve()
-        if resolved == site.root or site.root in resolved.parents:
-            raise ValueError(f"{resolved} is inside the site folder {site.root}: llnm-fl never writes into a site "
-                             "folder; choose another --out")
+        resolved = check_outside_site(Path(out), site.root, what="", remedy="choose another --out")
     else:
         resolved = predicted_masks_dir(check_cache_dir(default_cache_dir(cache_dir), site.root), site.name, sha)
     (resolved / "masks").mkdir(parents=True, exist_ok=True)

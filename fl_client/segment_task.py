@@ -38,11 +38,6 @@ def _round_segmenter(msg: Message) -> tuple[Any, SegmenterConfig, PreprocessConf
     return model, seg_cfg, pre_cfg
 
 
-def _drawn(patient: Any) -> bool:
-    return any(files.image is not None and (files.thyroid_mask is not None or files.nodule_mask is not None)
-               for files in patient.views.values())
-
-
 def train_segmenter_round(msg: Message, settings: SiteSettings, name: str, *, train_cfg: TrainConfig,
                           server_round: int, run_id: str, parts: int, run_seed: int,
                           site_record: Any) -> Message:
@@ -53,12 +48,12 @@ def train_segmenter_round(msg: Message, settings: SiteSettings, name: str, *, tr
     from shared_model.model.segmenter_training import train_segmenter
     from shared_model.model.training import round_part, trainable_state
     from shared_model.sitedata.contract import load_site
-    from shared_model.sitedata.segmentation_inputs import load_segmentation_inputs
+    from shared_model.sitedata.segmentation_inputs import has_drawn_mask, load_segmentation_inputs
 
     started = time.perf_counter()
     model, seg_cfg, pre_cfg = _round_segmenter(msg)
     site = load_site(settings.data_path)
-    patients = [p for p in site.patients if p.split == "train" and _drawn(p)]
+    patients = [p for p in site.patients if p.split == "train" and has_drawn_mask(p)]
     if parts > 1 and patients:
         # One permutation per pass, from the run's seed (the per-round seed would let parts overlap).
         patients = [patients[i] for i in round_part(len(patients), parts, server_round, run_seed, name)]
@@ -92,7 +87,7 @@ def evaluate_segmenter(msg: Message, settings: SiteSettings, name: str, *, split
     """(the reply's metrics, extra site-record values): the global segmenter scored on the split's drawn views."""
     from shared_model.model.segmenter_training import predict_frames
     from shared_model.sitedata.contract import load_site
-    from shared_model.sitedata.segmentation_inputs import load_segmentation_inputs, score_view
+    from shared_model.sitedata.segmentation_inputs import has_drawn_mask, load_segmentation_inputs, score_view
 
     extra: dict[str, str] = {}
     sigma = 0.0
@@ -104,7 +99,7 @@ def evaluate_segmenter(msg: Message, settings: SiteSettings, name: str, *, split
         sigma, _, dp = reserve_releases(settings, name, run_id, server_round, split, ["segmentation"])
     model, seg_cfg, pre_cfg = _round_segmenter(msg)
     site = load_site(settings.data_path)
-    patients = [p for p in site.patients if p.split == split and _drawn(p)]
+    patients = [p for p in site.patients if p.split == split and has_drawn_mask(p)]
     inputs = load_segmentation_inputs(settings.data_path, seg_cfg.image_size, pre_cfg, site=site,
                                       patients=patients)
     views = [v for v in inputs.views if v.frame_masks]

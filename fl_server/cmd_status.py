@@ -146,9 +146,10 @@ def _print_entry(title: str, entry: dict) -> None:
 
 def _print_metrics_table(entry: dict) -> None:
     """The round's per-site metrics and the pooled ones, one row each."""
+    from fl_server.records import is_segmentation
     from shared_model.text_table import format_table
 
-    if "dice" in (entry.get("pooled") or {}) or any("dice" in m for m in entry["sites"].values()):
+    if is_segmentation(entry["sites"], entry.get("pooled") or {}):
         print("\n".join(format_table(*segmentation_table(entry), indent=2)))
         return
 
@@ -170,8 +171,8 @@ def segmentation_table(entry: dict) -> tuple[list[str], list[list[object]]]:
     """(header, rows) of a segmentation round: per site and pooled, the views scored, each structure's mean Dice,
     IoU and HD95 (mm), and the capsule-distance error (mean absolute, share within 1 mm)."""
 
-    def cell(value: object, unit: str = "") -> str:
-        return f"{value:.3f}{unit}" if isinstance(value, (int, float)) else "-"
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, (int, float)) else "-"
 
     header = ["site", "views"]
     for s in ("thyroid", "nodule"):

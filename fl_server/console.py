@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from fl_server.records import Failure, RoundRecord
+from fl_server.records import Failure, RoundRecord, is_segmentation
 from shared_model import protocol
 
 __all__ = ["explanation_lines", "quorum_message", "round_line", "segmentation_line", "site_line"]
@@ -50,7 +50,7 @@ def _fmt(v: Any) -> str:
 def site_line(sites: dict[str, Any], pooled: dict[str, Any]) -> str:
     """Each site's AUC and the pooled AUC, on one line; in a segmentation run, each site's Dice of the thyroid and
     the nodule and the pooled ones with the capsule-distance error."""
-    if "dice" in pooled or any("dice" in m for m in sites.values()):
+    if is_segmentation(sites, pooled):
         return segmentation_line(sites, pooled)
     parts = [f"{name} {_fmt(m.get('auc'))}" for name, m in sites.items()]
     return "AUC " + ", ".join(parts) + f" | pooled {_fmt(pooled.get('auc'))}"

@@ -189,9 +189,11 @@ class Federation:
             train_sites[name] = {k: (none_if_nan(v) if isinstance(v, float) else v) for k, v in m.items()}
         # A site that trained nothing (a segmentation round at a site without drawn masks) answered, and counts
         # towards the quorum, but its unchanged model is neither screened nor averaged in.
-        idle = sorted(self._name(r.metadata.src_node_id) for r in outcome.replies
-                      if int(r.content[protocol.METRICS_RECORD].get(protocol.NUM_EXAMPLES, 1)) == 0)
-        outcome.replies = [r for r in outcome.replies if self._name(r.metadata.src_node_id) not in idle]
+        trained_nothing = [int(r.content[protocol.METRICS_RECORD].get(protocol.NUM_EXAMPLES, 1)) == 0
+                           for r in outcome.replies]
+        idle = sorted(self._name(r.metadata.src_node_id)
+                      for r, nothing in zip(outcome.replies, trained_nothing, strict=True) if nothing)
+        outcome.replies = [r for r, nothing in zip(outcome.replies, trained_nothing, strict=True) if not nothing]
         if self.ledger is not None:
             outcome.replies = self.ledger.screen_replies(rnd, outcome.replies, failures, self._name)
         if not fed.secure_aggregation:

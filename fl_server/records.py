@@ -7,10 +7,16 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, NotRequired, TypedDict
 
-__all__ = ["Failure", "FinalRecord", "MetricsFile", "RoundRecord", "RunInfo", "SiteMetrics", "timestamp"]
+__all__ = ["Failure", "FinalRecord", "MetricsFile", "RoundRecord", "RunInfo", "SiteMetrics", "is_segmentation",
+           "timestamp"]
 
 #: One site's evaluation metrics as metrics.json holds them (`shared_model.protocol.decode_eval_metrics`).
 SiteMetrics = dict[str, Any]
+
+
+def is_segmentation(sites: dict[str, SiteMetrics], pooled: dict[str, Any]) -> bool:
+    """Whether an evaluation's metrics are a segmentation round's (Dice per structure) rather than LLNM-Net's."""
+    return "dice" in pooled or any("dice" in m for m in sites.values())
 
 
 class Failure(TypedDict):

@@ -268,14 +268,15 @@ def write_report(run_dir: str | Path, compare: list[str | Path] | None = None) -
 
     run = Path(run_dir)
     rd = RunDirectory(run)
-    if rd.metrics_path.is_file() and rd.load_config().task == "segment":
+    cfg = rd.load_config() if rd.metrics_path.is_file() else None
+    if cfg is not None and cfg.task == "segment":
         from fl_server.segmentation_report import (
             build_segmentation_report,
             render_segmentation_card,
             render_segmentation_html,
         )
 
-        report = build_segmentation_report(rd, rd.load_config(), dict(rd.metrics()), compare)
+        report = build_segmentation_report(rd, cfg, dict(rd.metrics()), compare)
         card, page = render_segmentation_card(report["run"], report["model_card"]), render_segmentation_html(report)
     else:
         report = build_report(run_dir, compare)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fl_server.config import ConfigError, ExperimentConfig, load_config, parse_config, parse_set_options
-from fl_server.records import FinalRecord, MetricsFile, RoundRecord, RunInfo, timestamp
+from fl_server.records import FinalRecord, MetricsFile, RoundRecord, RunInfo, is_segmentation, timestamp
 from shared_model.fileio import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
@@ -327,7 +327,7 @@ def best_round_choice(rounds: list[RoundRecord]) -> dict[str, Any] | None:
     no common site, the rounds evaluated by the most sites are compared on their pooled score. Ties go to the
     earlier round. Returns ``{"round", "criterion", "value", "sites"}`` or None.
     """
-    key = "dice" if any("dice" in (r.get("pooled") or {}) for r in rounds) else "auc"
+    key = "dice" if any(is_segmentation(r.get("sites") or {}, r.get("pooled") or {}) for r in rounds) else "auc"
     label = {"dice": "mean Dice", "auc": "AUC"}[key]
     scored = [r for r in rounds if (r.get("pooled") or {}).get(key) is not None]
     if not scored:

@@ -89,11 +89,9 @@ def noisy_segmentation_sums(scores: Sequence[dict[str, Any]], sigma: float) -> t
     """(the noisy sums of a segmentation reply, the standard deviation of the noise on each): the views' sums plus
     Gaussian noise of ``sigma * SEGMENTATION_SENSITIVITY``, `sigma` being the site's noise for a sensitivity-1
     release at its evaluation epsilon."""
-    length = len(segmentation_metrics.SUM_KEYS)
-    sums = (np.sum([segmentation_metrics.view_vector(s) for s in scores], axis=0) if scores
-            else np.zeros(length))
     noise_sd = float(sigma) * SEGMENTATION_SENSITIVITY
-    return sums + gaussian_noise(length, noise_sd), noise_sd
+    return (segmentation_metrics.view_sums(scores) + gaussian_noise(len(segmentation_metrics.SUM_KEYS), noise_sd),
+            noise_sd)
 
 
 def dense_histogram(y: np.ndarray, score: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ from shared_model import protocol
 from shared_model.model.segmenter import STRUCTURES
 from shared_model.numbers import none_if_nan
 
-__all__ = ["CAPSULE_CAP_MM", "HD95_CAP_MM", "SUM_KEYS", "decode", "encode", "pool", "view_vector"]
+__all__ = ["CAPSULE_CAP_MM", "HD95_CAP_MM", "SUM_KEYS", "decode", "encode", "pool", "view_sums", "view_vector"]
 
 #: A view's 95th-percentile Hausdorff distance counts at most this much: one grossly wrong mask must not decide a
 #: site's mean, and a DP reply needs every value bounded.
@@ -69,13 +69,17 @@ def view_vector(score: Mapping[str, Any]) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
+def view_sums(scores: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """The sums of the views' `view_vector`s (`SUM_KEYS` order): what a reply releases."""
+    return np.sum([view_vector(s) for s in scores], axis=0) if scores else np.zeros(len(SUM_KEYS))
+
+
 def encode(scores: Sequence[Mapping[str, Any]], *, sums: np.ndarray | None = None,
            dp: Mapping[str, float] | None = None) -> dict[str, Any]:
     """An evaluate reply's MetricRecord values. Exact: from the views' `scores`. DP: `sums` are the noisy sums
     (the site's release) and `dp` its ``epsilon``, ``delta`` and ``sigma``; no median and no exact count is sent."""
     exact = sums is None
-    total = (np.sum([view_vector(s) for s in scores], axis=0) if scores else np.zeros(len(SUM_KEYS))) \
-        if exact else np.asarray(sums, dtype=np.float64)
+    total = view_sums(scores) if exact else np.asarray(sums, dtype=np.float64)
     out: dict[str, Any] = {k: float(v) for k, v in zip(SUM_KEYS, total, strict=True)}
     for s, key in zip(STRUCTURES, MEDIAN_KEYS, strict=True):
         dice = [float(v[s]["dice"]) for v in scores if s in v] if exact else []

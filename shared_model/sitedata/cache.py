@@ -34,8 +34,8 @@ from shared_model.sitedata.contract import PATIENTS_FILE, SITE_FILE, Site, load_
 from shared_model.sitedata.mask_source import with_mask_source
 from shared_model.sitedata.tensors import SiteTensors
 
-__all__ = ["CacheWriteError", "build_site_tensors", "check_cache_dir", "default_cache_dir", "site_content_key",
-           "write_cache"]
+__all__ = ["CacheWriteError", "build_site_tensors", "check_cache_dir", "check_outside_site", "default_cache_dir",
+           "site_content_key", "write_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -235,12 +235,17 @@ def _stat_key(site: Site, fingerprint: str, files: list[Path]) -> str:
 
 def check_cache_dir(cache_dir: Path, site_root: Path) -> Path:
     """`cache_dir` resolved; refused (ValueError) when it is the site folder or inside it."""
-    resolved = cache_dir.expanduser().resolve()
+    return check_outside_site(cache_dir, site_root, what="cache folder ",
+                              remedy="choose another cache folder (--cache-dir or LLNM_CACHE_DIR)")
+
+
+def check_outside_site(path: Path, site_root: Path, *, what: str, remedy: str) -> Path:
+    """`path` resolved; refused (ValueError, saying `what` it is and the `remedy`) when it is the site folder or
+    inside it: llnm-fl never writes into a site folder."""
+    resolved = path.expanduser().resolve()
     if resolved == site_root or site_root in resolved.parents:
-        raise ValueError(
-            f"cache folder {resolved} is inside the site folder {site_root}: llnm-fl never writes into a site "
-            "folder; choose another cache folder (--cache-dir or LLNM_CACHE_DIR)"
-        )
+        raise ValueError(f"{what}{resolved} is inside the site folder {site_root}: llnm-fl never writes into a site "
+                         f"folder; {remedy}")
     return resolved
 
 

@@ -34,7 +34,8 @@ from shared_model.sitedata.contract import load_site
 from shared_model.sitedata.geometry import capsule_distance
 from shared_model.sitedata.records import VIEWS, PatientRecord, Site
 
-__all__ = ["SegmentationInputs", "load_segmentation_inputs", "normalise_frame", "sample_in", "score_view"]
+__all__ = ["SegmentationInputs", "has_drawn_mask", "load_segmentation_inputs", "normalise_frame", "sample_in",
+           "score_view"]
 
 
 def normalise_frame(pixels: np.ndarray) -> np.ndarray:
@@ -60,6 +61,13 @@ class SegmentationInputs:
     def drawn_counts(self) -> dict[str, int]:
         """Views with each structure drawn."""
         return {name: int(sum(bool(v.drawn[i]) for v in self.views)) for i, name in enumerate(STRUCTURES)}
+
+
+def has_drawn_mask(patient: PatientRecord) -> bool:
+    """Whether any view of the patient with an image has a drawn thyroid or nodule mask (what a segmenter trains and
+    is scored on)."""
+    return any(files.image is not None and (files.thyroid_mask is not None or files.nodule_mask is not None)
+               for files in patient.views.values())
 
 
 def sample_in(window: Window, frame: np.ndarray, masks: dict[str, np.ndarray | None]) -> Sample:
