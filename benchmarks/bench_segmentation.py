@@ -186,8 +186,12 @@ def centralised(sites: list[Path], exp: Any, passes: int) -> tuple[Any, dict[str
                    "seconds": round(time.perf_counter() - started, 1)}
 
 
-def simulate_once(cmd: list[str], out: Path) -> None:
-    """Run `llnm-server simulate` unless `out` holds the completed run already (resume an interrupted one)."""
+def simulate_once(config: str, data: Path, out: Path, sets: list[str]) -> None:
+    """`llnm-server simulate --config CONFIG --data DATA --out OUT --set ...`, unless `out` holds the completed run
+    already (an interrupted one is resumed)."""
+    cmd = [str(BIN / "llnm-server"), "simulate", "--config", config, "--data", str(data), "--out", str(out)]
+    for s in sets:
+        cmd += ["--set", s]
     info = out / "run.json"
     if not info.is_file() or json.loads(info.read_text()).get("status") != "completed":
         subprocess.run(cmd + (["--resume"] if out.exists() else []), check=True)
@@ -197,11 +201,8 @@ def federated(data: Path, config: str, work: Path, sets: list[str]) -> tuple[Any
     from shared_model.model.checkpoint import resolve_checkpoint, segmenter_from_checkpoint
 
     out = work / "federated-segmenter"
-    cmd = [str(BIN / "llnm-server"), "simulate", "--config", config, "--data", str(data), "--out", str(out)]
-    for s in sets:
-        cmd += ["--set", s]
     started = time.perf_counter()
-    simulate_once(cmd, out)
+    simulate_once(config, data, out, sets)
     checkpoint = resolve_checkpoint(out)
     model, meta = segmenter_from_checkpoint(checkpoint)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -232,12 +233,8 @@ def end_to_end(partial: Path, drawn: Path, sha_model: tuple[str, str], work: Pat
                                                       f"preprocess.segmenter_sha256={sha}"]),
                               ("drawn", drawn, [])):
         out = work / f"llnm-{label}"
-        cmd = [str(BIN / "llnm-server"), "simulate", "--config", llnm_config, "--data", str(data), "--out", str(out),
-               "--set", f"data.cache_dir={cache}"]
-        for s in sets:
-            cmd += ["--set", s]
         started = time.perf_counter()
-        simulate_once(cmd, out)
+        simulate_once(llnm_config, data, out, [f"data.cache_dir={cache}", *sets])
         rd = RunDirectory(out)
         metrics = json.loads(rd.metrics_path.read_text())
         exp = rd.load_config()

@@ -114,12 +114,8 @@ def nodule_scores(model: Any, views: list[Any], n_boot: int) -> dict[str, Any]:
 def federated(data: Path, config: str, out: Path, k: int, sets: list[str]) -> tuple[Any, dict[str, Any]]:
     from shared_model.model.checkpoint import resolve_checkpoint, segmenter_from_checkpoint
 
-    cmd = [str(BIN / "llnm-server"), "simulate", "--config", config, "--data", str(data), "--out", str(out),
-           "--set", f"federation.min_sites={k}"]
-    for s in sets:
-        cmd += ["--set", s]
     started = time.perf_counter()
-    simulate_once(cmd, out)
+    simulate_once(config, data, out, [f"federation.min_sites={k}", *sets])
     model, _ = segmenter_from_checkpoint(resolve_checkpoint(out))
     metrics = json.loads((out / "metrics.json").read_text())
     return model, {"run_dir": str(out), "best_round": metrics.get("best_round"),
